@@ -1,0 +1,156 @@
+"""Every setting of the gateway and its worker, read from the environment once.
+
+The rest of the code takes a :class:`Settings` object and never reads
+``os.environ`` itself, so a test can build one by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = ["ConfigError", "Settings", "normalize_database_url"]
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed.
+
+    :param name: the environment variable at fault
+    :param message: what is wrong with it and how to fix it
+    """
+
+    def __init__(self, name: str, message: str) -> None:
+        self.name = name
+        super().__init__(f"{name}: {message}")
+
+
+def normalize_database_url(url: str) -> str:
+    """Map plain SQLAlchemy URLs onto the async drivers we ship.
+
+    ``sqlite:///x.db`` becomes ``sqlite+aiosqlite:///x.db`` and
+    ``postgres://`` / ``postgresql://`` become ``postgresql+asyncpg://``, so the
+    URL a platform hands out works unchanged.
+    """
+    if url.startswith("sqlite://"):
+        return "sqlite+aiosqlite://" + url[len("sqlite://") :]
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url[len(prefix) :]
+    return url
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(name, f"expected an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(name, f"must be at least {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(name, f"expected a number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(name, f"must be at least {minimum}, got {value}")
+    return value
+
+
+def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    raw = env.get(name, "")
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    """The gateway's configuration. See the README's table for each variable."""
+
+    #: Where ``gateway up`` keeps the SQLite file, the embedded Redis and artifacts.
+    data_dir: Path = Path("data")
+    #: SQLAlchemy URL of the database (async driver).
+    database_url: str = "sqlite+aiosqlite:///data/gateway.db"
+    #: Redis URL; ``None`` means "start the embedded one" for ``gateway up``.
+    redis_url: str | None = None
+    #: Interface and port the web process listens on.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    #: Number of uvicorn worker processes for ``gateway web``.
+    web_concurrency: int = 1
+    #: Base URL the worker reports to.
+    gateway_url: str = "http://127.0.0.1:8000"
+    #: Shared secret for worker → gateway events (itsdangerous).
+    secret_key: str = ""
+    #: Maximum age of a signed worker event, in seconds.
+    event_max_age: int = 300
+    #: Largest request body the public API accepts.
+    max_body_bytes: int = 1024 * 1024
+    #: Largest task output a worker may report; larger ones fail the run.
+    max_output_bytes: int = 4 * 1024 * 1024
+    #: arq queue the gateway enqueues on and the worker reads.
+    queue_name: str = "gateway:queue"
+    #: Jobs one worker process runs at a time.
+    worker_concurrency: int = 10
+    #: Seconds between two polls of the queue by an idle worker.
+    worker_poll_delay: float = 0.005
+    #: Seconds one task attempt may run before arq stops it.
+    job_timeout: int = 3600
+    #: Extra modules whose ``@task`` functions join the registry.
+    task_modules: tuple[str, ...] = ()
+    #: ``text`` (readable lines) or ``json`` (one object per line).
+    log_format: str = "text"
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read the settings from ``env`` (default: ``os.environ``)."""
+        env = os.environ if env is None else env
+        data_dir = Path(env.get("DATA_DIR") or "data")
+        port = _int(env, "PORT", 8000, minimum=0)
+        database_url = env.get("DATABASE_URL") or f"sqlite:///{data_dir / 'gateway.db'}"
+        log_format = (env.get("LOG_FORMAT") or "text").lower()
+        if log_format not in ("text", "json"):
+            raise ConfigError("LOG_FORMAT", f"expected 'text' or 'json', got {log_format!r}")
+        return cls(
+            data_dir=data_dir,
+            database_url=normalize_database_url(database_url),
+            redis_url=env.get("REDIS_URL") or None,
+            host=env.get("HOST") or "127.0.0.1",
+            port=port,
+            web_concurrency=_int(env, "WEB_CONCURRENCY", 1, minimum=1),
+            gateway_url=(env.get("GATEWAY_URL") or f"http://127.0.0.1:{port}").rstrip("/"),
+            secret_key=env.get("GATEWAY_SECRET_KEY") or "",
+            event_max_age=_int(env, "EVENT_MAX_AGE", 300, minimum=1),
+            max_body_bytes=_int(env, "MAX_BODY_BYTES", 1024 * 1024, minimum=1024),
+            max_output_bytes=_int(env, "MAX_OUTPUT_BYTES", 4 * 1024 * 1024, minimum=1024),
+            queue_name=env.get("QUEUE_NAME") or "gateway:queue",
+            worker_concurrency=_int(env, "WORKER_CONCURRENCY", 10, minimum=1),
+            worker_poll_delay=_float(env, "WORKER_POLL_DELAY", 0.005, minimum=0.001),
+            job_timeout=_int(env, "JOB_TIMEOUT", 3600, minimum=1),
+            task_modules=_list(env, "TASK_MODULES"),
+            log_format=log_format,
+            log_level=(env.get("LOG_LEVEL") or "INFO").upper(),
+        )
+
+    def require_secret(self) -> str:
+        """The shared secret, or a :class:`ConfigError` saying how to set it."""
+        if len(self.secret_key) < 16:
+            raise ConfigError(
+                "GATEWAY_SECRET_KEY",
+                "set it to the same random string (16+ characters) for the gateway and "
+                "its workers, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`",
+            )
+        return self.secret_key
+
+    def replace(self, **changes: object) -> Settings:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
