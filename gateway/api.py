@@ -1,0 +1,177 @@
+"""The HTTP routes of the public API, the worker events and the health checks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.errors import (
+    InvalidJSON,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    ValidationFailed,
+    error_response,
+    validation_details,
+)
+from gateway.schemas import TriggerRequest, WorkerEvent
+from gateway.services import Services
+from jobs.report import EVENTS_PATH
+from webhooks.signing import EVENT_SIGNATURE_HEADER, EventSignatureError, verify_event_body
+
+__all__ = ["routes"]
+
+MAX_WAIT_SECONDS = 60
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``max_bytes``."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {max_bytes}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise PayloadTooLarge(f"the body is over the limit of {max_bytes} bytes")
+    return bytes(body)
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except UnicodeDecodeError:
+        raise InvalidJSON("the request body is not UTF-8 text") from None
+    except ValueError as exc:
+        raise InvalidJSON(f"the request body is not valid JSON: {exc}") from None
+
+
+async def trigger(request: Request) -> Response:
+    services = _services(request)
+    principal = await services.auth.authenticate(request)
+    task_name = request.path_params["task"]
+    definition = services.registry.get(task_name)
+    if definition is None:
+        raise NotFound(
+            f"no task named {task_name!r}; known tasks: {', '.join(services.registry.names())}",
+            code="task_not_found",
+        )
+    body = await read_body(request, services.settings.max_body_bytes)
+    data = parse_json(body) if body.strip() else {}
+    try:
+        trigger_request = TriggerRequest.model_validate(data)
+    except ValidationError as exc:
+        raise ValidationFailed(details=validation_details(exc)) from None
+    payload_error = definition.payload_errors(trigger_request.payload)
+    if payload_error is not None:
+        raise ValidationFailed(
+            f"the payload does not fit task {task_name!r}",
+            code="invalid_payload",
+            details=validation_details(payload_error, prefix=("payload",)),
+        )
+    run = await services.runs.trigger(principal.project_id, task_name, trigger_request)
+    return JSONResponse(run, status_code=202, headers={"location": f"/api/v1/runs/{run['id']}"})
+
+
+def _wait_seconds(request: Request) -> float | None:
+    raw = request.query_params.get("wait")
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= MAX_WAIT_SECONDS:
+        raise ValidationFailed(
+            f"wait must be a number of seconds from 0 to {MAX_WAIT_SECONDS}",
+            details=[{"path": "query.wait", "message": f"got {raw!r}", "type": "value_error"}],
+        )
+    return value
+
+
+async def get_run(request: Request) -> Response:
+    services = _services(request)
+    principal = await services.auth.authenticate(request)
+    run_id = request.path_params["run_id"]
+    wait = _wait_seconds(request)
+    if wait:
+        run = await services.runs.wait(principal.project_id, run_id, wait)
+    else:
+        run = await services.runs.get(principal.project_id, run_id)
+    return JSONResponse(run)
+
+
+async def list_tasks(request: Request) -> Response:
+    services = _services(request)
+    await services.auth.authenticate(request)
+    tasks = []
+    for name in services.registry.names():
+        definition = services.registry.get(name)
+        assert definition is not None
+        schema = definition.payload_model.model_json_schema() if definition.payload_model else {}
+        tasks.append({"name": name, "description": definition.description, "payload_schema": schema})
+    return JSONResponse({"data": tasks})
+
+
+async def worker_event(request: Request) -> Response:
+    services = _services(request)
+    settings = services.settings
+    body = await read_body(request, settings.max_output_bytes + 64 * 1024)
+    try:
+        verify_event_body(
+            body,
+            request.headers.get(EVENT_SIGNATURE_HEADER),
+            settings.secret_key,
+            max_age=settings.event_max_age,
+        )
+    except EventSignatureError as exc:
+        raise Unauthorized(exc.message, code=exc.code) from None
+    try:
+        event = WorkerEvent.model_validate(parse_json(body))
+    except ValidationError as exc:
+        raise ValidationFailed(details=validation_details(exc)) from None
+    outcome = await services.runs.apply_event(event)
+    return JSONResponse(outcome.to_dict())
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    services = _services(request)
+    checks: dict[str, str] = {}
+
+    async def check(name: str, probe: Any) -> None:
+        try:
+            await asyncio.wait_for(probe, timeout=2.0)
+            checks[name] = "ok"
+        except Exception as exc:
+            checks[name] = f"{type(exc).__name__}: {exc}"[:300]
+
+    await asyncio.gather(check("database", services.db.ping()), check("redis", services.redis.ping()))
+    if all(v == "ok" for v in checks.values()):
+        return JSONResponse({"status": "ok", "checks": checks})
+    failing = [{"check": k, "message": v} for k, v in checks.items() if v != "ok"]
+    return error_response(503, "not_ready", "a dependency does not answer", failing)
+
+
+routes = [
+    Route("/api/v1/tasks", list_tasks, methods=["GET"]),
+    Route("/api/v1/tasks/{task}/trigger", trigger, methods=["POST"]),
+    Route("/api/v1/runs/{run_id}", get_run, methods=["GET"]),
+    Route(EVENTS_PATH, worker_event, methods=["POST"]),
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+]

@@ -1,0 +1,64 @@
+"""The Starlette application: ``create_app()`` builds it from the settings."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from arq import create_pool
+from arq.connections import RedisSettings
+from starlette.applications import Starlette
+
+from db.engine import Database
+from gateway.api import routes
+from gateway.auth import ApiKeyAuth
+from gateway.errors import exception_handlers
+from gateway.logs import configure_logging
+from gateway.notify import RunNotifier
+from gateway.runs import RunService
+from gateway.services import Services
+from gateway.settings import Settings
+from jobs.registry import load_tasks
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("gateway.app")
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """The gateway app. With no ``settings``, they are read from the environment."""
+    settings = settings or Settings.from_env()
+    configure_logging(settings)
+    settings.require_secret()
+    if not settings.redis_url:
+        from gateway.settings import ConfigError
+
+        raise ConfigError("REDIS_URL", "the web process needs a Redis URL (`gateway up` sets one)")
+    redis_url = settings.redis_url
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        db = Database(settings.database_url)
+        redis = await create_pool(
+            RedisSettings.from_dsn(redis_url), default_queue_name=settings.queue_name
+        )
+        notifier = RunNotifier(redis)
+        await notifier.start()
+        app.state.services = Services(
+            settings=settings,
+            db=db,
+            redis=redis,
+            registry=load_tasks(settings.task_modules),
+            auth=ApiKeyAuth(db),
+            notifier=notifier,
+            runs=RunService(db=db, redis=redis, notifier=notifier, settings=settings),
+        )
+        try:
+            yield
+        finally:
+            await notifier.stop()
+            await redis.aclose()
+            await db.dispose()
+
+    return Starlette(routes=routes, exception_handlers=exception_handlers, lifespan=lifespan)

@@ -1,0 +1,133 @@
+"""Projects and their secret API keys.
+
+A key is ``gw_sk_`` and 43 URL-safe characters (256 random bits). Only its
+SHA-256 is stored: a leaked database leaks no usable key. A fast hash is the
+right one here, as the key is random, not a password.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import secrets
+import time
+
+import sqlalchemy as sa
+from starlette.requests import Request
+
+from db.engine import Database
+from db.ids import new_id
+from db.models import ApiKey, Project
+from db.types import utcnow
+from gateway.errors import Unauthorized
+
+__all__ = ["KEY_PREFIX", "ApiKeyAuth", "Principal", "create_api_key", "hash_api_key"]
+
+KEY_PREFIX = "gw_sk_"
+
+projects = Project.__table__  # type: ignore[attr-defined]
+api_keys = ApiKey.__table__  # type: ignore[attr-defined]
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def generate_api_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+async def create_api_key(db: Database, project_name: str) -> tuple[str, str]:
+    """Create the project ``project_name`` if needed and a new key for it.
+
+    Returns ``(project_id, key)``; the key is not stored and cannot be shown again.
+    """
+    key = generate_api_key()
+    async with db.write() as conn:
+        project_id = await conn.scalar(
+            sa.select(projects.c.id).where(projects.c.name == project_name)
+        )
+        if project_id is None:
+            project_id = new_id("proj")
+            await conn.execute(
+                projects.insert().values(id=project_id, name=project_name, created_at=utcnow())
+            )
+        await conn.execute(
+            api_keys.insert().values(
+                id=new_id("key"),
+                project_id=project_id,
+                key_hash=hash_api_key(key),
+                prefix=key[: len(KEY_PREFIX) + 6],
+                created_at=utcnow(),
+            )
+        )
+    return str(project_id), key
+
+
+async def api_key_exists(db: Database, key: str) -> bool:
+    async with db.read() as conn:
+        found = await conn.scalar(
+            sa.select(api_keys.c.id).where(
+                api_keys.c.key_hash == hash_api_key(key), api_keys.c.revoked_at.is_(None)
+            )
+        )
+    return found is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class Principal:
+    """Who a request acts for."""
+
+    project_id: str
+    key_id: str
+
+
+class ApiKeyAuth:
+    """Resolves ``Authorization: Bearer <key>`` to a :class:`Principal`.
+
+    Found keys are remembered for ``ttl`` seconds so the hot trigger path
+    costs no database read; a revoked key stops working within that time.
+    """
+
+    def __init__(self, db: Database, *, ttl: float = 10.0, max_entries: int = 10_000) -> None:
+        self.db = db
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._cache: dict[str, tuple[float, Principal]] = {}
+
+    async def authenticate(self, request: Request) -> Principal:
+        header = request.headers.get("authorization")
+        if not header:
+            raise Unauthorized(
+                "missing Authorization header; send `Authorization: Bearer <API key>`",
+                code="missing_api_key",
+            )
+        scheme, _, key = header.partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            raise Unauthorized(
+                "the Authorization header must be `Bearer <API key>`", code="invalid_api_key"
+            )
+        return await self.resolve(key)
+
+    async def resolve(self, key: str) -> Principal:
+        digest = hash_api_key(key)
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(api_keys.c.id, api_keys.c.project_id).where(
+                        api_keys.c.key_hash == digest, api_keys.c.revoked_at.is_(None)
+                    )
+                )
+            ).first()
+        if row is None:
+            raise Unauthorized("the API key is not valid", code="invalid_api_key")
+        principal = Principal(project_id=row.project_id, key_id=row.id)
+        if len(self._cache) >= self.max_entries:
+            self._cache.clear()
+        self._cache[digest] = (now + self.ttl, principal)
+        return principal

@@ -1,0 +1,119 @@
+"""The ``gateway`` command: ``up``, ``web``, ``worker``, ``migrate`` and ``keys``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from gateway.settings import ConfigError, Settings
+
+__all__ = ["main"]
+
+
+def _migrate(settings: Settings) -> int:
+    from db.migrate import upgrade
+
+    upgrade(settings.database_url)
+    print(f"database at head: {_safe_url(settings.database_url)}")
+    return 0
+
+
+def _safe_url(url: str) -> str:
+    import sqlalchemy as sa
+
+    return sa.make_url(url).render_as_string(hide_password=True)
+
+
+def _keys_create(settings: Settings, name: str) -> int:
+    from db.engine import Database
+    from gateway.auth import create_api_key
+
+    async def create() -> tuple[str, str]:
+        db = Database(settings.database_url)
+        try:
+            return await create_api_key(db, name)
+        finally:
+            await db.dispose()
+
+    project_id, key = asyncio.run(create())
+    print(f"project {name!r} ({project_id})")
+    print("new API key (shown once; only its hash is stored):")
+    print(key)
+    return 0
+
+
+def _web(settings: Settings) -> int:
+    import uvicorn
+
+    settings.require_secret()
+    uvicorn.run(
+        "gateway.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.web_concurrency,
+        log_level=settings.log_level.lower(),
+        access_log=settings.log_level == "DEBUG",
+        server_header=False,
+        log_config=None,
+    )
+    return 0
+
+
+def _worker(settings: Settings) -> int:
+    from gateway.logs import configure_logging
+    from jobs.worker import build_worker
+
+    configure_logging(settings)
+    settings.require_secret()
+    if not settings.redis_url:
+        raise ConfigError("REDIS_URL", "the worker needs the Redis URL the gateway uses")
+    build_worker(settings).run()
+    return 0
+
+
+def _up(settings: Settings) -> int:
+    from gateway.supervisor import up
+
+    return up(settings)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway",
+        description="A webhook-driven async job gateway. Settings come from the environment.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("up", help="migrate, start Redis if REDIS_URL is unset, run web + worker")
+    sub.add_parser("web", help="serve the HTTP API on HOST:PORT")
+    sub.add_parser("worker", help="run an arq worker")
+    sub.add_parser("migrate", help="bring the database schema up to date")
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = keys_sub.add_parser("create", help="create a project (if new) and an API key for it")
+    create.add_argument("name", help="the project's name")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        if args.command == "up":
+            return _up(settings)
+        if args.command == "web":
+            return _web(settings)
+        if args.command == "worker":
+            return _worker(settings)
+        if args.command == "migrate":
+            return _migrate(settings)
+        if args.command == "keys":
+            return _keys_create(settings, args.name)
+    except ConfigError as exc:
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 1

@@ -1,0 +1,86 @@
+"""Wake-ups for requests that wait on a run (long-poll now, streams later).
+
+The process that applies a transition wakes its own waiters at once and
+publishes the run ID on a Redis channel, so waiters in other gateway
+processes wake too. A lost message only delays a waiter: waiters re-read the
+database at least every ``fallback_interval`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+__all__ = ["RunNotifier"]
+
+log = logging.getLogger("gateway.notify")
+
+CHANNEL = "gateway:run-updates"
+
+
+class RunNotifier:
+    def __init__(self, redis: Redis, *, channel: str = CHANNEL) -> None:
+        self.redis = redis
+        self.channel = channel
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._listen(), name="run-notifier")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def _wake(self, run_id: str) -> None:
+        for event in self._waiters.get(run_id, ()):
+            event.set()
+
+    async def publish(self, run_id: str) -> None:
+        """Tell every waiter of ``run_id``, here and in other processes."""
+        self._wake(run_id)
+        try:
+            await self.redis.publish(self.channel, run_id)
+        except RedisError as exc:  # waiters elsewhere fall back to polling
+            log.warning("could not publish the update of %s: %s", run_id, exc)
+
+    @contextlib.contextmanager
+    def watch(self, run_id: str) -> Iterator[asyncio.Event]:
+        """An event set whenever ``run_id`` changes, while the block runs."""
+        event = asyncio.Event()
+        self._waiters.setdefault(run_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            waiters = self._waiters.get(run_id)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiters[run_id]
+
+    async def _listen(self) -> None:
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        data = message["data"]
+                        self._wake(data.decode() if isinstance(data, bytes) else str(data))
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                log.warning("run notifications lost their Redis connection: %s", exc)
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()

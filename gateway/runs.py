@@ -1,0 +1,323 @@
+"""Runs: creating them, reading them, and applying the workers' reports.
+
+Every change of a run's status goes through :meth:`RunService._transition`, a
+compare-and-set that names the status and attempt it expects (DESIGN.md,
+invariant 3), so a duplicate, late or replayed report changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import sqlalchemy as sa
+from arq import ArqRedis
+from redis.exceptions import RedisError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from db.engine import Database
+from db.ids import new_id
+from db.models import Run, RunAttempt, RunStatus, RunTransition
+from db.types import utcnow
+from gateway.errors import NotFound
+from gateway.notify import RunNotifier
+from gateway.schemas import TriggerRequest, WorkerEvent
+from gateway.settings import Settings
+
+__all__ = ["EventOutcome", "RunService", "isoformat"]
+
+log = logging.getLogger("gateway.runs")
+
+runs = Run.__table__  # type: ignore[attr-defined]
+run_attempts = RunAttempt.__table__  # type: ignore[attr-defined]
+run_transitions = RunTransition.__table__  # type: ignore[attr-defined]
+
+
+def isoformat(value: dt.datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclasses.dataclass(frozen=True)
+class EventOutcome:
+    """The gateway's answer to a worker event.
+
+    ``applied`` says whether it changed the run; ``proceed`` tells a worker
+    that reported ``started`` whether to execute the task at all.
+    """
+
+    applied: bool
+    status: str
+    proceed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _error(code: str | None, message: str | None) -> dict[str, Any] | None:
+    if code is None:
+        return None
+    return {"code": code, "message": message or ""}
+
+
+def run_view(row: Mapping[str, Any], attempts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """A run as the API shows it."""
+    status = RunStatus(row["status"])
+    started, finished = row["started_at"], row["finished_at"]
+    duration_ms = None
+    if started is not None and finished is not None:
+        duration_ms = max(0, round((finished - started).total_seconds() * 1000))
+    return {
+        "id": row["id"],
+        "task": row["task"],
+        "status": status.value,
+        "is_final": status.is_final,
+        "payload": row["payload"],
+        "output": row["output"],
+        "error": _error(row["error_code"], row["error_message"]),
+        "attempt": row["attempt"],
+        "attempts": [
+            {
+                "number": a["number"],
+                "status": a["status"],
+                "worker_id": a["worker_id"],
+                "started_at": isoformat(a["started_at"]),
+                "finished_at": isoformat(a["finished_at"]),
+                "error": _error(a["error_code"], a["error_message"]),
+            }
+            for a in attempts
+        ],
+        "tags": list(row["tags"] or []),
+        "metadata": dict(row["metadata"] or {}),
+        "created_at": isoformat(row["created_at"]),
+        "updated_at": isoformat(row["updated_at"]),
+        "started_at": isoformat(started),
+        "finished_at": isoformat(finished),
+        "duration_ms": duration_ms,
+    }
+
+
+class RunService:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        redis: ArqRedis,
+        notifier: RunNotifier,
+        settings: Settings,
+    ) -> None:
+        self.db = db
+        self.redis = redis
+        self.notifier = notifier
+        self.settings = settings
+
+    # -- creating ---------------------------------------------------------
+
+    async def trigger(self, project_id: str, task: str, request: TriggerRequest) -> dict[str, Any]:
+        """Commit a QUEUED run, then enqueue its job (invariant 1)."""
+        now = utcnow()
+        row: dict[str, Any] = {
+            "id": new_id("run"),
+            "project_id": project_id,
+            "task": task,
+            "status": RunStatus.QUEUED.value,
+            "attempt": 1,
+            "payload": request.payload,
+            "output": None,
+            "error_code": None,
+            "error_message": None,
+            "tags": request.options.tags,
+            "metadata": request.options.metadata,
+            "created_at": now,
+            "updated_at": now,
+            "started_at": None,
+            "finished_at": None,
+        }
+        async with self.db.write() as conn:
+            await conn.execute(runs.insert().values(**row))
+            await conn.execute(
+                run_transitions.insert().values(
+                    run_id=row["id"], from_status=None, to_status=row["status"], attempt=1, at=now
+                )
+            )
+        await self.enqueue(row["id"], task, request.payload, attempt=1)
+        return run_view(row, [])
+
+    async def enqueue(self, run_id: str, task: str, payload: Any, *, attempt: int) -> bool:
+        """Put the run's job on the queue; ``False`` if Redis did not take it.
+
+        The run is committed already, so a failure here loses nothing: the
+        reconciler enqueues it again (arq dedupes on ``_job_id``).
+        """
+        try:
+            await self.redis.enqueue_job(
+                "run_task",
+                run_id,
+                task,
+                payload,
+                attempt,
+                _job_id=run_id if attempt == 1 else f"{run_id}:{attempt}",
+                _queue_name=self.settings.queue_name,
+            )
+        except (RedisError, OSError) as exc:
+            log.warning("could not enqueue %s (the reconciler will): %s", run_id, exc)
+            return False
+        return True
+
+    # -- reading ----------------------------------------------------------
+
+    async def _load(self, conn: AsyncConnection, project_id: str, run_id: str) -> dict[str, Any]:
+        row = (
+            await conn.execute(
+                sa.select(runs).where(runs.c.id == run_id, runs.c.project_id == project_id)
+            )
+        ).mappings().first()
+        if row is None:
+            raise NotFound(f"no run with id {run_id!r}", code="run_not_found")
+        attempts = (
+            await conn.execute(
+                sa.select(run_attempts)
+                .where(run_attempts.c.run_id == run_id)
+                .order_by(run_attempts.c.number)
+            )
+        ).mappings().all()
+        return run_view(row, attempts)
+
+    async def get(self, project_id: str, run_id: str) -> dict[str, Any]:
+        """The run, or :class:`NotFound` (also for another project's run)."""
+        async with self.db.read() as conn:
+            return await self._load(conn, project_id, run_id)
+
+    async def wait(self, project_id: str, run_id: str, timeout: float) -> dict[str, Any]:
+        """The run once it is final, or as it is after ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        with self.notifier.watch(run_id) as changed:
+            while True:
+                changed.clear()
+                view = await self.get(project_id, run_id)
+                remaining = deadline - loop.time()
+                if view["is_final"] or remaining <= 0:
+                    return view
+                try:
+                    # Re-read at least every 2 s in case a notification was lost.
+                    await asyncio.wait_for(changed.wait(), timeout=min(remaining, 2.0))
+                except TimeoutError:
+                    pass
+
+    # -- worker events ----------------------------------------------------
+
+    async def apply_event(self, event: WorkerEvent) -> EventOutcome:
+        """Apply a verified worker event; a stale or repeated one is a no-op."""
+        for _ in range(5):
+            try:
+                outcome = await self._apply(event)
+            except _LostRace:
+                continue  # another process moved the run on: look again
+            if outcome.applied:
+                await self.notifier.publish(event.run_id)
+            return outcome
+        raise RuntimeError(f"run {event.run_id} kept changing under event {event.type}")
+
+    async def _apply(self, event: WorkerEvent) -> EventOutcome:
+        now = utcnow()
+        async with self.db.write() as conn:
+            current = (
+                await conn.execute(
+                    sa.select(runs.c.status, runs.c.attempt).where(runs.c.id == event.run_id)
+                )
+            ).first()
+            if current is None:
+                raise NotFound(f"no run with id {event.run_id!r}", code="run_not_found")
+            status = RunStatus(current.status)
+            same_attempt = current.attempt == event.attempt
+            if event.type == "started":
+                applied = same_attempt and status == RunStatus.QUEUED
+                if applied:
+                    await self._transition(
+                        conn, event.run_id, status, RunStatus.EXECUTING, event.attempt, now,
+                        {"started_at": sa.func.coalesce(runs.c.started_at, now)},
+                    )
+                    await conn.execute(
+                        run_attempts.insert().values(
+                            run_id=event.run_id, number=event.attempt,
+                            status=RunStatus.EXECUTING.value, worker_id=event.worker_id,
+                            started_at=now,
+                        )
+                    )
+                    status = RunStatus.EXECUTING
+                # A re-delivered job of the attempt that is running may go on
+                # (execution is at-least-once); anything else must not run.
+                proceed = same_attempt and status in (RunStatus.QUEUED, RunStatus.EXECUTING)
+                outcome = EventOutcome(applied=applied, status=status.value, proceed=proceed)
+            else:
+                applied = same_attempt and status in (RunStatus.QUEUED, RunStatus.EXECUTING)
+                if applied:
+                    status = await self._finish(conn, event, status, now)
+                outcome = EventOutcome(applied=applied, status=status.value, proceed=False)
+        return outcome
+
+    async def _finish(
+        self, conn: AsyncConnection, event: WorkerEvent, status: RunStatus, now: dt.datetime
+    ) -> RunStatus:
+        if event.type == "completed":
+            to, values = RunStatus.COMPLETED, {"output": event.output}
+            code = message = None
+        else:
+            error = event.error
+            code = error.code if error else "unknown_error"
+            message = error.message if error else "the worker reported a failure without details"
+            to, values = RunStatus.FAILED, {"error_code": code, "error_message": message}
+        values.update(finished_at=now, started_at=sa.func.coalesce(runs.c.started_at, now))
+        await self._transition(conn, event.run_id, status, to, event.attempt, now, values)
+        attempt_values = {
+            "status": to.value, "finished_at": now, "error_code": code, "error_message": message,
+        }
+        updated = await conn.execute(
+            run_attempts.update()
+            .where(run_attempts.c.run_id == event.run_id, run_attempts.c.number == event.attempt)
+            .values(**attempt_values)
+        )
+        if updated.rowcount == 0:  # the ``started`` report has not arrived (yet)
+            await conn.execute(
+                run_attempts.insert().values(
+                    run_id=event.run_id, number=event.attempt, worker_id=event.worker_id,
+                    started_at=now, **attempt_values,
+                )
+            )
+        return to
+
+    async def _transition(
+        self,
+        conn: AsyncConnection,
+        run_id: str,
+        expected: RunStatus,
+        to: RunStatus,
+        attempt: int,
+        now: dt.datetime,
+        values: Mapping[str, Any],
+    ) -> None:
+        """Compare-and-set ``expected`` → ``to`` and log it. The caller holds
+        the write transaction, so the CAS only fails if another process won."""
+        result = await conn.execute(
+            runs.update()
+            .where(runs.c.id == run_id, runs.c.status == expected.value, runs.c.attempt == attempt)
+            .values(status=to.value, updated_at=now, **values)
+        )
+        if result.rowcount != 1:
+            raise _LostRace(run_id)
+        await conn.execute(
+            run_transitions.insert().values(
+                run_id=run_id, from_status=expected.value, to_status=to.value,
+                attempt=attempt, at=now,
+            )
+        )
+
+
+class _LostRace(Exception):
+    """Another gateway process applied a transition first; the caller retries."""

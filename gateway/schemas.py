@@ -1,0 +1,43 @@
+"""Pydantic models of what the API takes in."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+__all__ = ["TriggerOptions", "TriggerRequest", "WorkerError", "WorkerEvent"]
+
+Tag = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+class TriggerOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tags: list[Tag] = Field(default_factory=list, max_length=10)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class TriggerRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    payload: Any = None
+    options: TriggerOptions = Field(default_factory=TriggerOptions)
+
+
+class WorkerError(BaseModel):
+    code: str = Field(max_length=100)
+    message: str
+    retryable: bool = False
+
+
+class WorkerEvent(BaseModel):
+    """A signed report from a worker (see ``jobs.report``)."""
+
+    type: Literal["started", "completed", "failed"]
+    run_id: str = Field(max_length=40)
+    attempt: int = Field(ge=1)
+    worker_id: str | None = Field(default=None, max_length=200)
+    occurred_at: str | None = None
+    output: Any = None
+    error: WorkerError | None = None

@@ -1,0 +1,27 @@
+"""The long-lived objects one gateway process shares between requests."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from arq import ArqRedis
+
+from db.engine import Database
+from gateway.auth import ApiKeyAuth
+from gateway.notify import RunNotifier
+from gateway.runs import RunService
+from gateway.settings import Settings
+from jobs.registry import TaskRegistry
+
+__all__ = ["Services"]
+
+
+@dataclasses.dataclass
+class Services:
+    settings: Settings
+    db: Database
+    redis: ArqRedis
+    registry: TaskRegistry
+    auth: ApiKeyAuth
+    notifier: RunNotifier
+    runs: RunService

@@ -1,0 +1,149 @@
+"""The task registry: ``@task("name")`` turns an async function into a task.
+
+The gateway and the worker load the same registry: the gateway to refuse an
+unknown task (404) and a payload that does not fit the task's model (422)
+before anything is queued, the worker to run it.
+
+    from pydantic import BaseModel
+    from jobs import task, TaskContext
+
+    class Resize(BaseModel):
+        url: str
+        width: int
+
+    @task("resize", payload=Resize)
+    async def resize(payload: Resize, ctx: TaskContext) -> dict:
+        ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+__all__ = [
+    "TaskContext",
+    "TaskDefinition",
+    "TaskError",
+    "TaskRegistry",
+    "load_tasks",
+    "registry",
+    "task",
+]
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
+
+TaskFunction = Callable[[Any, "TaskContext"], Awaitable[Any]]
+
+
+class TaskError(Exception):
+    """A failure a task reports on purpose; it ends the run with ``code``.
+
+    :param code: a short snake_case code, shown as the run's ``error.code``
+    :param message: what went wrong, for a person
+    :param retryable: whether another attempt could succeed (used by retries)
+    """
+
+    def __init__(self, code: str, message: str, *, retryable: bool = False) -> None:
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+        super().__init__(f"{code}: {message}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TaskContext:
+    """What a running task knows about its run."""
+
+    run_id: str
+    task: str
+    attempt: int
+    worker_id: str
+    logger: logging.Logger
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TaskDefinition:
+    name: str
+    fn: TaskFunction
+    payload_model: type[BaseModel] | None = None
+    description: str = ""
+
+    def parse_payload(self, payload: Any) -> Any:
+        """The payload as the task function takes it.
+
+        Raises :class:`pydantic.ValidationError` when it does not fit the model.
+        """
+        if self.payload_model is None:
+            return payload
+        return self.payload_model.model_validate(payload)
+
+    def payload_errors(self, payload: Any) -> ValidationError | None:
+        try:
+            self.parse_payload(payload)
+        except ValidationError as exc:
+            return exc
+        return None
+
+
+class TaskRegistry:
+    """Task definitions by name."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, TaskDefinition] = {}
+
+    def register(self, definition: TaskDefinition) -> None:
+        if not _NAME.match(definition.name):
+            raise ValueError(
+                f"task name {definition.name!r} must be 1-100 characters of a-z, 0-9, '.', '_', '-'"
+            )
+        existing = self._tasks.get(definition.name)
+        if existing is not None and existing.fn is not definition.fn:
+            raise ValueError(f"task {definition.name!r} is registered twice")
+        self._tasks[definition.name] = definition
+
+    def get(self, name: str) -> TaskDefinition | None:
+        return self._tasks.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._tasks)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tasks
+
+
+#: The process-wide registry that ``@task`` fills.
+registry = TaskRegistry()
+
+
+def task(
+    name: str, *, payload: type[BaseModel] | None = None, description: str = ""
+) -> Callable[[TaskFunction], TaskFunction]:
+    """Register the decorated async function as the task ``name``."""
+
+    def decorate(fn: TaskFunction) -> TaskFunction:
+        registry.register(
+            TaskDefinition(
+                name=name,
+                fn=fn,
+                payload_model=payload,
+                description=description or (fn.__doc__ or "").strip().split("\n")[0],
+            )
+        )
+        return fn
+
+    return decorate
+
+
+def load_tasks(modules: Iterable[str] = ()) -> TaskRegistry:
+    """Import the built-in tasks and every module in ``modules`` (``TASK_MODULES``)."""
+    importlib.import_module("jobs.builtin")
+    for module in modules:
+        importlib.import_module(module)
+    return registry

@@ -1,0 +1,155 @@
+"""The arq worker: runs tasks and reports what happened to the gateway.
+
+Start it with ``gateway worker`` or ``arq jobs.worker.WorkerSettings``. It needs
+only ``REDIS_URL``, ``GATEWAY_URL`` and ``GATEWAY_SECRET_KEY`` (DESIGN.md,
+invariant 2): it never opens the database.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from typing import Any, ClassVar
+
+import httpx
+from arq import func
+from arq.connections import RedisSettings
+from arq.worker import Worker
+from pydantic import ValidationError
+
+from gateway.settings import Settings
+from jobs.registry import TaskContext, TaskError, load_tasks
+from jobs.report import Reporter, deliver_report, make_event
+
+__all__ = ["WorkerSettings", "build_worker", "run_task"]
+
+log = logging.getLogger("jobs.worker")
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx.get("settings") or Settings.from_env()
+    ctx["settings"] = settings
+    secret = settings.require_secret()
+    ctx["registry"] = load_tasks(settings.task_modules)
+    ctx["worker_id"] = _worker_id()
+    ctx["http"] = httpx.AsyncClient(
+        timeout=httpx.Timeout(10.0, connect=2.0),
+        limits=httpx.Limits(max_connections=100, max_keepalive_connections=50),
+    )
+    ctx["reporter"] = Reporter(settings.gateway_url, secret, client=ctx["http"])
+    log.info(
+        "worker %s reporting to %s; tasks: %s",
+        ctx["worker_id"], settings.gateway_url, ", ".join(ctx["registry"].names()),
+    )
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    http: httpx.AsyncClient | None = ctx.get("http")
+    if http is not None:
+        await http.aclose()
+
+
+def _error(code: str, message: str, *, retryable: bool = False) -> dict[str, Any]:
+    return {"code": code, "message": message, "retryable": retryable}
+
+
+async def _execute(ctx: dict[str, Any], run_id: str, task: str, payload: Any,
+                   attempt: int) -> dict[str, Any]:
+    """Run the task; return the fields of the final event (never raises for
+    the task's own failures, so one bad run never takes the worker down)."""
+    settings: Settings = ctx["settings"]
+    definition = ctx["registry"].get(task)
+    if definition is None:
+        return {"type": "failed", "error": _error(
+            "unknown_task", f"this worker has no task named {task!r}")}
+    try:
+        parsed = definition.parse_payload(payload)
+    except ValidationError as exc:
+        return {"type": "failed", "error": _error(
+            "invalid_payload", f"payload does not fit task {task!r}: {exc}")}
+    task_ctx = TaskContext(
+        run_id=run_id, task=task, attempt=attempt, worker_id=ctx["worker_id"],
+        logger=logging.getLogger(f"jobs.task.{task}"),
+    )
+    try:
+        output = await definition.fn(parsed, task_ctx)
+    except TaskError as exc:
+        return {"type": "failed", "error": _error(exc.code, exc.message, retryable=exc.retryable)}
+    except Exception as exc:
+        log.exception("task %s of run %s raised", task, run_id)
+        return {"type": "failed", "error": _error(
+            "task_exception", f"{type(exc).__name__}: {exc}", retryable=True)}
+    try:
+        size = len(json.dumps(output, separators=(",", ":")))
+    except (TypeError, ValueError) as exc:
+        return {"type": "failed", "error": _error(
+            "output_not_serializable", f"task output is not JSON: {exc}")}
+    if size > settings.max_output_bytes:
+        return {"type": "failed", "error": _error(
+            "output_too_large",
+            f"task output is {size} bytes; MAX_OUTPUT_BYTES is {settings.max_output_bytes}")}
+    return {"type": "completed", "output": output}
+
+
+async def run_task(ctx: dict[str, Any], run_id: str, task: str, payload: Any,
+                   attempt: int = 1) -> str:
+    """arq job: one attempt of one run, bracketed by ``started`` and a final event."""
+    reporter: Reporter = ctx["reporter"]
+    ids = {"run_id": run_id, "attempt": attempt, "worker_id": ctx["worker_id"]}
+    ack = await reporter.report(make_event("started", **ids), ctx["redis"])
+    if ack is not None and not ack.get("proceed", True):
+        log.info("run %s is %s; not executing it", run_id, ack.get("status"))
+        return f"skipped ({ack.get('status')})"
+    result = await _execute(ctx, run_id, task, payload, attempt)
+    event_type = result.pop("type")
+    await reporter.report(make_event(event_type, **ids, **result), ctx["redis"])
+    return str(event_type)
+
+
+def worker_options(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments of :class:`arq.worker.Worker` for ``settings``."""
+    return {
+        "functions": [
+            func(run_task, name="run_task", max_tries=1000),
+            func(deliver_report, name="deliver_report", max_tries=1_000_000, timeout=60),
+        ],
+        "queue_name": settings.queue_name,
+        "redis_settings": RedisSettings.from_dsn(settings.redis_url or "redis://127.0.0.1:6379"),
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "max_jobs": settings.worker_concurrency,
+        "job_timeout": settings.job_timeout,
+        "poll_delay": settings.worker_poll_delay,
+        "keep_result": 3600,
+        "allow_abort_jobs": True,
+        "ctx": {"settings": settings},
+    }
+
+
+def build_worker(settings: Settings, **overrides: Any) -> Worker:
+    options = worker_options(settings)
+    options.update(overrides)
+    return Worker(**options)
+
+
+class WorkerSettings:
+    """For ``arq jobs.worker.WorkerSettings``: the same worker as ``gateway worker``."""
+
+    _options: ClassVar[dict[str, Any]] = worker_options(Settings.from_env())
+    functions = _options["functions"]
+    queue_name = _options["queue_name"]
+    redis_settings = _options["redis_settings"]
+    on_startup = _options["on_startup"]
+    on_shutdown = _options["on_shutdown"]
+    max_jobs = _options["max_jobs"]
+    job_timeout = _options["job_timeout"]
+    poll_delay = _options["poll_delay"]
+    keep_result = _options["keep_result"]
+    allow_abort_jobs = _options["allow_abort_jobs"]
+    ctx = _options["ctx"]
