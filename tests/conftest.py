@@ -1,0 +1,156 @@
+"""Fixtures: a real Redis, a real database, and the gateway and worker as processes.
+
+Every test that takes ``stack`` runs once per database backend: SQLite always,
+and PostgreSQL too when ``TEST_DATABASE_URL`` is set (``.ci/run`` sets it when a
+server answers). Each backend gets a database of its own, created here and
+dropped at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from db.engine import Database
+from db.migrate import upgrade
+from gateway.auth import create_api_key
+from gateway.embedded_redis import EmbeddedRedis, free_port
+from gateway.settings import normalize_database_url
+from tests.helpers import Process, child_env, db_query, wait_http_ok
+
+TEST_SECRET = "test-secret-" + secrets.token_urlsafe(16)
+
+
+def _backends() -> list[str]:
+    return ["sqlite", "postgresql"] if os.environ.get("TEST_DATABASE_URL") else ["sqlite"]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), appendonly=False).start()
+    yield server
+    server.stop()
+
+
+async def _admin(url: str, statement: str) -> None:
+    import asyncpg
+
+    parsed = sa.make_url(url).set(drivername="postgresql")
+    conn = await asyncpg.connect(parsed.render_as_string(hide_password=False))
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session", params=_backends())
+def database_url(request: pytest.FixtureRequest,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A migrated, empty database of each backend."""
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('db') / 'gateway.db'}"
+        upgrade(url)
+        yield url
+        return
+    server_url = normalize_database_url(os.environ["TEST_DATABASE_URL"])
+    name = f"gw_test_{secrets.token_hex(6)}"
+    asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}"'))
+    url = sa.make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@dataclasses.dataclass
+class Stack:
+    """A gateway and a worker, as separate processes, over one Redis and one database."""
+
+    database_url: str
+    redis_url: str
+    base_url: str
+    env: dict[str, str]
+    gateway: Process
+    worker: Process
+    api_key: str
+    project_id: str
+
+    def client(self, key: str | None = None) -> httpx.Client:
+        headers = {"authorization": f"Bearer {key or self.api_key}"}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=70.0)
+
+    def new_key(self, project: str) -> str:
+        async def create() -> str:
+            db = Database(self.database_url)
+            try:
+                return (await create_api_key(db, project))[1]
+            finally:
+                await db.dispose()
+
+        return asyncio.run(create())
+
+    def query(self, sql: str, **params: Any) -> list[Any]:
+        return db_query(self.database_url, sql, params)
+
+    def start_gateway(self) -> None:
+        self.gateway = Process("gateway", ["-m", "gateway", "web"], self.env,
+                               self.gateway.log_path.parent).start()
+        wait_http_ok(self.base_url + "/healthz", self.gateway)
+
+    def run(self, task: str, payload: Any = None, **options: Any) -> dict[str, Any]:
+        """Trigger ``task`` and wait for it to be final."""
+        with self.client() as client:
+            response = client.post(f"/api/v1/tasks/{task}/trigger",
+                                   json={"payload": payload, "options": options})
+            assert response.status_code == 202, response.text
+            run_id = response.json()["id"]
+            final = client.get(f"/api/v1/runs/{run_id}", params={"wait": 30}).json()
+        assert final["is_final"], final
+        return dict(final)
+
+
+@pytest.fixture(scope="session")
+def stack(database_url: str, redis_server: EmbeddedRedis,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    logs = tmp_path_factory.mktemp("logs")
+    port = free_port()
+    # Each backend gets its own Redis database, so their queues never mix.
+    redis_url = f"{redis_server.url}/{1 + _backends().index(_backend_of(database_url))}"
+    env = child_env(
+        DATABASE_URL=database_url,
+        REDIS_URL=redis_url,
+        GATEWAY_SECRET_KEY=TEST_SECRET,
+        PORT=str(port),
+        GATEWAY_URL=f"http://127.0.0.1:{port}",
+        TASK_MODULES="tests.tasks",
+        WORKER_CONCURRENCY="20",
+        MAX_OUTPUT_BYTES="65536",
+        LOG_LEVEL="INFO",
+    )
+    gateway = Process("gateway", ["-m", "gateway", "web"], env, logs).start()
+    worker = Process("worker", ["-m", "gateway", "worker"], env, logs).start()
+    stack = Stack(database_url=database_url, redis_url=redis_url,
+                  base_url=f"http://127.0.0.1:{port}", env=env, gateway=gateway,
+                  worker=worker, api_key="", project_id="")
+    try:
+        wait_http_ok(stack.base_url + "/healthz", gateway)
+        stack.api_key = stack.new_key("tests")
+        stack.project_id = stack.query("SELECT id FROM projects WHERE name = 'tests'")[0][0]
+        yield stack
+    finally:
+        stack.gateway.stop()
+        stack.worker.stop()
+
+
+def _backend_of(url: str) -> str:
+    return "sqlite" if url.startswith("sqlite") else "postgresql"
