@@ -105,7 +105,7 @@ class Run(SQLModel, table=True):
     payload: Any = Field(default=None, sa_column=sa.Column(JSONColumn, nullable=True))
     output: Any = Field(default=None, sa_column=sa.Column(JSONColumn, nullable=True))
     error_code: str | None = Field(default=None, max_length=100)
-    error_message: str | None = Field(default=None)
+    error_message: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
     tags: list[str] = Field(
         default_factory=list, sa_column=sa.Column(JSONColumn, nullable=False)
     )
@@ -137,7 +137,7 @@ class RunAttempt(SQLModel, table=True):
     started_at: dt.datetime | None = _ts()
     finished_at: dt.datetime | None = _ts()
     error_code: str | None = Field(default=None, max_length=100)
-    error_message: str | None = Field(default=None)
+    error_message: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
 
 
 class RunTransition(SQLModel, table=True):

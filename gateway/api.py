@@ -69,6 +69,11 @@ async def trigger(request: Request) -> Response:
         )
     body = await read_body(request, services.settings.max_body_bytes)
     data = parse_json(body) if body.strip() else {}
+    if not isinstance(data, dict):
+        raise ValidationFailed(
+            "the request body must be a JSON object",
+            details=[{"path": "", "message": "expected an object", "type": "dict_type"}],
+        )
     try:
         trigger_request = TriggerRequest.model_validate(data)
     except ValidationError as exc:

@@ -1,0 +1,88 @@
+"""The schema, the models and the small pieces under them."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlmodel import SQLModel
+
+import db.models  # noqa: F401
+from db.engine import Database
+from db.ids import new_id
+from db.models import FINAL_STATUSES, RunStatus
+
+
+def test_migrations_create_exactly_the_models(database_url: str) -> None:
+    """The migrations at head and the SQLModel tables do not differ."""
+
+    async def diff() -> list[object]:
+        database = Database(database_url)
+        try:
+            async with database.engine.connect() as conn:
+                return await conn.run_sync(
+                    lambda sync: compare_metadata(
+                        MigrationContext.configure(sync, opts={"compare_type": True}),
+                        SQLModel.metadata,
+                    )
+                )
+        finally:
+            await database.dispose()
+
+    assert asyncio.run(diff()) == []
+
+
+def test_is_final_holds_for_exactly_the_five_final_statuses() -> None:
+    final = {s for s in RunStatus if s.is_final}
+    assert final == set(FINAL_STATUSES)
+    assert {s.value for s in final} == {"COMPLETED", "FAILED", "CANCELED", "EXPIRED", "TIMED_OUT"}
+
+
+def test_ids_are_prefixed_unique_and_sort_by_time() -> None:
+    ids = [new_id("run") for _ in range(2000)]
+    assert len(set(ids)) == 2000
+    assert all(i.startswith("run_") and len(i) == 30 for i in ids)
+    # Within one millisecond the order is random; across milliseconds it is time order.
+    first = new_id("run")
+    import time
+
+    time.sleep(0.002)
+    assert new_id("run") > first
+
+
+def test_utc_datetimes_round_trip_aware(database_url: str) -> None:
+    import sqlalchemy as sa
+
+    from db.models import Project
+
+    projects = Project.__table__  # type: ignore[attr-defined]
+    stamp = dt.datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    project_id = new_id("proj")
+
+    async def round_trip() -> dt.datetime:
+        database = Database(database_url)
+        try:
+            async with database.write() as conn:
+                await conn.execute(projects.insert().values(
+                    id=project_id, name=f"tz-{project_id}", created_at=stamp))
+            async with database.read() as conn:
+                value = await conn.scalar(
+                    sa.select(projects.c.created_at).where(projects.c.id == project_id))
+                assert isinstance(value, dt.datetime)
+                return value
+        finally:
+            await database.dispose()
+
+    value = asyncio.run(round_trip())
+    assert value == dt.datetime(2026, 1, 2, 1, 4, 5, 678000, tzinfo=dt.UTC)
+    assert value.utcoffset() == dt.timedelta(0)
+
+
+def test_naive_datetimes_are_refused() -> None:
+    from db.types import UTCDateTime
+
+    with pytest.raises(ValueError, match="naive"):
+        UTCDateTime().process_bind_param(dt.datetime(2026, 1, 1), None)  # type: ignore[arg-type]

@@ -1,0 +1,185 @@
+"""Worker events: signatures are checked and transitions are compare-and-set."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import httpx
+import pytest
+from itsdangerous import TimestampSigner
+
+import webhooks.signing as signing
+from db.ids import new_id
+from jobs.report import EVENTS_PATH
+from tests.conftest import TEST_SECRET, Stack
+from webhooks.signing import EventSignatureError, sign_event_body, verify_event_body
+
+
+def insert_queued_run(stack: Stack) -> str:
+    """A QUEUED run with no job behind it, so only this test reports on it."""
+    run_id = new_id("run")
+    stack_sql = (
+        "INSERT INTO runs (id, project_id, task, status, attempt, payload, tags, metadata, "
+        "created_at, updated_at) VALUES (:id, :project, 'echo', 'QUEUED', 1, :payload, "
+        ":tags, :meta, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+    )
+    write(stack, stack_sql, id=run_id, project=stack.project_id, payload='{"x": 1}',
+          tags="[]", meta="{}")
+    return run_id
+
+
+def write(stack: Stack, sql: str, **params: Any) -> None:
+    import asyncio
+
+    import sqlalchemy as sa
+
+    from db.engine import Database
+
+    async def run() -> None:
+        db = Database(stack.database_url)
+        try:
+            async with db.write() as conn:
+                if conn.dialect.name == "postgresql":
+                    sql_pg = sql.replace(":payload", "CAST(:payload AS JSONB)")
+                    sql_pg = sql_pg.replace(":tags", "CAST(:tags AS JSONB)")
+                    sql_pg = sql_pg.replace(":meta", "CAST(:meta AS JSONB)")
+                    await conn.execute(sa.text(sql_pg), params)
+                else:
+                    await conn.execute(sa.text(sql), params)
+        finally:
+            await db.dispose()
+
+    asyncio.run(run())
+
+
+def event(run_id: str, kind: str, attempt: int = 1, **fields: Any) -> bytes:
+    body = {"type": kind, "run_id": run_id, "attempt": attempt, "worker_id": "test", **fields}
+    return json.dumps(body).encode()
+
+
+def post(stack: Stack, body: bytes, signature: str | None) -> httpx.Response:
+    headers = {"content-type": "application/json"}
+    if signature is not None:
+        headers[signing.EVENT_SIGNATURE_HEADER] = signature
+    return httpx.post(stack.base_url + EVENTS_PATH, content=body, headers=headers)
+
+
+def status_of(stack: Stack, run_id: str) -> tuple[str, Any]:
+    row = stack.query("SELECT status, output FROM runs WHERE id = :id", id=run_id)[0]
+    output = json.loads(row[1]) if isinstance(row[1], str) else row[1]
+    return row[0], output
+
+
+def signed_in_the_past(body: bytes, seconds: int) -> str:
+    class OldSigner(TimestampSigner):
+        def get_timestamp(self) -> int:
+            return int(time.time()) - seconds
+
+    import hashlib
+
+    signer = OldSigner(TEST_SECRET, salt=signing._SALT)
+    return signer.sign(hashlib.sha256(body).hexdigest()).decode()
+
+
+def test_forged_expired_and_tampered_events_change_nothing(stack: Stack) -> None:
+    run_id = insert_queued_run(stack)
+    body = event(run_id, "completed", output={"forged": True})
+
+    missing = post(stack, body, None)
+    assert missing.status_code == 401
+    assert missing.json()["error"]["code"] == "invalid_signature"
+
+    forged = post(stack, body, sign_event_body(body, "not-the-secret-at-all-0123"))
+    assert forged.status_code == 401
+    assert forged.json()["error"]["code"] == "invalid_signature"
+
+    expired = post(stack, body, signed_in_the_past(body, 3600))
+    assert expired.status_code == 401
+    assert expired.json()["error"]["code"] == "signature_expired"
+
+    other_body = event(run_id, "completed", output={"honest": True})
+    tampered = post(stack, body, sign_event_body(other_body, TEST_SECRET))
+    assert tampered.status_code == 401
+
+    assert status_of(stack, run_id) == ("QUEUED", None)
+    assert stack.query("SELECT COUNT(*) FROM run_transitions WHERE run_id = :id", id=run_id)[0][0] == 0
+
+
+def test_duplicate_late_and_stale_events_are_acknowledged_no_ops(stack: Stack) -> None:
+    run_id = insert_queued_run(stack)
+
+    started = event(run_id, "started")
+    first = post(stack, started, sign_event_body(started, TEST_SECRET))
+    assert first.status_code == 200
+    assert first.json() == {"applied": True, "status": "EXECUTING", "proceed": True}
+
+    # The same report again (a worker retrying): no change, still 2xx, and the
+    # attempt that is running may go on.
+    again = post(stack, started, sign_event_body(started, TEST_SECRET))
+    assert again.status_code == 200
+    assert again.json() == {"applied": False, "status": "EXECUTING", "proceed": True}
+
+    # A report of an attempt that is not the current one changes nothing.
+    stale = event(run_id, "completed", attempt=2, output={"stale": True})
+    assert post(stack, stale, sign_event_body(stale, TEST_SECRET)).json()["applied"] is False
+    assert status_of(stack, run_id) == ("EXECUTING", None)
+
+    done = event(run_id, "completed", output={"first": True})
+    assert post(stack, done, sign_event_body(done, TEST_SECRET)).json() == {
+        "applied": True, "status": "COMPLETED", "proceed": False}
+
+    # Replaying the very same signed request, and a late failure, change nothing.
+    replay = post(stack, done, sign_event_body(done, TEST_SECRET))
+    assert replay.status_code == 200
+    assert replay.json()["applied"] is False
+    late = event(run_id, "failed", error={"code": "late", "message": "too late"})
+    assert post(stack, late, sign_event_body(late, TEST_SECRET)).json()["applied"] is False
+    late_start = post(stack, started, sign_event_body(started, TEST_SECRET))
+    assert late_start.json() == {"applied": False, "status": "COMPLETED", "proceed": False}
+
+    assert status_of(stack, run_id) == ("COMPLETED", {"first": True})
+    rows = stack.query(
+        "SELECT to_status FROM run_transitions WHERE run_id = :id ORDER BY id", id=run_id)
+    assert [r[0] for r in rows] == ["EXECUTING", "COMPLETED"]
+
+
+def test_completed_report_before_started_still_ends_the_run(stack: Stack) -> None:
+    run_id = insert_queued_run(stack)
+    done = event(run_id, "completed", output=[1, 2])
+    assert post(stack, done, sign_event_body(done, TEST_SECRET)).json()["applied"] is True
+    started = event(run_id, "started")
+    answer = post(stack, started, sign_event_body(started, TEST_SECRET)).json()
+    assert answer == {"applied": False, "status": "COMPLETED", "proceed": False}
+    with stack.client() as client:
+        run = client.get(f"/api/v1/runs/{run_id}").json()
+    assert run["status"] == "COMPLETED"
+    assert run["output"] == [1, 2]
+    assert run["started_at"] is not None
+    assert [a["status"] for a in run["attempts"]] == ["COMPLETED"]
+
+
+def test_bad_event_bodies(stack: Stack) -> None:
+    unknown = event("run_nope", "started")
+    answer = post(stack, unknown, sign_event_body(unknown, TEST_SECRET))
+    assert answer.status_code == 404
+    assert answer.json()["error"]["code"] == "run_not_found"
+
+    wrong = json.dumps({"type": "exploded", "run_id": "run_x", "attempt": 0}).encode()
+    answer = post(stack, wrong, sign_event_body(wrong, TEST_SECRET))
+    assert answer.status_code == 422
+    paths = {d["path"] for d in answer.json()["error"]["details"]}
+    assert paths == {"type", "attempt"}
+
+
+def test_signature_helpers_round_trip() -> None:
+    body = b'{"a": 1}'
+    signature = sign_event_body(body, TEST_SECRET)
+    verify_event_body(body, signature, TEST_SECRET, max_age=60)
+    with pytest.raises(EventSignatureError) as info:
+        verify_event_body(body + b" ", signature, TEST_SECRET, max_age=60)
+    assert info.value.code == "invalid_signature"
+    with pytest.raises(EventSignatureError) as info:
+        verify_event_body(body, signed_in_the_past(body, 120), TEST_SECRET, max_age=60)
+    assert info.value.code == "signature_expired"

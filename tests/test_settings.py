@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.settings import ConfigError, Settings, normalize_database_url
+
+
+def test_defaults() -> None:
+    settings = Settings.from_env({})
+    assert settings.port == 8000
+    assert settings.database_url == "sqlite+aiosqlite:///data/gateway.db"
+    assert settings.redis_url is None
+    assert settings.gateway_url == "http://127.0.0.1:8000"
+    assert settings.max_body_bytes == 1024 * 1024
+    assert settings.data_dir == Path("data")
+
+
+def test_data_dir_and_port_shape_the_other_defaults() -> None:
+    settings = Settings.from_env({"DATA_DIR": "/srv/gw", "PORT": "9000"})
+    assert settings.database_url == "sqlite+aiosqlite:////srv/gw/gateway.db"
+    assert settings.gateway_url == "http://127.0.0.1:9000"
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("sqlite:///x.db", "sqlite+aiosqlite:///x.db"),
+        ("postgres://u@h/db", "postgresql+asyncpg://u@h/db"),
+        ("postgresql://u@h/db", "postgresql+asyncpg://u@h/db"),
+        ("postgresql+asyncpg://u@h/db", "postgresql+asyncpg://u@h/db"),
+    ],
+)
+def test_database_urls_map_onto_async_drivers(given: str, expected: str) -> None:
+    assert normalize_database_url(given) == expected
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({"PORT": "x"}, "PORT"),
+        ({"MAX_BODY_BYTES": "10"}, "MAX_BODY_BYTES"),
+        ({"WORKER_POLL_DELAY": "soon"}, "WORKER_POLL_DELAY"),
+        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+    ],
+)
+def test_bad_values_name_their_variable(env: dict[str, str], name: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    assert info.value.name == name
+
+
+def test_short_secret_is_refused() -> None:
+    with pytest.raises(ConfigError, match="GATEWAY_SECRET_KEY"):
+        Settings.from_env({"GATEWAY_SECRET_KEY": "short"}).require_secret()
