@@ -106,9 +106,7 @@ class Run(SQLModel, table=True):
     output: Any = Field(default=None, sa_column=sa.Column(JSONColumn, nullable=True))
     error_code: str | None = Field(default=None, max_length=100)
     error_message: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
-    tags: list[str] = Field(
-        default_factory=list, sa_column=sa.Column(JSONColumn, nullable=False)
-    )
+    tags: list[str] = Field(default_factory=list, sa_column=sa.Column(JSONColumn, nullable=False))
     # ``metadata`` is taken by SQLAlchemy's declarative base, hence the name.
     meta: dict[str, Any] = Field(
         default_factory=dict, sa_column=sa.Column("metadata", JSONColumn, nullable=False)

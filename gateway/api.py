@@ -125,7 +125,9 @@ async def list_tasks(request: Request) -> Response:
         definition = services.registry.get(name)
         assert definition is not None
         schema = definition.payload_model.model_json_schema() if definition.payload_model else {}
-        tasks.append({"name": name, "description": definition.description, "payload_schema": schema})
+        tasks.append(
+            {"name": name, "description": definition.description, "payload_schema": schema}
+        )
     return JSONResponse({"data": tasks})
 
 
@@ -165,7 +167,9 @@ async def readyz(request: Request) -> Response:
         except Exception as exc:
             checks[name] = f"{type(exc).__name__}: {exc}"[:300]
 
-    await asyncio.gather(check("database", services.db.ping()), check("redis", services.redis.ping()))
+    await asyncio.gather(
+        check("database", services.db.ping()), check("redis", services.redis.ping())
+    )
     if all(v == "ok" for v in checks.values()):
         return JSONResponse({"status": "ok", "checks": checks})
     failing = [{"check": k, "message": v} for k, v in checks.items() if v != "ok"]

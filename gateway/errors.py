@@ -111,7 +111,9 @@ class ServiceUnavailable(APIError):
     status_code, code, message = 503, "service_unavailable", "try again shortly"
 
 
-def validation_details(exc: ValidationError, prefix: Sequence[str | int] = ()) -> list[dict[str, Any]]:
+def validation_details(
+    exc: ValidationError, prefix: Sequence[str | int] = ()
+) -> list[dict[str, Any]]:
     """Pydantic's errors as ``{"path", "message", "type"}`` with dotted paths."""
     details = []
     for err in exc.errors(include_url=False, include_input=False):

@@ -173,30 +173,38 @@ class RunService:
 
     async def _load(self, conn: AsyncConnection, project_id: str, run_id: str) -> dict[str, Any]:
         row = (
-            await conn.execute(
-                sa.select(runs).where(runs.c.id == run_id, runs.c.project_id == project_id)
+            (
+                await conn.execute(
+                    sa.select(runs).where(runs.c.id == run_id, runs.c.project_id == project_id)
+                )
             )
-        ).mappings().first()
+            .mappings()
+            .first()
+        )
         if row is None:
             raise NotFound(f"no run with id {run_id!r}", code="run_not_found")
         attempts = (
-            await conn.execute(
-                sa.select(run_attempts)
-                .where(run_attempts.c.run_id == run_id)
-                .order_by(run_attempts.c.number)
+            (
+                await conn.execute(
+                    sa.select(run_attempts)
+                    .where(run_attempts.c.run_id == run_id)
+                    .order_by(run_attempts.c.number)
+                )
             )
-        ).mappings().all()
-        return run_view(row, attempts)
+            .mappings()
+            .all()
+        )
+        return run_view(dict(row), [dict(a) for a in attempts])
 
     async def get(self, project_id: str, run_id: str) -> dict[str, Any]:
         """The run, or :class:`NotFound` (also for another project's run)."""
         async with self.db.read() as conn:
             return await self._load(conn, project_id, run_id)
 
-    async def wait(self, project_id: str, run_id: str, timeout: float) -> dict[str, Any]:
-        """The run once it is final, or as it is after ``timeout`` seconds."""
+    async def wait(self, project_id: str, run_id: str, seconds: float) -> dict[str, Any]:
+        """The run once it is final, or as it is after ``seconds``."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = loop.time() + seconds
         with self.notifier.watch(run_id) as changed:
             while True:
                 changed.clear()
@@ -240,13 +248,20 @@ class RunService:
                 applied = same_attempt and status == RunStatus.QUEUED
                 if applied:
                     await self._transition(
-                        conn, event.run_id, status, RunStatus.EXECUTING, event.attempt, now,
+                        conn,
+                        event.run_id,
+                        status,
+                        RunStatus.EXECUTING,
+                        event.attempt,
+                        now,
                         {"started_at": sa.func.coalesce(runs.c.started_at, now)},
                     )
                     await conn.execute(
                         run_attempts.insert().values(
-                            run_id=event.run_id, number=event.attempt,
-                            status=RunStatus.EXECUTING.value, worker_id=event.worker_id,
+                            run_id=event.run_id,
+                            number=event.attempt,
+                            status=RunStatus.EXECUTING.value,
+                            worker_id=event.worker_id,
                             started_at=now,
                         )
                     )
@@ -276,7 +291,10 @@ class RunService:
         values.update(finished_at=now, started_at=sa.func.coalesce(runs.c.started_at, now))
         await self._transition(conn, event.run_id, status, to, event.attempt, now, values)
         attempt_values = {
-            "status": to.value, "finished_at": now, "error_code": code, "error_message": message,
+            "status": to.value,
+            "finished_at": now,
+            "error_code": code,
+            "error_message": message,
         }
         updated = await conn.execute(
             run_attempts.update()
@@ -286,8 +304,11 @@ class RunService:
         if updated.rowcount == 0:  # the ``started`` report has not arrived (yet)
             await conn.execute(
                 run_attempts.insert().values(
-                    run_id=event.run_id, number=event.attempt, worker_id=event.worker_id,
-                    started_at=now, **attempt_values,
+                    run_id=event.run_id,
+                    number=event.attempt,
+                    worker_id=event.worker_id,
+                    started_at=now,
+                    **attempt_values,
                 )
             )
         return to
@@ -313,8 +334,11 @@ class RunService:
             raise _LostRace(run_id)
         await conn.execute(
             run_transitions.insert().values(
-                run_id=run_id, from_status=expected.value, to_status=to.value,
-                attempt=attempt, at=now,
+                run_id=run_id,
+                from_status=expected.value,
+                to_status=to.value,
+                attempt=attempt,
+                at=now,
             )
         )
 

@@ -88,6 +88,29 @@ def _stop(process: subprocess.Popen[bytes], name: str, grace: float) -> None:
         process.wait()
 
 
+def _banner(
+    url: str, redis_url: str, redis: EmbeddedRedis | None, database_url: str, key: str
+) -> str:
+    embedded = f" (embedded, data in {redis.data_dir})" if redis else ""
+    auth = f"-H 'Authorization: Bearer {key}'"
+    return "\n".join(
+        [
+            "",
+            f"  gateway   {url}",
+            f"  redis     {redis_url}{embedded}",
+            f"  database  {database_url}",
+            f"  API key   {key}",
+            "",
+            f"  trigger:  curl -s -X POST {url}/api/v1/tasks/echo/trigger {auth} \\",
+            """              -d '{"payload": {"hello": "world"}}'""",
+            f"  result:   curl -s '{url}/api/v1/runs/RUN_ID?wait=30' {auth}",
+            "",
+            "  Ctrl-C stops everything.",
+            "",
+        ]
+    )
+
+
 def up(settings: Settings) -> int:
     from db.migrate import upgrade
 
@@ -136,22 +159,14 @@ def up(settings: Settings) -> int:
             return 1
         worker = subprocess.Popen([*command, "worker"], env=env, start_new_session=True)
         children.append(("worker", worker))
-        print(
-            "\n"
-            f"  gateway   {public_url}\n"
-            f"  redis     {redis_url}{' (embedded, data in ' + str(redis.data_dir) + ')' if redis else ''}\n"
-            f"  database  {settings.database_url}\n"
-            f"  API key   {key}\n\n"
-            f"  try:  curl -s -X POST {public_url}/api/v1/tasks/echo/trigger \\\n"
-            f"          -H 'Authorization: Bearer {key}' -d '{{\"payload\": {{\"hello\": \"world\"}}}}'\n\n"
-            "  Ctrl-C stops everything.\n",
-            flush=True,
-        )
+        print(_banner(public_url, redis_url, redis, settings.database_url, key), flush=True)
         while not stopping:
             for name, process in children:
                 if process.poll() is not None:
-                    print(f"gateway: {name} exited with {process.returncode}; stopping",
-                          file=sys.stderr)
+                    print(
+                        f"gateway: {name} exited with {process.returncode}; stopping",
+                        file=sys.stderr,
+                    )
                     stopping = True
             time.sleep(0.2)
         return 0

@@ -20,7 +20,7 @@ from arq import ArqRedis, Retry
 
 from webhooks.signing import EVENT_SIGNATURE_HEADER, sign_event_body
 
-__all__ = ["EVENTS_PATH", "Reporter", "ReportRejected", "deliver_report", "make_event"]
+__all__ = ["EVENTS_PATH", "ReportRejected", "Reporter", "deliver_report", "make_event"]
 
 log = logging.getLogger("jobs.report")
 
@@ -41,8 +41,9 @@ class ReportRejected(Exception):
         super().__init__(f"gateway refused the report with {status_code}: {body[:500]}")
 
 
-def make_event(event_type: str, *, run_id: str, attempt: int, worker_id: str,
-               **fields: Any) -> dict[str, Any]:
+def make_event(
+    event_type: str, *, run_id: str, attempt: int, worker_id: str, **fields: Any
+) -> dict[str, Any]:
     return {
         "type": event_type,
         "run_id": run_id,
@@ -78,7 +79,8 @@ class Reporter:
         )
         if response.status_code >= 500 or response.status_code in (408, 429):
             raise httpx.HTTPStatusError(
-                f"gateway answered {response.status_code}", request=response.request,
+                f"gateway answered {response.status_code}",
+                request=response.request,
                 response=response,
             )
         if response.status_code >= 400:
@@ -102,7 +104,9 @@ class Reporter:
                 last_error = exc
         log.warning(
             "gateway unreachable for %s of %s (%s); retrying in the background",
-            event["type"], event["run_id"], last_error,
+            event["type"],
+            event["run_id"],
+            last_error,
         )
         await redis.enqueue_job(
             "deliver_report",
@@ -123,7 +127,12 @@ async def deliver_report(ctx: dict[str, Any], event: dict[str, Any]) -> str:
         return "refused"
     except httpx.HTTPError as exc:
         delay = min(_MAX_DEFERRED_DELAY, 0.5 * 2 ** min(ctx["job_try"], 10))
-        log.info("gateway still unreachable for %s of %s (%s); next try in %.1f s",
-                 event["type"], event["run_id"], exc, delay)
+        log.info(
+            "gateway still unreachable for %s of %s (%s); next try in %.1f s",
+            event["type"],
+            event["run_id"],
+            exc,
+            delay,
+        )
         raise Retry(defer=delay) from exc
     return "delivered"

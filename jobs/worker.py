@@ -45,7 +45,9 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["reporter"] = Reporter(settings.gateway_url, secret, client=ctx["http"])
     log.info(
         "worker %s reporting to %s; tasks: %s",
-        ctx["worker_id"], settings.gateway_url, ", ".join(ctx["registry"].names()),
+        ctx["worker_id"],
+        settings.gateway_url,
+        ", ".join(ctx["registry"].names()),
     )
 
 
@@ -59,22 +61,30 @@ def _error(code: str, message: str, *, retryable: bool = False) -> dict[str, Any
     return {"code": code, "message": message, "retryable": retryable}
 
 
-async def _execute(ctx: dict[str, Any], run_id: str, task: str, payload: Any,
-                   attempt: int) -> dict[str, Any]:
+async def _execute(
+    ctx: dict[str, Any], run_id: str, task: str, payload: Any, attempt: int
+) -> dict[str, Any]:
     """Run the task; return the fields of the final event (never raises for
     the task's own failures, so one bad run never takes the worker down)."""
     settings: Settings = ctx["settings"]
     definition = ctx["registry"].get(task)
     if definition is None:
-        return {"type": "failed", "error": _error(
-            "unknown_task", f"this worker has no task named {task!r}")}
+        return {
+            "type": "failed",
+            "error": _error("unknown_task", f"this worker has no task named {task!r}"),
+        }
     try:
         parsed = definition.parse_payload(payload)
     except ValidationError as exc:
-        return {"type": "failed", "error": _error(
-            "invalid_payload", f"payload does not fit task {task!r}: {exc}")}
+        return {
+            "type": "failed",
+            "error": _error("invalid_payload", f"payload does not fit task {task!r}: {exc}"),
+        }
     task_ctx = TaskContext(
-        run_id=run_id, task=task, attempt=attempt, worker_id=ctx["worker_id"],
+        run_id=run_id,
+        task=task,
+        attempt=attempt,
+        worker_id=ctx["worker_id"],
         logger=logging.getLogger(f"jobs.task.{task}"),
     )
     try:
@@ -83,22 +93,31 @@ async def _execute(ctx: dict[str, Any], run_id: str, task: str, payload: Any,
         return {"type": "failed", "error": _error(exc.code, exc.message, retryable=exc.retryable)}
     except Exception as exc:
         log.exception("task %s of run %s raised", task, run_id)
-        return {"type": "failed", "error": _error(
-            "task_exception", f"{type(exc).__name__}: {exc}", retryable=True)}
+        return {
+            "type": "failed",
+            "error": _error("task_exception", f"{type(exc).__name__}: {exc}", retryable=True),
+        }
     try:
         size = len(json.dumps(output, separators=(",", ":")))
     except (TypeError, ValueError) as exc:
-        return {"type": "failed", "error": _error(
-            "output_not_serializable", f"task output is not JSON: {exc}")}
+        return {
+            "type": "failed",
+            "error": _error("output_not_serializable", f"task output is not JSON: {exc}"),
+        }
     if size > settings.max_output_bytes:
-        return {"type": "failed", "error": _error(
-            "output_too_large",
-            f"task output is {size} bytes; MAX_OUTPUT_BYTES is {settings.max_output_bytes}")}
+        return {
+            "type": "failed",
+            "error": _error(
+                "output_too_large",
+                f"task output is {size} bytes; MAX_OUTPUT_BYTES is {settings.max_output_bytes}",
+            ),
+        }
     return {"type": "completed", "output": output}
 
 
-async def run_task(ctx: dict[str, Any], run_id: str, task: str, payload: Any,
-                   attempt: int = 1) -> str:
+async def run_task(
+    ctx: dict[str, Any], run_id: str, task: str, payload: Any, attempt: int = 1
+) -> str:
     """arq job: one attempt of one run, bracketed by ``started`` and a final event."""
     reporter: Reporter = ctx["reporter"]
     ids = {"run_id": run_id, "attempt": attempt, "worker_id": ctx["worker_id"]}

@@ -13,7 +13,6 @@ import dataclasses
 import os
 import secrets
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -53,8 +52,9 @@ async def _admin(url: str, statement: str) -> None:
 
 
 @pytest.fixture(scope="session", params=_backends())
-def database_url(request: pytest.FixtureRequest,
-                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def database_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """A migrated, empty database of each backend."""
     if request.param == "sqlite":
         url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('db') / 'gateway.db'}"
@@ -103,15 +103,17 @@ class Stack:
         return db_query(self.database_url, sql, params)
 
     def start_gateway(self) -> None:
-        self.gateway = Process("gateway", ["-m", "gateway", "web"], self.env,
-                               self.gateway.log_path.parent).start()
+        self.gateway = Process(
+            "gateway", ["-m", "gateway", "web"], self.env, self.gateway.log_path.parent
+        ).start()
         wait_http_ok(self.base_url + "/healthz", self.gateway)
 
     def run(self, task: str, payload: Any = None, **options: Any) -> dict[str, Any]:
         """Trigger ``task`` and wait for it to be final."""
         with self.client() as client:
-            response = client.post(f"/api/v1/tasks/{task}/trigger",
-                                   json={"payload": payload, "options": options})
+            response = client.post(
+                f"/api/v1/tasks/{task}/trigger", json={"payload": payload, "options": options}
+            )
             assert response.status_code == 202, response.text
             run_id = response.json()["id"]
             final = client.get(f"/api/v1/runs/{run_id}", params={"wait": 30}).json()
@@ -120,8 +122,9 @@ class Stack:
 
 
 @pytest.fixture(scope="session")
-def stack(database_url: str, redis_server: EmbeddedRedis,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(
+    database_url: str, redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     logs = tmp_path_factory.mktemp("logs")
     port = free_port()
     # Each backend gets its own Redis database, so their queues never mix.
@@ -139,9 +142,16 @@ def stack(database_url: str, redis_server: EmbeddedRedis,
     )
     gateway = Process("gateway", ["-m", "gateway", "web"], env, logs).start()
     worker = Process("worker", ["-m", "gateway", "worker"], env, logs).start()
-    stack = Stack(database_url=database_url, redis_url=redis_url,
-                  base_url=f"http://127.0.0.1:{port}", env=env, gateway=gateway,
-                  worker=worker, api_key="", project_id="")
+    stack = Stack(
+        database_url=database_url,
+        redis_url=redis_url,
+        base_url=f"http://127.0.0.1:{port}",
+        env=env,
+        gateway=gateway,
+        worker=worker,
+        api_key="",
+        project_id="",
+    )
     try:
         wait_http_ok(stack.base_url + "/healthz", gateway)
         stack.api_key = stack.new_key("tests")

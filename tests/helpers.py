@@ -22,8 +22,13 @@ T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def wait_until(predicate: Callable[[], T], *, timeout: float = 20.0, interval: float = 0.05,
-               what: str = "condition") -> T:
+def wait_until(
+    predicate: Callable[[], T],
+    *,
+    timeout: float = 20.0,
+    interval: float = 0.05,
+    what: str = "condition",
+) -> T:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -46,10 +51,14 @@ class Process:
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Process:
-        log = open(self.log_path, "ab")  # noqa: SIM115 (lives as long as the process)
+        log = open(self.log_path, "ab")
         self.popen = subprocess.Popen(
-            [sys.executable, *self.args], env=self.env, cwd=ROOT, stdout=log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [sys.executable, *self.args],
+            env=self.env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
         log.close()
         return self

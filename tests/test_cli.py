@@ -18,8 +18,14 @@ from tests.helpers import ROOT, child_env, wait_until
 
 
 def gateway_cmd(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_keys_create_prints_the_key_alone_on_the_last_line(stack: Stack) -> None:
@@ -30,15 +36,19 @@ def test_keys_create_prints_the_key_alone_on_the_last_line(stack: Stack) -> None
     # Only the hash is stored.
     assert stack.query("SELECT COUNT(*) FROM api_keys WHERE key_hash = :k", k=key)[0][0] == 0
     # The key works, for its own project.
-    run = httpx.post(stack.base_url + "/api/v1/tasks/echo/trigger", json={"payload": 1},
-                     headers={"authorization": f"Bearer {key}"})
+    run = httpx.post(
+        stack.base_url + "/api/v1/tasks/echo/trigger",
+        json={"payload": 1},
+        headers={"authorization": f"Bearer {key}"},
+    )
     assert run.status_code == 202
     # A second key for the same project name joins the same project.
     again = gateway_cmd("keys", "create", "cli-project", env=stack.env)
     second = again.stdout.rstrip("\n").splitlines()[-1]
     assert second != key
-    with httpx.Client(base_url=stack.base_url,
-                      headers={"authorization": f"Bearer {second}"}) as client:
+    with httpx.Client(
+        base_url=stack.base_url, headers={"authorization": f"Bearer {second}"}
+    ) as client:
         assert client.get(f"/api/v1/runs/{run.json()['id']}").status_code == 200
     assert stack.query("SELECT COUNT(*) FROM projects WHERE name = 'cli-project'")[0][0] == 1
 
@@ -60,8 +70,12 @@ def test_gateway_up_runs_everything_and_stops_cleanly_on_ctrl_c(tmp_path: Path) 
     for name in ("REDIS_URL", "DATABASE_URL", "GATEWAY_SECRET_KEY", "GATEWAY_URL"):
         env.pop(name, None)
     process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "up"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "gateway", "up"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     output: list[str] = []
     key_found = threading.Event()
@@ -84,8 +98,11 @@ def test_gateway_up_runs_everything_and_stops_cleanly_on_ctrl_c(tmp_path: Path) 
         assert (tmp_path / "data" / "gateway.db").exists()
         assert (tmp_path / "data" / "redis").is_dir()
 
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}",
-                          headers={"authorization": f"Bearer {key}"}, timeout=40) as client:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}",
+            headers={"authorization": f"Bearer {key}"},
+            timeout=40,
+        ) as client:
             accepted = client.post("/api/v1/tasks/echo/trigger", json={"payload": {"hi": 1}})
             assert accepted.status_code == 202
             run = client.get(accepted.headers["location"], params={"wait": 30}).json()

@@ -66,11 +66,15 @@ def test_utc_datetimes_round_trip_aware(database_url: str) -> None:
         database = Database(database_url)
         try:
             async with database.write() as conn:
-                await conn.execute(projects.insert().values(
-                    id=project_id, name=f"tz-{project_id}", created_at=stamp))
+                await conn.execute(
+                    projects.insert().values(
+                        id=project_id, name=f"tz-{project_id}", created_at=stamp
+                    )
+                )
             async with database.read() as conn:
                 value = await conn.scalar(
-                    sa.select(projects.c.created_at).where(projects.c.id == project_id))
+                    sa.select(projects.c.created_at).where(projects.c.id == project_id)
+                )
                 assert isinstance(value, dt.datetime)
                 return value
         finally:

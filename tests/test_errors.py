@@ -46,27 +46,59 @@ def test_no_or_bad_key_is_401(stack: Stack, headers: dict[str, str], code: str) 
 
 
 BODY_CASES = [
-    pytest.param("/api/v1/tasks/no-such-task/trigger", b"{}", 404, "task_not_found", set(),
-                 id="unknown-task"),
+    pytest.param(
+        "/api/v1/tasks/no-such-task/trigger", b"{}", 404, "task_not_found", set(), id="unknown-task"
+    ),
     pytest.param(TRIGGER, b"{not json", 400, "invalid_json", set(), id="not-json"),
     pytest.param(TRIGGER, b"\xff\xfe{}", 400, "invalid_json", set(), id="not-utf8"),
     pytest.param(TRIGGER, b"[1, 2]", 422, "validation_error", {""}, id="not-an-object"),
-    pytest.param(TRIGGER, b'{"payload": {}, "extra": 1}', 422, "validation_error", {"extra"},
-                 id="unknown-field"),
-    pytest.param(TRIGGER, b'{"options": {"tags": "x"}}', 422, "validation_error",
-                 {"options.tags"}, id="tags-not-a-list"),
-    pytest.param(TRIGGER, b'{"options": {"tags": ["ok", ""], "metadata": []}}', 422,
-                 "validation_error", {"options.tags.1", "options.metadata"}, id="bad-options"),
-    pytest.param(TRIGGER, b'{"options": {"colour": "red"}}', 422, "validation_error",
-                 {"options.colour"}, id="unknown-option"),
-    pytest.param("/api/v1/tasks/sleep/trigger", b'{"payload": {"seconds": -1, "x": 1}}', 422,
-                 "invalid_payload", {"payload.seconds", "payload.x"}, id="payload-schema"),
+    pytest.param(
+        TRIGGER,
+        b'{"payload": {}, "extra": 1}',
+        422,
+        "validation_error",
+        {"extra"},
+        id="unknown-field",
+    ),
+    pytest.param(
+        TRIGGER,
+        b'{"options": {"tags": "x"}}',
+        422,
+        "validation_error",
+        {"options.tags"},
+        id="tags-not-a-list",
+    ),
+    pytest.param(
+        TRIGGER,
+        b'{"options": {"tags": ["ok", ""], "metadata": []}}',
+        422,
+        "validation_error",
+        {"options.tags.1", "options.metadata"},
+        id="bad-options",
+    ),
+    pytest.param(
+        TRIGGER,
+        b'{"options": {"colour": "red"}}',
+        422,
+        "validation_error",
+        {"options.colour"},
+        id="unknown-option",
+    ),
+    pytest.param(
+        "/api/v1/tasks/sleep/trigger",
+        b'{"payload": {"seconds": -1, "x": 1}}',
+        422,
+        "invalid_payload",
+        {"payload.seconds", "payload.x"},
+        id="payload-schema",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("path", "body", "status", "code", "paths"), BODY_CASES)
-def test_bad_trigger_bodies(stack: Stack, path: str, body: bytes, status: int, code: str,
-                            paths: set[str]) -> None:
+def test_bad_trigger_bodies(
+    stack: Stack, path: str, body: bytes, status: int, code: str, paths: set[str]
+) -> None:
     before = run_count(stack)
     with stack.client() as client:
         response = client.post(path, content=body, headers={"content-type": "application/json"})

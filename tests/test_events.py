@@ -25,8 +25,15 @@ def insert_queued_run(stack: Stack) -> str:
         "created_at, updated_at) VALUES (:id, :project, 'echo', 'QUEUED', 1, :payload, "
         ":tags, :meta, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
     )
-    write(stack, stack_sql, id=run_id, project=stack.project_id, payload='{"x": 1}',
-          tags="[]", meta="{}")
+    write(
+        stack,
+        stack_sql,
+        id=run_id,
+        project=stack.project_id,
+        payload='{"x": 1}',
+        tags="[]",
+        meta="{}",
+    )
     return run_id
 
 
@@ -104,7 +111,9 @@ def test_forged_expired_and_tampered_events_change_nothing(stack: Stack) -> None
     assert tampered.status_code == 401
 
     assert status_of(stack, run_id) == ("QUEUED", None)
-    assert stack.query("SELECT COUNT(*) FROM run_transitions WHERE run_id = :id", id=run_id)[0][0] == 0
+    assert (
+        stack.query("SELECT COUNT(*) FROM run_transitions WHERE run_id = :id", id=run_id)[0][0] == 0
+    )
 
 
 def test_duplicate_late_and_stale_events_are_acknowledged_no_ops(stack: Stack) -> None:
@@ -128,7 +137,10 @@ def test_duplicate_late_and_stale_events_are_acknowledged_no_ops(stack: Stack) -
 
     done = event(run_id, "completed", output={"first": True})
     assert post(stack, done, sign_event_body(done, TEST_SECRET)).json() == {
-        "applied": True, "status": "COMPLETED", "proceed": False}
+        "applied": True,
+        "status": "COMPLETED",
+        "proceed": False,
+    }
 
     # Replaying the very same signed request, and a late failure, change nothing.
     replay = post(stack, done, sign_event_body(done, TEST_SECRET))
@@ -141,7 +153,8 @@ def test_duplicate_late_and_stale_events_are_acknowledged_no_ops(stack: Stack) -
 
     assert status_of(stack, run_id) == ("COMPLETED", {"first": True})
     rows = stack.query(
-        "SELECT to_status FROM run_transitions WHERE run_id = :id ORDER BY id", id=run_id)
+        "SELECT to_status FROM run_transitions WHERE run_id = :id ORDER BY id", id=run_id
+    )
     assert [r[0] for r in rows] == ["EXECUTING", "COMPLETED"]
 
 

@@ -24,8 +24,10 @@ def test_echo_run_goes_queued_executing_completed(stack: Stack) -> None:
     with stack.client() as client:
         response = client.post(
             "/api/v1/tasks/echo/trigger",
-            json={"payload": payload, "options": {"tags": ["demo", "cats"],
-                                                  "metadata": {"user": 7}}},
+            json={
+                "payload": payload,
+                "options": {"tags": ["demo", "cats"], "metadata": {"user": 7}},
+            },
         )
         assert response.status_code == 202
         accepted = response.json()
@@ -49,14 +51,17 @@ def test_echo_run_goes_queued_executing_completed(stack: Stack) -> None:
     assert [a["status"] for a in run["attempts"]] == ["COMPLETED"]
     assert run["attempts"][0]["number"] == 1
     assert transitions(stack, run["id"]) == [
-        (None, "QUEUED"), ("QUEUED", "EXECUTING"), ("EXECUTING", "COMPLETED"),
+        (None, "QUEUED"),
+        ("QUEUED", "EXECUTING"),
+        ("EXECUTING", "COMPLETED"),
     ]
 
 
 def test_get_without_wait_answers_at_once_with_the_current_status(stack: Stack) -> None:
     with stack.client() as client:
-        run_id = client.post("/api/v1/tasks/sleep/trigger",
-                             json={"payload": {"seconds": 0.5}}).json()["id"]
+        run_id = client.post(
+            "/api/v1/tasks/sleep/trigger", json={"payload": {"seconds": 0.5}}
+        ).json()["id"]
         first = client.get(f"/api/v1/runs/{run_id}").json()
         assert first["status"] in ("QUEUED", "EXECUTING")
         assert first["is_final"] is False
@@ -99,17 +104,20 @@ def test_200_concurrent_runs_complete_with_one_start_and_one_end_each(stack: Sta
     async def main() -> list[dict[str, Any]]:
         headers = {"authorization": f"Bearer {stack.api_key}"}
         limits = httpx.Limits(max_connections=50)
-        async with httpx.AsyncClient(base_url=stack.base_url, headers=headers,
-                                     timeout=70.0, limits=limits) as client:
-            responses = await asyncio.gather(*(
-                client.post("/api/v1/tasks/echo/trigger", json={"payload": {"n": n}})
-                for n in range(200)
-            ))
+        async with httpx.AsyncClient(
+            base_url=stack.base_url, headers=headers, timeout=70.0, limits=limits
+        ) as client:
+            responses = await asyncio.gather(
+                *(
+                    client.post("/api/v1/tasks/echo/trigger", json={"payload": {"n": n}})
+                    for n in range(200)
+                )
+            )
             assert [r.status_code for r in responses] == [202] * 200
             ids = [r.json()["id"] for r in responses]
-            finals = await asyncio.gather(*(
-                client.get(f"/api/v1/runs/{run_id}", params={"wait": 60}) for run_id in ids
-            ))
+            finals = await asyncio.gather(
+                *(client.get(f"/api/v1/runs/{run_id}", params={"wait": 60}) for run_id in ids)
+            )
             return [f.json() for f in finals]
 
     runs = asyncio.run(main())
@@ -131,10 +139,13 @@ def test_200_concurrent_runs_complete_with_one_start_and_one_end_each(stack: Sta
 
 def test_run_finishing_while_the_gateway_is_down_ends_completed(stack: Stack) -> None:
     with stack.client() as client:
-        run_id = client.post("/api/v1/tasks/sleep/trigger",
-                             json={"payload": {"seconds": 1.0}}).json()["id"]
-        wait_until(lambda: client.get(f"/api/v1/runs/{run_id}").json()["status"] == "EXECUTING",
-                   what="the run to start")
+        run_id = client.post(
+            "/api/v1/tasks/sleep/trigger", json={"payload": {"seconds": 1.0}}
+        ).json()["id"]
+        wait_until(
+            lambda: client.get(f"/api/v1/runs/{run_id}").json()["status"] == "EXECUTING",
+            what="the run to start",
+        )
     stack.gateway.stop()  # SIGTERM: uvicorn shuts down, then re-raises the signal
     assert not stack.gateway.alive
 
@@ -144,8 +155,11 @@ def test_run_finishing_while_the_gateway_is_down_ends_completed(stack: Stack) ->
 
     r = redis.Redis.from_url(stack.redis_url)
     try:
-        wait_until(lambda: r.exists(f"arq:job:report:{run_id}:1:completed"),
-                   timeout=30, what="the completed report to be handed off")
+        wait_until(
+            lambda: r.exists(f"arq:job:report:{run_id}:1:completed"),
+            timeout=30,
+            what="the completed report to be handed off",
+        )
     finally:
         r.close()
     rows = stack.query("SELECT status FROM runs WHERE id = :id", id=run_id)
@@ -157,7 +171,9 @@ def test_run_finishing_while_the_gateway_is_down_ends_completed(stack: Stack) ->
     assert run["status"] == "COMPLETED"
     assert run["output"] == {"slept": 1.0}
     assert transitions(stack, run_id) == [
-        (None, "QUEUED"), ("QUEUED", "EXECUTING"), ("EXECUTING", "COMPLETED"),
+        (None, "QUEUED"),
+        ("QUEUED", "EXECUTING"),
+        ("EXECUTING", "COMPLETED"),
     ]
 
 
