@@ -1,91 +1,126 @@
-"""The async engine, with the settings each backend needs to serve many writers.
+"""The database handle: each transaction is one plain function run in one go.
 
-SQLite: WAL, a busy timeout, and ``BEGIN IMMEDIATE`` for write transactions so
-two writers queue on the lock instead of failing to upgrade a read lock; writes
-from one process also take an :class:`asyncio.Lock`, which is cheaper than
-spinning on the busy timeout. PostgreSQL: a pool of connections, checked
-before use so a restarted server costs one failed request at most.
+A unit of work is a synchronous function ``fn(conn, *args)`` that takes a
+SQLAlchemy :class:`~sqlalchemy.Connection`; :meth:`Database.write` and
+:meth:`Database.read` run it in a transaction of its own and return its result.
+Keeping a transaction inside one call makes it short by construction, and it
+lets each backend run it the fastest way it can:
+
+- **SQLite**: on the standard ``sqlite3`` driver in a thread. Writes go through a
+  single writer thread (SQLite allows one writer at a time anyway) and begin
+  ``IMMEDIATE``; reads use a small pool of threads and never wait for writes
+  (WAL). One thread hop per transaction instead of one per statement, which
+  made a trigger's write about three times cheaper than over aiosqlite.
+- **PostgreSQL**: on asyncpg, through ``AsyncConnection.run_sync``, with a pool
+  of connections checked before use (a restarted server costs one request).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
-from typing import Any
+import concurrent.futures
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 __all__ = ["Database"]
 
+P = ParamSpec("P")
+T = TypeVar("T")
 
-def _is_sqlite(url: str) -> bool:
-    return url.startswith("sqlite")
+Work = Callable[Concatenate[sa.Connection, P], T]
 
 
-def _sqlite_file(url: str) -> str | None:
+def _sync_sqlite_url(url: str) -> str:
     parsed = sa.make_url(url)
-    if parsed.database in (None, "", ":memory:"):
-        return None
-    return parsed.database
+    return parsed.set(drivername="sqlite").render_as_string(hide_password=False)
 
 
 class Database:
-    """One engine and the two kinds of transaction the gateway uses.
+    """One database and the two kinds of transaction the gateway uses.
 
     :param url: an async SQLAlchemy URL (``sqlite+aiosqlite://…`` or
         ``postgresql+asyncpg://…``)
+    :param read_threads: SQLite only: threads serving read transactions
     """
 
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(self, url: str, *, read_threads: int = 4) -> None:
         self.url = url
-        self.is_sqlite = _is_sqlite(url)
-        kwargs: dict[str, Any] = {"echo": echo}
+        self.is_sqlite = sa.make_url(url).get_backend_name() == "sqlite"
+        self._async_engine: AsyncEngine | None = None
+        self._sync_engine: sa.Engine | None = None
         if self.is_sqlite:
-            kwargs["connect_args"] = {"timeout": 30}
+            database = sa.make_url(url).database
+            if database and database != ":memory:":
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            self._sync_engine = sa.create_engine(
+                _sync_sqlite_url(url),
+                connect_args={"check_same_thread": False, "timeout": 30},
+                pool_size=read_threads + 1,
+                max_overflow=0,
+            )
+            _configure_sqlite(self._sync_engine)
+            self._writer = concurrent.futures.ThreadPoolExecutor(1, "db-writer")
+            self._readers = concurrent.futures.ThreadPoolExecutor(read_threads, "db-reader")
         else:
-            kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True, pool_recycle=1800)
-        self.engine: AsyncEngine = create_async_engine(url, **kwargs)
-        self._write_lock: asyncio.Lock | None = None
-        if self.is_sqlite:
-            _configure_sqlite(self.engine)
+            self._async_engine = create_async_engine(
+                url, pool_size=10, max_overflow=20, pool_pre_ping=True, pool_recycle=1800
+            )
 
-    def _lock(self) -> AbstractAsyncContextManager[Any]:
-        if not self.is_sqlite:
-            return nullcontext()
-        if self._write_lock is None:
-            self._write_lock = asyncio.Lock()
-        return self._write_lock
+    @property
+    def dialect(self) -> str:
+        return "sqlite" if self.is_sqlite else "postgresql"
 
-    @asynccontextmanager
-    async def write(self) -> AsyncIterator[AsyncConnection]:
-        """A short write transaction, committed on a clean exit."""
-        async with self._lock(), self.engine.connect() as conn:
-            if self.is_sqlite:
-                conn = await conn.execution_options(sqlite_begin="IMMEDIATE")
-            async with conn.begin():
-                yield conn
+    async def write(self, fn: Work[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn(conn, ...)`` in a write transaction, committed if it returns."""
+        if self._sync_engine is not None:
+            engine = self._sync_engine
 
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[AsyncConnection]:
-        """A read-only transaction."""
-        async with self.engine.connect() as conn, conn.begin():
-            yield conn
+            def run() -> T:
+                with engine.connect() as conn:
+                    conn = conn.execution_options(sqlite_begin="IMMEDIATE")
+                    with conn.begin():
+                        return fn(conn, *args, **kwargs)
+
+            return await asyncio.get_running_loop().run_in_executor(self._writer, run)
+        assert self._async_engine is not None
+        async with self._async_engine.begin() as conn:
+            return await conn.run_sync(lambda c: fn(c, *args, **kwargs))
+
+    async def read(self, fn: Work[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn(conn, ...)`` in a read transaction."""
+        if self._sync_engine is not None:
+            engine = self._sync_engine
+
+            def run() -> T:
+                with engine.connect() as conn, conn.begin():
+                    return fn(conn, *args, **kwargs)
+
+            return await asyncio.get_running_loop().run_in_executor(self._readers, run)
+        assert self._async_engine is not None
+        async with self._async_engine.connect() as conn:
+            return await conn.run_sync(lambda c: fn(c, *args, **kwargs))
 
     async def ping(self) -> None:
-        async with self.engine.connect() as conn:
-            await conn.execute(sa.text("SELECT 1"))
+        await self.read(lambda conn: conn.execute(sa.text("SELECT 1")).scalar())
 
     async def dispose(self) -> None:
-        await self.engine.dispose()
+        if self._sync_engine is not None:
+            self._writer.shutdown(wait=True)
+            self._readers.shutdown(wait=True)
+            self._sync_engine.dispose()
+        if self._async_engine is not None:
+            await self._async_engine.dispose()
 
 
-def _configure_sqlite(engine: AsyncEngine) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+def _configure_sqlite(engine: sa.Engine) -> None:
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Let the "begin" hook below issue BEGIN itself (pysqlite's own
+        # Let the "begin" hook below issue BEGIN itself (the driver's own
         # transaction handling would send a plain deferred BEGIN).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
@@ -95,7 +130,10 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:
+        # IMMEDIATE takes the write lock up front, so two writers (in two
+        # processes) queue on the busy timeout instead of one failing to
+        # upgrade its read lock.
         mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
         conn.exec_driver_sql(f"BEGIN {mode}")

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import secrets
 import time
+from typing import Any
 
 import sqlalchemy as sa
 from starlette.requests import Request
@@ -37,41 +38,46 @@ def generate_api_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
+def _create_api_key(conn: sa.Connection, project_name: str, key: str) -> str:
+    project_id = conn.scalar(sa.select(projects.c.id).where(projects.c.name == project_name))
+    if project_id is None:
+        project_id = new_id("proj")
+        conn.execute(
+            projects.insert(), {"id": project_id, "name": project_name, "created_at": utcnow()}
+        )
+    conn.execute(
+        api_keys.insert(),
+        {
+            "id": new_id("key"),
+            "project_id": project_id,
+            "key_hash": hash_api_key(key),
+            "prefix": key[: len(KEY_PREFIX) + 6],
+            "created_at": utcnow(),
+        },
+    )
+    return str(project_id)
+
+
 async def create_api_key(db: Database, project_name: str) -> tuple[str, str]:
     """Create the project ``project_name`` if needed and a new key for it.
 
     Returns ``(project_id, key)``; the key is not stored and cannot be shown again.
     """
     key = generate_api_key()
-    async with db.write() as conn:
-        project_id = await conn.scalar(
-            sa.select(projects.c.id).where(projects.c.name == project_name)
+    project_id = await db.write(_create_api_key, project_name, key)
+    return project_id, key
+
+
+def _find_key(conn: sa.Connection, digest: str) -> sa.Row[Any] | None:
+    return conn.execute(
+        sa.select(api_keys.c.id, api_keys.c.project_id).where(
+            api_keys.c.key_hash == digest, api_keys.c.revoked_at.is_(None)
         )
-        if project_id is None:
-            project_id = new_id("proj")
-            await conn.execute(
-                projects.insert().values(id=project_id, name=project_name, created_at=utcnow())
-            )
-        await conn.execute(
-            api_keys.insert().values(
-                id=new_id("key"),
-                project_id=project_id,
-                key_hash=hash_api_key(key),
-                prefix=key[: len(KEY_PREFIX) + 6],
-                created_at=utcnow(),
-            )
-        )
-    return str(project_id), key
+    ).first()
 
 
 async def api_key_exists(db: Database, key: str) -> bool:
-    async with db.read() as conn:
-        found = await conn.scalar(
-            sa.select(api_keys.c.id).where(
-                api_keys.c.key_hash == hash_api_key(key), api_keys.c.revoked_at.is_(None)
-            )
-        )
-    return found is not None
+    return await db.read(_find_key, hash_api_key(key)) is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,14 +122,7 @@ class ApiKeyAuth:
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
             return cached[1]
-        async with self.db.read() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(api_keys.c.id, api_keys.c.project_id).where(
-                        api_keys.c.key_hash == digest, api_keys.c.revoked_at.is_(None)
-                    )
-                )
-            ).first()
+        row = await self.db.read(_find_key, digest)
         if row is None:
             raise Unauthorized("the API key is not valid", code="invalid_api_key")
         principal = Principal(project_id=row.project_id, key_id=row.id)

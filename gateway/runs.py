@@ -17,7 +17,6 @@ from typing import Any
 import sqlalchemy as sa
 from arq import ArqRedis
 from redis.exceptions import RedisError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from db.engine import Database
 from db.ids import new_id
@@ -102,6 +101,173 @@ def run_view(row: Mapping[str, Any], attempts: Iterable[Mapping[str, Any]]) -> d
     }
 
 
+class _LostRace(Exception):
+    """Another gateway process applied a transition first; the caller retries."""
+
+
+# -- units of work: each runs inside one transaction (see db.engine) -------
+
+
+def _insert_run(conn: sa.Connection, row: Mapping[str, Any]) -> None:
+    conn.execute(runs.insert(), dict(row))
+    conn.execute(
+        run_transitions.insert(),
+        {
+            "run_id": row["id"],
+            "from_status": None,
+            "to_status": row["status"],
+            "attempt": row["attempt"],
+            "at": row["created_at"],
+        },
+    )
+
+
+def _load_run(conn: sa.Connection, project_id: str, run_id: str) -> dict[str, Any] | None:
+    row = (
+        conn.execute(sa.select(runs).where(runs.c.id == run_id, runs.c.project_id == project_id))
+        .mappings()
+        .first()
+    )
+    if row is None:
+        return None
+    attempts = (
+        conn.execute(
+            sa.select(run_attempts)
+            .where(run_attempts.c.run_id == run_id)
+            .order_by(run_attempts.c.number)
+        )
+        .mappings()
+        .all()
+    )
+    return run_view(dict(row), [dict(a) for a in attempts])
+
+
+def _transition(
+    conn: sa.Connection,
+    run_id: str,
+    expected: RunStatus,
+    to: RunStatus,
+    attempt: int,
+    now: dt.datetime,
+    values: Mapping[str, Any],
+) -> None:
+    """Compare-and-set ``expected`` → ``to`` on the run and log the change."""
+    result = conn.execute(
+        runs.update()
+        .where(runs.c.id == run_id, runs.c.status == expected.value, runs.c.attempt == attempt)
+        .values(status=to.value, updated_at=now, **values)
+    )
+    if result.rowcount != 1:
+        raise _LostRace(run_id)
+    conn.execute(
+        run_transitions.insert(),
+        {
+            "run_id": run_id,
+            "from_status": expected.value,
+            "to_status": to.value,
+            "attempt": attempt,
+            "at": now,
+        },
+    )
+
+
+def _apply_started(
+    conn: sa.Connection,
+    event: WorkerEvent,
+    status: RunStatus,
+    same_attempt: bool,
+    now: dt.datetime,
+) -> EventOutcome:
+    applied = same_attempt and status == RunStatus.QUEUED
+    if applied:
+        _transition(
+            conn,
+            event.run_id,
+            status,
+            RunStatus.EXECUTING,
+            event.attempt,
+            now,
+            {"started_at": sa.func.coalesce(runs.c.started_at, now)},
+        )
+        conn.execute(
+            run_attempts.insert(),
+            {
+                "run_id": event.run_id,
+                "number": event.attempt,
+                "status": RunStatus.EXECUTING.value,
+                "worker_id": event.worker_id,
+                "started_at": now,
+            },
+        )
+        status = RunStatus.EXECUTING
+    # A re-delivered job of the attempt that is running may go on (execution
+    # is at-least-once); anything else must not run.
+    proceed = same_attempt and status in (RunStatus.QUEUED, RunStatus.EXECUTING)
+    return EventOutcome(applied=applied, status=status.value, proceed=proceed)
+
+
+def _apply_final(
+    conn: sa.Connection,
+    event: WorkerEvent,
+    status: RunStatus,
+    same_attempt: bool,
+    now: dt.datetime,
+) -> EventOutcome:
+    if not (same_attempt and status in (RunStatus.QUEUED, RunStatus.EXECUTING)):
+        return EventOutcome(applied=False, status=status.value, proceed=False)
+    values: dict[str, Any]
+    if event.type == "completed":
+        to, values = RunStatus.COMPLETED, {"output": event.output}
+        code = message = None
+    else:
+        error = event.error
+        code = error.code if error else "unknown_error"
+        message = error.message if error else "the worker reported a failure without details"
+        to, values = RunStatus.FAILED, {"error_code": code, "error_message": message}
+    values.update(finished_at=now, started_at=sa.func.coalesce(runs.c.started_at, now))
+    _transition(conn, event.run_id, status, to, event.attempt, now, values)
+    attempt_values = {
+        "status": to.value,
+        "finished_at": now,
+        "error_code": code,
+        "error_message": message,
+    }
+    updated = conn.execute(
+        run_attempts.update()
+        .where(run_attempts.c.run_id == event.run_id, run_attempts.c.number == event.attempt)
+        .values(**attempt_values)
+    )
+    if updated.rowcount == 0:  # the ``started`` report has not arrived (yet)
+        conn.execute(
+            run_attempts.insert(),
+            {
+                "run_id": event.run_id,
+                "number": event.attempt,
+                "worker_id": event.worker_id,
+                "started_at": now,
+                **attempt_values,
+            },
+        )
+    return EventOutcome(applied=True, status=to.value, proceed=False)
+
+
+def _apply_event(conn: sa.Connection, event: WorkerEvent) -> EventOutcome | None:
+    """Apply one worker event; ``None`` when the run does not exist."""
+    current = conn.execute(
+        sa.select(runs.c.status, runs.c.attempt).where(runs.c.id == event.run_id)
+    ).first()
+    if current is None:
+        return None
+    status, same_attempt, now = (
+        RunStatus(current.status),
+        current.attempt == event.attempt,
+        utcnow(),
+    )
+    if event.type == "started":
+        return _apply_started(conn, event, status, same_attempt, now)
+    return _apply_final(conn, event, status, same_attempt, now)
+
+
 class RunService:
     def __init__(
         self,
@@ -115,8 +281,6 @@ class RunService:
         self.redis = redis
         self.notifier = notifier
         self.settings = settings
-
-    # -- creating ---------------------------------------------------------
 
     async def trigger(self, project_id: str, task: str, request: TriggerRequest) -> dict[str, Any]:
         """Commit a QUEUED run, then enqueue its job (invariant 1)."""
@@ -138,13 +302,7 @@ class RunService:
             "started_at": None,
             "finished_at": None,
         }
-        async with self.db.write() as conn:
-            await conn.execute(runs.insert().values(**row))
-            await conn.execute(
-                run_transitions.insert().values(
-                    run_id=row["id"], from_status=None, to_status=row["status"], attempt=1, at=now
-                )
-            )
+        await self.db.write(_insert_run, row)
         await self.enqueue(row["id"], task, request.payload, attempt=1)
         return run_view(row, [])
 
@@ -169,37 +327,12 @@ class RunService:
             return False
         return True
 
-    # -- reading ----------------------------------------------------------
-
-    async def _load(self, conn: AsyncConnection, project_id: str, run_id: str) -> dict[str, Any]:
-        row = (
-            (
-                await conn.execute(
-                    sa.select(runs).where(runs.c.id == run_id, runs.c.project_id == project_id)
-                )
-            )
-            .mappings()
-            .first()
-        )
-        if row is None:
-            raise NotFound(f"no run with id {run_id!r}", code="run_not_found")
-        attempts = (
-            (
-                await conn.execute(
-                    sa.select(run_attempts)
-                    .where(run_attempts.c.run_id == run_id)
-                    .order_by(run_attempts.c.number)
-                )
-            )
-            .mappings()
-            .all()
-        )
-        return run_view(dict(row), [dict(a) for a in attempts])
-
     async def get(self, project_id: str, run_id: str) -> dict[str, Any]:
         """The run, or :class:`NotFound` (also for another project's run)."""
-        async with self.db.read() as conn:
-            return await self._load(conn, project_id, run_id)
+        view = await self.db.read(_load_run, project_id, run_id)
+        if view is None:
+            raise NotFound(f"no run with id {run_id!r}", code="run_not_found")
+        return view
 
     async def wait(self, project_id: str, run_id: str, seconds: float) -> dict[str, Any]:
         """The run once it is final, or as it is after ``seconds``."""
@@ -213,135 +346,21 @@ class RunService:
                 if view["is_final"] or remaining <= 0:
                     return view
                 try:
-                    # Re-read at least every 2 s in case a notification was lost.
-                    await asyncio.wait_for(changed.wait(), timeout=min(remaining, 2.0))
+                    # Re-read now and then in case a notification was lost.
+                    await asyncio.wait_for(changed.wait(), timeout=min(remaining, 5.0))
                 except TimeoutError:
                     pass
-
-    # -- worker events ----------------------------------------------------
 
     async def apply_event(self, event: WorkerEvent) -> EventOutcome:
         """Apply a verified worker event; a stale or repeated one is a no-op."""
         for _ in range(5):
             try:
-                outcome = await self._apply(event)
+                outcome = await self.db.write(_apply_event, event)
             except _LostRace:
                 continue  # another process moved the run on: look again
+            if outcome is None:
+                raise NotFound(f"no run with id {event.run_id!r}", code="run_not_found")
             if outcome.applied:
                 await self.notifier.publish(event.run_id)
             return outcome
         raise RuntimeError(f"run {event.run_id} kept changing under event {event.type}")
-
-    async def _apply(self, event: WorkerEvent) -> EventOutcome:
-        now = utcnow()
-        async with self.db.write() as conn:
-            current = (
-                await conn.execute(
-                    sa.select(runs.c.status, runs.c.attempt).where(runs.c.id == event.run_id)
-                )
-            ).first()
-            if current is None:
-                raise NotFound(f"no run with id {event.run_id!r}", code="run_not_found")
-            status = RunStatus(current.status)
-            same_attempt = current.attempt == event.attempt
-            if event.type == "started":
-                applied = same_attempt and status == RunStatus.QUEUED
-                if applied:
-                    await self._transition(
-                        conn,
-                        event.run_id,
-                        status,
-                        RunStatus.EXECUTING,
-                        event.attempt,
-                        now,
-                        {"started_at": sa.func.coalesce(runs.c.started_at, now)},
-                    )
-                    await conn.execute(
-                        run_attempts.insert().values(
-                            run_id=event.run_id,
-                            number=event.attempt,
-                            status=RunStatus.EXECUTING.value,
-                            worker_id=event.worker_id,
-                            started_at=now,
-                        )
-                    )
-                    status = RunStatus.EXECUTING
-                # A re-delivered job of the attempt that is running may go on
-                # (execution is at-least-once); anything else must not run.
-                proceed = same_attempt and status in (RunStatus.QUEUED, RunStatus.EXECUTING)
-                outcome = EventOutcome(applied=applied, status=status.value, proceed=proceed)
-            else:
-                applied = same_attempt and status in (RunStatus.QUEUED, RunStatus.EXECUTING)
-                if applied:
-                    status = await self._finish(conn, event, status, now)
-                outcome = EventOutcome(applied=applied, status=status.value, proceed=False)
-        return outcome
-
-    async def _finish(
-        self, conn: AsyncConnection, event: WorkerEvent, status: RunStatus, now: dt.datetime
-    ) -> RunStatus:
-        if event.type == "completed":
-            to, values = RunStatus.COMPLETED, {"output": event.output}
-            code = message = None
-        else:
-            error = event.error
-            code = error.code if error else "unknown_error"
-            message = error.message if error else "the worker reported a failure without details"
-            to, values = RunStatus.FAILED, {"error_code": code, "error_message": message}
-        values.update(finished_at=now, started_at=sa.func.coalesce(runs.c.started_at, now))
-        await self._transition(conn, event.run_id, status, to, event.attempt, now, values)
-        attempt_values = {
-            "status": to.value,
-            "finished_at": now,
-            "error_code": code,
-            "error_message": message,
-        }
-        updated = await conn.execute(
-            run_attempts.update()
-            .where(run_attempts.c.run_id == event.run_id, run_attempts.c.number == event.attempt)
-            .values(**attempt_values)
-        )
-        if updated.rowcount == 0:  # the ``started`` report has not arrived (yet)
-            await conn.execute(
-                run_attempts.insert().values(
-                    run_id=event.run_id,
-                    number=event.attempt,
-                    worker_id=event.worker_id,
-                    started_at=now,
-                    **attempt_values,
-                )
-            )
-        return to
-
-    async def _transition(
-        self,
-        conn: AsyncConnection,
-        run_id: str,
-        expected: RunStatus,
-        to: RunStatus,
-        attempt: int,
-        now: dt.datetime,
-        values: Mapping[str, Any],
-    ) -> None:
-        """Compare-and-set ``expected`` → ``to`` and log it. The caller holds
-        the write transaction, so the CAS only fails if another process won."""
-        result = await conn.execute(
-            runs.update()
-            .where(runs.c.id == run_id, runs.c.status == expected.value, runs.c.attempt == attempt)
-            .values(status=to.value, updated_at=now, **values)
-        )
-        if result.rowcount != 1:
-            raise _LostRace(run_id)
-        await conn.execute(
-            run_transitions.insert().values(
-                run_id=run_id,
-                from_status=expected.value,
-                to_status=to.value,
-                attempt=attempt,
-                at=now,
-            )
-        )
-
-
-class _LostRace(Exception):
-    """Another gateway process applied a transition first; the caller retries."""

@@ -104,8 +104,7 @@ def db_query(url: str, sql: str, params: Mapping[str, Any] | None = None) -> lis
     async def run() -> list[Any]:
         db = Database(url)
         try:
-            async with db.read() as conn:
-                return list((await conn.execute(sa.text(sql), dict(params or {}))).all())
+            return await db.read(lambda conn: list(conn.execute(sa.text(sql), dict(params or {}))))
         finally:
             await db.dispose()
 

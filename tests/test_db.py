@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 
 import pytest
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlmodel import SQLModel
@@ -19,16 +20,14 @@ from db.models import FINAL_STATUSES, RunStatus
 def test_migrations_create_exactly_the_models(database_url: str) -> None:
     """The migrations at head and the SQLModel tables do not differ."""
 
+    def compare(conn: sa.Connection) -> list[object]:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        return list(compare_metadata(context, SQLModel.metadata))
+
     async def diff() -> list[object]:
         database = Database(database_url)
         try:
-            async with database.engine.connect() as conn:
-                return await conn.run_sync(
-                    lambda sync: compare_metadata(
-                        MigrationContext.configure(sync, opts={"compare_type": True}),
-                        SQLModel.metadata,
-                    )
-                )
+            return await database.read(compare)
         finally:
             await database.dispose()
 
@@ -54,8 +53,6 @@ def test_ids_are_prefixed_unique_and_sort_by_time() -> None:
 
 
 def test_utc_datetimes_round_trip_aware(database_url: str) -> None:
-    import sqlalchemy as sa
-
     from db.models import Project
 
     projects = Project.__table__  # type: ignore[attr-defined]
@@ -65,18 +62,19 @@ def test_utc_datetimes_round_trip_aware(database_url: str) -> None:
     async def round_trip() -> dt.datetime:
         database = Database(database_url)
         try:
-            async with database.write() as conn:
-                await conn.execute(
-                    projects.insert().values(
-                        id=project_id, name=f"tz-{project_id}", created_at=stamp
-                    )
+            await database.write(
+                lambda conn: conn.execute(
+                    projects.insert(),
+                    {"id": project_id, "name": f"tz-{project_id}", "created_at": stamp},
                 )
-            async with database.read() as conn:
-                value = await conn.scalar(
+            )
+            value = await database.read(
+                lambda conn: conn.scalar(
                     sa.select(projects.c.created_at).where(projects.c.id == project_id)
                 )
-                assert isinstance(value, dt.datetime)
-                return value
+            )
+            assert isinstance(value, dt.datetime)
+            return value
         finally:
             await database.dispose()
 

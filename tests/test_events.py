@@ -44,17 +44,17 @@ def write(stack: Stack, sql: str, **params: Any) -> None:
 
     from db.engine import Database
 
+    def insert(conn: sa.Connection) -> None:
+        statement = sql
+        if conn.dialect.name == "postgresql":
+            for name in ("payload", "tags", "meta"):
+                statement = statement.replace(f":{name}", f"CAST(:{name} AS JSONB)")
+        conn.execute(sa.text(statement), params)
+
     async def run() -> None:
         db = Database(stack.database_url)
         try:
-            async with db.write() as conn:
-                if conn.dialect.name == "postgresql":
-                    sql_pg = sql.replace(":payload", "CAST(:payload AS JSONB)")
-                    sql_pg = sql_pg.replace(":tags", "CAST(:tags AS JSONB)")
-                    sql_pg = sql_pg.replace(":meta", "CAST(:meta AS JSONB)")
-                    await conn.execute(sa.text(sql_pg), params)
-                else:
-                    await conn.execute(sa.text(sql), params)
+            await db.write(insert)
         finally:
             await db.dispose()
 
