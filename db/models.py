@@ -18,11 +18,16 @@ from db.types import JSONColumn, UTCDateTime, utcnow
 __all__ = [
     "FINAL_STATUSES",
     "ApiKey",
+    "Delivery",
+    "DeliveryAttempt",
+    "DeliveryStatus",
+    "EndpointSecret",
     "Project",
     "Run",
     "RunAttempt",
     "RunStatus",
     "RunTransition",
+    "WebhookEndpoint",
 ]
 
 
@@ -68,6 +73,8 @@ class Project(SQLModel, table=True):
 
     id: str = Field(primary_key=True, max_length=40)
     name: str = Field(max_length=200, sa_column_kwargs={"unique": True}, nullable=False)
+    #: ``whsec_…``: signs the one-off ``options.callback_url`` deliveries of its runs.
+    signing_secret: str | None = Field(default=None, max_length=100)
     created_at: dt.datetime = Field(
         default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False)
     )
@@ -119,6 +126,8 @@ class Run(SQLModel, table=True):
     )
     started_at: dt.datetime | None = _ts()
     finished_at: dt.datetime | None = _ts()
+    #: A one-off callback for this run (``options.callback_url``).
+    callback_url: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
 
 
 class RunAttempt(SQLModel, table=True):
@@ -151,3 +160,112 @@ class RunTransition(SQLModel, table=True):
     at: dt.datetime = Field(
         default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False)
     )
+
+
+class DeliveryStatus(enum.StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class WebhookEndpoint(SQLModel, table=True):
+    """A URL a project registered to be called when its runs change."""
+
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (sa.Index("ix_webhook_endpoints_project", "project_id", "created_at"),)
+
+    id: str = Field(primary_key=True, max_length=40)
+    project_id: str = Field(foreign_key="projects.id", max_length=40)
+    url: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    description: str = Field(default="", sa_column=sa.Column(sa.Text, nullable=False))
+    events: list[str] = Field(default_factory=list, sa_column=sa.Column(JSONColumn, nullable=False))
+    #: Only runs of these tasks; empty means every task.
+    tasks: list[str] = Field(default_factory=list, sa_column=sa.Column(JSONColumn, nullable=False))
+    enabled: bool = Field(default=True)
+    disabled_reason: str | None = Field(default=None, max_length=200)
+    disabled_at: dt.datetime | None = _ts()
+    #: When the current run of failures began; cleared by a success.
+    failing_since: dt.datetime | None = _ts()
+    last_success_at: dt.datetime | None = _ts()
+    created_at: dt.datetime = Field(
+        default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False)
+    )
+    updated_at: dt.datetime = Field(
+        default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False)
+    )
+    deleted_at: dt.datetime | None = _ts()
+
+
+class EndpointSecret(SQLModel, table=True):
+    """A signing secret of an endpoint; a rotated-out one lives until ``expires_at``."""
+
+    __tablename__ = "endpoint_secrets"
+
+    id: int | None = Field(default=None, primary_key=True)
+    endpoint_id: str = Field(foreign_key="webhook_endpoints.id", index=True, max_length=40)
+    secret: str = Field(max_length=100)
+    created_at: dt.datetime = Field(
+        default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False)
+    )
+    expires_at: dt.datetime | None = _ts()
+
+
+class Delivery(SQLModel, table=True):
+    """One message (one event for one URL); its ID is the ``webhook-id`` header."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        sa.Index("ix_deliveries_endpoint_created", "endpoint_id", "created_at"),
+        sa.Index("ix_deliveries_run", "run_id"),
+        sa.Index("ix_deliveries_status_next", "status", "next_attempt_at"),
+    )
+
+    id: str = Field(primary_key=True, max_length=40)
+    project_id: str = Field(foreign_key="projects.id", max_length=40)
+    #: ``None`` for a run's one-off ``callback_url``.
+    endpoint_id: str | None = Field(default=None, foreign_key="webhook_endpoints.id", max_length=40)
+    run_id: str | None = Field(default=None, foreign_key="runs.id", max_length=40)
+    url: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    event_type: str = Field(max_length=40)
+    payload: Any = Field(default=None, sa_column=sa.Column(JSONColumn, nullable=False))
+    status: str = Field(max_length=16)
+    attempts: int = Field(default=0)
+    #: How many scheduled attempts were made: the position in the retry schedule.
+    schedule_step: int = Field(default=0)
+    next_attempt_at: dt.datetime | None = _ts()
+    last_status_code: int | None = None
+    last_error: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
+    created_at: dt.datetime = Field(
+        default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False)
+    )
+    updated_at: dt.datetime = Field(
+        default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False)
+    )
+    delivered_at: dt.datetime | None = _ts()
+
+
+class DeliveryAttempt(SQLModel, table=True):
+    """One try at sending a delivery, as the receiver answered it."""
+
+    __tablename__ = "delivery_attempts"
+    __table_args__ = (
+        sa.UniqueConstraint("delivery_id", "number", name="uq_delivery_attempts_number"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    delivery_id: str = Field(foreign_key="deliveries.id", max_length=40)
+    #: Chosen by the sender, so a report sent twice is recorded once.
+    key: str = Field(max_length=64, sa_column_kwargs={"unique": True}, nullable=False)
+    number: int
+    #: ``schedule`` or ``resend``.
+    trigger: str = Field(max_length=16)
+    at: dt.datetime = Field(
+        default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False)
+    )
+    succeeded: bool
+    status_code: int | None = None
+    latency_ms: int | None = None
+    #: The first 2 KiB of the answer's body.
+    response_body: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
+    #: A connection error, a timeout or a refused address, when there was no answer.
+    error: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -22,12 +22,15 @@ from gateway.errors import (
 )
 from gateway.schemas import TriggerRequest, WorkerEvent
 from gateway.services import Services
-from jobs.report import EVENTS_PATH
+from gateway.webhooks import DeliveryAttemptReport
+from jobs.report import EVENTS_PATH, PREPARE_PATH
 from webhooks.signing import EVENT_SIGNATURE_HEADER, EventSignatureError, verify_event_body
 
 __all__ = ["routes"]
 
 MAX_WAIT_SECONDS = 60
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def _services(request: Request) -> Services:
@@ -131,8 +134,8 @@ async def list_tasks(request: Request) -> Response:
     return JSONResponse({"data": tasks})
 
 
-async def worker_event(request: Request) -> Response:
-    services = _services(request)
+async def _signed_json(request: Request, services: Services) -> Any:
+    """The body of a worker's call, once its signature checks out (else 401)."""
     settings = services.settings
     body = await read_body(request, settings.max_output_bytes + 64 * 1024)
     try:
@@ -144,12 +147,35 @@ async def worker_event(request: Request) -> Response:
         )
     except EventSignatureError as exc:
         raise Unauthorized(exc.message, code=exc.code) from None
+    return parse_json(body)
+
+
+def _validate(model: type[M], data: Any) -> M:
     try:
-        event = WorkerEvent.model_validate(parse_json(body))
+        return model.model_validate(data)
     except ValidationError as exc:
         raise ValidationFailed(details=validation_details(exc)) from None
+
+
+async def worker_event(request: Request) -> Response:
+    services = _services(request)
+    data = await _signed_json(request, services)
+    if isinstance(data, dict) and data.get("type") == "delivery.attempt":
+        report = _validate(DeliveryAttemptReport, data)
+        return JSONResponse(await services.webhooks.record_attempt(report))
+    event = _validate(WorkerEvent, data)
     outcome = await services.runs.apply_event(event)
     return JSONResponse(outcome.to_dict())
+
+
+class _PrepareRequest(BaseModel):
+    delivery_id: str = Field(max_length=40)
+
+
+async def prepare_delivery(request: Request) -> Response:
+    services = _services(request)
+    prepare = _validate(_PrepareRequest, await _signed_json(request, services))
+    return JSONResponse(await services.webhooks.prepare(prepare.delivery_id))
 
 
 async def healthz(request: Request) -> Response:
@@ -181,6 +207,7 @@ routes = [
     Route("/api/v1/tasks/{task}/trigger", trigger, methods=["POST"]),
     Route("/api/v1/runs/{run_id}", get_run, methods=["GET"]),
     Route(EVENTS_PATH, worker_event, methods=["POST"]),
+    Route(PREPARE_PATH, prepare_delivery, methods=["POST"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
 ]

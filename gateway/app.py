@@ -19,6 +19,8 @@ from gateway.notify import RunNotifier
 from gateway.runs import RunService
 from gateway.services import Services
 from gateway.settings import Settings
+from gateway.webhooks import WebhookService
+from gateway.webhooks_api import routes as webhook_routes
 from jobs.registry import load_tasks
 
 __all__ = ["create_app"]
@@ -45,14 +47,21 @@ def create_app(settings: Settings | None = None) -> Starlette:
         )
         notifier = RunNotifier(redis)
         await notifier.start()
+        registry = load_tasks(settings.task_modules)
+        webhooks = WebhookService(
+            db=db, redis=redis, settings=settings, task_names=registry.names()
+        )
         app.state.services = Services(
             settings=settings,
             db=db,
             redis=redis,
-            registry=load_tasks(settings.task_modules),
+            registry=registry,
             auth=ApiKeyAuth(db),
             notifier=notifier,
-            runs=RunService(db=db, redis=redis, notifier=notifier, settings=settings),
+            webhooks=webhooks,
+            runs=RunService(
+                db=db, redis=redis, notifier=notifier, webhooks=webhooks, settings=settings
+            ),
         )
         try:
             yield
@@ -61,4 +70,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await redis.aclose()
             await db.dispose()
 
-    return Starlette(routes=routes, exception_handlers=exception_handlers, lifespan=lifespan)
+    return Starlette(
+        routes=[*routes, *webhook_routes],
+        exception_handlers=exception_handlers,
+        lifespan=lifespan,
+    )

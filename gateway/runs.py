@@ -26,6 +26,7 @@ from gateway.errors import NotFound
 from gateway.notify import RunNotifier
 from gateway.schemas import TriggerRequest, WorkerEvent
 from gateway.settings import Settings
+from gateway.webhooks import FINAL_EVENTS, Outgoing, WebhookService, create_run_deliveries
 
 __all__ = ["EventOutcome", "RunService", "isoformat"]
 
@@ -53,9 +54,11 @@ class EventOutcome:
     applied: bool
     status: str
     proceed: bool
+    #: Deliveries committed with the transition, to queue after the commit.
+    outgoing: tuple[Outgoing, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"applied": self.applied, "status": self.status, "proceed": self.proceed}
 
 
 def _error(code: str | None, message: str | None) -> dict[str, Any] | None:
@@ -174,10 +177,12 @@ def _transition(
 def _apply_started(
     conn: sa.Connection,
     event: WorkerEvent,
-    status: RunStatus,
+    run: Mapping[str, Any],
     same_attempt: bool,
     now: dt.datetime,
 ) -> EventOutcome:
+    status = RunStatus(run["status"])
+    outgoing: list[Outgoing] = []
     applied = same_attempt and status == RunStatus.QUEUED
     if applied:
         _transition(
@@ -200,19 +205,23 @@ def _apply_started(
             },
         )
         status = RunStatus.EXECUTING
+        outgoing = create_run_deliveries(conn, run, lambda: _view(conn, run), "run.started", now)
     # A re-delivered job of the attempt that is running may go on (execution
     # is at-least-once); anything else must not run.
     proceed = same_attempt and status in (RunStatus.QUEUED, RunStatus.EXECUTING)
-    return EventOutcome(applied=applied, status=status.value, proceed=proceed)
+    return EventOutcome(
+        applied=applied, status=status.value, proceed=proceed, outgoing=tuple(outgoing)
+    )
 
 
 def _apply_final(
     conn: sa.Connection,
     event: WorkerEvent,
-    status: RunStatus,
+    run: Mapping[str, Any],
     same_attempt: bool,
     now: dt.datetime,
 ) -> EventOutcome:
+    status = RunStatus(run["status"])
     if not (same_attempt and status in (RunStatus.QUEUED, RunStatus.EXECUTING)):
         return EventOutcome(applied=False, status=status.value, proceed=False)
     values: dict[str, Any]
@@ -248,24 +257,38 @@ def _apply_final(
                 **attempt_values,
             },
         )
-    return EventOutcome(applied=True, status=to.value, proceed=False)
+    outgoing = create_run_deliveries(conn, run, lambda: _view(conn, run), FINAL_EVENTS[to], now)
+    return EventOutcome(applied=True, status=to.value, proceed=False, outgoing=tuple(outgoing))
+
+
+def _view(conn: sa.Connection, run: Mapping[str, Any]) -> dict[str, Any]:
+    view = _load_run(conn, run["project_id"], run["id"])
+    assert view is not None
+    return view
 
 
 def _apply_event(conn: sa.Connection, event: WorkerEvent) -> EventOutcome | None:
     """Apply one worker event; ``None`` when the run does not exist."""
-    current = conn.execute(
-        sa.select(runs.c.status, runs.c.attempt).where(runs.c.id == event.run_id)
-    ).first()
+    current = (
+        conn.execute(
+            sa.select(
+                runs.c.id,
+                runs.c.project_id,
+                runs.c.task,
+                runs.c.status,
+                runs.c.attempt,
+                runs.c.callback_url,
+            ).where(runs.c.id == event.run_id)
+        )
+        .mappings()
+        .first()
+    )
     if current is None:
         return None
-    status, same_attempt, now = (
-        RunStatus(current.status),
-        current.attempt == event.attempt,
-        utcnow(),
-    )
+    same_attempt, now = current["attempt"] == event.attempt, utcnow()
     if event.type == "started":
-        return _apply_started(conn, event, status, same_attempt, now)
-    return _apply_final(conn, event, status, same_attempt, now)
+        return _apply_started(conn, event, dict(current), same_attempt, now)
+    return _apply_final(conn, event, dict(current), same_attempt, now)
 
 
 class RunService:
@@ -275,11 +298,13 @@ class RunService:
         db: Database,
         redis: ArqRedis,
         notifier: RunNotifier,
+        webhooks: WebhookService,
         settings: Settings,
     ) -> None:
         self.db = db
         self.redis = redis
         self.notifier = notifier
+        self.webhooks = webhooks
         self.settings = settings
 
     async def trigger(self, project_id: str, task: str, request: TriggerRequest) -> dict[str, Any]:
@@ -301,7 +326,10 @@ class RunService:
             "updated_at": now,
             "started_at": None,
             "finished_at": None,
+            "callback_url": request.options.callback_url,
         }
+        if row["callback_url"] is not None:
+            self.webhooks.check_url(row["callback_url"], "options.callback_url")
         await self.db.write(_insert_run, row)
         await self.enqueue(row["id"], task, request.payload, attempt=1)
         return run_view(row, [])
@@ -362,5 +390,7 @@ class RunService:
                 raise NotFound(f"no run with id {event.run_id!r}", code="run_not_found")
             if outcome.applied:
                 await self.notifier.publish(event.run_id)
+            if outcome.outgoing:
+                await self.webhooks.dispatch(outcome.outgoing)
             return outcome
         raise RuntimeError(f"run {event.run_id} kept changing under event {event.type}")

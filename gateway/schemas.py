@@ -16,6 +16,8 @@ class TriggerOptions(BaseModel):
 
     tags: list[Tag] = Field(default_factory=list, max_length=10)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    #: A one-off callback for this run, signed with the project's signing secret.
+    callback_url: str | None = Field(default=None, min_length=1, max_length=2048)
 
 
 class TriggerRequest(BaseModel):

@@ -11,6 +11,7 @@ from gateway.auth import ApiKeyAuth
 from gateway.notify import RunNotifier
 from gateway.runs import RunService
 from gateway.settings import Settings
+from gateway.webhooks import WebhookService
 from jobs.registry import TaskRegistry
 
 __all__ = ["Services"]
@@ -24,4 +25,5 @@ class Services:
     registry: TaskRegistry
     auth: ApiKeyAuth
     notifier: RunNotifier
+    webhooks: WebhookService
     runs: RunService

@@ -7,6 +7,7 @@ The rest of the code takes a :class:`Settings` object and never reads
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -72,6 +73,29 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
+def _networks(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    values = _list(env, name)
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ConfigError(name, f"{value!r} is not a network (e.g. 127.0.0.0/8)") from None
+    return values
+
+
+def _schedule(env: Mapping[str, str], name: str) -> tuple[float, ...]:
+    raw = env.get(name)
+    if not raw:
+        return (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
+    try:
+        values = tuple(float(v) for v in raw.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(name, f"expected seconds separated by commas, got {raw!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise ConfigError(name, "needs at least one delay, none negative")
+    return values
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
     """The gateway's configuration. See the README's table for each variable."""
@@ -107,6 +131,20 @@ class Settings:
     job_timeout: int = 3600
     #: Extra modules whose ``@task`` functions join the registry.
     task_modules: tuple[str, ...] = ()
+    #: Networks callbacks may reach although they are not public (CIDRs).
+    webhook_allowed_networks: tuple[str, ...] = ()
+    #: Seconds a receiver has to answer one attempt.
+    webhook_timeout: float = 15.0
+    #: Seconds before each attempt: the first at once, then the retries.
+    webhook_retry_schedule: tuple[float, ...] = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
+    #: Each retry delay is moved by up to this fraction either way.
+    webhook_retry_jitter: float = 0.2
+    #: The longest ``Retry-After`` a receiver can ask for, in seconds.
+    webhook_retry_after_max: float = 3600.0
+    #: An endpoint failing without any success for this long is disabled.
+    webhook_disable_after: float = 5 * 24 * 3600.0
+    #: How long a rotated-out secret keeps signing beside the new one.
+    webhook_rotation_grace: float = 24 * 3600.0
     #: ``text`` (readable lines) or ``json`` (one object per line).
     log_format: str = "text"
     log_level: str = "INFO"
@@ -138,6 +176,13 @@ class Settings:
             worker_poll_delay=_float(env, "WORKER_POLL_DELAY", 0.005, minimum=0.001),
             job_timeout=_int(env, "JOB_TIMEOUT", 3600, minimum=1),
             task_modules=_list(env, "TASK_MODULES"),
+            webhook_allowed_networks=_networks(env, "WEBHOOK_ALLOWED_NETWORKS"),
+            webhook_timeout=_float(env, "WEBHOOK_TIMEOUT", 15.0, minimum=0.1),
+            webhook_retry_schedule=_schedule(env, "WEBHOOK_RETRY_SCHEDULE"),
+            webhook_retry_jitter=_float(env, "WEBHOOK_RETRY_JITTER", 0.2),
+            webhook_retry_after_max=_float(env, "WEBHOOK_RETRY_AFTER_MAX", 3600.0),
+            webhook_disable_after=_float(env, "WEBHOOK_DISABLE_AFTER", 5 * 24 * 3600.0),
+            webhook_rotation_grace=_float(env, "WEBHOOK_ROTATION_GRACE", 24 * 3600.0),
             log_format=log_format,
             log_level=(env.get("LOG_LEVEL") or "INFO").upper(),
         )

@@ -25,6 +25,7 @@ __all__ = ["EVENTS_PATH", "ReportRejected", "Reporter", "deliver_report", "make_
 log = logging.getLogger("jobs.report")
 
 EVENTS_PATH = "/internal/v1/events"
+PREPARE_PATH = "/internal/v1/deliveries/prepare"
 #: Delays before the inline tries; what is still unheard after them is handed off.
 _INLINE_DELAYS = (0.0, 0.05, 0.25, 1.0)
 _MAX_DEFERRED_DELAY = 30.0
@@ -58,19 +59,23 @@ class Reporter:
     """Sends events to ``gateway_url`` with the shared ``secret``."""
 
     def __init__(self, gateway_url: str, secret: str, *, client: httpx.AsyncClient) -> None:
-        self.url = gateway_url.rstrip("/") + EVENTS_PATH
+        self.base_url = gateway_url.rstrip("/")
         self.secret = secret
         self.client = client
 
     async def send_once(self, event: dict[str, Any]) -> dict[str, Any]:
-        """One try. Returns the gateway's answer; raises on any failure.
+        """One try of a report. Returns the gateway's answer; raises on any failure.
 
         :raises ReportRejected: the gateway will never accept this report
         :raises httpx.HTTPError: the gateway could not be reached or failed
         """
-        body = json.dumps(event, separators=(",", ":")).encode()
+        return await self.call(EVENTS_PATH, event)
+
+    async def call(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """One signed POST of ``payload`` to the gateway's ``path``."""
+        body = json.dumps(payload, separators=(",", ":")).encode()
         response = await self.client.post(
-            self.url,
+            self.base_url + path,
             content=body,
             headers={
                 "content-type": "application/json",
@@ -98,23 +103,34 @@ class Reporter:
             try:
                 return await self.send_once(event)
             except ReportRejected as exc:
-                log.error("report %s of %s refused: %s", event["type"], event["run_id"], exc)
+                log.error("report %s refused: %s", event_key(event), exc)
                 return None
             except httpx.HTTPError as exc:
                 last_error = exc
         log.warning(
-            "gateway unreachable for %s of %s (%s); retrying in the background",
-            event["type"],
-            event["run_id"],
+            "gateway unreachable for report %s (%s); retrying in the background",
+            event_key(event),
             last_error,
         )
         await redis.enqueue_job(
             "deliver_report",
             event,
-            _job_id=f"report:{event['run_id']}:{event['attempt']}:{event['type']}",
+            _job_id=f"report:{event_key(event)}",
             _defer_by=dt.timedelta(seconds=1),
         )
         return None
+
+
+def event_key(event: dict[str, Any]) -> str:
+    """A name for a report, unique per thing reported (the job ID of its retries)."""
+    if event["type"] == "delivery.attempt":
+        return f"{event['delivery_id']}:{event['key']}"
+    return f"{event['run_id']}:{event['attempt']}:{event['type']}"
+
+
+def retry_delay(job_try: int) -> float:
+    """Seconds before the next try of a call to an unreachable gateway."""
+    return float(min(_MAX_DEFERRED_DELAY, 0.5 * 2 ** min(job_try, 10)))
 
 
 async def deliver_report(ctx: dict[str, Any], event: dict[str, Any]) -> str:
@@ -123,14 +139,13 @@ async def deliver_report(ctx: dict[str, Any], event: dict[str, Any]) -> str:
     try:
         await reporter.send_once(event)
     except ReportRejected as exc:
-        log.error("report %s of %s refused: %s", event["type"], event["run_id"], exc)
+        log.error("report %s refused: %s", event_key(event), exc)
         return "refused"
     except httpx.HTTPError as exc:
-        delay = min(_MAX_DEFERRED_DELAY, 0.5 * 2 ** min(ctx["job_try"], 10))
+        delay = retry_delay(ctx["job_try"])
         log.info(
-            "gateway still unreachable for %s of %s (%s); next try in %.1f s",
-            event["type"],
-            event["run_id"],
+            "gateway still unreachable for report %s (%s); next try in %.1f s",
+            event_key(event),
             exc,
             delay,
         )

@@ -20,6 +20,7 @@ from arq.worker import Worker
 from pydantic import ValidationError
 
 from gateway.settings import Settings
+from jobs.deliver import deliver_webhook
 from jobs.registry import TaskContext, TaskError, load_tasks
 from jobs.report import Reporter, deliver_report, make_event
 
@@ -43,6 +44,13 @@ async def startup(ctx: dict[str, Any]) -> None:
         limits=httpx.Limits(max_connections=100, max_keepalive_connections=50),
     )
     ctx["reporter"] = Reporter(settings.gateway_url, secret, client=ctx["http"])
+    # Callbacks go to strangers: no proxies from the environment, no redirects,
+    # and a pool of its own so a slow receiver never holds up reports.
+    ctx["webhook_http"] = httpx.AsyncClient(
+        trust_env=False,
+        follow_redirects=False,
+        limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+    )
     log.info(
         "worker %s reporting to %s; tasks: %s",
         ctx["worker_id"],
@@ -52,9 +60,10 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    http: httpx.AsyncClient | None = ctx.get("http")
-    if http is not None:
-        await http.aclose()
+    for name in ("http", "webhook_http"):
+        client: httpx.AsyncClient | None = ctx.get(name)
+        if client is not None:
+            await client.aclose()
 
 
 def _error(code: str, message: str, *, retryable: bool = False) -> dict[str, Any]:
@@ -137,6 +146,7 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         "functions": [
             func(run_task, name="run_task", max_tries=1000),
             func(deliver_report, name="deliver_report", max_tries=1_000_000, timeout=60),
+            func(deliver_webhook, name="deliver_webhook", max_tries=1_000_000, timeout=300),
         ],
         "queue_name": settings.queue_name,
         "redis_settings": RedisSettings.from_dsn(settings.redis_url or "redis://127.0.0.1:6379"),

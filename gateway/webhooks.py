@@ -1,0 +1,910 @@
+"""Callbacks: endpoints, the outbox of deliveries, and each delivery's attempts.
+
+A delivery (one event for one URL; its ID is the ``webhook-id`` header) is
+written in the same transaction as the run transition that causes it
+(DESIGN.md, invariant 4). After the commit the gateway puts a
+``deliver_webhook`` job on the queue; a worker sends the call and reports the
+attempt back as a signed event; the gateway records it and, on failure,
+queues the next try on the retry schedule. The gateway keeps the secrets: a
+worker gets freshly signed headers for each attempt (``prepare``), never a key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import random
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from arq import ArqRedis
+from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import RedisError
+
+from db.engine import Database
+from db.ids import new_id
+from db.models import (
+    Delivery,
+    DeliveryAttempt,
+    DeliveryStatus,
+    EndpointSecret,
+    Project,
+    Run,
+    RunStatus,
+    WebhookEndpoint,
+)
+from db.types import utcnow
+from gateway.errors import NotFound, ValidationFailed
+from gateway.settings import Settings
+from webhooks.signing import generate_webhook_secret, webhook_headers
+from webhooks.ssrf import AddressRefused, IPNetwork, parse_networks, validate_url
+
+__all__ = [
+    "EVENT_TYPES",
+    "DeliveryAttemptReport",
+    "EndpointCreate",
+    "EndpointUpdate",
+    "WebhookService",
+    "create_run_deliveries",
+    "isoformat",
+]
+
+log = logging.getLogger("gateway.webhooks")
+
+endpoints = WebhookEndpoint.__table__  # type: ignore[attr-defined]
+endpoint_secrets = EndpointSecret.__table__  # type: ignore[attr-defined]
+deliveries = Delivery.__table__  # type: ignore[attr-defined]
+delivery_attempts = DeliveryAttempt.__table__  # type: ignore[attr-defined]
+projects = Project.__table__  # type: ignore[attr-defined]
+runs = Run.__table__  # type: ignore[attr-defined]
+
+#: The event of each final status.
+FINAL_EVENTS = {
+    RunStatus.COMPLETED: "run.completed",
+    RunStatus.FAILED: "run.failed",
+    RunStatus.CANCELED: "run.canceled",
+    RunStatus.EXPIRED: "run.expired",
+    RunStatus.TIMED_OUT: "run.timed_out",
+}
+#: Every event an endpoint can subscribe to. ``*`` means all but ``run.started``,
+#: which an endpoint gets only by naming it.
+EVENT_TYPES = ("run.started", *FINAL_EVENTS.values())
+TEST_EVENT = "webhook.test"
+RESPONSE_EXCERPT_BYTES = 2048
+
+
+def isoformat(value: dt.datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _wants(events: Sequence[str], event_type: str) -> bool:
+    if event_type in events:
+        return True
+    return "*" in events and event_type != "run.started"
+
+
+# -- request models -----------------------------------------------------------
+
+
+class EndpointCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=1, max_length=2048)
+    events: list[str] = Field(default_factory=lambda: ["*"], min_length=1, max_length=20)
+    tasks: list[str] = Field(default_factory=list, max_length=100)
+    description: str = Field(default="", max_length=1000)
+
+
+class EndpointUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(default=None, min_length=1, max_length=2048)
+    events: list[str] | None = Field(default=None, min_length=1, max_length=20)
+    tasks: list[str] | None = Field(default=None, max_length=100)
+    description: str | None = Field(default=None, max_length=1000)
+    enabled: bool | None = None
+
+
+class RotateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    grace_period: float | None = Field(default=None, ge=0, le=7 * 24 * 3600)
+
+
+class RecoverRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    since: dt.datetime
+
+
+class DeliveryAttemptReport(BaseModel):
+    """A worker's report of one attempt (a signed event of type ``delivery.attempt``)."""
+
+    type: str = Field(pattern="^delivery.attempt$")
+    delivery_id: str = Field(max_length=40)
+    key: str = Field(min_length=8, max_length=64)
+    trigger: str = Field(pattern="^(schedule|resend)$")
+    status_code: int | None = None
+    latency_ms: int | None = Field(default=None, ge=0)
+    response_body: str | None = None
+    error: str | None = Field(default=None, max_length=2000)
+    retry_after: float | None = Field(default=None, ge=0)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+
+# -- views --------------------------------------------------------------------
+
+
+def endpoint_view(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "url": row["url"],
+        "description": row["description"],
+        "events": list(row["events"]),
+        "tasks": list(row["tasks"]),
+        "enabled": bool(row["enabled"]),
+        "disabled_reason": row["disabled_reason"],
+        "disabled_at": isoformat(row["disabled_at"]),
+        "failing_since": isoformat(row["failing_since"]),
+        "last_success_at": isoformat(row["last_success_at"]),
+        "created_at": isoformat(row["created_at"]),
+        "updated_at": isoformat(row["updated_at"]),
+    }
+
+
+def attempt_view(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "number": row["number"],
+        "trigger": row["trigger"],
+        "at": isoformat(row["at"]),
+        "succeeded": bool(row["succeeded"]),
+        "status_code": row["status_code"],
+        "latency_ms": row["latency_ms"],
+        "response_body": row["response_body"],
+        "error": row["error"],
+    }
+
+
+def delivery_view(row: Mapping[str, Any], attempts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "event_type": row["event_type"],
+        "endpoint_id": row["endpoint_id"],
+        "run_id": row["run_id"],
+        "url": row["url"],
+        "status": row["status"],
+        "attempt_count": row["attempts"],
+        "next_attempt_at": isoformat(row["next_attempt_at"]),
+        "last_status_code": row["last_status_code"],
+        "last_error": row["last_error"],
+        "created_at": isoformat(row["created_at"]),
+        "delivered_at": isoformat(row["delivered_at"]),
+        "payload": row["payload"],
+        "attempts": [attempt_view(a) for a in attempts],
+    }
+
+
+# -- units of work --------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Outgoing:
+    """A delivery committed in the outbox, to be queued once the commit is done."""
+
+    id: str
+    url: str
+    body: str
+    secrets: tuple[str, ...]
+
+
+def _active_secrets(conn: sa.Connection, endpoint_id: str, now: dt.datetime) -> list[str]:
+    rows = conn.execute(
+        sa.select(endpoint_secrets.c.secret)
+        .where(
+            endpoint_secrets.c.endpoint_id == endpoint_id,
+            sa.or_(endpoint_secrets.c.expires_at.is_(None), endpoint_secrets.c.expires_at > now),
+        )
+        .order_by(endpoint_secrets.c.id.desc())
+    )
+    return [r.secret for r in rows]
+
+
+def _project_secret(conn: sa.Connection, project_id: str) -> str:
+    secret = conn.scalar(sa.select(projects.c.signing_secret).where(projects.c.id == project_id))
+    if secret:
+        return str(secret)
+    secret = generate_webhook_secret()
+    conn.execute(
+        projects.update()
+        .where(projects.c.id == project_id, projects.c.signing_secret.is_(None))
+        .values(signing_secret=secret)
+    )
+    # Another process may have set it first: read back what won.
+    return str(conn.scalar(sa.select(projects.c.signing_secret).where(projects.c.id == project_id)))
+
+
+def _body(event_type: str, data: Any, now: dt.datetime) -> dict[str, Any]:
+    return {"type": event_type, "timestamp": isoformat(now), "data": data}
+
+
+def _insert_delivery(
+    conn: sa.Connection,
+    *,
+    project_id: str,
+    endpoint_id: str | None,
+    run_id: str | None,
+    url: str,
+    event_type: str,
+    payload: dict[str, Any],
+    now: dt.datetime,
+) -> str:
+    delivery_id = new_id("msg")
+    conn.execute(
+        deliveries.insert(),
+        {
+            "id": delivery_id,
+            "project_id": project_id,
+            "endpoint_id": endpoint_id,
+            "run_id": run_id,
+            "url": url,
+            "event_type": event_type,
+            "payload": payload,
+            "status": DeliveryStatus.PENDING.value,
+            "attempts": 0,
+            "schedule_step": 0,
+            "next_attempt_at": now,
+            "created_at": now,
+            "updated_at": now,
+        },
+    )
+    return delivery_id
+
+
+def _encode(payload: Mapping[str, Any]) -> str:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+
+
+def create_run_deliveries(
+    conn: sa.Connection,
+    run: Mapping[str, Any],
+    view: Callable[[], Mapping[str, Any]],
+    event_type: str,
+    now: dt.datetime,
+) -> list[Outgoing]:
+    """Write the deliveries a run's ``event_type`` causes; call it inside the
+    transaction of the transition (the outbox)."""
+    rows = conn.execute(
+        sa.select(endpoints.c.id, endpoints.c.url, endpoints.c.events, endpoints.c.tasks).where(
+            endpoints.c.project_id == run["project_id"],
+            endpoints.c.enabled.is_(True),
+            endpoints.c.deleted_at.is_(None),
+        )
+    ).all()
+    wanted = [
+        row
+        for row in rows
+        if _wants(row.events, event_type) and (not row.tasks or run["task"] in row.tasks)
+    ]
+    callback_url = run.get("callback_url") if event_type != "run.started" else None
+    if not wanted and not callback_url:
+        return []
+    payload = _body(event_type, dict(view()), now)
+    body = _encode(payload)
+    out: list[Outgoing] = []
+    for row in wanted:
+        delivery_id = _insert_delivery(
+            conn,
+            project_id=run["project_id"],
+            endpoint_id=row.id,
+            run_id=run["id"],
+            url=row.url,
+            event_type=event_type,
+            payload=payload,
+            now=now,
+        )
+        out.append(Outgoing(delivery_id, row.url, body, tuple(_active_secrets(conn, row.id, now))))
+    if callback_url:
+        delivery_id = _insert_delivery(
+            conn,
+            project_id=run["project_id"],
+            endpoint_id=None,
+            run_id=run["id"],
+            url=callback_url,
+            event_type=event_type,
+            payload=payload,
+            now=now,
+        )
+        secret = _project_secret(conn, run["project_id"])
+        out.append(Outgoing(delivery_id, callback_url, body, (secret,)))
+    return out
+
+
+def _load_endpoint(conn: sa.Connection, project_id: str, endpoint_id: str) -> dict[str, Any]:
+    row = (
+        conn.execute(
+            sa.select(endpoints).where(
+                endpoints.c.id == endpoint_id,
+                endpoints.c.project_id == project_id,
+                endpoints.c.deleted_at.is_(None),
+            )
+        )
+        .mappings()
+        .first()
+    )
+    if row is None:
+        raise NotFound(f"no webhook endpoint with id {endpoint_id!r}", code="endpoint_not_found")
+    return dict(row)
+
+
+def _attempts_of(conn: sa.Connection, ids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    by_delivery: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}
+    if not ids:
+        return by_delivery
+    rows = conn.execute(
+        sa.select(delivery_attempts)
+        .where(delivery_attempts.c.delivery_id.in_(list(ids)))
+        .order_by(delivery_attempts.c.delivery_id, delivery_attempts.c.number)
+    ).mappings()
+    for row in rows:
+        by_delivery[row["delivery_id"]].append(dict(row))
+    return by_delivery
+
+
+def _list_deliveries(
+    conn: sa.Connection, condition: Any, limit: int, cursor: str | None
+) -> dict[str, Any]:
+    query = sa.select(deliveries).where(condition)
+    if cursor:
+        query = query.where(deliveries.c.id < cursor)
+    rows = [
+        dict(r)
+        for r in conn.execute(query.order_by(deliveries.c.id.desc()).limit(limit + 1)).mappings()
+    ]
+    page, more = rows[:limit], len(rows) > limit
+    attempts = _attempts_of(conn, [r["id"] for r in page])
+    return {
+        "data": [delivery_view(r, attempts[r["id"]]) for r in page],
+        "next_cursor": page[-1]["id"] if more and page else None,
+    }
+
+
+# -- the service ------------------------------------------------------------------
+
+
+class WebhookService:
+    def __init__(
+        self, *, db: Database, redis: ArqRedis, settings: Settings, task_names: Sequence[str]
+    ) -> None:
+        self.db = db
+        self.redis = redis
+        self.settings = settings
+        self.allowed: tuple[IPNetwork, ...] = parse_networks(settings.webhook_allowed_networks)
+        self.task_names = set(task_names)
+
+    # validation ----------------------------------------------------------------
+
+    def check_url(self, url: str, field: str = "url") -> None:
+        try:
+            validate_url(url, self.allowed)
+        except AddressRefused as exc:
+            raise ValidationFailed(
+                f"this URL cannot be called: {exc.reason}",
+                code="url_not_allowed",
+                details=[{"path": field, "message": exc.reason, "type": "url_not_allowed"}],
+            ) from None
+
+    def _check_filters(self, events: Sequence[str] | None, tasks: Sequence[str] | None) -> None:
+        details = []
+        for i, event in enumerate(events or ()):
+            if event != "*" and event not in EVENT_TYPES:
+                details.append(
+                    {
+                        "path": f"events.{i}",
+                        "type": "unknown_event",
+                        "message": f"unknown event {event!r}; known: *, " + ", ".join(EVENT_TYPES),
+                    }
+                )
+        for i, task in enumerate(tasks or ()):
+            if task not in self.task_names:
+                details.append(
+                    {
+                        "path": f"tasks.{i}",
+                        "type": "unknown_task",
+                        "message": f"no task named {task!r}",
+                    }
+                )
+        if details:
+            raise ValidationFailed(details=details)
+
+    # endpoints -----------------------------------------------------------------
+
+    async def create_endpoint(self, project_id: str, request: EndpointCreate) -> dict[str, Any]:
+        self.check_url(request.url)
+        self._check_filters(request.events, request.tasks)
+        now = utcnow()
+        secret = generate_webhook_secret()
+        row = {
+            "id": new_id("ep"),
+            "project_id": project_id,
+            "url": request.url,
+            "description": request.description,
+            "events": request.events,
+            "tasks": request.tasks,
+            "enabled": True,
+            "disabled_reason": None,
+            "disabled_at": None,
+            "failing_since": None,
+            "last_success_at": None,
+            "created_at": now,
+            "updated_at": now,
+            "deleted_at": None,
+        }
+
+        def insert(conn: sa.Connection) -> None:
+            conn.execute(endpoints.insert(), row)
+            conn.execute(
+                endpoint_secrets.insert(),
+                {"endpoint_id": row["id"], "secret": secret, "created_at": now},
+            )
+
+        await self.db.write(insert)
+        return {**endpoint_view(row), "secret": secret}
+
+    async def list_endpoints(self, project_id: str) -> list[dict[str, Any]]:
+        def select(conn: sa.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(
+                sa.select(endpoints)
+                .where(endpoints.c.project_id == project_id, endpoints.c.deleted_at.is_(None))
+                .order_by(endpoints.c.created_at)
+            ).mappings()
+            return [endpoint_view(dict(r)) for r in rows]
+
+        return await self.db.read(select)
+
+    async def get_endpoint(self, project_id: str, endpoint_id: str) -> dict[str, Any]:
+        return endpoint_view(await self.db.read(_load_endpoint, project_id, endpoint_id))
+
+    async def update_endpoint(
+        self, project_id: str, endpoint_id: str, request: EndpointUpdate
+    ) -> dict[str, Any]:
+        if request.url is not None:
+            self.check_url(request.url)
+        self._check_filters(request.events, request.tasks)
+        changes = request.model_dump(exclude_unset=True)
+        for name in ("url", "events", "tasks", "description", "enabled"):
+            if name in changes and changes[name] is None:
+                raise ValidationFailed(
+                    details=[{"path": name, "type": "null", "message": "may not be null"}]
+                )
+
+        def update(conn: sa.Connection) -> dict[str, Any]:
+            _load_endpoint(conn, project_id, endpoint_id)
+            values: dict[str, Any] = {**changes, "updated_at": utcnow()}
+            if changes.get("enabled") is True:
+                values.update(disabled_reason=None, disabled_at=None, failing_since=None)
+            elif changes.get("enabled") is False:
+                values.update(disabled_reason="disabled by the owner", disabled_at=utcnow())
+            conn.execute(endpoints.update().where(endpoints.c.id == endpoint_id).values(**values))
+            return _load_endpoint(conn, project_id, endpoint_id)
+
+        return endpoint_view(await self.db.write(update))
+
+    async def delete_endpoint(self, project_id: str, endpoint_id: str) -> None:
+        def delete(conn: sa.Connection) -> None:
+            _load_endpoint(conn, project_id, endpoint_id)
+            now = utcnow()
+            conn.execute(
+                endpoints.update()
+                .where(endpoints.c.id == endpoint_id)
+                .values(deleted_at=now, enabled=False, updated_at=now)
+            )
+
+        await self.db.write(delete)
+
+    async def get_secret(self, project_id: str, endpoint_id: str) -> dict[str, Any]:
+        def read(conn: sa.Connection) -> dict[str, Any]:
+            _load_endpoint(conn, project_id, endpoint_id)
+            now = utcnow()
+            rows = (
+                conn.execute(
+                    sa.select(endpoint_secrets)
+                    .where(
+                        endpoint_secrets.c.endpoint_id == endpoint_id,
+                        sa.or_(
+                            endpoint_secrets.c.expires_at.is_(None),
+                            endpoint_secrets.c.expires_at > now,
+                        ),
+                    )
+                    .order_by(endpoint_secrets.c.id.desc())
+                )
+                .mappings()
+                .all()
+            )
+            return {
+                "secret": rows[0]["secret"],
+                "previous": [
+                    {"secret": r["secret"], "expires_at": isoformat(r["expires_at"])}
+                    for r in rows[1:]
+                ],
+            }
+
+        return await self.db.read(read)
+
+    async def rotate_secret(
+        self, project_id: str, endpoint_id: str, request: RotateRequest
+    ) -> dict[str, Any]:
+        grace = (
+            self.settings.webhook_rotation_grace
+            if request.grace_period is None
+            else request.grace_period
+        )
+
+        def rotate(conn: sa.Connection) -> dict[str, Any]:
+            _load_endpoint(conn, project_id, endpoint_id)
+            now = utcnow()
+            expires = now + dt.timedelta(seconds=grace)
+            # Every secret still signing stops at the end of the grace period at
+            # the latest; one that would stop sooner keeps its own end.
+            conn.execute(
+                endpoint_secrets.update()
+                .where(
+                    endpoint_secrets.c.endpoint_id == endpoint_id,
+                    sa.or_(
+                        endpoint_secrets.c.expires_at.is_(None),
+                        endpoint_secrets.c.expires_at > expires,
+                    ),
+                )
+                .values(expires_at=expires)
+            )
+            secret = generate_webhook_secret()
+            conn.execute(
+                endpoint_secrets.insert(),
+                {"endpoint_id": endpoint_id, "secret": secret, "created_at": now},
+            )
+            return {"secret": secret, "previous_expires_at": isoformat(expires)}
+
+        return await self.db.write(rotate)
+
+    async def project_secret(self, project_id: str) -> str:
+        return await self.db.write(_project_secret, project_id)
+
+    async def send_test(self, project_id: str, endpoint_id: str) -> dict[str, Any]:
+        def insert(conn: sa.Connection) -> tuple[dict[str, Any], Outgoing]:
+            endpoint = _load_endpoint(conn, project_id, endpoint_id)
+            now = utcnow()
+            payload = _body(
+                TEST_EVENT,
+                {"endpoint_id": endpoint_id, "message": "a test event from the gateway"},
+                now,
+            )
+            delivery_id = _insert_delivery(
+                conn,
+                project_id=project_id,
+                endpoint_id=endpoint_id,
+                run_id=None,
+                url=endpoint["url"],
+                event_type=TEST_EVENT,
+                payload=payload,
+                now=now,
+            )
+            secrets_ = tuple(_active_secrets(conn, endpoint_id, now))
+            row = conn.execute(sa.select(deliveries).where(deliveries.c.id == delivery_id))
+            view = delivery_view(dict(row.mappings().one()), [])
+            return view, Outgoing(delivery_id, endpoint["url"], _encode(payload), secrets_)
+
+        view, outgoing = await self.db.write(insert)
+        await self.dispatch([outgoing])
+        return view
+
+    # deliveries ----------------------------------------------------------------
+
+    async def endpoint_deliveries(
+        self, project_id: str, endpoint_id: str, *, limit: int, cursor: str | None
+    ) -> dict[str, Any]:
+        def read(conn: sa.Connection) -> dict[str, Any]:
+            _load_endpoint(conn, project_id, endpoint_id)
+            return _list_deliveries(conn, deliveries.c.endpoint_id == endpoint_id, limit, cursor)
+
+        return await self.db.read(read)
+
+    async def run_deliveries(
+        self, project_id: str, run_id: str, *, limit: int, cursor: str | None
+    ) -> dict[str, Any]:
+        def read(conn: sa.Connection) -> dict[str, Any]:
+            owner = conn.scalar(sa.select(runs.c.project_id).where(runs.c.id == run_id))
+            if owner != project_id:
+                raise NotFound(f"no run with id {run_id!r}", code="run_not_found")
+            return _list_deliveries(conn, deliveries.c.run_id == run_id, limit, cursor)
+
+        return await self.db.read(read)
+
+    async def resend(self, project_id: str, delivery_id: str) -> dict[str, Any]:
+        def reset(conn: sa.Connection) -> dict[str, Any]:
+            row = (
+                conn.execute(
+                    sa.select(deliveries).where(
+                        deliveries.c.id == delivery_id, deliveries.c.project_id == project_id
+                    )
+                )
+                .mappings()
+                .first()
+            )
+            if row is None:
+                raise NotFound(f"no delivery with id {delivery_id!r}", code="delivery_not_found")
+            conn.execute(
+                deliveries.update()
+                .where(deliveries.c.id == delivery_id)
+                .values(status=DeliveryStatus.PENDING.value, updated_at=utcnow())
+            )
+            attempts = _attempts_of(conn, [delivery_id])[delivery_id]
+            return delivery_view({**row, "status": DeliveryStatus.PENDING.value}, attempts)
+
+        view = await self.db.write(reset)
+        await self._enqueue(delivery_id, trigger="resend")
+        return view
+
+    async def recover(
+        self, project_id: str, endpoint_id: str, request: RecoverRequest
+    ) -> dict[str, Any]:
+        since = request.since
+        if since.tzinfo is None:
+            since = since.replace(tzinfo=dt.UTC)
+
+        def reset(conn: sa.Connection) -> list[str]:
+            _load_endpoint(conn, project_id, endpoint_id)
+            ids = [
+                r.id
+                for r in conn.execute(
+                    sa.select(deliveries.c.id)
+                    .where(
+                        deliveries.c.endpoint_id == endpoint_id,
+                        deliveries.c.status == DeliveryStatus.FAILED.value,
+                        deliveries.c.created_at >= since,
+                    )
+                    .order_by(deliveries.c.id)
+                )
+            ]
+            if ids:
+                conn.execute(
+                    deliveries.update()
+                    .where(deliveries.c.id.in_(ids))
+                    .values(status=DeliveryStatus.PENDING.value, updated_at=utcnow())
+                )
+            return ids
+
+        ids = await self.db.write(reset)
+        for delivery_id in ids:
+            await self._enqueue(delivery_id, trigger="resend")
+        return {"count": len(ids), "delivery_ids": ids}
+
+    # sending -------------------------------------------------------------------
+
+    def _prepared(self, outgoing: Outgoing) -> dict[str, Any]:
+        return {
+            "send": True,
+            "url": outgoing.url,
+            "body": outgoing.body,
+            "headers": webhook_headers(outgoing.id, outgoing.body, outgoing.secrets),
+            "timeout": self.settings.webhook_timeout,
+            "allowed_networks": list(self.settings.webhook_allowed_networks),
+            "prepared_at": utcnow().timestamp(),
+        }
+
+    async def dispatch(self, outgoing: Sequence[Outgoing]) -> None:
+        """Queue the first attempt of freshly committed deliveries.
+
+        The job carries headers signed now, which saves the worker a round trip
+        for the first attempt; later attempts ask :meth:`prepare` again.
+        """
+        for item in outgoing:
+            await self._enqueue(item.id, trigger="schedule", prepared=self._prepared(item))
+
+    async def _enqueue(
+        self,
+        delivery_id: str,
+        *,
+        trigger: str,
+        step: int = 0,
+        defer: float = 0.0,
+        prepared: dict[str, Any] | None = None,
+    ) -> None:
+        job_id = (
+            f"webhook:{delivery_id}:{step}"
+            if trigger == "schedule"
+            else f"webhook:{delivery_id}:resend:{new_id('r')}"
+        )
+        try:
+            await self.redis.enqueue_job(
+                "deliver_webhook",
+                delivery_id,
+                trigger,
+                prepared,
+                _job_id=job_id,
+                _queue_name=self.settings.queue_name,
+                _defer_by=dt.timedelta(seconds=defer) if defer > 0 else None,
+            )
+        except (RedisError, OSError) as exc:
+            log.warning("could not queue delivery %s (the reconciler will): %s", delivery_id, exc)
+
+    async def prepare(self, delivery_id: str) -> dict[str, Any]:
+        """What a worker should send for ``delivery_id`` now, signed afresh."""
+
+        def read(conn: sa.Connection) -> dict[str, Any] | Outgoing:
+            row = (
+                conn.execute(sa.select(deliveries).where(deliveries.c.id == delivery_id))
+                .mappings()
+                .first()
+            )
+            if row is None:
+                raise NotFound(f"no delivery with id {delivery_id!r}", code="delivery_not_found")
+            if row["status"] != DeliveryStatus.PENDING.value:
+                return {"send": False, "reason": f"the delivery is {row['status']}"}
+            now = utcnow()
+            if row["endpoint_id"] is None:
+                secrets_: tuple[str, ...] = (_project_secret(conn, row["project_id"]),)
+                url = row["url"]
+            else:
+                endpoint = (
+                    conn.execute(sa.select(endpoints).where(endpoints.c.id == row["endpoint_id"]))
+                    .mappings()
+                    .one()
+                )
+                if not endpoint["enabled"] or endpoint["deleted_at"] is not None:
+                    reason = (
+                        "endpoint deleted"
+                        if endpoint["deleted_at"] is not None
+                        else f"endpoint disabled: {endpoint['disabled_reason']}"
+                    )
+                    conn.execute(
+                        deliveries.update()
+                        .where(deliveries.c.id == delivery_id)
+                        .values(
+                            status=DeliveryStatus.FAILED.value,
+                            next_attempt_at=None,
+                            last_error=reason,
+                            updated_at=now,
+                        )
+                    )
+                    return {"send": False, "reason": reason}
+                secrets_ = (*_active_secrets(conn, endpoint["id"], now),)
+                url = endpoint["url"]
+            return Outgoing(delivery_id, url, _encode(row["payload"]), secrets_)
+
+        result = await self.db.write(read)
+        if isinstance(result, Outgoing):
+            return self._prepared(result)
+        return result
+
+    def _retry_delay(self, step: int, retry_after: float | None) -> float | None:
+        schedule = self.settings.webhook_retry_schedule
+        if step >= len(schedule):
+            return None
+        jitter = self.settings.webhook_retry_jitter
+        delay = schedule[step] * (1 + random.uniform(-jitter, jitter))
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.settings.webhook_retry_after_max))
+        return delay
+
+    async def record_attempt(self, report: DeliveryAttemptReport) -> dict[str, Any]:
+        """Record one attempt (once, by its key) and decide what comes next."""
+
+        def record(conn: sa.Connection) -> dict[str, Any]:
+            if (
+                conn.scalar(
+                    sa.select(delivery_attempts.c.id).where(delivery_attempts.c.key == report.key)
+                )
+                is not None
+            ):
+                return {"recorded": False, "next_attempt_in": None, "step": 0}
+            row = (
+                conn.execute(sa.select(deliveries).where(deliveries.c.id == report.delivery_id))
+                .mappings()
+                .first()
+            )
+            if row is None:
+                raise NotFound(
+                    f"no delivery with id {report.delivery_id!r}", code="delivery_not_found"
+                )
+            now = utcnow()
+            number = row["attempts"] + 1
+            body = report.response_body
+            conn.execute(
+                delivery_attempts.insert(),
+                {
+                    "delivery_id": row["id"],
+                    "key": report.key,
+                    "number": number,
+                    "trigger": report.trigger,
+                    "at": now,
+                    "succeeded": report.succeeded,
+                    "status_code": report.status_code,
+                    "latency_ms": report.latency_ms,
+                    "response_body": body[:RESPONSE_EXCERPT_BYTES] if body is not None else None,
+                    "error": report.error,
+                },
+            )
+            values: dict[str, Any] = {
+                "attempts": number,
+                "last_status_code": report.status_code,
+                "last_error": report.error,
+                "updated_at": now,
+            }
+            step = row["schedule_step"] + (1 if report.trigger == "schedule" else 0)
+            values["schedule_step"] = step
+            endpoint_id = row["endpoint_id"]
+            next_in: float | None = None
+            if report.succeeded:
+                values.update(
+                    status=DeliveryStatus.DELIVERED.value,
+                    delivered_at=now,
+                    next_attempt_at=None,
+                    last_error=None,
+                )
+                if endpoint_id is not None:
+                    conn.execute(
+                        endpoints.update()
+                        .where(endpoints.c.id == endpoint_id)
+                        .values(failing_since=None, last_success_at=now)
+                    )
+            else:
+                disabled = endpoint_id is not None and self._note_failure(
+                    conn, endpoint_id, report.status_code, now
+                )
+                if row["status"] != DeliveryStatus.PENDING.value and report.trigger == "schedule":
+                    pass  # delivered meanwhile (by a resend): nothing more to do
+                elif disabled:
+                    values.update(status=DeliveryStatus.FAILED.value, next_attempt_at=None)
+                elif report.trigger == "schedule":
+                    next_in = self._retry_delay(step, report.retry_after)
+                    if next_in is None:
+                        values.update(status=DeliveryStatus.FAILED.value, next_attempt_at=None)
+                    else:
+                        values["next_attempt_at"] = now + dt.timedelta(seconds=next_in)
+                elif row["next_attempt_at"] is None:
+                    # A resend that failed, with no scheduled retry left behind it.
+                    values.update(status=DeliveryStatus.FAILED.value)
+            if row["status"] == DeliveryStatus.DELIVERED.value:
+                values.pop("status", None)
+                values.pop("last_error", None)
+            conn.execute(deliveries.update().where(deliveries.c.id == row["id"]).values(**values))
+            return {"recorded": True, "next_attempt_in": next_in, "step": step}
+
+        outcome = await self.db.write(record)
+        if outcome["next_attempt_in"] is not None:
+            await self._enqueue(
+                report.delivery_id,
+                trigger="schedule",
+                step=outcome["step"],
+                defer=outcome["next_attempt_in"],
+            )
+        return {"recorded": outcome["recorded"], "next_attempt_in": outcome["next_attempt_in"]}
+
+    def _note_failure(
+        self, conn: sa.Connection, endpoint_id: str, status_code: int | None, now: dt.datetime
+    ) -> bool:
+        """Track the endpoint's failures; ``True`` if it is (now) disabled."""
+        endpoint = (
+            conn.execute(sa.select(endpoints).where(endpoints.c.id == endpoint_id)).mappings().one()
+        )
+        if not endpoint["enabled"]:
+            return True
+        failing_since = endpoint["failing_since"] or now
+        reason = None
+        if status_code == 410:
+            reason = "the receiver answered 410 Gone"
+        elif (now - failing_since).total_seconds() > self.settings.webhook_disable_after:
+            reason = f"failing without a success since {isoformat(failing_since)}"
+        values: dict[str, Any] = {"failing_since": failing_since, "updated_at": now}
+        if reason is not None:
+            values.update(enabled=False, disabled_reason=reason, disabled_at=now)
+            log.warning("disabled webhook endpoint %s: %s", endpoint_id, reason)
+        conn.execute(endpoints.update().where(endpoints.c.id == endpoint_id).values(**values))
+        return reason is not None

@@ -1,0 +1,65 @@
+"""The ``deliver_webhook`` arq job: one attempt at one callback.
+
+The gateway queues it (after committing the delivery, or to retry one). The
+job gets the signed request from the gateway (or from its own arguments, for a
+first attempt queued moments ago), sends it, and reports the attempt back as a
+signed event; the gateway records it and queues the next try if one is due.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import Any
+
+import httpx
+from arq import Retry
+
+from jobs.report import PREPARE_PATH, Reporter, ReportRejected, retry_delay
+from webhooks.sender import send_webhook
+from webhooks.ssrf import parse_networks
+
+__all__ = ["deliver_webhook"]
+
+log = logging.getLogger("jobs.deliver")
+
+#: A first attempt's headers are used only this fresh; after that the job
+#: asks for new ones (receivers refuse timestamps more than 5 minutes off).
+_PREPARED_MAX_AGE = 60.0
+
+
+async def deliver_webhook(
+    ctx: dict[str, Any],
+    delivery_id: str,
+    trigger: str = "schedule",
+    prepared: dict[str, Any] | None = None,
+) -> str:
+    reporter: Reporter = ctx["reporter"]
+    if prepared is None or time.time() - float(prepared.get("prepared_at", 0)) > _PREPARED_MAX_AGE:
+        try:
+            prepared = await reporter.call(PREPARE_PATH, {"delivery_id": delivery_id})
+        except ReportRejected as exc:
+            log.error("delivery %s cannot be prepared: %s", delivery_id, exc)
+            return "refused"
+        except httpx.HTTPError as exc:
+            raise Retry(defer=retry_delay(ctx["job_try"])) from exc
+    if not prepared.get("send"):
+        return f"skipped: {prepared.get('reason')}"
+    result = await send_webhook(
+        ctx["webhook_http"],
+        url=prepared["url"],
+        headers=prepared["headers"],
+        body=prepared["body"],
+        timeout_seconds=float(prepared["timeout"]),
+        allowed=parse_networks(prepared.get("allowed_networks", ())),
+    )
+    event = {
+        "type": "delivery.attempt",
+        "delivery_id": delivery_id,
+        "key": secrets.token_hex(16),
+        "trigger": trigger,
+        **result.to_dict(),
+    }
+    await reporter.report(event, ctx["redis"])
+    return "delivered" if result.succeeded else f"failed: {result.status_code or result.error}"

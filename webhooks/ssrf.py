@@ -1,0 +1,143 @@
+"""The SSRF guard: callbacks go only to public addresses, unless allowed.
+
+A URL must be http or https. Its host is resolved when the call is made, every
+address it resolves to is checked, and the request is then sent to the checked
+address itself (with the original ``Host`` header and TLS server name), so a
+second DNS answer cannot point it elsewhere. Loopback, private, link-local,
+CGNAT, multicast, reserved and unspecified addresses, IPv6 unique-local and
+link-local ones, and IPv4-mapped or -translated IPv6 forms are refused unless
+a network in ``WEBHOOK_ALLOWED_NETWORKS`` contains them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Iterable, Sequence
+from urllib.parse import urlsplit
+
+__all__ = [
+    "AddressRefused",
+    "IPAddress",
+    "IPNetwork",
+    "check_address",
+    "literal_address",
+    "parse_networks",
+    "resolve_checked",
+    "validate_url",
+]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+
+
+class AddressRefused(Exception):
+    """A callback URL or the address it resolves to may not be called.
+
+    :param reason: what is wrong, for the attempt log and the 422 answer
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+def parse_networks(values: Iterable[str]) -> tuple[IPNetwork, ...]:
+    """CIDRs (``127.0.0.0/8``, ``::1/128``, ``10.1.2.3``) as networks."""
+    return tuple(ipaddress.ip_network(v.strip(), strict=False) for v in values if v.strip())
+
+
+def _refusal(address: IPAddress) -> str | None:
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return "an IPv4-mapped IPv6 address"
+        if address in _NAT64 or address in _NAT64_LOCAL or address.sixtofour is not None:
+            return "an IPv6 address that embeds an IPv4 one"
+        if address.teredo is not None:
+            return "a Teredo address"
+    if address.is_loopback:
+        return "a loopback address"
+    if address.is_link_local:
+        return "a link-local address"
+    if address.is_multicast:
+        return "a multicast address"
+    if address.is_unspecified:
+        return "an unspecified address"
+    if isinstance(address, ipaddress.IPv4Address) and address in _CGNAT:
+        return "a carrier-grade NAT address"
+    if address.is_private:
+        return "a private address"
+    if address.is_reserved or not address.is_global:
+        return "a reserved address"
+    return None
+
+
+def check_address(address: IPAddress, allowed: Sequence[IPNetwork]) -> None:
+    """Raise :class:`AddressRefused` unless ``address`` may be called."""
+    if any(address.version == net.version and address in net for net in allowed):
+        return
+    reason = _refusal(address)
+    if reason is not None:
+        raise AddressRefused(
+            f"{address} is {reason}; allow it with WEBHOOK_ALLOWED_NETWORKS if it is meant"
+        )
+
+
+def literal_address(host: str) -> IPAddress | None:
+    """``host`` as an IP address, if it is written as one."""
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+def validate_url(url: str, allowed: Sequence[IPNetwork]) -> None:
+    """Check what can be checked without DNS: scheme, host, a literal address."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise AddressRefused(f"not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise AddressRefused("only http and https URLs can be called")
+    if not parts.hostname:
+        raise AddressRefused("the URL has no host")
+    if parts.username or parts.password:
+        raise AddressRefused("credentials in the URL are not supported; use a header or a path")
+    if port == 0:
+        raise AddressRefused("port 0 cannot be called")
+    address = literal_address(parts.hostname)
+    if address is not None:
+        check_address(address, allowed)
+
+
+async def resolve_checked(host: str, port: int, allowed: Sequence[IPNetwork]) -> IPAddress:
+    """Resolve ``host`` and check every address; return the one to connect to.
+
+    Every address must pass: a name that resolves to one public and one
+    private address is refused, so a receiver cannot steer us by DNS order.
+    """
+    literal = literal_address(host)
+    if literal is not None:
+        check_address(literal, allowed)
+        return literal
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise AddressRefused(f"cannot resolve {host}: {exc.strerror}") from None
+    addresses: list[IPAddress] = []
+    for _family, _type, _proto, _name, sockaddr in infos:
+        address = ipaddress.ip_address(str(sockaddr[0]).split("%")[0])
+        if address not in addresses:
+            addresses.append(address)
+    if not addresses:
+        raise AddressRefused(f"{host} resolves to no address")
+    for address in addresses:
+        check_address(address, allowed)
+    return addresses[0]
