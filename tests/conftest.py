@@ -25,12 +25,23 @@ from gateway.auth import create_api_key
 from gateway.embedded_redis import EmbeddedRedis, free_port
 from gateway.settings import normalize_database_url
 from tests.helpers import Process, child_env, db_query, wait_http_ok
+from tests.receiver import Receiver
 
 TEST_SECRET = "test-secret-" + secrets.token_urlsafe(16)
+RETRY_SCHEDULE = "0,0.3,0.6,1,1.5,2"
+DISABLE_AFTER = 12.0
 
 
 def _backends() -> list[str]:
     return ["sqlite", "postgresql"] if os.environ.get("TEST_DATABASE_URL") else ["sqlite"]
+
+
+@pytest.fixture(scope="session")
+def receiver() -> Iterator[Receiver]:
+    """A webhook receiver on 127.0.0.1 that verifies calls with `standardwebhooks`."""
+    server = Receiver().start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -108,9 +119,11 @@ class Stack:
         ).start()
         wait_http_ok(self.base_url + "/healthz", self.gateway)
 
-    def run(self, task: str, payload: Any = None, **options: Any) -> dict[str, Any]:
+    def run(
+        self, task: str, payload: Any = None, *, key: str | None = None, **options: Any
+    ) -> dict[str, Any]:
         """Trigger ``task`` and wait for it to be final."""
-        with self.client() as client:
+        with self.client(key) as client:
             response = client.post(
                 f"/api/v1/tasks/{task}/trigger", json={"payload": payload, "options": options}
             )
@@ -139,6 +152,12 @@ def stack(
         WORKER_CONCURRENCY="20",
         MAX_OUTPUT_BYTES="65536",
         LOG_LEVEL="INFO",
+        # Callbacks: the test receivers live on 127.0.0.1, and the retry
+        # schedule is compressed from hours to a fraction of a second.
+        WEBHOOK_ALLOWED_NETWORKS="127.0.0.1/32",
+        WEBHOOK_RETRY_SCHEDULE=RETRY_SCHEDULE,
+        WEBHOOK_TIMEOUT="2",
+        WEBHOOK_DISABLE_AFTER=str(DISABLE_AFTER),
     )
     gateway = Process("gateway", ["-m", "gateway", "web"], env, logs).start()
     worker = Process("worker", ["-m", "gateway", "worker"], env, logs).start()
