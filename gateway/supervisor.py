@@ -120,6 +120,10 @@ def up(settings: Settings) -> int:
         data_dir / "secret-key", secrets.token_urlsafe(32)
     )
     settings = settings.replace(secret_key=secret)
+    loopback_allowed = not settings.webhook_allowed_networks
+    if loopback_allowed:
+        # On one machine, callbacks to a local app are the point: allow loopback.
+        settings = settings.replace(webhook_allowed_networks=("127.0.0.0/8", "::1/128"))
 
     upgrade(settings.database_url)
 
@@ -147,6 +151,7 @@ def up(settings: Settings) -> int:
             "GATEWAY_SECRET_KEY": secret,
             "PORT": str(settings.port),
             "GATEWAY_URL": settings.gateway_url,
+            "WEBHOOK_ALLOWED_NETWORKS": ",".join(settings.webhook_allowed_networks),
         }
         command = [sys.executable, "-m", "gateway"]
         # Own sessions: Ctrl-C reaches only this process, which stops the
@@ -160,6 +165,12 @@ def up(settings: Settings) -> int:
         worker = subprocess.Popen([*command, "worker"], env=env, start_new_session=True)
         children.append(("worker", worker))
         print(_banner(public_url, redis_url, redis, settings.database_url, key), flush=True)
+        if loopback_allowed:
+            print(
+                "  note: callbacks may go to loopback addresses (127.0.0.0/8, ::1), so a local\n"
+                "  app can receive them; set WEBHOOK_ALLOWED_NETWORKS to change that.\n",
+                flush=True,
+            )
         while not stopping:
             for name, process in children:
                 if process.poll() is not None:

@@ -40,6 +40,9 @@ class Answer:
     status: int = 200
     body: bytes = b"ok"
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: Seconds to wait before answering (to test timeouts); the call is
+    #: recorded at once, so a test can wait on its arrival.
+    delay: float = 0.0
 
 
 class Receiver:
@@ -51,6 +54,8 @@ class Receiver:
         self.defaults: dict[str, Answer] = {}
         self.secrets: dict[str, list[str]] = {}
         self._changed = threading.Condition()
+        # Set on stop, so a delayed answer never outlives the receiver.
+        self._release = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -122,6 +127,8 @@ class Receiver:
                         pass
                 answer = receiver._answer(self.path)
                 receiver._record(Call(self.path, headers, body, verified))
+                if answer.delay:
+                    receiver._release.wait(answer.delay)
                 self.send_response(answer.status)
                 for name, value in answer.headers.items():
                     self.send_header(name, value)
@@ -132,6 +139,7 @@ class Receiver:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
+        self._release.clear()
         self._server = ThreadingHTTPServer((self.host, self.port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -139,6 +147,7 @@ class Receiver:
         return self
 
     def stop(self) -> None:
+        self._release.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

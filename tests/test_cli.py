@@ -15,6 +15,7 @@ import httpx
 from gateway.embedded_redis import free_port
 from tests.conftest import Stack
 from tests.helpers import ROOT, child_env, wait_until
+from tests.receiver import Receiver
 
 
 def gateway_cmd(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -67,7 +68,13 @@ def test_configuration_errors_say_what_to_set(tmp_path: Path) -> None:
 def test_gateway_up_runs_everything_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     port = free_port()
     env = child_env(DATA_DIR=str(tmp_path / "data"), PORT=str(port))
-    for name in ("REDIS_URL", "DATABASE_URL", "GATEWAY_SECRET_KEY", "GATEWAY_URL"):
+    for name in (
+        "REDIS_URL",
+        "DATABASE_URL",
+        "GATEWAY_SECRET_KEY",
+        "GATEWAY_URL",
+        "WEBHOOK_ALLOWED_NETWORKS",
+    ):
         env.pop(name, None)
     process = subprocess.Popen(
         [sys.executable, "-m", "gateway", "up"],
@@ -98,16 +105,26 @@ def test_gateway_up_runs_everything_and_stops_cleanly_on_ctrl_c(tmp_path: Path) 
         assert (tmp_path / "data" / "gateway.db").exists()
         assert (tmp_path / "data" / "redis").is_dir()
 
-        with httpx.Client(
-            base_url=f"http://127.0.0.1:{port}",
-            headers={"authorization": f"Bearer {key}"},
-            timeout=40,
-        ) as client:
-            accepted = client.post("/api/v1/tasks/echo/trigger", json={"payload": {"hi": 1}})
-            assert accepted.status_code == 202
-            run = client.get(accepted.headers["location"], params={"wait": 30}).json()
-        assert run["status"] == "COMPLETED"
-        assert run["output"] == {"hi": 1}
+        receiver = Receiver().start()
+        try:
+            with httpx.Client(
+                base_url=f"http://127.0.0.1:{port}",
+                headers={"authorization": f"Bearer {key}"},
+                timeout=40,
+            ) as client:
+                # `gateway up` lets callbacks reach a local app on loopback.
+                endpoint = client.post("/api/v1/webhooks", json={"url": receiver.url("/up")})
+                assert endpoint.status_code == 201, endpoint.text
+                receiver.verify_with("/up", endpoint.json()["secret"])
+                accepted = client.post("/api/v1/tasks/echo/trigger", json={"payload": {"hi": 1}})
+                assert accepted.status_code == 202
+                run = client.get(accepted.headers["location"], params={"wait": 30}).json()
+            assert run["status"] == "COMPLETED"
+            assert run["output"] == {"hi": 1}
+            [call] = receiver.wait_calls("/up", 1)
+            assert call.verified_by and call.json()["data"]["id"] == run["id"]
+        finally:
+            receiver.stop()
     finally:
         process.send_signal(signal.SIGINT)
         code = process.wait(60)
@@ -116,6 +133,7 @@ def test_gateway_up_runs_everything_and_stops_cleanly_on_ctrl_c(tmp_path: Path) 
         process.stdout.close()
     assert code == 0, "".join(output)
     assert "gateway: stopped" in "".join(output)
+    assert "callbacks may go to loopback addresses" in "".join(output)
     # Nothing is left listening: the web port is free again and Redis is gone.
     wait_until(lambda: _port_free(port), timeout=5, what="the web port to be released")
     redis_pids = [p for p in _children_named("redis-server") if str(tmp_path) in _cmdline(p)]

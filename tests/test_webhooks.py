@@ -545,3 +545,52 @@ def test_a_verified_call_with_a_stale_timestamp_is_refused_by_receivers() -> Non
     )
     with pytest.raises(WebhookVerificationError):
         Webhook(secret).verify(body, stale)
+
+
+def test_retry_after_is_honoured_within_bounds(app: App, receiver: Receiver) -> None:
+    path = fresh_path()
+    register(app, receiver, path)
+    receiver.script(path, Answer(429, b"slow down", {"retry-after": "2"}), Answer(200))
+    run = app.run("echo", {})
+    receiver.wait_calls(path, 2)
+
+    def settled() -> dict[str, Any] | None:
+        [delivery] = deliveries_of_run(app, run["id"])
+        return delivery if delivery["status"] == "delivered" else None
+
+    delivery = wait_until(settled, what="the delivery to succeed")
+    first, second = delivery["attempts"]
+    assert first["status_code"] == 429
+    gap = _at(second["at"]) - _at(first["at"])
+    # The schedule's next delay is 0.3 s (±20 %); the receiver asked for 2 s.
+    assert gap >= dt.timedelta(seconds=1.9), gap
+
+
+def test_a_timeout_and_a_redirect_are_failures_and_redirects_are_not_followed(
+    app: App, receiver: Receiver
+) -> None:
+    path, elsewhere = fresh_path(), fresh_path()
+    register(app, receiver, path)
+    receiver.script(
+        path,
+        Answer(200, delay=3.0),  # longer than the tests' WEBHOOK_TIMEOUT of 2 s
+        Answer(302, b"moved", {"location": receiver.url(elsewhere)}),
+        Answer(200),
+    )
+    run = app.run("echo", {})
+    receiver.wait_calls(path, 3, timeout=30)
+
+    def settled() -> dict[str, Any] | None:
+        [delivery] = deliveries_of_run(app, run["id"])
+        return delivery if delivery["status"] == "delivered" else None
+
+    delivery = wait_until(settled, what="the delivery to succeed")
+    timed_out, redirected, ok = delivery["attempts"]
+    assert timed_out["status_code"] is None and "timed out after 2 s" in timed_out["error"]
+    assert redirected["status_code"] == 302 and redirected["succeeded"] is False
+    assert ok["status_code"] == 200
+    assert receiver.calls_to(elsewhere) == []
+
+
+def _at(value: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
