@@ -16,6 +16,7 @@ from gateway.auth import ApiKeyAuth
 from gateway.errors import exception_handlers
 from gateway.logs import configure_logging
 from gateway.notify import RunNotifier
+from gateway.reconciler import Reconciler
 from gateway.runs import RunService
 from gateway.services import Services
 from gateway.settings import Settings
@@ -63,9 +64,18 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 db=db, redis=redis, notifier=notifier, webhooks=webhooks, settings=settings
             ),
         )
+        reconciler = Reconciler(
+            db=db,
+            redis=redis,
+            runs=app.state.services.runs,
+            webhooks=webhooks,
+            settings=settings,
+        )
+        await reconciler.start()
         try:
             yield
         finally:
+            await reconciler.stop()
             await notifier.stop()
             await redis.aclose()
             await db.dispose()

@@ -145,6 +145,10 @@ class Settings:
     webhook_disable_after: float = 5 * 24 * 3600.0
     #: How long a rotated-out secret keeps signing beside the new one.
     webhook_rotation_grace: float = 24 * 3600.0
+    #: Seconds between two passes of the reconciler.
+    reconcile_interval: float = 15.0
+    #: A QUEUED run or due delivery older than this with no job is re-queued.
+    reconcile_grace: float = 30.0
     #: ``text`` (readable lines) or ``json`` (one object per line).
     log_format: str = "text"
     log_level: str = "INFO"
@@ -183,6 +187,8 @@ class Settings:
             webhook_retry_after_max=_float(env, "WEBHOOK_RETRY_AFTER_MAX", 3600.0),
             webhook_disable_after=_float(env, "WEBHOOK_DISABLE_AFTER", 5 * 24 * 3600.0),
             webhook_rotation_grace=_float(env, "WEBHOOK_ROTATION_GRACE", 24 * 3600.0),
+            reconcile_interval=_float(env, "RECONCILE_INTERVAL", 15.0, minimum=0.1),
+            reconcile_grace=_float(env, "RECONCILE_GRACE", 30.0),
             log_format=log_format,
             log_level=(env.get("LOG_LEVEL") or "INFO").upper(),
         )

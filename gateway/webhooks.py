@@ -734,6 +734,10 @@ class WebhookService:
         except (RedisError, OSError) as exc:
             log.warning("could not queue delivery %s (the reconciler will): %s", delivery_id, exc)
 
+    async def requeue(self, delivery_id: str, *, step: int) -> None:
+        """Queue the due attempt of a delivery whose job was lost (reconciler)."""
+        await self._enqueue(delivery_id, trigger="schedule", step=step)
+
     async def prepare(self, delivery_id: str) -> dict[str, Any]:
         """What a worker should send for ``delivery_id`` now, signed afresh."""
 

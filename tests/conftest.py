@@ -119,6 +119,11 @@ class Stack:
         ).start()
         wait_http_ok(self.base_url + "/healthz", self.gateway)
 
+    def start_worker(self) -> None:
+        self.worker = Process(
+            "worker", ["-m", "gateway", "worker"], self.env, self.worker.log_path.parent
+        ).start()
+
     def run(
         self, task: str, payload: Any = None, *, key: str | None = None, **options: Any
     ) -> dict[str, Any]:
@@ -158,6 +163,8 @@ def stack(
         WEBHOOK_RETRY_SCHEDULE=RETRY_SCHEDULE,
         WEBHOOK_TIMEOUT="2",
         WEBHOOK_DISABLE_AFTER=str(DISABLE_AFTER),
+        RECONCILE_INTERVAL="0.5",
+        RECONCILE_GRACE="2",
     )
     gateway = Process("gateway", ["-m", "gateway", "web"], env, logs).start()
     worker = Process("worker", ["-m", "gateway", "worker"], env, logs).start()

@@ -18,38 +18,37 @@ from webhooks.signing import EventSignatureError, sign_event_body, verify_event_
 
 
 def insert_queued_run(stack: Stack) -> str:
-    """A QUEUED run with no job behind it, so only this test reports on it."""
-    run_id = new_id("run")
-    stack_sql = (
-        "INSERT INTO runs (id, project_id, task, status, attempt, payload, tags, metadata, "
-        "created_at, updated_at) VALUES (:id, :project, 'echo', 'QUEUED', 1, :payload, "
-        ":tags, :meta, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
-    )
-    write(
-        stack,
-        stack_sql,
-        id=run_id,
-        project=stack.project_id,
-        payload='{"x": 1}',
-        tags="[]",
-        meta="{}",
-    )
-    return run_id
+    """A QUEUED run with no job behind it, so only this test reports on it.
 
-
-def write(stack: Stack, sql: str, **params: Any) -> None:
+    Its ``updated_at`` lies in the future, so the reconciler (which re-queues
+    QUEUED runs whose job is missing) leaves it alone.
+    """
     import asyncio
+    import datetime as dt
 
     import sqlalchemy as sa
 
     from db.engine import Database
+    from db.models import Run
+    from db.types import utcnow
+
+    run_id = new_id("run")
+    now = utcnow()
+    row = {
+        "id": run_id,
+        "project_id": stack.project_id,
+        "task": "echo",
+        "status": "QUEUED",
+        "attempt": 1,
+        "payload": {"x": 1},
+        "tags": [],
+        "metadata": {},
+        "created_at": now,
+        "updated_at": now + dt.timedelta(days=1),
+    }
 
     def insert(conn: sa.Connection) -> None:
-        statement = sql
-        if conn.dialect.name == "postgresql":
-            for name in ("payload", "tags", "meta"):
-                statement = statement.replace(f":{name}", f"CAST(:{name} AS JSONB)")
-        conn.execute(sa.text(statement), params)
+        conn.execute(Run.__table__.insert(), row)  # type: ignore[attr-defined]
 
     async def run() -> None:
         db = Database(stack.database_url)
@@ -59,6 +58,7 @@ def write(stack: Stack, sql: str, **params: Any) -> None:
             await db.dispose()
 
     asyncio.run(run())
+    return run_id
 
 
 def event(run_id: str, kind: str, attempt: int = 1, **fields: Any) -> bytes:

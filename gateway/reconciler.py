@@ -1,0 +1,147 @@
+"""The reconciler: puts back on the queue what the database says is due.
+
+Redis holds only work in flight and can lose it (a flush, a restart without
+its AOF). The database cannot: every QUEUED run and every pending delivery is
+a row. Every ``RECONCILE_INTERVAL`` seconds one gateway process (a Redis lock
+picks it) looks for rows that have waited longer than ``RECONCILE_GRACE`` and
+whose arq job is gone, and enqueues the job again under the same ``_job_id``,
+so a job that does exist is never doubled (arq refuses a duplicate ID).
+The queries are bounded and use the ``(status, updated_at)`` and
+``(status, next_attempt_at)`` indexes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from arq import ArqRedis
+from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
+from redis.exceptions import RedisError
+
+from db.engine import Database
+from db.models import Delivery, DeliveryStatus, Run, RunStatus
+from db.types import utcnow
+from gateway.runs import RunService
+from gateway.settings import Settings
+from gateway.webhooks import WebhookService
+
+__all__ = ["Reconciler"]
+
+log = logging.getLogger("gateway.reconciler")
+
+runs = Run.__table__  # type: ignore[attr-defined]
+deliveries = Delivery.__table__  # type: ignore[attr-defined]
+
+LOCK_KEY = "gateway:reconciler:lock"
+BATCH = 500
+
+
+def _due_runs(conn: sa.Connection, before: dt.datetime) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        sa.select(runs.c.id, runs.c.task, runs.c.payload, runs.c.attempt)
+        .where(runs.c.status == RunStatus.QUEUED.value, runs.c.updated_at < before)
+        .order_by(runs.c.updated_at)
+        .limit(BATCH)
+    ).mappings()
+    return [dict(r) for r in rows]
+
+
+def _due_deliveries(conn: sa.Connection, before: dt.datetime) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        sa.select(deliveries.c.id, deliveries.c.schedule_step)
+        .where(
+            deliveries.c.status == DeliveryStatus.PENDING.value,
+            deliveries.c.next_attempt_at < before,
+        )
+        .order_by(deliveries.c.next_attempt_at)
+        .limit(BATCH)
+    ).mappings()
+    return [dict(r) for r in rows]
+
+
+class Reconciler:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        redis: ArqRedis,
+        runs: RunService,
+        webhooks: WebhookService,
+        settings: Settings,
+    ) -> None:
+        self.db = db
+        self.redis = redis
+        self.runs = runs
+        self.webhooks = webhooks
+        self.interval = settings.reconcile_interval
+        self.grace = settings.reconcile_grace
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="reconciler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                lock_ms = max(1, int(self.interval * 900))
+                if await self.redis.set(LOCK_KEY, os.getpid(), nx=True, px=lock_ms):
+                    await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reconciler pass failed; the next one will try again")
+
+    async def _missing(self, job_ids: Sequence[str]) -> list[bool]:
+        """For each job ID: is there no job, running job or result for it?"""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.exists(
+                    job_key_prefix + job_id,
+                    in_progress_key_prefix + job_id,
+                    result_key_prefix + job_id,
+                )
+            counts = await pipe.execute()
+        return [count == 0 for count in counts]
+
+    async def run_once(self) -> dict[str, int]:
+        """One pass; returns how many runs and deliveries it queued again."""
+        before = utcnow() - dt.timedelta(seconds=self.grace)
+        requeued_runs = requeued_deliveries = 0
+        try:
+            due = await self.db.read(_due_runs, before)
+            job_ids = [r["id"] if r["attempt"] == 1 else f"{r['id']}:{r['attempt']}" for r in due]
+            for run, missing in zip(due, await self._missing(job_ids), strict=True):
+                if missing and await self.runs.enqueue(
+                    run["id"], run["task"], run["payload"], attempt=run["attempt"]
+                ):
+                    requeued_runs += 1
+            pending = await self.db.read(_due_deliveries, before)
+            job_ids = [f"webhook:{d['id']}:{d['schedule_step']}" for d in pending]
+            for delivery, missing in zip(pending, await self._missing(job_ids), strict=True):
+                if missing:
+                    await self.webhooks.requeue(delivery["id"], step=delivery["schedule_step"])
+                    requeued_deliveries += 1
+        except (RedisError, OSError) as exc:
+            log.warning("reconciler cannot reach Redis: %s", exc)
+        if requeued_runs or requeued_deliveries:
+            log.warning(
+                "reconciler queued again %d run(s) and %d delivery(ies) whose jobs were lost",
+                requeued_runs,
+                requeued_deliveries,
+            )
+        return {"runs": requeued_runs, "deliveries": requeued_deliveries}
