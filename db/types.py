@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 
-__all__ = ["JSONColumn", "UTCDateTime", "utcnow"]
+__all__ = ["JSONColumn", "UTCDateTime", "isoformat", "utcnow"]
 
 #: JSON on SQLite, JSONB on PostgreSQL.
 JSONColumn = sa.JSON().with_variant(JSONB(), "postgresql")
@@ -16,6 +16,13 @@ JSONColumn = sa.JSON().with_variant(JSONB(), "postgresql")
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def isoformat(value: dt.datetime | None) -> str | None:
+    """``2026-11-26T09:30:49.457Z``: how the API writes every time."""
+    if value is None:
+        return None
+    return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class UTCDateTime(sa.TypeDecorator[dt.datetime]):

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.bodies import json_object, parse_json, read_body, validate
 from gateway.errors import (
-    InvalidJSON,
     NotFound,
-    PayloadTooLarge,
     Unauthorized,
     ValidationFailed,
     error_response,
@@ -38,28 +36,6 @@ def _services(request: Request) -> Services:
     return services
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``max_bytes``."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {max_bytes}")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise PayloadTooLarge(f"the body is over the limit of {max_bytes} bytes")
-    return bytes(body)
-
-
-def parse_json(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except UnicodeDecodeError:
-        raise InvalidJSON("the request body is not UTF-8 text") from None
-    except ValueError as exc:
-        raise InvalidJSON(f"the request body is not valid JSON: {exc}") from None
-
-
 async def trigger(request: Request) -> Response:
     services = _services(request)
     principal = await services.auth.authenticate(request)
@@ -70,17 +46,7 @@ async def trigger(request: Request) -> Response:
             f"no task named {task_name!r}; known tasks: {', '.join(services.registry.names())}",
             code="task_not_found",
         )
-    body = await read_body(request, services.settings.max_body_bytes)
-    data = parse_json(body) if body.strip() else {}
-    if not isinstance(data, dict):
-        raise ValidationFailed(
-            "the request body must be a JSON object",
-            details=[{"path": "", "message": "expected an object", "type": "dict_type"}],
-        )
-    try:
-        trigger_request = TriggerRequest.model_validate(data)
-    except ValidationError as exc:
-        raise ValidationFailed(details=validation_details(exc)) from None
+    trigger_request = await json_object(request, services.settings.max_body_bytes, TriggerRequest)
     payload_error = definition.payload_errors(trigger_request.payload)
     if payload_error is not None:
         raise ValidationFailed(
@@ -150,20 +116,13 @@ async def _signed_json(request: Request, services: Services) -> Any:
     return parse_json(body)
 
 
-def _validate(model: type[M], data: Any) -> M:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise ValidationFailed(details=validation_details(exc)) from None
-
-
 async def worker_event(request: Request) -> Response:
     services = _services(request)
     data = await _signed_json(request, services)
     if isinstance(data, dict) and data.get("type") == "delivery.attempt":
-        report = _validate(DeliveryAttemptReport, data)
+        report = validate(DeliveryAttemptReport, data)
         return JSONResponse(await services.webhooks.record_attempt(report))
-    event = _validate(WorkerEvent, data)
+    event = validate(WorkerEvent, data)
     outcome = await services.runs.apply_event(event)
     return JSONResponse(outcome.to_dict())
 
@@ -174,7 +133,7 @@ class _PrepareRequest(BaseModel):
 
 async def prepare_delivery(request: Request) -> Response:
     services = _services(request)
-    prepare = _validate(_PrepareRequest, await _signed_json(request, services))
+    prepare = validate(_PrepareRequest, await _signed_json(request, services))
     return JSONResponse(await services.webhooks.prepare(prepare.delivery_id))
 
 

@@ -21,26 +21,20 @@ from redis.exceptions import RedisError
 from db.engine import Database
 from db.ids import new_id
 from db.models import Run, RunAttempt, RunStatus, RunTransition
-from db.types import utcnow
+from db.types import isoformat, utcnow
 from gateway.errors import NotFound
 from gateway.notify import RunNotifier
 from gateway.schemas import TriggerRequest, WorkerEvent
 from gateway.settings import Settings
 from gateway.webhooks import FINAL_EVENTS, Outgoing, WebhookService, create_run_deliveries
 
-__all__ = ["EventOutcome", "RunService", "isoformat"]
+__all__ = ["EventOutcome", "RunService", "run_view"]
 
 log = logging.getLogger("gateway.runs")
 
 runs = Run.__table__  # type: ignore[attr-defined]
 run_attempts = RunAttempt.__table__  # type: ignore[attr-defined]
 run_transitions = RunTransition.__table__  # type: ignore[attr-defined]
-
-
-def isoformat(value: dt.datetime | None) -> str | None:
-    if value is None:
-        return None
-    return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,7 +36,7 @@ from db.models import (
     RunStatus,
     WebhookEndpoint,
 )
-from db.types import utcnow
+from db.types import isoformat, utcnow
 from gateway.errors import NotFound, ValidationFailed
 from gateway.settings import Settings
 from webhooks.signing import generate_webhook_secret, webhook_headers
@@ -49,7 +49,6 @@ __all__ = [
     "EndpointUpdate",
     "WebhookService",
     "create_run_deliveries",
-    "isoformat",
 ]
 
 log = logging.getLogger("gateway.webhooks")
@@ -74,12 +73,6 @@ FINAL_EVENTS = {
 EVENT_TYPES = ("run.started", *FINAL_EVENTS.values())
 TEST_EVENT = "webhook.test"
 RESPONSE_EXCERPT_BYTES = 2048
-
-
-def isoformat(value: dt.datetime | None) -> str | None:
-    if value is None:
-        return None
-    return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _wants(events: Sequence[str], event_type: str) -> bool:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.auth import Principal
-from gateway.errors import ValidationFailed, validation_details
+from gateway.bodies import json_object
+from gateway.errors import ValidationFailed
 from gateway.services import Services
 from gateway.webhooks import EndpointCreate, EndpointUpdate, RecoverRequest, RotateRequest
 
@@ -25,19 +26,7 @@ async def _context(request: Request) -> tuple[Services, Principal]:
 
 
 async def _body(request: Request, services: Services, model: type[M]) -> M:
-    from gateway.api import parse_json, read_body
-
-    raw = await read_body(request, services.settings.max_body_bytes)
-    data = parse_json(raw) if raw.strip() else {}
-    if not isinstance(data, dict):
-        raise ValidationFailed(
-            "the request body must be a JSON object",
-            details=[{"path": "", "message": "expected an object", "type": "dict_type"}],
-        )
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise ValidationFailed(details=validation_details(exc)) from None
+    return await json_object(request, services.settings.max_body_bytes, model)
 
 
 def _page(request: Request) -> tuple[int, str | None]:

@@ -19,12 +19,10 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from db.engine import Database
 from db.migrate import upgrade
-from gateway.auth import create_api_key
 from gateway.embedded_redis import EmbeddedRedis, free_port
 from gateway.settings import normalize_database_url
-from tests.helpers import Process, child_env, db_query, wait_http_ok
+from tests.helpers import Process, child_env, db_call, db_query, wait_http_ok
 from tests.receiver import Receiver
 
 TEST_SECRET = "test-secret-" + secrets.token_urlsafe(16)
@@ -101,14 +99,11 @@ class Stack:
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=70.0)
 
     def new_key(self, project: str) -> str:
-        async def create() -> str:
-            db = Database(self.database_url)
-            try:
-                return (await create_api_key(db, project))[1]
-            finally:
-                await db.dispose()
+        from gateway.auth import _create_api_key, generate_api_key
 
-        return asyncio.run(create())
+        key = generate_api_key()
+        db_call(self.database_url, lambda conn: _create_api_key(conn, project, key), write=True)
+        return key
 
     def query(self, sql: str, **params: Any) -> list[Any]:
         return db_query(self.database_url, sql, params)

@@ -98,17 +98,22 @@ def wait_http_ok(url: str, process: Process, timeout: float = 30.0) -> None:
     wait_until(ready, timeout=timeout, what=f"{url} to answer")
 
 
-def db_query(url: str, sql: str, params: Mapping[str, Any] | None = None) -> list[Any]:
-    """Rows of ``sql`` against the real database at ``url``."""
+def db_call(url: str, fn: Callable[[sa.Connection], T], *, write: bool = False) -> T:
+    """``fn(conn)`` in one transaction against the real database at ``url``."""
 
-    async def run() -> list[Any]:
+    async def run() -> T:
         db = Database(url)
         try:
-            return await db.read(lambda conn: list(conn.execute(sa.text(sql), dict(params or {}))))
+            return await (db.write(fn) if write else db.read(fn))
         finally:
             await db.dispose()
 
     return asyncio.run(run())
+
+
+def db_query(url: str, sql: str, params: Mapping[str, Any] | None = None) -> list[Any]:
+    """Rows of ``sql`` against the real database at ``url``."""
+    return db_call(url, lambda conn: list(conn.execute(sa.text(sql), dict(params or {}))))
 
 
 def child_env(**overrides: str) -> dict[str, str]:

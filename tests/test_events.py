@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 from typing import Any
@@ -12,8 +13,11 @@ from itsdangerous import TimestampSigner
 
 import webhooks.signing as signing
 from db.ids import new_id
+from db.models import Run
+from db.types import utcnow
 from jobs.report import EVENTS_PATH
 from tests.conftest import TEST_SECRET, Stack
+from tests.helpers import db_call
 from webhooks.signing import EventSignatureError, sign_event_body, verify_event_body
 
 
@@ -23,15 +27,6 @@ def insert_queued_run(stack: Stack) -> str:
     Its ``updated_at`` lies in the future, so the reconciler (which re-queues
     QUEUED runs whose job is missing) leaves it alone.
     """
-    import asyncio
-    import datetime as dt
-
-    import sqlalchemy as sa
-
-    from db.engine import Database
-    from db.models import Run
-    from db.types import utcnow
-
     run_id = new_id("run")
     now = utcnow()
     row = {
@@ -46,18 +41,7 @@ def insert_queued_run(stack: Stack) -> str:
         "created_at": now,
         "updated_at": now + dt.timedelta(days=1),
     }
-
-    def insert(conn: sa.Connection) -> None:
-        conn.execute(Run.__table__.insert(), row)  # type: ignore[attr-defined]
-
-    async def run() -> None:
-        db = Database(stack.database_url)
-        try:
-            await db.write(insert)
-        finally:
-            await db.dispose()
-
-    asyncio.run(run())
+    db_call(stack.database_url, lambda conn: conn.execute(Run.__table__.insert(), row), write=True)
     return run_id
 
 

@@ -12,7 +12,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from tests.conftest import Stack
-from tests.helpers import wait_until
+from tests.helpers import db_call, wait_until
 from tests.receiver import Answer, Receiver
 from webhooks import verify
 from webhooks.signing import sign_webhook
@@ -64,6 +64,16 @@ def deliveries_of_run(app: App, run_id: str) -> list[dict[str, Any]]:
         response = client.get(f"/api/v1/runs/{run_id}/deliveries")
     assert response.status_code == 200, response.text
     return list(response.json()["data"])
+
+
+def wait_delivered(app: App, run_id: str) -> dict[str, Any]:
+    """The run's one delivery, once it is marked delivered."""
+
+    def settled() -> dict[str, Any] | None:
+        [delivery] = deliveries_of_run(app, run_id)
+        return delivery if delivery["status"] == "delivered" else None
+
+    return wait_until(settled, what="the delivery to succeed")
 
 
 def endpoint_deliveries(app: App, endpoint_id: str) -> list[dict[str, Any]]:
@@ -161,11 +171,7 @@ def test_500s_then_200_with_the_same_webhook_id_and_every_attempt_logged(
     assert len({c.headers["webhook-id"] for c in calls}) == 1
     assert all(c.verified_by for c in calls)
 
-    def settled() -> dict[str, Any] | None:
-        [delivery] = deliveries_of_run(app, run["id"])
-        return delivery if delivery["status"] == "delivered" else None
-
-    delivery = wait_until(settled, what="the delivery to succeed")
+    delivery = wait_delivered(app, run["id"])
     assert [a["status_code"] for a in delivery["attempts"]] == [500, 503, 200]
     assert [a["response_body"] for a in delivery["attempts"]] == ["boom 1", "boom 2", "fine"]
     assert [a["succeeded"] for a in delivery["attempts"]] == [False, False, True]
@@ -386,11 +392,8 @@ def test_private_addresses_are_refused_at_registration_and_at_send_time(
 
 def _insert_endpoint(app: App, url: str) -> str:
     """An endpoint row written straight to the database, past the API's checks."""
-    import asyncio
-
     import sqlalchemy as sa
 
-    from db.engine import Database
     from db.ids import new_id
     from db.models import EndpointSecret, WebhookEndpoint
     from db.types import utcnow
@@ -423,14 +426,7 @@ def _insert_endpoint(app: App, url: str) -> str:
             },
         )
 
-    async def run() -> None:
-        db = Database(app.stack.database_url)
-        try:
-            await db.write(insert)
-        finally:
-            await db.dispose()
-
-    asyncio.run(run())
+    db_call(app.stack.database_url, insert, write=True)
     return endpoint_id
 
 
@@ -554,11 +550,7 @@ def test_retry_after_is_honoured_within_bounds(app: App, receiver: Receiver) -> 
     run = app.run("echo", {})
     receiver.wait_calls(path, 2)
 
-    def settled() -> dict[str, Any] | None:
-        [delivery] = deliveries_of_run(app, run["id"])
-        return delivery if delivery["status"] == "delivered" else None
-
-    delivery = wait_until(settled, what="the delivery to succeed")
+    delivery = wait_delivered(app, run["id"])
     first, second = delivery["attempts"]
     assert first["status_code"] == 429
     gap = _at(second["at"]) - _at(first["at"])
@@ -580,11 +572,7 @@ def test_a_timeout_and_a_redirect_are_failures_and_redirects_are_not_followed(
     run = app.run("echo", {})
     receiver.wait_calls(path, 3, timeout=30)
 
-    def settled() -> dict[str, Any] | None:
-        [delivery] = deliveries_of_run(app, run["id"])
-        return delivery if delivery["status"] == "delivered" else None
-
-    delivery = wait_until(settled, what="the delivery to succeed")
+    delivery = wait_delivered(app, run["id"])
     timed_out, redirected, ok = delivery["attempts"]
     assert timed_out["status_code"] is None and "timed out after 2 s" in timed_out["error"]
     assert redirected["status_code"] == 302 and redirected["succeeded"] is False

@@ -1,0 +1,57 @@
+"""Reading request bodies: size-capped, JSON, and validated into a model."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+
+from gateway.errors import InvalidJSON, PayloadTooLarge, ValidationFailed, validation_details
+
+__all__ = ["json_object", "parse_json", "read_body", "validate"]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``max_bytes``."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {max_bytes}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise PayloadTooLarge(f"the body is over the limit of {max_bytes} bytes")
+    return bytes(body)
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except UnicodeDecodeError:
+        raise InvalidJSON("the request body is not UTF-8 text") from None
+    except ValueError as exc:
+        raise InvalidJSON(f"the request body is not valid JSON: {exc}") from None
+
+
+def validate(model: type[M], data: Any, *, prefix: tuple[str, ...] = ()) -> M:
+    """``data`` as ``model``, or a 422 listing each field path at fault."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ValidationFailed(details=validation_details(exc, prefix)) from None
+
+
+async def json_object(request: Request, max_bytes: int, model: type[M]) -> M:
+    """The body as ``model``; an empty body counts as ``{}``."""
+    raw = await read_body(request, max_bytes)
+    data = parse_json(raw) if raw.strip() else {}
+    if not isinstance(data, dict):
+        raise ValidationFailed(
+            "the request body must be a JSON object",
+            details=[{"path": "", "message": "expected an object", "type": "dict_type"}],
+        )
+    return validate(model, data)
