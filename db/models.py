@@ -18,6 +18,7 @@ from db.types import JSONColumn, UTCDateTime, utcnow
 __all__ = [
     "FINAL_STATUSES",
     "ApiKey",
+    "Artifact",
     "Delivery",
     "DeliveryAttempt",
     "DeliveryStatus",
@@ -26,6 +27,7 @@ __all__ = [
     "Run",
     "RunAttempt",
     "RunStatus",
+    "RunNode",
     "RunTransition",
     "WebhookEndpoint",
 ]
@@ -128,6 +130,13 @@ class Run(SQLModel, table=True):
     finished_at: dt.datetime | None = _ts()
     #: A one-off callback for this run (``options.callback_url``).
     callback_url: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
+    #: For a workflow's node: the workflow run, and the node's ID in its graph.
+    parent_id: str | None = Field(default=None, max_length=40, index=True)
+    node_id: str | None = Field(default=None, max_length=200)
+    #: For a workflow: the number of its current step (each step is one job).
+    step: int = Field(default=0)
+    #: A child ended while a step was in flight: run one more step after it.
+    step_pending: bool = Field(default=False)
 
 
 class RunAttempt(SQLModel, table=True):
@@ -269,3 +278,43 @@ class DeliveryAttempt(SQLModel, table=True):
     response_body: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
     #: A connection error, a timeout or a refused address, when there was no answer.
     error: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
+
+
+class RunNode(SQLModel, table=True):
+    """One node of a workflow run's graph, as far as the workflow has got."""
+
+    __tablename__ = "run_nodes"
+    __table_args__ = (sa.UniqueConstraint("parent_id", "node_id", name="uq_run_nodes_node"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    parent_id: str = Field(foreign_key="runs.id", max_length=40)
+    node_id: str = Field(max_length=200)
+    #: ``running`` (its child run is not final), ``completed``, ``failed`` or ``skipped``.
+    status: str = Field(max_length=16)
+    run_id: str | None = Field(default=None, max_length=40)
+    output: Any = Field(default=None, sa_column=sa.Column(JSONColumn, nullable=True))
+    error_code: str | None = Field(default=None, max_length=100)
+    error_message: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
+    updated_at: dt.datetime = Field(
+        default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False)
+    )
+
+
+class Artifact(SQLModel, table=True):
+    """A file a task produced (a cropped image), kept under ``ARTIFACT_DIR``."""
+
+    __tablename__ = "artifacts"
+
+    id: str = Field(primary_key=True, max_length=40)
+    project_id: str = Field(foreign_key="projects.id", max_length=40)
+    run_id: str | None = Field(default=None, foreign_key="runs.id", max_length=40, index=True)
+    content_type: str = Field(max_length=100)
+    bytes: int
+    sha256: str = Field(max_length=64)
+    width: int | None = None
+    height: int | None = None
+    #: Relative to ``ARTIFACT_DIR``.
+    path: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    created_at: dt.datetime = Field(
+        default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False)
+    )

@@ -16,7 +16,6 @@ from gateway.errors import (
     Unauthorized,
     ValidationFailed,
     error_response,
-    validation_details,
 )
 from gateway.schemas import TriggerRequest, WorkerEvent
 from gateway.services import Services
@@ -47,12 +46,15 @@ async def trigger(request: Request) -> Response:
             code="task_not_found",
         )
     trigger_request = await json_object(request, services.settings.max_body_bytes, TriggerRequest)
-    payload_error = definition.payload_errors(trigger_request.payload)
-    if payload_error is not None:
+    payload_errors = definition.payload_errors(trigger_request.payload)
+    if payload_errors:
         raise ValidationFailed(
             f"the payload does not fit task {task_name!r}",
             code="invalid_payload",
-            details=validation_details(payload_error, prefix=("payload",)),
+            details=[
+                {**d, "path": "payload" + (f".{d['path']}" if d["path"] else "")}
+                for d in payload_errors
+            ],
         )
     run = await services.runs.trigger(principal.project_id, task_name, trigger_request)
     return JSONResponse(run, status_code=202, headers={"location": f"/api/v1/runs/{run['id']}"})

@@ -145,6 +145,22 @@ class Settings:
     webhook_disable_after: float = 5 * 24 * 3600.0
     #: How long a rotated-out secret keeps signing beside the new one.
     webhook_rotation_grace: float = 24 * 3600.0
+    #: Where artifacts (cropped images) are kept; default ``DATA_DIR/artifacts``.
+    artifact_dir: Path = Path("data/artifacts")
+    #: How long a signed artifact link stays valid, in seconds.
+    artifact_url_ttl: int = 7 * 24 * 3600
+    #: The largest artifact a worker may store.
+    max_artifact_bytes: int = 50 * 1024 * 1024
+    #: The base of links handed to clients (artifact URLs); default GATEWAY_URL.
+    public_url: str = "http://127.0.0.1:8000"
+    #: The largest image a task downloads or decodes.
+    image_max_bytes: int = 20 * 1024 * 1024
+    image_max_pixels: int = 50_000_000
+    #: Gemini: the key (GEMINI_API_KEY or GOOGLE_API_KEY) and an optional endpoint.
+    gemini_api_key: str | None = None
+    gemini_base_url: str | None = None
+    #: Tries of a provider call that answered 429 or 5xx before the run fails.
+    llm_max_retries: int = 3
     #: Seconds between two passes of the reconciler.
     reconcile_interval: float = 15.0
     #: A QUEUED run or due delivery older than this with no job is re-queued.
@@ -160,6 +176,7 @@ class Settings:
         data_dir = Path(env.get("DATA_DIR") or "data")
         port = _int(env, "PORT", 8000, minimum=0)
         database_url = env.get("DATABASE_URL") or f"sqlite:///{data_dir / 'gateway.db'}"
+        gateway_url = (env.get("GATEWAY_URL") or f"http://127.0.0.1:{port}").rstrip("/")
         log_format = (env.get("LOG_FORMAT") or "text").lower()
         if log_format not in ("text", "json"):
             raise ConfigError("LOG_FORMAT", f"expected 'text' or 'json', got {log_format!r}")
@@ -170,7 +187,7 @@ class Settings:
             host=env.get("HOST") or "127.0.0.1",
             port=port,
             web_concurrency=_int(env, "WEB_CONCURRENCY", 1, minimum=1),
-            gateway_url=(env.get("GATEWAY_URL") or f"http://127.0.0.1:{port}").rstrip("/"),
+            gateway_url=gateway_url,
             secret_key=env.get("GATEWAY_SECRET_KEY") or "",
             event_max_age=_int(env, "EVENT_MAX_AGE", 300, minimum=1),
             max_body_bytes=_int(env, "MAX_BODY_BYTES", 1024 * 1024, minimum=1024),
@@ -187,6 +204,15 @@ class Settings:
             webhook_retry_after_max=_float(env, "WEBHOOK_RETRY_AFTER_MAX", 3600.0),
             webhook_disable_after=_float(env, "WEBHOOK_DISABLE_AFTER", 5 * 24 * 3600.0),
             webhook_rotation_grace=_float(env, "WEBHOOK_ROTATION_GRACE", 24 * 3600.0),
+            artifact_dir=Path(env.get("ARTIFACT_DIR") or data_dir / "artifacts"),
+            artifact_url_ttl=_int(env, "ARTIFACT_URL_TTL", 7 * 24 * 3600, minimum=1),
+            max_artifact_bytes=_int(env, "MAX_ARTIFACT_BYTES", 50 * 1024 * 1024, minimum=1024),
+            public_url=(env.get("PUBLIC_URL") or gateway_url).rstrip("/"),
+            image_max_bytes=_int(env, "IMAGE_MAX_BYTES", 20 * 1024 * 1024, minimum=1024),
+            image_max_pixels=_int(env, "IMAGE_MAX_PIXELS", 50_000_000, minimum=1),
+            gemini_api_key=env.get("GEMINI_API_KEY") or env.get("GOOGLE_API_KEY") or None,
+            gemini_base_url=env.get("GEMINI_BASE_URL") or None,
+            llm_max_retries=_int(env, "LLM_MAX_RETRIES", 3),
             reconcile_interval=_float(env, "RECONCILE_INTERVAL", 15.0, minimum=0.1),
             reconcile_grace=_float(env, "RECONCILE_GRACE", 30.0),
             log_format=log_format,

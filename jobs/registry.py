@@ -23,9 +23,13 @@ import importlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
+
+if TYPE_CHECKING:
+    from gateway.settings import Settings
+    from jobs.media import Media
 
 __all__ = [
     "TaskContext",
@@ -59,13 +63,18 @@ class TaskError(Exception):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TaskContext:
-    """What a running task knows about its run."""
+    """What a running task knows about its run, and the services it may use."""
 
     run_id: str
     task: str
     attempt: int
     worker_id: str
     logger: logging.Logger
+    settings: Settings
+    #: Image input and artifact output (see ``jobs.media``).
+    media: Media
+    #: For a workflow step: the states of its nodes so far.
+    workflow: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -74,6 +83,8 @@ class TaskDefinition:
     fn: TaskFunction
     payload_model: type[BaseModel] | None = None
     description: str = ""
+    #: Checks beyond the model's; returns 422 details with paths in the payload.
+    check: Callable[[Any], list[dict[str, str]]] | None = None
 
     def parse_payload(self, payload: Any) -> Any:
         """The payload as the task function takes it.
@@ -84,12 +95,20 @@ class TaskDefinition:
             return payload
         return self.payload_model.model_validate(payload)
 
-    def payload_errors(self, payload: Any) -> ValidationError | None:
+    def payload_errors(self, payload: Any) -> list[dict[str, Any]]:
+        """What is wrong with ``payload``, as details with paths in it (empty if fine)."""
         try:
             self.parse_payload(payload)
         except ValidationError as exc:
-            return exc
-        return None
+            return [
+                {
+                    "path": ".".join(str(p) for p in err["loc"]),
+                    "message": err["msg"],
+                    "type": err["type"],
+                }
+                for err in exc.errors(include_url=False, include_input=False)
+            ]
+        return list(self.check(payload)) if self.check is not None else []
 
 
 class TaskRegistry:
@@ -123,7 +142,11 @@ registry = TaskRegistry()
 
 
 def task(
-    name: str, *, payload: type[BaseModel] | None = None, description: str = ""
+    name: str,
+    *,
+    payload: type[BaseModel] | None = None,
+    description: str = "",
+    check: Callable[[Any], list[dict[str, str]]] | None = None,
 ) -> Callable[[TaskFunction], TaskFunction]:
     """Register the decorated async function as the task ``name``."""
 
@@ -134,6 +157,7 @@ def task(
                 fn=fn,
                 payload_model=payload,
                 description=description or (fn.__doc__ or "").strip().split("\n")[0],
+                check=check,
             )
         )
         return fn
@@ -143,7 +167,8 @@ def task(
 
 def load_tasks(modules: Iterable[str] = ()) -> TaskRegistry:
     """Import the built-in tasks and every module in ``modules`` (``TASK_MODULES``)."""
-    importlib.import_module("jobs.builtin")
+    for builtin in ("jobs.builtin", "jobs.images", "jobs.llm", "jobs.workflow"):
+        importlib.import_module(builtin)
     for module in modules:
         importlib.import_module(module)
     return registry

@@ -20,12 +20,25 @@ from arq import ArqRedis, Retry
 
 from webhooks.signing import EVENT_SIGNATURE_HEADER, sign_event_body
 
-__all__ = ["EVENTS_PATH", "ReportRejected", "Reporter", "deliver_report", "make_event"]
+__all__ = [
+    "ARTIFACTS_PATH",
+    "ARTIFACT_FETCH_PATH",
+    "EVENTS_PATH",
+    "PREPARE_PATH",
+    "ReportRejected",
+    "Reporter",
+    "deliver_report",
+    "event_key",
+    "make_event",
+    "retry_delay",
+]
 
 log = logging.getLogger("jobs.report")
 
 EVENTS_PATH = "/internal/v1/events"
 PREPARE_PATH = "/internal/v1/deliveries/prepare"
+ARTIFACTS_PATH = "/internal/v1/artifacts"
+ARTIFACT_FETCH_PATH = "/internal/v1/artifacts/fetch"
 #: Delays before the inline tries; what is still unheard after them is handed off.
 _INLINE_DELAYS = (0.0, 0.05, 0.25, 1.0)
 _MAX_DEFERRED_DELAY = 30.0
@@ -72,13 +85,25 @@ class Reporter:
         return await self.call(EVENTS_PATH, event)
 
     async def call(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """One signed POST of ``payload`` to the gateway's ``path``."""
+        """One signed POST of ``payload`` to the gateway's ``path``; its JSON answer."""
         body = json.dumps(payload, separators=(",", ":")).encode()
+        answer: dict[str, Any] = (await self.post(path, body, "application/json")).json()
+        return answer
+
+    async def post(
+        self, path: str, body: bytes, content_type: str, params: dict[str, str] | None = None
+    ) -> httpx.Response:
+        """One signed POST of raw ``body``; the answer if it is a success.
+
+        :raises ReportRejected: a 4xx the gateway will answer again (not 408/429)
+        :raises httpx.HTTPError: the gateway could not be reached, or answered 5xx
+        """
         response = await self.client.post(
             self.base_url + path,
             content=body,
+            params=params,
             headers={
-                "content-type": "application/json",
+                "content-type": content_type,
                 EVENT_SIGNATURE_HEADER: sign_event_body(body, self.secret),
             },
         )
@@ -90,8 +115,7 @@ class Reporter:
             )
         if response.status_code >= 400:
             raise ReportRejected(response.status_code, response.text)
-        answer: dict[str, Any] = response.json()
-        return answer
+        return response
 
     async def report(self, event: dict[str, Any], redis: ArqRedis) -> dict[str, Any] | None:
         """Send ``event``; return the gateway's answer, or ``None`` when the
@@ -125,7 +149,7 @@ def event_key(event: dict[str, Any]) -> str:
     """A name for a report, unique per thing reported (the job ID of its retries)."""
     if event["type"] == "delivery.attempt":
         return f"{event['delivery_id']}:{event['key']}"
-    return f"{event['run_id']}:{event['attempt']}:{event['type']}"
+    return f"{event['run_id']}:{event['attempt']}:{event.get('step', 0)}:{event['type']}"
 
 
 def retry_delay(job_try: int) -> float:

@@ -21,8 +21,11 @@ from pydantic import ValidationError
 
 from gateway.settings import Settings
 from jobs.deliver import deliver_webhook
+from jobs.media import Media
 from jobs.registry import TaskContext, TaskError, load_tasks
 from jobs.report import Reporter, deliver_report, make_event
+from jobs.workflow import Waiting, WorkflowFailed
+from webhooks.ssrf import parse_networks
 
 __all__ = ["WorkerSettings", "build_worker", "run_task"]
 
@@ -71,7 +74,12 @@ def _error(code: str, message: str, *, retryable: bool = False) -> dict[str, Any
 
 
 async def _execute(
-    ctx: dict[str, Any], run_id: str, task: str, payload: Any, attempt: int
+    ctx: dict[str, Any],
+    run_id: str,
+    task: str,
+    payload: Any,
+    attempt: int,
+    state: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """Run the task; return the fields of the final event (never raises for
     the task's own failures, so one bad run never takes the worker down)."""
@@ -95,9 +103,24 @@ async def _execute(
         attempt=attempt,
         worker_id=ctx["worker_id"],
         logger=logging.getLogger(f"jobs.task.{task}"),
+        settings=settings,
+        media=Media(
+            run_id=run_id,
+            reporter=ctx["reporter"],
+            http=ctx["webhook_http"],
+            allowed=parse_networks(settings.webhook_allowed_networks),
+            max_bytes=settings.image_max_bytes,
+        ),
+        workflow=state,
     )
     try:
         output = await definition.fn(parsed, task_ctx)
+    except WorkflowFailed as exc:
+        return {
+            "type": "failed",
+            "error": _error(exc.code, exc.message),
+            "output": exc.output,
+        }
     except TaskError as exc:
         return {"type": "failed", "error": _error(exc.code, exc.message, retryable=exc.retryable)}
     except Exception as exc:
@@ -106,6 +129,8 @@ async def _execute(
             "type": "failed",
             "error": _error("task_exception", f"{type(exc).__name__}: {exc}", retryable=True),
         }
+    if isinstance(output, Waiting):
+        return {"type": "waiting", "spawn": output.spawn, "nodes": output.nodes}
     try:
         size = len(json.dumps(output, separators=(",", ":")))
     except (TypeError, ValueError) as exc:
@@ -125,16 +150,23 @@ async def _execute(
 
 
 async def run_task(
-    ctx: dict[str, Any], run_id: str, task: str, payload: Any, attempt: int = 1
+    ctx: dict[str, Any],
+    run_id: str,
+    task: str,
+    payload: Any,
+    attempt: int = 1,
+    step: int = 0,
+    state: dict[str, Any] | None = None,
 ) -> str:
-    """arq job: one attempt of one run, bracketed by ``started`` and a final event."""
+    """arq job: one attempt of one run (or one step of a workflow), bracketed
+    by ``started`` and a final (or ``waiting``) event."""
     reporter: Reporter = ctx["reporter"]
-    ids = {"run_id": run_id, "attempt": attempt, "worker_id": ctx["worker_id"]}
+    ids = {"run_id": run_id, "attempt": attempt, "step": step, "worker_id": ctx["worker_id"]}
     ack = await reporter.report(make_event("started", **ids), ctx["redis"])
     if ack is not None and not ack.get("proceed", True):
         log.info("run %s is %s; not executing it", run_id, ack.get("status"))
         return f"skipped ({ack.get('status')})"
-    result = await _execute(ctx, run_id, task, payload, attempt)
+    result = await _execute(ctx, run_id, task, payload, attempt, state)
     event_type = result.pop("type")
     await reporter.report(make_event(event_type, **ids, **result), ctx["redis"])
     return str(event_type)

@@ -156,7 +156,7 @@ def test_run_finishing_while_the_gateway_is_down_ends_completed(stack: Stack) ->
     r = redis.Redis.from_url(stack.redis_url)
     try:
         wait_until(
-            lambda: r.exists(f"arq:job:report:{run_id}:1:completed"),
+            lambda: r.exists(f"arq:job:report:{run_id}:1:0:completed"),
             timeout=30,
             what="the completed report to be handed off",
         )

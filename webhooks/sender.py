@@ -1,19 +1,24 @@
-"""Sending one callback: one HTTP POST, through the SSRF guard, never following redirects."""
+"""Outbound HTTP to addresses we do not control: callbacks and image downloads.
+
+Everything goes through :func:`guarded_stream`: the SSRF guard, the checked
+address pinned, no redirects followed.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import email.utils
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from webhooks.ssrf import AddressRefused, IPNetwork, resolve_checked
+from webhooks.ssrf import AddressRefused, IPNetwork, resolve_checked, validate_url
 
-__all__ = ["AttemptResult", "parse_retry_after", "send_webhook"]
+__all__ = ["AttemptResult", "guarded_stream", "parse_retry_after", "send_webhook"]
 
 EXCERPT_BYTES = 2048
 
@@ -58,6 +63,46 @@ def _pinned_url(url: str, address: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
 
 
+@contextlib.asynccontextmanager
+async def guarded_stream(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    allowed: Sequence[IPNetwork],
+    timeout_seconds: float,
+    headers: Mapping[str, str] | None = None,
+    content: bytes | None = None,
+) -> AsyncIterator[httpx.Response]:
+    """Stream ``method url`` through the SSRF guard, never following redirects.
+
+    The host is resolved here and checked (see ``webhooks.ssrf``); the request
+    goes to the checked address, with the URL's own ``Host`` header and, for
+    https, its name for SNI and certificate checks.
+
+    :raises AddressRefused: the URL or an address it resolves to is refused
+    :raises httpx.HTTPError: the request failed or timed out
+    """
+    validate_url(url, allowed)
+    parts = urlsplit(url)
+    hostname = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    address = await resolve_checked(hostname, port, allowed)
+    request_headers = dict(headers or {})
+    request_headers["host"] = parts.netloc.rpartition("@")[2]
+    extensions = {"sni_hostname": hostname} if parts.scheme == "https" else {}
+    async with client.stream(
+        method,
+        _pinned_url(url, str(address)),
+        content=content,
+        headers=request_headers,
+        timeout=timeout_seconds,
+        extensions=extensions,
+        follow_redirects=False,
+    ) as response:
+        yield response
+
+
 async def send_webhook(
     client: httpx.AsyncClient,
     *,
@@ -67,36 +112,22 @@ async def send_webhook(
     timeout_seconds: float,
     allowed: Sequence[IPNetwork],
 ) -> AttemptResult:
-    """POST ``body`` to ``url``; never raises for the receiver's faults.
-
-    The host is resolved here and checked (see ``webhooks.ssrf``); the request
-    goes to the checked address, with the URL's own ``Host`` header and, for
-    https, its name for SNI and certificate checks.
-    """
+    """POST ``body`` to ``url`` through :func:`guarded_stream`; never raises
+    for the receiver's faults."""
     start = time.perf_counter()
 
     def elapsed() -> int:
         return round((time.perf_counter() - start) * 1000)
 
-    parts = urlsplit(url)
-    hostname = parts.hostname or ""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        address = await resolve_checked(hostname, port, allowed)
-    except AddressRefused as exc:
-        return AttemptResult(None, elapsed(), None, f"refused: {exc.reason}", None)
-    request_headers = dict(headers)
-    request_headers["host"] = parts.netloc.rpartition("@")[2]
-    extensions = {"sni_hostname": hostname} if parts.scheme == "https" else {}
-    try:
-        async with client.stream(
+        async with guarded_stream(
+            client,
             "POST",
-            _pinned_url(url, str(address)),
+            url,
+            allowed=allowed,
+            timeout_seconds=timeout_seconds,
+            headers=headers,
             content=body.encode(),
-            headers=request_headers,
-            timeout=timeout_seconds,
-            extensions=extensions,
-            follow_redirects=False,
         ) as response:
             excerpt = bytearray()
             async for chunk in response.aiter_bytes():
@@ -111,6 +142,8 @@ async def send_webhook(
                 None,
                 parse_retry_after(response.headers.get("retry-after")),
             )
+    except AddressRefused as exc:
+        return AttemptResult(None, elapsed(), None, f"refused: {exc.reason}", None)
     except httpx.TimeoutException:
         return AttemptResult(None, elapsed(), None, f"timed out after {timeout_seconds:g} s", None)
     except httpx.HTTPError as exc:
