@@ -30,6 +30,7 @@ from db.models import Delivery, DeliveryStatus, Run, RunStatus
 from db.types import utcnow
 from gateway.runs import RunService
 from gateway.settings import Settings
+from gateway.transitions import Job, job_id, node_states
 from gateway.webhooks import WebhookService
 
 __all__ = ["Reconciler"]
@@ -45,7 +46,7 @@ BATCH = 500
 
 def _due_runs(conn: sa.Connection, before: dt.datetime) -> list[dict[str, Any]]:
     rows = conn.execute(
-        sa.select(runs.c.id, runs.c.task, runs.c.payload, runs.c.attempt)
+        sa.select(runs.c.id, runs.c.task, runs.c.payload, runs.c.attempt, runs.c.step)
         .where(runs.c.status == RunStatus.QUEUED.value, runs.c.updated_at < before)
         .order_by(runs.c.updated_at)
         .limit(BATCH)
@@ -124,10 +125,17 @@ class Reconciler:
         requeued_runs = requeued_deliveries = 0
         try:
             due = await self.db.read(_due_runs, before)
-            job_ids = [r["id"] if r["attempt"] == 1 else f"{r['id']}:{r['attempt']}" for r in due]
+            job_ids = [job_id(r["id"], r["attempt"], r["step"]) for r in due]
             for run, missing in zip(due, await self._missing(job_ids), strict=True):
                 if missing and await self.runs.enqueue(
-                    run["id"], run["task"], run["payload"], attempt=run["attempt"]
+                    Job(
+                        run["id"],
+                        run["task"],
+                        run["payload"],
+                        run["attempt"],
+                        run["step"],
+                        await self.db.read(node_states, run["id"]) if run["step"] else None,
+                    )
                 ):
                     requeued_runs += 1
             pending = await self.db.read(_due_deliveries, before)

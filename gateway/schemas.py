@@ -33,13 +33,26 @@ class WorkerError(BaseModel):
     retryable: bool = False
 
 
+class ChildRun(BaseModel):
+    """A node of a workflow that a step starts as a child run."""
+
+    node_id: str = Field(min_length=1, max_length=200)
+    task: str = Field(min_length=1, max_length=200)
+    payload: Any = None
+
+
 class WorkerEvent(BaseModel):
     """A signed report from a worker (see ``jobs.report``)."""
 
-    type: Literal["started", "completed", "failed"]
+    type: Literal["started", "completed", "failed", "waiting"]
     run_id: str = Field(max_length=40)
     attempt: int = Field(ge=1)
+    #: A workflow's step; 0 for every other run.
+    step: int = Field(default=0, ge=0)
     worker_id: str | None = Field(default=None, max_length=200)
     occurred_at: str | None = None
     output: Any = None
     error: WorkerError | None = None
+    #: ``waiting`` only: the children to start and the nodes' states.
+    spawn: list[ChildRun] = Field(default_factory=list, max_length=200)
+    nodes: dict[str, dict[str, Any]] = Field(default_factory=dict)

@@ -1,0 +1,529 @@
+"""Units of work on runs: each runs inside one database transaction.
+
+Every change of a run's status goes through :func:`transition`, a
+compare-and-set that names the status, attempt and step it expects (DESIGN.md,
+invariant 3), so a duplicate, late or replayed report changes nothing. Jobs
+and deliveries a transition causes are returned, to be queued once the
+transaction has committed (invariants 1 and 4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import sqlalchemy as sa
+
+from db.ids import new_id
+from db.models import Run, RunAttempt, RunNode, RunStatus, RunTransition
+from db.types import isoformat, utcnow
+from gateway.schemas import WorkerEvent
+from gateway.webhooks import FINAL_EVENTS, Outgoing, create_run_deliveries
+
+__all__ = [
+    "EventOutcome",
+    "Job",
+    "LostRace",
+    "apply_event",
+    "insert_run",
+    "job_id",
+    "load_run",
+    "node_states",
+    "run_view",
+]
+
+runs = Run.__table__  # type: ignore[attr-defined]
+run_attempts = RunAttempt.__table__  # type: ignore[attr-defined]
+run_transitions = RunTransition.__table__  # type: ignore[attr-defined]
+run_nodes = RunNode.__table__  # type: ignore[attr-defined]
+
+WORKFLOW_TASK = "execute-workflow"
+ACTIVE = (RunStatus.QUEUED, RunStatus.EXECUTING)
+
+
+class LostRace(Exception):
+    """Another gateway process applied a transition first; the caller retries."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A ``run_task`` job to queue once the transaction has committed."""
+
+    run_id: str
+    task: str
+    payload: Any
+    attempt: int = 1
+    step: int = 0
+    state: dict[str, Any] | None = None
+
+
+def job_id(run_id: str, attempt: int = 1, step: int = 0) -> str:
+    """The arq ``_job_id`` of a run's attempt (and workflow step)."""
+    if step:
+        return f"{run_id}:{attempt}:s{step}"
+    return run_id if attempt == 1 else f"{run_id}:{attempt}"
+
+
+@dataclasses.dataclass(frozen=True)
+class EventOutcome:
+    """The gateway's answer to a worker event, and what it set in motion.
+
+    ``applied`` says whether it changed the run; ``proceed`` tells a worker
+    that reported ``started`` whether to execute the task at all.
+    """
+
+    applied: bool
+    status: str
+    proceed: bool
+    outgoing: tuple[Outgoing, ...] = ()
+    jobs: tuple[Job, ...] = ()
+    #: Runs whose waiters should wake (the run itself, and a parent it moved).
+    changed: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"applied": self.applied, "status": self.status, "proceed": self.proceed}
+
+
+# -- views ------------------------------------------------------------------------
+
+
+def _error(code: str | None, message: str | None) -> dict[str, Any] | None:
+    if code is None:
+        return None
+    return {"code": code, "message": message or ""}
+
+
+def run_view(
+    row: Mapping[str, Any],
+    attempts: Iterable[Mapping[str, Any]],
+    nodes: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A run as the API shows it."""
+    status = RunStatus(row["status"])
+    started, finished = row["started_at"], row["finished_at"]
+    duration_ms = None
+    if started is not None and finished is not None:
+        duration_ms = max(0, round((finished - started).total_seconds() * 1000))
+    view = {
+        "id": row["id"],
+        "task": row["task"],
+        "status": status.value,
+        "is_final": status.is_final,
+        "payload": row["payload"],
+        "output": row["output"],
+        "error": _error(row["error_code"], row["error_message"]),
+        "attempt": row["attempt"],
+        "attempts": [
+            {
+                "number": a["number"],
+                "status": a["status"],
+                "worker_id": a["worker_id"],
+                "started_at": isoformat(a["started_at"]),
+                "finished_at": isoformat(a["finished_at"]),
+                "error": _error(a["error_code"], a["error_message"]),
+            }
+            for a in attempts
+        ],
+        "tags": list(row["tags"] or []),
+        "metadata": dict(row["metadata"] or {}),
+        "parent_id": row.get("parent_id"),
+        "node_id": row.get("node_id"),
+        "created_at": isoformat(row["created_at"]),
+        "updated_at": isoformat(row["updated_at"]),
+        "started_at": isoformat(started),
+        "finished_at": isoformat(finished),
+        "duration_ms": duration_ms,
+    }
+    if nodes is not None:
+        view["nodes"] = nodes
+    return view
+
+
+def _node_views(conn: sa.Connection, row: Mapping[str, Any]) -> dict[str, Any]:
+    """Every node of a workflow: its status (its child run's while it runs), child
+    run ID, output and error, so an editor can colour each node."""
+    child = runs.alias("child")
+    found = {
+        r["node_id"]: r
+        for r in conn.execute(
+            sa.select(run_nodes, child.c.status.label("child_status"))
+            .select_from(run_nodes.outerjoin(child, child.c.id == run_nodes.c.run_id))
+            .where(run_nodes.c.parent_id == row["id"])
+        ).mappings()
+    }
+    graph = row["payload"].get("nodes", []) if isinstance(row["payload"], dict) else []
+    views: dict[str, Any] = {}
+    for node in graph:
+        node_id = node.get("id") if isinstance(node, dict) else None
+        if not isinstance(node_id, str):
+            continue
+        r = found.get(node_id)
+        if r is None:
+            status = "SKIPPED" if RunStatus(row["status"]).is_final else "PENDING"
+            views[node_id] = {
+                "type": node.get("type"),
+                "status": status,
+                "run_id": None,
+                "output": None,
+                "error": None,
+            }
+            continue
+        status = (
+            r["child_status"]
+            if r["status"] == "running" and r["child_status"]
+            else (r["status"].upper())
+        )
+        views[node_id] = {
+            "type": node.get("type"),
+            "status": status,
+            "run_id": r["run_id"],
+            "output": r["output"],
+            "error": _error(r["error_code"], r["error_message"]),
+        }
+    return views
+
+
+def load_run(conn: sa.Connection, project_id: str | None, run_id: str) -> dict[str, Any] | None:
+    """The run's view, or ``None``; ``project_id=None`` skips the owner check."""
+    query = sa.select(runs).where(runs.c.id == run_id)
+    if project_id is not None:
+        query = query.where(runs.c.project_id == project_id)
+    row = conn.execute(query).mappings().first()
+    if row is None:
+        return None
+    attempts = conn.execute(
+        sa.select(run_attempts)
+        .where(run_attempts.c.run_id == run_id)
+        .order_by(run_attempts.c.number)
+    ).mappings()
+    nodes = _node_views(conn, dict(row)) if row["task"] == WORKFLOW_TASK else None
+    return run_view(dict(row), [dict(a) for a in attempts], nodes)
+
+
+# -- writing ----------------------------------------------------------------------
+
+
+def insert_run(conn: sa.Connection, row: Mapping[str, Any]) -> None:
+    conn.execute(runs.insert(), dict(row))
+    conn.execute(
+        run_transitions.insert(),
+        {
+            "run_id": row["id"],
+            "from_status": None,
+            "to_status": row["status"],
+            "attempt": row["attempt"],
+            "at": row["created_at"],
+        },
+    )
+
+
+def transition(
+    conn: sa.Connection,
+    run: Mapping[str, Any],
+    to: RunStatus,
+    now: dt.datetime,
+    values: Mapping[str, Any] | None = None,
+) -> None:
+    """Compare-and-set the run from the status, attempt and step in ``run`` to
+    ``to``, and log the change; :class:`LostRace` if another process moved it."""
+    result = conn.execute(
+        runs.update()
+        .where(
+            runs.c.id == run["id"],
+            runs.c.status == run["status"],
+            runs.c.attempt == run["attempt"],
+            runs.c.step == run["step"],
+        )
+        .values(status=to.value, updated_at=now, **(values or {}))
+    )
+    if result.rowcount != 1:
+        raise LostRace(run["id"])
+    conn.execute(
+        run_transitions.insert(),
+        {
+            "run_id": run["id"],
+            "from_status": run["status"],
+            "to_status": to.value,
+            "attempt": run["attempt"],
+            "at": now,
+        },
+    )
+
+
+def _view(conn: sa.Connection, run: Mapping[str, Any]) -> dict[str, Any]:
+    view = load_run(conn, None, run["id"])
+    assert view is not None
+    return view
+
+
+def _select_run(conn: sa.Connection, run_id: str, *, lock: bool = False) -> dict[str, Any] | None:
+    query = sa.select(
+        runs.c.id,
+        runs.c.project_id,
+        runs.c.task,
+        runs.c.status,
+        runs.c.attempt,
+        runs.c.step,
+        runs.c.step_pending,
+        runs.c.callback_url,
+        runs.c.parent_id,
+        runs.c.node_id,
+        runs.c.payload,
+        runs.c.started_at,
+    ).where(runs.c.id == run_id)
+    if lock:
+        query = query.with_for_update()
+    row = conn.execute(query).mappings().first()
+    return dict(row) if row is not None else None
+
+
+def _is_current(run: Mapping[str, Any], event: WorkerEvent) -> bool:
+    return bool(run["attempt"] == event.attempt and run["step"] == event.step)
+
+
+def _apply_started(
+    conn: sa.Connection, event: WorkerEvent, run: dict[str, Any], now: dt.datetime
+) -> EventOutcome:
+    status = RunStatus(run["status"])
+    current = _is_current(run, event)
+    if not (current and status == RunStatus.QUEUED):
+        # A re-delivered job of the attempt that is running may go on (execution
+        # is at-least-once); anything else must not run.
+        proceed = current and status == RunStatus.EXECUTING
+        return EventOutcome(applied=False, status=status.value, proceed=proceed)
+    transition(
+        conn,
+        run,
+        RunStatus.EXECUTING,
+        now,
+        {"started_at": sa.func.coalesce(runs.c.started_at, now)},
+    )
+    outgoing: list[Outgoing] = []
+    if run["step"] == 0:  # a workflow's later steps are not new attempts
+        conn.execute(
+            run_attempts.insert(),
+            {
+                "run_id": run["id"],
+                "number": event.attempt,
+                "status": RunStatus.EXECUTING.value,
+                "worker_id": event.worker_id,
+                "started_at": now,
+            },
+        )
+        outgoing = create_run_deliveries(conn, run, lambda: _view(conn, run), "run.started", now)
+    return EventOutcome(
+        applied=True,
+        status=RunStatus.EXECUTING.value,
+        proceed=True,
+        outgoing=tuple(outgoing),
+        changed=(run["id"],),
+    )
+
+
+def _apply_final(
+    conn: sa.Connection, event: WorkerEvent, run: dict[str, Any], now: dt.datetime
+) -> EventOutcome:
+    status = RunStatus(run["status"])
+    if not (_is_current(run, event) and status in ACTIVE):
+        return EventOutcome(applied=False, status=status.value, proceed=False)
+    values: dict[str, Any] = {"output": event.output}
+    if event.type == "completed":
+        to, code, message = RunStatus.COMPLETED, None, None
+    else:
+        error = event.error
+        code = error.code if error else "unknown_error"
+        message = error.message if error else "the worker reported a failure without details"
+        to = RunStatus.FAILED
+        values.update(error_code=code, error_message=message)
+    values.update(finished_at=now, started_at=sa.func.coalesce(runs.c.started_at, now))
+    transition(conn, run, to, now, values)
+    attempt_values = {
+        "status": to.value,
+        "finished_at": now,
+        "error_code": code,
+        "error_message": message,
+    }
+    updated = conn.execute(
+        run_attempts.update()
+        .where(run_attempts.c.run_id == run["id"], run_attempts.c.number == event.attempt)
+        .values(**attempt_values)
+    )
+    if updated.rowcount == 0:  # the ``started`` report has not arrived (yet)
+        conn.execute(
+            run_attempts.insert(),
+            {
+                "run_id": run["id"],
+                "number": event.attempt,
+                "worker_id": event.worker_id,
+                "started_at": now,
+                **attempt_values,
+            },
+        )
+    outgoing = create_run_deliveries(conn, run, lambda: _view(conn, run), FINAL_EVENTS[to], now)
+    jobs: tuple[Job, ...] = ()
+    changed: tuple[str, ...] = (run["id"],)
+    if run["parent_id"] is not None:
+        jobs, changed = _child_finished(conn, run, to, event, now)
+    return EventOutcome(
+        applied=True,
+        status=to.value,
+        proceed=False,
+        outgoing=tuple(outgoing),
+        jobs=jobs,
+        changed=changed,
+    )
+
+
+# -- workflows ----------------------------------------------------------------------
+
+
+def node_states(conn: sa.Connection, parent_id: str) -> dict[str, Any]:
+    """The workflow's node states, as a step job takes them."""
+    states: dict[str, Any] = {}
+    for r in conn.execute(
+        sa.select(run_nodes).where(run_nodes.c.parent_id == parent_id)
+    ).mappings():
+        state: dict[str, Any] = {"status": r["status"], "run_id": r["run_id"]}
+        if r["output"] is not None:
+            state["output"] = r["output"]
+        if r["error_code"] is not None:
+            state["error"] = {"code": r["error_code"], "message": r["error_message"]}
+        states[r["node_id"]] = state
+    return states
+
+
+def _upsert_node(
+    conn: sa.Connection, parent_id: str, node_id: str, now: dt.datetime, **values: Any
+) -> None:
+    updated = conn.execute(
+        run_nodes.update()
+        .where(run_nodes.c.parent_id == parent_id, run_nodes.c.node_id == node_id)
+        .values(updated_at=now, **values)
+    )
+    if updated.rowcount == 0:
+        conn.execute(
+            run_nodes.insert(),
+            {"parent_id": parent_id, "node_id": node_id, "updated_at": now, **values},
+        )
+
+
+def _next_step(conn: sa.Connection, parent: dict[str, Any], now: dt.datetime) -> Job:
+    """Move the workflow to QUEUED for its next step; the job that runs it."""
+    step = parent["step"] + 1
+    transition(conn, parent, RunStatus.QUEUED, now, {"step": step, "step_pending": False})
+    return Job(
+        parent["id"],
+        parent["task"],
+        parent["payload"],
+        parent["attempt"],
+        step,
+        node_states(conn, parent["id"]),
+    )
+
+
+def _child_finished(
+    conn: sa.Connection, child: dict[str, Any], to: RunStatus, event: WorkerEvent, now: dt.datetime
+) -> tuple[tuple[Job, ...], tuple[str, ...]]:
+    """Record a child's end on its workflow's node and, if the workflow waits,
+    queue its next step; if a step is in flight, ask for one more after it."""
+    parent = _select_run(conn, child["parent_id"], lock=True)
+    if parent is None:
+        return (), (child["id"],)
+    error = event.error
+    _upsert_node(
+        conn,
+        parent["id"],
+        child["node_id"],
+        now,
+        status="completed" if to == RunStatus.COMPLETED else "failed",
+        run_id=child["id"],
+        output=event.output if to == RunStatus.COMPLETED else None,
+        error_code=error.code if error and to != RunStatus.COMPLETED else None,
+        error_message=error.message if error and to != RunStatus.COMPLETED else None,
+    )
+    status = RunStatus(parent["status"])
+    if status == RunStatus.WAITING:
+        return (_next_step(conn, parent, now),), (child["id"], parent["id"])
+    if status in ACTIVE:
+        conn.execute(runs.update().where(runs.c.id == parent["id"]).values(step_pending=True))
+    return (), (child["id"], parent["id"])
+
+
+def _apply_waiting(
+    conn: sa.Connection, event: WorkerEvent, run: dict[str, Any], now: dt.datetime
+) -> EventOutcome:
+    """A workflow step is done: start its children, then wait for them (or, if a
+    child ended meanwhile, go straight on to the next step)."""
+    status = RunStatus(run["status"])
+    if not (_is_current(run, event) and status == RunStatus.EXECUTING):
+        return EventOutcome(applied=False, status=status.value, proceed=False)
+    existing = node_states(conn, run["id"])
+    for node_id, state in event.nodes.items():
+        if node_id in existing or state.get("status") == "running":
+            continue  # what the gateway recorded wins; running nodes get a child below
+        _upsert_node(
+            conn,
+            run["id"],
+            node_id,
+            now,
+            status=state.get("status", "skipped"),
+            output=state.get("output"),
+        )
+    jobs: list[Job] = []
+    for spec in event.spawn:
+        if spec.node_id in existing:
+            continue
+        child_id = new_id("run")
+        insert_run(
+            conn,
+            {
+                "id": child_id,
+                "project_id": run["project_id"],
+                "task": spec.task,
+                "status": RunStatus.QUEUED.value,
+                "attempt": 1,
+                "step": 0,
+                "step_pending": False,
+                "payload": spec.payload,
+                "output": None,
+                "error_code": None,
+                "error_message": None,
+                "tags": [],
+                "metadata": {},
+                "created_at": now,
+                "updated_at": now,
+                "started_at": None,
+                "finished_at": None,
+                "callback_url": None,
+                "parent_id": run["id"],
+                "node_id": spec.node_id,
+            },
+        )
+        _upsert_node(conn, run["id"], spec.node_id, now, status="running", run_id=child_id)
+        jobs.append(Job(child_id, spec.task, spec.payload))
+    fresh = _select_run(conn, run["id"])
+    assert fresh is not None
+    if fresh["step_pending"]:
+        jobs.append(_next_step(conn, fresh, now))
+        new_status = RunStatus.QUEUED
+    else:
+        transition(conn, fresh, RunStatus.WAITING, now)
+        new_status = RunStatus.WAITING
+    return EventOutcome(
+        applied=True, status=new_status.value, proceed=False, jobs=tuple(jobs), changed=(run["id"],)
+    )
+
+
+def apply_event(conn: sa.Connection, event: WorkerEvent) -> EventOutcome | None:
+    """Apply one worker event; ``None`` when the run does not exist."""
+    run = _select_run(conn, event.run_id, lock=event.type == "waiting")
+    if run is None:
+        return None
+    now = utcnow()
+    if event.type == "started":
+        return _apply_started(conn, event, run, now)
+    if event.type == "waiting":
+        return _apply_waiting(conn, event, run, now)
+    return _apply_final(conn, event, run, now)
