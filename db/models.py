@@ -26,8 +26,8 @@ __all__ = [
     "Project",
     "Run",
     "RunAttempt",
-    "RunStatus",
     "RunNode",
+    "RunStatus",
     "RunTransition",
     "WebhookEndpoint",
 ]

@@ -12,6 +12,8 @@ from starlette.applications import Starlette
 
 from db.engine import Database
 from gateway.api import routes
+from gateway.artifacts import ArtifactStore
+from gateway.artifacts import routes as artifact_routes
 from gateway.auth import ApiKeyAuth
 from gateway.errors import exception_handlers
 from gateway.logs import configure_logging
@@ -64,6 +66,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 db=db, redis=redis, notifier=notifier, webhooks=webhooks, settings=settings
             ),
         )
+        app.state.artifacts = ArtifactStore(app.state.services)
         reconciler = Reconciler(
             db=db,
             redis=redis,
@@ -81,7 +84,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await db.dispose()
 
     return Starlette(
-        routes=[*routes, *webhook_routes],
+        routes=[*routes, *webhook_routes, *artifact_routes],
         exception_handlers=exception_handlers,
         lifespan=lifespan,
     )

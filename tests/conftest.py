@@ -9,10 +9,12 @@ dropped at the end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,6 +24,7 @@ import sqlalchemy as sa
 from db.migrate import upgrade
 from gateway.embedded_redis import EmbeddedRedis, free_port
 from gateway.settings import normalize_database_url
+from tests.gemini import GeminiStandIn
 from tests.helpers import Process, child_env, db_call, db_query, wait_http_ok
 from tests.receiver import Receiver
 
@@ -134,14 +137,16 @@ class Stack:
         return dict(final)
 
 
-@pytest.fixture(scope="session")
-def stack(
-    database_url: str, redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
+@contextlib.contextmanager
+def launch_stack(
+    name: str,
+    database_url: str,
+    redis_url: str,
+    logs: Path,
+    **env_overrides: str,
 ) -> Iterator[Stack]:
-    logs = tmp_path_factory.mktemp("logs")
+    """A gateway and a worker as processes, with the tests' settings."""
     port = free_port()
-    # Each backend gets its own Redis database, so their queues never mix.
-    redis_url = f"{redis_server.url}/{1 + _backends().index(_backend_of(database_url))}"
     env = child_env(
         DATABASE_URL=database_url,
         REDIS_URL=redis_url,
@@ -152,14 +157,19 @@ def stack(
         WORKER_CONCURRENCY="20",
         MAX_OUTPUT_BYTES="65536",
         LOG_LEVEL="INFO",
-        # Callbacks: the test receivers live on 127.0.0.1, and the retry
-        # schedule is compressed from hours to a fraction of a second.
+        # Callbacks and image downloads: the test servers live on 127.0.0.1,
+        # and the retry schedule is compressed from hours to seconds.
         WEBHOOK_ALLOWED_NETWORKS="127.0.0.1/32",
         WEBHOOK_RETRY_SCHEDULE=RETRY_SCHEDULE,
         WEBHOOK_TIMEOUT="2",
         WEBHOOK_DISABLE_AFTER=str(DISABLE_AFTER),
         RECONCILE_INTERVAL="0.5",
         RECONCILE_GRACE="2",
+        ARTIFACT_DIR=str(logs / "artifacts"),
+        IMAGE_MAX_BYTES=str(2_000_000),
+        IMAGE_MAX_PIXELS=str(4_000_000),
+        LLM_MAX_RETRIES="2",
+        **env_overrides,
     )
     gateway = Process("gateway", ["-m", "gateway", "web"], env, logs).start()
     worker = Process("worker", ["-m", "gateway", "worker"], env, logs).start()
@@ -175,12 +185,65 @@ def stack(
     )
     try:
         wait_http_ok(stack.base_url + "/healthz", gateway)
-        stack.api_key = stack.new_key("tests")
-        stack.project_id = stack.query("SELECT id FROM projects WHERE name = 'tests'")[0][0]
+        project = f"tests-{name}-{secrets.token_hex(3)}"
+        stack.api_key = stack.new_key(project)
+        stack.project_id = stack.query("SELECT id FROM projects WHERE name = :n", n=project)[0][0]
         yield stack
     finally:
         stack.gateway.stop()
         stack.worker.stop()
+
+
+@pytest.fixture(scope="session")
+def gemini() -> Iterator[GeminiStandIn]:
+    """A stand-in for the Gemini API that the real google-genai SDK talks to."""
+    server = GeminiStandIn().start()
+    yield server
+    server.stop()
+
+
+def _redis_db(database_url: str, offset: int) -> int:
+    # Each backend and each stack gets its own Redis database: queues never mix.
+    return 1 + offset * 2 + _backends().index(_backend_of(database_url))
+
+
+@pytest.fixture(scope="session")
+def stack(
+    database_url: str,
+    redis_server: EmbeddedRedis,
+    gemini: GeminiStandIn,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
+    """The shared stack: a worker with 20 slots."""
+    with launch_stack(
+        "main",
+        database_url,
+        f"{redis_server.url}/{_redis_db(database_url, 0)}",
+        tmp_path_factory.mktemp("logs"),
+        GEMINI_API_KEY="stand-in-key",
+        GEMINI_BASE_URL=gemini.url,
+    ) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="session")
+def single_slot_stack(
+    database_url: str,
+    redis_server: EmbeddedRedis,
+    gemini: GeminiStandIn,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
+    """A stack whose worker runs one job at a time (arq ``max_jobs=1``)."""
+    with launch_stack(
+        "single",
+        database_url,
+        f"{redis_server.url}/{_redis_db(database_url, 1)}",
+        tmp_path_factory.mktemp("logs-single"),
+        WORKER_CONCURRENCY="1",
+        GEMINI_API_KEY="stand-in-key",
+        GEMINI_BASE_URL=gemini.url,
+    ) as stack:
+        yield stack
 
 
 def _backend_of(url: str) -> str:

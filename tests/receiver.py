@@ -1,4 +1,5 @@
-"""A real webhook receiver on loopback that verifies each call with `standardwebhooks`.
+"""A real webhook receiver on loopback that verifies each call with `standardwebhooks`
+(and serves files to GET, for tasks that download images).
 
 Each test uses paths of its own, scripts the answers per path, and waits on
 the calls it expects (a condition variable, not sleeps).
@@ -53,6 +54,8 @@ class Receiver:
         self.scripts: dict[str, list[Answer]] = {}
         self.defaults: dict[str, Answer] = {}
         self.secrets: dict[str, list[str]] = {}
+        #: Files served to GET requests: path → (body, content type).
+        self.files: dict[str, tuple[bytes, str]] = {}
         self._changed = threading.Condition()
         # Set on stop, so a delayed answer never outlives the receiver.
         self._release = threading.Event()
@@ -135,6 +138,15 @@ class Receiver:
                 self.send_header("content-length", str(len(answer.body)))
                 self.end_headers()
                 self.wfile.write(answer.body)
+
+            def do_GET(self) -> None:
+                found = receiver.files.get(self.path)
+                body, content_type = found or (b"not found", "text/plain")
+                self.send_response(200 if found else 404)
+                self.send_header("content-type", content_type)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
