@@ -147,7 +147,7 @@ def launch_stack(
 ) -> Iterator[Stack]:
     """A gateway and a worker as processes, with the tests' settings."""
     port = free_port()
-    env = child_env(
+    settings = dict(
         DATABASE_URL=database_url,
         REDIS_URL=redis_url,
         GATEWAY_SECRET_KEY=TEST_SECRET,
@@ -169,8 +169,8 @@ def launch_stack(
         IMAGE_MAX_BYTES=str(2_000_000),
         IMAGE_MAX_PIXELS=str(4_000_000),
         LLM_MAX_RETRIES="2",
-        **env_overrides,
     )
+    env = child_env(**{**settings, **env_overrides})
     gateway = Process("gateway", ["-m", "gateway", "web"], env, logs).start()
     worker = Process("worker", ["-m", "gateway", "worker"], env, logs).start()
     stack = Stack(
