@@ -6,6 +6,7 @@ import base64
 import hashlib
 import io
 import logging
+import secrets
 import time
 from typing import Any
 
@@ -227,29 +228,35 @@ def test_a_crop_payload_without_a_box_is_a_422(stack: Stack) -> None:
 # -- llm -------------------------------------------------------------------------
 
 
+def unique(name: str) -> str:
+    """A marker no other test (nor the other database's run) puts in a prompt."""
+    return f"{name}-{secrets.token_hex(4)}"
+
+
 def test_llm_sends_prompt_system_instruction_and_image_bytes(
     stack: Stack, gemini: GeminiStandIn
 ) -> None:
+    marker = unique("marker-llm")
     image = quadrants(40, 20)
     run = stack.run(
         "llm",
         {
             "system_prompt": "You describe images.",
-            "user_message": "marker-llm-1 what colours?",
+            "user_message": f"{marker} what colours?",
             "images": [data_uri(image)],
             "temperature": 0.3,
             "max_output_tokens": 99,
         },
     )
     assert run["status"] == "COMPLETED", run["error"]
-    [sent] = gemini.requests_with("marker-llm-1")
+    [sent] = gemini.requests_with(marker)
     assert sent.model == "gemini-2.5-flash"
     assert sent.api_key == "stand-in-key"
     assert sent.system_text == "You describe images."
     assert sent.images == [("image/png", image)]
     assert sent.body["generationConfig"] == {"temperature": 0.3, "maxOutputTokens": 99}
     assert run["output"] == {
-        "text": "seen: marker-llm-1 what colours? (1 image(s))",
+        "text": f"seen: {marker} what colours? (1 image(s))",
         "model": "gemini-2.5-flash",
         "finish_reason": "STOP",
         "usage": {"prompt_tokens": 11, "output_tokens": 5, "total_tokens": 16},
@@ -259,24 +266,25 @@ def test_llm_sends_prompt_system_instruction_and_image_bytes(
 def test_llm_retries_503_and_fails_clearly_on_400_and_lasting_429(
     stack: Stack, gemini: GeminiStandIn
 ) -> None:
-    gemini.fail("marker-503", 503, 503)
-    ok = stack.run("llm", {"user_message": "marker-503 hello", "model": "gemini-x"})
+    m503, m400, m429 = unique("marker-503"), unique("marker-400"), unique("marker-429")
+    gemini.fail(m503, 503, 503)
+    ok = stack.run("llm", {"user_message": f"{m503} hello", "model": "gemini-x"})
     assert ok["status"] == "COMPLETED"
-    assert len(gemini.requests_with("marker-503")) == 3
+    assert len(gemini.requests_with(m503)) == 3
     assert ok["output"]["model"] == "gemini-x"
 
-    gemini.fail("marker-400", 400)
-    rejected = stack.run("llm", {"user_message": "marker-400 hello"})
+    gemini.fail(m400, 400)
+    rejected = stack.run("llm", {"user_message": f"{m400} hello"})
     assert rejected["status"] == "FAILED"
     assert rejected["error"]["code"] == "llm_request_rejected"
     assert "API key not valid" in rejected["error"]["message"]
-    assert len(gemini.requests_with("marker-400")) == 1  # a 4xx is not retried
+    assert len(gemini.requests_with(m400)) == 1  # a 4xx is not retried
 
-    gemini.fail("marker-429", 429, 429, 429, 429)
-    limited = stack.run("llm", {"user_message": "marker-429 hello"})
+    gemini.fail(m429, 429, 429, 429, 429)
+    limited = stack.run("llm", {"user_message": f"{m429} hello"})
     assert limited["status"] == "FAILED"
     assert limited["error"]["code"] == "llm_rate_limited"
-    assert len(gemini.requests_with("marker-429")) == 3  # LLM_MAX_RETRIES=2 in the tests
+    assert len(gemini.requests_with(m429)) == 3  # LLM_MAX_RETRIES=2 in the tests
 
 
 def test_llm_without_a_key_says_which_variable_to_set() -> None:

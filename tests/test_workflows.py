@@ -13,7 +13,7 @@ from PIL import Image
 
 from tests.conftest import Stack
 from tests.gemini import GeminiStandIn
-from tests.test_tasks import RED, colors, data_uri, quadrants
+from tests.test_tasks import RED, colors, data_uri, quadrants, unique
 
 
 def trigger(
@@ -52,6 +52,7 @@ def at(value: str) -> dt.datetime:
 
 def test_image_crop_llm_end_to_end(single_slot_stack: Stack, gemini: GeminiStandIn) -> None:
     stack = single_slot_stack
+    marker = unique("wf-marker")
     nodes = [
         {"id": "img", "type": "image", "data": {"url": data_uri(quadrants())}},
         {"id": "sys", "type": "text", "data": {"text": "You name colours."}},
@@ -60,7 +61,7 @@ def test_image_crop_llm_end_to_end(single_slot_stack: Stack, gemini: GeminiStand
             "type": "crop-image",
             "data": {"x_percent": 0, "y_percent": 0, "width_percent": 50, "height_percent": 50},
         },
-        {"id": "ask", "type": "llm", "data": {"user_message": "wf-marker-1 which colour?"}},
+        {"id": "ask", "type": "llm", "data": {"user_message": f"{marker} which colour?"}},
     ]
     edges = [
         edge("img", "crop", "image"),
@@ -86,7 +87,7 @@ def test_image_crop_llm_end_to_end(single_slot_stack: Stack, gemini: GeminiStand
     # The crop's artifact downloads, and the model saw exactly its bytes.
     artifact = httpx.get(crop_run["output"]["url"])
     assert artifact.status_code == 200 and colors(artifact.content) == {RED}
-    [sent] = gemini.requests_with("wf-marker-1")
+    [sent] = gemini.requests_with(marker)
     assert sent.images == [("image/png", artifact.content)]
     assert sent.system_text == "You name colours."
     assert run["output"]["outputs"] == {"ask": ask_run["output"]}
