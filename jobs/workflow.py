@@ -317,7 +317,7 @@ def plan_step(
     return {
         "nodes": {
             n: {
-                "status": s["status"],
+                "status": s["status"].upper(),
                 "output": s.get("output"),
                 **({"error": s["error"]} if s.get("error") else {}),
             }
