@@ -88,6 +88,13 @@ async def get_run(request: Request) -> Response:
     return JSONResponse(run)
 
 
+async def cancel_run(request: Request) -> Response:
+    services = _services(request)
+    principal = await services.auth.authenticate(request)
+    run = await services.runs.cancel(principal.project_id, request.path_params["run_id"])
+    return JSONResponse(run)
+
+
 async def list_tasks(request: Request) -> Response:
     services = _services(request)
     await services.auth.authenticate(request)
@@ -167,6 +174,7 @@ routes = [
     Route("/api/v1/tasks", list_tasks, methods=["GET"]),
     Route("/api/v1/tasks/{task}/trigger", trigger, methods=["POST"]),
     Route("/api/v1/runs/{run_id}", get_run, methods=["GET"]),
+    Route("/api/v1/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
     Route(EVENTS_PATH, worker_event, methods=["POST"]),
     Route(PREPARE_PATH, prepare_delivery, methods=["POST"]),
     Route("/healthz", healthz, methods=["GET"]),

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from arq import ArqRedis
+from arq.constants import abort_jobs_ss
 from redis.exceptions import RedisError
 
 from db.engine import Database
 from db.ids import new_id
 from db.models import RunStatus
 from db.types import utcnow
-from gateway.errors import NotFound
+from gateway.errors import Conflict, NotFound
 from gateway.notify import RunNotifier
 from gateway.schemas import TriggerRequest, WorkerEvent
 from gateway.settings import Settings
@@ -27,6 +29,7 @@ from gateway.transitions import (
     Job,
     LostRace,
     apply_event,
+    cancel_run,
     insert_run,
     job_id,
     load_run,
@@ -132,6 +135,38 @@ class RunService:
                     await asyncio.wait_for(changed.wait(), timeout=min(remaining, 5.0))
                 except TimeoutError:
                     pass
+
+    async def cancel(self, project_id: str, run_id: str) -> dict[str, Any]:
+        """Cancel a run that is not final (and a workflow's children with it);
+        abort its job if a worker is running it."""
+        for _ in range(5):
+            try:
+                result = await self.db.write(cancel_run, project_id, run_id)
+            except LostRace:
+                continue
+            if result is None:
+                raise NotFound(f"no run with id {run_id!r}", code="run_not_found")
+            if isinstance(result, str):
+                raise Conflict(
+                    f"the run is {result} already; only a run that is not final can be canceled",
+                    code="run_already_final",
+                )
+            if result.abort:
+                try:
+                    now_ms = int(time.time() * 1000)
+                    await self.redis.zadd(abort_jobs_ss, dict.fromkeys(result.abort, now_ms))
+                except (RedisError, OSError) as exc:
+                    # The run is CANCELED in the database; a worker that starts
+                    # or finishes it is told so and stops there.
+                    log.warning("could not ask workers to abort %s: %s", run_id, exc)
+            for job in result.jobs:
+                await self.enqueue(job)
+            for changed in result.changed:
+                await self.notifier.publish(changed)
+            if result.outgoing:
+                await self.webhooks.dispatch(result.outgoing)
+            return await self.get(project_id, run_id)
+        raise RuntimeError(f"run {run_id} kept changing while being canceled")
 
     async def apply_event(self, event: WorkerEvent) -> EventOutcome:
         """Apply a verified worker event; a stale or repeated one is a no-op."""

@@ -23,10 +23,12 @@ from gateway.schemas import WorkerEvent
 from gateway.webhooks import FINAL_EVENTS, Outgoing, create_run_deliveries
 
 __all__ = [
+    "Canceled",
     "EventOutcome",
     "Job",
     "LostRace",
     "apply_event",
+    "cancel_run",
     "insert_run",
     "job_id",
     "load_run",
@@ -365,7 +367,9 @@ def _apply_final(
     jobs: tuple[Job, ...] = ()
     changed: tuple[str, ...] = (run["id"],)
     if run["parent_id"] is not None:
-        jobs, changed = _child_finished(conn, run, to, event, now)
+        jobs, changed = _child_finished(
+            conn, run, to, now, output=event.output, error_code=code, error_message=message
+        )
     return EventOutcome(
         applied=True,
         status=to.value,
@@ -424,24 +428,31 @@ def _next_step(conn: sa.Connection, parent: dict[str, Any], now: dt.datetime) ->
 
 
 def _child_finished(
-    conn: sa.Connection, child: dict[str, Any], to: RunStatus, event: WorkerEvent, now: dt.datetime
+    conn: sa.Connection,
+    child: dict[str, Any],
+    to: RunStatus,
+    now: dt.datetime,
+    *,
+    output: Any = None,
+    error_code: str | None = None,
+    error_message: str | None = None,
 ) -> tuple[tuple[Job, ...], tuple[str, ...]]:
     """Record a child's end on its workflow's node and, if the workflow waits,
     queue its next step; if a step is in flight, ask for one more after it."""
     parent = _select_run(conn, child["parent_id"], lock=True)
     if parent is None:
         return (), (child["id"],)
-    error = event.error
+    completed = to == RunStatus.COMPLETED
     _upsert_node(
         conn,
         parent["id"],
         child["node_id"],
         now,
-        status="completed" if to == RunStatus.COMPLETED else "failed",
+        status="completed" if completed else "failed",
         run_id=child["id"],
-        output=event.output if to == RunStatus.COMPLETED else None,
-        error_code=error.code if error and to != RunStatus.COMPLETED else None,
-        error_message=error.message if error and to != RunStatus.COMPLETED else None,
+        output=output if completed else None,
+        error_code=None if completed else error_code,
+        error_message=None if completed else error_message,
     )
     status = RunStatus(parent["status"])
     if status == RunStatus.WAITING:
@@ -527,3 +538,70 @@ def apply_event(conn: sa.Connection, event: WorkerEvent) -> EventOutcome | None:
     if event.type == "waiting":
         return _apply_waiting(conn, event, run, now)
     return _apply_final(conn, event, run, now)
+
+
+# -- cancel ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Canceled:
+    """What canceling a run set in motion, to do once the transaction commits."""
+
+    abort: list[str] = dataclasses.field(default_factory=list)
+    outgoing: list[Outgoing] = dataclasses.field(default_factory=list)
+    jobs: list[Job] = dataclasses.field(default_factory=list)
+    changed: list[str] = dataclasses.field(default_factory=list)
+
+
+def _cancel(
+    conn: sa.Connection, run: dict[str, Any], now: dt.datetime, done: Canceled, *, from_parent: bool
+) -> None:
+    transition(conn, run, RunStatus.CANCELED, now, {"finished_at": now, "step_pending": False})
+    conn.execute(
+        run_attempts.update()
+        .where(run_attempts.c.run_id == run["id"], run_attempts.c.finished_at.is_(None))
+        .values(status=RunStatus.CANCELED.value, finished_at=now)
+    )
+    done.abort.append(job_id(run["id"], run["attempt"], run["step"]))
+    done.changed.append(run["id"])
+    done.outgoing.extend(
+        create_run_deliveries(conn, run, lambda: _view(conn, run), "run.canceled", now)
+    )
+    children = (
+        conn.execute(
+            sa.select(runs.c.id).where(
+                runs.c.parent_id == run["id"],
+                runs.c.status.not_in([s.value for s in RunStatus if s.is_final]),
+            )
+        )
+        .scalars()
+        .all()
+    )
+    for child_id in children:
+        child = _select_run(conn, child_id, lock=True)
+        if child is not None and not RunStatus(child["status"]).is_final:
+            _cancel(conn, child, now, done, from_parent=True)
+    if run["parent_id"] is not None and not from_parent:
+        jobs, changed = _child_finished(
+            conn,
+            run,
+            RunStatus.CANCELED,
+            now,
+            error_code="canceled",
+            error_message="the run was canceled",
+        )
+        done.jobs.extend(jobs)
+        done.changed.extend(changed)
+
+
+def cancel_run(conn: sa.Connection, project_id: str, run_id: str) -> Canceled | str | None:
+    """Cancel a run and, for a workflow, its children. ``None`` if there is no
+    such run; its status (a string) if it is final already."""
+    run = _select_run(conn, run_id, lock=True)
+    if run is None or run["project_id"] != project_id:
+        return None
+    if RunStatus(run["status"]).is_final:
+        return str(run["status"])
+    done = Canceled()
+    _cancel(conn, run, utcnow(), done, from_parent=False)
+    return done

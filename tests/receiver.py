@@ -56,6 +56,8 @@ class Receiver:
         self.secrets: dict[str, list[str]] = {}
         #: Files served to GET requests: path → (body, content type).
         self.files: dict[str, tuple[bytes, str]] = {}
+        #: Seconds to wait before serving a file (a slow download).
+        self.slow: dict[str, float] = {}
         self._changed = threading.Condition()
         # Set on stop, so a delayed answer never outlives the receiver.
         self._release = threading.Event()
@@ -140,6 +142,8 @@ class Receiver:
                 self.wfile.write(answer.body)
 
             def do_GET(self) -> None:
+                if self.path in receiver.slow:
+                    receiver._release.wait(receiver.slow[self.path])
                 found = receiver.files.get(self.path)
                 body, content_type = found or (b"not found", "text/plain")
                 self.send_response(200 if found else 404)
