@@ -19,10 +19,12 @@ __all__ = [
     "FINAL_STATUSES",
     "ApiKey",
     "Artifact",
+    "Batch",
     "Delivery",
     "DeliveryAttempt",
     "DeliveryStatus",
     "EndpointSecret",
+    "IdempotencyKey",
     "Project",
     "Run",
     "RunAttempt",
@@ -96,6 +98,9 @@ class ApiKey(SQLModel, table=True):
         default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False)
     )
     revoked_at: dt.datetime | None = _ts()
+    #: Requests per second this key may make (a token bucket); ``None``: the default.
+    rate_limit: float | None = None
+    rate_burst: int | None = None
 
 
 class Run(SQLModel, table=True):
@@ -103,6 +108,8 @@ class Run(SQLModel, table=True):
     __table_args__ = (
         sa.Index("ix_runs_project_created", "project_id", "created_at"),
         sa.Index("ix_runs_status_updated", "status", "updated_at"),
+        sa.Index("ix_runs_status_run_at", "status", "run_at"),
+        sa.Index("ix_runs_status_expire_at", "status", "expire_at"),
     )
 
     id: str = Field(primary_key=True, max_length=40)
@@ -128,6 +135,18 @@ class Run(SQLModel, table=True):
     )
     started_at: dt.datetime | None = _ts()
     finished_at: dt.datetime | None = _ts()
+    #: When a DELAYED or RETRYING run is due.
+    run_at: dt.datetime | None = _ts()
+    #: A run not started by then ends EXPIRED (``options.ttl``).
+    expire_at: dt.datetime | None = _ts()
+    max_attempts: int = Field(default=3)
+    #: Backoff between attempts: factor, min_delay, max_delay, jitter.
+    retry: Any = Field(default=None, sa_column=sa.Column(JSONColumn, nullable=True))
+    #: Seconds an attempt may run before the run ends TIMED_OUT.
+    max_duration: float | None = None
+    idempotency_key: str | None = Field(default=None, max_length=200)
+    replayed_from: str | None = Field(default=None, max_length=40)
+    batch_id: str | None = Field(default=None, max_length=40, index=True)
     #: A one-off callback for this run (``options.callback_url``).
     callback_url: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
     #: For a workflow's node: the workflow run, and the node's ID in its graph.
@@ -315,6 +334,33 @@ class Artifact(SQLModel, table=True):
     height: int | None = None
     #: Relative to ``ARTIFACT_DIR``.
     path: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    created_at: dt.datetime = Field(
+        default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False)
+    )
+
+
+class IdempotencyKey(SQLModel, table=True):
+    """A trigger's idempotency key, scoped to the project and task, until it expires."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (
+        sa.UniqueConstraint("project_id", "task", "key", name="uq_idempotency_keys_scope"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    project_id: str = Field(foreign_key="projects.id", max_length=40)
+    task: str = Field(max_length=200)
+    key: str = Field(max_length=200)
+    run_id: str = Field(foreign_key="runs.id", max_length=40)
+    expires_at: dt.datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
+
+
+class Batch(SQLModel, table=True):
+    __tablename__ = "batches"
+
+    id: str = Field(primary_key=True, max_length=40)
+    project_id: str = Field(foreign_key="projects.id", max_length=40)
+    count: int
     created_at: dt.datetime = Field(
         default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False)
     )

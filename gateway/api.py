@@ -10,14 +10,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.bodies import json_object, parse_json, read_body, validate
+from gateway.bodies import parse_json, read_body, validate
 from gateway.errors import (
-    NotFound,
     Unauthorized,
-    ValidationFailed,
     error_response,
 )
-from gateway.schemas import TriggerRequest, WorkerEvent
+from gateway.schemas import WorkerEvent
 from gateway.services import Services
 from gateway.webhooks import DeliveryAttemptReport
 from jobs.report import EVENTS_PATH, PREPARE_PATH
@@ -25,74 +23,12 @@ from webhooks.signing import EVENT_SIGNATURE_HEADER, EventSignatureError, verify
 
 __all__ = ["routes"]
 
-MAX_WAIT_SECONDS = 60
-
 M = TypeVar("M", bound=BaseModel)
 
 
 def _services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
-
-
-async def trigger(request: Request) -> Response:
-    services = _services(request)
-    principal = await services.auth.authenticate(request)
-    task_name = request.path_params["task"]
-    definition = services.registry.get(task_name)
-    if definition is None:
-        raise NotFound(
-            f"no task named {task_name!r}; known tasks: {', '.join(services.registry.names())}",
-            code="task_not_found",
-        )
-    trigger_request = await json_object(request, services.settings.max_body_bytes, TriggerRequest)
-    payload_errors = definition.payload_errors(trigger_request.payload)
-    if payload_errors:
-        raise ValidationFailed(
-            f"the payload does not fit task {task_name!r}",
-            code="invalid_payload",
-            details=[
-                {**d, "path": "payload" + (f".{d['path']}" if d["path"] else "")}
-                for d in payload_errors
-            ],
-        )
-    run = await services.runs.trigger(principal.project_id, task_name, trigger_request)
-    return JSONResponse(run, status_code=202, headers={"location": f"/api/v1/runs/{run['id']}"})
-
-
-def _wait_seconds(request: Request) -> float | None:
-    raw = request.query_params.get("wait")
-    if raw is None or raw == "":
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= MAX_WAIT_SECONDS:
-        raise ValidationFailed(
-            f"wait must be a number of seconds from 0 to {MAX_WAIT_SECONDS}",
-            details=[{"path": "query.wait", "message": f"got {raw!r}", "type": "value_error"}],
-        )
-    return value
-
-
-async def get_run(request: Request) -> Response:
-    services = _services(request)
-    principal = await services.auth.authenticate(request)
-    run_id = request.path_params["run_id"]
-    wait = _wait_seconds(request)
-    if wait:
-        run = await services.runs.wait(principal.project_id, run_id, wait)
-    else:
-        run = await services.runs.get(principal.project_id, run_id)
-    return JSONResponse(run)
-
-
-async def cancel_run(request: Request) -> Response:
-    services = _services(request)
-    principal = await services.auth.authenticate(request)
-    run = await services.runs.cancel(principal.project_id, request.path_params["run_id"])
-    return JSONResponse(run)
 
 
 async def list_tasks(request: Request) -> Response:
@@ -172,9 +108,6 @@ async def readyz(request: Request) -> Response:
 
 routes = [
     Route("/api/v1/tasks", list_tasks, methods=["GET"]),
-    Route("/api/v1/tasks/{task}/trigger", trigger, methods=["POST"]),
-    Route("/api/v1/runs/{run_id}", get_run, methods=["GET"]),
-    Route("/api/v1/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
     Route(EVENTS_PATH, worker_event, methods=["POST"]),
     Route(PREPARE_PATH, prepare_delivery, methods=["POST"]),
     Route("/healthz", healthz, methods=["GET"]),

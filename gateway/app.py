@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 from arq import create_pool
 from arq.connections import RedisSettings
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 
 from db.engine import Database
 from gateway.api import routes
@@ -18,8 +20,10 @@ from gateway.auth import ApiKeyAuth
 from gateway.errors import exception_handlers
 from gateway.logs import configure_logging
 from gateway.notify import RunNotifier
-from gateway.reconciler import Reconciler
+from gateway.ratelimit import RateLimiter
+from gateway.reconciler import Reconciler, Scheduler
 from gateway.runs import RunService
+from gateway.runs_api import routes as run_routes
 from gateway.services import Services
 from gateway.settings import Settings
 from gateway.webhooks import WebhookService
@@ -59,7 +63,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
             db=db,
             redis=redis,
             registry=registry,
-            auth=ApiKeyAuth(db),
+            auth=ApiKeyAuth(
+                db,
+                limiter=RateLimiter(redis),
+                default_rate=settings.rate_limit,
+                default_burst=settings.rate_burst,
+            ),
             notifier=notifier,
             webhooks=webhooks,
             runs=RunService(
@@ -74,17 +83,38 @@ def create_app(settings: Settings | None = None) -> Starlette:
             webhooks=webhooks,
             settings=settings,
         )
+        scheduler = Scheduler(redis=redis, runs=app.state.services.runs, settings=settings)
         await reconciler.start()
+        await scheduler.start()
         try:
             yield
         finally:
+            await scheduler.stop()
             await reconciler.stop()
             await notifier.stop()
             await redis.aclose()
             await db.dispose()
 
+    middleware = []
+    if settings.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST", "PATCH", "DELETE"],
+                allow_headers=["authorization", "content-type", "idempotency-key"],
+                expose_headers=[
+                    "location",
+                    "retry-after",
+                    "x-ratelimit-limit",
+                    "x-ratelimit-remaining",
+                    "x-ratelimit-reset",
+                ],
+            )
+        )
     return Starlette(
-        routes=[*routes, *webhook_routes, *artifact_routes],
+        routes=[*run_routes, *routes, *webhook_routes, *artifact_routes],
+        middleware=middleware,
         exception_handlers=exception_handlers,
         lifespan=lifespan,
     )

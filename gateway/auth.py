@@ -21,6 +21,7 @@ from db.ids import new_id
 from db.models import ApiKey, Project
 from db.types import utcnow
 from gateway.errors import Unauthorized
+from gateway.ratelimit import RateLimiter
 
 __all__ = ["KEY_PREFIX", "ApiKeyAuth", "Principal", "create_api_key", "hash_api_key"]
 
@@ -38,7 +39,13 @@ def generate_api_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-def _create_api_key(conn: sa.Connection, project_name: str, key: str) -> str:
+def _create_api_key(
+    conn: sa.Connection,
+    project_name: str,
+    key: str,
+    rate_limit: float | None = None,
+    rate_burst: int | None = None,
+) -> str:
     project_id = conn.scalar(sa.select(projects.c.id).where(projects.c.name == project_name))
     if project_id is None:
         project_id = new_id("proj")
@@ -53,26 +60,35 @@ def _create_api_key(conn: sa.Connection, project_name: str, key: str) -> str:
             "key_hash": hash_api_key(key),
             "prefix": key[: len(KEY_PREFIX) + 6],
             "created_at": utcnow(),
+            "rate_limit": rate_limit,
+            "rate_burst": rate_burst,
         },
     )
     return str(project_id)
 
 
-async def create_api_key(db: Database, project_name: str) -> tuple[str, str]:
-    """Create the project ``project_name`` if needed and a new key for it.
+async def create_api_key(
+    db: Database,
+    project_name: str,
+    *,
+    rate_limit: float | None = None,
+    rate_burst: int | None = None,
+) -> tuple[str, str]:
+    """Create the project ``project_name`` if needed and a new key for it, with
+    its own rate limit if given (else the gateway's ``RATE_LIMIT``).
 
     Returns ``(project_id, key)``; the key is not stored and cannot be shown again.
     """
     key = generate_api_key()
-    project_id = await db.write(_create_api_key, project_name, key)
+    project_id = await db.write(_create_api_key, project_name, key, rate_limit, rate_burst)
     return project_id, key
 
 
 def _find_key(conn: sa.Connection, digest: str) -> sa.Row[Any] | None:
     return conn.execute(
-        sa.select(api_keys.c.id, api_keys.c.project_id).where(
-            api_keys.c.key_hash == digest, api_keys.c.revoked_at.is_(None)
-        )
+        sa.select(
+            api_keys.c.id, api_keys.c.project_id, api_keys.c.rate_limit, api_keys.c.rate_burst
+        ).where(api_keys.c.key_hash == digest, api_keys.c.revoked_at.is_(None))
     ).first()
 
 
@@ -86,6 +102,9 @@ class Principal:
 
     project_id: str
     key_id: str
+    #: Requests per second this key may make (0: no limit), and its burst.
+    rate_limit: float = 0.0
+    rate_burst: int = 0
 
 
 class ApiKeyAuth:
@@ -95,8 +114,20 @@ class ApiKeyAuth:
     costs no database read; a revoked key stops working within that time.
     """
 
-    def __init__(self, db: Database, *, ttl: float = 10.0, max_entries: int = 10_000) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        ttl: float = 10.0,
+        max_entries: int = 10_000,
+        limiter: RateLimiter | None = None,
+        default_rate: float = 0.0,
+        default_burst: int = 0,
+    ) -> None:
         self.db = db
+        self.limiter = limiter
+        self.default_rate = default_rate
+        self.default_burst = default_burst
         self.ttl = ttl
         self.max_entries = max_entries
         self._cache: dict[str, tuple[float, Principal]] = {}
@@ -114,7 +145,10 @@ class ApiKeyAuth:
             raise Unauthorized(
                 "the Authorization header must be `Bearer <API key>`", code="invalid_api_key"
             )
-        return await self.resolve(key)
+        principal = await self.resolve(key)
+        if principal.rate_limit > 0 and self.limiter is not None:
+            await self.limiter.check(principal.key_id, principal.rate_limit, principal.rate_burst)
+        return principal
 
     async def resolve(self, key: str) -> Principal:
         digest = hash_api_key(key)
@@ -125,7 +159,12 @@ class ApiKeyAuth:
         row = await self.db.read(_find_key, digest)
         if row is None:
             raise Unauthorized("the API key is not valid", code="invalid_api_key")
-        principal = Principal(project_id=row.project_id, key_id=row.id)
+        principal = Principal(
+            project_id=row.project_id,
+            key_id=row.id,
+            rate_limit=row.rate_limit if row.rate_limit is not None else self.default_rate,
+            rate_burst=row.rate_burst if row.rate_burst is not None else self.default_burst,
+        )
         if len(self._cache) >= self.max_entries:
             self._cache.clear()
         self._cache[digest] = (now + self.ttl, principal)

@@ -26,14 +26,16 @@ def _safe_url(url: str) -> str:
     return sa.make_url(url).render_as_string(hide_password=True)
 
 
-def _keys_create(settings: Settings, name: str) -> int:
+def _keys_create(
+    settings: Settings, name: str, rate_limit: float | None = None, burst: int | None = None
+) -> int:
     from db.engine import Database
     from gateway.auth import create_api_key
 
     async def create() -> tuple[str, str]:
         db = Database(settings.database_url)
         try:
-            return await create_api_key(db, name)
+            return await create_api_key(db, name, rate_limit=rate_limit, rate_burst=burst)
         finally:
             await db.dispose()
 
@@ -94,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     create = keys_sub.add_parser("create", help="create a project (if new) and an API key for it")
     create.add_argument("name", help="the project's name")
+    create.add_argument(
+        "--rate-limit",
+        type=float,
+        metavar="PER_SECOND",
+        help="requests per second for this key (default: RATE_LIMIT)",
+    )
+    create.add_argument("--burst", type=int, help="the bucket's size (default: the rate)")
     return parser
 
 
@@ -110,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "migrate":
             return _migrate(settings)
         if args.command == "keys":
-            return _keys_create(settings, args.name)
+            return _keys_create(settings, args.name, args.rate_limit, args.burst)
     except ConfigError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return 2

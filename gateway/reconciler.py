@@ -12,11 +12,8 @@ The queries are bounded and use the ``(status, updated_at)`` and
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import datetime as dt
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,19 +25,19 @@ from redis.exceptions import RedisError
 from db.engine import Database
 from db.models import Delivery, DeliveryStatus, Run, RunStatus
 from db.types import utcnow
+from gateway.periodic import Periodic
 from gateway.runs import RunService
 from gateway.settings import Settings
 from gateway.transitions import Job, job_id, node_states
 from gateway.webhooks import WebhookService
 
-__all__ = ["Reconciler"]
+__all__ = ["Reconciler", "Scheduler"]
 
 log = logging.getLogger("gateway.reconciler")
 
 runs = Run.__table__  # type: ignore[attr-defined]
 deliveries = Delivery.__table__  # type: ignore[attr-defined]
 
-LOCK_KEY = "gateway:reconciler:lock"
 BATCH = 500
 
 
@@ -67,7 +64,9 @@ def _due_deliveries(conn: sa.Connection, before: dt.datetime) -> list[dict[str, 
     return [dict(r) for r in rows]
 
 
-class Reconciler:
+class Reconciler(Periodic):
+    name = "reconciler"
+
     def __init__(
         self,
         *,
@@ -77,35 +76,11 @@ class Reconciler:
         webhooks: WebhookService,
         settings: Settings,
     ) -> None:
+        super().__init__(redis, settings.reconcile_interval)
         self.db = db
-        self.redis = redis
         self.runs = runs
         self.webhooks = webhooks
-        self.interval = settings.reconcile_interval
         self.grace = settings.reconcile_grace
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="reconciler")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                lock_ms = max(1, int(self.interval * 900))
-                if await self.redis.set(LOCK_KEY, os.getpid(), nx=True, px=lock_ms):
-                    await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("reconciler pass failed; the next one will try again")
 
     async def _missing(self, job_ids: Sequence[str]) -> list[bool]:
         """For each job ID: is there no job, running job or result for it?"""
@@ -153,3 +128,16 @@ class Reconciler:
                 requeued_deliveries,
             )
         return {"runs": requeued_runs, "deliveries": requeued_deliveries}
+
+
+class Scheduler(Periodic):
+    """Starts DELAYED and RETRYING runs when due, and expires runs past their TTL."""
+
+    name = "scheduler"
+
+    def __init__(self, *, redis: ArqRedis, runs: RunService, settings: Settings) -> None:
+        super().__init__(redis, settings.scheduler_interval)
+        self.runs = runs
+
+    async def run_once(self) -> int:
+        return await self.runs.release_due()

@@ -7,39 +7,48 @@ this service runs them, then queues what they set in motion.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
+import sqlalchemy as sa
 from arq import ArqRedis
 from arq.constants import abort_jobs_ss
 from redis.exceptions import RedisError
 
 from db.engine import Database
 from db.ids import new_id
-from db.models import RunStatus
+from db.models import Run, RunStatus
 from db.types import utcnow
 from gateway.errors import Conflict, NotFound
+from gateway.listing import RunQuery, batch_summary, list_runs
 from gateway.notify import RunNotifier
-from gateway.schemas import TriggerRequest, WorkerEvent
+from gateway.schemas import RetryOptions, TriggerOptions, TriggerRequest, WorkerEvent
 from gateway.settings import Settings
+from gateway.tokens import PublicTokens
 from gateway.transitions import (
-    WORKFLOW_TASK,
     EventOutcome,
     Job,
     LostRace,
+    NewRun,
     apply_event,
     cancel_run,
-    insert_run,
+    create_runs,
     job_id,
+    job_of,
     load_run,
-    run_view,
+    release_due,
+    reschedule,
 )
-from gateway.webhooks import WebhookService
+from gateway.webhooks import Outgoing, WebhookService
 
-__all__ = ["EventOutcome", "RunService", "run_view"]
+__all__ = ["EventOutcome", "RunService"]
 
 log = logging.getLogger("gateway.runs")
+
+runs = Run.__table__  # type: ignore[attr-defined]
 
 
 class RunService:
@@ -57,37 +66,93 @@ class RunService:
         self.notifier = notifier
         self.webhooks = webhooks
         self.settings = settings
+        self.tokens = PublicTokens(settings)
 
-    async def trigger(self, project_id: str, task: str, request: TriggerRequest) -> dict[str, Any]:
-        """Commit a QUEUED run, then enqueue its job (invariant 1)."""
+    def new_row(
+        self,
+        project_id: str,
+        task: str,
+        payload: Any,
+        options: TriggerOptions,
+        *,
+        field: str = "options",
+        replayed_from: str | None = None,
+    ) -> NewRun:
+        """The row of a new run, from a trigger's options (checked here)."""
         now = utcnow()
+        run_at = None
+        if options.delay is not None:
+            run_at = (
+                options.delay
+                if isinstance(options.delay, dt.datetime)
+                else now + dt.timedelta(seconds=options.delay)
+            )
+            if run_at <= now:
+                run_at = None
+        if options.callback_url is not None:
+            self.webhooks.check_url(options.callback_url, f"{field}.callback_url")
         row: dict[str, Any] = {
             "id": new_id("run"),
             "project_id": project_id,
             "task": task,
-            "status": RunStatus.QUEUED.value,
+            "status": (RunStatus.DELAYED if run_at else RunStatus.QUEUED).value,
             "attempt": 1,
-            "payload": request.payload,
+            "payload": payload,
             "output": None,
             "error_code": None,
             "error_message": None,
-            "tags": request.options.tags,
-            "metadata": request.options.metadata,
+            "tags": options.tags,
+            "metadata": options.metadata,
             "created_at": now,
             "updated_at": now,
             "started_at": None,
             "finished_at": None,
-            "callback_url": request.options.callback_url,
+            "callback_url": options.callback_url,
             "step": 0,
             "step_pending": False,
             "parent_id": None,
             "node_id": None,
+            "run_at": run_at,
+            "expire_at": now + dt.timedelta(seconds=options.ttl) if options.ttl else None,
+            "max_attempts": options.max_attempts,
+            "retry": options.retry.model_dump(),
+            "max_duration": options.max_duration,
+            "idempotency_key": options.idempotency_key,
+            "replayed_from": replayed_from,
+            "batch_id": None,
         }
-        if row["callback_url"] is not None:
-            self.webhooks.check_url(row["callback_url"], "options.callback_url")
-        await self.db.write(insert_run, row)
-        await self.enqueue(Job(row["id"], task, request.payload))
-        return run_view(row, [], {} if task == WORKFLOW_TASK else None)
+        return NewRun(row, options.idempotency_key_ttl)
+
+    async def create(
+        self, new: list[NewRun], *, batch_id: str | None = None
+    ) -> list[tuple[dict[str, Any], bool]]:
+        """Commit the runs, then queue the jobs of those due now (invariant 1)."""
+        if batch_id is not None:
+            for item in new:
+                item.row["batch_id"] = batch_id
+        for _ in range(5):
+            try:
+                created = await self.db.write(create_runs, new, batch_id)
+                break
+            except LostRace:
+                continue  # a trigger with the same idempotency key won: look again
+        else:
+            raise RuntimeError("idempotency keys kept changing")
+        for (view, cached), item in zip(created, new, strict=True):
+            if not cached and item.row["status"] == RunStatus.QUEUED.value:
+                await self.enqueue(job_of(item.row))
+            view["is_cached"] = cached
+            view["public_access_token"] = self.tokens.issue(view["id"])
+        return created
+
+    async def trigger(
+        self, project_id: str, task: str, request: TriggerRequest
+    ) -> tuple[dict[str, Any], bool]:
+        """One run: its view, and whether an idempotency key gave back an earlier one."""
+        [(view, cached)] = await self.create(
+            [self.new_row(project_id, task, request.payload, request.options)]
+        )
+        return view, cached
 
     async def enqueue(self, job: Job) -> bool:
         """Put a run's job on the queue; ``False`` if Redis did not take it.
@@ -104,6 +169,7 @@ class RunService:
                 job.attempt,
                 job.step,
                 job.state,
+                job.options,
                 _job_id=job_id(job.run_id, job.attempt, job.step),
                 _queue_name=self.settings.queue_name,
             )
@@ -112,14 +178,14 @@ class RunService:
             return False
         return True
 
-    async def get(self, project_id: str, run_id: str) -> dict[str, Any]:
+    async def get(self, project_id: str | None, run_id: str) -> dict[str, Any]:
         """The run, or :class:`NotFound` (also for another project's run)."""
         view = await self.db.read(load_run, project_id, run_id)
         if view is None:
             raise NotFound(f"no run with id {run_id!r}", code="run_not_found")
         return view
 
-    async def wait(self, project_id: str, run_id: str, seconds: float) -> dict[str, Any]:
+    async def wait(self, project_id: str | None, run_id: str, seconds: float) -> dict[str, Any]:
         """The run once it is final, or as it is after ``seconds``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
@@ -151,22 +217,84 @@ class RunService:
                     f"the run is {result} already; only a run that is not final can be canceled",
                     code="run_already_final",
                 )
-            if result.abort:
-                try:
-                    now_ms = int(time.time() * 1000)
-                    await self.redis.zadd(abort_jobs_ss, dict.fromkeys(result.abort, now_ms))
-                except (RedisError, OSError) as exc:
-                    # The run is CANCELED in the database; a worker that starts
-                    # or finishes it is told so and stops there.
-                    log.warning("could not ask workers to abort %s: %s", run_id, exc)
-            for job in result.jobs:
-                await self.enqueue(job)
-            for changed in result.changed:
-                await self.notifier.publish(changed)
-            if result.outgoing:
-                await self.webhooks.dispatch(result.outgoing)
+            await self._after(result.jobs, result.changed, result.outgoing, result.abort)
             return await self.get(project_id, run_id)
         raise RuntimeError(f"run {run_id} kept changing while being canceled")
+
+    async def replay(self, project_id: str, run_id: str) -> dict[str, Any]:
+        """A new run of the same task, payload and options, with ``replayed_from``."""
+        original = await self.db.read(_replay_source, project_id, run_id)
+        if original is None:
+            raise NotFound(f"no run with id {run_id!r}", code="run_not_found")
+        options = TriggerOptions(
+            tags=original["tags"] or [],
+            metadata=original["metadata"] or {},
+            callback_url=original["callback_url"],
+            max_attempts=original["max_attempts"],
+            retry=RetryOptions.model_validate(original["retry"] or {}),
+            max_duration=original["max_duration"],
+        )
+        [(view, _)] = await self.create(
+            [
+                self.new_row(
+                    project_id, original["task"], original["payload"], options, replayed_from=run_id
+                )
+            ]
+        )
+        return view
+
+    async def reschedule(
+        self, project_id: str, run_id: str, delay: float | dt.datetime
+    ) -> dict[str, Any]:
+        now = utcnow()
+        run_at = delay if isinstance(delay, dt.datetime) else now + dt.timedelta(seconds=delay)
+        result = await self.db.write(reschedule, project_id, run_id, max(run_at, now))
+        if result is None:
+            raise NotFound(f"no run with id {run_id!r}", code="run_not_found")
+        if result != "ok":
+            raise Conflict(
+                f"the run is {result}; only a DELAYED run can be rescheduled",
+                code="run_not_delayed",
+            )
+        return await self.get(project_id, run_id)
+
+    async def find(self, project_id: str, query: RunQuery) -> dict[str, Any]:
+        return await self.db.read(list_runs, project_id, query)
+
+    async def batch(self, project_id: str, batch_id: str) -> dict[str, Any]:
+        found = await self.db.read(batch_summary, project_id, batch_id)
+        if found is None:
+            raise NotFound(f"no batch with id {batch_id!r}", code="batch_not_found")
+        return found
+
+    async def release_due(self) -> int:
+        """One scheduler pass: start due DELAYED/RETRYING runs, expire stale ones."""
+        due = await self.db.write(release_due, utcnow())
+        await self._after(due.jobs, due.changed, due.outgoing, due.abort)
+        return len(due.jobs) + len(due.abort)
+
+    async def _after(
+        self,
+        jobs: Sequence[Job],
+        changed: Sequence[str],
+        outgoing: Sequence[Outgoing],
+        abort: Sequence[str],
+    ) -> None:
+        """What a committed unit of work set in motion: jobs, wake-ups, callbacks."""
+        if abort:
+            try:
+                now_ms = int(time.time() * 1000)
+                await self.redis.zadd(abort_jobs_ss, dict.fromkeys(abort, now_ms))
+            except (RedisError, OSError) as exc:
+                # The database has the final status; a worker that starts or
+                # finishes the job is told so and stops there.
+                log.warning("could not ask workers to abort %s: %s", abort, exc)
+        for job in jobs:
+            await self.enqueue(job)
+        for run_id in changed:
+            await self.notifier.publish(run_id)
+        if outgoing:
+            await self.webhooks.dispatch(outgoing)
 
     async def apply_event(self, event: WorkerEvent) -> EventOutcome:
         """Apply a verified worker event; a stale or repeated one is a no-op."""
@@ -177,11 +305,15 @@ class RunService:
                 continue  # another process moved the run on: look again
             if outcome is None:
                 raise NotFound(f"no run with id {event.run_id!r}", code="run_not_found")
-            for job in outcome.jobs:
-                await self.enqueue(job)
-            for run_id in outcome.changed:
-                await self.notifier.publish(run_id)
-            if outcome.outgoing:
-                await self.webhooks.dispatch(outcome.outgoing)
+            await self._after(outcome.jobs, outcome.changed, outcome.outgoing, ())
             return outcome
         raise RuntimeError(f"run {event.run_id} kept changing under event {event.type}")
+
+
+def _replay_source(conn: sa.Connection, project_id: str, run_id: str) -> dict[str, Any] | None:
+    row = (
+        conn.execute(sa.select(runs).where(runs.c.id == run_id, runs.c.project_id == project_id))
+        .mappings()
+        .first()
+    )
+    return dict(row) if row is not None else None

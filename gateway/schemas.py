@@ -2,13 +2,71 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
-__all__ = ["TriggerOptions", "TriggerRequest", "WorkerError", "WorkerEvent"]
+__all__ = [
+    "BatchItem",
+    "BatchRequest",
+    "RescheduleRequest",
+    "RetryOptions",
+    "TriggerOptions",
+    "TriggerRequest",
+    "WorkerError",
+    "WorkerEvent",
+]
 
 Tag = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def _seconds(value: Any) -> Any:
+    """``30``, ``"30s"``, ``"10m"``, ``"1.5h"``, ``"2d"`` → seconds."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match is None:
+            raise ValueError("a duration is a number of seconds or a string like 30s, 10m, 2h, 1d")
+        return float(match[1]) * _UNITS[match[2]]
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(_seconds), Field(ge=0)]
+
+
+def _delay(value: Any) -> Any:
+    """A delay in seconds (or a duration string), or an ISO-8601 time."""
+    if isinstance(value, str) and not _DURATION.match(value):
+        try:
+            when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(
+                "a delay is seconds, a duration like 10m, or an ISO-8601 time"
+            ) from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)
+        return when
+    return _seconds(value)
+
+
+Delay = Annotated[float | dt.datetime, BeforeValidator(_delay)]
+
+
+class RetryOptions(BaseModel):
+    """Exponential backoff between attempts: ``min_delay * factor**(n-1)``, capped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    factor: float = Field(default=2.0, ge=1, le=10)
+    min_delay: Duration = 1.0
+    max_delay: Duration = 60.0
+    #: Each delay moves by up to this fraction either way.
+    jitter: float = Field(default=0.2, ge=0, le=1)
 
 
 class TriggerOptions(BaseModel):
@@ -18,6 +76,17 @@ class TriggerOptions(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     #: A one-off callback for this run, signed with the project's signing secret.
     callback_url: str | None = Field(default=None, min_length=1, max_length=2048)
+    #: The same key (per project and task) within its TTL gives back the same run.
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    idempotency_key_ttl: Duration = Field(default=24 * 3600.0, le=30 * 24 * 3600)
+    #: Start later: seconds (or ``"10m"``) from now, or an ISO-8601 time.
+    delay: Delay | None = None
+    #: A run not started within this many seconds ends EXPIRED.
+    ttl: Duration | None = Field(default=None, gt=0)
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    retry: RetryOptions = Field(default_factory=RetryOptions)
+    #: Seconds one attempt may run; past it the run ends TIMED_OUT.
+    max_duration: Duration | None = Field(default=None, gt=0)
 
 
 class TriggerRequest(BaseModel):
@@ -25,6 +94,26 @@ class TriggerRequest(BaseModel):
 
     payload: Any = None
     options: TriggerOptions = Field(default_factory=TriggerOptions)
+
+
+class BatchItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(min_length=1, max_length=200)
+    payload: Any = None
+    options: TriggerOptions = Field(default_factory=TriggerOptions)
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[BatchItem] = Field(min_length=1, max_length=500)
+
+
+class RescheduleRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    delay: Delay
 
 
 class WorkerError(BaseModel):

@@ -161,6 +161,15 @@ class Settings:
     gemini_base_url: str | None = None
     #: Tries of a provider call that answered 429 or 5xx before the run fails.
     llm_max_retries: int = 3
+    #: How long a run's public access token stays valid, in seconds.
+    public_token_ttl: int = 3600
+    #: Origins a browser may call the API from (CORS); empty: none.
+    cors_origins: tuple[str, ...] = ()
+    #: Requests per second per API key (a token bucket in Redis); 0: no limit.
+    rate_limit: float = 0.0
+    rate_burst: int = 0
+    #: Seconds between two passes of the scheduler (delays, retries, TTLs).
+    scheduler_interval: float = 0.2
     #: Seconds between two passes of the reconciler.
     reconcile_interval: float = 15.0
     #: A QUEUED run or due delivery older than this with no job is re-queued.
@@ -213,6 +222,11 @@ class Settings:
             gemini_api_key=env.get("GEMINI_API_KEY") or env.get("GOOGLE_API_KEY") or None,
             gemini_base_url=env.get("GEMINI_BASE_URL") or None,
             llm_max_retries=_int(env, "LLM_MAX_RETRIES", 3),
+            public_token_ttl=_int(env, "PUBLIC_TOKEN_TTL", 3600, minimum=1),
+            cors_origins=_list(env, "CORS_ORIGINS"),
+            rate_limit=_float(env, "RATE_LIMIT", 0.0),
+            rate_burst=_int(env, "RATE_LIMIT_BURST", 0),
+            scheduler_interval=_float(env, "SCHEDULER_INTERVAL", 0.2, minimum=0.01),
             reconcile_interval=_float(env, "RECONCILE_INTERVAL", 15.0, minimum=0.1),
             reconcile_grace=_float(env, "RECONCILE_GRACE", 30.0),
             log_format=log_format,

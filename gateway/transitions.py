@@ -11,28 +11,38 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import random
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from db.ids import new_id
-from db.models import Run, RunAttempt, RunNode, RunStatus, RunTransition
+from db.models import Batch, IdempotencyKey, Run, RunAttempt, RunNode, RunStatus, RunTransition
 from db.types import isoformat, utcnow
 from gateway.schemas import WorkerEvent
 from gateway.webhooks import FINAL_EVENTS, Outgoing, create_run_deliveries
 
 __all__ = [
     "Canceled",
+    "Due",
     "EventOutcome",
     "Job",
     "LostRace",
+    "NewRun",
     "apply_event",
+    "backoff",
     "cancel_run",
+    "create_runs",
     "insert_run",
     "job_id",
+    "job_of",
     "load_run",
     "node_states",
+    "release_due",
+    "reschedule",
     "run_view",
 ]
 
@@ -40,8 +50,12 @@ runs = Run.__table__  # type: ignore[attr-defined]
 run_attempts = RunAttempt.__table__  # type: ignore[attr-defined]
 run_transitions = RunTransition.__table__  # type: ignore[attr-defined]
 run_nodes = RunNode.__table__  # type: ignore[attr-defined]
+idempotency_keys = IdempotencyKey.__table__  # type: ignore[attr-defined]
+batches = Batch.__table__  # type: ignore[attr-defined]
 
 WORKFLOW_TASK = "execute-workflow"
+#: The error code a worker reports when an attempt ran past ``max_duration``.
+TIMED_OUT_CODE = "max_duration_exceeded"
 ACTIVE = (RunStatus.QUEUED, RunStatus.EXECUTING)
 
 
@@ -59,6 +73,16 @@ class Job:
     attempt: int = 1
     step: int = 0
     state: dict[str, Any] | None = None
+    #: What the worker enforces itself (``max_duration``).
+    options: dict[str, Any] | None = None
+
+
+def job_of(run: Mapping[str, Any], *, state: dict[str, Any] | None = None) -> Job:
+    """The job that runs ``run``'s current attempt (and step)."""
+    options = {"max_duration": run["max_duration"]} if run.get("max_duration") else None
+    return Job(
+        run["id"], run["task"], run["payload"], run["attempt"], run.get("step", 0), state, options
+    )
 
 
 def job_id(run_id: str, attempt: int = 1, step: int = 0) -> str:
@@ -274,6 +298,10 @@ def _select_run(conn: sa.Connection, run_id: str, *, lock: bool = False) -> dict
         runs.c.node_id,
         runs.c.payload,
         runs.c.started_at,
+        runs.c.max_attempts,
+        runs.c.retry,
+        runs.c.max_duration,
+        runs.c.expire_at,
     ).where(runs.c.id == run_id)
     if lock:
         query = query.with_for_update()
@@ -290,6 +318,15 @@ def _apply_started(
 ) -> EventOutcome:
     status = RunStatus(run["status"])
     current = _is_current(run, event)
+    if current and status == RunStatus.QUEUED and _expired(run, now):
+        # Its TTL ran out while it waited in the queue: it never executes.
+        return EventOutcome(
+            applied=True,
+            status=RunStatus.EXPIRED.value,
+            proceed=False,
+            outgoing=tuple(_expire(conn, run, now)),
+            changed=(run["id"],),
+        )
     if not (current and status == RunStatus.QUEUED):
         # A re-delivered job of the attempt that is running may go on (execution
         # is at-least-once); anything else must not run.
@@ -331,18 +368,31 @@ def _apply_final(
     if not (_is_current(run, event) and status in ACTIVE):
         return EventOutcome(applied=False, status=status.value, proceed=False)
     values: dict[str, Any] = {"output": event.output}
+    error = event.error
     if event.type == "completed":
         to, code, message = RunStatus.COMPLETED, None, None
     else:
-        error = event.error
         code = error.code if error else "unknown_error"
         message = error.message if error else "the worker reported a failure without details"
-        to = RunStatus.FAILED
+        to = RunStatus.TIMED_OUT if code == TIMED_OUT_CODE else RunStatus.FAILED
         values.update(error_code=code, error_message=message)
-    values.update(finished_at=now, started_at=sa.func.coalesce(runs.c.started_at, now))
-    transition(conn, run, to, now, values)
+    retrying = (
+        to == RunStatus.FAILED
+        and error is not None
+        and error.retryable
+        and run["attempt"] < run["max_attempts"]
+    )
+    values["started_at"] = sa.func.coalesce(runs.c.started_at, now)
+    if retrying:
+        delay = backoff(run["retry"], run["attempt"])
+        values.update(attempt=run["attempt"] + 1, run_at=now + dt.timedelta(seconds=delay))
+        transition(conn, run, RunStatus.RETRYING, now, values)
+    else:
+        values["finished_at"] = now
+        transition(conn, run, to, now, values)
+    attempt_status = RunStatus.FAILED if retrying else to
     attempt_values = {
-        "status": to.value,
+        "status": attempt_status.value,
         "finished_at": now,
         "error_code": code,
         "error_message": message,
@@ -362,6 +412,10 @@ def _apply_final(
                 "started_at": now,
                 **attempt_values,
             },
+        )
+    if retrying:
+        return EventOutcome(
+            applied=True, status=RunStatus.RETRYING.value, proceed=False, changed=(run["id"],)
         )
     outgoing = create_run_deliveries(conn, run, lambda: _view(conn, run), FINAL_EVENTS[to], now)
     jobs: tuple[Job, ...] = ()
@@ -605,3 +659,191 @@ def cancel_run(conn: sa.Connection, project_id: str, run_id: str) -> Canceled | 
     done = Canceled()
     _cancel(conn, run, utcnow(), done, from_parent=False)
     return done
+
+
+# -- time: backoff, delays, expiry ----------------------------------------------------------
+
+
+def backoff(retry: Mapping[str, Any] | None, attempt: int) -> float:
+    """Seconds before the attempt after ``attempt`` (exponential, capped, jittered)."""
+    options = {"factor": 2.0, "min_delay": 1.0, "max_delay": 60.0, "jitter": 0.2, **(retry or {})}
+    delay = min(options["max_delay"], options["min_delay"] * options["factor"] ** (attempt - 1))
+    jitter = options["jitter"]
+    return float(max(0.0, delay * (1 + random.uniform(-jitter, jitter))))
+
+
+def _expired(run: Mapping[str, Any], now: dt.datetime) -> bool:
+    return run.get("expire_at") is not None and run["attempt"] == 1 and now >= run["expire_at"]
+
+
+def _expire(conn: sa.Connection, run: dict[str, Any], now: dt.datetime) -> list[Outgoing]:
+    transition(
+        conn,
+        run,
+        RunStatus.EXPIRED,
+        now,
+        {
+            "finished_at": now,
+            "error_code": "expired",
+            "error_message": "the run was not started within its TTL",
+        },
+    )
+    return create_run_deliveries(conn, run, lambda: _view(conn, run), "run.expired", now)
+
+
+@dataclasses.dataclass
+class Due:
+    """What one scheduler pass set in motion."""
+
+    jobs: list[Job] = dataclasses.field(default_factory=list)
+    outgoing: list[Outgoing] = dataclasses.field(default_factory=list)
+    changed: list[str] = dataclasses.field(default_factory=list)
+    abort: list[str] = dataclasses.field(default_factory=list)
+
+
+def release_due(conn: sa.Connection, now: dt.datetime, limit: int = 200) -> Due:
+    """Move DELAYED and RETRYING runs whose time has come to QUEUED, and end
+    QUEUED or DELAYED runs whose TTL ran out as EXPIRED."""
+    done = Due()
+    for run_id in (
+        conn.execute(
+            sa.select(runs.c.id)
+            .where(
+                runs.c.status.in_([RunStatus.QUEUED.value, RunStatus.DELAYED.value]),
+                runs.c.expire_at <= now,
+            )
+            .limit(limit)
+        )
+        .scalars()
+        .all()
+    ):
+        run = _select_run(conn, run_id, lock=True)
+        if run is None or run["status"] not in (RunStatus.QUEUED, RunStatus.DELAYED):
+            continue
+        done.outgoing.extend(_expire(conn, run, now))
+        done.abort.append(job_id(run["id"], run["attempt"], run["step"]))
+        done.changed.append(run["id"])
+    for run_id in (
+        conn.execute(
+            sa.select(runs.c.id)
+            .where(
+                runs.c.status.in_([RunStatus.DELAYED.value, RunStatus.RETRYING.value]),
+                runs.c.run_at <= now,
+            )
+            .limit(limit)
+        )
+        .scalars()
+        .all()
+    ):
+        run = _select_run(conn, run_id, lock=True)
+        if run is None or run["status"] not in (RunStatus.DELAYED, RunStatus.RETRYING):
+            continue
+        transition(conn, run, RunStatus.QUEUED, now, {"run_at": None})
+        done.jobs.append(job_of(run))
+        done.changed.append(run["id"])
+    return done
+
+
+def reschedule(
+    conn: sa.Connection, project_id: str, run_id: str, run_at: dt.datetime
+) -> str | None:
+    """Move a DELAYED run's start: ``"ok"``; the status of a run that is not
+    DELAYED; ``None`` if there is no such run."""
+    run = _select_run(conn, run_id, lock=True)
+    if run is None or run["project_id"] != project_id:
+        return None
+    if run["status"] != RunStatus.DELAYED:
+        return str(run["status"])
+    conn.execute(
+        runs.update()
+        .where(runs.c.id == run_id, runs.c.status == RunStatus.DELAYED.value)
+        .values(run_at=run_at, updated_at=utcnow())
+    )
+    return "ok"
+
+
+# -- creating runs ---------------------------------------------------------------------------
+
+#: A run ended in one of these lets its idempotency key start a new run.
+_REUSABLE = (RunStatus.FAILED.value, RunStatus.CANCELED.value, RunStatus.EXPIRED.value)
+
+
+def _claim_key(conn: sa.Connection, row: Mapping[str, Any], key: str, ttl: float) -> str | None:
+    """Point the idempotency key at ``row``'s run; or return the run it already
+    names, if that one still counts. :class:`LostRace` if another trigger with
+    the same key got there in the same instant."""
+    now = row["created_at"]
+    expires = now + dt.timedelta(seconds=ttl)
+    scope = (
+        idempotency_keys.c.project_id == row["project_id"],
+        idempotency_keys.c.task == row["task"],
+        idempotency_keys.c.key == key,
+    )
+    existing = conn.execute(sa.select(idempotency_keys).where(*scope)).mappings().first()
+    if existing is None:
+        values = {
+            "project_id": row["project_id"],
+            "task": row["task"],
+            "key": key,
+            "run_id": row["id"],
+            "expires_at": expires,
+        }
+        insert = (
+            (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(idempotency_keys)
+            .values(**values)
+            .on_conflict_do_nothing()
+        )
+        if conn.execute(insert).rowcount != 1:
+            raise LostRace(row["id"])
+        return None
+    if existing["expires_at"] > now:
+        status = conn.scalar(sa.select(runs.c.status).where(runs.c.id == existing["run_id"]))
+        if status is not None and status not in _REUSABLE:
+            return str(existing["run_id"])
+    moved = conn.execute(
+        idempotency_keys.update()
+        .where(*scope, idempotency_keys.c.run_id == existing["run_id"])
+        .values(run_id=row["id"], expires_at=expires)
+    )
+    if moved.rowcount != 1:
+        raise LostRace(row["id"])
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class NewRun:
+    row: dict[str, Any]
+    idempotency_ttl: float = 0.0
+
+
+def create_runs(
+    conn: sa.Connection, new: list[NewRun], batch_id: str | None = None
+) -> list[tuple[dict[str, Any], bool]]:
+    """Insert runs (QUEUED or DELAYED); for each, its view and whether it is an
+    earlier run given back for its idempotency key."""
+    out: list[tuple[dict[str, Any], bool]] = []
+    if batch_id is not None:
+        conn.execute(
+            batches.insert(),
+            {
+                "id": batch_id,
+                "project_id": new[0].row["project_id"],
+                "count": len(new),
+                "created_at": utcnow(),
+            },
+        )
+    for item in new:
+        row = item.row
+        insert_run(conn, row)
+        key = row.get("idempotency_key")
+        if key:
+            cached = _claim_key(conn, row, key, item.idempotency_ttl)
+            if cached is not None:
+                conn.execute(run_transitions.delete().where(run_transitions.c.run_id == row["id"]))
+                conn.execute(runs.delete().where(runs.c.id == row["id"]))
+                view = load_run(conn, None, cached)
+                assert view is not None
+                out.append((view, True))
+                continue
+        out.append((run_view(row, [], {} if row["task"] == WORKFLOW_TASK else None), False))
+    return out

@@ -7,6 +7,7 @@ invariant 2): it never opens the database.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -30,6 +31,10 @@ from webhooks.ssrf import parse_networks
 __all__ = ["WorkerSettings", "build_worker", "run_task"]
 
 log = logging.getLogger("jobs.worker")
+
+#: The error code of an attempt stopped at ``max_duration`` (the gateway ends
+#: the run TIMED_OUT for it, and does not retry).
+TIMED_OUT_CODE = "max_duration_exceeded"
 
 
 def _worker_id() -> str:
@@ -157,6 +162,7 @@ async def run_task(
     attempt: int = 1,
     step: int = 0,
     state: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
 ) -> str:
     """arq job: one attempt of one run (or one step of a workflow), bracketed
     by ``started`` and a final (or ``waiting``) event."""
@@ -166,7 +172,17 @@ async def run_task(
     if ack is not None and not ack.get("proceed", True):
         log.info("run %s is %s; not executing it", run_id, ack.get("status"))
         return f"skipped ({ack.get('status')})"
-    result = await _execute(ctx, run_id, task, payload, attempt, state)
+    max_duration = (options or {}).get("max_duration")
+    try:
+        async with asyncio.timeout(max_duration):
+            result = await _execute(ctx, run_id, task, payload, attempt, state)
+    except TimeoutError:
+        result = {
+            "type": "failed",
+            "error": _error(
+                TIMED_OUT_CODE, f"the attempt ran past max_duration ({max_duration} s)"
+            ),
+        }
     event_type = result.pop("type")
     await reporter.report(make_event(event_type, **ids, **result), ctx["redis"])
     return str(event_type)

@@ -281,7 +281,9 @@ def test_llm_retries_503_and_fails_clearly_on_400_and_lasting_429(
     assert len(gemini.requests_with(m400)) == 1  # a 4xx is not retried
 
     gemini.fail(m429, 429, 429, 429, 429)
-    limited = stack.run("llm", {"user_message": f"{m429} hello"})
+    # One attempt only: a lasting 429 is retryable, and a second attempt of the
+    # run would try the provider again.
+    limited = stack.run("llm", {"user_message": f"{m429} hello"}, max_attempts=1)
     assert limited["status"] == "FAILED"
     assert limited["error"]["code"] == "llm_rate_limited"
     assert len(gemini.requests_with(m429)) == 3  # LLM_MAX_RETRIES=2 in the tests
