@@ -8,14 +8,25 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from db.models import Batch, Run, RunStatus
+from db.models import Batch, Run, RunStatus, RunTransition
 from db.types import isoformat
 from gateway.transitions import run_view
 
-__all__ = ["RunQuery", "batch_summary", "list_runs"]
+__all__ = ["RunQuery", "batch_summary", "list_runs", "transitions_since"]
 
 runs = Run.__table__  # type: ignore[attr-defined]
 batches = Batch.__table__  # type: ignore[attr-defined]
+run_transitions = RunTransition.__table__  # type: ignore[attr-defined]
+
+
+def transitions_since(conn: sa.Connection, run_id: str, after: int) -> list[dict[str, Any]]:
+    """The run's status changes after the one with ID ``after``, in order."""
+    rows = conn.execute(
+        sa.select(run_transitions)
+        .where(run_transitions.c.run_id == run_id, run_transitions.c.id > after)
+        .order_by(run_transitions.c.id)
+    ).mappings()
+    return [dict(r) for r in rows]
 
 
 @dataclasses.dataclass(frozen=True)

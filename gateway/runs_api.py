@@ -14,9 +14,10 @@ from starlette.routing import Route
 
 from db.ids import new_id
 from db.models import RunStatus
+from db.types import isoformat
 from gateway.bodies import json_object
 from gateway.errors import NotFound, ValidationFailed
-from gateway.listing import RunQuery
+from gateway.listing import RunQuery, transitions_since
 from gateway.schemas import BatchRequest, RescheduleRequest, TriggerRequest
 from gateway.services import Services
 from gateway.tokens import PublicTokens
@@ -164,31 +165,44 @@ async def get_run(request: Request) -> Response:
 
 
 async def run_events(request: Request) -> Response:
-    """Server-Sent Events: the run now, then once per status change; the
+    """Server-Sent Events: one per status change, read from the run's
+    transition log (so a change between two wake-ups is never skipped); the
     stream closes after the final one."""
     services = _services(request)
     run_id = request.path_params["run_id"]
     project_id = await _reader(request, services, run_id)
-    first = await services.runs.get(project_id, run_id)
+    await services.runs.get(project_id, run_id)  # 404 before the stream starts
 
     async def stream() -> AsyncIterator[str]:
-        view, last, number = first, None, 0
+        last = 0
         with services.notifier.watch(run_id) as changed:
             while True:
-                if view["status"] != last:
-                    number += 1
-                    last = view["status"]
-                    yield f"id: {number}\nevent: status\ndata: {json.dumps(view)}\n\n"
-                if view["is_final"]:
-                    return
                 changed.clear()
+                steps = await services.db.read(transitions_since, run_id, last)
+                view = await services.runs.get(project_id, run_id) if steps else None
+                for step in steps:
+                    last = step["id"]
+                    status = RunStatus(step["to_status"])
+                    data = {
+                        **(view or {}),
+                        "status": status.value,
+                        "is_final": status.is_final,
+                        "transition": {
+                            "from": step["from_status"],
+                            "to": status.value,
+                            "attempt": step["attempt"],
+                            "at": isoformat(step["at"]),
+                        },
+                    }
+                    yield f"id: {last}\nevent: status\ndata: {json.dumps(data)}\n\n"
+                    if status.is_final:
+                        return
                 try:
                     await asyncio.wait_for(changed.wait(), timeout=_KEEPALIVE_SECONDS)
                 except TimeoutError:
                     if await request.is_disconnected():
                         return
                     yield ": keep-alive\n\n"
-                view = await services.runs.get(project_id, run_id)
 
     return StreamingResponse(
         stream(),

@@ -165,6 +165,7 @@ def launch_stack(
         WEBHOOK_DISABLE_AFTER=str(DISABLE_AFTER),
         RECONCILE_INTERVAL="0.5",
         RECONCILE_GRACE="2",
+        CORS_ORIGINS="http://app.example",
         ARTIFACT_DIR=str(logs / "artifacts"),
         IMAGE_MAX_BYTES=str(2_000_000),
         IMAGE_MAX_PIXELS=str(4_000_000),

@@ -27,3 +27,11 @@ async def big_output(payload: Any, ctx: TaskContext) -> str:
 @task("tests.not-json")
 async def not_json(payload: Any, ctx: TaskContext) -> Any:
     return {1, 2, 3}
+
+
+@task("tests.flaky")
+async def flaky(payload: Any, ctx: TaskContext) -> dict[str, int]:
+    """Fail (retryably) until attempt ``succeed_on``."""
+    if ctx.attempt < int(payload["succeed_on"]):
+        raise TaskError("flaky", f"attempt {ctx.attempt} fails", retryable=True)
+    return {"attempt": ctx.attempt}

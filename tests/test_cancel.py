@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 import httpx
 
 from tests.conftest import Stack
@@ -19,11 +21,12 @@ def test_canceling_a_running_sleep_aborts_it_and_frees_the_slot(
 ) -> None:
     stack = single_slot_stack
     key = stack.new_key("cancel-sleep")
+    path = f"/canceled/{secrets.token_hex(4)}"
     with stack.client(key) as client:
         hook = client.post(
-            "/api/v1/webhooks", json={"url": receiver.url("/canceled"), "events": ["run.canceled"]}
+            "/api/v1/webhooks", json={"url": receiver.url(path), "events": ["run.canceled"]}
         ).json()
-        receiver.verify_with("/canceled", hook["secret"])
+        receiver.verify_with(path, hook["secret"])
         run_id = client.post(
             "/api/v1/tasks/sleep/trigger", json={"payload": {"seconds": 30}}
         ).json()["id"]
@@ -47,7 +50,7 @@ def test_canceling_a_running_sleep_aborts_it_and_frees_the_slot(
         assert final["status"] == "COMPLETED"
         assert status(client, run_id) == "CANCELED"  # the aborted task reported nothing over it
 
-    [call] = receiver.wait_calls("/canceled", 1)
+    [call] = receiver.wait_calls(path, 1)
     assert call.verified_by and call.json()["type"] == "run.canceled"
     assert call.json()["data"]["id"] == run_id
     with stack.client(stack.new_key("cancel-stranger")) as stranger:
