@@ -17,6 +17,7 @@ from gateway.errors import (
 )
 from gateway.schemas import WorkerEvent
 from gateway.services import Services
+from gateway.views import TaskList, shaped
 from gateway.webhooks import DeliveryAttemptReport
 from jobs.report import EVENTS_PATH, PREPARE_PATH
 from webhooks.signing import EVENT_SIGNATURE_HEADER, EventSignatureError, verify_event_body
@@ -42,7 +43,7 @@ async def list_tasks(request: Request) -> Response:
         tasks.append(
             {"name": name, "description": definition.description, "payload_schema": schema}
         )
-    return JSONResponse({"data": tasks})
+    return shaped(TaskList, {"data": tasks})
 
 
 async def _signed_json(request: Request, services: Services) -> Any:

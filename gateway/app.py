@@ -20,6 +20,7 @@ from gateway.auth import ApiKeyAuth
 from gateway.errors import exception_handlers
 from gateway.logs import configure_logging
 from gateway.notify import RunNotifier
+from gateway.openapi import routes as openapi_routes
 from gateway.ratelimit import RateLimiter
 from gateway.reconciler import Reconciler, Scheduler
 from gateway.runs import RunService
@@ -113,7 +114,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             )
         )
     return Starlette(
-        routes=[*run_routes, *routes, *webhook_routes, *artifact_routes],
+        routes=[*run_routes, *routes, *webhook_routes, *artifact_routes, *openapi_routes],
         middleware=middleware,
         exception_handlers=exception_handlers,
         lifespan=lifespan,

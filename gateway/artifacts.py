@@ -27,6 +27,7 @@ from db.types import utcnow
 from gateway.bodies import read_body
 from gateway.errors import APIError, BadRequest, NotFound
 from gateway.services import Services
+from gateway.views import ArtifactLink, shaped
 from jobs.report import ARTIFACT_FETCH_PATH, ARTIFACTS_PATH
 from webhooks.signing import EVENT_SIGNATURE_HEADER, verify_event_body
 
@@ -197,7 +198,8 @@ async def fresh_link(request: Request) -> Response:
     store = _store(request)
     principal = await store.services.auth.authenticate(request)
     row = await store.find(request.path_params["artifact_id"], principal.project_id)
-    return JSONResponse(
+    return shaped(
+        ArtifactLink,
         {
             "artifact_id": row["id"],
             "url": store.url(row["id"]),
@@ -207,7 +209,7 @@ async def fresh_link(request: Request) -> Response:
             "width": row["width"],
             "height": row["height"],
             "run_id": row["run_id"],
-        }
+        },
     )
 
 

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from db.ids import new_id
@@ -21,6 +21,7 @@ from gateway.listing import RunQuery, transitions_since
 from gateway.schemas import BatchRequest, RescheduleRequest, TriggerRequest
 from gateway.services import Services
 from gateway.tokens import PublicTokens
+from gateway.views import BatchCreated, BatchSummary, RunPage, RunView, shaped
 from jobs.registry import TaskDefinition
 
 __all__ = ["routes"]
@@ -80,8 +81,11 @@ async def trigger(request: Request) -> Response:
             )
         body.options.idempotency_key = header_key
     run, cached = await services.runs.trigger(principal.project_id, task, body)
-    return JSONResponse(
-        run, status_code=200 if cached else 202, headers={"location": f"/api/v1/runs/{run['id']}"}
+    return shaped(
+        RunView,
+        run,
+        status_code=200 if cached else 202,
+        headers={"location": f"/api/v1/runs/{run['id']}"},
     )
 
 
@@ -114,7 +118,8 @@ async def batch_trigger(request: Request) -> Response:
     ]
     batch_id = new_id("batch")
     created = await services.runs.create(new, batch_id=batch_id)
-    return JSONResponse(
+    return shaped(
+        BatchCreated,
         {"batch_id": batch_id, "runs": [view for view, _ in created]},
         status_code=202,
         headers={"location": f"/api/v1/batches/{batch_id}"},
@@ -161,7 +166,7 @@ async def get_run(request: Request) -> Response:
         run = await services.runs.wait(project_id, run_id, wait)
     else:
         run = await services.runs.get(project_id, run_id)
-    return JSONResponse(run)
+    return shaped(RunView, run)
 
 
 async def run_events(request: Request) -> Response:
@@ -214,8 +219,8 @@ async def run_events(request: Request) -> Response:
 async def cancel_run(request: Request) -> Response:
     services = _services(request)
     principal = await services.auth.authenticate(request)
-    return JSONResponse(
-        await services.runs.cancel(principal.project_id, request.path_params["run_id"])
+    return shaped(
+        RunView, await services.runs.cancel(principal.project_id, request.path_params["run_id"])
     )
 
 
@@ -223,17 +228,18 @@ async def replay_run(request: Request) -> Response:
     services = _services(request)
     principal = await services.auth.authenticate(request)
     run = await services.runs.replay(principal.project_id, request.path_params["run_id"])
-    return JSONResponse(run, status_code=202, headers={"location": f"/api/v1/runs/{run['id']}"})
+    return shaped(RunView, run, status_code=202, headers={"location": f"/api/v1/runs/{run['id']}"})
 
 
 async def reschedule_run(request: Request) -> Response:
     services = _services(request)
     principal = await services.auth.authenticate(request)
     body = await json_object(request, services.settings.max_body_bytes, RescheduleRequest)
-    return JSONResponse(
+    return shaped(
+        RunView,
         await services.runs.reschedule(
             principal.project_id, request.path_params["run_id"], body.delay
-        )
+        ),
     )
 
 
@@ -289,14 +295,15 @@ async def list_runs(request: Request) -> Response:
         limit=int(raw_limit),
         cursor=request.query_params.get("cursor") or None,
     )
-    return JSONResponse(await services.runs.find(principal.project_id, query))
+    return shaped(RunPage, await services.runs.find(principal.project_id, query))
 
 
 async def get_batch(request: Request) -> Response:
     services = _services(request)
     principal = await services.auth.authenticate(request)
-    return JSONResponse(
-        await services.runs.batch(principal.project_id, request.path_params["batch_id"])
+    return shaped(
+        BatchSummary,
+        await services.runs.batch(principal.project_id, request.path_params["batch_id"]),
     )
 
 

@@ -6,13 +6,25 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.auth import Principal
 from gateway.bodies import json_object
 from gateway.errors import ValidationFailed
 from gateway.services import Services
+from gateway.views import (
+    DeliveryPage,
+    DeliveryView,
+    EndpointCreated,
+    EndpointList,
+    EndpointSecretView,
+    EndpointView,
+    RecoverAnswer,
+    RotatedSecret,
+    SigningSecret,
+    shaped,
+)
 from gateway.webhooks import EndpointCreate, EndpointUpdate, RecoverRequest, RotateRequest
 
 __all__ = ["routes"]
@@ -43,20 +55,27 @@ async def create_endpoint(request: Request) -> Response:
     services, principal = await _context(request)
     body = await _body(request, services, EndpointCreate)
     endpoint = await services.webhooks.create_endpoint(principal.project_id, body)
-    return JSONResponse(
-        endpoint, status_code=201, headers={"location": f"/api/v1/webhooks/{endpoint['id']}"}
+    return shaped(
+        EndpointCreated,
+        endpoint,
+        status_code=201,
+        headers={"location": f"/api/v1/webhooks/{endpoint['id']}"},
     )
 
 
 async def list_endpoints(request: Request) -> Response:
     services, principal = await _context(request)
-    return JSONResponse({"data": await services.webhooks.list_endpoints(principal.project_id)})
+    return shaped(
+        EndpointList, {"data": await services.webhooks.list_endpoints(principal.project_id)}
+    )
 
 
 async def get_endpoint(request: Request) -> Response:
     services, principal = await _context(request)
     endpoint_id = request.path_params["endpoint_id"]
-    return JSONResponse(await services.webhooks.get_endpoint(principal.project_id, endpoint_id))
+    return shaped(
+        EndpointView, await services.webhooks.get_endpoint(principal.project_id, endpoint_id)
+    )
 
 
 async def update_endpoint(request: Request) -> Response:
@@ -64,7 +83,7 @@ async def update_endpoint(request: Request) -> Response:
     body = await _body(request, services, EndpointUpdate)
     endpoint_id = request.path_params["endpoint_id"]
     updated = await services.webhooks.update_endpoint(principal.project_id, endpoint_id, body)
-    return JSONResponse(updated)
+    return shaped(EndpointView, updated)
 
 
 async def delete_endpoint(request: Request) -> Response:
@@ -78,7 +97,9 @@ async def delete_endpoint(request: Request) -> Response:
 async def get_secret(request: Request) -> Response:
     services, principal = await _context(request)
     endpoint_id = request.path_params["endpoint_id"]
-    return JSONResponse(await services.webhooks.get_secret(principal.project_id, endpoint_id))
+    return shaped(
+        EndpointSecretView, await services.webhooks.get_secret(principal.project_id, endpoint_id)
+    )
 
 
 async def rotate_secret(request: Request) -> Response:
@@ -86,14 +107,14 @@ async def rotate_secret(request: Request) -> Response:
     body = await _body(request, services, RotateRequest)
     endpoint_id = request.path_params["endpoint_id"]
     rotated = await services.webhooks.rotate_secret(principal.project_id, endpoint_id, body)
-    return JSONResponse(rotated)
+    return shaped(RotatedSecret, rotated)
 
 
 async def send_test(request: Request) -> Response:
     services, principal = await _context(request)
     endpoint_id = request.path_params["endpoint_id"]
     delivery = await services.webhooks.send_test(principal.project_id, endpoint_id)
-    return JSONResponse(delivery, status_code=202)
+    return shaped(DeliveryView, delivery, status_code=202)
 
 
 async def endpoint_deliveries(request: Request) -> Response:
@@ -102,7 +123,7 @@ async def endpoint_deliveries(request: Request) -> Response:
     page = await services.webhooks.endpoint_deliveries(
         principal.project_id, request.path_params["endpoint_id"], limit=limit, cursor=cursor
     )
-    return JSONResponse(page)
+    return shaped(DeliveryPage, page)
 
 
 async def run_deliveries(request: Request) -> Response:
@@ -111,14 +132,16 @@ async def run_deliveries(request: Request) -> Response:
     page = await services.webhooks.run_deliveries(
         principal.project_id, request.path_params["run_id"], limit=limit, cursor=cursor
     )
-    return JSONResponse(page)
+    return shaped(DeliveryPage, page)
 
 
 async def resend(request: Request) -> Response:
     services, principal = await _context(request)
     delivery_id = request.path_params["delivery_id"]
-    return JSONResponse(
-        await services.webhooks.resend(principal.project_id, delivery_id), status_code=202
+    return shaped(
+        DeliveryView,
+        await services.webhooks.resend(principal.project_id, delivery_id),
+        status_code=202,
     )
 
 
@@ -129,12 +152,14 @@ async def recover(request: Request) -> Response:
     result: dict[str, Any] = await services.webhooks.recover(
         principal.project_id, endpoint_id, body
     )
-    return JSONResponse(result, status_code=202)
+    return shaped(RecoverAnswer, result, status_code=202)
 
 
 async def signing_secret(request: Request) -> Response:
     services, principal = await _context(request)
-    return JSONResponse({"secret": await services.webhooks.project_secret(principal.project_id)})
+    return shaped(
+        SigningSecret, {"secret": await services.webhooks.project_secret(principal.project_id)}
+    )
 
 
 _E = "/api/v1/webhooks/{endpoint_id}"

@@ -1,0 +1,255 @@
+"""Pydantic models of what the API answers, and ``shaped()`` that answers with them.
+
+The OpenAPI document (``gateway.openapi``) is generated from these and from the
+request models in ``gateway.schemas``, so what is documented is what is sent.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import JSONResponse
+
+__all__ = [
+    "AttemptView",
+    "BatchCreated",
+    "BatchSummary",
+    "DeliveryPage",
+    "DeliveryView",
+    "EndpointCreated",
+    "EndpointList",
+    "EndpointSecretView",
+    "EndpointView",
+    "ErrorBody",
+    "RecoverAnswer",
+    "RotatedSecret",
+    "RunPage",
+    "RunView",
+    "SigningSecret",
+    "TaskList",
+    "shaped",
+]
+
+M = TypeVar("M", bound=BaseModel)
+
+Status = Literal[
+    "DELAYED",
+    "QUEUED",
+    "EXECUTING",
+    "RETRYING",
+    "WAITING",
+    "COMPLETED",
+    "FAILED",
+    "CANCELED",
+    "EXPIRED",
+    "TIMED_OUT",
+]
+
+
+class _View(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    path: str | None = None
+    message: str | None = None
+    type: str | None = None
+
+
+class ErrorInfo(_View):
+    code: str
+    message: str
+    details: list[ErrorDetail]
+
+
+class ErrorBody(_View):
+    """Every error answer."""
+
+    error: ErrorInfo
+
+
+class RunError(_View):
+    code: str
+    message: str
+
+
+class AttemptView(_View):
+    number: int
+    status: Status
+    worker_id: str | None
+    started_at: str | None
+    finished_at: str | None
+    error: RunError | None
+
+
+class NodeView(_View):
+    type: str | None
+    status: str
+    run_id: str | None
+    output: Any
+    error: RunError | None
+
+
+class RunView(_View):
+    """A run, as ``GET /api/v1/runs/{id}`` shows it."""
+
+    id: str
+    task: str
+    status: Status
+    is_final: bool
+    payload: Any
+    output: Any
+    error: RunError | None
+    attempt: int
+    attempts: list[AttemptView]
+    tags: list[str]
+    metadata: dict[str, Any]
+    parent_id: str | None
+    node_id: str | None
+    created_at: str
+    updated_at: str
+    started_at: str | None
+    finished_at: str | None
+    duration_ms: int | None
+    #: Workflows only: every node of the graph.
+    nodes: dict[str, NodeView] | None = None
+    #: Trigger answers only.
+    is_cached: bool | None = None
+    public_access_token: str | None = None
+
+
+class RunPage(_View):
+    data: list[RunView]
+    next_cursor: str | None
+
+
+class BatchCreated(_View):
+    batch_id: str
+    runs: list[RunView]
+
+
+class BatchSummary(_View):
+    id: str
+    count: int
+    counts: dict[str, int]
+    is_final: bool
+    created_at: str
+    run_ids: list[str]
+
+
+class TaskInfo(_View):
+    name: str
+    description: str
+    payload_schema: dict[str, Any]
+
+
+class TaskList(_View):
+    data: list[TaskInfo]
+
+
+class EndpointView(_View):
+    id: str
+    url: str
+    description: str
+    events: list[str]
+    tasks: list[str]
+    enabled: bool
+    disabled_reason: str | None
+    disabled_at: str | None
+    failing_since: str | None
+    last_success_at: str | None
+    created_at: str
+    updated_at: str
+
+
+class EndpointCreated(EndpointView):
+    secret: str = Field(description="whsec_ + base64; shown here and by GET …/secret")
+
+
+class EndpointList(_View):
+    data: list[EndpointView]
+
+
+class PreviousSecret(_View):
+    secret: str
+    expires_at: str | None
+
+
+class EndpointSecretView(_View):
+    secret: str
+    previous: list[PreviousSecret]
+
+
+class RotatedSecret(_View):
+    secret: str
+    previous_expires_at: str | None
+
+
+class SigningSecret(_View):
+    secret: str
+
+
+class DeliveryAttemptView(_View):
+    number: int
+    trigger: str
+    at: str | None
+    succeeded: bool
+    status_code: int | None
+    latency_ms: int | None
+    response_body: str | None
+    error: str | None
+
+
+class DeliveryView(_View):
+    id: str
+    event_type: str
+    endpoint_id: str | None
+    run_id: str | None
+    url: str
+    status: Literal["pending", "delivered", "failed"]
+    attempt_count: int
+    next_attempt_at: str | None
+    last_status_code: int | None
+    last_error: str | None
+    created_at: str | None
+    delivered_at: str | None
+    payload: Any
+    attempts: list[DeliveryAttemptView]
+
+
+class DeliveryPage(_View):
+    data: list[DeliveryView]
+    next_cursor: str | None
+
+
+class RecoverAnswer(_View):
+    count: int
+    delivery_ids: list[str]
+
+
+class Health(_View):
+    status: str
+    checks: dict[str, str] | None = None
+
+
+class ArtifactLink(_View):
+    artifact_id: str
+    url: str
+    content_type: str
+    bytes: int
+    sha256: str
+    width: int | None
+    height: int | None
+    run_id: str | None
+
+
+def shaped(
+    model: type[M], data: Any, status_code: int = 200, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """Answer ``data`` through ``model``: what does not fit the model is a bug,
+    caught here rather than sent."""
+    body = model.model_validate(data).model_dump(mode="json", exclude_unset=True)
+    return JSONResponse(body, status_code=status_code, headers=headers)
