@@ -1,4 +1,5 @@
-"""The ``gateway`` command: ``up``, ``web``, ``worker``, ``migrate`` and ``keys``."""
+"""The ``gateway`` command: ``up``, ``web``, ``worker``, ``migrate`` and ``keys`` run
+the gateway; ``trigger``, ``runs`` and ``webhooks`` talk to one (see ``cli_client``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
+from gateway.cli_client import add_commands, run_command
 from gateway.settings import ConfigError, Settings
 
 __all__ = ["main"]
@@ -103,11 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests per second for this key (default: RATE_LIMIT)",
     )
     create.add_argument("--burst", type=int, help="the bucket's size (default: the rate)")
+    add_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("trigger", "runs", "webhooks"):
+        return run_command(args)
     try:
         settings = Settings.from_env()
         if args.command == "up":

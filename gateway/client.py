@@ -1,0 +1,437 @@
+"""A Python client for the gateway: ``Client`` (sync) and ``AsyncClient``, on httpx.
+
+    from gateway.client import Client
+
+    with Client("http://127.0.0.1:8000", "gw_sk_...") as gw:
+        run = gw.trigger("echo", {"hello": "world"})
+        done = gw.wait(run["id"])
+        print(done["status"], done["output"])
+
+Both read ``GATEWAY_URL`` and ``GATEWAY_API_KEY`` when not given them.
+
+Errors::
+
+    GatewayError                 any error answer; .status_code, .code, .message, .details
+     ├── AuthenticationError     401
+     ├── NotFoundError           404
+     ├── ConflictError           409
+     ├── ValidationError         400, 413, 422
+     ├── RateLimitError          429; .retry_after
+     └── ServerError             5xx
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
+from typing import Any, Generic, TypeVar
+
+import httpx
+
+from webhooks.verify import verify
+
+__all__ = [
+    "AsyncClient",
+    "AuthenticationError",
+    "Client",
+    "ConflictError",
+    "GatewayError",
+    "NotFoundError",
+    "RateLimitError",
+    "ServerError",
+    "ValidationError",
+]
+
+Run = dict[str, Any]
+R = TypeVar("R")
+
+
+class GatewayError(Exception):
+    """An error answer from the gateway.
+
+    :param status_code: the HTTP status
+    :param code: the API's error code (``run_not_found``, ``validation_error``, …)
+    :param message: what went wrong
+    :param details: more, such as the field paths of a 422
+    """
+
+    def __init__(
+        self, status_code: int, code: str, message: str, details: list[dict[str, Any]] | None = None
+    ) -> None:
+        self.status_code = status_code
+        self.code = code
+        self.message = message
+        self.details = details or []
+        super().__init__(f"{status_code} {code}: {message}")
+
+
+class AuthenticationError(GatewayError):
+    """401: no API key, a bad one, or a bad or expired public token."""
+
+
+class NotFoundError(GatewayError):
+    """404: no such run, task, endpoint or delivery (or not this project's)."""
+
+
+class ConflictError(GatewayError):
+    """409: the run is in a status that does not allow this (cancel a final run)."""
+
+
+class ValidationError(GatewayError):
+    """400, 413 or 422: the request does not fit; ``details`` name the fields."""
+
+
+class RateLimitError(GatewayError):
+    """429: slow down; retry after ``retry_after`` seconds."""
+
+    def __init__(self, *args: Any, retry_after: float = 1.0) -> None:
+        super().__init__(*args)
+        self.retry_after = retry_after
+
+
+class ServerError(GatewayError):
+    """5xx: the gateway failed; the call may be tried again."""
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        error = response.json()["error"]
+        code, message, details = error["code"], error["message"], error.get("details")
+    except (ValueError, KeyError, TypeError):
+        code, message, details = "http_error", response.text[:500], None
+    status = response.status_code
+    if status == 429:
+        raise RateLimitError(
+            status,
+            code,
+            message,
+            details,
+            retry_after=float(response.headers.get("retry-after", "1")),
+        )
+    kind: type[GatewayError] = {
+        401: AuthenticationError,
+        404: NotFoundError,
+        409: ConflictError,
+    }.get(status, GatewayError)
+    if status in (400, 413, 422):
+        kind = ValidationError
+    elif status >= 500:
+        kind = ServerError
+    raise kind(status, code, message, details)
+
+
+def _defaults(base_url: str | None, api_key: str | None) -> tuple[str, str]:
+    base_url = base_url or os.environ.get("GATEWAY_URL") or "http://127.0.0.1:8000"
+    api_key = api_key or os.environ.get("GATEWAY_API_KEY") or ""
+    return base_url.rstrip("/"), api_key
+
+
+def _options(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _sse_events(lines: Iterator[str]) -> Iterator[Run]:
+    for line in lines:
+        if line.startswith("data: "):
+            yield json.loads(line[len("data: ") :])
+
+
+class _Calls(Generic[R]):
+    """The calls both clients share; ``_call`` does the HTTP (sync or async)."""
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> R:
+        raise NotImplementedError
+
+    # runs ---------------------------------------------------------------
+
+    def trigger(
+        self,
+        task: str,
+        payload: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        delay: float | str | None = None,
+        ttl: float | str | None = None,
+        max_attempts: int | None = None,
+        max_duration: float | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        callback_url: str | None = None,
+        **options: Any,
+    ) -> R:
+        """Start a run of ``task``; returns the run (``is_cached`` if an
+        idempotency key gave back an earlier one)."""
+        body_options = _options(
+            {
+                "idempotency_key": idempotency_key,
+                "delay": delay,
+                "ttl": ttl,
+                "max_attempts": max_attempts,
+                "max_duration": max_duration,
+                "tags": tags,
+                "metadata": metadata,
+                "callback_url": callback_url,
+                **options,
+            }
+        )
+        return self._call(
+            "POST",
+            f"/api/v1/tasks/{task}/trigger",
+            json_body={"payload": payload, "options": body_options},
+        )
+
+    def batch_trigger(self, items: list[Mapping[str, Any]]) -> R:
+        """Start up to 500 runs: ``[{"task", "payload", "options"}]``."""
+        return self._call("POST", "/api/v1/tasks/batch", json_body={"items": list(items)})
+
+    def get_run(self, run_id: str) -> R:
+        return self._call("GET", f"/api/v1/runs/{run_id}")
+
+    def cancel(self, run_id: str) -> R:
+        return self._call("POST", f"/api/v1/runs/{run_id}/cancel")
+
+    def replay(self, run_id: str) -> R:
+        return self._call("POST", f"/api/v1/runs/{run_id}/replay")
+
+    def reschedule(self, run_id: str, delay: float | str) -> R:
+        return self._call("POST", f"/api/v1/runs/{run_id}/reschedule", json_body={"delay": delay})
+
+    def get_batch(self, batch_id: str) -> R:
+        return self._call("GET", f"/api/v1/batches/{batch_id}")
+
+    def run_deliveries(self, run_id: str) -> R:
+        return self._call("GET", f"/api/v1/runs/{run_id}/deliveries")
+
+    # webhooks -----------------------------------------------------------
+
+    def create_webhook(
+        self,
+        url: str,
+        *,
+        events: list[str] | None = None,
+        tasks: list[str] | None = None,
+        description: str = "",
+    ) -> R:
+        """Register an endpoint; the answer holds its ``secret``."""
+        return self._call(
+            "POST",
+            "/api/v1/webhooks",
+            json_body=_options(
+                {"url": url, "events": events, "tasks": tasks, "description": description}
+            ),
+        )
+
+    def list_webhooks(self) -> R:
+        return self._call("GET", "/api/v1/webhooks")
+
+    def get_webhook(self, endpoint_id: str) -> R:
+        return self._call("GET", f"/api/v1/webhooks/{endpoint_id}")
+
+    def update_webhook(self, endpoint_id: str, **changes: Any) -> R:
+        return self._call("PATCH", f"/api/v1/webhooks/{endpoint_id}", json_body=changes)
+
+    def delete_webhook(self, endpoint_id: str) -> R:
+        return self._call("DELETE", f"/api/v1/webhooks/{endpoint_id}")
+
+    def rotate_webhook_secret(self, endpoint_id: str, grace_period: float | None = None) -> R:
+        return self._call(
+            "POST",
+            f"/api/v1/webhooks/{endpoint_id}/rotate-secret",
+            json_body=_options({"grace_period": grace_period}),
+        )
+
+    def test_webhook(self, endpoint_id: str) -> R:
+        return self._call("POST", f"/api/v1/webhooks/{endpoint_id}/test")
+
+    def webhook_deliveries(self, endpoint_id: str) -> R:
+        return self._call("GET", f"/api/v1/webhooks/{endpoint_id}/deliveries")
+
+    def resend_delivery(self, delivery_id: str) -> R:
+        return self._call("POST", f"/api/v1/deliveries/{delivery_id}/resend")
+
+    def recover_webhook(self, endpoint_id: str, since: str) -> R:
+        return self._call(
+            "POST", f"/api/v1/webhooks/{endpoint_id}/recover", json_body={"since": since}
+        )
+
+    @staticmethod
+    def verify_webhook(body: bytes | str, headers: Mapping[str, str], secret: str) -> Any:
+        """Check a callback's signature (Standard Webhooks); returns the event.
+
+        :raises standardwebhooks.WebhookVerificationError: forged or stale
+        """
+        return verify(body, headers, secret)
+
+
+def _list_params(filters: Mapping[str, Any], limit: int, cursor: str | None) -> dict[str, Any]:
+    params = {
+        k: (",".join(v) if isinstance(v, list | tuple) else v)
+        for k, v in filters.items()
+        if v is not None
+    }
+    params["limit"] = limit
+    if cursor:
+        params["cursor"] = cursor
+    return params
+
+
+class Client(_Calls[Any]):
+    """A synchronous client (one ``httpx.Client``; use it as a context manager)."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        base_url, api_key = _defaults(base_url, api_key)
+        self._http = httpx.Client(
+            base_url=base_url,
+            timeout=httpx.Timeout(timeout, read=75.0),
+            headers={"authorization": f"Bearer {api_key}"},
+            transport=transport,
+        )
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        response = self._http.request(method, path, json=json_body, params=params, headers=headers)
+        _raise_for(response)
+        return response.json() if response.content else None
+
+    def wait(self, run_id: str, *, within: float | None = None) -> Run:
+        """Long-poll until the run is final (or ``within`` seconds pass); the run."""
+        deadline = None if within is None else time.monotonic() + within
+        while True:
+            left = 60.0 if deadline is None else max(0.0, min(60.0, deadline - time.monotonic()))
+            run: Run = self._call("GET", f"/api/v1/runs/{run_id}", params={"wait": left})
+            if run["is_final"] or (deadline is not None and time.monotonic() >= deadline):
+                return run
+
+    def stream(self, run_id: str) -> Iterator[Run]:
+        """The run's status changes as they happen (Server-Sent Events), to the final one."""
+        with self._http.stream(
+            "GET", f"/api/v1/runs/{run_id}/events", timeout=httpx.Timeout(30.0, read=None)
+        ) as response:
+            if response.status_code >= 400:
+                response.read()
+                _raise_for(response)
+            yield from _sse_events(response.iter_lines())
+
+    def list_runs(self, *, limit: int = 100, **filters: Any) -> Iterator[Run]:
+        """Every run that fits the filters (``status``, ``task``, ``tag``,
+        ``created_after``, ``created_before``), newest first, page after page."""
+        cursor = None
+        while True:
+            page = self._call("GET", "/api/v1/runs", params=_list_params(filters, limit, cursor))
+            yield from page["data"]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient(_Calls[Awaitable[Any]]):
+    """The same calls, awaited (one ``httpx.AsyncClient``; ``async with`` it)."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        base_url, api_key = _defaults(base_url, api_key)
+        self._http = httpx.AsyncClient(
+            base_url=base_url,
+            timeout=httpx.Timeout(timeout, read=75.0),
+            headers={"authorization": f"Bearer {api_key}"},
+            transport=transport,
+        )
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Awaitable[Any]:
+        async def call() -> Any:
+            response = await self._http.request(
+                method, path, json=json_body, params=params, headers=headers
+            )
+            _raise_for(response)
+            return response.json() if response.content else None
+
+        return call()
+
+    async def wait(self, run_id: str, *, within: float | None = None) -> Run:
+        deadline = None if within is None else time.monotonic() + within
+        while True:
+            left = 60.0 if deadline is None else max(0.0, min(60.0, deadline - time.monotonic()))
+            run: Run = await self._call("GET", f"/api/v1/runs/{run_id}", params={"wait": left})
+            if run["is_final"] or (deadline is not None and time.monotonic() >= deadline):
+                return run
+
+    async def stream(self, run_id: str) -> AsyncIterator[Run]:
+        async with self._http.stream(
+            "GET", f"/api/v1/runs/{run_id}/events", timeout=httpx.Timeout(30.0, read=None)
+        ) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                _raise_for(response)
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    yield json.loads(line[len("data: ") :])
+
+    async def list_runs(self, *, limit: int = 100, **filters: Any) -> AsyncIterator[Run]:
+        cursor = None
+        while True:
+            page = await self._call(
+                "GET", "/api/v1/runs", params=_list_params(filters, limit, cursor)
+            )
+            for run in page["data"]:
+                yield run
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
