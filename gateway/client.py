@@ -124,10 +124,23 @@ def _raise_for(response: httpx.Response) -> None:
     raise kind(status, code, message, details)
 
 
-def _defaults(base_url: str | None, api_key: str | None) -> tuple[str, str]:
+def _http_options(base_url: str | None, api_key: str | None, timeout: float) -> dict[str, Any]:
+    """What both clients give httpx; the URL and key default to the environment."""
     base_url = base_url or os.environ.get("GATEWAY_URL") or "http://127.0.0.1:8000"
     api_key = api_key or os.environ.get("GATEWAY_API_KEY") or ""
-    return base_url.rstrip("/"), api_key
+    return {
+        "base_url": base_url.rstrip("/"),
+        # Reads wait longer than a long-poll can hold a request (60 s).
+        "timeout": httpx.Timeout(timeout, read=75.0),
+        "headers": {"authorization": f"Bearer {api_key}"},
+    }
+
+
+def _poll_seconds(deadline: float | None) -> float:
+    """How long the next long-poll may hold, given ``wait(within=…)``'s deadline."""
+    if deadline is None:
+        return 60.0
+    return max(0.0, min(60.0, deadline - time.monotonic()))
 
 
 def _options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -298,13 +311,7 @@ class Client(_Calls[Any]):
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        base_url, api_key = _defaults(base_url, api_key)
-        self._http = httpx.Client(
-            base_url=base_url,
-            timeout=httpx.Timeout(timeout, read=75.0),
-            headers={"authorization": f"Bearer {api_key}"},
-            transport=transport,
-        )
+        self._http = httpx.Client(transport=transport, **_http_options(base_url, api_key, timeout))
 
     def _call(
         self,
@@ -323,8 +330,8 @@ class Client(_Calls[Any]):
         """Long-poll until the run is final (or ``within`` seconds pass); the run."""
         deadline = None if within is None else time.monotonic() + within
         while True:
-            left = 60.0 if deadline is None else max(0.0, min(60.0, deadline - time.monotonic()))
-            run: Run = self._call("GET", f"/api/v1/runs/{run_id}", params={"wait": left})
+            params = {"wait": _poll_seconds(deadline)}
+            run: Run = self._call("GET", f"/api/v1/runs/{run_id}", params=params)
             if run["is_final"] or (deadline is not None and time.monotonic() >= deadline):
                 return run
 
@@ -370,12 +377,8 @@ class AsyncClient(_Calls[Awaitable[Any]]):
         timeout: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        base_url, api_key = _defaults(base_url, api_key)
         self._http = httpx.AsyncClient(
-            base_url=base_url,
-            timeout=httpx.Timeout(timeout, read=75.0),
-            headers={"authorization": f"Bearer {api_key}"},
-            transport=transport,
+            transport=transport, **_http_options(base_url, api_key, timeout)
         )
 
     def _call(
@@ -399,8 +402,8 @@ class AsyncClient(_Calls[Awaitable[Any]]):
     async def wait(self, run_id: str, *, within: float | None = None) -> Run:
         deadline = None if within is None else time.monotonic() + within
         while True:
-            left = 60.0 if deadline is None else max(0.0, min(60.0, deadline - time.monotonic()))
-            run: Run = await self._call("GET", f"/api/v1/runs/{run_id}", params={"wait": left})
+            params = {"wait": _poll_seconds(deadline)}
+            run: Run = await self._call("GET", f"/api/v1/runs/{run_id}", params=params)
             if run["is_final"] or (deadline is not None and time.monotonic() >= deadline):
                 return run
 
