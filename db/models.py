@@ -110,6 +110,7 @@ class Run(SQLModel, table=True):
         sa.Index("ix_runs_status_updated", "status", "updated_at"),
         sa.Index("ix_runs_status_run_at", "status", "run_at"),
         sa.Index("ix_runs_status_expire_at", "status", "expire_at"),
+        sa.Index("ix_runs_status_heartbeat", "status", "heartbeat_at"),
     )
 
     id: str = Field(primary_key=True, max_length=40)
@@ -135,6 +136,8 @@ class Run(SQLModel, table=True):
     )
     started_at: dt.datetime | None = _ts()
     finished_at: dt.datetime | None = _ts()
+    #: The last sign of life from the worker running the attempt.
+    heartbeat_at: dt.datetime | None = _ts()
     #: When a DELAYED or RETRYING run is due.
     run_at: dt.datetime | None = _ts()
     #: A run not started by then ends EXPIRED (``options.ttl``).

@@ -119,15 +119,19 @@ class Reconciler(Periodic):
                 if missing:
                     await self.webhooks.requeue(delivery["id"], step=delivery["schedule_step"])
                     requeued_deliveries += 1
+            lost = await self.runs.recover_lost()
         except (RedisError, OSError) as exc:
             log.warning("reconciler cannot reach Redis: %s", exc)
-        if requeued_runs or requeued_deliveries:
+            lost = 0
+        if requeued_runs or requeued_deliveries or lost:
             log.warning(
-                "reconciler queued again %d run(s) and %d delivery(ies) whose jobs were lost",
+                "reconciler queued again %d run(s) and %d delivery(ies) whose jobs were lost; "
+                "%d attempt(s) lost with their worker",
                 requeued_runs,
                 requeued_deliveries,
+                lost,
             )
-        return {"runs": requeued_runs, "deliveries": requeued_deliveries}
+        return {"runs": requeued_runs, "deliveries": requeued_deliveries, "lost_attempts": lost}
 
 
 class Scheduler(Periodic):

@@ -39,6 +39,7 @@ from gateway.transitions import (
     job_id,
     job_of,
     load_run,
+    recover_lost,
     release_due,
     reschedule,
 )
@@ -67,6 +68,7 @@ class RunService:
         self.webhooks = webhooks
         self.settings = settings
         self.tokens = PublicTokens(settings)
+        self._born = time.monotonic()
 
     def new_row(
         self,
@@ -266,6 +268,19 @@ class RunService:
         if found is None:
             raise NotFound(f"no batch with id {batch_id!r}", code="batch_not_found")
         return found
+
+    async def recover_lost(self) -> int:
+        """End attempts whose worker went silent (see ``transitions.recover_lost``).
+
+        Only silence this process was up to hear counts: after a restart it
+        waits a whole ``HEARTBEAT_TIMEOUT`` before judging, so workers that
+        went on while every gateway was down have time to be heard.
+        """
+        if time.monotonic() - self._born < self.settings.heartbeat_timeout:
+            return 0
+        lost = await self.db.write(recover_lost, utcnow(), self.settings.heartbeat_timeout)
+        await self._after(lost.jobs, lost.changed, lost.outgoing, lost.abort)
+        return len(lost.abort)
 
     async def release_due(self) -> int:
         """One scheduler pass: start due DELAYED/RETRYING runs, expire stale ones."""

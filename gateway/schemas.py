@@ -133,7 +133,7 @@ class ChildRun(BaseModel):
 class WorkerEvent(BaseModel):
     """A signed report from a worker (see ``jobs.report``)."""
 
-    type: Literal["started", "completed", "failed", "waiting"]
+    type: Literal["started", "completed", "failed", "waiting", "heartbeat"]
     run_id: str = Field(max_length=40)
     attempt: int = Field(ge=1)
     #: A workflow's step; 0 for every other run.

@@ -168,6 +168,13 @@ class Settings:
     #: Requests per second per API key (a token bucket in Redis); 0: no limit.
     rate_limit: float = 0.0
     rate_burst: int = 0
+    #: Seconds between two heartbeats of a running attempt.
+    heartbeat_interval: float = 10.0
+    #: An EXECUTING attempt silent this long is lost (its worker died): it is
+    #: retried if attempts remain, else the run fails with ``worker_lost``.
+    heartbeat_timeout: float = 60.0
+    #: Seconds a stopping worker lets running jobs finish before re-queueing them.
+    worker_shutdown_grace: int = 30
     #: Seconds between two passes of the scheduler (delays, retries, TTLs).
     scheduler_interval: float = 0.2
     #: Seconds between two passes of the reconciler.
@@ -226,6 +233,9 @@ class Settings:
             cors_origins=_list(env, "CORS_ORIGINS"),
             rate_limit=_float(env, "RATE_LIMIT", 0.0),
             rate_burst=_int(env, "RATE_LIMIT_BURST", 0),
+            heartbeat_interval=_float(env, "HEARTBEAT_INTERVAL", 10.0, minimum=0.05),
+            heartbeat_timeout=_float(env, "HEARTBEAT_TIMEOUT", 60.0, minimum=0.1),
+            worker_shutdown_grace=_int(env, "WORKER_SHUTDOWN_GRACE", 30),
             scheduler_interval=_float(env, "SCHEDULER_INTERVAL", 0.2, minimum=0.01),
             reconcile_interval=_float(env, "RECONCILE_INTERVAL", 15.0, minimum=0.1),
             reconcile_grace=_float(env, "RECONCILE_GRACE", 30.0),

@@ -22,7 +22,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from db.ids import new_id
 from db.models import Batch, IdempotencyKey, Run, RunAttempt, RunNode, RunStatus, RunTransition
 from db.types import isoformat, utcnow
-from gateway.schemas import WorkerEvent
+from gateway.schemas import WorkerError, WorkerEvent
 from gateway.webhooks import FINAL_EVENTS, Outgoing, create_run_deliveries
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "job_of",
     "load_run",
     "node_states",
+    "recover_lost",
     "release_due",
     "reschedule",
     "run_view",
@@ -337,7 +338,7 @@ def _apply_started(
         run,
         RunStatus.EXECUTING,
         now,
-        {"started_at": sa.func.coalesce(runs.c.started_at, now)},
+        {"started_at": sa.func.coalesce(runs.c.started_at, now), "heartbeat_at": now},
     )
     outgoing: list[Outgoing] = []
     if run["step"] == 0:  # a workflow's later steps are not new attempts
@@ -591,7 +592,75 @@ def apply_event(conn: sa.Connection, event: WorkerEvent) -> EventOutcome | None:
         return _apply_started(conn, event, run, now)
     if event.type == "waiting":
         return _apply_waiting(conn, event, run, now)
+    if event.type == "heartbeat":
+        return _apply_heartbeat(conn, event, run, now)
     return _apply_final(conn, event, run, now)
+
+
+def _apply_heartbeat(
+    conn: sa.Connection, event: WorkerEvent, run: dict[str, Any], now: dt.datetime
+) -> EventOutcome:
+    """A running attempt is alive; ``proceed`` is false once the run moved on."""
+    status = RunStatus(run["status"])
+    alive = _is_current(run, event) and status == RunStatus.EXECUTING
+    if alive:
+        conn.execute(
+            runs.update()
+            .where(
+                runs.c.id == run["id"],
+                runs.c.status == RunStatus.EXECUTING.value,
+                runs.c.attempt == event.attempt,
+                runs.c.step == event.step,
+            )
+            .values(heartbeat_at=now)
+        )
+    return EventOutcome(applied=False, status=status.value, proceed=alive)
+
+
+LOST_CODE = "worker_lost"
+
+
+def recover_lost(conn: sa.Connection, now: dt.datetime, timeout: float, limit: int = 100) -> Due:
+    """End attempts whose worker stopped sending heartbeats (killed, or cut
+    off) as failed with ``worker_lost``: retried if attempts remain, like any
+    retryable failure, else the run fails."""
+    done = Due()
+    silent = now - dt.timedelta(seconds=timeout)
+    for run_id in (
+        conn.execute(
+            sa.select(runs.c.id)
+            .where(
+                runs.c.status == RunStatus.EXECUTING.value,
+                sa.func.coalesce(runs.c.heartbeat_at, runs.c.updated_at) < silent,
+            )
+            .limit(limit)
+        )
+        .scalars()
+        .all()
+    ):
+        run = _select_run(conn, run_id, lock=True)
+        if run is None or run["status"] != RunStatus.EXECUTING:
+            continue
+        beat = conn.scalar(sa.select(runs.c.heartbeat_at).where(runs.c.id == run_id))
+        if beat is not None and beat >= silent:
+            continue
+        event = WorkerEvent(
+            type="failed",
+            run_id=run_id,
+            attempt=run["attempt"],
+            step=run["step"],
+            error=WorkerError(
+                code=LOST_CODE,
+                retryable=True,
+                message=f"no heartbeat from the worker for {timeout:g} s",
+            ),
+        )
+        outcome = _apply_final(conn, event, run, now)
+        done.abort.append(job_id(run_id, run["attempt"], run["step"]))
+        done.jobs.extend(outcome.jobs)
+        done.outgoing.extend(outcome.outgoing)
+        done.changed.extend(outcome.changed)
+    return done
 
 
 # -- cancel ---------------------------------------------------------------------------
@@ -739,7 +808,9 @@ def release_due(conn: sa.Connection, now: dt.datetime, limit: int = 200) -> Due:
         if run is None or run["status"] not in (RunStatus.DELAYED, RunStatus.RETRYING):
             continue
         transition(conn, run, RunStatus.QUEUED, now, {"run_at": None})
-        done.jobs.append(job_of(run))
+        # A workflow's step takes the nodes' states with it.
+        state = node_states(conn, run["id"]) if run["step"] else None
+        done.jobs.append(job_of(run, state=state))
         done.changed.append(run["id"])
     return done
 

@@ -154,6 +154,19 @@ async def _execute(
     return {"type": "completed", "output": output}
 
 
+async def _heartbeat(ctx: dict[str, Any], ids: dict[str, Any]) -> None:
+    """Tell the gateway, now and then, that this attempt is still running, so
+    an attempt whose worker died is noticed (``HEARTBEAT_TIMEOUT``)."""
+    reporter: Reporter = ctx["reporter"]
+    interval = ctx["settings"].heartbeat_interval
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await reporter.send_once(make_event("heartbeat", **ids))
+        except Exception as exc:  # a missed beat is fine; the next may get through
+            log.debug("heartbeat for %s not delivered: %s", ids["run_id"], exc)
+
+
 async def run_task(
     ctx: dict[str, Any],
     run_id: str,
@@ -173,6 +186,7 @@ async def run_task(
         log.info("run %s is %s; not executing it", run_id, ack.get("status"))
         return f"skipped ({ack.get('status')})"
     max_duration = (options or {}).get("max_duration")
+    beat = asyncio.create_task(_heartbeat(ctx, ids), name=f"heartbeat {run_id}")
     try:
         async with asyncio.timeout(max_duration):
             result = await _execute(ctx, run_id, task, payload, attempt, state)
@@ -183,6 +197,8 @@ async def run_task(
                 TIMED_OUT_CODE, f"the attempt ran past max_duration ({max_duration} s)"
             ),
         }
+    finally:
+        beat.cancel()
     event_type = result.pop("type")
     await reporter.report(make_event(event_type, **ids, **result), ctx["redis"])
     return str(event_type)
@@ -205,6 +221,9 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         "poll_delay": settings.worker_poll_delay,
         "keep_result": 3600,
         "allow_abort_jobs": True,
+        # SIGTERM: take no new jobs, let running ones finish up to the grace
+        # period, then cancel the rest, which arq puts back on the queue.
+        "job_completion_wait": settings.worker_shutdown_grace,
         "ctx": {"settings": settings},
     }
 
@@ -226,6 +245,7 @@ class WorkerSettings:
     on_shutdown = _options["on_shutdown"]
     max_jobs = _options["max_jobs"]
     job_timeout = _options["job_timeout"]
+    job_completion_wait = _options["job_completion_wait"]
     poll_delay = _options["poll_delay"]
     keep_result = _options["keep_result"]
     allow_abort_jobs = _options["allow_abort_jobs"]

@@ -1,0 +1,96 @@
+"""Faults: a worker killed or stopped mid-run. Marked ``faults`` (``pytest -m faults``)."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+
+import pytest
+
+from gateway.embedded_redis import EmbeddedRedis
+from tests.conftest import Stack, _redis_db, launch_stack
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.faults
+
+
+@pytest.fixture(scope="module")
+def fault_stack(
+    database_url: str, redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """A stack of its own, with short heartbeats, so killing its worker
+    disturbs no other test."""
+    with launch_stack(
+        "faults",
+        database_url,
+        f"{redis_server.url}/{_redis_db(database_url, 2)}",
+        tmp_path_factory.mktemp("logs-faults"),
+        HEARTBEAT_INTERVAL="0.3",
+        HEARTBEAT_TIMEOUT="2",
+        WORKER_SHUTDOWN_GRACE="2",
+    ) as stack:
+        yield stack
+
+
+def transitions(stack: Stack, run_id: str) -> list[str]:
+    return [
+        r[0]
+        for r in stack.query(
+            "SELECT to_status FROM run_transitions WHERE run_id = :id ORDER BY id", id=run_id
+        )
+    ]
+
+
+def test_runs_of_a_killed_worker_run_again_and_end_final(fault_stack: Stack) -> None:
+    stack = fault_stack
+    with stack.client() as client:
+        ids = [
+            client.post("/api/v1/tasks/sleep/trigger", json={"payload": {"seconds": 1.5}}).json()[
+                "id"
+            ]
+            for _ in range(8)
+        ]
+        wait_until(
+            lambda: all(
+                client.get(f"/api/v1/runs/{i}").json()["status"] == "EXECUTING" for i in ids
+            ),
+            what="every run to start",
+        )
+        stack.worker.stop(signal.SIGKILL)
+        stack.start_worker()
+        finals = [client.get(f"/api/v1/runs/{i}", params={"wait": 30}).json() for i in ids]
+    for run in finals:
+        assert run["status"] == "COMPLETED", run
+        assert [a["status"] for a in run["attempts"]] == ["FAILED", "COMPLETED"]
+        assert run["attempts"][0]["error"]["code"] == "worker_lost"
+        steps = transitions(stack, run["id"])
+        assert steps.count("COMPLETED") == 1 and steps[-1] == "COMPLETED"
+
+
+def test_sigterm_lets_running_jobs_finish_within_the_grace(fault_stack: Stack) -> None:
+    stack = fault_stack
+    with stack.client() as client:
+        short = client.post(
+            "/api/v1/tasks/sleep/trigger", json={"payload": {"seconds": 0.8}}
+        ).json()["id"]
+        wait_until(
+            lambda: client.get(f"/api/v1/runs/{short}").json()["status"] == "EXECUTING",
+            what="the run to start",
+        )
+        stack.worker.stop(signal.SIGTERM)
+        # The worker finished the run before it exited.
+        assert client.get(f"/api/v1/runs/{short}").json()["status"] == "COMPLETED"
+
+        stack.start_worker()
+        long = client.post("/api/v1/tasks/sleep/trigger", json={"payload": {"seconds": 4}}).json()[
+            "id"
+        ]
+        wait_until(
+            lambda: client.get(f"/api/v1/runs/{long}").json()["status"] == "EXECUTING",
+            what="the long run to start",
+        )
+        stack.worker.stop(signal.SIGTERM)  # past the 2 s grace the job is put back
+        stack.start_worker()
+        final = client.get(f"/api/v1/runs/{long}", params={"wait": 30}).json()
+    assert final["status"] == "COMPLETED"
+    assert transitions(stack, long).count("COMPLETED") == 1
