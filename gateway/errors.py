@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -166,6 +168,22 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, code, message, headers=exc.headers)
 
 
+async def _database_unavailable(request: Request, exc: Exception) -> Response:
+    """The database did not answer: nothing was written, so the client may retry."""
+    log.warning(
+        "database unavailable on %s %s: %s",
+        request.method,
+        request.url.path,
+        str(exc).splitlines()[0][:300],
+    )
+    return error_response(
+        503,
+        "database_unavailable",
+        "the database does not answer; nothing was changed, try again shortly",
+        headers={"retry-after": "2"},
+    )
+
+
 async def _unhandled(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal_error", "internal error; the gateway logged it")
@@ -174,5 +192,10 @@ async def _unhandled(request: Request, exc: Exception) -> Response:
 exception_handlers: dict[Any, Any] = {
     APIError: _api_error,
     HTTPException: _http_error,
+    # A lost or refused connection (a restarting PostgreSQL, a locked-out SQLite).
+    OperationalError: _database_unavailable,
+    InterfaceError: _database_unavailable,
+    SATimeoutError: _database_unavailable,
+    ConnectionError: _database_unavailable,
     Exception: _unhandled,
 }

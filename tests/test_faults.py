@@ -94,3 +94,40 @@ def test_sigterm_lets_running_jobs_finish_within_the_grace(fault_stack: Stack) -
         final = client.get(f"/api/v1/runs/{long}", params={"wait": 30}).json()
     assert final["status"] == "COMPLETED"
     assert transitions(stack, long).count("COMPLETED") == 1
+
+
+def test_a_database_that_does_not_answer_gives_503_with_retry_after(
+    redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A gateway whose PostgreSQL is down (nothing listens on its port)."""
+    import httpx
+
+    from gateway.embedded_redis import free_port
+    from tests.conftest import TEST_SECRET
+    from tests.helpers import Process, child_env, wait_http_ok
+
+    port = free_port()
+    env = child_env(
+        DATABASE_URL=f"postgresql+asyncpg://nobody@127.0.0.1:{free_port()}/none",
+        REDIS_URL=f"{redis_server.url}/9",
+        GATEWAY_SECRET_KEY=TEST_SECRET,
+        PORT=str(port),
+    )
+    gateway = Process(
+        "gateway-nodb", ["-m", "gateway", "web"], env, tmp_path_factory.mktemp("logs-nodb")
+    ).start()
+    try:
+        wait_http_ok(f"http://127.0.0.1:{port}/healthz", gateway)
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/api/v1/tasks/echo/trigger",
+            json={"payload": {}},
+            headers={"authorization": "Bearer gw_sk_x"},
+        )
+        assert answer.status_code == 503
+        assert answer.headers["retry-after"] == "2"
+        assert answer.json()["error"]["code"] == "database_unavailable"
+        ready = httpx.get(f"http://127.0.0.1:{port}/readyz")
+        assert ready.status_code == 503
+        assert [c["check"] for c in ready.json()["error"]["details"]] == ["database"]
+    finally:
+        gateway.stop()
