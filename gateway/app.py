@@ -19,6 +19,7 @@ from gateway.artifacts import routes as artifact_routes
 from gateway.auth import ApiKeyAuth
 from gateway.errors import exception_handlers
 from gateway.logs import configure_logging
+from gateway.metrics import routes as metrics_routes
 from gateway.notify import RunNotifier
 from gateway.openapi import routes as openapi_routes
 from gateway.ratelimit import RateLimiter
@@ -114,7 +115,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
             )
         )
     return Starlette(
-        routes=[*run_routes, *routes, *webhook_routes, *artifact_routes, *openapi_routes],
+        routes=[
+            *run_routes,
+            *routes,
+            *webhook_routes,
+            *artifact_routes,
+            *openapi_routes,
+            *metrics_routes,
+        ],
         middleware=middleware,
         exception_handlers=exception_handlers,
         lifespan=lifespan,

@@ -305,6 +305,14 @@ OPERATIONS: tuple[Operation, ...] = (
         errors=(503,),
     ),
     Operation("GET", "/openapi.json", "This document", "health", {200: "OpenAPI 3.1"}, auth="none"),
+    Operation(
+        "GET",
+        "/metrics",
+        "Prometheus metrics",
+        "health",
+        {200: "text/plain in the Prometheus format"},
+        auth="none",
+    ),
 )
 
 _STATUS_TEXT = {

@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from db.engine import Database
 from db.models import Delivery, DeliveryStatus, Run, RunStatus
 from db.types import utcnow
+from gateway.metrics import RECONCILER_ACTIONS
 from gateway.periodic import Periodic
 from gateway.runs import RunService
 from gateway.settings import Settings
@@ -123,6 +124,13 @@ class Reconciler(Periodic):
         except (RedisError, OSError) as exc:
             log.warning("reconciler cannot reach Redis: %s", exc)
             lost = 0
+        for action, count in (
+            ("requeued_run", requeued_runs),
+            ("requeued_delivery", requeued_deliveries),
+            ("lost_attempt", lost),
+        ):
+            if count:
+                RECONCILER_ACTIONS.labels(action=action).inc(count)
         if requeued_runs or requeued_deliveries or lost:
             log.warning(
                 "reconciler queued again %d run(s) and %d delivery(ies) whose jobs were lost; "
@@ -144,4 +152,7 @@ class Scheduler(Periodic):
         self.runs = runs
 
     async def run_once(self) -> int:
-        return await self.runs.release_due()
+        done = await self.runs.release_due()
+        if done:
+            RECONCILER_ACTIONS.labels(action="released_or_expired").inc(done)
+        return done

@@ -22,6 +22,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from db.ids import new_id
 from db.models import Batch, IdempotencyKey, Run, RunAttempt, RunNode, RunStatus, RunTransition
 from db.types import isoformat, utcnow
+from gateway.metrics import observe_transition
 from gateway.schemas import WorkerError, WorkerEvent
 from gateway.webhooks import FINAL_EVENTS, Outgoing, create_run_deliveries
 
@@ -234,6 +235,7 @@ def load_run(conn: sa.Connection, project_id: str | None, run_id: str) -> dict[s
 
 def insert_run(conn: sa.Connection, row: Mapping[str, Any]) -> None:
     conn.execute(runs.insert(), dict(row))
+    observe_transition(dict(row), RunStatus(row["status"]), row["created_at"])
     conn.execute(
         run_transitions.insert(),
         {
@@ -267,6 +269,7 @@ def transition(
     )
     if result.rowcount != 1:
         raise LostRace(run["id"])
+    observe_transition(run, to, now)
     conn.execute(
         run_transitions.insert(),
         {
@@ -298,6 +301,7 @@ def _select_run(conn: sa.Connection, run_id: str, *, lock: bool = False) -> dict
         runs.c.parent_id,
         runs.c.node_id,
         runs.c.payload,
+        runs.c.created_at,
         runs.c.started_at,
         runs.c.max_attempts,
         runs.c.retry,

@@ -38,6 +38,7 @@ from db.models import (
 )
 from db.types import isoformat, utcnow
 from gateway.errors import NotFound, ValidationFailed
+from gateway.metrics import DELIVERY_ATTEMPTS
 from gateway.settings import Settings
 from webhooks.signing import generate_webhook_secret, webhook_headers
 from webhooks.ssrf import AddressRefused, IPNetwork, parse_networks, validate_url
@@ -370,6 +371,17 @@ def _list_deliveries(
 
 
 # -- the service ------------------------------------------------------------------
+
+
+def _outcome_of(report: DeliveryAttemptReport) -> str:
+    if report.succeeded:
+        return "succeeded"
+    if report.status_code is not None:
+        return "http_error"
+    error = report.error or ""
+    if error.startswith("refused"):
+        return "refused"
+    return "timeout" if error.startswith("timed out") else "connection_error"
 
 
 class WebhookService:
@@ -875,6 +887,8 @@ class WebhookService:
             return {"recorded": True, "next_attempt_in": next_in, "step": step}
 
         outcome = await self.db.write(record)
+        if outcome["recorded"]:
+            DELIVERY_ATTEMPTS.labels(outcome=_outcome_of(report)).inc()
         if outcome["next_attempt_in"] is not None:
             await self._enqueue(
                 report.delivery_id,
