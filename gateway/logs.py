@@ -10,7 +10,7 @@ from gateway.settings import Settings
 
 __all__ = ["configure_logging"]
 
-_CONTEXT_FIELDS = ("run_id", "task", "attempt")
+_CONTEXT_FIELDS = ("run_id", "task", "attempt", "event", "error_code", "delivery_id")
 
 
 class JSONFormatter(logging.Formatter):
@@ -43,4 +43,7 @@ def configure_logging(settings: Settings) -> None:
         )
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
+    # One line per request to the gateway or a receiver is noise at INFO.
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
     root._gateway_configured = True  # type: ignore[attr-defined]

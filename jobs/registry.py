@@ -69,7 +69,8 @@ class TaskContext:
     task: str
     attempt: int
     worker_id: str
-    logger: logging.Logger
+    #: Logs with ``run_id``, ``task`` and ``attempt`` on every line.
+    logger: logging.LoggerAdapter[logging.Logger]
     settings: Settings
     #: Image input and artifact output (see ``jobs.media``).
     media: Media

@@ -107,7 +107,10 @@ async def _execute(
         task=task,
         attempt=attempt,
         worker_id=ctx["worker_id"],
-        logger=logging.getLogger(f"jobs.task.{task}"),
+        logger=logging.LoggerAdapter(
+            logging.getLogger(f"jobs.task.{task}"),
+            {"run_id": run_id, "task": task, "attempt": attempt},
+        ),
         settings=settings,
         media=Media(
             run_id=run_id,
@@ -182,6 +185,11 @@ async def run_task(
     reporter: Reporter = ctx["reporter"]
     ids = {"run_id": run_id, "attempt": attempt, "step": step, "worker_id": ctx["worker_id"]}
     ack = await reporter.report(make_event("started", **ids), ctx["redis"])
+    log.info(
+        "run %s started",
+        run_id,
+        extra={"run_id": run_id, "task": task, "attempt": attempt, "event": "started"},
+    )
     if ack is not None and not ack.get("proceed", True):
         log.info("run %s is %s; not executing it", run_id, ack.get("status"))
         return f"skipped ({ack.get('status')})"
@@ -200,6 +208,20 @@ async def run_task(
     finally:
         beat.cancel()
     event_type = result.pop("type")
+    error = result.get("error") or {}
+    log.info(
+        "run %s %s%s",
+        run_id,
+        event_type,
+        f" ({error.get('code')})" if error else "",
+        extra={
+            "run_id": run_id,
+            "task": task,
+            "attempt": attempt,
+            "event": event_type,
+            "error_code": error.get("code"),
+        },
+    )
     await reporter.report(make_event(event_type, **ids, **result), ctx["redis"])
     return str(event_type)
 

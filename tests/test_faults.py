@@ -26,6 +26,7 @@ def fault_stack(
         f"{redis_server.url}/{_redis_db(database_url, 2)}",
         tmp_path_factory.mktemp("logs-faults"),
         HEARTBEAT_INTERVAL="0.3",
+        LOG_FORMAT="json",
         HEARTBEAT_TIMEOUT="2",
         WORKER_SHUTDOWN_GRACE="2",
     ) as stack:
@@ -131,3 +132,17 @@ def test_a_database_that_does_not_answer_gives_503_with_retry_after(
         assert [c["check"] for c in ready.json()["error"]["details"]] == ["database"]
     finally:
         gateway.stop()
+
+
+def test_json_logs_carry_the_run(fault_stack: Stack) -> None:
+    import json
+
+    run = fault_stack.run("echo", {})
+    lines = [
+        json.loads(line)
+        for line in fault_stack.worker.log_path.read_text().splitlines()
+        if line.startswith("{")
+    ]
+    mine = [line for line in lines if line.get("run_id") == run["id"]]
+    assert [line["event"] for line in mine] == ["started", "completed"]
+    assert all(line["task"] == "echo" and line["attempt"] == 1 for line in mine)

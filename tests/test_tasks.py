@@ -299,7 +299,7 @@ def test_llm_without_a_key_says_which_variable_to_set() -> None:
         task="llm",
         attempt=1,
         worker_id="t",
-        logger=logging.getLogger("t"),
+        logger=logging.LoggerAdapter(logging.getLogger("t")),
         settings=Settings.from_env({}),
         media=None,
     )  # type: ignore[arg-type]
