@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -28,11 +29,36 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return bytes(body)
 
 
+#: JSON nested deeper than this is refused (Python's parser would hit its
+#: recursion limit around 1,000 levels; no real payload needs 64).
+MAX_JSON_DEPTH = 64
+
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def _depth_ok(body: bytes) -> bool:
+    """Brackets outside strings never nest past MAX_JSON_DEPTH."""
+    if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
+        return True  # the common case costs two C-speed counts
+    depth = 0
+    for byte in _STRING.sub(b"", body).translate(None, _NOT_BRACKETS):
+        depth += 1 if byte in (0x5B, 0x7B) else -1
+        if depth > MAX_JSON_DEPTH:
+            return False
+    return True
+
+
 def parse_json(body: bytes) -> Any:
+    if not _depth_ok(body):
+        raise InvalidJSON(f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         return json.loads(body)
     except UnicodeDecodeError:
         raise InvalidJSON("the request body is not UTF-8 text") from None
+    except RecursionError:
+        raise InvalidJSON("the request body nests too deep") from None
     except ValueError as exc:
         raise InvalidJSON(f"the request body is not valid JSON: {exc}") from None
 

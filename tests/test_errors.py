@@ -51,6 +51,10 @@ BODY_CASES = [
     ),
     pytest.param(TRIGGER, b"{not json", 400, "invalid_json", set(), id="not-json"),
     pytest.param(TRIGGER, b"\xff\xfe{}", 400, "invalid_json", set(), id="not-utf8"),
+    pytest.param(TRIGGER, b'{"payload": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400,
+                 "invalid_json", set(), id="deeply-nested"),
+    pytest.param(TRIGGER, b'{"payload": ' + b'{"a": ' * 65 + b"1" + b"}" * 65 + b"}", 400,
+                 "invalid_json", set(), id="nested-past-the-limit"),
     pytest.param(TRIGGER, b"[1, 2]", 422, "validation_error", {""}, id="not-an-object"),
     pytest.param(
         TRIGGER,
