@@ -6,7 +6,14 @@ import datetime as dt
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+)
 
 __all__ = [
     "BatchItem",
@@ -36,7 +43,10 @@ def _seconds(value: Any) -> Any:
     return value
 
 
-Duration = Annotated[float, BeforeValidator(_seconds), Field(ge=0)]
+#: Every duration the API takes is at most a year: past that it is a mistake
+#: (and would overflow a date).
+MAX_SECONDS = 365 * 24 * 3600.0
+Duration = Annotated[float, BeforeValidator(_seconds), Field(ge=0, le=MAX_SECONDS)]
 
 
 def _delay(value: Any) -> Any:
@@ -54,7 +64,17 @@ def _delay(value: Any) -> Any:
     return _seconds(value)
 
 
-Delay = Annotated[float | dt.datetime, BeforeValidator(_delay)]
+def _within_a_year(value: float | dt.datetime) -> float | dt.datetime:
+    if isinstance(value, dt.datetime):
+        if value > dt.datetime.now(dt.UTC) + dt.timedelta(seconds=MAX_SECONDS):
+            raise ValueError("a delay may reach at most a year ahead")
+        return value
+    if not 0 <= value <= MAX_SECONDS:
+        raise ValueError("a delay is 0 to 31536000 seconds (a year)")
+    return value
+
+
+Delay = Annotated[float | dt.datetime, BeforeValidator(_delay), AfterValidator(_within_a_year)]
 
 
 class RetryOptions(BaseModel):
