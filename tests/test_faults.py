@@ -146,3 +146,28 @@ def test_json_logs_carry_the_run(fault_stack: Stack) -> None:
     mine = [line for line in lines if line.get("run_id") == run["id"]]
     assert [line["event"] for line in mine] == ["started", "completed"]
     assert all(line["task"] == "echo" and line["attempt"] == 1 for line in mine)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_chaos_every_run_final_once_and_called_back(
+    backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A few hundred runs with callbacks through a killed worker, a flushed
+    Redis, a stopped gateway and a receiver that is down (bench/chaos.py)."""
+    import os
+
+    from bench.chaos import run_chaos
+    from bench.loop import create_database, drop_database
+
+    server = os.environ.get("TEST_DATABASE_URL")
+    if backend == "postgresql" and not server:
+        pytest.skip("TEST_DATABASE_URL is not set")
+    database_url = create_database(server) if backend == "postgresql" and server else None
+    try:
+        summary = run_chaos(200, database_url, workdir=tmp_path_factory.mktemp("chaos"))
+    finally:
+        if database_url and server:
+            drop_database(server, database_url)
+    assert (summary.lost, summary.double_final, summary.unstable_ids) == (0, 0, 0), summary
+    assert summary.final == summary.runs == 200
+    assert summary.callbacks_received == summary.callbacks_expected == 200
