@@ -15,7 +15,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from arq import ArqRedis
-from arq.constants import abort_jobs_ss
+from arq.constants import abort_jobs_ss, in_progress_key_prefix
 from redis.exceptions import RedisError
 
 from db.engine import Database
@@ -39,6 +39,7 @@ from gateway.transitions import (
     job_id,
     job_of,
     load_run,
+    queued_before,
     recover_lost,
     release_due,
     reschedule,
@@ -276,9 +277,19 @@ class RunService:
         waits a whole ``HEARTBEAT_TIMEOUT`` before judging, so workers that
         went on while every gateway was down have time to be heard.
         """
-        if time.monotonic() - self._born < self.settings.heartbeat_timeout:
+        timeout = self.settings.heartbeat_timeout
+        if time.monotonic() - self._born < timeout:
             return 0
-        lost = await self.db.write(recover_lost, utcnow(), self.settings.heartbeat_timeout)
+        now = utcnow()
+        queued = await self.db.read(queued_before, now - dt.timedelta(seconds=timeout))
+        taken: list[str] = []
+        if queued:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for _, queued_job in queued:
+                    pipe.exists(in_progress_key_prefix + queued_job)
+                flags = await pipe.execute()
+            taken = [run_id for (run_id, _), flag in zip(queued, flags, strict=True) if flag]
+        lost = await self.db.write(recover_lost, now, timeout, taken)
         await self._after(lost.jobs, lost.changed, lost.outgoing, lost.abort)
         return len(lost.abort)
 

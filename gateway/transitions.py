@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -42,6 +42,7 @@ __all__ = [
     "job_of",
     "load_run",
     "node_states",
+    "queued_before",
     "recover_lost",
     "release_due",
     "reschedule",
@@ -604,15 +605,16 @@ def apply_event(conn: sa.Connection, event: WorkerEvent) -> EventOutcome | None:
 def _apply_heartbeat(
     conn: sa.Connection, event: WorkerEvent, run: dict[str, Any], now: dt.datetime
 ) -> EventOutcome:
-    """A running attempt is alive; ``proceed`` is false once the run moved on."""
+    """A running attempt is alive (also before its ``started`` report, held up
+    by an outage, has arrived); ``proceed`` is false once the run moved on."""
     status = RunStatus(run["status"])
-    alive = _is_current(run, event) and status == RunStatus.EXECUTING
+    alive = _is_current(run, event) and status in ACTIVE
     if alive:
         conn.execute(
             runs.update()
             .where(
                 runs.c.id == run["id"],
-                runs.c.status == RunStatus.EXECUTING.value,
+                runs.c.status == status.value,
                 runs.c.attempt == event.attempt,
                 runs.c.step == event.step,
             )
@@ -624,13 +626,23 @@ def _apply_heartbeat(
 LOST_CODE = "worker_lost"
 
 
-def recover_lost(conn: sa.Connection, now: dt.datetime, timeout: float, limit: int = 100) -> Due:
-    """End attempts whose worker stopped sending heartbeats (killed, or cut
-    off) as failed with ``worker_lost``: retried if attempts remain, like any
-    retryable failure, else the run fails."""
+def recover_lost(
+    conn: sa.Connection,
+    now: dt.datetime,
+    timeout: float,
+    taken: Sequence[str] = (),
+    limit: int = 100,
+) -> Due:
+    """End attempts whose worker went away as failed with ``worker_lost``:
+    retried if attempts remain, like any retryable failure, else the run fails.
+
+    Two kinds: EXECUTING runs with no heartbeat for ``timeout`` seconds, and
+    the QUEUED runs in ``taken`` (a worker took their job, as arq's
+    in-progress key shows, then never reported it started).
+    """
     done = Due()
     silent = now - dt.timedelta(seconds=timeout)
-    for run_id in (
+    executing = (
         conn.execute(
             sa.select(runs.c.id)
             .where(
@@ -641,11 +653,16 @@ def recover_lost(conn: sa.Connection, now: dt.datetime, timeout: float, limit: i
         )
         .scalars()
         .all()
-    ):
+    )
+    for run_id in [*executing, *taken]:
         run = _select_run(conn, run_id, lock=True)
-        if run is None or run["status"] != RunStatus.EXECUTING:
+        if run is None or run["status"] not in ACTIVE:
             continue
-        beat = conn.scalar(sa.select(runs.c.heartbeat_at).where(runs.c.id == run_id))
+        beat = conn.scalar(
+            sa.select(sa.func.coalesce(runs.c.heartbeat_at, runs.c.updated_at)).where(
+                runs.c.id == run_id
+            )
+        )
         if beat is not None and beat >= silent:
             continue
         event = WorkerEvent(
@@ -656,7 +673,7 @@ def recover_lost(conn: sa.Connection, now: dt.datetime, timeout: float, limit: i
             error=WorkerError(
                 code=LOST_CODE,
                 retryable=True,
-                message=f"no heartbeat from the worker for {timeout:g} s",
+                message=f"no word from the worker for {timeout:g} s",
             ),
         )
         outcome = _apply_final(conn, event, run, now)
@@ -665,6 +682,19 @@ def recover_lost(conn: sa.Connection, now: dt.datetime, timeout: float, limit: i
         done.outgoing.extend(outcome.outgoing)
         done.changed.extend(outcome.changed)
     return done
+
+
+def queued_before(
+    conn: sa.Connection, before: dt.datetime, limit: int = 100
+) -> list[tuple[str, str]]:
+    """QUEUED runs unchanged since ``before``, with their current job IDs."""
+    rows = conn.execute(
+        sa.select(runs.c.id, runs.c.attempt, runs.c.step)
+        .where(runs.c.status == RunStatus.QUEUED.value, runs.c.updated_at < before)
+        .order_by(runs.c.updated_at)
+        .limit(limit)
+    )
+    return [(r.id, job_id(r.id, r.attempt, r.step)) for r in rows]
 
 
 # -- cancel ---------------------------------------------------------------------------

@@ -171,3 +171,50 @@ def test_chaos_every_run_final_once_and_called_back(
     assert (summary.lost, summary.double_final, summary.unstable_ids) == (0, 0, 0), summary
     assert summary.final == summary.runs == 200
     assert summary.callbacks_received == summary.callbacks_expected == 200
+
+
+def test_a_job_taken_by_a_worker_that_died_before_starting_it_runs_again(
+    fault_stack: Stack,
+) -> None:
+    """A QUEUED run whose job sits "in progress" in arq (a worker took it) but
+    never reported a start: the worker died in between. arq alone would leave
+    it until the job timeout; the reconciler retries it."""
+    import datetime as dt
+
+    import redis
+
+    from db.ids import new_id
+    from db.models import Run
+    from db.types import utcnow
+    from tests.helpers import db_call
+
+    stack = fault_stack
+    run_id = new_id("run")
+    long_ago = utcnow() - dt.timedelta(seconds=30)
+    row = {
+        "id": run_id,
+        "project_id": stack.project_id,
+        "task": "echo",
+        "status": "QUEUED",
+        "attempt": 1,
+        "payload": {"taken": True},
+        "tags": [],
+        "metadata": {},
+        "created_at": long_ago,
+        "updated_at": long_ago,
+        "max_attempts": 3,
+    }
+    client = redis.Redis.from_url(stack.redis_url)
+    try:
+        client.set(f"arq:in-progress:{run_id}", b"1", px=600_000)
+        db_call(
+            stack.database_url, lambda conn: conn.execute(Run.__table__.insert(), row), write=True
+        )
+        with stack.client() as api:
+            final = api.get(f"/api/v1/runs/{run_id}", params={"wait": 30}).json()
+    finally:
+        client.close()
+    assert final["status"] == "COMPLETED"
+    assert final["output"] == {"taken": True}
+    assert [a["status"] for a in final["attempts"]] == ["FAILED", "COMPLETED"]
+    assert final["attempts"][0]["error"]["code"] == "worker_lost"
