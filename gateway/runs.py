@@ -15,7 +15,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from arq import ArqRedis
-from arq.constants import abort_jobs_ss, in_progress_key_prefix
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, result_key_prefix
 from redis.exceptions import RedisError
 
 from db.engine import Database
@@ -286,7 +286,10 @@ class RunService:
         if queued:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for _, queued_job in queued:
-                    pipe.exists(in_progress_key_prefix + queued_job)
+                    # Taken by a worker, or even finished (arq stores a
+                    # result for a job whose data vanished in a flush), yet
+                    # the run never started as far as the database knows.
+                    pipe.exists(in_progress_key_prefix + queued_job, result_key_prefix + queued_job)
                 flags = await pipe.execute()
             taken = [run_id for (run_id, _), flag in zip(queued, flags, strict=True) if flag]
         lost = await self.db.write(recover_lost, now, timeout, taken)

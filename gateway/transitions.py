@@ -637,8 +637,9 @@ def recover_lost(
     retried if attempts remain, like any retryable failure, else the run fails.
 
     Two kinds: EXECUTING runs with no heartbeat for ``timeout`` seconds, and
-    the QUEUED runs in ``taken`` (a worker took their job, as arq's
-    in-progress key shows, then never reported it started).
+    the QUEUED runs in ``taken``: their job was taken by a worker (arq's
+    in-progress key) or is over (arq's result key; arq stores one for a job
+    whose data vanished), and still no start was reported.
     """
     done = Due()
     silent = now - dt.timedelta(seconds=timeout)
