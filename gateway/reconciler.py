@@ -83,15 +83,15 @@ class Reconciler(Periodic):
         self.webhooks = webhooks
         self.grace = settings.reconcile_grace
 
-    async def _missing(self, job_ids: Sequence[str]) -> list[bool]:
-        """For each job ID: is there no job, running job or result for it?"""
+    async def _missing(self, job_ids: Sequence[str], *, results_count: bool = True) -> list[bool]:
+        """For each job ID: is there no job, no running job (and, unless
+        ``results_count`` is false, no result) for it?"""
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                pipe.exists(
-                    job_key_prefix + job_id,
-                    in_progress_key_prefix + job_id,
-                    result_key_prefix + job_id,
-                )
+                keys = [job_key_prefix + job_id, in_progress_key_prefix + job_id]
+                if results_count:
+                    keys.append(result_key_prefix + job_id)
+                pipe.exists(*keys)
             counts = await pipe.execute()
         return [count == 0 for count in counts]
 
@@ -114,10 +114,15 @@ class Reconciler(Periodic):
                     )
                 ):
                     requeued_runs += 1
+            # A due delivery whose job is gone, or over without moving the
+            # delivery on (arq keeps a result even for a job whose data
+            # vanished): queue it again, with the stale result out of the way.
             pending = await self.db.read(_due_deliveries, before)
             job_ids = [f"webhook:{d['id']}:{d['schedule_step']}" for d in pending]
-            for delivery, missing in zip(pending, await self._missing(job_ids), strict=True):
-                if missing:
+            gone_flags = await self._missing(job_ids, results_count=False)
+            for delivery, job, gone in zip(pending, job_ids, gone_flags, strict=True):
+                if gone:
+                    await self.redis.delete(result_key_prefix + job)
                     await self.webhooks.requeue(delivery["id"], step=delivery["schedule_step"])
                     requeued_deliveries += 1
             lost = await self.runs.recover_lost()

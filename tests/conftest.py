@@ -63,25 +63,54 @@ async def _admin(url: str, statement: str) -> None:
         await conn.close()
 
 
+class Databases:
+    """Fresh, migrated databases of one backend, dropped at the end.
+
+    Every stack gets one of its own: stacks with their own Redis must not
+    share a database, or one stack's reconciler would queue another's runs.
+    """
+
+    def __init__(self, backend: str, tmp: pytest.TempPathFactory) -> None:
+        self.backend = backend
+        self.tmp = tmp
+        self.created: list[str] = []
+        self.server_url = normalize_database_url(os.environ.get("TEST_DATABASE_URL", ""))
+
+    def new(self, label: str) -> str:
+        if self.backend == "sqlite":
+            url = f"sqlite+aiosqlite:///{self.tmp.mktemp('db') / f'{label}.db'}"
+        else:
+            name = f"gw_test_{label}_{secrets.token_hex(4)}"
+            asyncio.run(_admin(self.server_url, f'CREATE DATABASE "{name}"'))
+            self.created.append(name)
+            url = (
+                sa.make_url(self.server_url)
+                .set(database=name)
+                .render_as_string(hide_password=False)
+            )
+        upgrade(url)
+        return url
+
+    def drop_all(self) -> None:
+        for name in self.created:
+            asyncio.run(_admin(self.server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
 @pytest.fixture(scope="session", params=_backends())
-def database_url(
+def databases(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    """A migrated, empty database of each backend."""
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('db') / 'gateway.db'}"
-        upgrade(url)
-        yield url
-        return
-    server_url = normalize_database_url(os.environ["TEST_DATABASE_URL"])
-    name = f"gw_test_{secrets.token_hex(6)}"
-    asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}"'))
-    url = sa.make_url(server_url).set(database=name).render_as_string(hide_password=False)
+) -> Iterator[Databases]:
+    made = Databases(request.param, tmp_path_factory)
     try:
-        upgrade(url)
-        yield url
+        yield made
     finally:
-        asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        made.drop_all()
+
+
+@pytest.fixture(scope="session")
+def database_url(databases: Databases) -> str:
+    """The main stack's migrated database, of each backend."""
+    return databases.new("main")
 
 
 @dataclasses.dataclass
@@ -229,6 +258,7 @@ def stack(
 
 @pytest.fixture(scope="session")
 def single_slot_stack(
+    databases: Databases,
     database_url: str,
     redis_server: EmbeddedRedis,
     gemini: GeminiStandIn,
@@ -237,7 +267,7 @@ def single_slot_stack(
     """A stack whose worker runs one job at a time (arq ``max_jobs=1``)."""
     with launch_stack(
         "single",
-        database_url,
+        databases.new("single"),
         f"{redis_server.url}/{_redis_db(database_url, 1)}",
         tmp_path_factory.mktemp("logs-single"),
         WORKER_CONCURRENCY="1",

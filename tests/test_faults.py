@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from gateway.embedded_redis import EmbeddedRedis
-from tests.conftest import Stack, _redis_db, launch_stack
+from tests.conftest import Databases, Stack, _redis_db, launch_stack
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.faults
@@ -16,13 +16,16 @@ pytestmark = pytest.mark.faults
 
 @pytest.fixture(scope="module")
 def fault_stack(
-    database_url: str, redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
+    databases: Databases,
+    database_url: str,
+    redis_server: EmbeddedRedis,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
     """A stack of its own, with short heartbeats, so killing its worker
     disturbs no other test."""
     with launch_stack(
         "faults",
-        database_url,
+        databases.new("faults"),
         f"{redis_server.url}/{_redis_db(database_url, 2)}",
         tmp_path_factory.mktemp("logs-faults"),
         HEARTBEAT_INTERVAL="0.3",
@@ -216,5 +219,12 @@ def test_a_job_taken_by_a_worker_that_died_before_starting_it_runs_again(
         client.close()
     assert final["status"] == "COMPLETED"
     assert final["output"] == {"taken": True}
-    assert [a["status"] for a in final["attempts"]] == ["FAILED", "COMPLETED"]
+    assert [a["status"] for a in final["attempts"]] == ["FAILED", "COMPLETED"], (
+        final,
+        stack.query(
+            "SELECT from_status, to_status, attempt FROM run_transitions "
+            "WHERE run_id = :id ORDER BY id",
+            id=run_id,
+        ),
+    )
     assert final["attempts"][0]["error"]["code"] == "worker_lost"
