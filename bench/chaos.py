@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import datetime as dt
 import random
 import signal
 import sys
@@ -57,6 +58,10 @@ class Summary:
     callbacks_expected: int
     callbacks_received: int
     unstable_ids: int
+    #: COMPLETED transitions as /metrics counts them (summed over both
+    #: processes), and as the database logged them since the gateway's restart.
+    metrics_completed: float = 0.0
+    completed_since_restart: int = 0
 
     def line(self) -> str:
         return (
@@ -93,6 +98,7 @@ class Stack:
             WEB_CONCURRENCY="2",
             DATA_DIR=str(workdir),
         )
+        self.restarted_at = dt.datetime.now(dt.UTC)
         self.gateway = self._process("gateway", "web")
         self.worker = self._process("worker", "worker")
         wait_http_ok(self.base_url + "/healthz", self.gateway)
@@ -116,6 +122,7 @@ class Stack:
     def restart_gateway(self, down_for: float) -> None:
         self.gateway.stop()
         time.sleep(down_for)  # the outage itself is the point here
+        self.restarted_at = dt.datetime.now(dt.UTC)
         self.gateway = self._process("gateway", "web")
         wait_http_ok(self.base_url + "/healthz", self.gateway)
 
@@ -164,6 +171,21 @@ def _trigger_all(
                     raise RuntimeError(f"run {i} could not be triggered in 60 s")
                 time.sleep(0.1)
     return ids
+
+
+def _completed_since(database_url: str, since: dt.datetime) -> int:
+    import sqlalchemy as sa
+
+    from db.models import RunTransition
+    from tests.helpers import db_call
+
+    table = RunTransition.__table__  # type: ignore[attr-defined]
+    query = (
+        sa.select(sa.func.count())
+        .select_from(table)
+        .where(table.c.to_status == "COMPLETED", table.c.at >= since)
+    )
+    return int(db_call(database_url, lambda conn: conn.scalar(query)) or 0)
 
 
 def run_chaos(
@@ -236,7 +258,19 @@ def run_chaos(
             event = call.json()
             message_ids[f"{event['data']['id']}:{event['type']}"].add(call.headers["webhook-id"])
         received = called_back() & set(ids)
+        from prometheus_client.parser import text_string_to_metric_families
+
+        scrape = httpx.get(stack.base_url + "/metrics").text
+        completed = sum(
+            sample.value
+            for family in text_string_to_metric_families(scrape)
+            for sample in family.samples
+            if sample.name == "gateway_runs_total" and sample.labels.get("status") == "COMPLETED"
+        )
+        since = _completed_since(database_url, stack.restarted_at)
         return Summary(
+            metrics_completed=completed,
+            completed_since_restart=int(since),
             runs=len(ids),
             final=final,
             lost=len(ids) - final,
