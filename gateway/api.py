@@ -10,9 +10,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.bodies import parse_json, read_body, validate
+from gateway.bodies import parse_json, signed_body, validate
 from gateway.errors import (
-    Unauthorized,
     error_response,
 )
 from gateway.schemas import WorkerEvent
@@ -20,7 +19,6 @@ from gateway.services import Services
 from gateway.views import TaskList, shaped
 from gateway.webhooks import DeliveryAttemptReport
 from jobs.report import EVENTS_PATH, PREPARE_PATH
-from webhooks.signing import EVENT_SIGNATURE_HEADER, EventSignatureError, verify_event_body
 
 __all__ = ["routes"]
 
@@ -47,19 +45,9 @@ async def list_tasks(request: Request) -> Response:
 
 
 async def _signed_json(request: Request, services: Services) -> Any:
-    """The body of a worker's call, once its signature checks out (else 401)."""
+    """The JSON of a worker's call, once its signature checks out (else 401)."""
     settings = services.settings
-    body = await read_body(request, settings.max_output_bytes + 64 * 1024)
-    try:
-        verify_event_body(
-            body,
-            request.headers.get(EVENT_SIGNATURE_HEADER),
-            settings.secret_key,
-            max_age=settings.event_max_age,
-        )
-    except EventSignatureError as exc:
-        raise Unauthorized(exc.message, code=exc.code) from None
-    return parse_json(body)
+    return parse_json(await signed_body(request, settings, settings.max_output_bytes + 64 * 1024))
 
 
 async def worker_event(request: Request) -> Response:

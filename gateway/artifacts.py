@@ -24,12 +24,11 @@ from starlette.routing import Route
 from db.ids import new_id
 from db.models import Artifact, Run
 from db.types import utcnow
-from gateway.bodies import read_body
+from gateway.bodies import signed_body
 from gateway.errors import APIError, BadRequest, NotFound
 from gateway.services import Services
 from gateway.views import ArtifactLink, shaped
 from jobs.report import ARTIFACT_FETCH_PATH, ARTIFACTS_PATH
-from webhooks.signing import EVENT_SIGNATURE_HEADER, verify_event_body
 
 __all__ = ["ArtifactStore", "routes"]
 
@@ -125,21 +124,8 @@ def _store(request: Request) -> ArtifactStore:
 
 
 async def _signed_body(request: Request, max_bytes: int) -> bytes:
-    from gateway.errors import Unauthorized
-    from webhooks.signing import EventSignatureError
-
     services: Services = request.app.state.services
-    body = await read_body(request, max_bytes)
-    try:
-        verify_event_body(
-            body,
-            request.headers.get(EVENT_SIGNATURE_HEADER),
-            services.settings.secret_key,
-            max_age=services.settings.event_max_age,
-        )
-    except EventSignatureError as exc:
-        raise Unauthorized(exc.message, code=exc.code) from None
-    return body
+    return await signed_body(request, services.settings, max_bytes)
 
 
 def _int_param(request: Request, name: str) -> int | None:

@@ -9,9 +9,17 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from gateway.errors import InvalidJSON, PayloadTooLarge, ValidationFailed, validation_details
+from gateway.errors import (
+    InvalidJSON,
+    PayloadTooLarge,
+    Unauthorized,
+    ValidationFailed,
+    validation_details,
+)
+from gateway.settings import Settings
+from webhooks.signing import EVENT_SIGNATURE_HEADER, EventSignatureError, verify_event_body
 
-__all__ = ["json_object", "parse_json", "read_body", "validate"]
+__all__ = ["json_object", "parse_json", "read_body", "signed_body", "validate"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -81,3 +89,18 @@ async def json_object(request: Request, max_bytes: int, model: type[M]) -> M:
             details=[{"path": "", "message": "expected an object", "type": "dict_type"}],
         )
     return validate(model, data)
+
+
+async def signed_body(request: Request, settings: Settings, max_bytes: int) -> bytes:
+    """The body of a worker's call, once its signature checks out (else 401)."""
+    body = await read_body(request, max_bytes)
+    try:
+        verify_event_body(
+            body,
+            request.headers.get(EVENT_SIGNATURE_HEADER),
+            settings.secret_key,
+            max_age=settings.event_max_age,
+        )
+    except EventSignatureError as exc:
+        raise Unauthorized(exc.message, code=exc.code) from None
+    return body

@@ -10,8 +10,8 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from arq import ArqRedis
@@ -51,6 +51,7 @@ __all__ = ["EventOutcome", "RunService"]
 log = logging.getLogger("gateway.runs")
 
 runs = Run.__table__  # type: ignore[attr-defined]
+T = TypeVar("T")
 
 
 class RunService:
@@ -133,14 +134,8 @@ class RunService:
         if batch_id is not None:
             for item in new:
                 item.row["batch_id"] = batch_id
-        for _ in range(5):
-            try:
-                created = await self.db.write(create_runs, new, batch_id)
-                break
-            except LostRace:
-                continue  # a trigger with the same idempotency key won: look again
-        else:
-            raise RuntimeError("idempotency keys kept changing")
+        # A trigger with the same idempotency key may win the race: look again.
+        created = await self._write_until_settled(create_runs, new, batch_id)
         for (view, cached), item in zip(created, new, strict=True):
             if not cached and item.row["status"] == RunStatus.QUEUED.value:
                 await self.enqueue(job_of(item.row))
@@ -208,21 +203,16 @@ class RunService:
     async def cancel(self, project_id: str, run_id: str) -> dict[str, Any]:
         """Cancel a run that is not final (and a workflow's children with it);
         abort its job if a worker is running it."""
-        for _ in range(5):
-            try:
-                result = await self.db.write(cancel_run, project_id, run_id)
-            except LostRace:
-                continue
-            if result is None:
-                raise NotFound(f"no run with id {run_id!r}", code="run_not_found")
-            if isinstance(result, str):
-                raise Conflict(
-                    f"the run is {result} already; only a run that is not final can be canceled",
-                    code="run_already_final",
-                )
-            await self._after(result.jobs, result.changed, result.outgoing, result.abort)
-            return await self.get(project_id, run_id)
-        raise RuntimeError(f"run {run_id} kept changing while being canceled")
+        result = await self._write_until_settled(cancel_run, project_id, run_id)
+        if result is None:
+            raise NotFound(f"no run with id {run_id!r}", code="run_not_found")
+        if isinstance(result, str):
+            raise Conflict(
+                f"the run is {result} already; only a run that is not final can be canceled",
+                code="run_already_final",
+            )
+        await self._after(result.jobs, result.changed, result.outgoing, result.abort)
+        return await self.get(project_id, run_id)
 
     async def replay(self, project_id: str, run_id: str) -> dict[str, Any]:
         """A new run of the same task, payload and options, with ``replayed_from``."""
@@ -327,16 +317,21 @@ class RunService:
 
     async def apply_event(self, event: WorkerEvent) -> EventOutcome:
         """Apply a verified worker event; a stale or repeated one is a no-op."""
-        for _ in range(5):
+        outcome = await self._write_until_settled(apply_event, event)
+        if outcome is None:
+            raise NotFound(f"no run with id {event.run_id!r}", code="run_not_found")
+        await self._after(outcome.jobs, outcome.changed, outcome.outgoing, ())
+        return outcome
+
+    async def _write_until_settled(self, fn: Callable[..., T], *args: Any, tries: int = 5) -> T:
+        """``db.write(fn, …)``, run again when another process moved a run
+        between its read and its compare-and-set (:class:`LostRace`)."""
+        for _ in range(tries):
             try:
-                outcome = await self.db.write(apply_event, event)
+                return await self.db.write(fn, *args)
             except LostRace:
-                continue  # another process moved the run on: look again
-            if outcome is None:
-                raise NotFound(f"no run with id {event.run_id!r}", code="run_not_found")
-            await self._after(outcome.jobs, outcome.changed, outcome.outgoing, ())
-            return outcome
-        raise RuntimeError(f"run {event.run_id} kept changing under event {event.type}")
+                continue
+        raise RuntimeError(f"{fn.__name__} lost the race {tries} times in a row")
 
 
 def _replay_source(conn: sa.Connection, project_id: str, run_id: str) -> dict[str, Any] | None:

@@ -25,6 +25,7 @@ from db.types import isoformat, utcnow
 from gateway.metrics import observe_transition
 from gateway.schemas import WorkerError, WorkerEvent
 from gateway.webhooks import FINAL_EVENTS, Outgoing, create_run_deliveries
+from jobs.registry import TIMED_OUT_CODE
 
 __all__ = [
     "Canceled",
@@ -57,8 +58,6 @@ idempotency_keys = IdempotencyKey.__table__  # type: ignore[attr-defined]
 batches = Batch.__table__  # type: ignore[attr-defined]
 
 WORKFLOW_TASK = "execute-workflow"
-#: The error code a worker reports when an attempt ran past ``max_duration``.
-TIMED_OUT_CODE = "max_duration_exceeded"
 ACTIVE = (RunStatus.QUEUED, RunStatus.EXECUTING)
 
 

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from jobs.media import Media
 
 __all__ = [
+    "TIMED_OUT_CODE",
     "TaskContext",
     "TaskDefinition",
     "TaskError",
@@ -44,6 +45,11 @@ __all__ = [
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
 
 TaskFunction = Callable[[Any, "TaskContext"], Awaitable[Any]]
+
+
+#: The error code of an attempt stopped at ``options.max_duration``: the worker
+#: reports it, and the gateway ends the run TIMED_OUT for it (no retry).
+TIMED_OUT_CODE = "max_duration_exceeded"
 
 
 class TaskError(Exception):

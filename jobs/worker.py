@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from gateway.settings import Settings
 from jobs.deliver import deliver_webhook
 from jobs.media import Media
-from jobs.registry import TaskContext, TaskError, load_tasks
+from jobs.registry import TIMED_OUT_CODE, TaskContext, TaskError, load_tasks
 from jobs.report import Reporter, deliver_report, make_event
 from jobs.workflow import Waiting, WorkflowFailed
 from webhooks.ssrf import parse_networks
@@ -31,10 +31,6 @@ from webhooks.ssrf import parse_networks
 __all__ = ["WorkerSettings", "build_worker", "run_task"]
 
 log = logging.getLogger("jobs.worker")
-
-#: The error code of an attempt stopped at ``max_duration`` (the gateway ends
-#: the run TIMED_OUT for it, and does not retry).
-TIMED_OUT_CODE = "max_duration_exceeded"
 
 
 def _worker_id() -> str:
