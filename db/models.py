@@ -107,6 +107,8 @@ class Run(SQLModel, table=True):
     __tablename__ = "runs"
     __table_args__ = (
         sa.Index("ix_runs_project_created", "project_id", "created_at"),
+        # The dashboard's counts per status.
+        sa.Index("ix_runs_project_status", "project_id", "status"),
         sa.Index("ix_runs_status_updated", "status", "updated_at"),
         sa.Index("ix_runs_status_run_at", "status", "run_at"),
         sa.Index("ix_runs_status_expire_at", "status", "expire_at"),

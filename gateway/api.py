@@ -55,7 +55,11 @@ async def worker_event(request: Request) -> Response:
     data = await _signed_json(request, services)
     if isinstance(data, dict) and data.get("type") == "delivery.attempt":
         report = validate(DeliveryAttemptReport, data)
-        return JSONResponse(await services.webhooks.record_attempt(report))
+        recorded = await services.webhooks.record_attempt(report)
+        if recorded["recorded"]:
+            # Wakes the dashboard's live feed; no run waits on a delivery.
+            await services.notifier.publish(f"delivery:{report.delivery_id}")
+        return JSONResponse(recorded)
     event = validate(WorkerEvent, data)
     outcome = await services.runs.apply_event(event)
     return JSONResponse(outcome.to_dict())

@@ -17,6 +17,7 @@ from gateway.api import routes
 from gateway.artifacts import ArtifactStore
 from gateway.artifacts import routes as artifact_routes
 from gateway.auth import ApiKeyAuth
+from gateway.dashboard import dashboard_routes
 from gateway.errors import exception_handlers
 from gateway.logs import configure_logging
 from gateway.metrics import routes as metrics_routes
@@ -122,6 +123,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             *artifact_routes,
             *openapi_routes,
             *metrics_routes,
+            *dashboard_routes(settings),
         ],
         middleware=middleware,
         exception_handlers=exception_handlers,

@@ -56,7 +56,11 @@ class ArtifactStore:
         self.signer = URLSafeTimedSerializer(settings.require_secret(), salt="gateway.artifact")
 
     def url(self, artifact_id: str) -> str:
-        return f"{self.public_url}/api/v1/artifacts/{self.signer.dumps(artifact_id)}"
+        return self.public_url + self.path(artifact_id)
+
+    def path(self, artifact_id: str) -> str:
+        """The signed link without the host, for pages served by this gateway."""
+        return f"/api/v1/artifacts/{self.signer.dumps(artifact_id)}"
 
     def artifact_of(self, token: str) -> str:
         try:

@@ -1,4 +1,4 @@
-"""Wake-ups for requests that wait on a run (long-poll now, streams later).
+"""Wake-ups for requests that wait on a run: long-polls, event streams, the dashboard.
 
 The process that applies a transition wakes its own waiters at once and
 publishes the run ID on a Redis channel, so waiters in other gateway
@@ -28,6 +28,8 @@ class RunNotifier:
         self.redis = redis
         self.channel = channel
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        #: Set on every change of any run (the dashboard's live feed).
+        self._any: set[asyncio.Event] = set()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -42,6 +44,8 @@ class RunNotifier:
 
     def _wake(self, run_id: str) -> None:
         for event in self._waiters.get(run_id, ()):
+            event.set()
+        for event in self._any:
             event.set()
 
     async def publish(self, run_id: str) -> None:
@@ -65,6 +69,16 @@ class RunNotifier:
                 waiters.discard(event)
                 if not waiters:
                     del self._waiters[run_id]
+
+    @contextlib.contextmanager
+    def watch_any(self) -> Iterator[asyncio.Event]:
+        """An event set whenever any run changes (or a delivery is attempted)."""
+        event = asyncio.Event()
+        self._any.add(event)
+        try:
+            yield event
+        finally:
+            self._any.discard(event)
 
     async def _listen(self) -> None:
         while True:

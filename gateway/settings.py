@@ -165,6 +165,8 @@ class Settings:
     public_token_ttl: int = 3600
     #: Origins a browser may call the API from (CORS); empty: none.
     cors_origins: tuple[str, ...] = ()
+    #: How long a dashboard sign-in lasts, in seconds.
+    dashboard_session_max_age: int = 12 * 3600
     #: Requests per second per API key (a token bucket in Redis); 0: no limit.
     rate_limit: float = 0.0
     rate_burst: int = 0
@@ -231,6 +233,9 @@ class Settings:
             llm_max_retries=_int(env, "LLM_MAX_RETRIES", 3),
             public_token_ttl=_int(env, "PUBLIC_TOKEN_TTL", 3600, minimum=1),
             cors_origins=_list(env, "CORS_ORIGINS"),
+            dashboard_session_max_age=_int(
+                env, "DASHBOARD_SESSION_MAX_AGE", 12 * 3600, minimum=60
+            ),
             rate_limit=_float(env, "RATE_LIMIT", 0.0),
             rate_burst=_int(env, "RATE_LIMIT_BURST", 0),
             heartbeat_interval=_float(env, "HEARTBEAT_INTERVAL", 10.0, minimum=0.05),

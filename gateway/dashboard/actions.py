@@ -1,0 +1,182 @@
+"""What the dashboard's buttons do: each a form POST with the session's CSRF
+token, answered by a redirect to the page that shows the result (a GET)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from db.types import utcnow
+from gateway.dashboard.render import flash, redirect, render, safe_next
+from gateway.dashboard.session import PREFIX, read_form, sign_in, sign_out, viewer_of
+from gateway.errors import APIError, NotFound, Unauthorized
+from gateway.services import Services
+from gateway.webhooks import EndpointCreate, EndpointUpdate, RecoverRequest, RotateRequest
+
+__all__ = [
+    "cancel_run",
+    "create_endpoint",
+    "endpoint_action",
+    "login",
+    "logout",
+    "replay_run",
+    "resend_delivery",
+]
+
+ENDPOINT_ACTIONS = ("test", "rotate", "enable", "disable", "recover")
+#: How far back "recover" may reach, in hours (the retry schedule's span).
+RECOVER_HOURS = (1, 6, 24, 72, 120)
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def _problem(exc: APIError) -> str:
+    """An API error as one line for a flash message."""
+    details = "; ".join(
+        f"{d.get('path')}: {d.get('message')}" if d.get("path") else str(d.get("message"))
+        for d in exc.details
+    )
+    return f"{exc.message} ({details})" if details else exc.message
+
+
+async def login(request: Request) -> Response:
+    fields = await read_form(request)
+    target = safe_next(fields.get("next"))
+    try:
+        await sign_in(request, fields.get("api_key", ""))
+    except Unauthorized as exc:
+        return render(request, "login", {"next": target, "error": exc.message}, status_code=401)
+    return redirect(target)
+
+
+async def logout(request: Request) -> Response:
+    await read_form(request)
+    sign_out(request)
+    return redirect(PREFIX + "/login")
+
+
+async def cancel_run(request: Request) -> Response:
+    viewer = await viewer_of(request)
+    await read_form(request)
+    run_id = request.path_params["run_id"]
+    try:
+        run = await _services(request).runs.cancel(viewer.project_id, run_id)
+        flash(request, f"Canceled; the run is {run['status']}.")
+    except APIError as exc:
+        flash(request, _problem(exc), "error")
+    return redirect(f"{PREFIX}/runs/{run_id}")
+
+
+async def replay_run(request: Request) -> Response:
+    viewer = await viewer_of(request)
+    await read_form(request)
+    run_id = request.path_params["run_id"]
+    try:
+        run = await _services(request).runs.replay(viewer.project_id, run_id)
+    except APIError as exc:
+        flash(request, _problem(exc), "error")
+        return redirect(f"{PREFIX}/runs/{run_id}")
+    flash(request, f"Replay of {run_id}: a new run with the same task, payload and options.")
+    return redirect(f"{PREFIX}/runs/{run['id']}")
+
+
+async def resend_delivery(request: Request) -> Response:
+    viewer = await viewer_of(request)
+    fields = await read_form(request)
+    delivery_id = request.path_params["delivery_id"]
+    try:
+        await _services(request).webhooks.resend(viewer.project_id, delivery_id)
+        flash(request, f"Sending {delivery_id} again.")
+    except APIError as exc:
+        flash(request, _problem(exc), "error")
+    return redirect(safe_next(fields.get("next")))
+
+
+async def create_endpoint(request: Request) -> Response:
+    viewer = await viewer_of(request)
+    fields = await read_form(request)
+    events = [e.strip() for e in fields.get("events", "").split(",") if e.strip()] or ["*"]
+    try:
+        body = EndpointCreate(
+            url=fields.get("url", "").strip(),
+            events=events,
+            description=fields.get("description", "").strip(),
+        )
+        endpoint = await _services(request).webhooks.create_endpoint(viewer.project_id, body)
+    except ValidationError as exc:
+        flash(
+            request,
+            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()),
+            "error",
+        )
+        return redirect(PREFIX + "/endpoints")
+    except APIError as exc:
+        flash(request, _problem(exc), "error")
+        return redirect(PREFIX + "/endpoints")
+    return render(
+        request,
+        "secret",
+        {
+            "viewer": viewer,
+            "active": "endpoints",
+            "endpoint": endpoint,
+            "secret": endpoint["secret"],
+            "title": "Endpoint added",
+            "note": None,
+        },
+    )
+
+
+async def endpoint_action(request: Request) -> Response:
+    """``test``, ``rotate``, ``enable``, ``disable`` or ``recover`` one endpoint."""
+    viewer = await viewer_of(request)
+    action = request.path_params["action"]
+    if action not in ENDPOINT_ACTIONS:
+        raise NotFound(f"no endpoint action {action!r}; there are {', '.join(ENDPOINT_ACTIONS)}")
+    fields = await read_form(request)
+    webhooks = _services(request).webhooks
+    endpoint_id = request.path_params["endpoint_id"]
+    back = f"{PREFIX}/endpoints/{endpoint_id}"
+    try:
+        if action == "test":
+            delivery = await webhooks.send_test(viewer.project_id, endpoint_id)
+            flash(request, f"Test event sent as {delivery['id']}.")
+        elif action in ("enable", "disable"):
+            await webhooks.update_endpoint(
+                viewer.project_id, endpoint_id, EndpointUpdate(enabled=action == "enable")
+            )
+            flash(request, "Endpoint enabled." if action == "enable" else "Endpoint disabled.")
+        elif action == "recover":
+            hours = int(fields["hours"]) if fields.get("hours", "").isdigit() else 0
+            if hours not in RECOVER_HOURS:
+                flash(request, f"choose how far back to recover: {RECOVER_HOURS} hours", "error")
+                return redirect(back)
+            since = utcnow() - dt.timedelta(hours=hours)
+            answer = await webhooks.recover(
+                viewer.project_id, endpoint_id, RecoverRequest(since=since)
+            )
+            flash(request, f"{answer['count']} failed deliveries of the last {hours} h sent again.")
+        else:  # rotate
+            rotated = await webhooks.rotate_secret(viewer.project_id, endpoint_id, RotateRequest())
+            endpoint = await webhooks.get_endpoint(viewer.project_id, endpoint_id)
+            return render(
+                request,
+                "secret",
+                {
+                    "viewer": viewer,
+                    "active": "endpoints",
+                    "endpoint": endpoint,
+                    "secret": rotated["secret"],
+                    "title": "Secret rotated",
+                    "note": rotated["previous_expires_at"],
+                },
+            )
+    except APIError as exc:
+        flash(request, _problem(exc), "error")
+    return redirect(back)

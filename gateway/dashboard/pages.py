@@ -1,0 +1,223 @@
+"""The dashboard's pages: sign-in, runs, one run, endpoints, one endpoint."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from db.models import RunStatus
+from db.types import utcnow
+from gateway.artifacts import ArtifactStore
+from gateway.dashboard.queries import (
+    endpoint_stats,
+    feed_cursor,
+    run_artifacts,
+    run_history,
+    status_counts,
+)
+from gateway.dashboard.render import redirect, render, safe_next
+from gateway.dashboard.session import PREFIX, Viewer, viewer_of
+from gateway.listing import RunQuery
+from gateway.services import Services
+from gateway.transitions import WORKFLOW_TASK
+
+__all__ = ["endpoint_page", "endpoints_page", "home", "login_page", "run_page", "runs_page"]
+
+RUNS_PER_PAGE = 25
+#: The window the endpoints page measures success rates over.
+STATS_WINDOW = dt.timedelta(hours=24)
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+async def _common(request: Request, viewer: Viewer, active: str) -> dict[str, Any]:
+    """What every page needs; the feed position is read before anything else
+    on the page, so the live feed picks up whatever changes after it."""
+    return {
+        "viewer": viewer,
+        "active": active,
+        "feed_after": str(await _services(request).db.read(feed_cursor)),
+    }
+
+
+async def home(request: Request) -> Response:
+    return redirect(PREFIX + "/runs")
+
+
+async def login_page(request: Request) -> Response:
+    return render(
+        request,
+        "login",
+        {"next": safe_next(request.query_params.get("next")), "error": None},
+    )
+
+
+def _filters(request: Request) -> tuple[dict[str, str], list[str]]:
+    """The runs page's filters as given, and what was wrong with them."""
+    params = request.query_params
+    chosen = {
+        "status": params.get("status", "").upper(),
+        "task": params.get("task", ""),
+        "tag": params.get("tag", "").strip(),
+    }
+    problems = []
+    if chosen["status"] and chosen["status"] not in RunStatus.__members__:
+        problems.append(f"there is no status {chosen['status']!r}; showing every status")
+        chosen["status"] = ""
+    return chosen, problems
+
+
+async def runs_page(request: Request) -> Response:
+    viewer = await viewer_of(request)
+    services = _services(request)
+    common = await _common(request, viewer, "runs")
+    chosen, problems = _filters(request)
+    cursor = request.query_params.get("cursor") or None
+    query = RunQuery(
+        statuses=(chosen["status"],) if chosen["status"] else (),
+        tasks=(chosen["task"],) if chosen["task"] else (),
+        tag=chosen["tag"] or None,
+        limit=RUNS_PER_PAGE,
+        cursor=cursor,
+    )
+    page = await services.runs.find(viewer.project_id, query)
+    counts = await services.db.read(status_counts, viewer.project_id)
+    return render(
+        request,
+        "runs",
+        {
+            **common,
+            "runs": page["data"],
+            "next_cursor": page["next_cursor"],
+            "cursor": cursor,
+            "filters": chosen,
+            "problems": problems,
+            "counts": counts,
+            "total": sum(counts.values()),
+            "tasks": services.registry.names(),
+            "query": {k: v for k, v in chosen.items() if v},
+        },
+        live=True,
+    )
+
+
+def workflow_graph(run: dict[str, Any]) -> dict[str, Any] | None:
+    """A workflow run's nodes (with their status and child run) and edges, for
+    the page's script to lay out and draw."""
+    payload = run["payload"]
+    if run["task"] != WORKFLOW_TASK or not isinstance(payload, dict):
+        return None
+    states = run.get("nodes") or {}
+    nodes = []
+    for node in payload.get("nodes") or []:
+        if not isinstance(node, dict) or not isinstance(node.get("id"), str):
+            continue
+        state = states.get(node["id"], {})
+        data = node.get("data")
+        data = data if isinstance(data, dict) else {}
+        error = state.get("error") or {}
+        nodes.append(
+            {
+                "id": node["id"],
+                "type": str(node.get("type") or ""),
+                "label": str(data.get("label") or node["id"])[:60],
+                "status": state.get("status", "PENDING"),
+                "href": f"{PREFIX}/runs/{state['run_id']}" if state.get("run_id") else None,
+                "error": error.get("code"),
+            }
+        )
+    known = {n["id"] for n in nodes}
+    edges = [
+        {"source": e["source"], "target": e["target"], "handle": e.get("targetHandle")}
+        for e in payload.get("edges") or []
+        if isinstance(e, dict) and e.get("source") in known and e.get("target") in known
+    ]
+    return {"nodes": nodes, "edges": edges}
+
+
+async def run_page(request: Request) -> Response:
+    viewer = await viewer_of(request)
+    services = _services(request)
+    common = await _common(request, viewer, "runs")
+    run_id = request.path_params["run_id"]
+    run = await services.runs.get(viewer.project_id, run_id)
+    history = await services.db.read(run_history, viewer.project_id, run_id)
+    deliveries = await services.webhooks.run_deliveries(
+        viewer.project_id, run_id, limit=50, cursor=None
+    )
+    store: ArtifactStore = request.app.state.artifacts
+    files = [
+        {**row, "src": store.path(row["id"])}
+        for row in await services.db.read(run_artifacts, viewer.project_id, run_id)
+    ]
+    return render(
+        request,
+        "run",
+        {
+            **common,
+            "run": run,
+            "history": history,
+            "deliveries": deliveries["data"],
+            "artifacts": files,
+            "graph": workflow_graph(run),
+        },
+        live=True,
+    )
+
+
+async def endpoints_page(request: Request) -> Response:
+    viewer = await viewer_of(request)
+    services = _services(request)
+    common = await _common(request, viewer, "endpoints")
+    endpoints = await services.webhooks.list_endpoints(viewer.project_id)
+    stats = await services.db.read(endpoint_stats, viewer.project_id, utcnow() - STATS_WINDOW)
+    for endpoint in endpoints:
+        numbers = stats.get(endpoint["id"], {"attempts": 0, "succeeded": 0})
+        endpoint["stats"] = {
+            **numbers,
+            "rate": (
+                round(100 * numbers["succeeded"] / numbers["attempts"])
+                if numbers["attempts"]
+                else None
+            ),
+        }
+    return render(
+        request,
+        "endpoints",
+        {
+            **common,
+            "endpoints": endpoints,
+            "stats_hours": int(STATS_WINDOW.total_seconds() // 3600),
+        },
+        live=True,
+    )
+
+
+async def endpoint_page(request: Request) -> Response:
+    viewer = await viewer_of(request)
+    services = _services(request)
+    common = await _common(request, viewer, "endpoints")
+    endpoint_id = request.path_params["endpoint_id"]
+    endpoint = await services.webhooks.get_endpoint(viewer.project_id, endpoint_id)
+    cursor = request.query_params.get("cursor") or None
+    page = await services.webhooks.endpoint_deliveries(
+        viewer.project_id, endpoint_id, limit=25, cursor=cursor
+    )
+    return render(
+        request,
+        "endpoint",
+        {
+            **common,
+            "endpoint": endpoint,
+            "deliveries": page["data"],
+            "next_cursor": page["next_cursor"],
+            "cursor": cursor,
+        },
+        live=True,
+    )

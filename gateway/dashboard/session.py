@@ -1,0 +1,158 @@
+"""Who is looking at the dashboard: an API key, remembered in a signed cookie.
+
+Signing in with an API key stores the key's ID and project in Starlette's
+session cookie (signed with itsdangerous, HttpOnly, SameSite=Strict, scoped to
+``/dashboard``); never the key itself. Each request checks the key is still
+there and not revoked, so revoking a key signs its sessions out. Every form
+that changes something carries the session's CSRF token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import secrets
+import urllib.parse
+from typing import Any
+
+import sqlalchemy as sa
+from starlette.middleware import Middleware
+from starlette.middleware.sessions import SessionMiddleware
+from starlette.requests import Request
+
+from db.models import ApiKey, Project
+from gateway.bodies import read_body
+from gateway.errors import APIError
+from gateway.services import Services
+from gateway.settings import Settings
+
+__all__ = [
+    "PREFIX",
+    "CsrfFailed",
+    "SignInRequired",
+    "Viewer",
+    "csrf_token",
+    "read_form",
+    "session_middleware",
+    "sign_in",
+    "sign_out",
+    "viewer_of",
+]
+
+#: Where the dashboard lives; the session cookie is sent to this path only.
+PREFIX = "/dashboard"
+SESSION_COOKIE = "gateway_dashboard"
+#: The largest form the dashboard accepts (its forms hold a few short fields).
+MAX_FORM_BYTES = 16 * 1024
+
+api_keys = ApiKey.__table__  # type: ignore[attr-defined]
+projects = Project.__table__  # type: ignore[attr-defined]
+
+
+class SignInRequired(APIError):
+    status_code, code, message = 401, "sign_in_required", "sign in with an API key first"
+
+
+class CsrfFailed(APIError):
+    status_code, code = 403, "csrf_failed"
+    message = "the form is stale or did not come from this dashboard; reload the page and retry"
+
+
+@dataclasses.dataclass(frozen=True)
+class Viewer:
+    """The signed-in project, as one request sees it."""
+
+    project_id: str
+    project_name: str
+    key_id: str
+    key_prefix: str
+
+
+def session_middleware(settings: Settings) -> Middleware:
+    # A key of its own, derived from the gateway's secret, so a session
+    # cookie can never pass for any other signed value.
+    key = hmac.new(
+        settings.require_secret().encode(), b"gateway.dashboard.session", hashlib.sha256
+    ).hexdigest()
+    return Middleware(
+        SessionMiddleware,
+        secret_key=key,
+        session_cookie=SESSION_COOKIE,
+        max_age=settings.dashboard_session_max_age,
+        path=PREFIX,
+        same_site="strict",
+        https_only=settings.public_url.startswith("https://"),
+    )
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def _viewer_row(conn: sa.Connection, key_id: str, project_id: str) -> sa.Row[Any] | None:
+    return conn.execute(
+        sa.select(
+            api_keys.c.id, api_keys.c.prefix, projects.c.id.label("project_id"), projects.c.name
+        )
+        .select_from(api_keys.join(projects, projects.c.id == api_keys.c.project_id))
+        .where(
+            api_keys.c.id == key_id,
+            api_keys.c.project_id == project_id,
+            api_keys.c.revoked_at.is_(None),
+        )
+    ).first()
+
+
+async def viewer_of(request: Request) -> Viewer:
+    """The signed-in viewer, or :class:`SignInRequired`."""
+    key_id = request.session.get("key_id")
+    project_id = request.session.get("project_id")
+    if not isinstance(key_id, str) or not isinstance(project_id, str):
+        raise SignInRequired()
+    row = await _services(request).db.read(_viewer_row, key_id, project_id)
+    if row is None:  # the key was revoked (or the database is another one now)
+        request.session.clear()
+        raise SignInRequired("the API key of this session is no longer valid; sign in again")
+    return Viewer(
+        project_id=row.project_id, project_name=row.name, key_id=row.id, key_prefix=row.prefix
+    )
+
+
+async def sign_in(request: Request, key: str) -> None:
+    """Start a session for the project of ``key`` (an :class:`Unauthorized` if it is not one)."""
+    principal = await _services(request).auth.resolve(key.strip())
+    request.session.clear()
+    request.session.update(
+        key_id=principal.key_id,
+        project_id=principal.project_id,
+        csrf=secrets.token_urlsafe(32),
+    )
+
+
+def sign_out(request: Request) -> None:
+    request.session.clear()
+
+
+def csrf_token(request: Request) -> str:
+    """The session's CSRF token (made on first use, so the sign-in form has one too)."""
+    token = request.session.get("csrf")
+    if not isinstance(token, str):
+        token = secrets.token_urlsafe(32)
+        request.session["csrf"] = token
+    return token
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    """The posted form's fields, once its CSRF token matches the session's."""
+    body = await read_body(request, MAX_FORM_BYTES)
+    fields = {
+        name: values[-1]
+        for name, values in urllib.parse.parse_qs(body.decode("utf-8", "replace")).items()
+    }
+    sent = fields.pop("csrf_token", None) or request.headers.get("x-csrf-token", "")
+    expected = request.session.get("csrf")
+    if not isinstance(expected, str) or not hmac.compare_digest(sent.encode(), expected.encode()):
+        raise CsrfFailed()
+    return fields
