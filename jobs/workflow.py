@@ -60,6 +60,9 @@ NODE_TYPES: dict[str, NodeType] = {
         required=("user_message",),
     ),
 }
+#: Keys of a node's ``data`` that an editor shows (React Flow's ``label``);
+#: never part of the child run's payload.
+DISPLAY_KEYS = ("label",)
 #: Keys of a crop-image node's ``data`` that already give it an image.
 _IMAGE_KEYS = ("image", "image_url", "image_base64", "artifact_id")
 _DATA_MODELS: dict[str, type[BaseModel]] = {"crop-image": CropPayload, "llm": LlmPayload}
@@ -251,7 +254,7 @@ def _value_of(node: Node, state: Mapping[str, Any]) -> Any:
 def _inputs(
     node: Node, incoming: list[tuple[Edge, Node]], states: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, Any]:
-    payload = dict(node.data)
+    payload = {k: v for k, v in node.data.items() if k not in DISPLAY_KEYS}
     node_type = NODE_TYPES[node.type]
     for edge, source in incoming:
         handle = edge.targetHandle or ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import signal
 import subprocess
@@ -108,7 +109,13 @@ def db_call(url: str, fn: Callable[[sa.Connection], T], *, write: bool = False) 
         finally:
             await db.dispose()
 
-    return asyncio.run(run())
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(run())
+    # A loop runs in this thread (Playwright's sync API keeps one): use another.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, run()).result()
 
 
 def db_query(url: str, sql: str, params: Mapping[str, Any] | None = None) -> list[Any]:

@@ -59,7 +59,14 @@ def test_image_crop_llm_end_to_end(single_slot_stack: Stack, gemini: GeminiStand
         {
             "id": "crop",
             "type": "crop-image",
-            "data": {"x_percent": 0, "y_percent": 0, "width_percent": 50, "height_percent": 50},
+            # React Flow's display label: shown by editors, never sent to the task.
+            "data": {
+                "label": "Top-left quarter",
+                "x_percent": 0,
+                "y_percent": 0,
+                "width_percent": 50,
+                "height_percent": 50,
+            },
         },
         {"id": "ask", "type": "llm", "data": {"user_message": f"{marker} which colour?"}},
     ]
@@ -82,6 +89,7 @@ def test_image_crop_llm_end_to_end(single_slot_stack: Stack, gemini: GeminiStand
     ask_run = child(stack, run["nodes"]["ask"]["run_id"])
     assert crop_run["parent_id"] == ask_run["parent_id"] == run["id"]
     assert (crop_run["node_id"], ask_run["node_id"]) == ("crop", "ask")
+    assert "label" not in crop_run["payload"]
     assert run["nodes"]["img"]["run_id"] is None  # value nodes need no run
 
     # The crop's artifact downloads, and the model saw exactly its bytes.
