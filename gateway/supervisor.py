@@ -97,6 +97,7 @@ def _banner(
         [
             "",
             f"  gateway   {url}",
+            f"  dashboard {url}/dashboard  (sign in with the API key)",
             f"  redis     {redis_url}{embedded}",
             f"  database  {database_url}",
             f"  API key   {key}",

@@ -95,6 +95,12 @@
       }
     }
     for (const id of ids) if (!layer.has(id)) { layer.set(id, 0); order.push(id); } // a cycle
+    // A source (a text or image value) sits just before the first node it
+    // feeds, so its edges do not run across whole layers of other nodes.
+    for (const id of ids) {
+      if (preds.get(id).length || !succs.get(id).length) continue;
+      layer.set(id, Math.max(0, Math.min(...succs.get(id).map((s) => layer.get(s))) - 1));
+    }
     const layers = [];
     for (const id of order) (layers[layer.get(id)] ||= []).push(id);
     const index = new Map();
