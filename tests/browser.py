@@ -103,12 +103,12 @@ class Dashboard:
             client.cookies.set(name, cookie["value"], path=cookie["path"])
         return client
 
-    def screenshot(self, name: str) -> Path | None:
+    def screenshot(self, name: str, *, full_page: bool = True) -> Path | None:
         if self.shots is None:
             return None
         self.shots.mkdir(parents=True, exist_ok=True)
         path = self.shots / f"{name}.png"
-        self.page.screenshot(path=str(path), full_page=True)
+        self.page.screenshot(path=str(path), full_page=full_page)
         return path
 
     def close(self) -> None:

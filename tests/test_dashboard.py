@@ -143,6 +143,16 @@ def test_pages_send_a_strict_content_security_policy(stack: Stack, dashboards: A
     assert page.headers["cache-control"] == "no-store"
     assert script.status_code == 200 and "EventSource" in script.text
     assert stream.status_code == 404 and stream.json()["error"]["code"] == "run_not_found"
+    # A cursor that is not one (or would overflow a BIGINT) means "from now".
+    for after in ("9" * 40, "².1", "x"):
+        with dash.http() as http, http.stream(
+            "GET", "/dashboard/stream", params={"after": after}
+        ) as feed:
+            assert feed.status_code == 200
+            assert next(feed.iter_text()).startswith("retry:")
+    with dash.http() as http:
+        nope = http.post("/dashboard/endpoints/ep_x/explode", data={"csrf_token": "x"})
+    assert nope.status_code == 404 and "no endpoint action" in nope.text
     # Without a session: JSON for the live feed, a sign-in page for the rest.
     assert httpx.get(stack.base_url + "/dashboard/stream").status_code == 401
     answer = httpx.get(stack.base_url + "/dashboard/runs/run_x")
@@ -386,6 +396,7 @@ def test_a_workflow_run_draws_its_graph_with_each_nodes_status(
     expect(page.locator(".artifacts img")).to_have_count(1)  # the crop, shown inline
     assert page.locator(".artifacts img").evaluate("img => img.naturalWidth") == 100
     dash.screenshot("workflow")
+    dash.screenshot("workflow-top", full_page=False)
 
     # A node that ran is a link to its child run.
     with page.expect_navigation():

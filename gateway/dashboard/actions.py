@@ -153,8 +153,8 @@ async def endpoint_action(request: Request) -> Response:
             )
             flash(request, "Endpoint enabled." if action == "enable" else "Endpoint disabled.")
         elif action == "recover":
-            hours = int(fields["hours"]) if fields.get("hours", "").isdigit() else 0
-            if hours not in RECOVER_HOURS:
+            hours = next((h for h in RECOVER_HOURS if str(h) == fields.get("hours")), 0)
+            if not hours:
                 flash(request, f"choose how far back to recover: {RECOVER_HOURS} hours", "error")
                 return redirect(back)
             since = utcnow() - dt.timedelta(hours=hours)

@@ -118,7 +118,8 @@ class Cursor:
     @classmethod
     def parse(cls, raw: str | None) -> Cursor | None:
         transition, _, attempt = (raw or "").partition(".")
-        if not (transition.isdigit() and attempt.isdigit()):
+        # Digits only, and few enough to fit a BIGINT.
+        if not all(p.isascii() and p.isdigit() and len(p) <= 18 for p in (transition, attempt)):
             return None
         return cls(int(transition), int(attempt))
 
