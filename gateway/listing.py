@@ -12,7 +12,7 @@ from db.models import Batch, Run, RunStatus, RunTransition
 from db.types import isoformat
 from gateway.transitions import run_view
 
-__all__ = ["RunQuery", "batch_summary", "list_runs", "transitions_since"]
+__all__ = ["RunQuery", "batch_summary", "count_by_status", "list_runs", "transitions_since"]
 
 runs = Run.__table__  # type: ignore[attr-defined]
 batches = Batch.__table__  # type: ignore[attr-defined]
@@ -77,6 +77,16 @@ def list_runs(conn: sa.Connection, project_id: str, query: RunQuery) -> dict[str
     }
 
 
+def count_by_status(conn: sa.Connection, condition: Any) -> dict[str, int]:
+    """How many runs matching ``condition`` are in each status (every status listed)."""
+    counts = {s.value: 0 for s in RunStatus}
+    for status, count in conn.execute(
+        sa.select(runs.c.status, sa.func.count()).where(condition).group_by(runs.c.status)
+    ):
+        counts[status] = int(count)
+    return counts
+
+
 def batch_summary(conn: sa.Connection, project_id: str, batch_id: str) -> dict[str, Any] | None:
     batch = (
         conn.execute(
@@ -87,13 +97,7 @@ def batch_summary(conn: sa.Connection, project_id: str, batch_id: str) -> dict[s
     )
     if batch is None:
         return None
-    counts = {s.value: 0 for s in RunStatus}
-    for status, count in conn.execute(
-        sa.select(runs.c.status, sa.func.count())
-        .where(runs.c.batch_id == batch_id)
-        .group_by(runs.c.status)
-    ):
-        counts[status] = int(count)
+    counts = count_by_status(conn, runs.c.batch_id == batch_id)
     run_ids = (
         conn.execute(sa.select(runs.c.id).where(runs.c.batch_id == batch_id).order_by(runs.c.id))
         .scalars()

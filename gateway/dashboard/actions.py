@@ -4,6 +4,7 @@ token, answered by a redirect to the page that shows the result (a GET)."""
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 from pydantic import ValidationError
 from starlette.requests import Request
@@ -11,7 +12,7 @@ from starlette.responses import Response
 
 from db.types import utcnow
 from gateway.dashboard.render import flash, redirect, render, safe_next
-from gateway.dashboard.session import PREFIX, read_form, sign_in, sign_out, viewer_of
+from gateway.dashboard.session import PREFIX, Viewer, read_form, sign_in, sign_out, viewer_of
 from gateway.errors import APIError, NotFound, Unauthorized
 from gateway.services import Services
 from gateway.webhooks import EndpointCreate, EndpointUpdate, RecoverRequest, RotateRequest
@@ -43,6 +44,28 @@ def _problem(exc: APIError) -> str:
         for d in exc.details
     )
     return f"{exc.message} ({details})" if details else exc.message
+
+
+def _secret_page(
+    request: Request,
+    viewer: Viewer,
+    endpoint: dict[str, Any],
+    secret: str,
+    title: str,
+    *,
+    previous_until: str | None = None,
+) -> Response:
+    """The endpoint's new signing secret, shown once, in answer to the POST
+    (never put in a redirect or the session cookie)."""
+    context = {
+        "viewer": viewer,
+        "active": "endpoints",
+        "endpoint": endpoint,
+        "secret": secret,
+        "title": title,
+        "note": previous_until,
+    }
+    return render(request, "secret", context)
 
 
 async def login(request: Request) -> Response:
@@ -119,18 +142,7 @@ async def create_endpoint(request: Request) -> Response:
     except APIError as exc:
         flash(request, _problem(exc), "error")
         return redirect(PREFIX + "/endpoints")
-    return render(
-        request,
-        "secret",
-        {
-            "viewer": viewer,
-            "active": "endpoints",
-            "endpoint": endpoint,
-            "secret": endpoint["secret"],
-            "title": "Endpoint added",
-            "note": None,
-        },
-    )
+    return _secret_page(request, viewer, endpoint, endpoint["secret"], "Endpoint added")
 
 
 async def endpoint_action(request: Request) -> Response:
@@ -165,17 +177,13 @@ async def endpoint_action(request: Request) -> Response:
         else:  # rotate
             rotated = await webhooks.rotate_secret(viewer.project_id, endpoint_id, RotateRequest())
             endpoint = await webhooks.get_endpoint(viewer.project_id, endpoint_id)
-            return render(
+            return _secret_page(
                 request,
-                "secret",
-                {
-                    "viewer": viewer,
-                    "active": "endpoints",
-                    "endpoint": endpoint,
-                    "secret": rotated["secret"],
-                    "title": "Secret rotated",
-                    "note": rotated["previous_expires_at"],
-                },
+                viewer,
+                endpoint,
+                rotated["secret"],
+                "Secret rotated",
+                previous_until=rotated["previous_expires_at"],
             )
     except APIError as exc:
         flash(request, _problem(exc), "error")

@@ -12,8 +12,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from db.models import Artifact, Delivery, DeliveryAttempt, Run, RunStatus, RunTransition
+from db.models import Artifact, Delivery, DeliveryAttempt, Run, RunTransition
 from db.types import isoformat
+from gateway.listing import count_by_status
 
 __all__ = [
     "Cursor",
@@ -38,14 +39,7 @@ FEED_BATCH = 500
 
 def status_counts(conn: sa.Connection, project_id: str) -> dict[str, int]:
     """How many of the project's runs are in each status (every status listed)."""
-    counts = {s.value: 0 for s in RunStatus}
-    for status, count in conn.execute(
-        sa.select(runs.c.status, sa.func.count())
-        .where(runs.c.project_id == project_id)
-        .group_by(runs.c.status)
-    ):
-        counts[status] = int(count)
-    return counts
+    return count_by_status(conn, runs.c.project_id == project_id)
 
 
 def run_history(conn: sa.Connection, project_id: str, run_id: str) -> list[dict[str, Any]]:
