@@ -71,6 +71,8 @@ def dashboard_routes(settings: Settings) -> list[BaseRoute]:
         Route("/login", _html(actions.login), methods=post),
         Route("/logout", _html(actions.logout), methods=post),
         Route("/runs", _html(pages.runs_page), methods=get),
+        Route("/trigger", _html(pages.trigger_page), methods=get),
+        Route("/trigger", _html(actions.trigger_run), methods=post),
         Route("/runs/{run_id}", _html(pages.run_page), methods=get),
         Route("/runs/{run_id}/cancel", _html(actions.cancel_run), methods=post),
         Route("/runs/{run_id}/replay", _html(actions.replay_run), methods=post),

@@ -11,9 +11,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from db.types import utcnow
+from gateway.bodies import parse_json
+from gateway.dashboard.pages import trigger_form
 from gateway.dashboard.render import flash, redirect, render, safe_next
 from gateway.dashboard.session import PREFIX, Viewer, read_form, sign_in, sign_out, viewer_of
 from gateway.errors import APIError, NotFound, Unauthorized
+from gateway.schemas import TriggerOptions, TriggerRequest
 from gateway.services import Services
 from gateway.webhooks import EndpointCreate, EndpointUpdate, RecoverRequest, RotateRequest
 
@@ -25,6 +28,7 @@ __all__ = [
     "logout",
     "replay_run",
     "resend_delivery",
+    "trigger_run",
 ]
 
 ENDPOINT_ACTIONS = ("test", "rotate", "enable", "disable", "recover")
@@ -188,3 +192,51 @@ async def endpoint_action(request: Request) -> Response:
     except APIError as exc:
         flash(request, _problem(exc), "error")
     return redirect(back)
+
+
+async def trigger_run(request: Request) -> Response:
+    """Start a run from the form: the same checks as ``POST …/trigger``."""
+    viewer = await viewer_of(request)
+    services = _services(request)
+    fields = await read_form(request, services.settings.max_body_bytes)
+    task = fields.get("task", "")
+    form = {
+        "task": task,
+        "payload": fields.get("payload", ""),
+        "tags": fields.get("tags", ""),
+        "delay": fields.get("delay", "").strip(),
+    }
+    errors: list[str] = []
+    definition = services.registry.get(task)
+    if definition is None:
+        errors.append(f"choose a task; there is no task {task!r}")
+    try:
+        payload = parse_json(form["payload"].encode()) if form["payload"].strip() else None
+    except APIError as exc:
+        errors.append(f"payload: {exc.message}")
+        payload = None
+    options: dict[str, Any] = {
+        "tags": [t.strip() for t in form["tags"].split(",") if t.strip()],
+    }
+    if form["delay"]:
+        options["delay"] = form["delay"]
+    try:
+        body = TriggerRequest(payload=payload, options=TriggerOptions.model_validate(options))
+    except ValidationError as exc:
+        errors.extend(
+            f"{'.'.join(['options', *map(str, e['loc'])])}: {e['msg']}"
+            for e in exc.errors(include_url=False)
+        )
+    if definition is not None and not errors:
+        errors.extend(
+            f"payload.{d['path']}: {d['message']}" if d["path"] else f"payload: {d['message']}"
+            for d in definition.payload_errors(payload)
+        )
+    if errors:
+        return trigger_form(request, viewer, **form, errors=errors, status_code=422)
+    try:
+        run, _ = await services.runs.trigger(viewer.project_id, task, body)
+    except APIError as exc:
+        return trigger_form(request, viewer, **form, errors=[_problem(exc)], status_code=422)
+    flash(request, f"Triggered {task}.")
+    return redirect(f"{PREFIX}/runs/{run['id']}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import Any
 
 from starlette.requests import Request
@@ -24,7 +25,16 @@ from gateway.listing import RunQuery
 from gateway.services import Services
 from gateway.transitions import WORKFLOW_TASK
 
-__all__ = ["endpoint_page", "endpoints_page", "home", "login_page", "run_page", "runs_page"]
+__all__ = [
+    "endpoint_page",
+    "endpoints_page",
+    "home",
+    "login_page",
+    "run_page",
+    "runs_page",
+    "trigger_form",
+    "trigger_page",
+]
 
 RUNS_PER_PAGE = 25
 #: The window the endpoints page measures success rates over.
@@ -220,4 +230,66 @@ async def endpoint_page(request: Request) -> Response:
             "cursor": cursor,
         },
         live=True,
+    )
+
+
+def trigger_form(
+    request: Request,
+    viewer: Viewer,
+    *,
+    task: str,
+    payload: str,
+    tags: str = "",
+    delay: str = "",
+    errors: list[str] | None = None,
+    status_code: int = 200,
+) -> Response:
+    """The "trigger a run" form, filled in (and what was wrong, after a try)."""
+    registry = _services(request).registry
+    tasks = []
+    for name in registry.names():
+        definition = registry.get(name)
+        assert definition is not None
+        model = definition.payload_model
+        tasks.append(
+            {
+                "name": name,
+                "description": definition.description,
+                "schema": model.model_json_schema() if model else {},
+            }
+        )
+    return render(
+        request,
+        "trigger",
+        {
+            "viewer": viewer,
+            "active": "runs",
+            "tasks": tasks,
+            "task": task,
+            "payload": payload,
+            "tags": tags,
+            "delay": delay,
+            "errors": errors or [],
+        },
+        status_code=status_code,
+    )
+
+
+async def trigger_page(request: Request) -> Response:
+    """Start a run by hand: any task, or ``?from=<run>`` to start from a run's payload."""
+    viewer = await viewer_of(request)
+    services = _services(request)
+    task = request.query_params.get("task", "")
+    payload: object = {}
+    tags = ""
+    source = request.query_params.get("from")
+    if source:
+        run = await services.runs.get(viewer.project_id, source)
+        task, payload, tags = run["task"], run["payload"], ", ".join(run["tags"])
+    return trigger_form(
+        request,
+        viewer,
+        task=task,
+        payload=json.dumps(payload, indent=2, ensure_ascii=False),
+        tags=tags,
     )

@@ -144,9 +144,9 @@ def csrf_token(request: Request) -> str:
     return token
 
 
-async def read_form(request: Request) -> dict[str, str]:
+async def read_form(request: Request, max_bytes: int = MAX_FORM_BYTES) -> dict[str, str]:
     """The posted form's fields, once its CSRF token matches the session's."""
-    body = await read_body(request, MAX_FORM_BYTES)
+    body = await read_body(request, max_bytes)
     fields = {
         name: values[-1]
         for name, values in urllib.parse.parse_qs(body.decode("utf-8", "replace")).items()
