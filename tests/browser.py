@@ -56,12 +56,15 @@ class Dashboard:
         *,
         width: int = 1280,
         height: int = 860,
+        dark: bool = False,
         shots: Path | None = None,
     ) -> None:
         self.base_url = base_url
         self.shots = shots
         self.context: BrowserContext = browser.new_context(
-            base_url=base_url, viewport={"width": width, "height": height}
+            base_url=base_url,
+            viewport={"width": width, "height": height},
+            color_scheme="dark" if dark else "light",
         )
         self.context.set_default_timeout(20_000)
         self.page: Page = self.context.new_page()

@@ -529,6 +529,16 @@ def test_main_pages_at_desktop_and_phone_width(
     expect(phone_page.locator("#graph svg g.node")).to_have_count(len(flow["nodes"]))
     assert phone_page.evaluate(overflow) <= 0  # the graph scrolls inside its box
     phone.screenshot("phone-workflow")
+
+    dark = dashboards(dark=True)
+    dark_page = dark.sign_in(key)
+    expect(dark_page.locator("table.runs tbody tr[data-run-id]")).to_have_count(11)
+    background = "getComputedStyle(document.body).backgroundColor"
+    assert dark_page.evaluate(background) != page.evaluate(background)  # follows the system
+    dark.screenshot("runs-dark", full_page=False)
+    dark.open(f"/runs/{flow['id']}")
+    expect(dark_page.locator("#graph svg g.node")).to_have_count(len(flow["nodes"]))
+    dark.screenshot("workflow-dark", full_page=False)
     with stack.client(key) as client:
         client.post(f"/api/v1/runs/{sleeping}/cancel")
 
