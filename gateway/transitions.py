@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -32,6 +33,7 @@ __all__ = [
     "Due",
     "EventOutcome",
     "Job",
+    "KeepFirst",
     "LostRace",
     "NewRun",
     "apply_event",
@@ -59,6 +61,83 @@ batches = Batch.__table__  # type: ignore[attr-defined]
 
 WORKFLOW_TASK = "execute-workflow"
 ACTIVE = (RunStatus.QUEUED, RunStatus.EXECUTING)
+
+
+# -- statements built once ----------------------------------------------------------
+#
+# The hot units (a trigger, a worker event, a read of a run) run the same few
+# statements thousands of times a second. Building a statement and its cache
+# key costs more CPU than SQLite takes to run it, so these are built once, with
+# bound parameters, and only their values change.
+
+_P = sa.bindparam
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepFirst:
+    """A column value for :func:`transition` that is set only while the column is NULL."""
+
+    value: Any
+
+
+_RUN_FIELDS = (
+    "id",
+    "project_id",
+    "task",
+    "status",
+    "attempt",
+    "step",
+    "step_pending",
+    "callback_url",
+    "parent_id",
+    "node_id",
+    "payload",
+    "created_at",
+    "started_at",
+    "max_attempts",
+    "retry",
+    "max_duration",
+    "expire_at",
+)
+_SELECT_RUN = sa.select(*(runs.c[f] for f in _RUN_FIELDS)).where(runs.c.id == _P("run_id"))
+_SELECT_RUN_LOCKED = _SELECT_RUN.with_for_update()
+_LOAD_RUN = sa.select(runs).where(runs.c.id == _P("run_id"))
+_LOAD_OWN_RUN = _LOAD_RUN.where(runs.c.project_id == _P("project_id"))
+_LOAD_ATTEMPTS = (
+    sa.select(run_attempts)
+    .where(run_attempts.c.run_id == _P("run_id"))
+    .order_by(run_attempts.c.number)
+)
+_INSERT_RUN = runs.insert()
+_INSERT_TRANSITION = run_transitions.insert()
+_INSERT_ATTEMPT = run_attempts.insert()
+_FINISH_ATTEMPT = (
+    run_attempts.update()
+    .where(run_attempts.c.run_id == _P("w_run_id"), run_attempts.c.number == _P("w_number"))
+    .values(
+        status=_P("status"),
+        finished_at=_P("finished_at"),
+        error_code=_P("error_code"),
+        error_message=_P("error_message"),
+    )
+)
+
+
+@functools.lru_cache(maxsize=256)
+def _cas_update(names: tuple[str, ...], first: frozenset[str]) -> sa.Update:
+    """The compare-and-set UPDATE that sets ``names`` (those in ``first`` only
+    while NULL), one per shape of change."""
+    values: dict[str, Any] = {}
+    for name in names:
+        bound = _P(f"v_{name}", type_=runs.c[name].type)
+        values[name] = sa.func.coalesce(runs.c[name], bound) if name in first else bound
+    update: sa.Update = runs.update().where(
+        runs.c.id == _P("w_id"),
+        runs.c.status == _P("w_status"),
+        runs.c.attempt == _P("w_attempt"),
+        runs.c.step == _P("w_step"),
+    )
+    return update.values(values)
 
 
 class LostRace(Exception):
@@ -215,17 +294,14 @@ def _node_views(conn: sa.Connection, row: Mapping[str, Any]) -> dict[str, Any]:
 
 def load_run(conn: sa.Connection, project_id: str | None, run_id: str) -> dict[str, Any] | None:
     """The run's view, or ``None``; ``project_id=None`` skips the owner check."""
-    query = sa.select(runs).where(runs.c.id == run_id)
-    if project_id is not None:
-        query = query.where(runs.c.project_id == project_id)
-    row = conn.execute(query).mappings().first()
+    if project_id is None:
+        found = conn.execute(_LOAD_RUN, {"run_id": run_id})
+    else:
+        found = conn.execute(_LOAD_OWN_RUN, {"run_id": run_id, "project_id": project_id})
+    row = found.mappings().first()
     if row is None:
         return None
-    attempts = conn.execute(
-        sa.select(run_attempts)
-        .where(run_attempts.c.run_id == run_id)
-        .order_by(run_attempts.c.number)
-    ).mappings()
+    attempts = conn.execute(_LOAD_ATTEMPTS, {"run_id": run_id}).mappings()
     nodes = _node_views(conn, dict(row)) if row["task"] == WORKFLOW_TASK else None
     return run_view(dict(row), [dict(a) for a in attempts], nodes)
 
@@ -234,10 +310,10 @@ def load_run(conn: sa.Connection, project_id: str | None, run_id: str) -> dict[s
 
 
 def insert_run(conn: sa.Connection, row: Mapping[str, Any]) -> None:
-    conn.execute(runs.insert(), dict(row))
+    conn.execute(_INSERT_RUN, dict(row))
     observe_transition(dict(row), RunStatus(row["status"]), row["created_at"])
     conn.execute(
-        run_transitions.insert(),
+        _INSERT_TRANSITION,
         {
             "run_id": row["id"],
             "from_status": None,
@@ -257,21 +333,20 @@ def transition(
 ) -> None:
     """Compare-and-set the run from the status, attempt and step in ``run`` to
     ``to``, and log the change; :class:`LostRace` if another process moved it."""
-    result = conn.execute(
-        runs.update()
-        .where(
-            runs.c.id == run["id"],
-            runs.c.status == run["status"],
-            runs.c.attempt == run["attempt"],
-            runs.c.step == run["step"],
-        )
-        .values(status=to.value, updated_at=now, **(values or {}))
+    changes = {"status": to.value, "updated_at": now, **(values or {})}
+    first = frozenset(k for k, v in changes.items() if isinstance(v, KeepFirst))
+    params = {
+        f"v_{k}": v.value if isinstance(v, KeepFirst) else v for k, v in changes.items()
+    }
+    params.update(
+        w_id=run["id"], w_status=run["status"], w_attempt=run["attempt"], w_step=run["step"]
     )
+    result = conn.execute(_cas_update(tuple(changes), first), params)
     if result.rowcount != 1:
         raise LostRace(run["id"])
     observe_transition(run, to, now)
     conn.execute(
-        run_transitions.insert(),
+        _INSERT_TRANSITION,
         {
             "run_id": run["id"],
             "from_status": run["status"],
@@ -289,28 +364,8 @@ def _view(conn: sa.Connection, run: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _select_run(conn: sa.Connection, run_id: str, *, lock: bool = False) -> dict[str, Any] | None:
-    query = sa.select(
-        runs.c.id,
-        runs.c.project_id,
-        runs.c.task,
-        runs.c.status,
-        runs.c.attempt,
-        runs.c.step,
-        runs.c.step_pending,
-        runs.c.callback_url,
-        runs.c.parent_id,
-        runs.c.node_id,
-        runs.c.payload,
-        runs.c.created_at,
-        runs.c.started_at,
-        runs.c.max_attempts,
-        runs.c.retry,
-        runs.c.max_duration,
-        runs.c.expire_at,
-    ).where(runs.c.id == run_id)
-    if lock:
-        query = query.with_for_update()
-    row = conn.execute(query).mappings().first()
+    query = _SELECT_RUN_LOCKED if lock else _SELECT_RUN
+    row = conn.execute(query, {"run_id": run_id}).mappings().first()
     return dict(row) if row is not None else None
 
 
@@ -342,12 +397,12 @@ def _apply_started(
         run,
         RunStatus.EXECUTING,
         now,
-        {"started_at": sa.func.coalesce(runs.c.started_at, now), "heartbeat_at": now},
+        {"started_at": KeepFirst(now), "heartbeat_at": now},
     )
     outgoing: list[Outgoing] = []
     if run["step"] == 0:  # a workflow's later steps are not new attempts
         conn.execute(
-            run_attempts.insert(),
+            _INSERT_ATTEMPT,
             {
                 "run_id": run["id"],
                 "number": event.attempt,
@@ -387,7 +442,7 @@ def _apply_final(
         and error.retryable
         and run["attempt"] < run["max_attempts"]
     )
-    values["started_at"] = sa.func.coalesce(runs.c.started_at, now)
+    values["started_at"] = KeepFirst(now)
     if retrying:
         delay = backoff(run["retry"], run["attempt"])
         values.update(attempt=run["attempt"] + 1, run_at=now + dt.timedelta(seconds=delay))
@@ -403,13 +458,11 @@ def _apply_final(
         "error_message": message,
     }
     updated = conn.execute(
-        run_attempts.update()
-        .where(run_attempts.c.run_id == run["id"], run_attempts.c.number == event.attempt)
-        .values(**attempt_values)
+        _FINISH_ATTEMPT, {"w_run_id": run["id"], "w_number": event.attempt, **attempt_values}
     )
     if updated.rowcount == 0:  # the ``started`` report has not arrived (yet)
         conn.execute(
-            run_attempts.insert(),
+            _INSERT_ATTEMPT,
             {
                 "run_id": run["id"],
                 "number": event.attempt,

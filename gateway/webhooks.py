@@ -266,6 +266,16 @@ def _encode(payload: Mapping[str, Any]) -> str:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
 
 
+#: Built once: every final event of every run reads it (the hot path).
+_ENABLED_ENDPOINTS = sa.select(
+    endpoints.c.id, endpoints.c.url, endpoints.c.events, endpoints.c.tasks
+).where(
+    endpoints.c.project_id == sa.bindparam("project_id"),
+    endpoints.c.enabled.is_(True),
+    endpoints.c.deleted_at.is_(None),
+)
+
+
 def create_run_deliveries(
     conn: sa.Connection,
     run: Mapping[str, Any],
@@ -275,13 +285,7 @@ def create_run_deliveries(
 ) -> list[Outgoing]:
     """Write the deliveries a run's ``event_type`` causes; call it inside the
     transaction of the transition (the outbox)."""
-    rows = conn.execute(
-        sa.select(endpoints.c.id, endpoints.c.url, endpoints.c.events, endpoints.c.tasks).where(
-            endpoints.c.project_id == run["project_id"],
-            endpoints.c.enabled.is_(True),
-            endpoints.c.deleted_at.is_(None),
-        )
-    ).all()
+    rows = conn.execute(_ENABLED_ENDPOINTS, {"project_id": run["project_id"]}).all()
     wanted = [
         row
         for row in rows
