@@ -127,6 +127,9 @@ class _GroupCommit:
     def __init__(self, engine: sa.Engine, *, max_group: int = 64) -> None:
         self.engine = engine
         self.max_group = max_group
+        #: Transactions committed, and units run (a group is one transaction).
+        self.commits = 0
+        self.units = 0
         self._queue: queue.SimpleQueue[_Unit | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="db-writer", daemon=True)
         self._thread.start()
@@ -162,6 +165,7 @@ class _GroupCommit:
 
     def _commit(self, group: list[_Unit]) -> None:
         outcomes: list[tuple[concurrent.futures.Future[Any], Any, BaseException | None]] = []
+        self.units += len(group)
         try:
             with self.engine.connect() as conn:
                 conn = conn.execution_options(sqlite_begin="IMMEDIATE")
@@ -174,15 +178,20 @@ class _GroupCommit:
                             outcomes.append((future, None, exc))
                             raise
                     else:
+                        # Straight on the driver: SQLAlchemy's own savepoints
+                        # cost more than the units they wrap.
+                        driver = conn.connection.dbapi_connection
+                        assert driver is not None
                         for fn, future in group:
-                            savepoint = conn.begin_nested()
+                            driver.execute("SAVEPOINT unit")
                             try:
                                 result = fn(conn)
                             except BaseException as exc:
-                                savepoint.rollback()
+                                driver.execute("ROLLBACK TO unit")
+                                driver.execute("RELEASE unit")
                                 outcomes.append((future, None, exc))
                             else:
-                                savepoint.commit()
+                                driver.execute("RELEASE unit")
                                 outcomes.append((future, result, None))
         except BaseException as exc:
             # BEGIN or COMMIT failed (or a lone unit raised): no unit of the
@@ -193,6 +202,7 @@ class _GroupCommit:
             for future, _, error in outcomes:
                 future.set_exception(error if error is not None else exc)
             return
+        self.commits += 1
         for future, result, error in outcomes:
             if error is not None:
                 future.set_exception(error)

@@ -88,3 +88,40 @@ def test_naive_datetimes_are_refused() -> None:
 
     with pytest.raises(ValueError, match="naive"):
         UTCDateTime().process_bind_param(dt.datetime(2026, 1, 1), None)  # type: ignore[arg-type]
+
+
+def test_sqlite_writes_commit_in_groups_and_a_failing_unit_leaves_nothing(
+    tmp_path: pytest.TempPathFactory,
+) -> None:
+    """Units that queue up while one commits go in one transaction, each in a
+    savepoint: one that raises is undone alone, the others commit."""
+
+    def unit(conn: sa.Connection, n: int) -> int:
+        conn.exec_driver_sql(f"INSERT INTO t VALUES ({n})")
+        if n % 3 == 0:
+            raise ValueError(n)
+        return n
+
+    async def main() -> tuple[list[object], list[int], tuple[int, int]]:
+        db = Database(f"sqlite+aiosqlite:///{tmp_path}/groups.db")
+        try:
+            await db.write(lambda c: c.exec_driver_sql("CREATE TABLE t (n INTEGER PRIMARY KEY)"))
+            results = await asyncio.gather(
+                *(db.write(unit, n) for n in range(200)), return_exceptions=True
+            )
+            kept = await db.read(
+                lambda c: [r[0] for r in c.exec_driver_sql("SELECT n FROM t ORDER BY n")]
+            )
+            writer = db._writer
+            return results, kept, (writer.commits, writer.units)
+        finally:
+            await db.dispose()
+
+    results, kept, (commits, units) = asyncio.run(main())
+    assert kept == [n for n in range(200) if n % 3]
+    for n, result in enumerate(results):
+        if n % 3:
+            assert result == n
+        else:
+            assert isinstance(result, ValueError) and result.args == (n,)
+    assert units == 201 and commits < units  # some units shared a transaction
