@@ -276,7 +276,7 @@ async def list_runs(request: Request) -> Response:
         {"path": "query.status", "type": "enum", "message": f"unknown status {s!r}"}
         for s in unknown
     ]
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
+    if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= 100:
         details.append(
             {
                 "path": "query.limit",

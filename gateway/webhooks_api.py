@@ -43,7 +43,7 @@ async def _body(request: Request, services: Services, model: type[M]) -> M:
 
 def _page(request: Request) -> tuple[int, str | None]:
     raw = request.query_params.get("limit", "50")
-    if not raw.isdigit() or not 1 <= int(raw) <= 100:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 100:
         raise ValidationFailed(
             "limit must be a whole number from 1 to 100",
             details=[{"path": "query.limit", "message": f"got {raw!r}", "type": "value_error"}],

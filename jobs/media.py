@@ -97,7 +97,8 @@ class Media:
                         retryable=response.status_code >= 500 or response.status_code == 429,
                     )
                 declared = response.headers.get("content-length")
-                if declared and declared.isdigit() and int(declared) > self.max_bytes:
+                known = declared and declared.isascii() and declared.isdigit()
+                if known and int(declared) > self.max_bytes:
                     raise TaskError(
                         "image_too_large",
                         f"the image is {declared} bytes; IMAGE_MAX_BYTES is {self.max_bytes}",

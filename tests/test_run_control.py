@@ -265,6 +265,10 @@ def test_listing_pages_through_250_runs_while_more_arrive(stack: Stack) -> None:
         assert older and at(older[0]["created_at"]) < newest
         assert client.get("/api/v1/runs", params={"status": "nope"}).status_code == 422
         assert client.get("/api/v1/runs", params={"limit": 101}).status_code == 422
+        # Digits that are not ASCII ("³" passes str.isdigit, not int()) are refused too.
+        for path in ("/api/v1/runs", "/api/v1/webhooks/ep_x/deliveries"):
+            odd_limit = client.get(path, params={"limit": "³"})
+            assert odd_limit.status_code == 422, odd_limit.text
 
 
 def test_a_batch_with_a_bad_item_makes_nothing(stack: Stack) -> None:
