@@ -15,6 +15,7 @@ import db.models  # noqa: F401
 from db.engine import Database
 from db.ids import new_id
 from db.models import FINAL_STATUSES, RunStatus
+from tests.conftest import Databases, _admin
 
 
 def test_migrations_create_exactly_the_models(database_url: str) -> None:
@@ -125,3 +126,37 @@ def test_sqlite_writes_commit_in_groups_and_a_failing_unit_leaves_nothing(
         else:
             assert isinstance(result, ValueError) and result.args == (n,)
     assert units == 201 and commits < units  # some units shared a transaction
+
+
+def test_postgres_connections_lost_while_idle_cost_no_request(databases: Databases) -> None:
+    """Server-side ends of the pooled connections killed, as a restart would:
+    a connection idle past the threshold is pinged and replaced before use; one
+    in steady use fails its request once, and the pool recovers at once."""
+    if databases.backend != "postgresql":
+        pytest.skip("PostgreSQL only: SQLite has no server to lose")
+    url = databases.new("idle_ping")
+    name = sa.make_url(url).database
+    kill = (
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        f"WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+    )
+
+    def one(conn: sa.Connection) -> int:
+        return int(conn.execute(sa.text("SELECT 1")).scalar_one())
+
+    async def main() -> None:
+        db = Database(url, idle_ping=1.0)
+        try:
+            assert await db.read(one) == 1  # the pool now holds a connection
+            await _admin(url, kill)
+            await asyncio.sleep(1.2)  # the idle time is the condition under test
+            assert await db.read(one) == 1  # pinged, found dead, replaced: no error
+
+            await _admin(url, kill)  # now lost while in steady use
+            with pytest.raises(sa.exc.DBAPIError):
+                await db.read(one)
+            assert await db.read(one) == 1  # the pool dropped the dead connections
+        finally:
+            await db.dispose()
+
+    asyncio.run(main())
