@@ -25,6 +25,7 @@ from db.types import utcnow
 from gateway.errors import Conflict, NotFound
 from gateway.listing import RunQuery, batch_summary, list_runs
 from gateway.notify import RunNotifier
+from gateway.queue import enqueue_job
 from gateway.schemas import RetryOptions, TriggerOptions, TriggerRequest, WorkerEvent
 from gateway.settings import Settings
 from gateway.tokens import PublicTokens
@@ -159,7 +160,8 @@ class RunService:
         reconciler enqueues it again (arq dedupes on ``_job_id``).
         """
         try:
-            await self.redis.enqueue_job(
+            await enqueue_job(
+                self.redis,
                 "run_task",
                 job.run_id,
                 job.task,
@@ -168,8 +170,8 @@ class RunService:
                 job.step,
                 job.state,
                 job.options,
-                _job_id=job_id(job.run_id, job.attempt, job.step),
-                _queue_name=self.settings.queue_name,
+                job_id=job_id(job.run_id, job.attempt, job.step),
+                queue_name=self.settings.queue_name,
             )
         except (RedisError, OSError) as exc:
             log.warning("could not enqueue %s (the reconciler will): %s", job.run_id, exc)

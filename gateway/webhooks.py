@@ -39,6 +39,7 @@ from db.models import (
 from db.types import isoformat, utcnow
 from gateway.errors import NotFound, ValidationFailed
 from gateway.metrics import DELIVERY_ATTEMPTS
+from gateway.queue import enqueue_job
 from gateway.settings import Settings
 from webhooks.signing import generate_webhook_secret, webhook_headers
 from webhooks.ssrf import AddressRefused, IPNetwork, parse_networks, validate_url
@@ -731,14 +732,15 @@ class WebhookService:
             else f"webhook:{delivery_id}:resend:{new_id('r')}"
         )
         try:
-            await self.redis.enqueue_job(
+            await enqueue_job(
+                self.redis,
                 "deliver_webhook",
                 delivery_id,
                 trigger,
                 prepared,
-                _job_id=job_id,
-                _queue_name=self.settings.queue_name,
-                _defer_by=dt.timedelta(seconds=defer) if defer > 0 else None,
+                job_id=job_id,
+                queue_name=self.settings.queue_name,
+                defer_seconds=defer,
             )
         except (RedisError, OSError) as exc:
             log.warning("could not queue delivery %s (the reconciler will): %s", delivery_id, exc)

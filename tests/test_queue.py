@@ -1,0 +1,49 @@
+"""gateway.queue: one round trip to Redis, and jobs arq itself cannot tell apart."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from arq import create_pool
+from arq.connections import RedisSettings
+from arq.constants import job_key_prefix
+from arq.jobs import Job, JobStatus
+
+from gateway.embedded_redis import EmbeddedRedis
+from gateway.queue import enqueue_job
+
+
+def test_jobs_read_back_as_arq_jobs_and_ids_stay_unique(redis_server: EmbeddedRedis) -> None:
+    async def main() -> None:
+        redis = await create_pool(RedisSettings.from_dsn(redis_server.url + "/14"))
+        try:
+            await redis.flushdb()
+            before_ms = time.time() * 1000
+            assert await enqueue_job(redis, "run_task", 1, "x", job_id="j1", queue_name="q")
+            # The same ID again, by us or by arq itself: refused, like arq does.
+            assert not await enqueue_job(redis, "run_task", 2, job_id="j1", queue_name="q")
+            assert await redis.enqueue_job("run_task", _job_id="j1", _queue_name="q") is None
+
+            job = Job("j1", redis, _queue_name="q")
+            info = await job.info()
+            assert info is not None
+            assert (info.function, info.args, info.kwargs) == ("run_task", (1, "x"), {})
+            assert await job.status() == JobStatus.queued
+            assert before_ms - 1000 <= info.enqueue_time.timestamp() * 1000 <= time.time() * 1000
+
+            assert await enqueue_job(
+                redis, "deliver_webhook", "d1", job_id="j2", queue_name="q", defer_seconds=60
+            )
+            due = await redis.zscore("q", "j2")
+            assert due is not None and due >= before_ms + 59_000
+            assert await Job("j2", redis, _queue_name="q").status() == JobStatus.deferred
+            # Kept until a day after it is due, as arq keeps its own jobs.
+            ttl_ms = await redis.pttl(job_key_prefix + "j2")
+            kept_ms = 60_000 + redis.expires_extra_ms
+            assert kept_ms - 5_000 <= ttl_ms <= kept_ms
+        finally:
+            await redis.flushdb()
+            await redis.aclose()
+
+    asyncio.run(main())
