@@ -30,12 +30,18 @@ class RunNotifier:
         self._waiters: dict[str, set[asyncio.Event]] = {}
         #: Set on every change of any run (the dashboard's live feed).
         self._any: set[asyncio.Event] = set()
+        #: Run IDs changed here, not yet published to the other processes.
+        self._outbox: list[str] = []
+        self._sender: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._listen(), name="run-notifier")
 
     async def stop(self) -> None:
+        if self._sender is not None:
+            with contextlib.suppress(Exception):
+                await self._sender  # the last changes still go out
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -49,12 +55,23 @@ class RunNotifier:
             event.set()
 
     async def publish(self, run_id: str) -> None:
-        """Tell every waiter of ``run_id``, here and in other processes."""
+        """Tell every waiter of ``run_id``: here at once, in other processes
+        with the next message. The changes of one turn of the event loop go
+        out as one message (IDs separated by spaces), so a busy gateway sends
+        one PUBLISH where it would send hundreds."""
         self._wake(run_id)
-        try:
-            await self.redis.publish(self.channel, run_id)
-        except RedisError as exc:  # waiters elsewhere fall back to polling
-            log.warning("could not publish the update of %s: %s", run_id, exc)
+        self._outbox.append(run_id)
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send(), name="run-notifier-send")
+
+    async def _send(self) -> None:
+        await asyncio.sleep(0)  # let the rest of this turn's changes join
+        while self._outbox:
+            batch, self._outbox = self._outbox, []
+            try:
+                await self.redis.publish(self.channel, " ".join(batch))
+            except RedisError as exc:  # waiters elsewhere fall back to polling
+                log.warning("could not publish the update of %d runs: %s", len(batch), exc)
 
     @contextlib.contextmanager
     def watch(self, run_id: str) -> Iterator[asyncio.Event]:
@@ -89,7 +106,9 @@ class RunNotifier:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None and message.get("type") == "message":
                         data = message["data"]
-                        self._wake(data.decode() if isinstance(data, bytes) else str(data))
+                        text = data.decode() if isinstance(data, bytes) else str(data)
+                        for run_id in text.split():
+                            self._wake(run_id)
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
