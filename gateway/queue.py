@@ -4,7 +4,8 @@
 a WATCH/MULTI transaction: three round trips, and the trigger path's largest
 cost after the database. This does the same check and the same writes (arq's
 keys, arq's job encoding, so arq's worker cannot tell the difference) in one
-Lua script, which Redis runs atomically.
+Lua script, which Redis runs atomically. The script also announces a job
+that is due now, which wakes an idle worker at once.
 """
 
 from __future__ import annotations
@@ -16,18 +17,28 @@ from arq.constants import job_key_prefix, result_key_prefix
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 
-__all__ = ["enqueue_job"]
+__all__ = ["enqueue_job", "nudge_channel"]
 
 # KEYS: the job, its result, the queue. ARGV: the job's TTL in ms, the
-# encoded job, its score (when it is due, in ms), its ID.
+# encoded job, its score (when it is due, in ms), its ID, and the channel to
+# wake idle workers on ("" for a deferred job: nothing to wake them for yet).
 _ENQUEUE = """
 if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then
   return 0
 end
 redis.call('PSETEX', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+if ARGV[5] ~= '' then
+  redis.call('PUBLISH', ARGV[5], ARGV[4])
+end
 return 1
 """
+
+
+def nudge_channel(queue_name: str) -> str:
+    """Where a job queued for now is announced, so an idle worker takes it at
+    once instead of at its next poll (:class:`jobs.worker.NudgedWorker`)."""
+    return f"{queue_name}:nudge"
 
 
 async def enqueue_job(
@@ -49,6 +60,12 @@ async def enqueue_job(
         redis._gateway_enqueue = script  # type: ignore[attr-defined]
     created = await script(
         keys=[job_key_prefix + job_id, result_key_prefix + job_id, queue_name],
-        args=[defer_ms + redis.expires_extra_ms, encoded, now_ms + defer_ms, job_id],
+        args=[
+            defer_ms + redis.expires_extra_ms,
+            encoded,
+            now_ms + defer_ms,
+            job_id,
+            "" if defer_ms else nudge_channel(queue_name),
+        ],
     )
     return bool(created)

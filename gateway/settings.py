@@ -126,7 +126,7 @@ class Settings:
     #: Jobs one worker process runs at a time.
     worker_concurrency: int = 10
     #: Seconds between two polls of the queue by an idle worker.
-    worker_poll_delay: float = 0.005
+    worker_poll_delay: float = 0.05
     #: Seconds one task attempt may run before arq stops it.
     job_timeout: int = 3600
     #: Extra modules whose ``@task`` functions join the registry.
@@ -212,7 +212,7 @@ class Settings:
             max_output_bytes=_int(env, "MAX_OUTPUT_BYTES", 4 * 1024 * 1024, minimum=1024),
             queue_name=env.get("QUEUE_NAME") or "gateway:queue",
             worker_concurrency=_int(env, "WORKER_CONCURRENCY", 10, minimum=1),
-            worker_poll_delay=_float(env, "WORKER_POLL_DELAY", 0.005, minimum=0.001),
+            worker_poll_delay=_float(env, "WORKER_POLL_DELAY", 0.05, minimum=0.001),
             job_timeout=_int(env, "JOB_TIMEOUT", 3600, minimum=1),
             task_modules=_list(env, "TASK_MODULES"),
             webhook_allowed_networks=_networks(env, "WEBHOOK_ALLOWED_NETWORKS"),

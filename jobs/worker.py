@@ -8,6 +8,7 @@ invariant 2): it never opens the database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -16,10 +17,12 @@ from typing import Any, ClassVar
 
 import httpx
 from arq import func
-from arq.connections import RedisSettings
+from arq.connections import RedisSettings, create_pool
 from arq.worker import Worker
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
+from gateway.queue import nudge_channel
 from gateway.settings import Settings
 from jobs.deliver import deliver_webhook
 from jobs.media import Media
@@ -28,7 +31,7 @@ from jobs.report import Reporter, deliver_report, make_event
 from jobs.workflow import Waiting, WorkflowFailed
 from webhooks.ssrf import parse_networks
 
-__all__ = ["WorkerSettings", "build_worker", "run_task"]
+__all__ = ["NudgedWorker", "WorkerSettings", "build_worker", "run_task"]
 
 log = logging.getLogger("jobs.worker")
 
@@ -246,10 +249,85 @@ def worker_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+class NudgedWorker(Worker):
+    """arq's worker, woken as soon as the gateway queues a job that is due.
+
+    arq polls its queue every ``poll_delay``; a run waits half of that on
+    average before it starts, and a callback as long again. This worker also
+    listens on the queue's nudge channel (:func:`gateway.queue.nudge_channel`)
+    and polls at once when a job is announced. Polling goes on as before, for
+    deferred jobs, for jobs queued by anyone else, and when the channel is down.
+    """
+
+    async def main(self) -> None:
+        # arq's Worker.main, with the sleep between polls cut short by a nudge.
+        if self._pool is None:
+            self._pool = await create_pool(
+                self.redis_settings,
+                job_deserializer=self.job_deserializer,
+                job_serializer=self.job_serializer,
+                default_queue_name=self.queue_name,
+                expires_extra_ms=self.expires_extra_ms,
+            )
+        log.info(
+            "Starting worker for %d functions: %s",
+            len(self.functions),
+            ", ".join(self.functions),
+        )
+        self.ctx["redis"] = self.pool
+        if self.on_startup:
+            await self.on_startup(self.ctx)
+        nudged = asyncio.Event()
+        listener = asyncio.create_task(self._listen(nudged), name="worker-nudges")
+        try:
+            while True:
+                nudged.clear()
+                await self._poll_iteration()
+                if self.burst:
+                    if 0 <= self.max_burst_jobs <= self._jobs_started():
+                        await asyncio.gather(*self.tasks.values())
+                        return
+                    if await self.pool.zcard(self.queue_name) == 0:
+                        await asyncio.gather(*self.tasks.values())
+                        return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(nudged.wait(), self.poll_delay_s)
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+
+    async def _sleep_until_tasks_complete(self) -> None:
+        # arq counts a finished job as running until its next poll removes it;
+        # with a long poll delay, a stopping worker would wait for nothing.
+        running = [task for task in self.tasks.values() if not task.done()]
+        if running:
+            await asyncio.wait(running)
+
+    async def _listen(self, nudged: asyncio.Event) -> None:
+        channel = nudge_channel(self.queue_name)
+        while True:
+            pubsub = self.pool.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(channel)
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        nudged.set()
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                log.warning("worker nudges lost their Redis connection (polling goes on): %s", exc)
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
 def build_worker(settings: Settings, **overrides: Any) -> Worker:
     options = worker_options(settings)
     options.update(overrides)
-    return Worker(**options)
+    return NudgedWorker(**options)
 
 
 class WorkerSettings:

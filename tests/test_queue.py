@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 from arq import create_pool
 from arq.connections import RedisSettings
 from arq.constants import job_key_prefix
@@ -12,6 +13,7 @@ from arq.jobs import Job, JobStatus
 
 from gateway.embedded_redis import EmbeddedRedis
 from gateway.queue import enqueue_job
+from tests.conftest import Databases, _redis_db, launch_stack
 
 
 def test_jobs_read_back_as_arq_jobs_and_ids_stay_unique(redis_server: EmbeddedRedis) -> None:
@@ -47,3 +49,25 @@ def test_jobs_read_back_as_arq_jobs_and_ids_stay_unique(redis_server: EmbeddedRe
             await redis.aclose()
 
     asyncio.run(main())
+
+
+def test_an_idle_worker_is_woken_as_a_job_is_queued(
+    databases: Databases,
+    database_url: str,
+    redis_server: EmbeddedRedis,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """With a poll every 60 s, runs still complete within the 30 s a
+    long-poll waits: the enqueue of each (after the worker's first poll)
+    published the nudge that woke it, also when the scheduler released a
+    delayed run."""
+    with launch_stack(
+        "nudge",
+        databases.new("nudge"),
+        f"{redis_server.url}/{_redis_db(database_url, 4)}",
+        tmp_path_factory.mktemp("logs-nudge"),
+        WORKER_POLL_DELAY="60",
+    ) as stack:
+        for n in range(3):
+            assert stack.run("echo", {"n": n})["status"] == "COMPLETED"
+        assert stack.run("echo", {"later": True}, delay=0.3)["status"] == "COMPLETED"
