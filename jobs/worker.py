@@ -290,12 +290,23 @@ class NudgedWorker(Worker):
                     if await self.pool.zcard(self.queue_name) == 0:
                         await asyncio.gather(*self.tasks.values())
                         return
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(nudged.wait(), self.poll_delay_s)
+                await self._idle(nudged)
         finally:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
+
+    async def _idle(self, nudged: asyncio.Event) -> None:
+        """Until the next poll: a nudge, a job ending while all slots were
+        taken (one may be waiting for its slot), or ``poll_delay``."""
+        wake = asyncio.ensure_future(nudged.wait())
+        waits: set[asyncio.Future[Any]] = {wake}
+        if self.job_counter >= self.max_jobs:
+            waits.update(task for task in self.tasks.values() if not task.done())
+        try:
+            await asyncio.wait(waits, timeout=self.poll_delay_s, return_when="FIRST_COMPLETED")
+        finally:
+            wake.cancel()
 
     async def _sleep_until_tasks_complete(self) -> None:
         # arq counts a finished job as running until its next poll removes it;

@@ -60,14 +60,26 @@ def test_an_idle_worker_is_woken_as_a_job_is_queued(
     """With a poll every 60 s, runs still complete within the 30 s a
     long-poll waits: the enqueue of each (after the worker's first poll)
     published the nudge that woke it, also when the scheduler released a
-    delayed run."""
+    delayed run, and a job that waited for the one slot started as it freed."""
     with launch_stack(
         "nudge",
         databases.new("nudge"),
         f"{redis_server.url}/{_redis_db(database_url, 4)}",
         tmp_path_factory.mktemp("logs-nudge"),
         WORKER_POLL_DELAY="60",
+        WORKER_CONCURRENCY="1",
     ) as stack:
         for n in range(3):
             assert stack.run("echo", {"n": n})["status"] == "COMPLETED"
         assert stack.run("echo", {"later": True}, delay=0.3)["status"] == "COMPLETED"
+        # Queued while the one slot was taken: its nudge found the worker full,
+        # and the end of the first job woke the worker for it.
+        with stack.client() as client:
+            ids = [
+                client.post(
+                    "/api/v1/tasks/sleep/trigger", json={"payload": {"seconds": 0.3}}
+                ).json()["id"]
+                for _ in range(2)
+            ]
+            finals = [client.get(f"/api/v1/runs/{i}", params={"wait": 30}).json() for i in ids]
+        assert [f["status"] for f in finals] == ["COMPLETED", "COMPLETED"], finals
