@@ -20,8 +20,8 @@ from arq import func
 from arq.connections import RedisSettings, create_pool
 from arq.worker import Worker
 from pydantic import ValidationError
-from redis.exceptions import RedisError
 
+from gateway.notify import listen_forever
 from gateway.queue import nudge_channel
 from gateway.settings import Settings
 from jobs.deliver import deliver_webhook
@@ -316,23 +316,12 @@ class NudgedWorker(Worker):
             await asyncio.wait(running)
 
     async def _listen(self, nudged: asyncio.Event) -> None:
-        channel = nudge_channel(self.queue_name)
-        while True:
-            pubsub = self.pool.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(channel)
-                while True:
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is not None:
-                        nudged.set()
-            except asyncio.CancelledError:
-                raise
-            except (RedisError, OSError) as exc:
-                log.warning("worker nudges lost their Redis connection (polling goes on): %s", exc)
-                await asyncio.sleep(1.0)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await listen_forever(
+            self.pool,
+            nudge_channel(self.queue_name),
+            lambda _job_id: nudged.set(),
+            what="worker nudges (polling goes on)",
+        )
 
 
 def build_worker(settings: Settings, **overrides: Any) -> Worker:
