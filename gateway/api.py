@@ -33,15 +33,7 @@ def _services(request: Request) -> Services:
 async def list_tasks(request: Request) -> Response:
     services = _services(request)
     await services.auth.authenticate(request)
-    tasks = []
-    for name in services.registry.names():
-        definition = services.registry.get(name)
-        assert definition is not None
-        schema = definition.payload_model.model_json_schema() if definition.payload_model else {}
-        tasks.append(
-            {"name": name, "description": definition.description, "payload_schema": schema}
-        )
-    return shaped(TaskList, {"data": tasks})
+    return shaped(TaskList, {"data": services.registry.describe()})
 
 
 async def _signed_json(request: Request, services: Services) -> Any:

@@ -49,20 +49,13 @@ def _definition(services: Services, task: str, path: str = "") -> TaskDefinition
     return definition
 
 
-def _payload_details(definition: TaskDefinition, payload: Any, prefix: str) -> list[dict[str, Any]]:
-    return [
-        {**d, "path": prefix + (f".{d['path']}" if d["path"] else "")}
-        for d in definition.payload_errors(payload)
-    ]
-
-
 async def trigger(request: Request) -> Response:
     services = _services(request)
     principal = await services.auth.authenticate(request)
     task = request.path_params["task"]
     definition = _definition(services, task)
     body = await json_object(request, services.settings.max_body_bytes, TriggerRequest)
-    details = _payload_details(definition, body.payload, "payload")
+    details = definition.payload_errors(body.payload, "payload")
     if details:
         raise ValidationFailed(
             f"the payload does not fit task {task!r}", code="invalid_payload", details=details
@@ -105,7 +98,7 @@ async def batch_trigger(request: Request) -> Response:
                 }
             )
             continue
-        details.extend(_payload_details(definition, item.payload, f"items.{i}.payload"))
+        details.extend(definition.payload_errors(item.payload, f"items.{i}.payload"))
     if details:
         raise ValidationFailed(
             "some items do not fit their task", code="invalid_payload", details=details

@@ -102,12 +102,13 @@ class TaskDefinition:
             return payload
         return self.payload_model.model_validate(payload)
 
-    def payload_errors(self, payload: Any) -> list[dict[str, Any]]:
-        """What is wrong with ``payload``, as details with paths in it (empty if fine)."""
+    def payload_errors(self, payload: Any, prefix: str = "") -> list[dict[str, Any]]:
+        """What is wrong with ``payload``, as details whose paths start with
+        ``prefix`` (``"payload"``, ``"items.3.payload"``); empty if it fits."""
         try:
             self.parse_payload(payload)
         except ValidationError as exc:
-            return [
+            details = [
                 {
                     "path": ".".join(str(p) for p in err["loc"]),
                     "message": err["msg"],
@@ -115,7 +116,15 @@ class TaskDefinition:
                 }
                 for err in exc.errors(include_url=False, include_input=False)
             ]
-        return list(self.check(payload)) if self.check is not None else []
+        else:
+            details = list(self.check(payload)) if self.check is not None else []
+        if not prefix:
+            return details
+        return [{**d, "path": prefix + (f".{d['path']}" if d["path"] else "")} for d in details]
+
+    def payload_schema(self) -> dict[str, Any]:
+        """The JSON Schema of the payload (``{}``: anything goes)."""
+        return self.payload_model.model_json_schema() if self.payload_model else {}
 
 
 class TaskRegistry:
@@ -139,6 +148,17 @@ class TaskRegistry:
 
     def names(self) -> list[str]:
         return sorted(self._tasks)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Each task's name, description and payload schema, by name."""
+        return [
+            {
+                "name": name,
+                "description": self._tasks[name].description,
+                "payload_schema": self._tasks[name].payload_schema(),
+            }
+            for name in self.names()
+        ]
 
     def __contains__(self, name: object) -> bool:
         return name in self._tasks

@@ -4,19 +4,19 @@ token, answered by a redirect to the page that shows the result (a GET)."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
 from db.types import utcnow
-from gateway.bodies import parse_json
+from gateway.bodies import parse_json, validate
 from gateway.dashboard.pages import trigger_form
 from gateway.dashboard.render import flash, redirect, render, safe_next
 from gateway.dashboard.session import PREFIX, Viewer, read_form, sign_in, sign_out, viewer_of
-from gateway.errors import APIError, NotFound, Unauthorized
-from gateway.schemas import TriggerOptions, TriggerRequest
+from gateway.errors import APIError, NotFound, Unauthorized, ValidationFailed
+from gateway.schemas import TriggerRequest
 from gateway.services import Services
 from gateway.webhooks import EndpointCreate, EndpointUpdate, RecoverRequest, RotateRequest
 
@@ -41,12 +41,17 @@ def _services(request: Request) -> Services:
     return services
 
 
+def _lines(details: Sequence[Mapping[str, Any]]) -> list[str]:
+    """An error's details, one ``path: message`` line each."""
+    return [
+        f"{d.get('path')}: {d.get('message')}" if d.get("path") else str(d.get("message"))
+        for d in details
+    ]
+
+
 def _problem(exc: APIError) -> str:
     """An API error as one line for a flash message."""
-    details = "; ".join(
-        f"{d.get('path')}: {d.get('message')}" if d.get("path") else str(d.get("message"))
-        for d in exc.details
-    )
+    details = "; ".join(_lines(exc.details))
     return f"{exc.message} ({details})" if details else exc.message
 
 
@@ -130,19 +135,15 @@ async def create_endpoint(request: Request) -> Response:
     fields = await read_form(request)
     events = [e.strip() for e in fields.get("events", "").split(",") if e.strip()] or ["*"]
     try:
-        body = EndpointCreate(
-            url=fields.get("url", "").strip(),
-            events=events,
-            description=fields.get("description", "").strip(),
+        body = validate(
+            EndpointCreate,
+            {
+                "url": fields.get("url", "").strip(),
+                "events": events,
+                "description": fields.get("description", "").strip(),
+            },
         )
         endpoint = await _services(request).webhooks.create_endpoint(viewer.project_id, body)
-    except ValidationError as exc:
-        flash(
-            request,
-            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()),
-            "error",
-        )
-        return redirect(PREFIX + "/endpoints")
     except APIError as exc:
         flash(request, _problem(exc), "error")
         return redirect(PREFIX + "/endpoints")
@@ -221,17 +222,11 @@ async def trigger_run(request: Request) -> Response:
     if form["delay"]:
         options["delay"] = form["delay"]
     try:
-        body = TriggerRequest(payload=payload, options=TriggerOptions.model_validate(options))
-    except ValidationError as exc:
-        errors.extend(
-            f"{'.'.join(['options', *map(str, e['loc'])])}: {e['msg']}"
-            for e in exc.errors(include_url=False)
-        )
+        body = validate(TriggerRequest, {"payload": payload, "options": options})
+    except ValidationFailed as exc:
+        errors.extend(_lines(exc.details))
     if definition is not None and not errors:
-        errors.extend(
-            f"payload.{d['path']}: {d['message']}" if d["path"] else f"payload: {d['message']}"
-            for d in definition.payload_errors(payload)
-        )
+        errors.extend(_lines(definition.payload_errors(payload, "payload")))
     if errors:
         return trigger_form(request, viewer, **form, errors=errors, status_code=422)
     try:

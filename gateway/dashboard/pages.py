@@ -245,26 +245,13 @@ def trigger_form(
     status_code: int = 200,
 ) -> Response:
     """The "trigger a run" form, filled in (and what was wrong, after a try)."""
-    registry = _services(request).registry
-    tasks = []
-    for name in registry.names():
-        definition = registry.get(name)
-        assert definition is not None
-        model = definition.payload_model
-        tasks.append(
-            {
-                "name": name,
-                "description": definition.description,
-                "schema": model.model_json_schema() if model else {},
-            }
-        )
     return render(
         request,
         "trigger",
         {
             "viewer": viewer,
             "active": "runs",
-            "tasks": tasks,
+            "tasks": _services(request).registry.describe(),
             "task": task,
             "payload": payload,
             "tags": tags,
