@@ -54,9 +54,7 @@ class Database:
         idle before it is pinged on its next use (default ``IDLE_PING_SECONDS``)
     """
 
-    def __init__(
-        self, url: str, *, read_threads: int = 4, idle_ping: float | None = None
-    ) -> None:
+    def __init__(self, url: str, *, read_threads: int = 4, idle_ping: float | None = None) -> None:
         self.url = url
         self.is_sqlite = sa.make_url(url).get_backend_name() == "sqlite"
         self._async_engine: AsyncEngine | None = None

@@ -20,6 +20,7 @@ __all__ = [
     "ApiKey",
     "Artifact",
     "Batch",
+    "DashboardSession",
     "Delivery",
     "DeliveryAttempt",
     "DeliveryStatus",
@@ -101,6 +102,21 @@ class ApiKey(SQLModel, table=True):
     #: Requests per second this key may make (a token bucket); ``None``: the default.
     rate_limit: float | None = None
     rate_burst: int | None = None
+
+
+class DashboardSession(SQLModel, table=True):
+    """A dashboard sign-in. The cookie names it; signing out ends it here, so
+    a copy of the cookie is worth nothing afterwards."""
+
+    __tablename__ = "dashboard_sessions"
+
+    id: str = Field(primary_key=True, max_length=64)
+    key_id: str = Field(foreign_key="api_keys.id", index=True, max_length=40)
+    created_at: dt.datetime = Field(
+        default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False)
+    )
+    expires_at: dt.datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
+    ended_at: dt.datetime | None = _ts()
 
 
 class Run(SQLModel, table=True):
@@ -266,6 +282,10 @@ class Delivery(SQLModel, table=True):
     #: How many scheduled attempts were made: the position in the retry schedule.
     schedule_step: int = Field(default=0)
     next_attempt_at: dt.datetime | None = _ts()
+    #: When the attempt now out was handed to a worker; cleared once it is
+    #: reported. A try unreported ``WEBHOOK_TIMEOUT`` + a minute later is
+    #: recorded as ``attempt_lost``, so every try ends as an attempt.
+    leased_at: dt.datetime | None = _ts()
     last_status_code: int | None = None
     last_error: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
     created_at: dt.datetime = Field(
@@ -302,6 +322,8 @@ class DeliveryAttempt(SQLModel, table=True):
     response_body: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
     #: A connection error, a timeout or a refused address, when there was no answer.
     error: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
+    #: Why there was no answer, as a code (``timeout``, ``connection_error``, ...).
+    error_code: str | None = Field(default=None, max_length=40)
 
 
 class RunNode(SQLModel, table=True):

@@ -11,14 +11,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.bodies import parse_json, signed_body, validate
-from gateway.errors import (
-    error_response,
-)
+from gateway.errors import PayloadTooLarge, ValidationFailed, error_response
 from gateway.schemas import WorkerEvent
 from gateway.services import Services
 from gateway.views import TaskList, shaped
 from gateway.webhooks import DeliveryAttemptReport
-from jobs.report import EVENTS_PATH, PREPARE_PATH
+from jobs.protocol import EVENTS_PATH, PREPARE_PATH, dumps
 
 __all__ = ["routes"]
 
@@ -42,9 +40,31 @@ async def _signed_json(request: Request, services: Services) -> Any:
     return parse_json(await signed_body(request, settings, settings.max_output_bytes + 64 * 1024))
 
 
+def _check_meaning(services: Services, event: WorkerEvent, body_size: int) -> None:
+    """What a signature cannot tell: an output within ``MAX_OUTPUT_BYTES``
+    (413, so the worker ends the run with ``output_too_large``), children of
+    known tasks. (A ``waiting`` event for a run that is not a workflow is
+    refused where the run is read, in ``transitions``.)"""
+    limit = services.settings.max_output_bytes
+    if body_size > limit and event.output is not None and len(dumps(event.output)) > limit:
+        raise PayloadTooLarge(
+            f"the output is over MAX_OUTPUT_BYTES ({limit})", code="output_too_large"
+        )
+    unknown = [
+        {"path": f"spawn.{i}.task", "type": "unknown_task", "message": f"no task {c.task!r}"}
+        for i, c in enumerate(event.spawn)
+        if c.task not in services.registry
+    ]
+    if unknown:
+        raise ValidationFailed("the event names tasks this gateway does not know", details=unknown)
+
+
 async def worker_event(request: Request) -> Response:
     services = _services(request)
-    data = await _signed_json(request, services)
+    body = await signed_body(
+        request, services.settings, services.settings.max_output_bytes + 64 * 1024
+    )
+    data = parse_json(body)
     if isinstance(data, dict) and data.get("type") == "delivery.attempt":
         report = validate(DeliveryAttemptReport, data)
         recorded = await services.webhooks.record_attempt(report)
@@ -53,18 +73,20 @@ async def worker_event(request: Request) -> Response:
             await services.notifier.publish(f"delivery:{report.delivery_id}")
         return JSONResponse(recorded)
     event = validate(WorkerEvent, data)
+    _check_meaning(services, event, len(body))
     outcome = await services.runs.apply_event(event)
     return JSONResponse(outcome.to_dict())
 
 
 class _PrepareRequest(BaseModel):
     delivery_id: str = Field(max_length=40)
+    trigger: str = Field(default="schedule", pattern="^(schedule|resend)$")
 
 
 async def prepare_delivery(request: Request) -> Response:
     services = _services(request)
     prepare = validate(_PrepareRequest, await _signed_json(request, services))
-    return JSONResponse(await services.webhooks.prepare(prepare.delivery_id))
+    return JSONResponse(await services.webhooks.prepare(prepare.delivery_id, prepare.trigger))
 
 
 async def healthz(request: Request) -> Response:

@@ -17,6 +17,7 @@ from gateway.api import routes
 from gateway.artifacts import ArtifactStore
 from gateway.artifacts import routes as artifact_routes
 from gateway.auth import ApiKeyAuth
+from gateway.bodies import RefuseNul
 from gateway.dashboard import dashboard_routes
 from gateway.errors import exception_handlers
 from gateway.logs import configure_logging
@@ -98,7 +99,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await redis.aclose()
             await db.dispose()
 
-    middleware = []
+    middleware = [Middleware(RefuseNul)]
     if settings.cors_origins:
         middleware.append(
             Middleware(

@@ -25,17 +25,54 @@ from db.ids import new_id
 from db.models import Artifact, Run
 from db.types import utcnow
 from gateway.bodies import signed_body
-from gateway.errors import APIError, BadRequest, NotFound
+from gateway.errors import APIError, BadRequest, NotFound, ValidationFailed
 from gateway.services import Services
 from gateway.views import ArtifactLink, shaped
-from jobs.report import ARTIFACT_FETCH_PATH, ARTIFACTS_PATH
+from jobs.protocol import ARTIFACT_FETCH_PATH, ARTIFACTS_PATH
 
 __all__ = ["ArtifactStore", "routes"]
 
 artifacts = Artifact.__table__  # type: ignore[attr-defined]
 runs = Run.__table__  # type: ignore[attr-defined]
 
-_EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
+_EXTENSIONS = {
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/webp": ".webp",
+    "image/gif": ".gif",
+}
+#: The first bytes of each kind of artifact the gateway keeps. Anything else
+#: (HTML, SVG, a script) is refused at upload: an artifact is served from the
+#: gateway's own origin, where the dashboard's cookie lives.
+_MAGIC = {
+    "image/png": (b"\x89PNG\r\n\x1a\n",),
+    "image/jpeg": (b"\xff\xd8\xff",),
+    "image/gif": (b"GIF87a", b"GIF89a"),
+    "image/webp": (b"RIFF",),
+}
+#: How an artifact is served: never sniffed, never run, never a page.
+_SERVE_HEADERS = {
+    "x-content-type-options": "nosniff",
+    "content-security-policy": "sandbox; default-src 'none'",
+    "cross-origin-resource-policy": "cross-origin",
+}
+
+
+def _image_type(content_type: str, data: bytes) -> str:
+    """``content_type`` if it is an image type the gateway keeps and ``data``
+    starts as such an image does; else a 422."""
+    magic = _MAGIC.get(content_type)
+    if magic is None:
+        raise ValidationFailed(
+            f"an artifact is an image ({', '.join(_MAGIC)}), not {content_type!r}",
+            code="unsupported_artifact_type",
+        )
+    webp = content_type != "image/webp" or data[8:12] == b"WEBP"
+    if not data.startswith(magic) or not webp:
+        raise ValidationFailed(
+            f"the data is not a {content_type} image", code="unsupported_artifact_type"
+        )
+    return content_type
 
 
 class Forbidden(APIError):
@@ -146,9 +183,9 @@ async def upload(request: Request) -> Response:
     store = _store(request)
     data = await _signed_body(request, store.services.settings.max_artifact_bytes)
     run_id = request.query_params.get("run_id")
-    content_type = request.query_params.get("content_type") or "application/octet-stream"
     if not run_id:
         raise BadRequest("run_id is required")
+    content_type = _image_type(request.query_params.get("content_type", ""), data)
     stored = await store.store(
         run_id, content_type, data, _int_param(request, "width"), _int_param(request, "height")
     )
@@ -169,18 +206,26 @@ async def fetch(request: Request) -> Response:
     if project_id is None:
         raise NotFound(f"no run with id {run_id!r}", code="run_not_found")
     row = await store.find(artifact_id, project_id)
-    return FileResponse(store.root / row["path"], media_type=row["content_type"])
+    return _file(store, row)
+
+
+def _file(store: ArtifactStore, row: dict[str, Any], **headers: str) -> FileResponse:
+    """The artifact's file, served as the image it is and nothing else (a file
+    stored before uploads were checked is a download, never a page)."""
+    content_type = row["content_type"]
+    if content_type not in _MAGIC:
+        content_type = "application/octet-stream"
+        headers["content-disposition"] = "attachment"
+    return FileResponse(
+        store.root / row["path"], media_type=content_type, headers={**_SERVE_HEADERS, **headers}
+    )
 
 
 async def download(request: Request) -> Response:
     """Anyone with a valid link gets the file."""
     store = _store(request)
     row = await store.find(store.artifact_of(request.path_params["token"]))
-    return FileResponse(
-        store.root / row["path"],
-        media_type=row["content_type"],
-        headers={"cache-control": "private, max-age=3600", "x-content-type-options": "nosniff"},
-    )
+    return _file(store, row, **{"cache-control": "private, max-age=3600"})
 
 
 async def fresh_link(request: Request) -> Response:

@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.errors import (
     InvalidJSON,
     PayloadTooLarge,
     Unauthorized,
     ValidationFailed,
+    error_response,
     validation_details,
 )
 from gateway.settings import Settings
-from webhooks.signing import EVENT_SIGNATURE_HEADER, EventSignatureError, verify_event_body
+from jobs.protocol import SIGNATURE_HEADER, JSONRefused, SignatureError, loads, verify_request
 
-__all__ = ["json_object", "parse_json", "read_body", "signed_body", "validate"]
+__all__ = ["RefuseNul", "json_object", "parse_json", "read_body", "signed_body", "validate"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -59,10 +60,21 @@ def _depth_ok(body: bytes) -> bool:
 
 
 def parse_json(body: bytes) -> Any:
+    """The body's JSON, if both databases can store it (``jobs.protocol.loads``):
+    400 ``invalid_json`` for what is not JSON (``NaN``, ``1e999``), 422
+    ``unsupported_character`` for a NUL or a lone surrogate, naming where."""
     if not _depth_ok(body):
         raise InvalidJSON(f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
-        return json.loads(body)
+        return loads(body)
+    except JSONRefused as exc:
+        if exc.not_json:
+            raise InvalidJSON(f"the request body is not valid JSON: {exc.reason}") from None
+        raise ValidationFailed(
+            f"the request holds text that cannot be stored: {exc.reason}",
+            code="unsupported_character",
+            details=[{"path": exc.path, "type": "unsupported_character", "message": exc.reason}],
+        ) from None
     except UnicodeDecodeError:
         raise InvalidJSON("the request body is not UTF-8 text") from None
     except RecursionError:
@@ -91,16 +103,48 @@ async def json_object(request: Request, max_bytes: int, model: type[M]) -> M:
     return validate(model, data)
 
 
+def _route_path(request: Request) -> str:
+    """The request's path on this app, without a proxy's ``root_path``: what
+    the worker signed (it signs the internal path, not its own URL's prefix)."""
+    path: str = request.scope["path"]
+    root: str = request.scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 async def signed_body(request: Request, settings: Settings, max_bytes: int) -> bytes:
-    """The body of a worker's call, once its signature checks out (else 401)."""
+    """The body of a worker's call, once its signature checks out for this very
+    request: method, path, query string and body (else 401)."""
     body = await read_body(request, max_bytes)
     try:
-        verify_event_body(
-            body,
-            request.headers.get(EVENT_SIGNATURE_HEADER),
+        verify_request(
             settings.secret_key,
+            request.headers.get(SIGNATURE_HEADER),
+            request.method,
+            _route_path(request),
+            request.scope.get("query_string", b"").decode("latin-1"),
+            body,
             max_age=settings.event_max_age,
         )
-    except EventSignatureError as exc:
+    except SignatureError as exc:
         raise Unauthorized(exc.message, code=exc.code) from None
     return body
+
+
+class RefuseNul:
+    """ASGI middleware: a NUL character (``%00``) in the path or the query
+    string is a 400 before any route sees it. No ID, filter or cursor holds
+    one, and PostgreSQL refuses it in every text parameter."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            query: bytes = scope.get("query_string", b"")
+            if "\x00" in scope["path"] or b"%00" in query or b"\x00" in query:
+                response = error_response(
+                    400, "bad_request", "a NUL character (%00) is not allowed in a URL"
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -76,13 +76,13 @@ def _web(settings: Settings) -> int:
 
 def _worker(settings: Settings) -> int:
     from gateway.logs import configure_logging
-    from jobs.worker import build_worker
+    from jobs.worker import run_workers
 
     configure_logging(settings)
     settings.require_secret()
     if not settings.redis_url:
         raise ConfigError("REDIS_URL", "the worker needs the Redis URL the gateway uses")
-    build_worker(settings).run()
+    run_workers(settings)
     return 0
 
 

@@ -8,6 +8,7 @@
      ├── Conflict (409 conflict)
      ├── PayloadTooLarge (413 payload_too_large)
      ├── ValidationFailed (422 validation_error)
+     │    └── InvalidEvent (422 invalid_event)
      ├── RateLimited (429 rate_limited)
      └── ServiceUnavailable (503 service_unavailable)
 
@@ -32,6 +33,7 @@ __all__ = [
     "APIError",
     "BadRequest",
     "Conflict",
+    "InvalidEvent",
     "InvalidJSON",
     "NotFound",
     "PayloadTooLarge",
@@ -103,6 +105,12 @@ class PayloadTooLarge(APIError):
 
 class ValidationFailed(APIError):
     status_code, code, message = 422, "validation_error", "the request does not fit the schema"
+
+
+class InvalidEvent(ValidationFailed):
+    """A worker event that is signed but makes no sense for its run."""
+
+    code, message = "invalid_event", "the event does not fit the run it names"
 
 
 class RateLimited(APIError):

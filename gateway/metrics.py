@@ -11,6 +11,7 @@ scraped.
 from __future__ import annotations
 
 import datetime as dt
+import hmac
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -30,6 +31,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from db.models import Run, RunStatus
+from gateway.errors import Unauthorized
 
 __all__ = [
     "DELIVERY_ATTEMPTS",
@@ -132,6 +134,17 @@ def _registry() -> CollectorRegistry:
 
 
 async def metrics(request: Request) -> Response:
+    """Open by default (for a scraper on a private network); with
+    ``METRICS_TOKEN`` set, only ``Authorization: Bearer <METRICS_TOKEN>``."""
+    token = request.app.state.services.settings.metrics_token
+    if token:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), token.encode()
+        ):
+            raise Unauthorized(
+                "/metrics needs `Authorization: Bearer <METRICS_TOKEN>`", code="invalid_token"
+            )
     live = _LiveState(request)
     await live.load()
     registry = _registry()

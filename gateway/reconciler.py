@@ -30,7 +30,7 @@ from gateway.periodic import Periodic
 from gateway.runs import RunService
 from gateway.settings import Settings
 from gateway.transitions import Job, job_id, node_states
-from gateway.webhooks import WebhookService
+from gateway.webhooks import WebhookService, delivery_job_id
 
 __all__ = ["Reconciler", "Scheduler"]
 
@@ -52,12 +52,17 @@ def _due_runs(conn: sa.Connection, before: dt.datetime) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
-def _due_deliveries(conn: sa.Connection, before: dt.datetime) -> list[dict[str, Any]]:
+def _due_deliveries(
+    conn: sa.Connection, before: dt.datetime, lease_expired: dt.datetime
+) -> list[dict[str, Any]]:
+    """Pending deliveries past their time, with no attempt out (or one out
+    so long it is lost: the next attempt's ``prepare`` records it so)."""
     rows = conn.execute(
         sa.select(deliveries.c.id, deliveries.c.schedule_step)
         .where(
             deliveries.c.status == DeliveryStatus.PENDING.value,
             deliveries.c.next_attempt_at < before,
+            sa.or_(deliveries.c.leased_at.is_(None), deliveries.c.leased_at < lease_expired),
         )
         .order_by(deliveries.c.next_attempt_at)
         .limit(BATCH)
@@ -117,8 +122,13 @@ class Reconciler(Periodic):
             # A due delivery whose job is gone, or over without moving the
             # delivery on (arq keeps a result even for a job whose data
             # vanished): queue it again, with the stale result out of the way.
-            pending = await self.db.read(_due_deliveries, before)
-            job_ids = [f"webhook:{d['id']}:{d['schedule_step']}" for d in pending]
+            now = utcnow()
+            pending = await self.db.read(
+                _due_deliveries,
+                before,
+                now - dt.timedelta(seconds=self.webhooks.lease_seconds),
+            )
+            job_ids = [delivery_job_id(d["id"], d["schedule_step"]) for d in pending]
             gone_flags = await self._missing(job_ids, results_count=False)
             for delivery, job, gone in zip(pending, job_ids, gone_flags, strict=True):
                 if gone:

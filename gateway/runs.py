@@ -94,8 +94,9 @@ class RunService:
             )
             if run_at <= now:
                 run_at = None
-        if options.callback_url is not None:
-            self.webhooks.check_url(options.callback_url, f"{field}.callback_url")
+        callback_url = options.callback_url
+        if callback_url is not None:
+            callback_url = self.webhooks.check_url(callback_url, f"{field}.callback_url")
         row: dict[str, Any] = {
             "id": new_id("run"),
             "project_id": project_id,
@@ -112,7 +113,7 @@ class RunService:
             "updated_at": now,
             "started_at": None,
             "finished_at": None,
-            "callback_url": options.callback_url,
+            "callback_url": callback_url,
             "step": 0,
             "step_pending": False,
             "parent_id": None,

@@ -18,7 +18,7 @@ from db.types import isoformat
 from gateway.bodies import json_object
 from gateway.errors import NotFound, ValidationFailed
 from gateway.listing import RunQuery, transitions_since
-from gateway.schemas import BatchRequest, RescheduleRequest, TriggerRequest
+from gateway.schemas import BatchRequest, RescheduleRequest, TriggerRequest, to_utc
 from gateway.services import Services
 from gateway.tokens import PublicTokens
 from gateway.views import BatchCreated, BatchSummary, RunPage, RunView, shaped
@@ -241,18 +241,17 @@ def _time_param(request: Request, name: str) -> dt.datetime | None:
     if not raw:
         return None
     try:
-        value = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
+        return to_utc(dt.datetime.fromisoformat(raw.replace("Z", "+00:00")))
+    except ValueError as exc:
         raise ValidationFailed(
             details=[
                 {
                     "path": f"query.{name}",
                     "type": "datetime_parsing",
-                    "message": f"not an ISO-8601 time: {raw!r}",
+                    "message": f"not an ISO-8601 time in range: {raw!r} ({exc})",
                 }
             ]
         ) from None
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 def _list_param(request: Request, name: str) -> tuple[str, ...]:

@@ -22,8 +22,10 @@ __all__ = [
     "RetryOptions",
     "TriggerOptions",
     "TriggerRequest",
+    "UTCTime",
     "WorkerError",
     "WorkerEvent",
+    "to_utc",
 ]
 
 Tag = Annotated[str, StringConstraints(min_length=1, max_length=128)]
@@ -43,6 +45,20 @@ def _seconds(value: Any) -> Any:
     return value
 
 
+def to_utc(value: dt.datetime) -> dt.datetime:
+    """``value`` in UTC (naive counts as UTC); :class:`ValueError` when the
+    conversion leaves the calendar (``0001-01-01T00:00:00+23:59``)."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    try:
+        return value.astimezone(dt.UTC)
+    except OverflowError:
+        raise ValueError("the time is out of range (years 1 to 9999, in UTC)") from None
+
+
+#: A time the API takes: ISO-8601, stored in UTC.
+UTCTime = Annotated[dt.datetime, AfterValidator(to_utc)]
+
 #: Every duration the API takes is at most a year: past that it is a mistake
 #: (and would overflow a date).
 MAX_SECONDS = 365 * 24 * 3600.0
@@ -58,9 +74,7 @@ def _delay(value: Any) -> Any:
             raise ValueError(
                 "a delay is seconds, a duration like 10m, or an ISO-8601 time"
             ) from None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=dt.UTC)
-        return when
+        return to_utc(when)
     return _seconds(value)
 
 

@@ -133,8 +133,11 @@ class Settings:
     task_modules: tuple[str, ...] = ()
     #: Networks callbacks may reach although they are not public (CIDRs).
     webhook_allowed_networks: tuple[str, ...] = ()
-    #: Seconds a receiver has to answer one attempt.
+    #: Seconds one attempt may take in all: connect, send, headers and body.
     webhook_timeout: float = 15.0
+    #: Callback attempts one worker process sends at once (their own arq
+    #: queue and slots, apart from task runs).
+    webhook_concurrency: int = 50
     #: Seconds before each attempt: the first at once, then the retries.
     webhook_retry_schedule: tuple[float, ...] = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
     #: Each retry delay is moved by up to this fraction either way.
@@ -156,6 +159,8 @@ class Settings:
     #: The largest image a task downloads or decodes.
     image_max_bytes: int = 20 * 1024 * 1024
     image_max_pixels: int = 50_000_000
+    #: Seconds an image download may take in all (connect, headers and body).
+    image_download_timeout: float = 30.0
     #: Gemini: the key (GEMINI_API_KEY or GOOGLE_API_KEY) and an optional endpoint.
     gemini_api_key: str | None = None
     gemini_base_url: str | None = None
@@ -183,6 +188,8 @@ class Settings:
     reconcile_interval: float = 15.0
     #: A QUEUED run or due delivery older than this with no job is re-queued.
     reconcile_grace: float = 30.0
+    #: A bearer token ``GET /metrics`` requires; unset: /metrics is open.
+    metrics_token: str | None = None
     #: ``text`` (readable lines) or ``json`` (one object per line).
     log_format: str = "text"
     log_level: str = "INFO"
@@ -217,6 +224,7 @@ class Settings:
             task_modules=_list(env, "TASK_MODULES"),
             webhook_allowed_networks=_networks(env, "WEBHOOK_ALLOWED_NETWORKS"),
             webhook_timeout=_float(env, "WEBHOOK_TIMEOUT", 15.0, minimum=0.1),
+            webhook_concurrency=_int(env, "WEBHOOK_CONCURRENCY", 50, minimum=1),
             webhook_retry_schedule=_schedule(env, "WEBHOOK_RETRY_SCHEDULE"),
             webhook_retry_jitter=_float(env, "WEBHOOK_RETRY_JITTER", 0.2),
             webhook_retry_after_max=_float(env, "WEBHOOK_RETRY_AFTER_MAX", 3600.0),
@@ -228,14 +236,13 @@ class Settings:
             public_url=(env.get("PUBLIC_URL") or gateway_url).rstrip("/"),
             image_max_bytes=_int(env, "IMAGE_MAX_BYTES", 20 * 1024 * 1024, minimum=1024),
             image_max_pixels=_int(env, "IMAGE_MAX_PIXELS", 50_000_000, minimum=1),
+            image_download_timeout=_float(env, "IMAGE_DOWNLOAD_TIMEOUT", 30.0, minimum=0.1),
             gemini_api_key=env.get("GEMINI_API_KEY") or env.get("GOOGLE_API_KEY") or None,
             gemini_base_url=env.get("GEMINI_BASE_URL") or None,
             llm_max_retries=_int(env, "LLM_MAX_RETRIES", 3),
             public_token_ttl=_int(env, "PUBLIC_TOKEN_TTL", 3600, minimum=1),
             cors_origins=_list(env, "CORS_ORIGINS"),
-            dashboard_session_max_age=_int(
-                env, "DASHBOARD_SESSION_MAX_AGE", 12 * 3600, minimum=60
-            ),
+            dashboard_session_max_age=_int(env, "DASHBOARD_SESSION_MAX_AGE", 12 * 3600, minimum=60),
             rate_limit=_float(env, "RATE_LIMIT", 0.0),
             rate_burst=_int(env, "RATE_LIMIT_BURST", 0),
             heartbeat_interval=_float(env, "HEARTBEAT_INTERVAL", 10.0, minimum=0.05),
@@ -244,9 +251,16 @@ class Settings:
             scheduler_interval=_float(env, "SCHEDULER_INTERVAL", 0.2, minimum=0.01),
             reconcile_interval=_float(env, "RECONCILE_INTERVAL", 15.0, minimum=0.1),
             reconcile_grace=_float(env, "RECONCILE_GRACE", 30.0),
+            metrics_token=env.get("METRICS_TOKEN") or None,
             log_format=log_format,
             log_level=(env.get("LOG_LEVEL") or "INFO").upper(),
         )
+
+    @property
+    def delivery_queue_name(self) -> str:
+        """The arq queue of callback attempts: slots of their own, so slow
+        receivers never hold up task runs, nor a burst of runs the callbacks."""
+        return f"{self.queue_name}:deliveries"
 
     def require_secret(self) -> str:
         """The shared secret, or a :class:`ConfigError` saying how to set it."""

@@ -23,6 +23,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from db.ids import new_id
 from db.models import Batch, IdempotencyKey, Run, RunAttempt, RunNode, RunStatus, RunTransition
 from db.types import isoformat, utcnow
+from gateway.errors import InvalidEvent
 from gateway.metrics import observe_transition
 from gateway.schemas import WorkerError, WorkerEvent
 from gateway.webhooks import FINAL_EVENTS, Outgoing, create_run_deliveries
@@ -335,9 +336,7 @@ def transition(
     ``to``, and log the change; :class:`LostRace` if another process moved it."""
     changes = {"status": to.value, "updated_at": now, **(values or {})}
     first = frozenset(k for k, v in changes.items() if isinstance(v, KeepFirst))
-    params = {
-        f"v_{k}": v.value if isinstance(v, KeepFirst) else v for k, v in changes.items()
-    }
+    params = {f"v_{k}": v.value if isinstance(v, KeepFirst) else v for k, v in changes.items()}
     params.update(
         w_id=run["id"], w_status=run["status"], w_attempt=run["attempt"], w_step=run["step"]
     )
@@ -579,6 +578,8 @@ def _apply_waiting(
 ) -> EventOutcome:
     """A workflow step is done: start its children, then wait for them (or, if a
     child ended meanwhile, go straight on to the next step)."""
+    if run["task"] != WORKFLOW_TASK:
+        raise InvalidEvent(f"run {run['id']} is not a workflow; only a workflow step waits")
     status = RunStatus(run["status"])
     if not (_is_current(run, event) and status == RunStatus.EXECUTING):
         return EventOutcome(applied=False, status=status.value, proceed=False)

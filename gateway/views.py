@@ -201,6 +201,9 @@ class DeliveryAttemptView(_View):
     latency_ms: int | None
     response_body: str | None
     error: str | None
+    #: Why there was no answer: timeout, connection_error, address_refused,
+    #: send_failed, attempt_lost (never reported), record_failed.
+    error_code: str | None
 
 
 class DeliveryView(_View):

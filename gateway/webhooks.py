@@ -17,11 +17,12 @@ import json
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import sqlalchemy as sa
 from arq import ArqRedis
-from pydantic import BaseModel, ConfigDict, Field
+from arq.constants import abort_jobs_ss
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from redis.exceptions import RedisError
 
 from db.engine import Database
@@ -40,17 +41,23 @@ from db.types import isoformat, utcnow
 from gateway.errors import NotFound, ValidationFailed
 from gateway.metrics import DELIVERY_ATTEMPTS
 from gateway.queue import enqueue_job
+from gateway.schemas import UTCTime
 from gateway.settings import Settings
+from jobs.protocol import clean_text
+from webhooks.sender import ATTEMPT_ERROR_CODES
 from webhooks.signing import generate_webhook_secret, webhook_headers
 from webhooks.ssrf import AddressRefused, IPNetwork, parse_networks, validate_url
 
 __all__ = [
+    "ERROR_CODES",
     "EVENT_TYPES",
+    "LEASE_MARGIN",
     "DeliveryAttemptReport",
     "EndpointCreate",
     "EndpointUpdate",
     "WebhookService",
     "create_run_deliveries",
+    "delivery_job_id",
 ]
 
 log = logging.getLogger("gateway.webhooks")
@@ -114,20 +121,41 @@ class RotateRequest(BaseModel):
 class RecoverRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    since: dt.datetime
+    since: UTCTime
+
+
+def _excerpt(value: Any) -> Any:
+    return clean_text(value, RESPONSE_EXCERPT_BYTES) if isinstance(value, str) else value
+
+
+def _message(value: Any) -> Any:
+    return clean_text(value, 2000) if isinstance(value, str) else value
+
+
+#: Codes of attempts that got no answer: the sender's, and the gateway's own.
+ERROR_CODES = (
+    *ATTEMPT_ERROR_CODES,
+    "attempt_lost",  # the worker never reported the attempt (it died, or was refused)
+    "record_failed",  # the answer could not be stored as it came
+)
 
 
 class DeliveryAttemptReport(BaseModel):
-    """A worker's report of one attempt (a signed event of type ``delivery.attempt``)."""
+    """A worker's report of one attempt (a signed event of type ``delivery.attempt``).
+
+    What the receiver sent back is text for a person: it is cleaned and cut
+    here, never refused, so an attempt is always recorded.
+    """
 
     type: str = Field(pattern="^delivery.attempt$")
     delivery_id: str = Field(max_length=40)
     key: str = Field(min_length=8, max_length=64)
     trigger: str = Field(pattern="^(schedule|resend)$")
-    status_code: int | None = None
+    status_code: int | None = Field(default=None, ge=100, le=999)
     latency_ms: int | None = Field(default=None, ge=0)
-    response_body: str | None = None
-    error: str | None = Field(default=None, max_length=2000)
+    response_body: Annotated[str | None, BeforeValidator(_excerpt)] = None
+    error: Annotated[str | None, BeforeValidator(_message)] = None
+    error_code: str | None = Field(default=None, max_length=40)
     retry_after: float | None = Field(default=None, ge=0)
 
     @property
@@ -165,6 +193,7 @@ def attempt_view(row: Mapping[str, Any]) -> dict[str, Any]:
         "latency_ms": row["latency_ms"],
         "response_body": row["response_body"],
         "error": row["error"],
+        "error_code": row["error_code"],
     }
 
 
@@ -256,6 +285,8 @@ def _insert_delivery(
             "attempts": 0,
             "schedule_step": 0,
             "next_attempt_at": now,
+            # The first attempt goes out as soon as the transaction commits.
+            "leased_at": now,
             "created_at": now,
             "updated_at": now,
         },
@@ -379,14 +410,12 @@ def _list_deliveries(
 
 
 def _outcome_of(report: DeliveryAttemptReport) -> str:
+    """The metric's ``outcome`` label of an attempt."""
     if report.succeeded:
         return "succeeded"
     if report.status_code is not None:
         return "http_error"
-    error = report.error or ""
-    if error.startswith("refused"):
-        return "refused"
-    return "timeout" if error.startswith("timed out") else "connection_error"
+    return report.error_code if report.error_code in ERROR_CODES else "connection_error"
 
 
 class WebhookService:
@@ -401,9 +430,11 @@ class WebhookService:
 
     # validation ----------------------------------------------------------------
 
-    def check_url(self, url: str, field: str = "url") -> None:
+    def check_url(self, url: str, field: str = "url") -> str:
+        """``url`` in the form the gateway stores and calls (IDNA host, see
+        ``webhooks.ssrf.normalize_url``), or a 422 ``url_not_allowed``."""
         try:
-            validate_url(url, self.allowed)
+            return validate_url(url, self.allowed)
         except AddressRefused as exc:
             raise ValidationFailed(
                 f"this URL cannot be called: {exc.reason}",
@@ -437,14 +468,14 @@ class WebhookService:
     # endpoints -----------------------------------------------------------------
 
     async def create_endpoint(self, project_id: str, request: EndpointCreate) -> dict[str, Any]:
-        self.check_url(request.url)
+        url = self.check_url(request.url)
         self._check_filters(request.events, request.tasks)
         now = utcnow()
         secret = generate_webhook_secret()
         row = {
             "id": new_id("ep"),
             "project_id": project_id,
-            "url": request.url,
+            "url": url,
             "description": request.description,
             "events": request.events,
             "tasks": request.tasks,
@@ -485,10 +516,10 @@ class WebhookService:
     async def update_endpoint(
         self, project_id: str, endpoint_id: str, request: EndpointUpdate
     ) -> dict[str, Any]:
-        if request.url is not None:
-            self.check_url(request.url)
-        self._check_filters(request.events, request.tasks)
         changes = request.model_dump(exclude_unset=True)
+        if request.url is not None:
+            changes["url"] = self.check_url(request.url)
+        self._check_filters(request.events, request.tasks)
         for name in ("url", "events", "tasks", "description", "enabled"):
             if name in changes and changes[name] is None:
                 raise ValidationFailed(
@@ -508,7 +539,10 @@ class WebhookService:
         return endpoint_view(await self.db.write(update))
 
     async def delete_endpoint(self, project_id: str, endpoint_id: str) -> None:
-        def delete(conn: sa.Connection) -> None:
+        """Delete the endpoint; its pending deliveries end ``failed`` at once,
+        and their queued attempts are aborted before they start."""
+
+        def delete(conn: sa.Connection) -> list[str]:
             _load_endpoint(conn, project_id, endpoint_id)
             now = utcnow()
             conn.execute(
@@ -516,8 +550,37 @@ class WebhookService:
                 .where(endpoints.c.id == endpoint_id)
                 .values(deleted_at=now, enabled=False, updated_at=now)
             )
+            pending = sa.and_(
+                deliveries.c.endpoint_id == endpoint_id,
+                deliveries.c.status == DeliveryStatus.PENDING.value,
+            )
+            queued = [
+                delivery_job_id(r.id, r.schedule_step)
+                for r in conn.execute(
+                    sa.select(deliveries.c.id, deliveries.c.schedule_step).where(pending)
+                )
+            ]
+            conn.execute(
+                deliveries.update()
+                .where(pending)
+                .values(
+                    status=DeliveryStatus.FAILED.value,
+                    next_attempt_at=None,
+                    leased_at=None,
+                    last_error="endpoint deleted",
+                    updated_at=now,
+                )
+            )
+            return queued
 
-        await self.db.write(delete)
+        queued = await self.db.write(delete)
+        if queued:
+            try:
+                now_ms = int(utcnow().timestamp() * 1000)
+                await self.redis.zadd(abort_jobs_ss, dict.fromkeys(queued, now_ms))
+            except (RedisError, OSError) as exc:
+                # The attempts still ask the gateway first, and are told no.
+                log.warning("could not abort the attempts of deleted endpoint: %s", exc)
 
     async def get_secret(self, project_id: str, endpoint_id: str) -> dict[str, Any]:
         def read(conn: sa.Connection) -> dict[str, Any]:
@@ -665,8 +728,6 @@ class WebhookService:
         self, project_id: str, endpoint_id: str, request: RecoverRequest
     ) -> dict[str, Any]:
         since = request.since
-        if since.tzinfo is None:
-            since = since.replace(tzinfo=dt.UTC)
 
         def reset(conn: sa.Connection) -> list[str]:
             _load_endpoint(conn, project_id, endpoint_id)
@@ -727,7 +788,7 @@ class WebhookService:
         prepared: dict[str, Any] | None = None,
     ) -> None:
         job_id = (
-            f"webhook:{delivery_id}:{step}"
+            delivery_job_id(delivery_id, step)
             if trigger == "schedule"
             else f"webhook:{delivery_id}:resend:{new_id('r')}"
         )
@@ -739,7 +800,7 @@ class WebhookService:
                 trigger,
                 prepared,
                 job_id=job_id,
-                queue_name=self.settings.queue_name,
+                queue_name=self.settings.delivery_queue_name,
                 defer_seconds=defer,
             )
         except (RedisError, OSError) as exc:
@@ -749,20 +810,34 @@ class WebhookService:
         """Queue the due attempt of a delivery whose job was lost (reconciler)."""
         await self._enqueue(delivery_id, trigger="schedule", step=step)
 
-    async def prepare(self, delivery_id: str) -> dict[str, Any]:
-        """What a worker should send for ``delivery_id`` now, signed afresh."""
+    @property
+    def lease_seconds(self) -> float:
+        """How long an attempt may stay unreported before it counts as lost:
+        its own deadline, and a minute for the report to come back."""
+        return self.settings.webhook_timeout + LEASE_MARGIN
 
-        def read(conn: sa.Connection) -> dict[str, Any] | Outgoing:
-            row = (
-                conn.execute(sa.select(deliveries).where(deliveries.c.id == delivery_id))
-                .mappings()
-                .first()
-            )
-            if row is None:
-                raise NotFound(f"no delivery with id {delivery_id!r}", code="delivery_not_found")
+    async def prepare(self, delivery_id: str, trigger: str = "schedule") -> dict[str, Any]:
+        """What a worker should send for ``delivery_id`` now, signed afresh.
+
+        A scheduled attempt whose predecessor went out and was never reported
+        first records that one as ``attempt_lost``, and goes on from there.
+        """
+        policy = self._policy()
+        lease_seconds = self.lease_seconds
+
+        def lease(conn: sa.Connection) -> dict[str, Any] | Outgoing:
+            row = _delivery_row(conn, delivery_id)
             if row["status"] != DeliveryStatus.PENDING.value:
                 return {"send": False, "reason": f"the delivery is {row['status']}"}
             now = utcnow()
+            leased = row["leased_at"]
+            if (
+                trigger == "schedule"
+                and leased is not None
+                and leased < now - dt.timedelta(seconds=lease_seconds)
+            ):
+                outcome = _record(conn, policy, _lost_attempt(row), now)
+                return {"send": False, "reason": "the last attempt was lost", **outcome}
             if row["endpoint_id"] is None:
                 secrets_: tuple[str, ...] = (_project_secret(conn, row["project_id"]),)
                 url = row["url"]
@@ -784,6 +859,7 @@ class WebhookService:
                         .values(
                             status=DeliveryStatus.FAILED.value,
                             next_attempt_at=None,
+                            leased_at=None,
                             last_error=reason,
                             updated_at=now,
                         )
@@ -791,137 +867,213 @@ class WebhookService:
                     return {"send": False, "reason": reason}
                 secrets_ = (*_active_secrets(conn, endpoint["id"], now),)
                 url = endpoint["url"]
+            if trigger == "schedule":
+                conn.execute(
+                    deliveries.update().where(deliveries.c.id == delivery_id).values(leased_at=now)
+                )
             return Outgoing(delivery_id, url, _encode(row["payload"]), secrets_)
 
-        result = await self.db.write(read)
+        result = await self.db.write(lease)
         if isinstance(result, Outgoing):
             return self._prepared(result)
-        return result
+        if result.get("recorded"):
+            DELIVERY_ATTEMPTS.labels(outcome="attempt_lost").inc()
+            await self._after_record(delivery_id, result)
+        return {"send": False, "reason": result["reason"]}
 
-    def _retry_delay(self, step: int, retry_after: float | None) -> float | None:
-        schedule = self.settings.webhook_retry_schedule
-        if step >= len(schedule):
-            return None
-        jitter = self.settings.webhook_retry_jitter
-        delay = schedule[step] * (1 + random.uniform(-jitter, jitter))
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, self.settings.webhook_retry_after_max))
-        return delay
+    def _policy(self) -> _RetryPolicy:
+        settings = self.settings
+        return _RetryPolicy(
+            schedule=settings.webhook_retry_schedule,
+            jitter=settings.webhook_retry_jitter,
+            retry_after_max=settings.webhook_retry_after_max,
+            disable_after=settings.webhook_disable_after,
+        )
 
     async def record_attempt(self, report: DeliveryAttemptReport) -> dict[str, Any]:
-        """Record one attempt (once, by its key) and decide what comes next."""
+        """Record one attempt (once, by its key) and decide what comes next.
 
-        def record(conn: sa.Connection) -> dict[str, Any]:
-            if (
-                conn.scalar(
-                    sa.select(delivery_attempts.c.id).where(delivery_attempts.c.key == report.key)
-                )
-                is not None
-            ):
-                return {"recorded": False, "next_attempt_in": None, "step": 0}
-            row = (
-                conn.execute(sa.select(deliveries).where(deliveries.c.id == report.delivery_id))
-                .mappings()
-                .first()
+        An answer that cannot be stored as it came (a driver's surprise) is
+        stored without its excerpt, as ``record_failed``: the attempt is never
+        lost, and the delivery moves on.
+        """
+        policy = self._policy()
+        try:
+            outcome = await self.db.write(_record, policy, report, utcnow())
+        except (sa.exc.DataError, sa.exc.StatementError, ValueError) as exc:
+            if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
+                raise  # the database is away: the worker retries the report
+            log.error("attempt of %s could not be stored as it came: %s", report.delivery_id, exc)
+            plain = report.model_copy(
+                update={
+                    "response_body": None,
+                    "error_code": "record_failed",
+                    "error": clean_text(f"the answer could not be stored: {exc}", 2000),
+                }
             )
-            if row is None:
-                raise NotFound(
-                    f"no delivery with id {report.delivery_id!r}", code="delivery_not_found"
-                )
-            now = utcnow()
-            number = row["attempts"] + 1
-            body = report.response_body
-            conn.execute(
-                delivery_attempts.insert(),
-                {
-                    "delivery_id": row["id"],
-                    "key": report.key,
-                    "number": number,
-                    "trigger": report.trigger,
-                    "at": now,
-                    "succeeded": report.succeeded,
-                    "status_code": report.status_code,
-                    "latency_ms": report.latency_ms,
-                    "response_body": body[:RESPONSE_EXCERPT_BYTES] if body is not None else None,
-                    "error": report.error,
-                },
-            )
-            values: dict[str, Any] = {
-                "attempts": number,
-                "last_status_code": report.status_code,
-                "last_error": report.error,
-                "updated_at": now,
-            }
-            step = row["schedule_step"] + (1 if report.trigger == "schedule" else 0)
-            values["schedule_step"] = step
-            endpoint_id = row["endpoint_id"]
-            next_in: float | None = None
-            if report.succeeded:
-                values.update(
-                    status=DeliveryStatus.DELIVERED.value,
-                    delivered_at=now,
-                    next_attempt_at=None,
-                    last_error=None,
-                )
-                if endpoint_id is not None:
-                    conn.execute(
-                        endpoints.update()
-                        .where(endpoints.c.id == endpoint_id)
-                        .values(failing_since=None, last_success_at=now)
-                    )
-            else:
-                disabled = endpoint_id is not None and self._note_failure(
-                    conn, endpoint_id, report.status_code, now
-                )
-                if row["status"] != DeliveryStatus.PENDING.value and report.trigger == "schedule":
-                    pass  # delivered meanwhile (by a resend): nothing more to do
-                elif disabled:
-                    values.update(status=DeliveryStatus.FAILED.value, next_attempt_at=None)
-                elif report.trigger == "schedule":
-                    next_in = self._retry_delay(step, report.retry_after)
-                    if next_in is None:
-                        values.update(status=DeliveryStatus.FAILED.value, next_attempt_at=None)
-                    else:
-                        values["next_attempt_at"] = now + dt.timedelta(seconds=next_in)
-                elif row["next_attempt_at"] is None:
-                    # A resend that failed, with no scheduled retry left behind it.
-                    values.update(status=DeliveryStatus.FAILED.value)
-            if row["status"] == DeliveryStatus.DELIVERED.value:
-                values.pop("status", None)
-                values.pop("last_error", None)
-            conn.execute(deliveries.update().where(deliveries.c.id == row["id"]).values(**values))
-            return {"recorded": True, "next_attempt_in": next_in, "step": step}
-
-        outcome = await self.db.write(record)
+            outcome = await self.db.write(_record, policy, plain, utcnow())
         if outcome["recorded"]:
             DELIVERY_ATTEMPTS.labels(outcome=_outcome_of(report)).inc()
+        await self._after_record(report.delivery_id, outcome)
+        return {"recorded": outcome["recorded"], "next_attempt_in": outcome["next_attempt_in"]}
+
+    async def _after_record(self, delivery_id: str, outcome: Mapping[str, Any]) -> None:
         if outcome["next_attempt_in"] is not None:
             await self._enqueue(
-                report.delivery_id,
+                delivery_id,
                 trigger="schedule",
                 step=outcome["step"],
                 defer=outcome["next_attempt_in"],
             )
-        return {"recorded": outcome["recorded"], "next_attempt_in": outcome["next_attempt_in"]}
 
-    def _note_failure(
-        self, conn: sa.Connection, endpoint_id: str, status_code: int | None, now: dt.datetime
-    ) -> bool:
-        """Track the endpoint's failures; ``True`` if it is (now) disabled."""
-        endpoint = (
-            conn.execute(sa.select(endpoints).where(endpoints.c.id == endpoint_id)).mappings().one()
+
+#: Time an attempt's report has to come back, beyond ``WEBHOOK_TIMEOUT``.
+LEASE_MARGIN = 60.0
+
+
+def delivery_job_id(delivery_id: str, step: int) -> str:
+    """The arq job ID of a delivery's scheduled attempt number ``step``."""
+    return f"webhook:{delivery_id}:{step}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _RetryPolicy:
+    schedule: tuple[float, ...]
+    jitter: float
+    retry_after_max: float
+    disable_after: float
+
+    def delay(self, step: int, retry_after: float | None) -> float | None:
+        """Seconds before scheduled attempt ``step`` (from 0), ``None`` past the end."""
+        if step >= len(self.schedule):
+            return None
+        delay = self.schedule[step] * (1 + random.uniform(-self.jitter, self.jitter))
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.retry_after_max))
+        return delay
+
+
+def _delivery_row(conn: sa.Connection, delivery_id: str) -> dict[str, Any]:
+    row = (
+        conn.execute(sa.select(deliveries).where(deliveries.c.id == delivery_id)).mappings().first()
+    )
+    if row is None:
+        raise NotFound(f"no delivery with id {delivery_id!r}", code="delivery_not_found")
+    return dict(row)
+
+
+def _lost_attempt(row: Mapping[str, Any]) -> DeliveryAttemptReport:
+    """The record of an attempt that went out at ``leased_at`` and was never reported."""
+    return DeliveryAttemptReport(
+        type="delivery.attempt",
+        delivery_id=row["id"],
+        key=f"lost:{row['id'][-24:]}:{row['schedule_step']}",
+        trigger="schedule",
+        error_code="attempt_lost",
+        error="the worker never reported this attempt (it stopped, or its report was refused)",
+    )
+
+
+def _record(
+    conn: sa.Connection, policy: _RetryPolicy, report: DeliveryAttemptReport, now: dt.datetime
+) -> dict[str, Any]:
+    """Record one attempt (once, by its key); the delivery's next step."""
+    if (
+        conn.scalar(sa.select(delivery_attempts.c.id).where(delivery_attempts.c.key == report.key))
+        is not None
+    ):
+        return {"recorded": False, "next_attempt_in": None, "step": 0}
+    row = _delivery_row(conn, report.delivery_id)
+    number = row["attempts"] + 1
+    conn.execute(
+        delivery_attempts.insert(),
+        {
+            "delivery_id": row["id"],
+            "key": report.key,
+            "number": number,
+            "trigger": report.trigger,
+            "at": now,
+            "succeeded": report.succeeded,
+            "status_code": report.status_code,
+            "latency_ms": report.latency_ms,
+            "response_body": report.response_body,
+            "error": report.error,
+            "error_code": report.error_code,
+        },
+    )
+    values: dict[str, Any] = {
+        "attempts": number,
+        "last_status_code": report.status_code,
+        "last_error": report.error,
+        "updated_at": now,
+    }
+    scheduled = report.trigger == "schedule"
+    step = row["schedule_step"] + (1 if scheduled else 0)
+    values["schedule_step"] = step
+    if scheduled:
+        values["leased_at"] = None
+    endpoint_id = row["endpoint_id"]
+    next_in: float | None = None
+    if report.succeeded:
+        values.update(
+            status=DeliveryStatus.DELIVERED.value,
+            delivered_at=now,
+            next_attempt_at=None,
+            leased_at=None,
+            last_error=None,
         )
-        if not endpoint["enabled"]:
-            return True
-        failing_since = endpoint["failing_since"] or now
-        reason = None
-        if status_code == 410:
-            reason = "the receiver answered 410 Gone"
-        elif (now - failing_since).total_seconds() > self.settings.webhook_disable_after:
-            reason = f"failing without a success since {isoformat(failing_since)}"
-        values: dict[str, Any] = {"failing_since": failing_since, "updated_at": now}
-        if reason is not None:
-            values.update(enabled=False, disabled_reason=reason, disabled_at=now)
-            log.warning("disabled webhook endpoint %s: %s", endpoint_id, reason)
-        conn.execute(endpoints.update().where(endpoints.c.id == endpoint_id).values(**values))
-        return reason is not None
+        if endpoint_id is not None:
+            conn.execute(
+                endpoints.update()
+                .where(endpoints.c.id == endpoint_id)
+                .values(failing_since=None, last_success_at=now)
+            )
+    else:
+        disabled = endpoint_id is not None and _note_failure(
+            conn, policy, endpoint_id, report.status_code, now
+        )
+        if row["status"] != DeliveryStatus.PENDING.value and scheduled:
+            pass  # delivered meanwhile (by a resend): nothing more to do
+        elif disabled:
+            values.update(status=DeliveryStatus.FAILED.value, next_attempt_at=None)
+        elif scheduled:
+            next_in = policy.delay(step, report.retry_after)
+            if next_in is None:
+                values.update(status=DeliveryStatus.FAILED.value, next_attempt_at=None)
+            else:
+                values["next_attempt_at"] = now + dt.timedelta(seconds=next_in)
+        elif row["next_attempt_at"] is None:
+            # A resend that failed, with no scheduled retry left behind it.
+            values.update(status=DeliveryStatus.FAILED.value)
+    if row["status"] == DeliveryStatus.DELIVERED.value:
+        values.pop("status", None)
+        values.pop("last_error", None)
+    conn.execute(deliveries.update().where(deliveries.c.id == row["id"]).values(**values))
+    return {"recorded": True, "next_attempt_in": next_in, "step": step}
+
+
+def _note_failure(
+    conn: sa.Connection,
+    policy: _RetryPolicy,
+    endpoint_id: str,
+    status_code: int | None,
+    now: dt.datetime,
+) -> bool:
+    """Track the endpoint's failures; ``True`` if it is (now) disabled."""
+    endpoint = (
+        conn.execute(sa.select(endpoints).where(endpoints.c.id == endpoint_id)).mappings().one()
+    )
+    if not endpoint["enabled"]:
+        return True
+    failing_since = endpoint["failing_since"] or now
+    reason = None
+    if status_code == 410:
+        reason = "the receiver answered 410 Gone"
+    elif (now - failing_since).total_seconds() > policy.disable_after:
+        reason = f"failing without a success since {isoformat(failing_since)}"
+    values: dict[str, Any] = {"failing_since": failing_since, "updated_at": now}
+    if reason is not None:
+        values.update(enabled=False, disabled_reason=reason, disabled_at=now)
+        log.warning("disabled webhook endpoint %s: %s", endpoint_id, reason)
+    conn.execute(endpoints.update().where(endpoints.c.id == endpoint_id).values(**values))
+    return reason is not None

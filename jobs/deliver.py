@@ -16,7 +16,8 @@ from typing import Any
 import httpx
 from arq import Retry
 
-from jobs.report import PREPARE_PATH, Reporter, ReportRejected, retry_delay
+from jobs.protocol import PREPARE_PATH
+from jobs.report import Reporter, ReportRejected, retry_delay
 from webhooks.sender import send_webhook
 from webhooks.ssrf import parse_networks
 
@@ -38,7 +39,9 @@ async def deliver_webhook(
     reporter: Reporter = ctx["reporter"]
     if prepared is None or time.time() - float(prepared.get("prepared_at", 0)) > _PREPARED_MAX_AGE:
         try:
-            prepared = await reporter.call(PREPARE_PATH, {"delivery_id": delivery_id})
+            prepared = await reporter.call(
+                PREPARE_PATH, {"delivery_id": delivery_id, "trigger": trigger}
+            )
         except ReportRejected as exc:
             log.error("delivery %s cannot be prepared: %s", delivery_id, exc)
             return "refused"
@@ -61,5 +64,11 @@ async def deliver_webhook(
         "trigger": trigger,
         **result.to_dict(),
     }
-    await reporter.report(event, ctx["redis"])
+    try:
+        await reporter.report(event, ctx["redis"])
+    except ReportRejected as exc:
+        # Refused for good: retrying the report would change nothing, and
+        # the delivery's lease lets the reconciler try the delivery again.
+        log.error("attempt of delivery %s refused: %s", delivery_id, exc)
+        return "attempt refused"
     return "delivered" if result.succeeded else f"failed: {result.status_code or result.error}"

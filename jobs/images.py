@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import warnings
@@ -145,8 +146,10 @@ async def crop_image(payload: CropPayload, ctx: TaskContext) -> dict[str, Any]:
     """Crop an image (a box in percent or pixels) and store it as an artifact."""
     media = ctx.media
     source = await media.load(payload.image_ref())
-    encoded, target, width, height = crop_bytes(
-        source.data, payload, max_pixels=ctx.settings.image_max_pixels
+    # Decoding and encoding are CPU work (seconds for a large image): in a
+    # thread, so the worker's other runs and heartbeats go on meanwhile.
+    encoded, target, width, height = await asyncio.to_thread(
+        crop_bytes, source.data, payload, max_pixels=ctx.settings.image_max_pixels
     )
     content_type = _CONTENT_TYPES[target]
     stored = await media.store(encoded, content_type, width=width, height=height)

@@ -9,6 +9,7 @@ call), so a worker needs no shared disk and never touches the database.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import dataclasses
@@ -16,8 +17,9 @@ from typing import Any
 
 import httpx
 
+from jobs.protocol import ARTIFACT_FETCH_PATH, ARTIFACTS_PATH
 from jobs.registry import TaskError
-from jobs.report import ARTIFACT_FETCH_PATH, ARTIFACTS_PATH, Reporter, ReportRejected
+from jobs.report import Reporter, ReportRejected
 from webhooks.sender import guarded_stream
 from webhooks.ssrf import AddressRefused, IPNetwork
 
@@ -86,10 +88,16 @@ class Media:
         return decode_data_uri(ref, max_bytes=self.max_bytes)
 
     async def download(self, url: str) -> ImageData:
+        """GET ``url`` through the SSRF guard, all of it (connect, headers and
+        body) within ``timeout`` seconds: a server that trickles bytes fails the
+        download at the deadline instead of holding the run."""
         try:
-            async with guarded_stream(
-                self.http, "GET", url, allowed=self.allowed, timeout_seconds=self.timeout
-            ) as response:
+            async with (
+                asyncio.timeout(self.timeout),
+                guarded_stream(
+                    self.http, "GET", url, allowed=self.allowed, timeout_seconds=self.timeout
+                ) as response,
+            ):
                 if response.status_code != 200:
                     raise TaskError(
                         "image_download_failed",
@@ -115,9 +123,11 @@ class Media:
                 return ImageData(bytes(data), content_type)
         except AddressRefused as exc:
             raise TaskError("image_url_not_allowed", exc.reason) from None
-        except httpx.TimeoutException:
+        except (TimeoutError, httpx.TimeoutException):
             raise TaskError(
-                "image_download_failed", f"GET {url} timed out", retryable=True
+                "image_download_failed",
+                f"GET {url} did not finish within {self.timeout:g} s",
+                retryable=True,
             ) from None
         except httpx.HTTPError as exc:
             raise TaskError(

@@ -18,8 +18,11 @@ before anything is queued, the worker to run it.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import importlib
+import inspect
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable
@@ -45,6 +48,8 @@ __all__ = [
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
 
 TaskFunction = Callable[[Any, "TaskContext"], Awaitable[Any]]
+#: What ``@task`` takes: an async function, or a plain one that runs in a thread.
+AnyTaskFunction = Callable[[Any, "TaskContext"], Any]
 
 
 #: The error code of an attempt stopped at ``options.max_duration``: the worker
@@ -168,20 +173,33 @@ class TaskRegistry:
 registry = TaskRegistry()
 
 
+def _in_thread(fn: AnyTaskFunction) -> TaskFunction:
+    @functools.wraps(fn)
+    async def run(payload: Any, ctx: TaskContext) -> Any:
+        return await asyncio.to_thread(fn, payload, ctx)
+
+    return run
+
+
 def task(
     name: str,
     *,
     payload: type[BaseModel] | None = None,
     description: str = "",
     check: Callable[[Any], list[dict[str, str]]] | None = None,
-) -> Callable[[TaskFunction], TaskFunction]:
-    """Register the decorated async function as the task ``name``."""
+) -> Callable[[AnyTaskFunction], AnyTaskFunction]:
+    """Register the decorated function as the task ``name``.
 
-    def decorate(fn: TaskFunction) -> TaskFunction:
+    An ``async def`` runs on the worker's event loop; a plain ``def`` runs in
+    a thread, so CPU-bound or blocking work never stalls the worker's other
+    runs (nor their heartbeats).
+    """
+
+    def decorate(fn: AnyTaskFunction) -> AnyTaskFunction:
         registry.register(
             TaskDefinition(
                 name=name,
-                fn=fn,
+                fn=fn if inspect.iscoroutinefunction(fn) else _in_thread(fn),
                 payload_model=payload,
                 description=description or (fn.__doc__ or "").strip().split("\n")[0],
                 check=check,

@@ -11,34 +11,34 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import logging
+import urllib.parse
 from typing import Any
 
 import httpx
 from arq import ArqRedis, Retry
 
-from webhooks.signing import EVENT_SIGNATURE_HEADER, sign_event_body
+from jobs.protocol import (
+    EVENTS_PATH,
+    SIGNATURE_HEADER,
+    JSONRefused,
+    clean_text,
+    dumps,
+    sign_request,
+)
 
 __all__ = [
-    "ARTIFACTS_PATH",
-    "ARTIFACT_FETCH_PATH",
-    "EVENTS_PATH",
-    "PREPARE_PATH",
     "ReportRejected",
     "Reporter",
     "deliver_report",
     "event_key",
     "make_event",
+    "refused_fallback",
     "retry_delay",
 ]
 
 log = logging.getLogger("jobs.report")
 
-EVENTS_PATH = "/internal/v1/events"
-PREPARE_PATH = "/internal/v1/deliveries/prepare"
-ARTIFACTS_PATH = "/internal/v1/artifacts"
-ARTIFACT_FETCH_PATH = "/internal/v1/artifacts/fetch"
 #: Delays before the inline tries; what is still unheard after them is handed off.
 _INLINE_DELAYS = (0.0, 0.05, 0.25, 1.0)
 _MAX_DEFERRED_DELAY = 30.0
@@ -85,9 +85,11 @@ class Reporter:
         return await self.call(EVENTS_PATH, event)
 
     async def call(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """One signed POST of ``payload`` to the gateway's ``path``; its JSON answer."""
-        body = json.dumps(payload, separators=(",", ":")).encode()
-        answer: dict[str, Any] = (await self.post(path, body, "application/json")).json()
+        """One signed POST of ``payload`` to the gateway's ``path``; its JSON answer.
+
+        :raises JSONRefused: ``payload`` is not JSON the gateway would take
+        """
+        answer: dict[str, Any] = (await self.post(path, dumps(payload), "application/json")).json()
         return answer
 
     async def post(
@@ -95,16 +97,19 @@ class Reporter:
     ) -> httpx.Response:
         """One signed POST of raw ``body``; the answer if it is a success.
 
+        The signature covers the method, ``path``, the query string and the
+        body, so the request means nothing anywhere else.
+
         :raises ReportRejected: a 4xx the gateway will answer again (not 408/429)
         :raises httpx.HTTPError: the gateway could not be reached, or answered 5xx
         """
+        query = urllib.parse.urlencode(sorted((params or {}).items()))
         response = await self.client.post(
-            self.base_url + path,
+            self.base_url + path + (f"?{query}" if query else ""),
             content=body,
-            params=params,
             headers={
                 "content-type": content_type,
-                EVENT_SIGNATURE_HEADER: sign_event_body(body, self.secret),
+                SIGNATURE_HEADER: sign_request(self.secret, "POST", path, query, body),
             },
         )
         if response.status_code >= 500 or response.status_code in (408, 429):
@@ -119,16 +124,21 @@ class Reporter:
 
     async def report(self, event: dict[str, Any], redis: ArqRedis) -> dict[str, Any] | None:
         """Send ``event``; return the gateway's answer, or ``None`` when the
-        report was refused or handed off to ``deliver_report``."""
+        gateway is away and the report was handed off to ``deliver_report``.
+
+        :raises ReportRejected: the gateway refused the report for good (or it
+            is not JSON the gateway takes); retrying would change nothing
+        """
         last_error: Exception | None = None
         for delay in _INLINE_DELAYS:
             if delay:
                 await asyncio.sleep(delay)
             try:
                 return await self.send_once(event)
-            except ReportRejected as exc:
-                log.error("report %s refused: %s", event_key(event), exc)
-                return None
+            except JSONRefused as exc:
+                raise ReportRejected(
+                    422, f"the report is not JSON the gateway takes: {exc}"
+                ) from None
             except httpx.HTTPError as exc:
                 last_error = exc
         log.warning(
@@ -143,6 +153,31 @@ class Reporter:
             _defer_by=dt.timedelta(seconds=1),
         )
         return None
+
+
+#: Events that end an attempt (or a workflow step): one of them must get through.
+_CLOSING = ("completed", "failed", "waiting")
+
+
+def refused_fallback(event: dict[str, Any], exc: ReportRejected) -> dict[str, Any] | None:
+    """The ``failed`` event to send when the gateway refused ``event`` for good,
+    so the run still ends (with ``error.code`` saying why) instead of waiting
+    for its heartbeat to run out; ``None`` if there is nothing to fall back to."""
+    if event.get("type") not in _CLOSING:
+        return None
+    code = "output_too_large" if exc.status_code == 413 else "report_rejected"
+    return make_event(
+        "failed",
+        run_id=event["run_id"],
+        attempt=event["attempt"],
+        worker_id=event.get("worker_id") or "",
+        step=event.get("step", 0),
+        error={
+            "code": code,
+            "message": clean_text(f"the gateway refused the {event['type']} report: {exc}", 2000),
+            "retryable": False,
+        },
+    )
 
 
 def event_key(event: dict[str, Any]) -> str:
@@ -162,8 +197,12 @@ async def deliver_report(ctx: dict[str, Any], event: dict[str, Any]) -> str:
     reporter: Reporter = ctx["reporter"]
     try:
         await reporter.send_once(event)
-    except ReportRejected as exc:
+    except (ReportRejected, JSONRefused) as exc:
         log.error("report %s refused: %s", event_key(event), exc)
+        rejected = exc if isinstance(exc, ReportRejected) else ReportRejected(422, str(exc))
+        fallback = refused_fallback(event, rejected)
+        if fallback is not None:
+            await reporter.report(fallback, ctx["redis"])
         return "refused"
     except httpx.HTTPError as exc:
         delay = retry_delay(ctx["job_try"])

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
+import signal
 import socket
-from typing import Any, ClassVar
+from typing import Any
 
 import httpx
 from arq import func
@@ -26,12 +26,21 @@ from gateway.queue import nudge_channel
 from gateway.settings import Settings
 from jobs.deliver import deliver_webhook
 from jobs.media import Media
+from jobs.protocol import JSONRefused, clean_text, dumps
 from jobs.registry import TIMED_OUT_CODE, TaskContext, TaskError, load_tasks
-from jobs.report import Reporter, deliver_report, make_event
+from jobs.report import Reporter, ReportRejected, deliver_report, make_event, refused_fallback
 from jobs.workflow import Waiting, WorkflowFailed
 from webhooks.ssrf import parse_networks
 
-__all__ = ["NudgedWorker", "WorkerSettings", "build_worker", "run_task"]
+__all__ = [
+    "DeliveryWorkerSettings",
+    "NudgedWorker",
+    "WorkerSettings",
+    "build_delivery_worker",
+    "build_worker",
+    "run_task",
+    "run_workers",
+]
 
 log = logging.getLogger("jobs.worker")
 
@@ -73,8 +82,14 @@ async def shutdown(ctx: dict[str, Any]) -> None:
             await client.aclose()
 
 
+#: Error messages are cut to this many characters (they are for people).
+MAX_ERROR_MESSAGE = 4000
+
+
 def _error(code: str, message: str, *, retryable: bool = False) -> dict[str, Any]:
-    return {"code": code, "message": message, "retryable": retryable}
+    # A task's message may hold anything (NUL, lone surrogates from a decoded
+    # file name): it is text for a person, so it is cleaned, never refused.
+    return {"code": code, "message": clean_text(message, MAX_ERROR_MESSAGE), "retryable": retryable}
 
 
 async def _execute(
@@ -117,6 +132,7 @@ async def _execute(
             http=ctx["webhook_http"],
             allowed=parse_networks(settings.webhook_allowed_networks),
             max_bytes=settings.image_max_bytes,
+            timeout=settings.image_download_timeout,
         ),
         workflow=state,
     )
@@ -139,7 +155,12 @@ async def _execute(
     if isinstance(output, Waiting):
         return {"type": "waiting", "spawn": output.spawn, "nodes": output.nodes}
     try:
-        size = len(json.dumps(output, separators=(",", ":")))
+        size = len(dumps(output))
+    except JSONRefused as exc:
+        return {
+            "type": "failed",
+            "error": _error("output_not_serializable", f"task output cannot be stored: {exc}"),
+        }
     except (TypeError, ValueError) as exc:
         return {
             "type": "failed",
@@ -183,7 +204,11 @@ async def run_task(
     by ``started`` and a final (or ``waiting``) event."""
     reporter: Reporter = ctx["reporter"]
     ids = {"run_id": run_id, "attempt": attempt, "step": step, "worker_id": ctx["worker_id"]}
-    ack = await reporter.report(make_event("started", **ids), ctx["redis"])
+    try:
+        ack = await reporter.report(make_event("started", **ids), ctx["redis"])
+    except ReportRejected as exc:
+        log.error("run %s: the gateway refused its start (%s); not executing it", run_id, exc)
+        return "refused"
     log.info(
         "run %s started",
         run_id,
@@ -221,31 +246,67 @@ async def run_task(
             "error_code": error.get("code"),
         },
     )
-    await reporter.report(make_event(event_type, **ids, **result), ctx["redis"])
+    final = make_event(event_type, **ids, **result)
+    try:
+        await reporter.report(final, ctx["redis"])
+    except ReportRejected as exc:
+        # Refused for good (an output the gateway will not store, a setting
+        # that differs between the two sides): the run must still end.
+        log.error("run %s: the gateway refused the %s report: %s", run_id, event_type, exc)
+        fallback = refused_fallback(final, exc)
+        if fallback is not None:
+            with contextlib.suppress(ReportRejected):
+                await reporter.report(fallback, ctx["redis"])
+        return f"refused ({event_type})"
     return str(event_type)
 
 
-def worker_options(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments of :class:`arq.worker.Worker` for ``settings``."""
+def _common_options(settings: Settings) -> dict[str, Any]:
     return {
-        "functions": [
-            func(run_task, name="run_task", max_tries=1000),
-            func(deliver_report, name="deliver_report", max_tries=1_000_000, timeout=60),
-            func(deliver_webhook, name="deliver_webhook", max_tries=1_000_000, timeout=300),
-        ],
-        "queue_name": settings.queue_name,
         "redis_settings": RedisSettings.from_dsn(settings.redis_url or "redis://127.0.0.1:6379"),
         "on_startup": startup,
         "on_shutdown": shutdown,
-        "max_jobs": settings.worker_concurrency,
-        "job_timeout": settings.job_timeout,
         "poll_delay": settings.worker_poll_delay,
         "keep_result": 3600,
-        "allow_abort_jobs": True,
         # SIGTERM: take no new jobs, let running ones finish up to the grace
         # period, then cancel the rest, which arq puts back on the queue.
         "job_completion_wait": settings.worker_shutdown_grace,
         "ctx": {"settings": settings},
+    }
+
+
+def worker_options(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments of :class:`arq.worker.Worker` for the task runs."""
+    return {
+        **_common_options(settings),
+        "functions": [
+            func(run_task, name="run_task", max_tries=1000),
+            func(deliver_report, name="deliver_report", max_tries=1_000_000, timeout=60),
+        ],
+        "queue_name": settings.queue_name,
+        "max_jobs": settings.worker_concurrency,
+        "job_timeout": settings.job_timeout,
+        "allow_abort_jobs": True,
+    }
+
+
+def delivery_worker_options(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments of :class:`arq.worker.Worker` for callback attempts:
+    their own queue and ``WEBHOOK_CONCURRENCY`` slots."""
+    # An attempt takes WEBHOOK_TIMEOUT at most; the rest is the gateway's
+    # two calls (prepare, report) around it.
+    timeout = settings.webhook_timeout + 60
+    return {
+        **_common_options(settings),
+        "functions": [
+            func(deliver_webhook, name="deliver_webhook", max_tries=1_000_000, timeout=timeout),
+            func(deliver_report, name="deliver_report", max_tries=1_000_000, timeout=60),
+        ],
+        "queue_name": settings.delivery_queue_name,
+        "max_jobs": settings.webhook_concurrency,
+        "job_timeout": timeout,
+        # A deleted endpoint's queued attempts are aborted before they start.
+        "allow_abort_jobs": True,
     }
 
 
@@ -325,24 +386,67 @@ class NudgedWorker(Worker):
 
 
 def build_worker(settings: Settings, **overrides: Any) -> Worker:
-    options = worker_options(settings)
-    options.update(overrides)
-    return NudgedWorker(**options)
+    """The worker of task runs (``overrides``: more :class:`~arq.worker.Worker` options)."""
+    return NudgedWorker(**{**worker_options(settings), **overrides})
 
 
-class WorkerSettings:
-    """For ``arq jobs.worker.WorkerSettings``: the same worker as ``gateway worker``."""
+def build_delivery_worker(settings: Settings, **overrides: Any) -> Worker:
+    """The worker of callback attempts."""
+    return NudgedWorker(**{**delivery_worker_options(settings), **overrides})
 
-    _options: ClassVar[dict[str, Any]] = worker_options(Settings.from_env())
-    functions = _options["functions"]
-    queue_name = _options["queue_name"]
-    redis_settings = _options["redis_settings"]
-    on_startup = _options["on_startup"]
-    on_shutdown = _options["on_shutdown"]
-    max_jobs = _options["max_jobs"]
-    job_timeout = _options["job_timeout"]
-    job_completion_wait = _options["job_completion_wait"]
-    poll_delay = _options["poll_delay"]
-    keep_result = _options["keep_result"]
-    allow_abort_jobs = _options["allow_abort_jobs"]
-    ctx = _options["ctx"]
+
+def run_workers(settings: Settings) -> None:
+    """``gateway worker``: the task worker and the delivery worker in one
+    process, on one event loop, until SIGINT or SIGTERM (then each finishes
+    its running jobs, up to ``WORKER_SHUTDOWN_GRACE``)."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    workers = [
+        build_worker(settings, handle_signals=False),
+        build_delivery_worker(settings, handle_signals=False),
+    ]
+
+    def stop(signum: signal.Signals) -> None:
+        for worker in workers:
+            worker.handle_sig_wait_for_completion(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop, signum)
+    for worker in workers:
+        worker.main_task = loop.create_task(worker.main())
+    try:
+        loop.run_until_complete(
+            asyncio.gather(*(w.main_task for w in workers if w.main_task), return_exceptions=True)
+        )
+    finally:
+        for worker in workers:
+            loop.run_until_complete(worker.close())
+        loop.close()
+
+
+def _settings_class(options: dict[str, Any], doc: str) -> type:
+    names = (
+        "functions",
+        "queue_name",
+        "redis_settings",
+        "on_startup",
+        "on_shutdown",
+        "max_jobs",
+        "job_timeout",
+        "job_completion_wait",
+        "poll_delay",
+        "keep_result",
+        "allow_abort_jobs",
+        "ctx",
+    )
+    return type("WorkerSettings", (), {"__doc__": doc, **{n: options[n] for n in names}})
+
+
+_SETTINGS = Settings.from_env()
+#: ``arq jobs.worker.WorkerSettings``: arq's own worker for the task runs
+#: (it polls; ``gateway worker`` is also woken by the gateway).
+WorkerSettings = _settings_class(worker_options(_SETTINGS), "The task runs, for the arq CLI.")
+#: ``arq jobs.worker.DeliveryWorkerSettings``: callback attempts, for the arq CLI.
+DeliveryWorkerSettings = _settings_class(
+    delivery_worker_options(_SETTINGS), "Callback attempts, for the arq CLI."
+)

@@ -11,14 +11,13 @@ import httpx
 import pytest
 from itsdangerous import TimestampSigner
 
-import webhooks.signing as signing
+import jobs.protocol as protocol
 from db.ids import new_id
 from db.models import Run
 from db.types import utcnow
-from jobs.report import EVENTS_PATH
+from jobs.protocol import EVENTS_PATH, SignatureError, sign_request, verify_request
 from tests.conftest import TEST_SECRET, Stack
 from tests.helpers import db_call
-from webhooks.signing import EventSignatureError, sign_event_body, verify_event_body
 
 
 def insert_queued_run(stack: Stack) -> str:
@@ -50,10 +49,14 @@ def event(run_id: str, kind: str, attempt: int = 1, **fields: Any) -> bytes:
     return json.dumps(body).encode()
 
 
+def signed(body: bytes, secret: str = TEST_SECRET) -> str:
+    return sign_request(secret, "POST", EVENTS_PATH, "", body)
+
+
 def post(stack: Stack, body: bytes, signature: str | None) -> httpx.Response:
     headers = {"content-type": "application/json"}
     if signature is not None:
-        headers[signing.EVENT_SIGNATURE_HEADER] = signature
+        headers[protocol.SIGNATURE_HEADER] = signature
     return httpx.post(stack.base_url + EVENTS_PATH, content=body, headers=headers)
 
 
@@ -68,10 +71,8 @@ def signed_in_the_past(body: bytes, seconds: int) -> str:
         def get_timestamp(self) -> int:
             return int(time.time()) - seconds
 
-    import hashlib
-
-    signer = OldSigner(TEST_SECRET, salt=signing._SALT)
-    return signer.sign(hashlib.sha256(body).hexdigest()).decode()
+    signer = OldSigner(TEST_SECRET, salt=protocol._SALT)
+    return signer.sign(protocol._digest("POST", EVENTS_PATH, "", body)).decode()
 
 
 def test_forged_expired_and_tampered_events_change_nothing(stack: Stack) -> None:
@@ -82,7 +83,7 @@ def test_forged_expired_and_tampered_events_change_nothing(stack: Stack) -> None
     assert missing.status_code == 401
     assert missing.json()["error"]["code"] == "invalid_signature"
 
-    forged = post(stack, body, sign_event_body(body, "not-the-secret-at-all-0123"))
+    forged = post(stack, body, signed(body, "not-the-secret-at-all-0123"))
     assert forged.status_code == 401
     assert forged.json()["error"]["code"] == "invalid_signature"
 
@@ -91,7 +92,7 @@ def test_forged_expired_and_tampered_events_change_nothing(stack: Stack) -> None
     assert expired.json()["error"]["code"] == "signature_expired"
 
     other_body = event(run_id, "completed", output={"honest": True})
-    tampered = post(stack, body, sign_event_body(other_body, TEST_SECRET))
+    tampered = post(stack, body, signed(other_body))
     assert tampered.status_code == 401
 
     assert status_of(stack, run_id) == ("QUEUED", None)
@@ -104,35 +105,35 @@ def test_duplicate_late_and_stale_events_are_acknowledged_no_ops(stack: Stack) -
     run_id = insert_queued_run(stack)
 
     started = event(run_id, "started")
-    first = post(stack, started, sign_event_body(started, TEST_SECRET))
+    first = post(stack, started, signed(started))
     assert first.status_code == 200
     assert first.json() == {"applied": True, "status": "EXECUTING", "proceed": True}
 
     # The same report again (a worker retrying): no change, still 2xx, and the
     # attempt that is running may go on.
-    again = post(stack, started, sign_event_body(started, TEST_SECRET))
+    again = post(stack, started, signed(started))
     assert again.status_code == 200
     assert again.json() == {"applied": False, "status": "EXECUTING", "proceed": True}
 
     # A report of an attempt that is not the current one changes nothing.
     stale = event(run_id, "completed", attempt=2, output={"stale": True})
-    assert post(stack, stale, sign_event_body(stale, TEST_SECRET)).json()["applied"] is False
+    assert post(stack, stale, signed(stale)).json()["applied"] is False
     assert status_of(stack, run_id) == ("EXECUTING", None)
 
     done = event(run_id, "completed", output={"first": True})
-    assert post(stack, done, sign_event_body(done, TEST_SECRET)).json() == {
+    assert post(stack, done, signed(done)).json() == {
         "applied": True,
         "status": "COMPLETED",
         "proceed": False,
     }
 
     # Replaying the very same signed request, and a late failure, change nothing.
-    replay = post(stack, done, sign_event_body(done, TEST_SECRET))
+    replay = post(stack, done, signed(done))
     assert replay.status_code == 200
     assert replay.json()["applied"] is False
     late = event(run_id, "failed", error={"code": "late", "message": "too late"})
-    assert post(stack, late, sign_event_body(late, TEST_SECRET)).json()["applied"] is False
-    late_start = post(stack, started, sign_event_body(started, TEST_SECRET))
+    assert post(stack, late, signed(late)).json()["applied"] is False
+    late_start = post(stack, started, signed(started))
     assert late_start.json() == {"applied": False, "status": "COMPLETED", "proceed": False}
 
     assert status_of(stack, run_id) == ("COMPLETED", {"first": True})
@@ -145,9 +146,9 @@ def test_duplicate_late_and_stale_events_are_acknowledged_no_ops(stack: Stack) -
 def test_completed_report_before_started_still_ends_the_run(stack: Stack) -> None:
     run_id = insert_queued_run(stack)
     done = event(run_id, "completed", output=[1, 2])
-    assert post(stack, done, sign_event_body(done, TEST_SECRET)).json()["applied"] is True
+    assert post(stack, done, signed(done)).json()["applied"] is True
     started = event(run_id, "started")
-    answer = post(stack, started, sign_event_body(started, TEST_SECRET)).json()
+    answer = post(stack, started, signed(started)).json()
     assert answer == {"applied": False, "status": "COMPLETED", "proceed": False}
     with stack.client() as client:
         run = client.get(f"/api/v1/runs/{run_id}").json()
@@ -159,12 +160,12 @@ def test_completed_report_before_started_still_ends_the_run(stack: Stack) -> Non
 
 def test_bad_event_bodies(stack: Stack) -> None:
     unknown = event("run_nope", "started")
-    answer = post(stack, unknown, sign_event_body(unknown, TEST_SECRET))
+    answer = post(stack, unknown, signed(unknown))
     assert answer.status_code == 404
     assert answer.json()["error"]["code"] == "run_not_found"
 
     wrong = json.dumps({"type": "exploded", "run_id": "run_x", "attempt": 0}).encode()
-    answer = post(stack, wrong, sign_event_body(wrong, TEST_SECRET))
+    answer = post(stack, wrong, signed(wrong))
     assert answer.status_code == 422
     paths = {d["path"] for d in answer.json()["error"]["details"]}
     assert paths == {"type", "attempt"}
@@ -172,11 +173,13 @@ def test_bad_event_bodies(stack: Stack) -> None:
 
 def test_signature_helpers_round_trip() -> None:
     body = b'{"a": 1}'
-    signature = sign_event_body(body, TEST_SECRET)
-    verify_event_body(body, signature, TEST_SECRET, max_age=60)
-    with pytest.raises(EventSignatureError) as info:
-        verify_event_body(body + b" ", signature, TEST_SECRET, max_age=60)
+    signature = signed(body)
+    verify_request(TEST_SECRET, signature, "POST", EVENTS_PATH, "", body, max_age=60)
+    with pytest.raises(SignatureError) as info:
+        verify_request(TEST_SECRET, signature, "POST", EVENTS_PATH, "", body + b" ", max_age=60)
     assert info.value.code == "invalid_signature"
-    with pytest.raises(EventSignatureError) as info:
-        verify_event_body(body, signed_in_the_past(body, 120), TEST_SECRET, max_age=60)
+    with pytest.raises(SignatureError) as info:
+        verify_request(
+            TEST_SECRET, signed_in_the_past(body, 120), "POST", EVENTS_PATH, "", body, max_age=60
+        )
     assert info.value.code == "signature_expired"

@@ -1,20 +1,11 @@
-"""Signing and verification: worker → gateway events, and callbacks to receivers."""
+"""Callbacks: Standard Webhooks signing and verification, the SSRF guard, the sender."""
 
-from webhooks.signing import (
-    EventSignatureError,
-    generate_webhook_secret,
-    sign_event_body,
-    sign_webhook,
-    verify_event_body,
-)
+from webhooks.signing import generate_webhook_secret, sign_webhook
 from webhooks.verify import WebhookVerificationError, verify
 
 __all__ = [
-    "EventSignatureError",
     "WebhookVerificationError",
     "generate_webhook_secret",
-    "sign_event_body",
     "sign_webhook",
     "verify",
-    "verify_event_body",
 ]

@@ -1,14 +1,20 @@
 """Outbound HTTP to addresses we do not control: callbacks and image downloads.
 
-Everything goes through :func:`guarded_stream`: the SSRF guard, the checked
-address pinned, no redirects followed.
+Everything goes through :func:`guarded_stream`: the URL in its normal form
+(IDNA host), the SSRF guard, the checked address pinned, no redirects
+followed. A callback attempt has one deadline for all of it (connect, send,
+headers and body), so a receiver that trickles its answer byte by byte holds
+a slot for ``WEBHOOK_TIMEOUT`` at most, and every attempt ends as an
+:class:`AttemptResult`, whatever went wrong.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import email.utils
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -18,9 +24,31 @@ import httpx
 
 from webhooks.ssrf import AddressRefused, IPNetwork, resolve_checked, validate_url
 
-__all__ = ["AttemptResult", "guarded_stream", "parse_retry_after", "send_webhook"]
+__all__ = [
+    "ATTEMPT_ERROR_CODES",
+    "AttemptResult",
+    "guarded_stream",
+    "parse_retry_after",
+    "send_webhook",
+]
+
+log = logging.getLogger("webhooks.sender")
 
 EXCERPT_BYTES = 2048
+
+#: Why an attempt got no answer: ``error_code`` of an :class:`AttemptResult`.
+ATTEMPT_ERROR_CODES = (
+    "timeout",  # no answer (or no headers) within the attempt's deadline
+    "connection_error",  # refused, reset, TLS failure, a broken answer
+    "address_refused",  # the SSRF guard: a private address, an unresolvable or invalid host
+    "send_failed",  # anything else that went wrong on our side while sending
+)
+
+
+def excerpt_text(data: bytes) -> str:
+    """The first bytes of an answer as text every database stores: invalid
+    UTF-8 and NUL become U+FFFD."""
+    return data[:EXCERPT_BYTES].decode("utf-8", errors="replace").replace("\x00", "\ufffd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +60,8 @@ class AttemptResult:
     response_body: str | None
     error: str | None
     retry_after: float | None
+    #: One of :data:`ATTEMPT_ERROR_CODES` when there was no answer.
+    error_code: str | None = None
 
     @property
     def succeeded(self) -> bool:
@@ -83,7 +113,7 @@ async def guarded_stream(
     :raises AddressRefused: the URL or an address it resolves to is refused
     :raises httpx.HTTPError: the request failed or timed out
     """
-    validate_url(url, allowed)
+    url = validate_url(url, allowed)
     parts = urlsplit(url)
     hostname = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -112,40 +142,57 @@ async def send_webhook(
     timeout_seconds: float,
     allowed: Sequence[IPNetwork],
 ) -> AttemptResult:
-    """POST ``body`` to ``url`` through :func:`guarded_stream`; never raises
-    for the receiver's faults."""
+    """POST ``body`` to ``url`` through :func:`guarded_stream`, all of it within
+    ``timeout_seconds``; never raises (but for cancellation).
+
+    Once the headers are in, the answer counts: a body still arriving at the
+    deadline is cut there and the status code stands.
+    """
     start = time.perf_counter()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_seconds
 
     def elapsed() -> int:
         return round((time.perf_counter() - start) * 1000)
 
+    def failed(code: str, error: str) -> AttemptResult:
+        return AttemptResult(None, elapsed(), None, error, None, code)
+
+    timed_out = f"timed out after {timeout_seconds:g} s"
     try:
-        async with guarded_stream(
-            client,
-            "POST",
-            url,
-            allowed=allowed,
-            timeout_seconds=timeout_seconds,
-            headers=headers,
-            content=body.encode(),
-        ) as response:
+        async with (
+            asyncio.timeout_at(deadline),
+            guarded_stream(
+                client,
+                "POST",
+                url,
+                allowed=allowed,
+                timeout_seconds=timeout_seconds,
+                headers=headers,
+                content=body.encode(),
+            ) as response,
+        ):
             excerpt = bytearray()
-            async for chunk in response.aiter_bytes():
-                excerpt += chunk
-                if len(excerpt) >= EXCERPT_BYTES:
-                    break
-            text = bytes(excerpt[:EXCERPT_BYTES]).decode("utf-8", errors="replace")
+            with contextlib.suppress(TimeoutError, httpx.HTTPError):
+                async with asyncio.timeout_at(deadline - 0.001):
+                    async for chunk in response.aiter_bytes():
+                        excerpt += chunk
+                        if len(excerpt) >= EXCERPT_BYTES:
+                            break
             return AttemptResult(
                 response.status_code,
                 elapsed(),
-                text,
+                excerpt_text(bytes(excerpt)),
                 None,
                 parse_retry_after(response.headers.get("retry-after")),
             )
     except AddressRefused as exc:
-        return AttemptResult(None, elapsed(), None, f"refused: {exc.reason}", None)
-    except httpx.TimeoutException:
-        return AttemptResult(None, elapsed(), None, f"timed out after {timeout_seconds:g} s", None)
+        return failed("address_refused", f"refused: {exc.reason}")
+    except (TimeoutError, httpx.TimeoutException):
+        return failed("timeout", timed_out)
     except httpx.HTTPError as exc:
         reason = str(exc) or type(exc).__name__
-        return AttemptResult(None, elapsed(), None, f"connection error: {reason}", None)
+        return failed("connection_error", f"connection error: {reason}")
+    except Exception as exc:  # a bug or a library's surprise must not lose the attempt
+        log.exception("sending to %s failed unexpectedly", url)
+        return failed("send_failed", f"the attempt failed: {type(exc).__name__}: {exc}")

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 from collections.abc import Iterable, Sequence
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import idna
 
 __all__ = [
     "AddressRefused",
@@ -23,6 +26,7 @@ __all__ = [
     "IPNetwork",
     "check_address",
     "literal_address",
+    "normalize_url",
     "parse_networks",
     "resolve_checked",
     "validate_url",
@@ -98,24 +102,71 @@ def literal_address(host: str) -> IPAddress | None:
         return None
 
 
-def validate_url(url: str, allowed: Sequence[IPNetwork]) -> None:
-    """Check what can be checked without DNS: scheme, host, a literal address."""
+_ASCII_HOST = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?$")
+#: What may stay as it is in a path or query; anything else is percent-encoded.
+_URL_SAFE = "/%:@!$&'()*+,;=-._~?"
+
+
+def _ascii_host(host: str) -> str:
+    """``host`` as the ASCII name DNS and the ``Host`` header take: an
+    internationalized or look-alike Unicode name through IDNA (UTS #46), so
+    fullwidth ``localhost`` is ``localhost`` and is checked as such."""
+    if literal_address(host) is not None:
+        return host
+    if not host.isascii():
+        try:
+            host = idna.encode(host, uts46=True, transitional=False).decode("ascii")
+        except (idna.IDNAError, UnicodeError) as exc:
+            raise AddressRefused(f"the host is not a valid domain name: {exc}") from None
+    host = host.lower()
+    if not _ASCII_HOST.match(host) or len(host) > 253:
+        raise AddressRefused(f"the host {host!r} is not a valid domain name")
+    return host
+
+
+def normalize_url(url: str) -> str:
+    """``url`` in the one form the gateway stores and calls: ASCII host
+    (IDNA), lower case, path and query percent-encoded, no fragment.
+
+    :raises AddressRefused: not an http(s) URL with a valid host
+    """
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(url.strip())
         port = parts.port
     except ValueError as exc:
         raise AddressRefused(f"not a valid URL: {exc}") from None
-    if parts.scheme not in ("http", "https"):
+    if parts.scheme.lower() not in ("http", "https"):
         raise AddressRefused("only http and https URLs can be called")
     if not parts.hostname:
         raise AddressRefused("the URL has no host")
     if parts.username or parts.password:
         raise AddressRefused("credentials in the URL are not supported; use a header or a path")
-    if port == 0:
+    host = _ascii_host(parts.hostname)
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{port}" if port is not None else host
+    return urlunsplit(
+        (
+            parts.scheme.lower(),
+            netloc,
+            quote(parts.path, safe=_URL_SAFE),
+            quote(parts.query, safe=_URL_SAFE),
+            "",
+        )
+    )
+
+
+def validate_url(url: str, allowed: Sequence[IPNetwork]) -> str:
+    """Check what can be checked without DNS (scheme, host, a literal
+    address); returns the URL in its normal form (:func:`normalize_url`)."""
+    normal = normalize_url(url)
+    parts = urlsplit(normal)
+    if parts.port == 0:
         raise AddressRefused("port 0 cannot be called")
-    address = literal_address(parts.hostname)
+    address = literal_address(parts.hostname or "")
     if address is not None:
         check_address(address, allowed)
+    return normal
 
 
 async def resolve_checked(host: str, port: int, allowed: Sequence[IPNetwork]) -> IPAddress:

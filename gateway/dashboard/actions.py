@@ -89,7 +89,7 @@ async def login(request: Request) -> Response:
 
 async def logout(request: Request) -> Response:
     await read_form(request)
-    sign_out(request)
+    await sign_out(request)
     return redirect(PREFIX + "/login")
 
 

@@ -1,15 +1,19 @@
 """Who is looking at the dashboard: an API key, remembered in a signed cookie.
 
-Signing in with an API key stores the key's ID and project in Starlette's
-session cookie (signed with itsdangerous, HttpOnly, SameSite=Strict, scoped to
-``/dashboard``); never the key itself. Each request checks the key is still
-there and not revoked, so revoking a key signs its sessions out. Every form
-that changes something carries the session's CSRF token.
+Signing in with an API key starts a session in the database
+(``dashboard_sessions``) and puts its random ID in Starlette's session cookie
+(signed with itsdangerous, HttpOnly, SameSite=Strict, scoped to
+``/dashboard``); never the key itself. Each request checks the session is
+still open and its key not revoked: signing out ends the session on the
+server, so a copy of the cookie is worth nothing afterwards, and revoking a
+key signs its sessions out. Every form that changes something carries the
+session's CSRF token.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import hmac
 import secrets
@@ -21,7 +25,8 @@ from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
 
-from db.models import ApiKey, Project
+from db.models import ApiKey, DashboardSession, Project
+from db.types import utcnow
 from gateway.bodies import read_body
 from gateway.errors import APIError
 from gateway.services import Services
@@ -48,6 +53,7 @@ MAX_FORM_BYTES = 16 * 1024
 
 api_keys = ApiKey.__table__  # type: ignore[attr-defined]
 projects = Project.__table__  # type: ignore[attr-defined]
+sessions = DashboardSession.__table__  # type: ignore[attr-defined]
 
 
 class SignInRequired(APIError):
@@ -91,15 +97,25 @@ def _services(request: Request) -> Services:
     return services
 
 
-def _viewer_row(conn: sa.Connection, key_id: str, project_id: str) -> sa.Row[Any] | None:
+def _session_key(session_id: str) -> str:
+    # Only a digest is stored: the database alone opens no session.
+    return hashlib.sha256(session_id.encode()).hexdigest()
+
+
+def _viewer_row(conn: sa.Connection, session_key: str) -> sa.Row[Any] | None:
     return conn.execute(
         sa.select(
             api_keys.c.id, api_keys.c.prefix, projects.c.id.label("project_id"), projects.c.name
         )
-        .select_from(api_keys.join(projects, projects.c.id == api_keys.c.project_id))
+        .select_from(
+            sessions.join(api_keys, api_keys.c.id == sessions.c.key_id).join(
+                projects, projects.c.id == api_keys.c.project_id
+            )
+        )
         .where(
-            api_keys.c.id == key_id,
-            api_keys.c.project_id == project_id,
+            sessions.c.id == session_key,
+            sessions.c.ended_at.is_(None),
+            sessions.c.expires_at > utcnow(),
             api_keys.c.revoked_at.is_(None),
         )
     ).first()
@@ -107,14 +123,13 @@ def _viewer_row(conn: sa.Connection, key_id: str, project_id: str) -> sa.Row[Any
 
 async def viewer_of(request: Request) -> Viewer:
     """The signed-in viewer, or :class:`SignInRequired`."""
-    key_id = request.session.get("key_id")
-    project_id = request.session.get("project_id")
-    if not isinstance(key_id, str) or not isinstance(project_id, str):
+    session_id = request.session.get("sid")
+    if not isinstance(session_id, str):
         raise SignInRequired()
-    row = await _services(request).db.read(_viewer_row, key_id, project_id)
-    if row is None:  # the key was revoked (or the database is another one now)
+    row = await _services(request).db.read(_viewer_row, _session_key(session_id))
+    if row is None:  # signed out, expired, or its key was revoked
         request.session.clear()
-        raise SignInRequired("the API key of this session is no longer valid; sign in again")
+        raise SignInRequired("this session has ended; sign in again")
     return Viewer(
         project_id=row.project_id, project_name=row.name, key_id=row.id, key_prefix=row.prefix
     )
@@ -122,17 +137,34 @@ async def viewer_of(request: Request) -> Viewer:
 
 async def sign_in(request: Request, key: str) -> None:
     """Start a session for the project of ``key`` (an :class:`Unauthorized` if it is not one)."""
-    principal = await _services(request).auth.resolve(key.strip())
+    services = _services(request)
+    principal = await services.auth.resolve(key.strip())
+    session_id = secrets.token_urlsafe(32)
+    now = utcnow()
+    row = {
+        "id": _session_key(session_id),
+        "key_id": principal.key_id,
+        "created_at": now,
+        "expires_at": now + dt.timedelta(seconds=services.settings.dashboard_session_max_age),
+    }
+    await services.db.write(lambda conn: conn.execute(sessions.insert(), row))
     request.session.clear()
-    request.session.update(
-        key_id=principal.key_id,
-        project_id=principal.project_id,
-        csrf=secrets.token_urlsafe(32),
-    )
+    request.session.update(sid=session_id, csrf=secrets.token_urlsafe(32))
 
 
-def sign_out(request: Request) -> None:
+async def sign_out(request: Request) -> None:
+    """End the session here and on the server."""
+    session_id = request.session.get("sid")
     request.session.clear()
+    if isinstance(session_id, str):
+        key = _session_key(session_id)
+        await _services(request).db.write(
+            lambda conn: conn.execute(
+                sessions.update()
+                .where(sessions.c.id == key, sessions.c.ended_at.is_(None))
+                .values(ended_at=utcnow())
+            )
+        )
 
 
 def csrf_token(request: Request) -> str:

@@ -1,0 +1,227 @@
+"""The worker ↔ gateway protocol: what both sides import, so neither reaches into the other.
+
+- **Internal paths** the worker calls on the gateway.
+- **Request signatures**: an itsdangerous :class:`~itsdangerous.TimestampSigner`
+  signature over the request's method, path, query string and the SHA-256 of its
+  body. A captured request cannot be replayed to another path, method or query
+  (docs/architecture.md, "Signing"); the body stays plain JSON (or the raw file
+  of an artifact upload).
+- **JSON both databases can store**: strict JSON (no ``NaN``, ``Infinity`` or
+  ``1e999``), with no NUL character and no lone surrogate in any string or key.
+  PostgreSQL refuses NUL in text and JSONB, and a lone surrogate cannot be
+  encoded as UTF-8, so either would be accepted by one backend and break reads
+  on the other. :func:`loads` and :func:`dumps` refuse them with the path at fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from typing import Any
+
+from itsdangerous import BadSignature, SignatureExpired, TimestampSigner
+
+__all__ = [
+    "ARTIFACTS_PATH",
+    "ARTIFACT_FETCH_PATH",
+    "EVENTS_PATH",
+    "PREPARE_PATH",
+    "SIGNATURE_HEADER",
+    "JSONRefused",
+    "SignatureError",
+    "clean_text",
+    "dumps",
+    "find_unstorable",
+    "loads",
+    "sign_request",
+    "verify_request",
+]
+
+EVENTS_PATH = "/internal/v1/events"
+PREPARE_PATH = "/internal/v1/deliveries/prepare"
+ARTIFACTS_PATH = "/internal/v1/artifacts"
+ARTIFACT_FETCH_PATH = "/internal/v1/artifacts/fetch"
+
+SIGNATURE_HEADER = "gateway-signature"
+#: Bumped from v1 (body only) when the signature came to cover the request line.
+_SALT = "gateway.worker-request.v2"
+
+
+# -- request signatures ---------------------------------------------------------
+
+
+class SignatureError(Exception):
+    """A worker request whose signature is missing, wrong or too old.
+
+    :param code: ``invalid_signature`` or ``signature_expired``
+    :param message: what is wrong, for the 401 answer
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(message)
+
+
+def _digest(method: str, path: str, query: str, body: bytes) -> bytes:
+    line = f"{method.upper()}\n{path}\n{query}\n".encode("utf-8", "surrogateescape")
+    return hashlib.sha256(line + hashlib.sha256(body).digest()).hexdigest().encode()
+
+
+def sign_request(secret: str, method: str, path: str, query: str, body: bytes) -> str:
+    """The signature header's value for this request, valid from now.
+
+    ``path`` is the route's path on the gateway (``EVENTS_PATH``), ``query``
+    the query string exactly as sent (``""`` for none).
+    """
+    return TimestampSigner(secret, salt=_SALT).sign(_digest(method, path, query, body)).decode()
+
+
+def verify_request(
+    secret: str,
+    signature: str | None,
+    method: str,
+    path: str,
+    query: str,
+    body: bytes,
+    *,
+    max_age: int,
+) -> None:
+    """Raise :class:`SignatureError` unless ``signature`` signs exactly this
+    request with ``secret`` and is at most ``max_age`` seconds old."""
+    if not signature:
+        raise SignatureError("invalid_signature", f"missing {SIGNATURE_HEADER} header")
+    try:
+        signed = TimestampSigner(secret, salt=_SALT).unsign(signature, max_age=max_age)
+    except SignatureExpired:
+        raise SignatureError(
+            "signature_expired", f"the request's signature is older than {max_age} s"
+        ) from None
+    except BadSignature:
+        raise SignatureError(
+            "invalid_signature", "the request's signature does not match"
+        ) from None
+    if signed != _digest(method, path, query, body):
+        raise SignatureError(
+            "invalid_signature",
+            "the signature is for another request (method, path, query or body)",
+        )
+
+
+# -- JSON both databases store --------------------------------------------------
+
+
+class JSONRefused(ValueError):
+    """JSON that one of the databases could not store and read back unchanged.
+
+    :param reason: what is wrong (``NUL character``, ``lone surrogate``, ...)
+    :param path: where, as a dotted path (``payload.items.3``); ``""`` for the top
+    :param not_json: true for what JSON itself does not allow (``NaN``, ``1e999``),
+        false for JSON text a database cannot store (NUL, lone surrogates)
+    """
+
+    def __init__(self, reason: str, path: str = "", *, not_json: bool = False) -> None:
+        self.reason = reason
+        self.path = path
+        self.not_json = not_json
+        super().__init__(f"{path}: {reason}" if path else reason)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise JSONRefused(f"the number {text} is out of range", not_json=True)
+    return value
+
+
+def _constant(name: str) -> Any:
+    raise JSONRefused(f"{name} is not JSON", not_json=True)
+
+
+def _string_problem(value: str) -> str | None:
+    if "\x00" in value:
+        return "a NUL character (\\u0000), which PostgreSQL cannot store"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "a lone surrogate (\\ud800-\\udfff), which is not Unicode text"
+    return None
+
+
+def find_unstorable(value: Any, path: str = "") -> JSONRefused | None:
+    """The first string or key in ``value`` that a database cannot store, or ``None``."""
+    if isinstance(value, str):
+        problem = _string_problem(value)
+        return JSONRefused(problem, path) if problem else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            inner = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and (problem := _string_problem(key)) is not None:
+                return JSONRefused(f"a key with {problem}", path)
+            found = find_unstorable(item, inner)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = find_unstorable(item, f"{path}.{i}" if path else str(i))
+            if found is not None:
+                return found
+    return None
+
+
+#: A ``\u0000`` escape, or an escaped surrogate: only then is a walk needed.
+_SUSPECT = re.compile(rb"\\u(?:0000|[dD][89abcdefABCDEF])")
+
+
+def loads(body: bytes) -> Any:
+    """Parse strict JSON a database can store.
+
+    :raises JSONRefused: NaN/Infinity, a number out of range, a NUL or a lone surrogate
+    :raises ValueError: not JSON at all (``json.JSONDecodeError``, ``UnicodeDecodeError``)
+    """
+    value = json.loads(body, parse_constant=_constant, parse_float=_finite)
+    if _SUSPECT.search(body):  # rare: most bodies cost one C-speed search
+        found = find_unstorable(value)
+        if found is not None:
+            raise found
+    return value
+
+
+def dumps(value: Any) -> bytes:
+    """Compact UTF-8 JSON of ``value``, refusing what :func:`loads` would refuse.
+
+    :raises JSONRefused: NaN/Infinity, a NUL or a lone surrogate
+    :raises TypeError: a value JSON has no form for
+    """
+    try:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError as exc:
+        if isinstance(exc, JSONRefused):
+            raise
+        raise JSONRefused("NaN and Infinity are not JSON", not_json=True) from None
+    try:
+        encoded = text.encode("utf-8")
+    except UnicodeEncodeError:
+        encoded = b""
+    if not encoded or "\\u0000" in text:
+        found = find_unstorable(value)
+        if found is not None:
+            raise found
+    return encoded
+
+
+def clean_text(value: str, limit: int | None = None) -> str:
+    """``value`` as text every database stores: NUL and lone surrogates become
+    U+FFFD, and it is cut to ``limit`` characters. For messages and excerpts,
+    never for data that must come back unchanged."""
+    if limit is not None and len(value) > limit:
+        value = value[:limit]
+    if "\x00" in value:
+        value = value.replace("\x00", "\ufffd")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        value = "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in value)
+    return value
