@@ -159,33 +159,34 @@ async def send_webhook(
         return AttemptResult(None, elapsed(), None, error, None, code)
 
     timed_out = f"timed out after {timeout_seconds:g} s"
+    stack = contextlib.AsyncExitStack()
     try:
-        async with (
-            asyncio.timeout_at(deadline),
-            guarded_stream(
-                client,
-                "POST",
-                url,
-                allowed=allowed,
-                timeout_seconds=timeout_seconds,
-                headers=headers,
-                content=body.encode(),
-            ) as response,
-        ):
-            excerpt = bytearray()
-            with contextlib.suppress(TimeoutError, httpx.HTTPError):
-                async with asyncio.timeout_at(deadline - 0.001):
-                    async for chunk in response.aiter_bytes():
-                        excerpt += chunk
-                        if len(excerpt) >= EXCERPT_BYTES:
-                            break
-            return AttemptResult(
-                response.status_code,
-                elapsed(),
-                excerpt_text(bytes(excerpt)),
-                None,
-                parse_retry_after(response.headers.get("retry-after")),
+        async with asyncio.timeout_at(deadline):  # connect, send, headers
+            response = await stack.enter_async_context(
+                guarded_stream(
+                    client,
+                    "POST",
+                    url,
+                    allowed=allowed,
+                    timeout_seconds=timeout_seconds,
+                    headers=headers,
+                    content=body.encode(),
+                )
             )
+        excerpt = bytearray()
+        with contextlib.suppress(TimeoutError, httpx.HTTPError):
+            async with asyncio.timeout_at(deadline):  # as much body as comes in time
+                async for chunk in response.aiter_bytes():
+                    excerpt += chunk
+                    if len(excerpt) >= EXCERPT_BYTES:
+                        break
+        return AttemptResult(
+            response.status_code,
+            elapsed(),
+            excerpt_text(bytes(excerpt)),
+            None,
+            parse_retry_after(response.headers.get("retry-after")),
+        )
     except AddressRefused as exc:
         return failed("address_refused", f"refused: {exc.reason}")
     except (TimeoutError, httpx.TimeoutException):
@@ -196,3 +197,9 @@ async def send_webhook(
     except Exception as exc:  # a bug or a library's surprise must not lose the attempt
         log.exception("sending to %s failed unexpectedly", url)
         return failed("send_failed", f"the attempt failed: {type(exc).__name__}: {exc}")
+    finally:
+        # Closing drops the connection (a body still trickling is not read);
+        # whatever goes wrong there changes nothing about the answer.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await stack.aclose()
