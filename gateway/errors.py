@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -192,6 +192,23 @@ async def _database_unavailable(request: Request, exc: Exception) -> Response:
     )
 
 
+async def _unstorable(request: Request, exc: Exception) -> Response:
+    """The database refused a value that validation let through: the request
+    is at fault (422), and its transaction was rolled back whole. Logged, as
+    it means a check is missing."""
+    log.warning(
+        "the database refused a value on %s %s: %s",
+        request.method,
+        request.url.path,
+        str(exc).splitlines()[0][:300],
+    )
+    return error_response(
+        422,
+        "unstorable_value",
+        "the database cannot store a value of this request; nothing changed",
+    )
+
+
 async def _unhandled(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal_error", "internal error; the gateway logged it")
@@ -205,5 +222,6 @@ exception_handlers: dict[Any, Any] = {
     InterfaceError: _database_unavailable,
     SATimeoutError: _database_unavailable,
     ConnectionError: _database_unavailable,
+    DataError: _unstorable,
     Exception: _unhandled,
 }

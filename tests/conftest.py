@@ -172,9 +172,11 @@ def launch_stack(
     database_url: str,
     redis_url: str,
     logs: Path,
+    worker_env: dict[str, str] | None = None,
     **env_overrides: str,
 ) -> Iterator[Stack]:
-    """A gateway and a worker as processes, with the tests' settings."""
+    """A gateway and a worker as processes, with the tests' settings
+    (``worker_env``: settings of the worker alone)."""
     port = free_port()
     settings = dict(
         DATABASE_URL=database_url,
@@ -202,7 +204,8 @@ def launch_stack(
     )
     env = child_env(**{**settings, **env_overrides})
     gateway = Process("gateway", ["-m", "gateway", "web"], env, logs).start()
-    worker = Process("worker", ["-m", "gateway", "worker"], env, logs).start()
+    worker = Process("worker", ["-m", "gateway", "worker"], {**env, **(worker_env or {})}, logs)
+    worker.start()
     stack = Stack(
         database_url=database_url,
         redis_url=redis_url,
@@ -234,6 +237,7 @@ def gemini() -> Iterator[GeminiStandIn]:
 
 def _redis_db(database_url: str, offset: int) -> int:
     # Each backend and each stack gets its own Redis database: queues never mix.
+    # Offsets: 0 main, 1 single-slot, 2 faults, 3 fuzz, 4 queue, 5 strict.
     return 1 + offset * 2 + _backends().index(_backend_of(database_url))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from jobs.registry import TaskContext, TaskError, task
@@ -35,3 +36,34 @@ async def flaky(payload: Any, ctx: TaskContext) -> dict[str, int]:
     if ctx.attempt < int(payload["succeed_on"]):
         raise TaskError("flaky", f"attempt {ctx.attempt} fails", retryable=True)
     return {"attempt": ctx.attempt}
+
+
+@task("tests.nan")
+async def nan(payload: Any, ctx: TaskContext) -> Any:
+    """An output that is not JSON: NaN (Python's json would write it)."""
+    return {"value": float("nan")}
+
+
+@task("tests.nul-output")
+async def nul_output(payload: Any, ctx: TaskContext) -> Any:
+    """An output PostgreSQL could not store (a NUL in a string)."""
+    return {"text": "before\x00after"}
+
+
+@task("tests.dirty-message")
+async def dirty_message(payload: Any, ctx: TaskContext) -> None:
+    """Fail with a message that holds a NUL and a lone surrogate."""
+    raise TaskError("dirty", "file na\x00me \udcff.txt")
+
+
+@task("tests.blocking")
+def blocking(payload: Any, ctx: TaskContext) -> dict[str, Any]:
+    """A plain function that blocks (CPU work, a blocking call): it runs in a
+    thread, so the worker's other runs go on meanwhile."""
+    import threading
+
+    until = time.monotonic() + float(payload.get("seconds", 1.0))
+    spins = 0
+    while time.monotonic() < until:
+        spins += 1
+    return {"thread": threading.current_thread().name, "spins": spins}

@@ -108,10 +108,21 @@ def test_sign_in_keeps_a_strict_http_only_session_and_sign_out_ends_it(
     assert key not in cookie["value"]  # the key itself is never stored
     expect(page.locator(".who .project")).to_contain_text("dash-signin-")
 
+    def with_cookie(value: str) -> httpx.Response:
+        jar = httpx.Cookies({"gateway_dashboard": value})
+        return httpx.get(stack.base_url + "/dashboard/runs", cookies=jar, follow_redirects=False)
+
+    copied = cookie["value"]
+    assert with_cookie(copied).status_code == 200  # a copy of the cookie works while signed in
+
     dash.submit(".who button[type=submit]")
     assert page.url.endswith("/dashboard/login")
     dash.open("/runs")
     assert "/dashboard/login" in page.url
+    # Signing out ended the session on the server: the copy opens nothing now.
+    answer = with_cookie(copied)
+    assert answer.status_code in (302, 303), answer.status_code
+    assert "/dashboard/login" in answer.headers["location"]
 
 
 def test_a_form_without_the_csrf_token_changes_nothing(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -15,8 +16,9 @@ import jobs.protocol as protocol
 from db.ids import new_id
 from db.models import Run
 from db.types import utcnow
+from gateway.embedded_redis import EmbeddedRedis
 from jobs.protocol import EVENTS_PATH, SignatureError, sign_request, verify_request
-from tests.conftest import TEST_SECRET, Stack
+from tests.conftest import TEST_SECRET, Databases, Stack, _redis_db, launch_stack
 from tests.helpers import db_call
 
 
@@ -183,3 +185,114 @@ def test_signature_helpers_round_trip() -> None:
             TEST_SECRET, signed_in_the_past(body, 120), "POST", EVENTS_PATH, "", body, max_age=60
         )
     assert info.value.code == "signature_expired"
+
+
+# -- requests bound to what they ask for ------------------------------------------
+
+
+def test_a_signed_request_replayed_elsewhere_is_401_and_changes_nothing(stack: Stack) -> None:
+    run_id = insert_queued_run(stack)
+    body = event(run_id, "completed", output="<script>alert(1)</script>")
+    signature = signed(body)  # a real report, signed for POST /internal/v1/events
+    headers = {"content-type": "text/html", protocol.SIGNATURE_HEADER: signature}
+    artifacts_before = stack.query("SELECT COUNT(*) FROM artifacts")
+    elsewhere = [
+        ("POST", protocol.ARTIFACTS_PATH + f"?run_id={run_id}&content_type=text%2Fhtml"),
+        ("POST", protocol.ARTIFACTS_PATH),
+        ("POST", protocol.ARTIFACT_FETCH_PATH + f"?run_id={run_id}"),
+        ("POST", protocol.PREPARE_PATH),
+        ("POST", EVENTS_PATH + "?extra=1"),
+        ("PUT", EVENTS_PATH),
+    ]
+    for method, path in elsewhere:
+        answer = httpx.request(method, stack.base_url + path, content=body, headers=headers)
+        assert answer.status_code in (401, 405), (method, path, answer.text)
+        if answer.status_code == 401:
+            assert answer.json()["error"]["code"] == "invalid_signature"
+    assert stack.query("SELECT COUNT(*) FROM artifacts") == artifacts_before
+    assert status_of(stack, run_id) == ("QUEUED", None)
+    # Where it was signed for, the same request still works.
+    assert post(stack, body, signature).json()["applied"] is True
+
+
+def _upload(stack: Stack, run_id: str, data: bytes, content_type: str) -> httpx.Response:
+    query = f"content_type={content_type.replace('/', '%2F')}&run_id={run_id}"
+    signature = sign_request(TEST_SECRET, "POST", protocol.ARTIFACTS_PATH, query, data)
+    return httpx.post(
+        f"{stack.base_url}{protocol.ARTIFACTS_PATH}?{query}",
+        content=data,
+        headers={protocol.SIGNATURE_HEADER: signature},
+    )
+
+
+def test_an_artifact_is_an_image_and_is_served_as_nothing_else(stack: Stack) -> None:
+    run_id = insert_queued_run(stack)
+    page = b"<html><script>document.cookie</script></html>"
+    for data, content_type in (
+        (page, "text/html"),
+        (page, "image/png"),  # a page that says it is an image
+        (b"<svg onload='alert(1)'/>", "image/svg+xml"),
+    ):
+        answer = _upload(stack, run_id, data, content_type)
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["error"]["code"] == "unsupported_artifact_type"
+    png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
+    stored = _upload(stack, run_id, png, "image/png")
+    assert stored.status_code == 201, stored.text
+    served = httpx.get(stored.json()["url"])
+    assert served.status_code == 200 and served.content == png
+    assert served.headers["content-type"] == "image/png"
+    assert served.headers["x-content-type-options"] == "nosniff"
+    assert served.headers["content-security-policy"].startswith("sandbox")
+
+
+def test_events_are_checked_for_meaning(stack: Stack) -> None:
+    run_id = insert_queued_run(stack)  # an echo run, not a workflow
+    started = event(run_id, "started")
+    assert post(stack, started, signed(started)).json()["applied"] is True
+    waiting = event(run_id, "waiting", spawn=[{"node_id": "n", "task": "echo", "payload": {}}])
+    answer = post(stack, waiting, signed(waiting))
+    assert answer.status_code == 422 and answer.json()["error"]["code"] == "invalid_event"
+    huge = event(run_id, "completed", output="x" * 70_000)  # MAX_OUTPUT_BYTES is 65536 here
+    answer = post(stack, huge, signed(huge))
+    assert answer.status_code == 413 and answer.json()["error"]["code"] == "output_too_large"
+    assert status_of(stack, run_id) == ("EXECUTING", None)
+    assert stack.query("SELECT COUNT(*) FROM runs WHERE parent_id = :id", id=run_id) == [(0,)]
+
+
+@pytest.fixture(scope="module")
+def strict_stack(
+    databases: Databases,
+    database_url: str,
+    redis_server: EmbeddedRedis,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
+    """A gateway stricter than its worker: it takes outputs of 4 KiB at most
+    (the worker thinks 64 KiB), and /metrics wants a token."""
+    with launch_stack(
+        "strict",
+        databases.new("strict"),
+        f"{redis_server.url}/{_redis_db(database_url, 5)}",
+        tmp_path_factory.mktemp("logs-strict"),
+        worker_env={"MAX_OUTPUT_BYTES": "65536"},
+        MAX_OUTPUT_BYTES="4096",
+        METRICS_TOKEN="scrape-me",
+    ) as stack:
+        yield stack
+
+
+def test_a_final_report_refused_for_good_still_ends_the_run(strict_stack: Stack) -> None:
+    run = strict_stack.run("tests.big-output", {"bytes": 20_000})
+    assert run["status"] == "FAILED", run
+    assert run["error"]["code"] == "output_too_large"
+    assert "refused" in run["error"]["message"]
+    assert strict_stack.worker.alive
+    assert strict_stack.run("echo", {"after": True})["status"] == "COMPLETED"
+
+
+def test_metrics_token_guards_metrics(strict_stack: Stack) -> None:
+    url = strict_stack.base_url + "/metrics"
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers={"authorization": "Bearer wrong"}).status_code == 401
+    answer = httpx.get(url, headers={"authorization": "Bearer scrape-me"})
+    assert answer.status_code == 200 and "gateway_runs_total" in answer.text

@@ -95,6 +95,40 @@ def test_failing_task_ends_failed_and_the_worker_lives_on(stack: Stack) -> None:
     assert not_json["error"]["code"] == "output_not_serializable"
 
     assert stack.worker.alive
+
+
+def test_outputs_and_messages_every_database_can_store(stack: Stack) -> None:
+    """An output one database could not store fails the run at once, with a
+    clear code; a message that holds anything is cleaned, not refused."""
+    for task, what in (("tests.nan", "NaN"), ("tests.nul-output", "NUL")):
+        run = stack.run(task, {})
+        assert run["status"] == "FAILED", run
+        assert run["error"]["code"] == "output_not_serializable"
+        assert what in run["error"]["message"]
+        assert len(run["attempts"]) == 1  # not retried, not left to a heartbeat
+    dirty = stack.run("tests.dirty-message", {})
+    assert dirty["status"] == "FAILED"
+    assert dirty["error"] == {"code": "dirty", "message": "file na\ufffdme \ufffd.txt"}
+    assert stack.worker.alive
+
+
+def test_a_plain_function_task_runs_in_a_thread_beside_other_runs(stack: Stack) -> None:
+    with stack.client() as client:
+        blocking = client.post(
+            "/api/v1/tasks/tests.blocking/trigger", json={"payload": {"seconds": 2}}
+        ).json()
+        def executing() -> bool:
+            status = client.get(f"/api/v1/runs/{blocking['id']}").json()["status"]
+            return bool(status == "EXECUTING")
+
+        wait_until(executing, what="the blocking task to start")
+        # While it spins, the worker's event loop is free: another run starts and ends.
+        echo = stack.run("echo", {"beside": "a blocking task"})
+        assert echo["status"] == "COMPLETED"
+        assert client.get(f"/api/v1/runs/{blocking['id']}").json()["status"] == "EXECUTING"
+        done = client.get(f"/api/v1/runs/{blocking['id']}", params={"wait": 30}).json()
+    assert done["status"] == "COMPLETED", done
+    assert done["output"]["thread"] != "MainThread" and done["output"]["spins"] > 0
     after = stack.run("echo", {"still": "alive"})
     assert after["status"] == "COMPLETED"
     assert after["output"] == {"still": "alive"}
