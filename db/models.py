@@ -283,8 +283,8 @@ class Delivery(SQLModel, table=True):
     schedule_step: int = Field(default=0)
     next_attempt_at: dt.datetime | None = _ts()
     #: When the attempt now out was handed to a worker; cleared once it is
-    #: reported. A try unreported ``WEBHOOK_TIMEOUT`` + a minute later is
-    #: recorded as ``attempt_lost``, so every try ends as an attempt.
+    #: reported. A try unreported ``WEBHOOK_TIMEOUT`` + ``RECONCILE_GRACE``
+    #: later is recorded as ``attempt_lost``, so every try ends as an attempt.
     leased_at: dt.datetime | None = _ts()
     last_status_code: int | None = None
     last_error: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))

@@ -51,7 +51,6 @@ from webhooks.ssrf import AddressRefused, IPNetwork, parse_networks, validate_ur
 __all__ = [
     "ERROR_CODES",
     "EVENT_TYPES",
-    "LEASE_MARGIN",
     "DeliveryAttemptReport",
     "EndpointCreate",
     "EndpointUpdate",
@@ -813,8 +812,9 @@ class WebhookService:
     @property
     def lease_seconds(self) -> float:
         """How long an attempt may stay unreported before it counts as lost:
-        its own deadline, and a minute for the report to come back."""
-        return self.settings.webhook_timeout + LEASE_MARGIN
+        its own deadline, and the reconciler's grace for the report to come
+        back (what a lost job of any kind is given)."""
+        return self.settings.webhook_timeout + self.settings.reconcile_grace
 
     async def prepare(self, delivery_id: str, trigger: str = "schedule") -> dict[str, Any]:
         """What a worker should send for ``delivery_id`` now, signed afresh.
@@ -925,10 +925,6 @@ class WebhookService:
                 step=outcome["step"],
                 defer=outcome["next_attempt_in"],
             )
-
-
-#: Time an attempt's report has to come back, beyond ``WEBHOOK_TIMEOUT``.
-LEASE_MARGIN = 60.0
 
 
 def delivery_job_id(delivery_id: str, step: int) -> str:
