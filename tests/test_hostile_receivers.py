@@ -133,3 +133,20 @@ def test_a_deleted_endpoints_queued_tries_stop(stack: Stack, hostile: HostileRec
     [delivery] = deliveries_of_run(app, run["id"])
     assert delivery["status"] == "failed"
     assert len(delivery["attempts"]) <= 1
+
+
+def test_a_hanging_receiver_never_holds_up_task_runs(
+    single_slot_stack: Stack, hostile: HostileReceiver
+) -> None:
+    """Callback attempts have slots of their own: with one task slot and a
+    receiver that never answers, runs go on while the attempt hangs."""
+    app = App(single_slot_stack)
+    _register(app, hostile.url("/hang"))
+    before = len(hostile.arrivals_to("/hang"))
+    first = app.run("echo", {"n": 1})
+    hostile.wait_for(lambda arrivals: len([a for a in arrivals if a.path == "/hang"]) > before)
+    # The attempt is out and hanging; the one task slot is free all the same.
+    second = app.run("echo", {"n": 2})
+    assert second["status"] == "COMPLETED"
+    [delivery] = deliveries_of_run(app, first["id"])
+    assert delivery["attempts"] == [], "the attempt should still be hanging"
