@@ -12,11 +12,10 @@ from starlette.routing import Route
 
 from gateway.bodies import parse_json, signed_body, validate
 from gateway.errors import PayloadTooLarge, ValidationFailed, error_response
-from gateway.schemas import WorkerEvent
 from gateway.services import Services
 from gateway.views import TaskList, shaped
 from gateway.webhooks import DeliveryAttemptReport
-from jobs.protocol import EVENTS_PATH, PREPARE_PATH, dumps
+from jobs.protocol import EVENTS_PATH, PREPARE_PATH, WorkerEvent, dumps
 
 __all__ = ["routes"]
 

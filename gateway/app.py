@@ -32,7 +32,7 @@ from gateway.services import Services
 from gateway.settings import Settings
 from gateway.webhooks import WebhookService
 from gateway.webhooks_api import routes as webhook_routes
-from jobs.registry import load_tasks
+from jobs.tasks.registry import load_tasks
 
 __all__ = ["create_app"]
 

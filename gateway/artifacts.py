@@ -87,7 +87,7 @@ class ArtifactStore:
     def __init__(self, services: Services) -> None:
         self.services = services
         settings = services.settings
-        self.root = Path(settings.artifact_dir)
+        self.root = settings.artifact_path
         self.ttl = settings.artifact_url_ttl
         self.public_url = settings.public_url
         self.signer = URLSafeTimedSerializer(settings.require_secret(), salt="gateway.artifact")

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-__all__ = ["RunNotifier", "listen_forever"]
+from jobs.protocol import listen_forever
+
+__all__ = ["RunNotifier"]
 
 log = logging.getLogger("gateway.notify")
 
@@ -103,28 +105,3 @@ class RunNotifier:
                 self._wake(run_id)
 
         await listen_forever(self.redis, self.channel, wake, what="run notifications")
-
-
-async def listen_forever(
-    redis: Redis, channel: str, handle: Callable[[str], None], *, what: str
-) -> None:
-    """Hand each message on ``channel`` to ``handle`` until cancelled,
-    subscribing again after a lost connection (what was sent meanwhile is lost:
-    listeners must have another way to catch up, such as polling)."""
-    while True:
-        pubsub = redis.pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.subscribe(channel)
-            while True:
-                message = await pubsub.get_message(timeout=1.0)
-                if message is not None and message.get("type") == "message":
-                    data = message["data"]
-                    handle(data.decode() if isinstance(data, bytes) else str(data))
-        except asyncio.CancelledError:
-            raise
-        except (RedisError, OSError) as exc:
-            log.warning("%s lost their Redis connection: %s", what, exc)
-            await asyncio.sleep(1.0)
-        finally:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -17,7 +17,9 @@ from arq.constants import job_key_prefix, result_key_prefix
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 
-__all__ = ["enqueue_job", "nudge_channel"]
+from jobs.protocol import nudge_channel
+
+__all__ = ["enqueue_job"]
 
 # KEYS: the job, its result, the queue. ARGV: the job's TTL in ms, the
 # encoded job, its score (when it is due, in ms), its ID, and the channel to
@@ -33,12 +35,6 @@ if ARGV[5] ~= '' then
 end
 return 1
 """
-
-
-def nudge_channel(queue_name: str) -> str:
-    """Where a job queued for now is announced, so an idle worker takes it at
-    once instead of at its next poll (:class:`jobs.worker.NudgedWorker`)."""
-    return f"{queue_name}:nudge"
 
 
 async def enqueue_job(

@@ -29,8 +29,9 @@ from gateway.metrics import RECONCILER_ACTIONS
 from gateway.periodic import Periodic
 from gateway.runs import RunService
 from gateway.settings import Settings
-from gateway.transitions import Job, job_id, node_states
-from gateway.webhooks import WebhookService, delivery_job_id
+from gateway.transitions import Job, node_states
+from gateway.webhooks import WebhookService
+from jobs.protocol import delivery_job_id, run_job_id
 
 __all__ = ["Reconciler", "Scheduler"]
 
@@ -106,7 +107,7 @@ class Reconciler(Periodic):
         requeued_runs = requeued_deliveries = 0
         try:
             due = await self.db.read(_due_runs, before)
-            job_ids = [job_id(r["id"], r["attempt"], r["step"]) for r in due]
+            job_ids = [run_job_id(r["id"], r["attempt"], r["step"]) for r in due]
             for run, missing in zip(due, await self._missing(job_ids), strict=True):
                 if missing and await self.runs.enqueue(
                     Job(

@@ -26,7 +26,7 @@ from gateway.errors import Conflict, NotFound
 from gateway.listing import RunQuery, batch_summary, list_runs
 from gateway.notify import RunNotifier
 from gateway.queue import enqueue_job
-from gateway.schemas import RetryOptions, TriggerOptions, TriggerRequest, WorkerEvent
+from gateway.schemas import RetryOptions, TriggerOptions, TriggerRequest
 from gateway.settings import Settings
 from gateway.tokens import PublicTokens
 from gateway.transitions import (
@@ -37,7 +37,6 @@ from gateway.transitions import (
     apply_event,
     cancel_run,
     create_runs,
-    job_id,
     job_of,
     load_run,
     queued_before,
@@ -46,6 +45,7 @@ from gateway.transitions import (
     reschedule,
 )
 from gateway.webhooks import Outgoing, WebhookService
+from jobs.protocol import WorkerEvent, run_job_id
 
 __all__ = ["EventOutcome", "RunService"]
 
@@ -171,7 +171,7 @@ class RunService:
                 job.step,
                 job.state,
                 job.options,
-                job_id=job_id(job.run_id, job.attempt, job.step),
+                job_id=run_job_id(job.run_id, job.attempt, job.step),
                 queue_name=self.settings.queue_name,
             )
         except (RedisError, OSError) as exc:

@@ -22,7 +22,7 @@ from gateway.schemas import BatchRequest, RescheduleRequest, TriggerRequest, to_
 from gateway.services import Services
 from gateway.tokens import PublicTokens
 from gateway.views import BatchCreated, BatchSummary, RunPage, RunView, shaped
-from jobs.registry import TaskDefinition
+from jobs.tasks.registry import TaskDefinition
 
 __all__ = ["routes"]
 

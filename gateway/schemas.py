@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
@@ -23,8 +23,6 @@ __all__ = [
     "TriggerOptions",
     "TriggerRequest",
     "UTCTime",
-    "WorkerError",
-    "WorkerEvent",
     "to_utc",
 ]
 
@@ -148,34 +146,3 @@ class RescheduleRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     delay: Delay
-
-
-class WorkerError(BaseModel):
-    code: str = Field(max_length=100)
-    message: str
-    retryable: bool = False
-
-
-class ChildRun(BaseModel):
-    """A node of a workflow that a step starts as a child run."""
-
-    node_id: str = Field(min_length=1, max_length=200)
-    task: str = Field(min_length=1, max_length=200)
-    payload: Any = None
-
-
-class WorkerEvent(BaseModel):
-    """A signed report from a worker (see ``jobs.report``)."""
-
-    type: Literal["started", "completed", "failed", "waiting", "heartbeat"]
-    run_id: str = Field(max_length=40)
-    attempt: int = Field(ge=1)
-    #: A workflow's step; 0 for every other run.
-    step: int = Field(default=0, ge=0)
-    worker_id: str | None = Field(default=None, max_length=200)
-    occurred_at: str | None = None
-    output: Any = None
-    error: WorkerError | None = None
-    #: ``waiting`` only: the children to start and the nodes' states.
-    spawn: list[ChildRun] = Field(default_factory=list, max_length=200)
-    nodes: dict[str, dict[str, Any]] = Field(default_factory=dict)

@@ -12,7 +12,7 @@ from gateway.notify import RunNotifier
 from gateway.runs import RunService
 from gateway.settings import Settings
 from gateway.webhooks import WebhookService
-from jobs.registry import TaskRegistry
+from jobs.tasks.registry import TaskRegistry
 
 __all__ = ["Services"]
 

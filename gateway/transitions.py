@@ -25,9 +25,8 @@ from db.models import Batch, IdempotencyKey, Run, RunAttempt, RunNode, RunStatus
 from db.types import isoformat, utcnow
 from gateway.errors import InvalidEvent
 from gateway.metrics import observe_transition
-from gateway.schemas import WorkerError, WorkerEvent
 from gateway.webhooks import FINAL_EVENTS, Outgoing, create_run_deliveries
-from jobs.registry import TIMED_OUT_CODE
+from jobs.protocol import TIMED_OUT_CODE, WORKFLOW_TASK, WorkerError, WorkerEvent, run_job_id
 
 __all__ = [
     "Canceled",
@@ -42,7 +41,6 @@ __all__ = [
     "cancel_run",
     "create_runs",
     "insert_run",
-    "job_id",
     "job_of",
     "load_run",
     "node_states",
@@ -60,7 +58,6 @@ run_nodes = RunNode.__table__  # type: ignore[attr-defined]
 idempotency_keys = IdempotencyKey.__table__  # type: ignore[attr-defined]
 batches = Batch.__table__  # type: ignore[attr-defined]
 
-WORKFLOW_TASK = "execute-workflow"
 ACTIVE = (RunStatus.QUEUED, RunStatus.EXECUTING)
 
 
@@ -165,13 +162,6 @@ def job_of(run: Mapping[str, Any], *, state: dict[str, Any] | None = None) -> Jo
     return Job(
         run["id"], run["task"], run["payload"], run["attempt"], run.get("step", 0), state, options
     )
-
-
-def job_id(run_id: str, attempt: int = 1, step: int = 0) -> str:
-    """The arq ``_job_id`` of a run's attempt (and workflow step)."""
-    if step:
-        return f"{run_id}:{attempt}:s{step}"
-    return run_id if attempt == 1 else f"{run_id}:{attempt}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -731,7 +721,7 @@ def recover_lost(
             ),
         )
         outcome = _apply_final(conn, event, run, now)
-        done.abort.append(job_id(run_id, run["attempt"], run["step"]))
+        done.abort.append(run_job_id(run_id, run["attempt"], run["step"]))
         done.jobs.extend(outcome.jobs)
         done.outgoing.extend(outcome.outgoing)
         done.changed.extend(outcome.changed)
@@ -748,7 +738,7 @@ def queued_before(
         .order_by(runs.c.updated_at)
         .limit(limit)
     )
-    return [(r.id, job_id(r.id, r.attempt, r.step)) for r in rows]
+    return [(r.id, run_job_id(r.id, r.attempt, r.step)) for r in rows]
 
 
 # -- cancel ---------------------------------------------------------------------------
@@ -773,7 +763,7 @@ def _cancel(
         .where(run_attempts.c.run_id == run["id"], run_attempts.c.finished_at.is_(None))
         .values(status=RunStatus.CANCELED.value, finished_at=now)
     )
-    done.abort.append(job_id(run["id"], run["attempt"], run["step"]))
+    done.abort.append(run_job_id(run["id"], run["attempt"], run["step"]))
     done.changed.append(run["id"])
     done.outgoing.extend(
         create_run_deliveries(conn, run, lambda: _view(conn, run), "run.canceled", now)
@@ -878,7 +868,7 @@ def release_due(conn: sa.Connection, now: dt.datetime, limit: int = 200) -> Due:
         if run is None or run["status"] not in (RunStatus.QUEUED, RunStatus.DELAYED):
             continue
         done.outgoing.extend(_expire(conn, run, now))
-        done.abort.append(job_id(run["id"], run["attempt"], run["step"]))
+        done.abort.append(run_job_id(run["id"], run["attempt"], run["step"]))
         done.changed.append(run["id"])
     for run_id in (
         conn.execute(

@@ -43,7 +43,7 @@ from gateway.metrics import DELIVERY_ATTEMPTS
 from gateway.queue import enqueue_job
 from gateway.schemas import UTCTime
 from gateway.settings import Settings
-from jobs.protocol import clean_text
+from jobs.protocol import clean_text, delivery_job_id
 from webhooks.sender import ATTEMPT_ERROR_CODES
 from webhooks.signing import generate_webhook_secret, webhook_headers
 from webhooks.ssrf import AddressRefused, IPNetwork, parse_networks, validate_url
@@ -56,7 +56,6 @@ __all__ = [
     "EndpointUpdate",
     "WebhookService",
     "create_run_deliveries",
-    "delivery_job_id",
 ]
 
 log = logging.getLogger("gateway.webhooks")
@@ -925,11 +924,6 @@ class WebhookService:
                 step=outcome["step"],
                 defer=outcome["next_attempt_in"],
             )
-
-
-def delivery_job_id(delivery_id: str, step: int) -> str:
-    """The arq job ID of a delivery's scheduled attempt number ``step``."""
-    return f"webhook:{delivery_id}:{step}"
 
 
 @dataclasses.dataclass(frozen=True)

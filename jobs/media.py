@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 
 from jobs.protocol import ARTIFACT_FETCH_PATH, ARTIFACTS_PATH
-from jobs.registry import TaskError
 from jobs.report import Reporter, ReportRejected
+from jobs.tasks.registry import TaskError
 from webhooks.sender import guarded_stream
 from webhooks.ssrf import AddressRefused, IPNetwork
 

@@ -1,6 +1,9 @@
 """The worker ↔ gateway protocol: what both sides import, so neither reaches into the other.
 
-- **Internal paths** the worker calls on the gateway.
+- **Internal paths** the worker calls on the gateway, the **events** it reports
+  (:class:`WorkerEvent`), the **job IDs** the gateway queues runs and callback
+  attempts under, the **codes** both sides give meaning to, and the **nudge**
+  channel on which the gateway wakes idle workers.
 - **Request signatures**: an itsdangerous :class:`~itsdangerous.TimestampSigner`
   signature over the request's method, path, query string and the SHA-256 of its
   body. A captured request cannot be replayed to another path, method or query
@@ -15,13 +18,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
+import logging
 import math
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 from itsdangerous import BadSignature, SignatureExpired, TimestampSigner
+from pydantic import BaseModel, Field
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 __all__ = [
     "ARTIFACTS_PATH",
@@ -29,20 +39,118 @@ __all__ = [
     "EVENTS_PATH",
     "PREPARE_PATH",
     "SIGNATURE_HEADER",
+    "TIMED_OUT_CODE",
+    "WORKFLOW_TASK",
+    "ChildRun",
     "JSONRefused",
     "SignatureError",
+    "WorkerError",
+    "WorkerEvent",
     "clean_text",
+    "delivery_job_id",
     "dumps",
     "find_unstorable",
+    "listen_forever",
     "loads",
+    "nudge_channel",
+    "run_job_id",
     "sign_request",
     "verify_request",
 ]
+
+log = logging.getLogger("jobs.protocol")
 
 EVENTS_PATH = "/internal/v1/events"
 PREPARE_PATH = "/internal/v1/deliveries/prepare"
 ARTIFACTS_PATH = "/internal/v1/artifacts"
 ARTIFACT_FETCH_PATH = "/internal/v1/artifacts/fetch"
+
+#: The task that runs a workflow graph: its runs wait (WAITING) for children.
+WORKFLOW_TASK = "execute-workflow"
+#: The error code of an attempt stopped at ``options.max_duration``: the worker
+#: reports it, and the gateway ends the run TIMED_OUT for it (no retry).
+TIMED_OUT_CODE = "max_duration_exceeded"
+
+
+# -- events and job IDs -----------------------------------------------------------
+
+
+class WorkerError(BaseModel):
+    code: str = Field(max_length=100)
+    message: str
+    retryable: bool = False
+
+
+class ChildRun(BaseModel):
+    """A node of a workflow that a step starts as a child run."""
+
+    node_id: str = Field(min_length=1, max_length=200)
+    task: str = Field(min_length=1, max_length=200)
+    payload: Any = None
+
+
+class WorkerEvent(BaseModel):
+    """A signed report from a worker (``jobs.report``) about one run's attempt."""
+
+    type: Literal["started", "completed", "failed", "waiting", "heartbeat"]
+    run_id: str = Field(max_length=40)
+    attempt: int = Field(ge=1)
+    #: A workflow's step; 0 for every other run.
+    step: int = Field(default=0, ge=0)
+    worker_id: str | None = Field(default=None, max_length=200)
+    occurred_at: str | None = None
+    output: Any = None
+    error: WorkerError | None = None
+    #: ``waiting`` only: the children to start and the nodes' states.
+    spawn: list[ChildRun] = Field(default_factory=list, max_length=200)
+    nodes: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+def run_job_id(run_id: str, attempt: int = 1, step: int = 0) -> str:
+    """The arq ``_job_id`` of a run's attempt (and workflow step)."""
+    if step:
+        return f"{run_id}:{attempt}:s{step}"
+    return run_id if attempt == 1 else f"{run_id}:{attempt}"
+
+
+def delivery_job_id(delivery_id: str, step: int) -> str:
+    """The arq ``_job_id`` of a delivery's scheduled attempt number ``step``."""
+    return f"webhook:{delivery_id}:{step}"
+
+
+# -- nudges -----------------------------------------------------------------------
+
+
+def nudge_channel(queue_name: str) -> str:
+    """Where a job queued for now is announced, so an idle worker takes it at
+    once instead of at its next poll (:class:`jobs.worker.NudgedWorker`)."""
+    return f"{queue_name}:nudge"
+
+
+async def listen_forever(
+    redis: Redis, channel: str, handle: Callable[[str], None], *, what: str
+) -> None:
+    """Hand each message on ``channel`` to ``handle`` until cancelled,
+    subscribing again after a lost connection (what was sent meanwhile is lost:
+    listeners must have another way to catch up, such as polling)."""
+    while True:
+        pubsub = redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(channel)
+            while True:
+                message = await pubsub.get_message(timeout=1.0)
+                if message is not None and message.get("type") == "message":
+                    data = message["data"]
+                    handle(data.decode() if isinstance(data, bytes) else str(data))
+        except asyncio.CancelledError:
+            raise
+        except (RedisError, OSError) as exc:
+            log.warning("%s lost their Redis connection: %s", what, exc)
+            await asyncio.sleep(1.0)
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
 
 SIGNATURE_HEADER = "gateway-signature"
 #: Bumped from v1 (body only) when the signature came to cover the request line.

@@ -21,15 +21,20 @@ from arq.connections import RedisSettings, create_pool
 from arq.worker import Worker
 from pydantic import ValidationError
 
-from gateway.notify import listen_forever
-from gateway.queue import nudge_channel
-from gateway.settings import Settings
 from jobs.deliver import deliver_webhook
 from jobs.media import Media
-from jobs.protocol import JSONRefused, clean_text, dumps
-from jobs.registry import TIMED_OUT_CODE, TaskContext, TaskError, load_tasks
+from jobs.protocol import (
+    TIMED_OUT_CODE,
+    JSONRefused,
+    clean_text,
+    dumps,
+    listen_forever,
+    nudge_channel,
+)
 from jobs.report import Reporter, ReportRejected, deliver_report, make_event, refused_fallback
-from jobs.workflow import Waiting, WorkflowFailed
+from jobs.settings import Settings
+from jobs.tasks.registry import TaskContext, TaskError, load_tasks
+from jobs.tasks.workflow import Waiting, WorkflowFailed
 from webhooks.ssrf import parse_networks
 
 __all__ = [
@@ -315,7 +320,7 @@ class NudgedWorker(Worker):
 
     arq polls its queue every ``poll_delay``; a run waits half of that on
     average before it starts, and a callback as long again. This worker also
-    listens on the queue's nudge channel (:func:`gateway.queue.nudge_channel`)
+    listens on the queue's nudge channel (:func:`jobs.protocol.nudge_channel`)
     and polls at once when a job is announced. Polling goes on as before, for
     deferred jobs, for jobs queued by anyone else, and when the channel is down.
     """

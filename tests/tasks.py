@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from jobs.registry import TaskContext, TaskError, task
+from jobs.tasks.registry import TaskContext, TaskError, task
 
 
 @task("tests.fail")

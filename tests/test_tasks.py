@@ -16,7 +16,7 @@ from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from PIL import Image
 
 from gateway.settings import Settings
-from jobs.registry import TaskContext, TaskError
+from jobs.tasks.registry import TaskContext, TaskError
 from tests.conftest import TEST_SECRET, Stack
 from tests.gemini import GeminiStandIn
 from tests.receiver import Receiver
@@ -292,7 +292,7 @@ def test_llm_retries_503_and_fails_clearly_on_400_and_lasting_429(
 def test_llm_without_a_key_says_which_variable_to_set() -> None:
     import asyncio
 
-    from jobs.llm import LlmPayload, llm
+    from jobs.tasks.llm import LlmPayload, llm
 
     ctx = TaskContext(
         run_id="run_x",

@@ -23,7 +23,7 @@ from gateway.dashboard.render import redirect, render, safe_next
 from gateway.dashboard.session import PREFIX, Viewer, viewer_of
 from gateway.listing import RunQuery
 from gateway.services import Services
-from gateway.transitions import WORKFLOW_TASK
+from jobs.protocol import WORKFLOW_TASK
 
 __all__ = [
     "endpoint_page",

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from jobs.registry import TaskContext, task
+from jobs.tasks.registry import TaskContext, task
 
 
 @task("echo")

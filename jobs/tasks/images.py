@@ -11,7 +11,7 @@ from typing import Any, Literal
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from jobs.registry import TaskContext, TaskError, task
+from jobs.tasks.registry import TaskContext, TaskError, task
 
 __all__ = ["CropPayload", "crop_bytes", "crop_image"]
 

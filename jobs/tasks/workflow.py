@@ -17,9 +17,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from jobs.images import CropPayload
-from jobs.llm import LlmPayload
-from jobs.registry import TaskContext, TaskError, task
+from jobs.protocol import WORKFLOW_TASK
+from jobs.tasks.images import CropPayload
+from jobs.tasks.llm import LlmPayload
+from jobs.tasks.registry import TaskContext, TaskError, task
 
 __all__ = [
     "NODE_TYPES",
@@ -337,7 +338,7 @@ def _check_payload(payload: Any) -> list[dict[str, str]]:
     return check_workflow(payload)
 
 
-@task("execute-workflow", payload=WorkflowPayload, check=_check_payload)
+@task(WORKFLOW_TASK, payload=WorkflowPayload, check=_check_payload)
 async def execute_workflow(payload: WorkflowPayload, ctx: TaskContext) -> Any:
     """Run a React Flow graph of text, image, crop-image and llm nodes."""
     details = check_workflow(payload.model_dump())

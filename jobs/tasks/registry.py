@@ -31,11 +31,10 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 
 if TYPE_CHECKING:
-    from gateway.settings import Settings
     from jobs.media import Media
+    from jobs.settings import Settings
 
 __all__ = [
-    "TIMED_OUT_CODE",
     "TaskContext",
     "TaskDefinition",
     "TaskError",
@@ -50,11 +49,6 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
 TaskFunction = Callable[[Any, "TaskContext"], Awaitable[Any]]
 #: What ``@task`` takes: an async function, or a plain one that runs in a thread.
 AnyTaskFunction = Callable[[Any, "TaskContext"], Any]
-
-
-#: The error code of an attempt stopped at ``options.max_duration``: the worker
-#: reports it, and the gateway ends the run TIMED_OUT for it (no retry).
-TIMED_OUT_CODE = "max_duration_exceeded"
 
 
 class TaskError(Exception):
@@ -212,7 +206,12 @@ def task(
 
 def load_tasks(modules: Iterable[str] = ()) -> TaskRegistry:
     """Import the built-in tasks and every module in ``modules`` (``TASK_MODULES``)."""
-    for builtin in ("jobs.builtin", "jobs.images", "jobs.llm", "jobs.workflow"):
+    for builtin in (
+        "jobs.tasks.builtin",
+        "jobs.tasks.images",
+        "jobs.tasks.llm",
+        "jobs.tasks.workflow",
+    ):
         importlib.import_module(builtin)
     for module in modules:
         importlib.import_module(module)

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from jobs.registry import TaskContext, TaskError, task
+from jobs.tasks.registry import TaskContext, TaskError, task
 
 __all__ = ["LlmPayload", "llm"]
 
