@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Annotated, Any
 
 import sqlalchemy as sa
+from pydantic import AfterValidator
 from sqlalchemy.dialects.postgresql import JSONB
 
-__all__ = ["JSONColumn", "UTCDateTime", "isoformat", "utcnow"]
+__all__ = ["JSONColumn", "UTCDateTime", "UTCTime", "isoformat", "to_utc", "utcnow"]
 
 #: JSON on SQLite, JSONB on PostgreSQL.
 JSONColumn = sa.JSON().with_variant(JSONB(), "postgresql")
@@ -23,6 +24,21 @@ def isoformat(value: dt.datetime | None) -> str | None:
     if value is None:
         return None
     return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def to_utc(value: dt.datetime) -> dt.datetime:
+    """``value`` in UTC (naive counts as UTC); :class:`ValueError` when the
+    conversion leaves the calendar (``0001-01-01T00:00:00+23:59``)."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    try:
+        return value.astimezone(dt.UTC)
+    except OverflowError:
+        raise ValueError("the time is out of range (years 1 to 9999, in UTC)") from None
+
+
+#: A time the API takes: ISO-8601, stored in UTC.
+UTCTime = Annotated[dt.datetime, AfterValidator(to_utc)]
 
 
 class UTCDateTime(sa.TypeDecorator[dt.datetime]):

@@ -14,8 +14,8 @@ from gateway.bodies import parse_json, signed_body, validate
 from gateway.errors import PayloadTooLarge, ValidationFailed, error_response
 from gateway.services import Services
 from gateway.views import TaskList, shaped
-from gateway.webhooks import DeliveryAttemptReport
 from jobs.protocol import EVENTS_PATH, PREPARE_PATH, WorkerEvent, dumps
+from webhooks.models import DeliveryAttemptReport
 
 __all__ = ["routes"]
 

@@ -26,13 +26,13 @@ from gateway.notify import RunNotifier
 from gateway.openapi import routes as openapi_routes
 from gateway.ratelimit import RateLimiter
 from gateway.reconciler import Reconciler, Scheduler
-from gateway.runs import RunService
+from gateway.runs.service import RunService
 from gateway.runs_api import routes as run_routes
 from gateway.services import Services
 from gateway.settings import Settings
-from gateway.webhooks import WebhookService
 from gateway.webhooks_api import routes as webhook_routes
 from jobs.tasks.registry import load_tasks
+from webhooks.service import WebhookService
 
 __all__ = ["create_app"]
 

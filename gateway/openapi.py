@@ -1,5 +1,5 @@
 """``GET /openapi.json``: an OpenAPI 3.1 document built from the models the
-API validates requests with (``gateway.schemas``, ``gateway.webhooks``) and
+API validates requests with (``gateway.schemas``, ``webhooks.models``) and
 shapes answers with (``gateway.views``)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from gateway import views
 from gateway.schemas import BatchRequest, RescheduleRequest, TriggerRequest
-from gateway.webhooks import EndpointCreate, EndpointUpdate, RecoverRequest, RotateRequest
+from webhooks.models import EndpointCreate, EndpointUpdate, RecoverRequest, RotateRequest
 
 __all__ = ["OPERATIONS", "build_document", "routes"]
 

@@ -27,11 +27,12 @@ from db.models import Delivery, DeliveryStatus, Run, RunStatus
 from db.types import utcnow
 from gateway.metrics import RECONCILER_ACTIONS
 from gateway.periodic import Periodic
-from gateway.runs import RunService
+from gateway.runs.effects import Job
+from gateway.runs.service import RunService
+from gateway.runs.workflow import node_states
 from gateway.settings import Settings
-from gateway.transitions import Job, node_states
-from gateway.webhooks import WebhookService
 from jobs.protocol import delivery_job_id, run_job_id
+from webhooks.service import WebhookService
 
 __all__ = ["Reconciler", "Scheduler"]
 

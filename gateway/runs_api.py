@@ -14,11 +14,11 @@ from starlette.routing import Route
 
 from db.ids import new_id
 from db.models import RunStatus
-from db.types import isoformat
+from db.types import isoformat, to_utc
 from gateway.bodies import json_object
 from gateway.errors import NotFound, ValidationFailed
-from gateway.listing import RunQuery, transitions_since
-from gateway.schemas import BatchRequest, RescheduleRequest, TriggerRequest, to_utc
+from gateway.runs.read import RunQuery, transitions_since
+from gateway.schemas import BatchRequest, RescheduleRequest, TriggerRequest
 from gateway.services import Services
 from gateway.tokens import PublicTokens
 from gateway.views import BatchCreated, BatchSummary, RunPage, RunView, shaped

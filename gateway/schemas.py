@@ -15,6 +15,8 @@ from pydantic import (
     StringConstraints,
 )
 
+from db.types import to_utc
+
 __all__ = [
     "BatchItem",
     "BatchRequest",
@@ -22,8 +24,6 @@ __all__ = [
     "RetryOptions",
     "TriggerOptions",
     "TriggerRequest",
-    "UTCTime",
-    "to_utc",
 ]
 
 Tag = Annotated[str, StringConstraints(min_length=1, max_length=128)]
@@ -42,20 +42,6 @@ def _seconds(value: Any) -> Any:
         return float(match[1]) * _UNITS[match[2]]
     return value
 
-
-def to_utc(value: dt.datetime) -> dt.datetime:
-    """``value`` in UTC (naive counts as UTC); :class:`ValueError` when the
-    conversion leaves the calendar (``0001-01-01T00:00:00+23:59``)."""
-    if value.tzinfo is None:
-        return value.replace(tzinfo=dt.UTC)
-    try:
-        return value.astimezone(dt.UTC)
-    except OverflowError:
-        raise ValueError("the time is out of range (years 1 to 9999, in UTC)") from None
-
-
-#: A time the API takes: ISO-8601, stored in UTC.
-UTCTime = Annotated[dt.datetime, AfterValidator(to_utc)]
 
 #: Every duration the API takes is at most a year: past that it is a mistake
 #: (and would overflow a date).

@@ -9,10 +9,10 @@ from arq import ArqRedis
 from db.engine import Database
 from gateway.auth import ApiKeyAuth
 from gateway.notify import RunNotifier
-from gateway.runs import RunService
+from gateway.runs.service import RunService
 from gateway.settings import Settings
-from gateway.webhooks import WebhookService
 from jobs.tasks.registry import TaskRegistry
+from webhooks.service import WebhookService
 
 __all__ = ["Services"]
 

@@ -25,7 +25,7 @@ from gateway.views import (
     SigningSecret,
     shaped,
 )
-from gateway.webhooks import EndpointCreate, EndpointUpdate, RecoverRequest, RotateRequest
+from webhooks.models import EndpointCreate, EndpointUpdate, RecoverRequest, RotateRequest
 
 __all__ = ["routes"]
 

@@ -18,7 +18,7 @@ from gateway.dashboard.session import PREFIX, Viewer, read_form, sign_in, sign_o
 from gateway.errors import APIError, NotFound, Unauthorized, ValidationFailed
 from gateway.schemas import TriggerRequest
 from gateway.services import Services
-from gateway.webhooks import EndpointCreate, EndpointUpdate, RecoverRequest, RotateRequest
+from webhooks.models import EndpointCreate, EndpointUpdate, RecoverRequest, RotateRequest
 
 __all__ = [
     "cancel_run",

@@ -21,7 +21,7 @@ from gateway.dashboard.queries import (
 )
 from gateway.dashboard.render import redirect, render, safe_next
 from gateway.dashboard.session import PREFIX, Viewer, viewer_of
-from gateway.listing import RunQuery
+from gateway.runs.read import RunQuery
 from gateway.services import Services
 from jobs.protocol import WORKFLOW_TASK
 

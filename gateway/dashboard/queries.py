@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from db.models import Artifact, Delivery, DeliveryAttempt, Run, RunTransition
 from db.types import isoformat
-from gateway.listing import count_by_status
+from gateway.runs.read import count_by_status
 
 __all__ = [
     "Cursor",

@@ -1,7 +1,9 @@
-"""Runs: creating them, reading them, and applying the workers' reports.
+"""The run service: runs the units of work on runs, then what they set in motion.
 
-The units of work (and the compare-and-set rules) live in ``gateway.transitions``;
-this service runs them, then queues what they set in motion.
+The units (and the compare-and-set rules) live beside it in ``gateway.runs``;
+this service runs each in a transaction of its own, again when another process
+won a race, and only after the commit queues the jobs, dispatches the
+callbacks, wakes the waiters and asks workers to abort (``Effects``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -22,32 +24,24 @@ from db.engine import Database
 from db.ids import new_id
 from db.models import Run, RunStatus
 from db.types import utcnow
-from gateway.errors import Conflict, NotFound
-from gateway.listing import RunQuery, batch_summary, list_runs
+from gateway.errors import NotFound
 from gateway.notify import RunNotifier
 from gateway.queue import enqueue_job
+from gateway.runs.cancel import cancel_run
+from gateway.runs.create import NewRun, create_runs
+from gateway.runs.effects import Effects, Job, job_of
+from gateway.runs.errors import LostRace, RunNotFound
+from gateway.runs.events import EventAnswer, apply_event
+from gateway.runs.read import RunQuery, batch_summary, list_runs, load_run
+from gateway.runs.recovery import queued_before, recover_lost
+from gateway.runs.timers import release_due, reschedule
 from gateway.schemas import RetryOptions, TriggerOptions, TriggerRequest
 from gateway.settings import Settings
 from gateway.tokens import PublicTokens
-from gateway.transitions import (
-    EventOutcome,
-    Job,
-    LostRace,
-    NewRun,
-    apply_event,
-    cancel_run,
-    create_runs,
-    job_of,
-    load_run,
-    queued_before,
-    recover_lost,
-    release_due,
-    reschedule,
-)
-from gateway.webhooks import Outgoing, WebhookService
 from jobs.protocol import WorkerEvent, run_job_id
+from webhooks.service import WebhookService
 
-__all__ = ["EventOutcome", "RunService"]
+__all__ = ["RunService"]
 
 log = logging.getLogger("gateway.runs")
 
@@ -183,7 +177,7 @@ class RunService:
         """The run, or :class:`NotFound` (also for another project's run)."""
         view = await self.db.read(load_run, project_id, run_id)
         if view is None:
-            raise NotFound(f"no run with id {run_id!r}", code="run_not_found")
+            raise RunNotFound(run_id)
         return view
 
     async def wait(self, project_id: str | None, run_id: str, seconds: float) -> dict[str, Any]:
@@ -206,22 +200,14 @@ class RunService:
     async def cancel(self, project_id: str, run_id: str) -> dict[str, Any]:
         """Cancel a run that is not final (and a workflow's children with it);
         abort its job if a worker is running it."""
-        result = await self._write_until_settled(cancel_run, project_id, run_id)
-        if result is None:
-            raise NotFound(f"no run with id {run_id!r}", code="run_not_found")
-        if isinstance(result, str):
-            raise Conflict(
-                f"the run is {result} already; only a run that is not final can be canceled",
-                code="run_already_final",
-            )
-        await self._after(result.jobs, result.changed, result.outgoing, result.abort)
+        await self._after(await self._write_until_settled(cancel_run, project_id, run_id))
         return await self.get(project_id, run_id)
 
     async def replay(self, project_id: str, run_id: str) -> dict[str, Any]:
         """A new run of the same task, payload and options, with ``replayed_from``."""
         original = await self.db.read(_replay_source, project_id, run_id)
         if original is None:
-            raise NotFound(f"no run with id {run_id!r}", code="run_not_found")
+            raise RunNotFound(run_id)
         options = TriggerOptions(
             tags=original["tags"] or [],
             metadata=original["metadata"] or {},
@@ -244,14 +230,7 @@ class RunService:
     ) -> dict[str, Any]:
         now = utcnow()
         run_at = delay if isinstance(delay, dt.datetime) else now + dt.timedelta(seconds=delay)
-        result = await self.db.write(reschedule, project_id, run_id, max(run_at, now))
-        if result is None:
-            raise NotFound(f"no run with id {run_id!r}", code="run_not_found")
-        if result != "ok":
-            raise Conflict(
-                f"the run is {result}; only a DELAYED run can be rescheduled",
-                code="run_not_delayed",
-            )
+        await self.db.write(reschedule, project_id, run_id, max(run_at, now))
         return await self.get(project_id, run_id)
 
     async def find(self, project_id: str, query: RunQuery) -> dict[str, Any]:
@@ -286,45 +265,37 @@ class RunService:
                 flags = await pipe.execute()
             taken = [run_id for (run_id, _), flag in zip(queued, flags, strict=True) if flag]
         lost = await self.db.write(recover_lost, now, timeout, taken)
-        await self._after(lost.jobs, lost.changed, lost.outgoing, lost.abort)
+        await self._after(lost)
         return len(lost.abort)
 
     async def release_due(self) -> int:
         """One scheduler pass: start due DELAYED/RETRYING runs, expire stale ones."""
         due = await self.db.write(release_due, utcnow())
-        await self._after(due.jobs, due.changed, due.outgoing, due.abort)
+        await self._after(due)
         return len(due.jobs) + len(due.abort)
 
-    async def _after(
-        self,
-        jobs: Sequence[Job],
-        changed: Sequence[str],
-        outgoing: Sequence[Outgoing],
-        abort: Sequence[str],
-    ) -> None:
-        """What a committed unit of work set in motion: jobs, wake-ups, callbacks."""
-        if abort:
+    async def _after(self, effects: Effects) -> None:
+        """What a committed unit of work set in motion: aborts, jobs, wake-ups, callbacks."""
+        if effects.abort:
             try:
                 now_ms = int(time.time() * 1000)
-                await self.redis.zadd(abort_jobs_ss, dict.fromkeys(abort, now_ms))
+                await self.redis.zadd(abort_jobs_ss, dict.fromkeys(effects.abort, now_ms))
             except (RedisError, OSError) as exc:
                 # The database has the final status; a worker that starts or
                 # finishes the job is told so and stops there.
-                log.warning("could not ask workers to abort %s: %s", abort, exc)
-        for job in jobs:
+                log.warning("could not ask workers to abort %s: %s", effects.abort, exc)
+        for job in effects.jobs:
             await self.enqueue(job)
-        for run_id in changed:
+        for run_id in effects.changed:
             await self.notifier.publish(run_id)
-        if outgoing:
-            await self.webhooks.dispatch(outgoing)
+        if effects.outgoing:
+            await self.webhooks.dispatch(effects.outgoing)
 
-    async def apply_event(self, event: WorkerEvent) -> EventOutcome:
+    async def apply_event(self, event: WorkerEvent) -> EventAnswer:
         """Apply a verified worker event; a stale or repeated one is a no-op."""
-        outcome = await self._write_until_settled(apply_event, event)
-        if outcome is None:
-            raise NotFound(f"no run with id {event.run_id!r}", code="run_not_found")
-        await self._after(outcome.jobs, outcome.changed, outcome.outgoing, ())
-        return outcome
+        answer = await self._write_until_settled(apply_event, event)
+        await self._after(answer.effects)
+        return answer
 
     async def _write_until_settled(self, fn: Callable[..., T], *args: Any, tries: int = 5) -> T:
         """``db.write(fn, …)``, run again when another process moved a run

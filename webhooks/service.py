@@ -1,419 +1,78 @@
-"""Callbacks: endpoints, the outbox of deliveries, and each delivery's attempts.
+"""The callback service: endpoints, the delivery log, and sending with retries.
 
-A delivery (one event for one URL; its ID is the ``webhook-id`` header) is
-written in the same transaction as the run transition that causes it
-(DESIGN.md, invariant 4). After the commit the gateway puts a
-``deliver_webhook`` job on the queue; a worker sends the call and reports the
-attempt back as a signed event; the gateway records it and, on failure,
-queues the next try on the retry schedule. The gateway keeps the secrets: a
-worker gets freshly signed headers for each attempt (``prepare``), never a key.
+After a commit the gateway puts a ``deliver_webhook`` job on the deliveries
+queue; a worker sends the call and reports the attempt back as a signed event;
+the service records it and, on failure, queues the next try on the retry
+schedule. The gateway keeps the secrets: a worker gets freshly signed headers
+for each attempt (``prepare``), never a key.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
-import json
 import logging
-import random
-from collections.abc import Callable, Mapping, Sequence
-from typing import Annotated, Any
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from arq import ArqRedis
 from arq.constants import abort_jobs_ss
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from redis.exceptions import RedisError
 
 from db.engine import Database
 from db.ids import new_id
 from db.models import (
     Delivery,
-    DeliveryAttempt,
     DeliveryStatus,
     EndpointSecret,
-    Project,
     Run,
-    RunStatus,
     WebhookEndpoint,
 )
 from db.types import isoformat, utcnow
 from gateway.errors import NotFound, ValidationFailed
 from gateway.metrics import DELIVERY_ATTEMPTS
 from gateway.queue import enqueue_job
-from gateway.schemas import UTCTime
 from gateway.settings import Settings
 from jobs.protocol import clean_text, delivery_job_id
-from webhooks.sender import ATTEMPT_ERROR_CODES
+from webhooks.deliveries import (
+    RetryPolicy,
+    attempts_of,
+    delivery_row,
+    delivery_view,
+    list_deliveries,
+    lost_attempt,
+    outcome_of,
+    record_attempt,
+)
+from webhooks.endpoints import endpoint_view, load_endpoint
+from webhooks.models import (
+    DeliveryAttemptReport,
+    EndpointCreate,
+    EndpointUpdate,
+    RecoverRequest,
+    RotateRequest,
+)
+from webhooks.outbox import (
+    EVENT_TYPES,
+    TEST_EVENT,
+    Outgoing,
+    active_secrets,
+    encode_body,
+    event_body,
+    insert_delivery,
+    project_secret,
+)
 from webhooks.signing import generate_webhook_secret, webhook_headers
 from webhooks.ssrf import AddressRefused, IPNetwork, parse_networks, validate_url
 
-__all__ = [
-    "ERROR_CODES",
-    "EVENT_TYPES",
-    "DeliveryAttemptReport",
-    "EndpointCreate",
-    "EndpointUpdate",
-    "WebhookService",
-    "create_run_deliveries",
-]
+__all__ = ["WebhookService"]
 
-log = logging.getLogger("gateway.webhooks")
+log = logging.getLogger("webhooks.service")
 
 endpoints = WebhookEndpoint.__table__  # type: ignore[attr-defined]
 endpoint_secrets = EndpointSecret.__table__  # type: ignore[attr-defined]
 deliveries = Delivery.__table__  # type: ignore[attr-defined]
-delivery_attempts = DeliveryAttempt.__table__  # type: ignore[attr-defined]
-projects = Project.__table__  # type: ignore[attr-defined]
 runs = Run.__table__  # type: ignore[attr-defined]
-
-#: The event of each final status.
-FINAL_EVENTS = {
-    RunStatus.COMPLETED: "run.completed",
-    RunStatus.FAILED: "run.failed",
-    RunStatus.CANCELED: "run.canceled",
-    RunStatus.EXPIRED: "run.expired",
-    RunStatus.TIMED_OUT: "run.timed_out",
-}
-#: Every event an endpoint can subscribe to. ``*`` means all but ``run.started``,
-#: which an endpoint gets only by naming it.
-EVENT_TYPES = ("run.started", *FINAL_EVENTS.values())
-TEST_EVENT = "webhook.test"
-RESPONSE_EXCERPT_BYTES = 2048
-
-
-def _wants(events: Sequence[str], event_type: str) -> bool:
-    if event_type in events:
-        return True
-    return "*" in events and event_type != "run.started"
-
-
-# -- request models -----------------------------------------------------------
-
-
-class EndpointCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    url: str = Field(min_length=1, max_length=2048)
-    events: list[str] = Field(default_factory=lambda: ["*"], min_length=1, max_length=20)
-    tasks: list[str] = Field(default_factory=list, max_length=100)
-    description: str = Field(default="", max_length=1000)
-
-
-class EndpointUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    url: str | None = Field(default=None, min_length=1, max_length=2048)
-    events: list[str] | None = Field(default=None, min_length=1, max_length=20)
-    tasks: list[str] | None = Field(default=None, max_length=100)
-    description: str | None = Field(default=None, max_length=1000)
-    enabled: bool | None = None
-
-
-class RotateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    grace_period: float | None = Field(default=None, ge=0, le=7 * 24 * 3600)
-
-
-class RecoverRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    since: UTCTime
-
-
-def _excerpt(value: Any) -> Any:
-    return clean_text(value, RESPONSE_EXCERPT_BYTES) if isinstance(value, str) else value
-
-
-def _message(value: Any) -> Any:
-    return clean_text(value, 2000) if isinstance(value, str) else value
-
-
-#: Codes of attempts that got no answer: the sender's, and the gateway's own.
-ERROR_CODES = (
-    *ATTEMPT_ERROR_CODES,
-    "attempt_lost",  # the worker never reported the attempt (it died, or was refused)
-    "record_failed",  # the answer could not be stored as it came
-)
-
-
-class DeliveryAttemptReport(BaseModel):
-    """A worker's report of one attempt (a signed event of type ``delivery.attempt``).
-
-    What the receiver sent back is text for a person: it is cleaned and cut
-    here, never refused, so an attempt is always recorded.
-    """
-
-    type: str = Field(pattern="^delivery.attempt$")
-    delivery_id: str = Field(max_length=40)
-    key: str = Field(min_length=8, max_length=64)
-    trigger: str = Field(pattern="^(schedule|resend)$")
-    status_code: int | None = Field(default=None, ge=100, le=999)
-    latency_ms: int | None = Field(default=None, ge=0)
-    response_body: Annotated[str | None, BeforeValidator(_excerpt)] = None
-    error: Annotated[str | None, BeforeValidator(_message)] = None
-    error_code: str | None = Field(default=None, max_length=40)
-    retry_after: float | None = Field(default=None, ge=0)
-
-    @property
-    def succeeded(self) -> bool:
-        return self.status_code is not None and 200 <= self.status_code < 300
-
-
-# -- views --------------------------------------------------------------------
-
-
-def endpoint_view(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "id": row["id"],
-        "url": row["url"],
-        "description": row["description"],
-        "events": list(row["events"]),
-        "tasks": list(row["tasks"]),
-        "enabled": bool(row["enabled"]),
-        "disabled_reason": row["disabled_reason"],
-        "disabled_at": isoformat(row["disabled_at"]),
-        "failing_since": isoformat(row["failing_since"]),
-        "last_success_at": isoformat(row["last_success_at"]),
-        "created_at": isoformat(row["created_at"]),
-        "updated_at": isoformat(row["updated_at"]),
-    }
-
-
-def attempt_view(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "number": row["number"],
-        "trigger": row["trigger"],
-        "at": isoformat(row["at"]),
-        "succeeded": bool(row["succeeded"]),
-        "status_code": row["status_code"],
-        "latency_ms": row["latency_ms"],
-        "response_body": row["response_body"],
-        "error": row["error"],
-        "error_code": row["error_code"],
-    }
-
-
-def delivery_view(row: Mapping[str, Any], attempts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    return {
-        "id": row["id"],
-        "event_type": row["event_type"],
-        "endpoint_id": row["endpoint_id"],
-        "run_id": row["run_id"],
-        "url": row["url"],
-        "status": row["status"],
-        "attempt_count": row["attempts"],
-        "next_attempt_at": isoformat(row["next_attempt_at"]),
-        "last_status_code": row["last_status_code"],
-        "last_error": row["last_error"],
-        "created_at": isoformat(row["created_at"]),
-        "delivered_at": isoformat(row["delivered_at"]),
-        "payload": row["payload"],
-        "attempts": [attempt_view(a) for a in attempts],
-    }
-
-
-# -- units of work --------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Outgoing:
-    """A delivery committed in the outbox, to be queued once the commit is done."""
-
-    id: str
-    url: str
-    body: str
-    secrets: tuple[str, ...]
-
-
-def _active_secrets(conn: sa.Connection, endpoint_id: str, now: dt.datetime) -> list[str]:
-    rows = conn.execute(
-        sa.select(endpoint_secrets.c.secret)
-        .where(
-            endpoint_secrets.c.endpoint_id == endpoint_id,
-            sa.or_(endpoint_secrets.c.expires_at.is_(None), endpoint_secrets.c.expires_at > now),
-        )
-        .order_by(endpoint_secrets.c.id.desc())
-    )
-    return [r.secret for r in rows]
-
-
-def _project_secret(conn: sa.Connection, project_id: str) -> str:
-    secret = conn.scalar(sa.select(projects.c.signing_secret).where(projects.c.id == project_id))
-    if secret:
-        return str(secret)
-    secret = generate_webhook_secret()
-    conn.execute(
-        projects.update()
-        .where(projects.c.id == project_id, projects.c.signing_secret.is_(None))
-        .values(signing_secret=secret)
-    )
-    # Another process may have set it first: read back what won.
-    return str(conn.scalar(sa.select(projects.c.signing_secret).where(projects.c.id == project_id)))
-
-
-def _body(event_type: str, data: Any, now: dt.datetime) -> dict[str, Any]:
-    return {"type": event_type, "timestamp": isoformat(now), "data": data}
-
-
-def _insert_delivery(
-    conn: sa.Connection,
-    *,
-    project_id: str,
-    endpoint_id: str | None,
-    run_id: str | None,
-    url: str,
-    event_type: str,
-    payload: dict[str, Any],
-    now: dt.datetime,
-) -> str:
-    delivery_id = new_id("msg")
-    conn.execute(
-        deliveries.insert(),
-        {
-            "id": delivery_id,
-            "project_id": project_id,
-            "endpoint_id": endpoint_id,
-            "run_id": run_id,
-            "url": url,
-            "event_type": event_type,
-            "payload": payload,
-            "status": DeliveryStatus.PENDING.value,
-            "attempts": 0,
-            "schedule_step": 0,
-            "next_attempt_at": now,
-            # The first attempt goes out as soon as the transaction commits.
-            "leased_at": now,
-            "created_at": now,
-            "updated_at": now,
-        },
-    )
-    return delivery_id
-
-
-def _encode(payload: Mapping[str, Any]) -> str:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-
-
-#: Built once: every final event of every run reads it (the hot path).
-_ENABLED_ENDPOINTS = sa.select(
-    endpoints.c.id, endpoints.c.url, endpoints.c.events, endpoints.c.tasks
-).where(
-    endpoints.c.project_id == sa.bindparam("project_id"),
-    endpoints.c.enabled.is_(True),
-    endpoints.c.deleted_at.is_(None),
-)
-
-
-def create_run_deliveries(
-    conn: sa.Connection,
-    run: Mapping[str, Any],
-    view: Callable[[], Mapping[str, Any]],
-    event_type: str,
-    now: dt.datetime,
-) -> list[Outgoing]:
-    """Write the deliveries a run's ``event_type`` causes; call it inside the
-    transaction of the transition (the outbox)."""
-    rows = conn.execute(_ENABLED_ENDPOINTS, {"project_id": run["project_id"]}).all()
-    wanted = [
-        row
-        for row in rows
-        if _wants(row.events, event_type) and (not row.tasks or run["task"] in row.tasks)
-    ]
-    callback_url = run.get("callback_url") if event_type != "run.started" else None
-    if not wanted and not callback_url:
-        return []
-    payload = _body(event_type, dict(view()), now)
-    body = _encode(payload)
-    out: list[Outgoing] = []
-    for row in wanted:
-        delivery_id = _insert_delivery(
-            conn,
-            project_id=run["project_id"],
-            endpoint_id=row.id,
-            run_id=run["id"],
-            url=row.url,
-            event_type=event_type,
-            payload=payload,
-            now=now,
-        )
-        out.append(Outgoing(delivery_id, row.url, body, tuple(_active_secrets(conn, row.id, now))))
-    if callback_url:
-        delivery_id = _insert_delivery(
-            conn,
-            project_id=run["project_id"],
-            endpoint_id=None,
-            run_id=run["id"],
-            url=callback_url,
-            event_type=event_type,
-            payload=payload,
-            now=now,
-        )
-        secret = _project_secret(conn, run["project_id"])
-        out.append(Outgoing(delivery_id, callback_url, body, (secret,)))
-    return out
-
-
-def _load_endpoint(conn: sa.Connection, project_id: str, endpoint_id: str) -> dict[str, Any]:
-    row = (
-        conn.execute(
-            sa.select(endpoints).where(
-                endpoints.c.id == endpoint_id,
-                endpoints.c.project_id == project_id,
-                endpoints.c.deleted_at.is_(None),
-            )
-        )
-        .mappings()
-        .first()
-    )
-    if row is None:
-        raise NotFound(f"no webhook endpoint with id {endpoint_id!r}", code="endpoint_not_found")
-    return dict(row)
-
-
-def _attempts_of(conn: sa.Connection, ids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
-    by_delivery: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}
-    if not ids:
-        return by_delivery
-    rows = conn.execute(
-        sa.select(delivery_attempts)
-        .where(delivery_attempts.c.delivery_id.in_(list(ids)))
-        .order_by(delivery_attempts.c.delivery_id, delivery_attempts.c.number)
-    ).mappings()
-    for row in rows:
-        by_delivery[row["delivery_id"]].append(dict(row))
-    return by_delivery
-
-
-def _list_deliveries(
-    conn: sa.Connection, condition: Any, limit: int, cursor: str | None
-) -> dict[str, Any]:
-    query = sa.select(deliveries).where(condition)
-    if cursor:
-        query = query.where(deliveries.c.id < cursor)
-    rows = [
-        dict(r)
-        for r in conn.execute(query.order_by(deliveries.c.id.desc()).limit(limit + 1)).mappings()
-    ]
-    page, more = rows[:limit], len(rows) > limit
-    attempts = _attempts_of(conn, [r["id"] for r in page])
-    return {
-        "data": [delivery_view(r, attempts[r["id"]]) for r in page],
-        "next_cursor": page[-1]["id"] if more and page else None,
-    }
-
-
-# -- the service ------------------------------------------------------------------
-
-
-def _outcome_of(report: DeliveryAttemptReport) -> str:
-    """The metric's ``outcome`` label of an attempt."""
-    if report.succeeded:
-        return "succeeded"
-    if report.status_code is not None:
-        return "http_error"
-    return report.error_code if report.error_code in ERROR_CODES else "connection_error"
 
 
 class WebhookService:
@@ -509,7 +168,7 @@ class WebhookService:
         return await self.db.read(select)
 
     async def get_endpoint(self, project_id: str, endpoint_id: str) -> dict[str, Any]:
-        return endpoint_view(await self.db.read(_load_endpoint, project_id, endpoint_id))
+        return endpoint_view(await self.db.read(load_endpoint, project_id, endpoint_id))
 
     async def update_endpoint(
         self, project_id: str, endpoint_id: str, request: EndpointUpdate
@@ -525,14 +184,14 @@ class WebhookService:
                 )
 
         def update(conn: sa.Connection) -> dict[str, Any]:
-            _load_endpoint(conn, project_id, endpoint_id)
+            load_endpoint(conn, project_id, endpoint_id)
             values: dict[str, Any] = {**changes, "updated_at": utcnow()}
             if changes.get("enabled") is True:
                 values.update(disabled_reason=None, disabled_at=None, failing_since=None)
             elif changes.get("enabled") is False:
                 values.update(disabled_reason="disabled by the owner", disabled_at=utcnow())
             conn.execute(endpoints.update().where(endpoints.c.id == endpoint_id).values(**values))
-            return _load_endpoint(conn, project_id, endpoint_id)
+            return load_endpoint(conn, project_id, endpoint_id)
 
         return endpoint_view(await self.db.write(update))
 
@@ -541,7 +200,7 @@ class WebhookService:
         and their queued attempts are aborted before they start."""
 
         def delete(conn: sa.Connection) -> list[str]:
-            _load_endpoint(conn, project_id, endpoint_id)
+            load_endpoint(conn, project_id, endpoint_id)
             now = utcnow()
             conn.execute(
                 endpoints.update()
@@ -582,7 +241,7 @@ class WebhookService:
 
     async def get_secret(self, project_id: str, endpoint_id: str) -> dict[str, Any]:
         def read(conn: sa.Connection) -> dict[str, Any]:
-            _load_endpoint(conn, project_id, endpoint_id)
+            load_endpoint(conn, project_id, endpoint_id)
             now = utcnow()
             rows = (
                 conn.execute(
@@ -619,7 +278,7 @@ class WebhookService:
         )
 
         def rotate(conn: sa.Connection) -> dict[str, Any]:
-            _load_endpoint(conn, project_id, endpoint_id)
+            load_endpoint(conn, project_id, endpoint_id)
             now = utcnow()
             expires = now + dt.timedelta(seconds=grace)
             # Every secret still signing stops at the end of the grace period at
@@ -645,18 +304,18 @@ class WebhookService:
         return await self.db.write(rotate)
 
     async def project_secret(self, project_id: str) -> str:
-        return await self.db.write(_project_secret, project_id)
+        return await self.db.write(project_secret, project_id)
 
     async def send_test(self, project_id: str, endpoint_id: str) -> dict[str, Any]:
         def insert(conn: sa.Connection) -> tuple[dict[str, Any], Outgoing]:
-            endpoint = _load_endpoint(conn, project_id, endpoint_id)
+            endpoint = load_endpoint(conn, project_id, endpoint_id)
             now = utcnow()
-            payload = _body(
+            payload = event_body(
                 TEST_EVENT,
                 {"endpoint_id": endpoint_id, "message": "a test event from the gateway"},
                 now,
             )
-            delivery_id = _insert_delivery(
+            delivery_id = insert_delivery(
                 conn,
                 project_id=project_id,
                 endpoint_id=endpoint_id,
@@ -666,10 +325,10 @@ class WebhookService:
                 payload=payload,
                 now=now,
             )
-            secrets_ = tuple(_active_secrets(conn, endpoint_id, now))
+            secrets_ = tuple(active_secrets(conn, endpoint_id, now))
             row = conn.execute(sa.select(deliveries).where(deliveries.c.id == delivery_id))
             view = delivery_view(dict(row.mappings().one()), [])
-            return view, Outgoing(delivery_id, endpoint["url"], _encode(payload), secrets_)
+            return view, Outgoing(delivery_id, endpoint["url"], encode_body(payload), secrets_)
 
         view, outgoing = await self.db.write(insert)
         await self.dispatch([outgoing])
@@ -681,8 +340,8 @@ class WebhookService:
         self, project_id: str, endpoint_id: str, *, limit: int, cursor: str | None
     ) -> dict[str, Any]:
         def read(conn: sa.Connection) -> dict[str, Any]:
-            _load_endpoint(conn, project_id, endpoint_id)
-            return _list_deliveries(conn, deliveries.c.endpoint_id == endpoint_id, limit, cursor)
+            load_endpoint(conn, project_id, endpoint_id)
+            return list_deliveries(conn, deliveries.c.endpoint_id == endpoint_id, limit, cursor)
 
         return await self.db.read(read)
 
@@ -693,7 +352,7 @@ class WebhookService:
             owner = conn.scalar(sa.select(runs.c.project_id).where(runs.c.id == run_id))
             if owner != project_id:
                 raise NotFound(f"no run with id {run_id!r}", code="run_not_found")
-            return _list_deliveries(conn, deliveries.c.run_id == run_id, limit, cursor)
+            return list_deliveries(conn, deliveries.c.run_id == run_id, limit, cursor)
 
         return await self.db.read(read)
 
@@ -715,7 +374,7 @@ class WebhookService:
                 .where(deliveries.c.id == delivery_id)
                 .values(status=DeliveryStatus.PENDING.value, updated_at=utcnow())
             )
-            attempts = _attempts_of(conn, [delivery_id])[delivery_id]
+            attempts = attempts_of(conn, [delivery_id])[delivery_id]
             return delivery_view({**row, "status": DeliveryStatus.PENDING.value}, attempts)
 
         view = await self.db.write(reset)
@@ -728,7 +387,7 @@ class WebhookService:
         since = request.since
 
         def reset(conn: sa.Connection) -> list[str]:
-            _load_endpoint(conn, project_id, endpoint_id)
+            load_endpoint(conn, project_id, endpoint_id)
             ids = [
                 r.id
                 for r in conn.execute(
@@ -825,7 +484,7 @@ class WebhookService:
         lease_seconds = self.lease_seconds
 
         def lease(conn: sa.Connection) -> dict[str, Any] | Outgoing:
-            row = _delivery_row(conn, delivery_id)
+            row = delivery_row(conn, delivery_id)
             if row["status"] != DeliveryStatus.PENDING.value:
                 return {"send": False, "reason": f"the delivery is {row['status']}"}
             now = utcnow()
@@ -835,10 +494,10 @@ class WebhookService:
                 and leased is not None
                 and leased < now - dt.timedelta(seconds=lease_seconds)
             ):
-                outcome = _record(conn, policy, _lost_attempt(row), now)
+                outcome = record_attempt(conn, policy, lost_attempt(row), now)
                 return {"send": False, "reason": "the last attempt was lost", **outcome}
             if row["endpoint_id"] is None:
-                secrets_: tuple[str, ...] = (_project_secret(conn, row["project_id"]),)
+                secrets_: tuple[str, ...] = (project_secret(conn, row["project_id"]),)
                 url = row["url"]
             else:
                 endpoint = (
@@ -864,13 +523,13 @@ class WebhookService:
                         )
                     )
                     return {"send": False, "reason": reason}
-                secrets_ = (*_active_secrets(conn, endpoint["id"], now),)
+                secrets_ = (*active_secrets(conn, endpoint["id"], now),)
                 url = endpoint["url"]
             if trigger == "schedule":
                 conn.execute(
                     deliveries.update().where(deliveries.c.id == delivery_id).values(leased_at=now)
                 )
-            return Outgoing(delivery_id, url, _encode(row["payload"]), secrets_)
+            return Outgoing(delivery_id, url, encode_body(row["payload"]), secrets_)
 
         result = await self.db.write(lease)
         if isinstance(result, Outgoing):
@@ -880,9 +539,9 @@ class WebhookService:
             await self._after_record(delivery_id, result)
         return {"send": False, "reason": result["reason"]}
 
-    def _policy(self) -> _RetryPolicy:
+    def _policy(self) -> RetryPolicy:
         settings = self.settings
-        return _RetryPolicy(
+        return RetryPolicy(
             schedule=settings.webhook_retry_schedule,
             jitter=settings.webhook_retry_jitter,
             retry_after_max=settings.webhook_retry_after_max,
@@ -898,7 +557,7 @@ class WebhookService:
         """
         policy = self._policy()
         try:
-            outcome = await self.db.write(_record, policy, report, utcnow())
+            outcome = await self.db.write(record_attempt, policy, report, utcnow())
         except (sa.exc.DataError, sa.exc.StatementError, ValueError) as exc:
             if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
                 raise  # the database is away: the worker retries the report
@@ -910,9 +569,9 @@ class WebhookService:
                     "error": clean_text(f"the answer could not be stored: {exc}", 2000),
                 }
             )
-            outcome = await self.db.write(_record, policy, plain, utcnow())
+            outcome = await self.db.write(record_attempt, policy, plain, utcnow())
         if outcome["recorded"]:
-            DELIVERY_ATTEMPTS.labels(outcome=_outcome_of(report)).inc()
+            DELIVERY_ATTEMPTS.labels(outcome=outcome_of(report)).inc()
         await self._after_record(report.delivery_id, outcome)
         return {"recorded": outcome["recorded"], "next_attempt_in": outcome["next_attempt_in"]}
 
@@ -924,146 +583,3 @@ class WebhookService:
                 step=outcome["step"],
                 defer=outcome["next_attempt_in"],
             )
-
-
-@dataclasses.dataclass(frozen=True)
-class _RetryPolicy:
-    schedule: tuple[float, ...]
-    jitter: float
-    retry_after_max: float
-    disable_after: float
-
-    def delay(self, step: int, retry_after: float | None) -> float | None:
-        """Seconds before scheduled attempt ``step`` (from 0), ``None`` past the end."""
-        if step >= len(self.schedule):
-            return None
-        delay = self.schedule[step] * (1 + random.uniform(-self.jitter, self.jitter))
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, self.retry_after_max))
-        return delay
-
-
-def _delivery_row(conn: sa.Connection, delivery_id: str) -> dict[str, Any]:
-    row = (
-        conn.execute(sa.select(deliveries).where(deliveries.c.id == delivery_id)).mappings().first()
-    )
-    if row is None:
-        raise NotFound(f"no delivery with id {delivery_id!r}", code="delivery_not_found")
-    return dict(row)
-
-
-def _lost_attempt(row: Mapping[str, Any]) -> DeliveryAttemptReport:
-    """The record of an attempt that went out at ``leased_at`` and was never reported."""
-    return DeliveryAttemptReport(
-        type="delivery.attempt",
-        delivery_id=row["id"],
-        key=f"lost:{row['id'][-24:]}:{row['schedule_step']}",
-        trigger="schedule",
-        error_code="attempt_lost",
-        error="the worker never reported this attempt (it stopped, or its report was refused)",
-    )
-
-
-def _record(
-    conn: sa.Connection, policy: _RetryPolicy, report: DeliveryAttemptReport, now: dt.datetime
-) -> dict[str, Any]:
-    """Record one attempt (once, by its key); the delivery's next step."""
-    if (
-        conn.scalar(sa.select(delivery_attempts.c.id).where(delivery_attempts.c.key == report.key))
-        is not None
-    ):
-        return {"recorded": False, "next_attempt_in": None, "step": 0}
-    row = _delivery_row(conn, report.delivery_id)
-    number = row["attempts"] + 1
-    conn.execute(
-        delivery_attempts.insert(),
-        {
-            "delivery_id": row["id"],
-            "key": report.key,
-            "number": number,
-            "trigger": report.trigger,
-            "at": now,
-            "succeeded": report.succeeded,
-            "status_code": report.status_code,
-            "latency_ms": report.latency_ms,
-            "response_body": report.response_body,
-            "error": report.error,
-            "error_code": report.error_code,
-        },
-    )
-    values: dict[str, Any] = {
-        "attempts": number,
-        "last_status_code": report.status_code,
-        "last_error": report.error,
-        "updated_at": now,
-    }
-    scheduled = report.trigger == "schedule"
-    step = row["schedule_step"] + (1 if scheduled else 0)
-    values["schedule_step"] = step
-    if scheduled:
-        values["leased_at"] = None
-    endpoint_id = row["endpoint_id"]
-    next_in: float | None = None
-    if report.succeeded:
-        values.update(
-            status=DeliveryStatus.DELIVERED.value,
-            delivered_at=now,
-            next_attempt_at=None,
-            leased_at=None,
-            last_error=None,
-        )
-        if endpoint_id is not None:
-            conn.execute(
-                endpoints.update()
-                .where(endpoints.c.id == endpoint_id)
-                .values(failing_since=None, last_success_at=now)
-            )
-    else:
-        disabled = endpoint_id is not None and _note_failure(
-            conn, policy, endpoint_id, report.status_code, now
-        )
-        if row["status"] != DeliveryStatus.PENDING.value and scheduled:
-            pass  # delivered meanwhile (by a resend): nothing more to do
-        elif disabled:
-            values.update(status=DeliveryStatus.FAILED.value, next_attempt_at=None)
-        elif scheduled:
-            next_in = policy.delay(step, report.retry_after)
-            if next_in is None:
-                values.update(status=DeliveryStatus.FAILED.value, next_attempt_at=None)
-            else:
-                values["next_attempt_at"] = now + dt.timedelta(seconds=next_in)
-        elif row["next_attempt_at"] is None:
-            # A resend that failed, with no scheduled retry left behind it.
-            values.update(status=DeliveryStatus.FAILED.value)
-    if row["status"] == DeliveryStatus.DELIVERED.value:
-        values.pop("status", None)
-        values.pop("last_error", None)
-    conn.execute(deliveries.update().where(deliveries.c.id == row["id"]).values(**values))
-    return {"recorded": True, "next_attempt_in": next_in, "step": step}
-
-
-def _note_failure(
-    conn: sa.Connection,
-    policy: _RetryPolicy,
-    endpoint_id: str,
-    status_code: int | None,
-    now: dt.datetime,
-) -> bool:
-    """Track the endpoint's failures; ``True`` if it is (now) disabled."""
-    endpoint = (
-        conn.execute(sa.select(endpoints).where(endpoints.c.id == endpoint_id)).mappings().one()
-    )
-    if not endpoint["enabled"]:
-        return True
-    failing_since = endpoint["failing_since"] or now
-    reason = None
-    if status_code == 410:
-        reason = "the receiver answered 410 Gone"
-    elif (now - failing_since).total_seconds() > policy.disable_after:
-        reason = f"failing without a success since {isoformat(failing_since)}"
-    values: dict[str, Any] = {"failing_since": failing_since, "updated_at": now}
-    if reason is not None:
-        values.update(enabled=False, disabled_reason=reason, disabled_at=now)
-        log.warning("disabled webhook endpoint %s: %s", endpoint_id, reason)
-    conn.execute(endpoints.update().where(endpoints.c.id == endpoint_id).values(**values))
-    return reason is not None

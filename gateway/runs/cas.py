@@ -1,0 +1,176 @@
+"""The compare-and-set at the heart of the state machine, and the statements built once.
+
+Every change of a run's status goes through :func:`transition`: an UPDATE
+that names the status, attempt and step it expects (docs/architecture.md,
+invariant 3), logged in ``run_transitions``. A duplicate, late or replayed
+report finds the run elsewhere and changes nothing; a process that lost a race
+gets :class:`~gateway.runs.errors.LostRace` and runs its unit again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import sqlalchemy as sa
+
+from db.models import Run, RunAttempt, RunNode, RunStatus, RunTransition
+from gateway.metrics import observe_transition
+from gateway.runs.errors import LostRace
+from jobs.protocol import WorkerEvent
+
+__all__ = [
+    "ACTIVE",
+    "KeepFirst",
+    "insert_run",
+    "is_current",
+    "run_attempts",
+    "run_nodes",
+    "run_transitions",
+    "runs",
+    "select_run",
+    "transition",
+]
+
+runs = Run.__table__  # type: ignore[attr-defined]
+run_attempts = RunAttempt.__table__  # type: ignore[attr-defined]
+run_transitions = RunTransition.__table__  # type: ignore[attr-defined]
+run_nodes = RunNode.__table__  # type: ignore[attr-defined]
+
+ACTIVE = (RunStatus.QUEUED, RunStatus.EXECUTING)
+
+
+# Statements built once.
+#
+# The hot units (a trigger, a worker event, a read of a run) run the same few
+# statements thousands of times a second. Building a statement and its cache
+# key costs more CPU than SQLite takes to run it, so these are built once, with
+# bound parameters, and only their values change.
+
+_P = sa.bindparam
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepFirst:
+    """A column value for :func:`transition` that is set only while the column is NULL."""
+
+    value: Any
+
+
+_RUN_FIELDS = (
+    "id",
+    "project_id",
+    "task",
+    "status",
+    "attempt",
+    "step",
+    "step_pending",
+    "callback_url",
+    "parent_id",
+    "node_id",
+    "payload",
+    "created_at",
+    "started_at",
+    "max_attempts",
+    "retry",
+    "max_duration",
+    "expire_at",
+)
+_SELECT_RUN = sa.select(*(runs.c[f] for f in _RUN_FIELDS)).where(runs.c.id == _P("run_id"))
+_SELECT_RUN_LOCKED = _SELECT_RUN.with_for_update()
+LOAD_RUN = sa.select(runs).where(runs.c.id == _P("run_id"))
+LOAD_OWN_RUN = LOAD_RUN.where(runs.c.project_id == _P("project_id"))
+LOAD_ATTEMPTS = (
+    sa.select(run_attempts)
+    .where(run_attempts.c.run_id == _P("run_id"))
+    .order_by(run_attempts.c.number)
+)
+INSERT_RUN = runs.insert()
+INSERT_TRANSITION = run_transitions.insert()
+INSERT_ATTEMPT = run_attempts.insert()
+FINISH_ATTEMPT = (
+    run_attempts.update()
+    .where(run_attempts.c.run_id == _P("w_run_id"), run_attempts.c.number == _P("w_number"))
+    .values(
+        status=_P("status"),
+        finished_at=_P("finished_at"),
+        error_code=_P("error_code"),
+        error_message=_P("error_message"),
+    )
+)
+
+
+@functools.lru_cache(maxsize=256)
+def _cas_update(names: tuple[str, ...], first: frozenset[str]) -> sa.Update:
+    """The compare-and-set UPDATE that sets ``names`` (those in ``first`` only
+    while NULL), one per shape of change."""
+    values: dict[str, Any] = {}
+    for name in names:
+        bound = _P(f"v_{name}", type_=runs.c[name].type)
+        values[name] = sa.func.coalesce(runs.c[name], bound) if name in first else bound
+    update: sa.Update = runs.update().where(
+        runs.c.id == _P("w_id"),
+        runs.c.status == _P("w_status"),
+        runs.c.attempt == _P("w_attempt"),
+        runs.c.step == _P("w_step"),
+    )
+    return update.values(values)
+
+
+def insert_run(conn: sa.Connection, row: Mapping[str, Any]) -> None:
+    conn.execute(INSERT_RUN, dict(row))
+    observe_transition(dict(row), RunStatus(row["status"]), row["created_at"])
+    conn.execute(
+        INSERT_TRANSITION,
+        {
+            "run_id": row["id"],
+            "from_status": None,
+            "to_status": row["status"],
+            "attempt": row["attempt"],
+            "at": row["created_at"],
+        },
+    )
+
+
+def transition(
+    conn: sa.Connection,
+    run: Mapping[str, Any],
+    to: RunStatus,
+    now: dt.datetime,
+    values: Mapping[str, Any] | None = None,
+) -> None:
+    """Compare-and-set the run from the status, attempt and step in ``run`` to
+    ``to``, and log the change; :class:`LostRace` if another process moved it."""
+    changes = {"status": to.value, "updated_at": now, **(values or {})}
+    first = frozenset(k for k, v in changes.items() if isinstance(v, KeepFirst))
+    params = {f"v_{k}": v.value if isinstance(v, KeepFirst) else v for k, v in changes.items()}
+    params.update(
+        w_id=run["id"], w_status=run["status"], w_attempt=run["attempt"], w_step=run["step"]
+    )
+    result = conn.execute(_cas_update(tuple(changes), first), params)
+    if result.rowcount != 1:
+        raise LostRace(run["id"])
+    observe_transition(run, to, now)
+    conn.execute(
+        INSERT_TRANSITION,
+        {
+            "run_id": run["id"],
+            "from_status": run["status"],
+            "to_status": to.value,
+            "attempt": run["attempt"],
+            "at": now,
+        },
+    )
+
+
+def select_run(conn: sa.Connection, run_id: str, *, lock: bool = False) -> dict[str, Any] | None:
+    query = _SELECT_RUN_LOCKED if lock else _SELECT_RUN
+    row = conn.execute(query, {"run_id": run_id}).mappings().first()
+    return dict(row) if row is not None else None
+
+
+def is_current(run: Mapping[str, Any], event: WorkerEvent) -> bool:
+    return bool(run["attempt"] == event.attempt and run["step"] == event.step)

@@ -1,0 +1,241 @@
+"""Runs as the API shows them: one run (with its attempts and a workflow's
+nodes), pages of runs, counts by status, a batch, a run's status changes."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import sqlalchemy as sa
+
+from db.models import Batch, RunStatus
+from db.types import isoformat
+from gateway.runs.cas import LOAD_ATTEMPTS, LOAD_OWN_RUN, LOAD_RUN, run_nodes, run_transitions, runs
+from jobs.protocol import WORKFLOW_TASK
+
+__all__ = [
+    "RunQuery",
+    "batch_summary",
+    "count_by_status",
+    "list_runs",
+    "load_run",
+    "run_view",
+    "transitions_since",
+    "view_of",
+]
+
+batches = Batch.__table__  # type: ignore[attr-defined]
+
+
+def error_view(code: str | None, message: str | None) -> dict[str, Any] | None:
+    if code is None:
+        return None
+    return {"code": code, "message": message or ""}
+
+
+def run_view(
+    row: Mapping[str, Any],
+    attempts: Iterable[Mapping[str, Any]],
+    nodes: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A run as the API shows it."""
+    status = RunStatus(row["status"])
+    started, finished = row["started_at"], row["finished_at"]
+    duration_ms = None
+    if started is not None and finished is not None:
+        duration_ms = max(0, round((finished - started).total_seconds() * 1000))
+    view = {
+        "id": row["id"],
+        "task": row["task"],
+        "status": status.value,
+        "is_final": status.is_final,
+        "payload": row["payload"],
+        "output": row["output"],
+        "error": error_view(row["error_code"], row["error_message"]),
+        "attempt": row["attempt"],
+        "attempts": [
+            {
+                "number": a["number"],
+                "status": a["status"],
+                "worker_id": a["worker_id"],
+                "started_at": isoformat(a["started_at"]),
+                "finished_at": isoformat(a["finished_at"]),
+                "error": error_view(a["error_code"], a["error_message"]),
+            }
+            for a in attempts
+        ],
+        "tags": list(row["tags"] or []),
+        "metadata": dict(row["metadata"] or {}),
+        "parent_id": row.get("parent_id"),
+        "node_id": row.get("node_id"),
+        "created_at": isoformat(row["created_at"]),
+        "updated_at": isoformat(row["updated_at"]),
+        "started_at": isoformat(started),
+        "finished_at": isoformat(finished),
+        "duration_ms": duration_ms,
+    }
+    if nodes is not None:
+        view["nodes"] = nodes
+    return view
+
+
+def _node_views(conn: sa.Connection, row: Mapping[str, Any]) -> dict[str, Any]:
+    """Every node of a workflow: its status (its child run's while it runs), child
+    run ID, output and error, so an editor can colour each node."""
+    child = runs.alias("child")
+    found = {
+        r["node_id"]: r
+        for r in conn.execute(
+            sa.select(run_nodes, child.c.status.label("child_status"))
+            .select_from(run_nodes.outerjoin(child, child.c.id == run_nodes.c.run_id))
+            .where(run_nodes.c.parent_id == row["id"])
+        ).mappings()
+    }
+    graph = row["payload"].get("nodes", []) if isinstance(row["payload"], dict) else []
+    views: dict[str, Any] = {}
+    for node in graph:
+        node_id = node.get("id") if isinstance(node, dict) else None
+        if not isinstance(node_id, str):
+            continue
+        r = found.get(node_id)
+        if r is None:
+            status = "SKIPPED" if RunStatus(row["status"]).is_final else "PENDING"
+            views[node_id] = {
+                "type": node.get("type"),
+                "status": status,
+                "run_id": None,
+                "output": None,
+                "error": None,
+            }
+            continue
+        status = (
+            r["child_status"]
+            if r["status"] == "running" and r["child_status"]
+            else (r["status"].upper())
+        )
+        views[node_id] = {
+            "type": node.get("type"),
+            "status": status,
+            "run_id": r["run_id"],
+            "output": r["output"],
+            "error": error_view(r["error_code"], r["error_message"]),
+        }
+    return views
+
+
+def load_run(conn: sa.Connection, project_id: str | None, run_id: str) -> dict[str, Any] | None:
+    """The run's view, or ``None``; ``project_id=None`` skips the owner check."""
+    if project_id is None:
+        found = conn.execute(LOAD_RUN, {"run_id": run_id})
+    else:
+        found = conn.execute(LOAD_OWN_RUN, {"run_id": run_id, "project_id": project_id})
+    row = found.mappings().first()
+    if row is None:
+        return None
+    attempts = conn.execute(LOAD_ATTEMPTS, {"run_id": run_id}).mappings()
+    nodes = _node_views(conn, dict(row)) if row["task"] == WORKFLOW_TASK else None
+    return run_view(dict(row), [dict(a) for a in attempts], nodes)
+
+
+def view_of(conn: sa.Connection, run: Mapping[str, Any]) -> dict[str, Any]:
+    """The view of a run this transaction has just read or written."""
+    view = load_run(conn, None, run["id"])
+    assert view is not None
+    return view
+
+
+def transitions_since(conn: sa.Connection, run_id: str, after: int) -> list[dict[str, Any]]:
+    """The run's status changes after the one with ID ``after``, in order."""
+    rows = conn.execute(
+        sa.select(run_transitions)
+        .where(run_transitions.c.run_id == run_id, run_transitions.c.id > after)
+        .order_by(run_transitions.c.id)
+    ).mappings()
+    return [dict(r) for r in rows]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunQuery:
+    statuses: tuple[str, ...] = ()
+    tasks: tuple[str, ...] = ()
+    tag: str | None = None
+    created_after: dt.datetime | None = None
+    created_before: dt.datetime | None = None
+    limit: int = 25
+    #: The ID of the last run of the previous page.
+    cursor: str | None = None
+
+
+def _has_tag(conn: sa.Connection, tag: str) -> Any:
+    if conn.dialect.name == "postgresql":
+        return runs.c.tags.op("@>")(sa.func.jsonb_build_array(tag))
+    each = sa.func.json_each(runs.c.tags).table_valued("value")
+    return sa.exists(sa.select(1).select_from(each).where(each.c.value == tag))
+
+
+def list_runs(conn: sa.Connection, project_id: str, query: RunQuery) -> dict[str, Any]:
+    """Newest first. IDs sort by creation time, so "older than the cursor" pages
+    stay stable while new runs arrive."""
+    where = [runs.c.project_id == project_id]
+    if query.statuses:
+        where.append(runs.c.status.in_(query.statuses))
+    if query.tasks:
+        where.append(runs.c.task.in_(query.tasks))
+    if query.tag:
+        where.append(_has_tag(conn, query.tag))
+    if query.created_after:
+        where.append(runs.c.created_at > query.created_after)
+    if query.created_before:
+        where.append(runs.c.created_at < query.created_before)
+    if query.cursor:
+        where.append(runs.c.id < query.cursor)
+    rows = [
+        dict(r)
+        for r in conn.execute(
+            sa.select(runs).where(*where).order_by(runs.c.id.desc()).limit(query.limit + 1)
+        ).mappings()
+    ]
+    page = rows[: query.limit]
+    return {
+        "data": [run_view(r, []) for r in page],
+        "next_cursor": page[-1]["id"] if len(rows) > query.limit else None,
+    }
+
+
+def count_by_status(conn: sa.Connection, condition: Any) -> dict[str, int]:
+    """How many runs matching ``condition`` are in each status (every status listed)."""
+    counts = {s.value: 0 for s in RunStatus}
+    for status, count in conn.execute(
+        sa.select(runs.c.status, sa.func.count()).where(condition).group_by(runs.c.status)
+    ):
+        counts[status] = int(count)
+    return counts
+
+
+def batch_summary(conn: sa.Connection, project_id: str, batch_id: str) -> dict[str, Any] | None:
+    batch = (
+        conn.execute(
+            sa.select(batches).where(batches.c.id == batch_id, batches.c.project_id == project_id)
+        )
+        .mappings()
+        .first()
+    )
+    if batch is None:
+        return None
+    counts = count_by_status(conn, runs.c.batch_id == batch_id)
+    run_ids = (
+        conn.execute(sa.select(runs.c.id).where(runs.c.batch_id == batch_id).order_by(runs.c.id))
+        .scalars()
+        .all()
+    )
+    final = sum(counts[s.value] for s in RunStatus if s.is_final)
+    return {
+        "id": batch["id"],
+        "count": batch["count"],
+        "counts": counts,
+        "is_final": final == batch["count"],
+        "created_at": isoformat(batch["created_at"]),
+        "run_ids": list(run_ids),
+    }

@@ -1,0 +1,98 @@
+"""Time: delays and retries that come due, TTLs that run out, rescheduling."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from collections.abc import Mapping
+from typing import Any
+
+import sqlalchemy as sa
+
+from db.models import RunStatus
+from db.types import utcnow
+from gateway.runs.cas import runs, select_run, transition
+from gateway.runs.effects import Effects, job_of
+from gateway.runs.errors import RunNotDelayed, RunNotFound
+from gateway.runs.read import view_of
+from gateway.runs.workflow import node_states
+from jobs.protocol import run_job_id
+from webhooks.outbox import Outgoing, create_run_deliveries
+
+__all__ = ["backoff", "expire", "expired", "release_due", "reschedule"]
+
+
+def backoff(retry: Mapping[str, Any] | None, attempt: int) -> float:
+    """Seconds before the attempt after ``attempt`` (exponential, capped, jittered)."""
+    options = {"factor": 2.0, "min_delay": 1.0, "max_delay": 60.0, "jitter": 0.2, **(retry or {})}
+    delay = min(options["max_delay"], options["min_delay"] * options["factor"] ** (attempt - 1))
+    jitter = options["jitter"]
+    return float(max(0.0, delay * (1 + random.uniform(-jitter, jitter))))
+
+
+def expired(run: Mapping[str, Any], now: dt.datetime) -> bool:
+    """Whether the run's TTL ran out before its first attempt started."""
+    return run.get("expire_at") is not None and run["attempt"] == 1 and now >= run["expire_at"]
+
+
+def expire(conn: sa.Connection, run: dict[str, Any], now: dt.datetime) -> list[Outgoing]:
+    """End ``run`` EXPIRED; the callbacks that causes."""
+    transition(
+        conn,
+        run,
+        RunStatus.EXPIRED,
+        now,
+        {
+            "finished_at": now,
+            "error_code": "expired",
+            "error_message": "the run was not started within its TTL",
+        },
+    )
+    return create_run_deliveries(conn, run, lambda: view_of(conn, run), "run.expired", now)
+
+
+def _due(conn: sa.Connection, condition: Any, limit: int) -> list[str]:
+    return list(conn.execute(sa.select(runs.c.id).where(condition).limit(limit)).scalars())
+
+
+def release_due(conn: sa.Connection, now: dt.datetime, limit: int = 200) -> Effects:
+    """Move DELAYED and RETRYING runs whose time has come to QUEUED, and end
+    QUEUED or DELAYED runs whose TTL ran out as EXPIRED."""
+    done = Effects()
+    waiting = (RunStatus.QUEUED.value, RunStatus.DELAYED.value)
+    for run_id in _due(conn, sa.and_(runs.c.status.in_(waiting), runs.c.expire_at <= now), limit):
+        run = select_run(conn, run_id, lock=True)
+        if run is None or run["status"] not in waiting:
+            continue
+        done.outgoing.extend(expire(conn, run, now))
+        done.abort.append(run_job_id(run["id"], run["attempt"], run["step"]))
+        done.changed.append(run["id"])
+    later = (RunStatus.DELAYED.value, RunStatus.RETRYING.value)
+    for run_id in _due(conn, sa.and_(runs.c.status.in_(later), runs.c.run_at <= now), limit):
+        run = select_run(conn, run_id, lock=True)
+        if run is None or run["status"] not in later:
+            continue
+        transition(conn, run, RunStatus.QUEUED, now, {"run_at": None})
+        # A workflow's step takes the nodes' states with it.
+        state = node_states(conn, run["id"]) if run["step"] else None
+        done.jobs.append(job_of(run, state=state))
+        done.changed.append(run["id"])
+    return done
+
+
+def reschedule(conn: sa.Connection, project_id: str, run_id: str, run_at: dt.datetime) -> None:
+    """Move a DELAYED run's start.
+
+    :raises RunNotFound: no such run in the project
+    :raises RunNotDelayed: the run is not DELAYED
+    """
+    run = select_run(conn, run_id, lock=True)
+    if run is None or run["project_id"] != project_id:
+        raise RunNotFound(run_id)
+    if run["status"] != RunStatus.DELAYED:
+        raise RunNotDelayed(str(run["status"]))
+    conn.execute(
+        runs.update()
+        .where(runs.c.id == run_id, runs.c.status == RunStatus.DELAYED.value)
+        .values(run_at=run_at, updated_at=utcnow())
+    )

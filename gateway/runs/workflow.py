@@ -1,0 +1,170 @@
+"""Workflows: a run that waits (WAITING) while its nodes run as child runs.
+
+A workflow runs in steps; each step is a short job. A ``waiting`` report
+starts the children the step named, and each child's end queues the next step
+(or, if a step is in flight, asks for one more after it), so a waiting
+workflow holds no worker slot (docs/architecture.md, invariant 5).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import sqlalchemy as sa
+
+from db.ids import new_id
+from db.models import RunStatus
+from gateway.errors import InvalidEvent
+from gateway.runs.cas import ACTIVE, insert_run, is_current, run_nodes, runs, select_run, transition
+from gateway.runs.effects import Effects, Job
+from jobs.protocol import WORKFLOW_TASK, WorkerEvent
+
+__all__ = ["apply_waiting", "child_finished", "node_states"]
+
+
+def node_states(conn: sa.Connection, parent_id: str) -> dict[str, Any]:
+    """The workflow's node states, as a step job takes them."""
+    states: dict[str, Any] = {}
+    for r in conn.execute(
+        sa.select(run_nodes).where(run_nodes.c.parent_id == parent_id)
+    ).mappings():
+        state: dict[str, Any] = {"status": r["status"], "run_id": r["run_id"]}
+        if r["output"] is not None:
+            state["output"] = r["output"]
+        if r["error_code"] is not None:
+            state["error"] = {"code": r["error_code"], "message": r["error_message"]}
+        states[r["node_id"]] = state
+    return states
+
+
+def _upsert_node(
+    conn: sa.Connection, parent_id: str, node_id: str, now: dt.datetime, **values: Any
+) -> None:
+    updated = conn.execute(
+        run_nodes.update()
+        .where(run_nodes.c.parent_id == parent_id, run_nodes.c.node_id == node_id)
+        .values(updated_at=now, **values)
+    )
+    if updated.rowcount == 0:
+        conn.execute(
+            run_nodes.insert(),
+            {"parent_id": parent_id, "node_id": node_id, "updated_at": now, **values},
+        )
+
+
+def _next_step(conn: sa.Connection, parent: dict[str, Any], now: dt.datetime) -> Job:
+    """Move the workflow to QUEUED for its next step; the job that runs it."""
+    step = parent["step"] + 1
+    transition(conn, parent, RunStatus.QUEUED, now, {"step": step, "step_pending": False})
+    return Job(
+        parent["id"],
+        parent["task"],
+        parent["payload"],
+        parent["attempt"],
+        step,
+        node_states(conn, parent["id"]),
+    )
+
+
+def child_finished(
+    conn: sa.Connection,
+    child: dict[str, Any],
+    to: RunStatus,
+    now: dt.datetime,
+    *,
+    output: Any = None,
+    error_code: str | None = None,
+    error_message: str | None = None,
+) -> Effects:
+    """Record a child's end on its workflow's node and, if the workflow waits,
+    queue its next step; if a step is in flight, ask for one more after it."""
+    parent = select_run(conn, child["parent_id"], lock=True)
+    if parent is None:
+        return Effects(changed=[child["id"]])
+    completed = to == RunStatus.COMPLETED
+    _upsert_node(
+        conn,
+        parent["id"],
+        child["node_id"],
+        now,
+        status="completed" if completed else "failed",
+        run_id=child["id"],
+        output=output if completed else None,
+        error_code=None if completed else error_code,
+        error_message=None if completed else error_message,
+    )
+    done = Effects(changed=[child["id"], parent["id"]])
+    status = RunStatus(parent["status"])
+    if status == RunStatus.WAITING:
+        done.jobs.append(_next_step(conn, parent, now))
+    elif status in ACTIVE:
+        conn.execute(runs.update().where(runs.c.id == parent["id"]).values(step_pending=True))
+    return done
+
+
+def apply_waiting(
+    conn: sa.Connection, event: WorkerEvent, run: dict[str, Any], now: dt.datetime
+) -> tuple[bool, RunStatus, Effects]:
+    """A workflow step is done: start its children, then wait for them (or, if
+    a child ended meanwhile, go straight on to the next step). Whether it
+    applied, the run's status, and the effects.
+
+    :raises InvalidEvent: the run is not a workflow
+    """
+    if run["task"] != WORKFLOW_TASK:
+        raise InvalidEvent(f"run {run['id']} is not a workflow; only a workflow step waits")
+    status = RunStatus(run["status"])
+    if not (is_current(run, event) and status == RunStatus.EXECUTING):
+        return False, status, Effects()
+    existing = node_states(conn, run["id"])
+    for node_id, state in event.nodes.items():
+        if node_id in existing or state.get("status") == "running":
+            continue  # what the gateway recorded wins; running nodes get a child below
+        _upsert_node(
+            conn,
+            run["id"],
+            node_id,
+            now,
+            status=state.get("status", "skipped"),
+            output=state.get("output"),
+        )
+    done = Effects(changed=[run["id"]])
+    for spec in event.spawn:
+        if spec.node_id in existing:
+            continue
+        child_id = new_id("run")
+        insert_run(
+            conn,
+            {
+                "id": child_id,
+                "project_id": run["project_id"],
+                "task": spec.task,
+                "status": RunStatus.QUEUED.value,
+                "attempt": 1,
+                "step": 0,
+                "step_pending": False,
+                "payload": spec.payload,
+                "output": None,
+                "error_code": None,
+                "error_message": None,
+                "tags": [],
+                "metadata": {},
+                "created_at": now,
+                "updated_at": now,
+                "started_at": None,
+                "finished_at": None,
+                "callback_url": None,
+                "parent_id": run["id"],
+                "node_id": spec.node_id,
+            },
+        )
+        _upsert_node(conn, run["id"], spec.node_id, now, status="running", run_id=child_id)
+        done.jobs.append(Job(child_id, spec.task, spec.payload))
+    fresh = select_run(conn, run["id"])
+    assert fresh is not None
+    if fresh["step_pending"]:
+        done.jobs.append(_next_step(conn, fresh, now))
+        return True, RunStatus.QUEUED, done
+    transition(conn, fresh, RunStatus.WAITING, now)
+    return True, RunStatus.WAITING, done

@@ -1,0 +1,265 @@
+"""Deliveries and their attempts: recording each try, and deciding what comes next.
+
+Every try ends as a recorded attempt: an answer, or a failure with an
+``error_code``; a try never reported (its worker died) is recorded as
+``attempt_lost`` when the next one is prepared. The retry schedule, a
+receiver's ``410 Gone`` or ``WEBHOOK_DISABLE_AFTER`` without a success end
+every delivery.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from db.models import (
+    Delivery,
+    DeliveryAttempt,
+    DeliveryStatus,
+    WebhookEndpoint,
+)
+from db.types import isoformat
+from gateway.errors import NotFound
+from webhooks.models import ERROR_CODES, DeliveryAttemptReport
+
+__all__ = [
+    "RetryPolicy",
+    "attempt_view",
+    "attempts_of",
+    "delivery_row",
+    "delivery_view",
+    "list_deliveries",
+    "lost_attempt",
+    "note_failure",
+    "outcome_of",
+    "record_attempt",
+]
+
+log = logging.getLogger("webhooks.deliveries")
+
+endpoints = WebhookEndpoint.__table__  # type: ignore[attr-defined]
+deliveries = Delivery.__table__  # type: ignore[attr-defined]
+delivery_attempts = DeliveryAttempt.__table__  # type: ignore[attr-defined]
+
+
+def attempt_view(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "number": row["number"],
+        "trigger": row["trigger"],
+        "at": isoformat(row["at"]),
+        "succeeded": bool(row["succeeded"]),
+        "status_code": row["status_code"],
+        "latency_ms": row["latency_ms"],
+        "response_body": row["response_body"],
+        "error": row["error"],
+        "error_code": row["error_code"],
+    }
+
+
+def delivery_view(row: Mapping[str, Any], attempts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "event_type": row["event_type"],
+        "endpoint_id": row["endpoint_id"],
+        "run_id": row["run_id"],
+        "url": row["url"],
+        "status": row["status"],
+        "attempt_count": row["attempts"],
+        "next_attempt_at": isoformat(row["next_attempt_at"]),
+        "last_status_code": row["last_status_code"],
+        "last_error": row["last_error"],
+        "created_at": isoformat(row["created_at"]),
+        "delivered_at": isoformat(row["delivered_at"]),
+        "payload": row["payload"],
+        "attempts": [attempt_view(a) for a in attempts],
+    }
+
+
+def attempts_of(conn: sa.Connection, ids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    by_delivery: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}
+    if not ids:
+        return by_delivery
+    rows = conn.execute(
+        sa.select(delivery_attempts)
+        .where(delivery_attempts.c.delivery_id.in_(list(ids)))
+        .order_by(delivery_attempts.c.delivery_id, delivery_attempts.c.number)
+    ).mappings()
+    for row in rows:
+        by_delivery[row["delivery_id"]].append(dict(row))
+    return by_delivery
+
+
+def list_deliveries(
+    conn: sa.Connection, condition: Any, limit: int, cursor: str | None
+) -> dict[str, Any]:
+    query = sa.select(deliveries).where(condition)
+    if cursor:
+        query = query.where(deliveries.c.id < cursor)
+    rows = [
+        dict(r)
+        for r in conn.execute(query.order_by(deliveries.c.id.desc()).limit(limit + 1)).mappings()
+    ]
+    page, more = rows[:limit], len(rows) > limit
+    attempts = attempts_of(conn, [r["id"] for r in page])
+    return {
+        "data": [delivery_view(r, attempts[r["id"]]) for r in page],
+        "next_cursor": page[-1]["id"] if more and page else None,
+    }
+
+
+def outcome_of(report: DeliveryAttemptReport) -> str:
+    """The metric's ``outcome`` label of an attempt."""
+    if report.succeeded:
+        return "succeeded"
+    if report.status_code is not None:
+        return "http_error"
+    return report.error_code if report.error_code in ERROR_CODES else "connection_error"
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    schedule: tuple[float, ...]
+    jitter: float
+    retry_after_max: float
+    disable_after: float
+
+    def delay(self, step: int, retry_after: float | None) -> float | None:
+        """Seconds before scheduled attempt ``step`` (from 0), ``None`` past the end."""
+        if step >= len(self.schedule):
+            return None
+        delay = self.schedule[step] * (1 + random.uniform(-self.jitter, self.jitter))
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.retry_after_max))
+        return delay
+
+
+def delivery_row(conn: sa.Connection, delivery_id: str) -> dict[str, Any]:
+    row = (
+        conn.execute(sa.select(deliveries).where(deliveries.c.id == delivery_id)).mappings().first()
+    )
+    if row is None:
+        raise NotFound(f"no delivery with id {delivery_id!r}", code="delivery_not_found")
+    return dict(row)
+
+
+def lost_attempt(row: Mapping[str, Any]) -> DeliveryAttemptReport:
+    """The record of an attempt that went out at ``leased_at`` and was never reported."""
+    return DeliveryAttemptReport(
+        type="delivery.attempt",
+        delivery_id=row["id"],
+        key=f"lost:{row['id'][-24:]}:{row['schedule_step']}",
+        trigger="schedule",
+        error_code="attempt_lost",
+        error="the worker never reported this attempt (it stopped, or its report was refused)",
+    )
+
+
+def record_attempt(
+    conn: sa.Connection, policy: RetryPolicy, report: DeliveryAttemptReport, now: dt.datetime
+) -> dict[str, Any]:
+    """Record one attempt (once, by its key); the delivery's next step."""
+    if (
+        conn.scalar(sa.select(delivery_attempts.c.id).where(delivery_attempts.c.key == report.key))
+        is not None
+    ):
+        return {"recorded": False, "next_attempt_in": None, "step": 0}
+    row = delivery_row(conn, report.delivery_id)
+    number = row["attempts"] + 1
+    conn.execute(
+        delivery_attempts.insert(),
+        {
+            "delivery_id": row["id"],
+            "key": report.key,
+            "number": number,
+            "trigger": report.trigger,
+            "at": now,
+            "succeeded": report.succeeded,
+            "status_code": report.status_code,
+            "latency_ms": report.latency_ms,
+            "response_body": report.response_body,
+            "error": report.error,
+            "error_code": report.error_code,
+        },
+    )
+    values: dict[str, Any] = {
+        "attempts": number,
+        "last_status_code": report.status_code,
+        "last_error": report.error,
+        "updated_at": now,
+    }
+    scheduled = report.trigger == "schedule"
+    step = row["schedule_step"] + (1 if scheduled else 0)
+    values["schedule_step"] = step
+    if scheduled:
+        values["leased_at"] = None
+    endpoint_id = row["endpoint_id"]
+    next_in: float | None = None
+    if report.succeeded:
+        values.update(
+            status=DeliveryStatus.DELIVERED.value,
+            delivered_at=now,
+            next_attempt_at=None,
+            leased_at=None,
+            last_error=None,
+        )
+        if endpoint_id is not None:
+            conn.execute(
+                endpoints.update()
+                .where(endpoints.c.id == endpoint_id)
+                .values(failing_since=None, last_success_at=now)
+            )
+    else:
+        disabled = endpoint_id is not None and note_failure(
+            conn, policy, endpoint_id, report.status_code, now
+        )
+        if row["status"] != DeliveryStatus.PENDING.value and scheduled:
+            pass  # delivered meanwhile (by a resend): nothing more to do
+        elif disabled:
+            values.update(status=DeliveryStatus.FAILED.value, next_attempt_at=None)
+        elif scheduled:
+            next_in = policy.delay(step, report.retry_after)
+            if next_in is None:
+                values.update(status=DeliveryStatus.FAILED.value, next_attempt_at=None)
+            else:
+                values["next_attempt_at"] = now + dt.timedelta(seconds=next_in)
+        elif row["next_attempt_at"] is None:
+            # A resend that failed, with no scheduled retry left behind it.
+            values.update(status=DeliveryStatus.FAILED.value)
+    if row["status"] == DeliveryStatus.DELIVERED.value:
+        values.pop("status", None)
+        values.pop("last_error", None)
+    conn.execute(deliveries.update().where(deliveries.c.id == row["id"]).values(**values))
+    return {"recorded": True, "next_attempt_in": next_in, "step": step}
+
+
+def note_failure(
+    conn: sa.Connection,
+    policy: RetryPolicy,
+    endpoint_id: str,
+    status_code: int | None,
+    now: dt.datetime,
+) -> bool:
+    """Track the endpoint's failures; ``True`` if it is (now) disabled."""
+    endpoint = (
+        conn.execute(sa.select(endpoints).where(endpoints.c.id == endpoint_id)).mappings().one()
+    )
+    if not endpoint["enabled"]:
+        return True
+    failing_since = endpoint["failing_since"] or now
+    reason = None
+    if status_code == 410:
+        reason = "the receiver answered 410 Gone"
+    elif (now - failing_since).total_seconds() > policy.disable_after:
+        reason = f"failing without a success since {isoformat(failing_since)}"
+    values: dict[str, Any] = {"failing_since": failing_since, "updated_at": now}
+    if reason is not None:
+        values.update(enabled=False, disabled_reason=reason, disabled_at=now)
+        log.warning("disabled webhook endpoint %s: %s", endpoint_id, reason)
+    conn.execute(endpoints.update().where(endpoints.c.id == endpoint_id).values(**values))
+    return reason is not None

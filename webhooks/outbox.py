@@ -1,0 +1,206 @@
+"""The outbox: deliveries written in the same transaction as the transition that causes them.
+
+A delivery is one event for one URL; its ID is the ``webhook-id`` header. It
+is written inside the transaction of the run transition that causes it
+(docs/architecture.md, invariant 4), so a committed transition always has its
+deliveries; the gateway queues their first attempts once the commit is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from db.ids import new_id
+from db.models import (
+    Delivery,
+    DeliveryStatus,
+    EndpointSecret,
+    Project,
+    RunStatus,
+    WebhookEndpoint,
+)
+from db.types import isoformat
+from webhooks.signing import generate_webhook_secret
+
+__all__ = [
+    "EVENT_TYPES",
+    "FINAL_EVENTS",
+    "TEST_EVENT",
+    "Outgoing",
+    "active_secrets",
+    "create_run_deliveries",
+    "encode_body",
+    "event_body",
+    "insert_delivery",
+    "project_secret",
+    "wants",
+]
+
+endpoints = WebhookEndpoint.__table__  # type: ignore[attr-defined]
+endpoint_secrets = EndpointSecret.__table__  # type: ignore[attr-defined]
+deliveries = Delivery.__table__  # type: ignore[attr-defined]
+projects = Project.__table__  # type: ignore[attr-defined]
+
+#: The event of each final status.
+FINAL_EVENTS = {
+    RunStatus.COMPLETED: "run.completed",
+    RunStatus.FAILED: "run.failed",
+    RunStatus.CANCELED: "run.canceled",
+    RunStatus.EXPIRED: "run.expired",
+    RunStatus.TIMED_OUT: "run.timed_out",
+}
+#: Every event an endpoint can subscribe to. ``*`` means all but ``run.started``,
+#: which an endpoint gets only by naming it.
+EVENT_TYPES = ("run.started", *FINAL_EVENTS.values())
+TEST_EVENT = "webhook.test"
+RESPONSE_EXCERPT_BYTES = 2048
+
+
+def wants(events: Sequence[str], event_type: str) -> bool:
+    if event_type in events:
+        return True
+    return "*" in events and event_type != "run.started"
+
+
+@dataclasses.dataclass(frozen=True)
+class Outgoing:
+    """A delivery committed in the outbox, to be queued once the commit is done."""
+
+    id: str
+    url: str
+    body: str
+    secrets: tuple[str, ...]
+
+
+def active_secrets(conn: sa.Connection, endpoint_id: str, now: dt.datetime) -> list[str]:
+    rows = conn.execute(
+        sa.select(endpoint_secrets.c.secret)
+        .where(
+            endpoint_secrets.c.endpoint_id == endpoint_id,
+            sa.or_(endpoint_secrets.c.expires_at.is_(None), endpoint_secrets.c.expires_at > now),
+        )
+        .order_by(endpoint_secrets.c.id.desc())
+    )
+    return [r.secret for r in rows]
+
+
+def project_secret(conn: sa.Connection, project_id: str) -> str:
+    secret = conn.scalar(sa.select(projects.c.signing_secret).where(projects.c.id == project_id))
+    if secret:
+        return str(secret)
+    secret = generate_webhook_secret()
+    conn.execute(
+        projects.update()
+        .where(projects.c.id == project_id, projects.c.signing_secret.is_(None))
+        .values(signing_secret=secret)
+    )
+    # Another process may have set it first: read back what won.
+    return str(conn.scalar(sa.select(projects.c.signing_secret).where(projects.c.id == project_id)))
+
+
+def event_body(event_type: str, data: Any, now: dt.datetime) -> dict[str, Any]:
+    return {"type": event_type, "timestamp": isoformat(now), "data": data}
+
+
+def insert_delivery(
+    conn: sa.Connection,
+    *,
+    project_id: str,
+    endpoint_id: str | None,
+    run_id: str | None,
+    url: str,
+    event_type: str,
+    payload: dict[str, Any],
+    now: dt.datetime,
+) -> str:
+    delivery_id = new_id("msg")
+    conn.execute(
+        deliveries.insert(),
+        {
+            "id": delivery_id,
+            "project_id": project_id,
+            "endpoint_id": endpoint_id,
+            "run_id": run_id,
+            "url": url,
+            "event_type": event_type,
+            "payload": payload,
+            "status": DeliveryStatus.PENDING.value,
+            "attempts": 0,
+            "schedule_step": 0,
+            "next_attempt_at": now,
+            # The first attempt goes out as soon as the transaction commits.
+            "leased_at": now,
+            "created_at": now,
+            "updated_at": now,
+        },
+    )
+    return delivery_id
+
+
+def encode_body(payload: Mapping[str, Any]) -> str:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+
+
+#: Built once: every final event of every run reads it (the hot path).
+_ENABLED_ENDPOINTS = sa.select(
+    endpoints.c.id, endpoints.c.url, endpoints.c.events, endpoints.c.tasks
+).where(
+    endpoints.c.project_id == sa.bindparam("project_id"),
+    endpoints.c.enabled.is_(True),
+    endpoints.c.deleted_at.is_(None),
+)
+
+
+def create_run_deliveries(
+    conn: sa.Connection,
+    run: Mapping[str, Any],
+    view: Callable[[], Mapping[str, Any]],
+    event_type: str,
+    now: dt.datetime,
+) -> list[Outgoing]:
+    """Write the deliveries a run's ``event_type`` causes; call it inside the
+    transaction of the transition (the outbox)."""
+    rows = conn.execute(_ENABLED_ENDPOINTS, {"project_id": run["project_id"]}).all()
+    wanted = [
+        row
+        for row in rows
+        if wants(row.events, event_type) and (not row.tasks or run["task"] in row.tasks)
+    ]
+    callback_url = run.get("callback_url") if event_type != "run.started" else None
+    if not wanted and not callback_url:
+        return []
+    payload = event_body(event_type, dict(view()), now)
+    body = encode_body(payload)
+    out: list[Outgoing] = []
+    for row in wanted:
+        delivery_id = insert_delivery(
+            conn,
+            project_id=run["project_id"],
+            endpoint_id=row.id,
+            run_id=run["id"],
+            url=row.url,
+            event_type=event_type,
+            payload=payload,
+            now=now,
+        )
+        out.append(Outgoing(delivery_id, row.url, body, tuple(active_secrets(conn, row.id, now))))
+    if callback_url:
+        delivery_id = insert_delivery(
+            conn,
+            project_id=run["project_id"],
+            endpoint_id=None,
+            run_id=run["id"],
+            url=callback_url,
+            event_type=event_type,
+            payload=payload,
+            now=now,
+        )
+        secret = project_secret(conn, run["project_id"])
+        out.append(Outgoing(delivery_id, callback_url, body, (secret,)))
+    return out
