@@ -133,7 +133,7 @@ class Stack:
 
 
 def _key(stack: Stack) -> str:
-    from gateway.auth import _create_api_key, generate_api_key
+    from gateway.api.auth import _create_api_key, generate_api_key
     from tests.helpers import db_call
 
     key = generate_api_key()

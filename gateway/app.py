@@ -13,24 +13,20 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from db.engine import Database
-from gateway.api import routes
+from gateway.api import api_routes
+from gateway.api.auth import ApiKeyAuth
+from gateway.api.bodies import RefuseNul
+from gateway.api.ratelimit import RateLimiter
+from gateway.api.tokens import PublicTokens
 from gateway.artifacts import ArtifactStore
-from gateway.artifacts import routes as artifact_routes
-from gateway.auth import ApiKeyAuth
-from gateway.bodies import RefuseNul
 from gateway.dashboard import dashboard_routes
 from gateway.errors import exception_handlers
 from gateway.logs import configure_logging
-from gateway.metrics import routes as metrics_routes
 from gateway.notify import RunNotifier
-from gateway.openapi import routes as openapi_routes
-from gateway.ratelimit import RateLimiter
 from gateway.reconciler import Reconciler, Scheduler
 from gateway.runs.service import RunService
-from gateway.runs_api import routes as run_routes
 from gateway.services import Services
-from gateway.settings import Settings
-from gateway.webhooks_api import routes as webhook_routes
+from gateway.settings import ConfigError, Settings
 from jobs.tasks.registry import load_tasks
 from webhooks.service import WebhookService
 
@@ -45,8 +41,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
     configure_logging(settings)
     settings.require_secret()
     if not settings.redis_url:
-        from gateway.settings import ConfigError
-
         raise ConfigError("REDIS_URL", "the web process needs a Redis URL (`gateway up` sets one)")
     redis_url = settings.redis_url
 
@@ -73,13 +67,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 default_rate=settings.rate_limit,
                 default_burst=settings.rate_burst,
             ),
+            tokens=PublicTokens(settings),
+            artifacts=ArtifactStore(db, settings),
             notifier=notifier,
             webhooks=webhooks,
             runs=RunService(
                 db=db, redis=redis, notifier=notifier, webhooks=webhooks, settings=settings
             ),
         )
-        app.state.artifacts = ArtifactStore(app.state.services)
         reconciler = Reconciler(
             db=db,
             redis=redis,
@@ -118,12 +113,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         )
     return Starlette(
         routes=[
-            *run_routes,
-            *routes,
-            *webhook_routes,
-            *artifact_routes,
-            *openapi_routes,
-            *metrics_routes,
+            *api_routes(),
             *dashboard_routes(settings),
         ],
         middleware=middleware,

@@ -34,7 +34,7 @@ def _keys_create(
     settings: Settings, name: str, rate_limit: float | None = None, burst: int | None = None
 ) -> int:
     from db.engine import Database
-    from gateway.auth import create_api_key
+    from gateway.api.auth import create_api_key
 
     async def create() -> tuple[str, str]:
         db = Database(settings.database_url)

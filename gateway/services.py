@@ -5,16 +5,19 @@ from __future__ import annotations
 import dataclasses
 
 from arq import ArqRedis
+from starlette.requests import Request
 
 from db.engine import Database
-from gateway.auth import ApiKeyAuth
+from gateway.api.auth import ApiKeyAuth
+from gateway.api.tokens import PublicTokens
+from gateway.artifacts import ArtifactStore
 from gateway.notify import RunNotifier
 from gateway.runs.service import RunService
 from gateway.settings import Settings
 from jobs.tasks.registry import TaskRegistry
 from webhooks.service import WebhookService
 
-__all__ = ["Services"]
+__all__ = ["Services", "services_of"]
 
 
 @dataclasses.dataclass
@@ -24,6 +27,14 @@ class Services:
     redis: ArqRedis
     registry: TaskRegistry
     auth: ApiKeyAuth
+    tokens: PublicTokens
+    artifacts: ArtifactStore
     notifier: RunNotifier
     webhooks: WebhookService
     runs: RunService
+
+
+def services_of(request: Request) -> Services:
+    """The process's services, as the app's lifespan made them."""
+    services: Services = request.app.state.services
+    return services

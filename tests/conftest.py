@@ -131,7 +131,7 @@ class Stack:
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=70.0)
 
     def new_key(self, project: str) -> str:
-        from gateway.auth import _create_api_key, generate_api_key
+        from gateway.api.auth import _create_api_key, generate_api_key
 
         key = generate_api_key()
         db_call(self.database_url, lambda conn: _create_api_key(conn, project, key), write=True)

@@ -25,7 +25,7 @@ def lone_gateway(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[str, str]]:
     """A gateway with a database of its own and no worker; its URL and a key."""
-    from gateway.auth import _create_api_key, generate_api_key
+    from gateway.api.auth import _create_api_key, generate_api_key
     from tests.helpers import db_call
 
     own_database = databases.new("fuzz")

@@ -11,13 +11,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from db.types import utcnow
-from gateway.bodies import parse_json, validate
+from gateway.api.bodies import parse_json, validate
+from gateway.api.requests import TriggerRequest
 from gateway.dashboard.pages import trigger_form
 from gateway.dashboard.render import flash, redirect, render, safe_next
 from gateway.dashboard.session import PREFIX, Viewer, read_form, sign_in, sign_out, viewer_of
 from gateway.errors import APIError, NotFound, Unauthorized, ValidationFailed
-from gateway.schemas import TriggerRequest
-from gateway.services import Services
+from gateway.services import services_of
 from webhooks.models import EndpointCreate, EndpointUpdate, RecoverRequest, RotateRequest
 
 __all__ = [
@@ -34,11 +34,6 @@ __all__ = [
 ENDPOINT_ACTIONS = ("test", "rotate", "enable", "disable", "recover")
 #: How far back "recover" may reach, in hours (the retry schedule's span).
 RECOVER_HOURS = (1, 6, 24, 72, 120)
-
-
-def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
 
 
 def _lines(details: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -98,7 +93,7 @@ async def cancel_run(request: Request) -> Response:
     await read_form(request)
     run_id = request.path_params["run_id"]
     try:
-        run = await _services(request).runs.cancel(viewer.project_id, run_id)
+        run = await services_of(request).runs.cancel(viewer.project_id, run_id)
         flash(request, f"Canceled; the run is {run['status']}.")
     except APIError as exc:
         flash(request, _problem(exc), "error")
@@ -110,7 +105,7 @@ async def replay_run(request: Request) -> Response:
     await read_form(request)
     run_id = request.path_params["run_id"]
     try:
-        run = await _services(request).runs.replay(viewer.project_id, run_id)
+        run = await services_of(request).runs.replay(viewer.project_id, run_id)
     except APIError as exc:
         flash(request, _problem(exc), "error")
         return redirect(f"{PREFIX}/runs/{run_id}")
@@ -123,7 +118,7 @@ async def resend_delivery(request: Request) -> Response:
     fields = await read_form(request)
     delivery_id = request.path_params["delivery_id"]
     try:
-        await _services(request).webhooks.resend(viewer.project_id, delivery_id)
+        await services_of(request).webhooks.resend(viewer.project_id, delivery_id)
         flash(request, f"Sending {delivery_id} again.")
     except APIError as exc:
         flash(request, _problem(exc), "error")
@@ -143,7 +138,7 @@ async def create_endpoint(request: Request) -> Response:
                 "description": fields.get("description", "").strip(),
             },
         )
-        endpoint = await _services(request).webhooks.create_endpoint(viewer.project_id, body)
+        endpoint = await services_of(request).webhooks.create_endpoint(viewer.project_id, body)
     except APIError as exc:
         flash(request, _problem(exc), "error")
         return redirect(PREFIX + "/endpoints")
@@ -157,7 +152,7 @@ async def endpoint_action(request: Request) -> Response:
     if action not in ENDPOINT_ACTIONS:
         raise NotFound(f"no endpoint action {action!r}; there are {', '.join(ENDPOINT_ACTIONS)}")
     fields = await read_form(request)
-    webhooks = _services(request).webhooks
+    webhooks = services_of(request).webhooks
     endpoint_id = request.path_params["endpoint_id"]
     back = f"{PREFIX}/endpoints/{endpoint_id}"
     try:
@@ -198,7 +193,7 @@ async def endpoint_action(request: Request) -> Response:
 async def trigger_run(request: Request) -> Response:
     """Start a run from the form: the same checks as ``POST …/trigger``."""
     viewer = await viewer_of(request)
-    services = _services(request)
+    services = services_of(request)
     fields = await read_form(request, services.settings.max_body_bytes)
     task = fields.get("task", "")
     form = {

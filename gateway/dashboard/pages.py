@@ -11,7 +11,6 @@ from starlette.responses import Response
 
 from db.models import RunStatus
 from db.types import utcnow
-from gateway.artifacts import ArtifactStore
 from gateway.dashboard.queries import (
     endpoint_stats,
     feed_cursor,
@@ -22,7 +21,7 @@ from gateway.dashboard.queries import (
 from gateway.dashboard.render import redirect, render, safe_next
 from gateway.dashboard.session import PREFIX, Viewer, viewer_of
 from gateway.runs.read import RunQuery
-from gateway.services import Services
+from gateway.services import services_of
 from jobs.protocol import WORKFLOW_TASK
 
 __all__ = [
@@ -41,18 +40,13 @@ RUNS_PER_PAGE = 25
 STATS_WINDOW = dt.timedelta(hours=24)
 
 
-def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
-
-
 async def _common(request: Request, viewer: Viewer, active: str) -> dict[str, Any]:
     """What every page needs; the feed position is read before anything else
     on the page, so the live feed picks up whatever changes after it."""
     return {
         "viewer": viewer,
         "active": active,
-        "feed_after": str(await _services(request).db.read(feed_cursor)),
+        "feed_after": str(await services_of(request).db.read(feed_cursor)),
     }
 
 
@@ -85,7 +79,7 @@ def _filters(request: Request) -> tuple[dict[str, str], list[str]]:
 
 async def runs_page(request: Request) -> Response:
     viewer = await viewer_of(request)
-    services = _services(request)
+    services = services_of(request)
     common = await _common(request, viewer, "runs")
     chosen, problems = _filters(request)
     cursor = request.query_params.get("cursor") or None
@@ -153,7 +147,7 @@ def workflow_graph(run: dict[str, Any]) -> dict[str, Any] | None:
 
 async def run_page(request: Request) -> Response:
     viewer = await viewer_of(request)
-    services = _services(request)
+    services = services_of(request)
     common = await _common(request, viewer, "runs")
     run_id = request.path_params["run_id"]
     run = await services.runs.get(viewer.project_id, run_id)
@@ -161,7 +155,7 @@ async def run_page(request: Request) -> Response:
     deliveries = await services.webhooks.run_deliveries(
         viewer.project_id, run_id, limit=50, cursor=None
     )
-    store: ArtifactStore = request.app.state.artifacts
+    store = services_of(request).artifacts
     files = [
         {**row, "src": store.path(row["id"])}
         for row in await services.db.read(run_artifacts, viewer.project_id, run_id)
@@ -183,7 +177,7 @@ async def run_page(request: Request) -> Response:
 
 async def endpoints_page(request: Request) -> Response:
     viewer = await viewer_of(request)
-    services = _services(request)
+    services = services_of(request)
     common = await _common(request, viewer, "endpoints")
     endpoints = await services.webhooks.list_endpoints(viewer.project_id)
     stats = await services.db.read(endpoint_stats, viewer.project_id, utcnow() - STATS_WINDOW)
@@ -211,7 +205,7 @@ async def endpoints_page(request: Request) -> Response:
 
 async def endpoint_page(request: Request) -> Response:
     viewer = await viewer_of(request)
-    services = _services(request)
+    services = services_of(request)
     common = await _common(request, viewer, "endpoints")
     endpoint_id = request.path_params["endpoint_id"]
     endpoint = await services.webhooks.get_endpoint(viewer.project_id, endpoint_id)
@@ -251,7 +245,7 @@ def trigger_form(
         {
             "viewer": viewer,
             "active": "runs",
-            "tasks": _services(request).registry.describe(),
+            "tasks": services_of(request).registry.describe(),
             "task": task,
             "payload": payload,
             "tags": tags,
@@ -265,7 +259,7 @@ def trigger_form(
 async def trigger_page(request: Request) -> Response:
     """Start a run by hand: any task, or ``?from=<run>`` to start from a run's payload."""
     viewer = await viewer_of(request)
-    services = _services(request)
+    services = services_of(request)
     task = request.query_params.get("task", "")
     payload: object = {}
     tags = ""

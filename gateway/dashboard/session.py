@@ -27,9 +27,9 @@ from starlette.requests import Request
 
 from db.models import ApiKey, DashboardSession, Project
 from db.types import utcnow
-from gateway.bodies import read_body
+from gateway.api.bodies import read_body
 from gateway.errors import APIError
-from gateway.services import Services
+from gateway.services import services_of
 from gateway.settings import Settings
 
 __all__ = [
@@ -92,11 +92,6 @@ def session_middleware(settings: Settings) -> Middleware:
     )
 
 
-def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
-
-
 def _session_key(session_id: str) -> str:
     # Only a digest is stored: the database alone opens no session.
     return hashlib.sha256(session_id.encode()).hexdigest()
@@ -126,7 +121,7 @@ async def viewer_of(request: Request) -> Viewer:
     session_id = request.session.get("sid")
     if not isinstance(session_id, str):
         raise SignInRequired()
-    row = await _services(request).db.read(_viewer_row, _session_key(session_id))
+    row = await services_of(request).db.read(_viewer_row, _session_key(session_id))
     if row is None:  # signed out, expired, or its key was revoked
         request.session.clear()
         raise SignInRequired("this session has ended; sign in again")
@@ -137,7 +132,7 @@ async def viewer_of(request: Request) -> Viewer:
 
 async def sign_in(request: Request, key: str) -> None:
     """Start a session for the project of ``key`` (an :class:`Unauthorized` if it is not one)."""
-    services = _services(request)
+    services = services_of(request)
     principal = await services.auth.resolve(key.strip())
     session_id = secrets.token_urlsafe(32)
     now = utcnow()
@@ -158,7 +153,7 @@ async def sign_out(request: Request) -> None:
     request.session.clear()
     if isinstance(session_id, str):
         key = _session_key(session_id)
-        await _services(request).db.write(
+        await services_of(request).db.write(
             lambda conn: conn.execute(
                 sessions.update()
                 .where(sessions.c.id == key, sessions.c.ended_at.is_(None))

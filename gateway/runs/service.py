@@ -24,6 +24,7 @@ from db.engine import Database
 from db.ids import new_id
 from db.models import Run, RunStatus
 from db.types import utcnow
+from gateway.api.requests import RetryOptions, TriggerOptions, TriggerRequest
 from gateway.errors import NotFound
 from gateway.notify import RunNotifier
 from gateway.queue import enqueue_job
@@ -35,9 +36,7 @@ from gateway.runs.events import EventAnswer, apply_event
 from gateway.runs.read import RunQuery, batch_summary, list_runs, load_run
 from gateway.runs.recovery import queued_before, recover_lost
 from gateway.runs.timers import release_due, reschedule
-from gateway.schemas import RetryOptions, TriggerOptions, TriggerRequest
 from gateway.settings import Settings
-from gateway.tokens import PublicTokens
 from jobs.protocol import WorkerEvent, run_job_id
 from webhooks.service import WebhookService
 
@@ -64,7 +63,6 @@ class RunService:
         self.notifier = notifier
         self.webhooks = webhooks
         self.settings = settings
-        self.tokens = PublicTokens(settings)
         self._born = time.monotonic()
 
     def new_row(
@@ -136,7 +134,6 @@ class RunService:
             if not cached and item.row["status"] == RunStatus.QUEUED.value:
                 await self.enqueue(job_of(item.row))
             view["is_cached"] = cached
-            view["public_access_token"] = self.tokens.issue(view["id"])
         return created
 
     async def trigger(

@@ -20,8 +20,8 @@ from db.engine import Database
 from db.ids import new_id
 from db.models import ApiKey, Project
 from db.types import utcnow
+from gateway.api.ratelimit import RateLimiter
 from gateway.errors import Unauthorized
-from gateway.ratelimit import RateLimiter
 
 __all__ = ["KEY_PREFIX", "ApiKeyAuth", "Principal", "create_api_key", "hash_api_key"]
 

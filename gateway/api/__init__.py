@@ -1,0 +1,30 @@
+"""The HTTP API: one module per resource, and what they share.
+
+``tasks`` (trigger, batch), ``runs``, ``batches``, ``webhooks``, ``artifacts``,
+``health`` and ``openapi`` are the public API; ``internal`` is what workers
+call. ``routing`` ties each route to its documented operation and auth mode;
+``auth``, ``tokens`` and ``ratelimit`` say who calls; ``bodies``, ``requests``
+and ``views`` read requests and shape answers.
+"""
+
+from __future__ import annotations
+
+from starlette.routing import BaseRoute
+
+__all__ = ["api_routes"]
+
+
+def api_routes() -> list[BaseRoute]:
+    """Every route of the API, the public ones and the workers'."""
+    from gateway.api import artifacts, batches, health, internal, openapi, runs, tasks, webhooks
+
+    return [
+        *tasks.routes,
+        *runs.routes,
+        *batches.routes,
+        *webhooks.routes,
+        *artifacts.routes,
+        *internal.routes,
+        *health.routes,
+        *openapi.routes,
+    ]

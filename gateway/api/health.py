@@ -1,0 +1,151 @@
+"""``/healthz``, ``/readyz`` and ``/metrics``: is the process alive, does what it
+needs answer, and what has it done."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+from typing import Any
+
+import sqlalchemy as sa
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import multiprocess as prometheus_multiprocess
+from prometheus_client.core import GaugeMetricFamily
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from db.models import Run, RunStatus
+from gateway.api import views
+from gateway.api.routing import ApiRoute, Operation
+from gateway.errors import Unauthorized, error_response
+from gateway.services import services_of
+
+__all__ = ["routes"]
+
+runs = Run.__table__  # type: ignore[attr-defined]
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    services = services_of(request)
+    checks: dict[str, str] = {}
+
+    async def check(name: str, probe: Any) -> None:
+        try:
+            await asyncio.wait_for(probe, timeout=2.0)
+            checks[name] = "ok"
+        except Exception as exc:
+            checks[name] = f"{type(exc).__name__}: {exc}"[:300]
+
+    await asyncio.gather(
+        check("database", services.db.ping()), check("redis", services.redis.ping())
+    )
+    if all(v == "ok" for v in checks.values()):
+        return JSONResponse({"status": "ok", "checks": checks})
+    failing = [{"check": k, "message": v} for k, v in checks.items() if v != "ok"]
+    return error_response(503, "not_ready", "a dependency does not answer", failing)
+
+
+class _LiveState:
+    """Gauges read when scraped: queue depth (Redis) and runs not final (database)."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.values: dict[str, Any] = {}
+
+    async def load(self) -> None:
+        services = services_of(self.request)
+        self.values["queue"] = await services.redis.zcard(services.settings.queue_name)
+
+        def by_status(conn: sa.Connection) -> list[tuple[str, str, int]]:
+            live = [s.value for s in RunStatus if not s.is_final]
+            rows = conn.execute(
+                sa.select(runs.c.task, runs.c.status, sa.func.count())
+                .where(runs.c.status.in_(live))
+                .group_by(runs.c.task, runs.c.status)
+            )
+            return [(r[0], r[1], int(r[2])) for r in rows]
+
+        self.values["live"] = await services.db.read(by_status)
+
+    def collect(self) -> Any:
+        queue = GaugeMetricFamily("gateway_queue_depth", "Jobs waiting in the arq queue")
+        queue.add_metric([], self.values.get("queue", 0))
+        yield queue
+        live = GaugeMetricFamily(
+            "gateway_runs_in_flight",
+            "Runs not final, by task and status (EXECUTING: jobs in flight)",
+            labels=["task", "status"],
+        )
+        for task, status, count in self.values.get("live", []):
+            live.add_metric([task, status], count)
+        yield live
+
+
+def _registry() -> CollectorRegistry:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        prometheus_multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return registry
+    from prometheus_client import REGISTRY
+
+    return REGISTRY
+
+
+async def metrics(request: Request) -> Response:
+    """Open by default (for a scraper on a private network); with
+    ``METRICS_TOKEN`` set, only ``Authorization: Bearer <METRICS_TOKEN>``."""
+    token = services_of(request).settings.metrics_token
+    if token:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), token.encode()
+        ):
+            raise Unauthorized(
+                "/metrics needs `Authorization: Bearer <METRICS_TOKEN>`", code="invalid_token"
+            )
+    live = _LiveState(request)
+    await live.load()
+    registry = _registry()
+    scrape = CollectorRegistry()
+    scrape.register(live)
+    body = generate_latest(registry) + generate_latest(scrape)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+routes = [
+    ApiRoute(
+        "GET",
+        "/healthz",
+        healthz,
+        Operation("The process is alive", "health", {200: views.Health}, auth="none"),
+    ),
+    ApiRoute(
+        "GET",
+        "/metrics",
+        metrics,
+        Operation(
+            "Prometheus metrics (a bearer METRICS_TOKEN when one is set)",
+            "health",
+            {200: "text/plain in the Prometheus format"},
+            auth="none",
+            errors=(401,),
+        ),
+    ),
+    ApiRoute(
+        "GET",
+        "/readyz",
+        readyz,
+        Operation(
+            "The database and Redis answer",
+            "health",
+            {200: views.Health},
+            auth="none",
+            errors=(503,),
+        ),
+    ),
+]

@@ -1,0 +1,130 @@
+"""``/internal/v1``: what workers call on the gateway, every request signed.
+
+A worker reports run events and callback attempts, asks for a delivery's
+signed headers, and stores and reads artifacts. Each request's signature
+covers its method, path, query and body (``jobs.protocol``); these routes are
+not in the OpenAPI document, which is for applications.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.api.bodies import parse_json, signed_body, validate
+from gateway.errors import BadRequest, PayloadTooLarge, ValidationFailed
+from gateway.services import Services, services_of
+from jobs.protocol import (
+    ARTIFACT_FETCH_PATH,
+    ARTIFACTS_PATH,
+    EVENTS_PATH,
+    PREPARE_PATH,
+    WorkerEvent,
+    dumps,
+)
+from webhooks.models import DeliveryAttemptReport
+
+__all__ = ["routes"]
+
+
+def _check_meaning(services: Services, event: WorkerEvent, body_size: int) -> None:
+    """What a signature cannot tell: an output within ``MAX_OUTPUT_BYTES``
+    (413, so the worker ends the run with ``output_too_large``), children of
+    known tasks. (A ``waiting`` event for a run that is not a workflow is
+    refused where the run is read, in ``gateway.runs.workflow``.)"""
+    limit = services.settings.max_output_bytes
+    if body_size > limit and event.output is not None and len(dumps(event.output)) > limit:
+        raise PayloadTooLarge(
+            f"the output is over MAX_OUTPUT_BYTES ({limit})", code="output_too_large"
+        )
+    unknown = [
+        {"path": f"spawn.{i}.task", "type": "unknown_task", "message": f"no task {c.task!r}"}
+        for i, c in enumerate(event.spawn)
+        if c.task not in services.registry
+    ]
+    if unknown:
+        raise ValidationFailed("the event names tasks this gateway does not know", details=unknown)
+
+
+async def worker_event(request: Request) -> Response:
+    """A run event (started, completed, failed, waiting, heartbeat) or a
+    callback attempt, applied once however often it is sent."""
+    services = services_of(request)
+    body = await signed_body(
+        request, services.settings, services.settings.max_output_bytes + 64 * 1024
+    )
+    data = parse_json(body)
+    if isinstance(data, dict) and data.get("type") == "delivery.attempt":
+        report = validate(DeliveryAttemptReport, data)
+        recorded = await services.webhooks.record_attempt(report)
+        if recorded["recorded"]:
+            # Wakes the dashboard's live feed; no run waits on a delivery.
+            await services.notifier.publish(f"delivery:{report.delivery_id}")
+        return JSONResponse(recorded)
+    event = validate(WorkerEvent, data)
+    _check_meaning(services, event, len(body))
+    answer = await services.runs.apply_event(event)
+    return JSONResponse(answer.to_dict())
+
+
+class _PrepareRequest(BaseModel):
+    delivery_id: str = Field(max_length=40)
+    trigger: str = Field(default="schedule", pattern="^(schedule|resend)$")
+
+
+async def prepare_delivery(request: Request) -> Response:
+    """What to send for a delivery's attempt now, with headers signed afresh."""
+    services = services_of(request)
+    body = await signed_body(request, services.settings, 64 * 1024)
+    prepare = validate(_PrepareRequest, parse_json(body))
+    return JSONResponse(await services.webhooks.prepare(prepare.delivery_id, prepare.trigger))
+
+
+def _int_param(request: Request, name: str) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return None
+    if not (raw.isascii() and raw.isdigit()):
+        raise BadRequest(f"{name} must be a whole number")
+    return int(raw)
+
+
+async def upload_artifact(request: Request) -> Response:
+    """A worker stores an artifact (the body is the file)."""
+    services = services_of(request)
+    data = await signed_body(request, services.settings, services.settings.max_artifact_bytes)
+    run_id = request.query_params.get("run_id")
+    if not run_id:
+        raise BadRequest("run_id is required")
+    stored: dict[str, Any] = await services.artifacts.store(
+        run_id,
+        request.query_params.get("content_type", ""),
+        data,
+        _int_param(request, "width"),
+        _int_param(request, "height"),
+    )
+    return JSONResponse(stored, status_code=201)
+
+
+async def fetch_artifact(request: Request) -> Response:
+    """A worker reads an upstream artifact (the body is its ID): only one of
+    the same project as the asking run."""
+    services = services_of(request)
+    store = services.artifacts
+    artifact_id = (await signed_body(request, services.settings, 200)).decode("utf-8", "replace")
+    project_id = await store.project_of_run(request.query_params.get("run_id", ""))
+    row = await store.find(artifact_id.strip(), project_id)
+    content_type, headers = store.served_as(row)
+    return FileResponse(store.root / row["path"], media_type=content_type, headers=headers)
+
+
+routes = [
+    Route(EVENTS_PATH, worker_event, methods=["POST"]),
+    Route(PREPARE_PATH, prepare_delivery, methods=["POST"]),
+    Route(ARTIFACTS_PATH, upload_artifact, methods=["POST"]),
+    Route(ARTIFACT_FETCH_PATH, fetch_artifact, methods=["POST"]),
+]

@@ -1,0 +1,122 @@
+"""Routes of the public API: each carries its operation, and its auth mode guards it.
+
+One table: an :class:`ApiRoute` holds the handler, the method and path, and the
+:class:`Operation` that documents it. The OpenAPI document is built by walking
+``app.routes`` (``gateway.api.openapi``), and the route applies the
+operation's auth mode itself before the handler runs, so what is documented is
+what is enforced:
+
+- ``key``: ``Authorization: Bearer <API key>``; the handler gets the project's ID
+- ``key_or_token``: the key, or a run's public access token for the run in the
+  path; the handler gets the project's ID, or ``None`` for a token
+- ``link``: a signed link in the path (the handler checks it)
+- ``none``: open (health checks, this document)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.api.tokens import PublicTokens
+from gateway.runs.errors import RunNotFound
+from gateway.services import services_of
+
+__all__ = ["PAGE", "ApiRoute", "Auth", "Operation", "Param"]
+
+Auth = Literal["key", "key_or_token", "none", "link"]
+Handler = Callable[..., Awaitable[Response]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """A path, query or header parameter, for the document."""
+
+    name: str
+    where: Literal["path", "query", "header"]
+    description: str
+    schema: dict[str, Any] = dataclasses.field(default_factory=lambda: {"type": "string"})
+    required: bool = False
+
+
+#: The parameters of every paged list.
+PAGE = (
+    Param("limit", "query", "1 to 100", {"type": "integer"}),
+    Param("cursor", "query", "next_cursor of the previous page"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Operation:
+    """What an API route does, answers and needs.
+
+    :param answers: status → the model of its body (or a description)
+    :param body: the request body's model
+    :param errors: error statuses besides 401 and 429, which every
+        authenticated operation may give
+    """
+
+    summary: str
+    tag: str
+    answers: dict[int, type[BaseModel] | str]
+    body: type[BaseModel] | None = None
+    auth: Auth = "key"
+    params: tuple[Param, ...] = ()
+    errors: tuple[int, ...] = ()
+
+
+async def _reader(request: Request) -> str | None:
+    """Who may read the run in the path: the project of an API key, or
+    ``None`` for a public access token made for exactly this run."""
+    services = services_of(request)
+    run_id = request.path_params["run_id"]
+    token = request.query_params.get("token")
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if not token and scheme.lower() == "bearer" and PublicTokens.looks_like(value.strip()):
+        token = value.strip()
+    if token:
+        if services.tokens.run_of(token) != run_id:
+            raise RunNotFound(run_id)
+        return None
+    return (await services.auth.authenticate(request)).project_id
+
+
+def _guarded(handler: Handler, auth: Auth) -> Handler:
+    if auth == "key":
+
+        async def with_key(request: Request) -> Response:
+            principal = await services_of(request).auth.authenticate(request)
+            return await handler(request, principal.project_id)
+
+        endpoint = with_key
+    elif auth == "key_or_token":
+
+        async def with_key_or_token(request: Request) -> Response:
+            return await handler(request, await _reader(request))
+
+        endpoint = with_key_or_token
+    else:
+        return handler
+    endpoint.__name__ = endpoint.__qualname__ = handler.__name__
+    endpoint.__doc__ = handler.__doc__
+    return endpoint
+
+
+class ApiRoute(Route):
+    """A route of the public API: ``method path`` → ``handler``, documented by
+    ``operation`` and guarded by its auth mode."""
+
+    def __init__(self, method: str, path: str, handler: Handler, operation: Operation) -> None:
+        self.operation = operation
+        self.handler = handler
+        super().__init__(path, _guarded(handler, operation.auth), methods=[method])
+
+    @property
+    def method(self) -> str:
+        return next(m for m in self.methods or () if m != "HEAD")

@@ -1,0 +1,273 @@
+"""``/api/v1/runs``: following runs (one, a page, a stream) and acting on them."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from db.models import RunStatus
+from db.types import isoformat, to_utc
+from gateway.api import views
+from gateway.api.bodies import json_object
+from gateway.api.requests import RescheduleRequest
+from gateway.api.routing import PAGE, ApiRoute, Operation, Param
+from gateway.api.views import RunPage, RunView, shaped
+from gateway.errors import ValidationFailed
+from gateway.runs.read import RunQuery, transitions_since
+from gateway.services import services_of
+
+__all__ = ["routes"]
+
+MAX_WAIT_SECONDS = 60
+_KEEPALIVE_SECONDS = 15.0
+
+
+def _wait_seconds(request: Request) -> float | None:
+    raw = request.query_params.get("wait")
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= MAX_WAIT_SECONDS:
+        raise ValidationFailed(
+            f"wait must be a number of seconds from 0 to {MAX_WAIT_SECONDS}",
+            details=[{"path": "query.wait", "message": f"got {raw!r}", "type": "value_error"}],
+        )
+    return value
+
+
+async def get_run(request: Request, project_id: str | None) -> Response:
+    services = services_of(request)
+    run_id = request.path_params["run_id"]
+    wait = _wait_seconds(request)
+    if wait:
+        run = await services.runs.wait(project_id, run_id, wait)
+    else:
+        run = await services.runs.get(project_id, run_id)
+    return shaped(RunView, run)
+
+
+async def run_events(request: Request, project_id: str | None) -> Response:
+    """Server-Sent Events: one per status change, read from the run's
+    transition log (so a change between two wake-ups is never skipped); the
+    stream closes after the final one."""
+    services = services_of(request)
+    run_id = request.path_params["run_id"]
+    await services.runs.get(project_id, run_id)  # 404 before the stream starts
+
+    async def stream() -> AsyncIterator[str]:
+        last = 0
+        with services.notifier.watch(run_id) as changed:
+            while True:
+                changed.clear()
+                steps = await services.db.read(transitions_since, run_id, last)
+                view = await services.runs.get(project_id, run_id) if steps else None
+                for step in steps:
+                    last = step["id"]
+                    status = RunStatus(step["to_status"])
+                    data = {
+                        **(view or {}),
+                        "status": status.value,
+                        "is_final": status.is_final,
+                        "transition": {
+                            "from": step["from_status"],
+                            "to": status.value,
+                            "attempt": step["attempt"],
+                            "at": isoformat(step["at"]),
+                        },
+                    }
+                    yield f"id: {last}\nevent: status\ndata: {json.dumps(data)}\n\n"
+                    if status.is_final:
+                        return
+                try:
+                    await asyncio.wait_for(changed.wait(), timeout=_KEEPALIVE_SECONDS)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    yield ": keep-alive\n\n"
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+    )
+
+
+async def cancel_run(request: Request, project_id: str) -> Response:
+    services = services_of(request)
+    return shaped(RunView, await services.runs.cancel(project_id, request.path_params["run_id"]))
+
+
+async def replay_run(request: Request, project_id: str) -> Response:
+    services = services_of(request)
+    run = await services.runs.replay(project_id, request.path_params["run_id"])
+    run["public_access_token"] = services.tokens.issue(run["id"])
+    return shaped(RunView, run, status_code=202, headers={"location": f"/api/v1/runs/{run['id']}"})
+
+
+async def reschedule_run(request: Request, project_id: str) -> Response:
+    services = services_of(request)
+    body = await json_object(request, services.settings.max_body_bytes, RescheduleRequest)
+    return shaped(
+        RunView,
+        await services.runs.reschedule(project_id, request.path_params["run_id"], body.delay),
+    )
+
+
+def _time_param(request: Request, name: str) -> dt.datetime | None:
+    raw = request.query_params.get(name)
+    if not raw:
+        return None
+    try:
+        return to_utc(dt.datetime.fromisoformat(raw.replace("Z", "+00:00")))
+    except ValueError as exc:
+        raise ValidationFailed(
+            details=[
+                {
+                    "path": f"query.{name}",
+                    "type": "datetime_parsing",
+                    "message": f"not an ISO-8601 time in range: {raw!r} ({exc})",
+                }
+            ]
+        ) from None
+
+
+def _list_param(request: Request, name: str) -> tuple[str, ...]:
+    return tuple(v for raw in request.query_params.getlist(name) for v in raw.split(",") if v)
+
+
+async def list_runs(request: Request, project_id: str) -> Response:
+    services = services_of(request)
+    statuses = tuple(s.upper() for s in _list_param(request, "status"))
+    unknown = [s for s in statuses if s not in RunStatus.__members__]
+    raw_limit = request.query_params.get("limit", "25")
+    details = [
+        {"path": "query.status", "type": "enum", "message": f"unknown status {s!r}"}
+        for s in unknown
+    ]
+    if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= 100:
+        details.append(
+            {
+                "path": "query.limit",
+                "type": "value_error",
+                "message": "a whole number from 1 to 100",
+            }
+        )
+    if details:
+        raise ValidationFailed(details=details)
+    query = RunQuery(
+        statuses=statuses,
+        tasks=_list_param(request, "task"),
+        tag=request.query_params.get("tag") or None,
+        created_after=_time_param(request, "created_after"),
+        created_before=_time_param(request, "created_before"),
+        limit=int(raw_limit),
+        cursor=request.query_params.get("cursor") or None,
+    )
+    return shaped(RunPage, await services.runs.find(project_id, query))
+
+
+RUN_ID = Param("run_id", "path", "a run's ID (run_…)", required=True)
+TOKEN = Param("token", "query", "a run's public_access_token, instead of a bearer key")
+SSE = "text/event-stream: one `status` event per status change, closing after the final one"
+
+routes = [
+    ApiRoute(
+        "GET",
+        "/api/v1/runs",
+        list_runs,
+        Operation(
+            "List runs, newest first",
+            "runs",
+            {200: views.RunPage},
+            params=(
+                Param("status", "query", "one or more statuses, comma-separated"),
+                Param("task", "query", "one or more tasks, comma-separated"),
+                Param("tag", "query", "runs with this tag"),
+                Param("created_after", "query", "ISO-8601"),
+                Param("created_before", "query", "ISO-8601"),
+                *PAGE,
+            ),
+            errors=(422,),
+        ),
+    ),
+    ApiRoute(
+        "GET",
+        "/api/v1/runs/{run_id}",
+        get_run,
+        Operation(
+            "Get a run (long-poll with ?wait=)",
+            "runs",
+            {200: views.RunView},
+            auth="key_or_token",
+            params=(
+                RUN_ID,
+                Param(
+                    "wait",
+                    "query",
+                    "seconds to wait for a final status (<= 60)",
+                    {"type": "number"},
+                ),
+                TOKEN,
+            ),
+            errors=(404, 422),
+        ),
+    ),
+    ApiRoute(
+        "GET",
+        "/api/v1/runs/{run_id}/events",
+        run_events,
+        Operation(
+            "Follow a run (Server-Sent Events)",
+            "runs",
+            {200: SSE},
+            auth="key_or_token",
+            params=(RUN_ID, TOKEN),
+            errors=(404,),
+        ),
+    ),
+    ApiRoute(
+        "POST",
+        "/api/v1/runs/{run_id}/cancel",
+        cancel_run,
+        Operation(
+            "Cancel a run (and a workflow's children)",
+            "runs",
+            {200: views.RunView},
+            params=(RUN_ID,),
+            errors=(404, 409),
+        ),
+    ),
+    ApiRoute(
+        "POST",
+        "/api/v1/runs/{run_id}/replay",
+        replay_run,
+        Operation(
+            "Run the same task and payload again",
+            "runs",
+            {202: views.RunView},
+            params=(RUN_ID,),
+            errors=(404,),
+        ),
+    ),
+    ApiRoute(
+        "POST",
+        "/api/v1/runs/{run_id}/reschedule",
+        reschedule_run,
+        Operation(
+            "Move a DELAYED run",
+            "runs",
+            {200: views.RunView},
+            RescheduleRequest,
+            params=(RUN_ID,),
+            errors=(404, 409, 422),
+        ),
+    ),
+]
