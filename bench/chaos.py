@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from db.migrate import upgrade  # noqa: E402
-from gateway.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
+from gateway.cli.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
 from tests.helpers import Process, child_env, db_query, wait_http_ok  # noqa: E402
 from tests.receiver import Receiver  # noqa: E402
 
@@ -133,7 +133,7 @@ class Stack:
 
 
 def _key(stack: Stack) -> str:
-    from gateway.api.auth import _create_api_key, generate_api_key
+    from gateway.auth.keys import _create_api_key, generate_api_key
     from tests.helpers import db_call
 
     key = generate_api_key()

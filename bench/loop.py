@@ -45,8 +45,8 @@ from arq.worker import Worker  # noqa: E402
 from bench.httpload import Connection, request_bytes, run_load  # noqa: E402
 from db.engine import Database  # noqa: E402
 from db.migrate import upgrade  # noqa: E402
-from gateway.api.auth import create_api_key  # noqa: E402
-from gateway.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
+from gateway.auth.keys import create_api_key  # noqa: E402
+from gateway.cli.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
 from gateway.settings import normalize_database_url  # noqa: E402
 from tests.helpers import Process, child_env, wait_http_ok  # noqa: E402
 

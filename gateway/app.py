@@ -14,11 +14,11 @@ from starlette.middleware.cors import CORSMiddleware
 
 from db.engine import Database
 from gateway.api import api_routes
-from gateway.api.auth import ApiKeyAuth
 from gateway.api.bodies import RefuseNul
-from gateway.api.ratelimit import RateLimiter
-from gateway.api.tokens import PublicTokens
 from gateway.artifacts import ArtifactStore
+from gateway.auth.keys import ApiKeyAuth
+from gateway.auth.ratelimit import RateLimiter
+from gateway.auth.tokens import PublicTokens
 from gateway.dashboard import dashboard_routes
 from gateway.errors import exception_handlers
 from gateway.logs import configure_logging

@@ -8,9 +8,9 @@ from arq import ArqRedis
 from starlette.requests import Request
 
 from db.engine import Database
-from gateway.api.auth import ApiKeyAuth
-from gateway.api.tokens import PublicTokens
 from gateway.artifacts import ArtifactStore
+from gateway.auth.keys import ApiKeyAuth
+from gateway.auth.tokens import PublicTokens
 from gateway.notify import RunNotifier
 from gateway.runs.service import RunService
 from gateway.settings import Settings

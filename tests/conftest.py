@@ -22,7 +22,7 @@ import pytest
 import sqlalchemy as sa
 
 from db.migrate import upgrade
-from gateway.embedded_redis import EmbeddedRedis, free_port
+from gateway.cli.embedded_redis import EmbeddedRedis, free_port
 from gateway.settings import normalize_database_url
 from tests.gemini import GeminiStandIn
 from tests.helpers import Process, child_env, db_call, db_query, wait_http_ok
@@ -131,7 +131,7 @@ class Stack:
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=70.0)
 
     def new_key(self, project: str) -> str:
-        from gateway.api.auth import _create_api_key, generate_api_key
+        from gateway.auth.keys import _create_api_key, generate_api_key
 
         key = generate_api_key()
         db_call(self.database_url, lambda conn: _create_api_key(conn, project, key), write=True)

@@ -15,7 +15,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from gateway.embedded_redis import free_port
+from gateway.cli.embedded_redis import free_port
 
 _PATH = re.compile(r"^/[^/]+/models/(?P<model>[^/:]+):generateContent$")
 

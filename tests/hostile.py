@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from gateway.embedded_redis import free_port
+from gateway.cli.embedded_redis import free_port
 
 #: Path → what the receiver does once it has read the request.
 BEHAVIOURS = {

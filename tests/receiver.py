@@ -17,7 +17,7 @@ from typing import Any
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from gateway.embedded_redis import free_port
+from gateway.cli.embedded_redis import free_port
 
 
 @dataclasses.dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from gateway.embedded_redis import free_port
+from gateway.cli.embedded_redis import free_port
 from tests.conftest import Stack
 from tests.helpers import ROOT, child_env, wait_until
 from tests.receiver import Receiver

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 
@@ -136,3 +137,62 @@ def test_the_cli(stack: Stack, receiver: Receiver) -> None:
     assert added["id"] in cli(stack, "webhooks", "list", key=key).stdout
     assert cli(stack, "webhooks", "rm", added["id"], key=key).returncode == 0
     assert added["id"] not in cli(stack, "webhooks", "list", key=key).stdout
+
+
+#: What the server needs and the client must not: the client installs alone.
+SERVER_PACKAGES = (
+    "alembic",
+    "arq",
+    "asyncpg",
+    "google",
+    "itsdangerous",
+    "jinja2",
+    "PIL",
+    "prometheus_client",
+    "pydantic",
+    "pydantic_settings",
+    "redis",
+    "sqlalchemy",
+    "sqlmodel",
+    "starlette",
+    "uvicorn",
+)
+
+_WITHOUT_THE_SERVER = """
+import importlib.abc, sys
+
+class Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+
+sys.meta_path.insert(0, Blocked())
+from gateway.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_client_and_its_cli_need_none_of_the_server(stack: Stack) -> None:
+    key = stack.new_key("client-alone")
+    script = _WITHOUT_THE_SERVER.format(blocked=SERVER_PACKAGES)
+    env = {**os.environ, "GATEWAY_URL": stack.base_url, "GATEWAY_API_KEY": key}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", script, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+
+    waited = run("trigger", "echo", "--payload", '{"alone": true}', "--wait")
+    assert waited.returncode == 0, waited.stderr
+    assert json.loads(waited.stdout)["output"] == {"alone": True}
+    # A server command says what to install, in one line.
+    server = run("web")
+    assert server.returncode != 0
+    assert "pip install 'webhook-job-gateway[server]'" in server.stderr
+    assert "Traceback" not in server.stderr

@@ -16,7 +16,7 @@ import jobs.protocol as protocol
 from db.ids import new_id
 from db.models import Run
 from db.types import utcnow
-from gateway.embedded_redis import EmbeddedRedis
+from gateway.cli.embedded_redis import EmbeddedRedis
 from jobs.protocol import EVENTS_PATH, SignatureError, sign_request, verify_request
 from tests.conftest import TEST_SECRET, Databases, Stack, _redis_db, launch_stack
 from tests.helpers import db_call

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.embedded_redis import EmbeddedRedis
+from gateway.cli.embedded_redis import EmbeddedRedis
 from tests.conftest import Databases, Stack, _redis_db, launch_stack
 from tests.helpers import wait_until
 
@@ -106,7 +106,7 @@ def test_a_database_that_does_not_answer_gives_503_with_retry_after(
     """A gateway whose PostgreSQL is down (nothing listens on its port)."""
     import httpx
 
-    from gateway.embedded_redis import free_port
+    from gateway.cli.embedded_redis import free_port
     from tests.conftest import TEST_SECRET
     from tests.helpers import Process, child_env, wait_http_ok
 

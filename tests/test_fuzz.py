@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.embedded_redis import EmbeddedRedis, free_port
+from gateway.cli.embedded_redis import EmbeddedRedis, free_port
 from tests.conftest import TEST_SECRET, Databases, _redis_db
 from tests.helpers import ROOT, Process, child_env, wait_http_ok
 
@@ -25,7 +25,7 @@ def lone_gateway(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[str, str]]:
     """A gateway with a database of its own and no worker; its URL and a key."""
-    from gateway.api.auth import _create_api_key, generate_api_key
+    from gateway.auth.keys import _create_api_key, generate_api_key
     from tests.helpers import db_call
 
     own_database = databases.new("fuzz")

@@ -11,7 +11,7 @@ from arq.connections import RedisSettings
 from arq.constants import job_key_prefix
 from arq.jobs import Job, JobStatus
 
-from gateway.embedded_redis import EmbeddedRedis
+from gateway.cli.embedded_redis import EmbeddedRedis
 from gateway.queue import enqueue_job
 from tests.conftest import Databases, _redis_db, launch_stack
 

@@ -349,7 +349,7 @@ def test_a_public_token_reads_one_run_only_until_it_expires(stack: Stack) -> Non
 
 
 def test_the_rate_limit_answers_429_with_its_headers(stack: Stack) -> None:
-    from gateway.api.auth import _create_api_key, generate_api_key
+    from gateway.auth.keys import _create_api_key, generate_api_key
     from tests.helpers import db_call
 
     key = generate_api_key()

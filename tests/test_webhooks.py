@@ -36,7 +36,7 @@ class App:
 
 
 def _hash(key: str) -> str:
-    from gateway.api.auth import hash_api_key
+    from gateway.auth.keys import hash_api_key
 
     return hash_api_key(key)
 

@@ -2,9 +2,10 @@
 
 ``tasks`` (trigger, batch), ``runs``, ``batches``, ``webhooks``, ``artifacts``,
 ``health`` and ``openapi`` are the public API; ``internal`` is what workers
-call. ``routing`` ties each route to its documented operation and auth mode;
-``auth``, ``tokens`` and ``ratelimit`` say who calls; ``bodies``, ``requests``
-and ``views`` read requests and shape answers.
+call. ``routing`` ties each route to its documented operation and auth mode
+(who calls is ``gateway.auth``'s to say); ``bodies`` reads requests into the
+models the rooms define (``gateway.runs.options``, ``webhooks.models``) and
+``views`` shapes answers.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.api.tokens import PublicTokens
+from gateway.auth.tokens import PublicTokens
 from gateway.runs.errors import RunNotFound
 from gateway.services import services_of
 

@@ -14,10 +14,10 @@ from db.models import RunStatus
 from db.types import isoformat, to_utc
 from gateway.api import views
 from gateway.api.bodies import json_object
-from gateway.api.requests import RescheduleRequest
 from gateway.api.routing import PAGE, ApiRoute, Operation, Param
 from gateway.api.views import RunPage, RunView, shaped
 from gateway.errors import ValidationFailed
+from gateway.runs.options import RescheduleRequest
 from gateway.runs.read import RunQuery, transitions_since
 from gateway.services import services_of
 

@@ -10,10 +10,10 @@ from starlette.responses import Response
 from db.ids import new_id
 from gateway.api import views
 from gateway.api.bodies import json_object
-from gateway.api.requests import BatchRequest, TriggerRequest
 from gateway.api.routing import ApiRoute, Operation, Param
 from gateway.api.views import BatchCreated, RunView, TaskList, shaped
 from gateway.errors import NotFound, ValidationFailed
+from gateway.runs.options import BatchRequest, TriggerRequest
 from gateway.services import Services, services_of
 from jobs.tasks.registry import TaskDefinition
 

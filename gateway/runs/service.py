@@ -24,7 +24,6 @@ from db.engine import Database
 from db.ids import new_id
 from db.models import Run, RunStatus
 from db.types import utcnow
-from gateway.api.requests import RetryOptions, TriggerOptions, TriggerRequest
 from gateway.errors import NotFound
 from gateway.notify import RunNotifier
 from gateway.queue import enqueue_job
@@ -33,6 +32,7 @@ from gateway.runs.create import NewRun, create_runs
 from gateway.runs.effects import Effects, Job, job_of
 from gateway.runs.errors import LostRace, RunNotFound
 from gateway.runs.events import EventAnswer, apply_event
+from gateway.runs.options import RetryOptions, TriggerOptions, TriggerRequest
 from gateway.runs.read import RunQuery, batch_summary, list_runs, load_run
 from gateway.runs.recovery import queued_before, recover_lost
 from gateway.runs.timers import release_due, reschedule

@@ -1,5 +1,9 @@
 """The ``gateway`` command: ``up``, ``web``, ``worker``, ``migrate`` and ``keys`` run
-the gateway; ``trigger``, ``runs`` and ``webhooks`` talk to one (see ``cli_client``)."""
+the gateway; ``trigger``, ``runs`` and ``webhooks`` talk to one (``gateway.client.cli``).
+
+The client's commands need only the client (httpx): the server's are loaded
+when one of them runs, and say which extra to install when they cannot be.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,12 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from gateway.cli_client import add_commands, run_command
-from gateway.settings import ConfigError, Settings
+from gateway.client.cli import add_commands, run_command
+
+if TYPE_CHECKING:  # the server's commands load the server only when they run
+    from gateway.settings import Settings
 
 __all__ = ["main"]
 
@@ -34,7 +41,7 @@ def _keys_create(
     settings: Settings, name: str, rate_limit: float | None = None, burst: int | None = None
 ) -> int:
     from db.engine import Database
-    from gateway.api.auth import create_api_key
+    from gateway.auth.keys import create_api_key
 
     async def create() -> tuple[str, str]:
         db = Database(settings.database_url)
@@ -76,6 +83,7 @@ def _web(settings: Settings) -> int:
 
 def _worker(settings: Settings) -> int:
     from gateway.logs import configure_logging
+    from jobs.settings import ConfigError
     from jobs.worker import run_workers
 
     configure_logging(settings)
@@ -87,7 +95,7 @@ def _worker(settings: Settings) -> int:
 
 
 def _up(settings: Settings) -> int:
-    from gateway.supervisor import up
+    from gateway.cli.supervisor import up
 
     return up(settings)
 
@@ -117,12 +125,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The package's extra that brings the server's dependencies.
+SERVER_EXTRA = "webhook-job-gateway[server]"
+
+
+def _server_settings() -> Settings:
+    """The settings of a server command; a clear line if the server's
+    dependencies are not installed (the client alone needs only httpx)."""
+    try:
+        from gateway.settings import Settings
+    except ImportError as exc:
+        raise SystemExit(
+            f"gateway: this command runs the server, whose dependencies are not installed "
+            f"({exc.name}): pip install '{SERVER_EXTRA}'"
+        ) from None
+    return Settings.from_env()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("trigger", "runs", "webhooks"):
         return run_command(args)
     try:
-        settings = Settings.from_env()
+        settings = _server_settings()
         if args.command == "up":
             return _up(settings)
         if args.command == "web":
@@ -133,9 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _migrate(settings)
         if args.command == "keys":
             return _keys_create(settings, args.name, args.rate_limit, args.burst)
-    except ConfigError as exc:
-        print(f"gateway: configuration error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        from jobs.settings import ConfigError  # loaded by then: a server command ran
+
+        if not isinstance(exc, ConfigError):
+            raise
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
     return 1

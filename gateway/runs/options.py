@@ -1,4 +1,5 @@
-"""Pydantic models of what the API takes in."""
+"""A run's options as a trigger gives them (validated pydantic models), and the
+requests that carry them: one trigger, a batch, a reschedule."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from db.engine import Database
 from db.ids import new_id
 from db.models import ApiKey, Project
 from db.types import utcnow
-from gateway.api.ratelimit import RateLimiter
+from gateway.auth.ratelimit import RateLimiter
 from gateway.errors import Unauthorized
 
 __all__ = ["KEY_PREFIX", "ApiKeyAuth", "Principal", "create_api_key", "hash_api_key"]

@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from types import FrameType
 
-from gateway.embedded_redis import EmbeddedRedis
+from gateway.cli.embedded_redis import EmbeddedRedis
 from gateway.settings import Settings
 
 __all__ = ["up"]
@@ -40,7 +40,7 @@ def _read_or_create(path: Path, make: str) -> str:
 def _dev_key(settings: Settings) -> str:
     """The dev project's key, kept in ``DATA_DIR/dev-api-key`` between runs."""
     from db.engine import Database
-    from gateway.api.auth import api_key_exists, create_api_key
+    from gateway.auth.keys import api_key_exists, create_api_key
 
     path = settings.data_dir / "dev-api-key"
 
