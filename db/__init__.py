@@ -1,4 +1,4 @@
 """The database: SQLModel models, the async engine and Alembic migrations.
 
-Only the gateway writes here (see DESIGN.md, invariant 2).
+Only the gateway writes here (see docs/architecture.md, invariant 2).
 """

@@ -37,7 +37,7 @@ __all__ = [
 
 
 class RunStatus(enum.StrEnum):
-    """Where a run is in its life. See DESIGN.md, "Run statuses"."""
+    """Where a run is in its life. See docs/architecture.md, "Run statuses"."""
 
     DELAYED = "DELAYED"
     QUEUED = "QUEUED"

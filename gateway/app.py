@@ -28,6 +28,7 @@ from gateway.runs.service import RunService
 from gateway.services import Services
 from gateway.settings import ConfigError, Settings
 from jobs.tasks.registry import load_tasks
+from webhooks.dispatch import DeliveryDispatcher
 from webhooks.service import WebhookService
 
 __all__ = ["create_app"]
@@ -53,8 +54,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
         notifier = RunNotifier(redis)
         await notifier.start()
         registry = load_tasks(settings.task_modules)
+        dispatcher = DeliveryDispatcher(db=db, redis=redis, settings=settings)
         webhooks = WebhookService(
-            db=db, redis=redis, settings=settings, task_names=registry.names()
+            db=db,
+            redis=redis,
+            settings=settings,
+            dispatcher=dispatcher,
+            task_names=registry.names(),
         )
         app.state.services = Services(
             settings=settings,
@@ -71,15 +77,21 @@ def create_app(settings: Settings | None = None) -> Starlette:
             artifacts=ArtifactStore(db, settings),
             notifier=notifier,
             webhooks=webhooks,
+            dispatcher=dispatcher,
             runs=RunService(
-                db=db, redis=redis, notifier=notifier, webhooks=webhooks, settings=settings
+                db=db,
+                redis=redis,
+                notifier=notifier,
+                webhooks=webhooks,
+                dispatcher=dispatcher,
+                settings=settings,
             ),
         )
         reconciler = Reconciler(
             db=db,
             redis=redis,
             runs=app.state.services.runs,
-            webhooks=webhooks,
+            dispatcher=dispatcher,
             settings=settings,
         )
         scheduler = Scheduler(redis=redis, runs=app.state.services.runs, settings=settings)

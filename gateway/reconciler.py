@@ -32,7 +32,7 @@ from gateway.runs.service import RunService
 from gateway.runs.workflow import node_states
 from gateway.settings import Settings
 from jobs.protocol import delivery_job_id, run_job_id
-from webhooks.service import WebhookService
+from webhooks.dispatch import DeliveryDispatcher
 
 __all__ = ["Reconciler", "Scheduler"]
 
@@ -81,13 +81,13 @@ class Reconciler(Periodic):
         db: Database,
         redis: ArqRedis,
         runs: RunService,
-        webhooks: WebhookService,
+        dispatcher: DeliveryDispatcher,
         settings: Settings,
     ) -> None:
         super().__init__(redis, settings.reconcile_interval)
         self.db = db
         self.runs = runs
-        self.webhooks = webhooks
+        self.dispatcher = dispatcher
         self.grace = settings.reconcile_grace
 
     async def _missing(self, job_ids: Sequence[str], *, results_count: bool = True) -> list[bool]:
@@ -128,14 +128,14 @@ class Reconciler(Periodic):
             pending = await self.db.read(
                 _due_deliveries,
                 before,
-                now - dt.timedelta(seconds=self.webhooks.lease_seconds),
+                now - dt.timedelta(seconds=self.dispatcher.lease_seconds),
             )
             job_ids = [delivery_job_id(d["id"], d["schedule_step"]) for d in pending]
             gone_flags = await self._missing(job_ids, results_count=False)
             for delivery, job, gone in zip(pending, job_ids, gone_flags, strict=True):
                 if gone:
                     await self.redis.delete(result_key_prefix + job)
-                    await self.webhooks.requeue(delivery["id"], step=delivery["schedule_step"])
+                    await self.dispatcher.requeue(delivery["id"], step=delivery["schedule_step"])
                     requeued_deliveries += 1
             lost = await self.runs.recover_lost()
         except (RedisError, OSError) as exc:

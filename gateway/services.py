@@ -15,6 +15,7 @@ from gateway.notify import RunNotifier
 from gateway.runs.service import RunService
 from gateway.settings import Settings
 from jobs.tasks.registry import TaskRegistry
+from webhooks.dispatch import DeliveryDispatcher
 from webhooks.service import WebhookService
 
 __all__ = ["Services", "services_of"]
@@ -31,6 +32,7 @@ class Services:
     artifacts: ArtifactStore
     notifier: RunNotifier
     webhooks: WebhookService
+    dispatcher: DeliveryDispatcher
     runs: RunService
 
 

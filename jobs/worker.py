@@ -1,7 +1,7 @@
 """The arq worker: runs tasks and reports what happened to the gateway.
 
 Start it with ``gateway worker`` or ``arq jobs.worker.WorkerSettings``. It needs
-only ``REDIS_URL``, ``GATEWAY_URL`` and ``GATEWAY_SECRET_KEY`` (DESIGN.md,
+only ``REDIS_URL``, ``GATEWAY_URL`` and ``GATEWAY_SECRET_KEY`` (docs/architecture.md,
 invariant 2): it never opens the database.
 """
 

@@ -9,6 +9,7 @@ checked here, and this test fails naming the method when a new arq changes one.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import inspect
 
@@ -64,7 +65,13 @@ def test_a_worker_has_the_attributes_we_read() -> None:
     async def noop(ctx: dict[str, object]) -> None:
         return None
 
-    worker = NudgedWorker(functions=[noop], handle_signals=False)
+    loop = asyncio.new_event_loop()  # arq's Worker takes the current loop when made
+    asyncio.set_event_loop(loop)
+    try:
+        worker = NudgedWorker(functions=[noop], handle_signals=False)
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
     missing = [name for name in ATTRIBUTES if not hasattr(worker, name)]
     assert not missing, f"arq's Worker lost attributes NudgedWorker reads: {missing}"
     assert "handle_signals" in inspect.signature(Worker).parameters

@@ -1,17 +1,16 @@
-"""The callback service: endpoints, the delivery log, and sending with retries.
+"""The callback service: endpoints, their secrets, and the delivery log.
 
-After a commit the gateway puts a ``deliver_webhook`` job on the deliveries
-queue; a worker sends the call and reports the attempt back as a signed event;
-the service records it and, on failure, queues the next try on the retry
-schedule. The gateway keeps the secrets: a worker gets freshly signed headers
-for each attempt (``prepare``), never a key.
+What a project manages through the API: its endpoints (with the SSRF rules
+applied at registration), their signing secrets and rotation, the log of every
+message and attempt, a resend, a recovery. Sending itself is the dispatcher's
+(``webhooks.dispatch``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -30,23 +29,16 @@ from db.models import (
 )
 from db.types import isoformat, utcnow
 from gateway.errors import NotFound, ValidationFailed
-from gateway.metrics import DELIVERY_ATTEMPTS
-from gateway.queue import enqueue_job
 from gateway.settings import Settings
-from jobs.protocol import clean_text, delivery_job_id
+from jobs.protocol import delivery_job_id
 from webhooks.deliveries import (
-    RetryPolicy,
     attempts_of,
-    delivery_row,
     delivery_view,
     list_deliveries,
-    lost_attempt,
-    outcome_of,
-    record_attempt,
 )
+from webhooks.dispatch import DeliveryDispatcher
 from webhooks.endpoints import endpoint_view, load_endpoint
 from webhooks.models import (
-    DeliveryAttemptReport,
     EndpointCreate,
     EndpointUpdate,
     RecoverRequest,
@@ -62,7 +54,7 @@ from webhooks.outbox import (
     insert_delivery,
     project_secret,
 )
-from webhooks.signing import generate_webhook_secret, webhook_headers
+from webhooks.signing import generate_webhook_secret
 from webhooks.ssrf import AddressRefused, IPNetwork, parse_networks, validate_url
 
 __all__ = ["WebhookService"]
@@ -77,9 +69,16 @@ runs = Run.__table__  # type: ignore[attr-defined]
 
 class WebhookService:
     def __init__(
-        self, *, db: Database, redis: ArqRedis, settings: Settings, task_names: Sequence[str]
+        self,
+        *,
+        db: Database,
+        redis: ArqRedis,
+        settings: Settings,
+        dispatcher: DeliveryDispatcher,
+        task_names: Sequence[str],
     ) -> None:
         self.db = db
+        self.dispatcher = dispatcher
         self.redis = redis
         self.settings = settings
         self.allowed: tuple[IPNetwork, ...] = parse_networks(settings.webhook_allowed_networks)
@@ -331,7 +330,7 @@ class WebhookService:
             return view, Outgoing(delivery_id, endpoint["url"], encode_body(payload), secrets_)
 
         view, outgoing = await self.db.write(insert)
-        await self.dispatch([outgoing])
+        await self.dispatcher.dispatch([outgoing])
         return view
 
     # deliveries ----------------------------------------------------------------
@@ -378,7 +377,7 @@ class WebhookService:
             return delivery_view({**row, "status": DeliveryStatus.PENDING.value}, attempts)
 
         view = await self.db.write(reset)
-        await self._enqueue(delivery_id, trigger="resend")
+        await self.dispatcher.resend(delivery_id)
         return view
 
     async def recover(
@@ -410,176 +409,5 @@ class WebhookService:
 
         ids = await self.db.write(reset)
         for delivery_id in ids:
-            await self._enqueue(delivery_id, trigger="resend")
+            await self.dispatcher.resend(delivery_id)
         return {"count": len(ids), "delivery_ids": ids}
-
-    # sending -------------------------------------------------------------------
-
-    def _prepared(self, outgoing: Outgoing) -> dict[str, Any]:
-        return {
-            "send": True,
-            "url": outgoing.url,
-            "body": outgoing.body,
-            "headers": webhook_headers(outgoing.id, outgoing.body, outgoing.secrets),
-            "timeout": self.settings.webhook_timeout,
-            "allowed_networks": list(self.settings.webhook_allowed_networks),
-            "prepared_at": utcnow().timestamp(),
-        }
-
-    async def dispatch(self, outgoing: Sequence[Outgoing]) -> None:
-        """Queue the first attempt of freshly committed deliveries.
-
-        The job carries headers signed now, which saves the worker a round trip
-        for the first attempt; later attempts ask :meth:`prepare` again.
-        """
-        for item in outgoing:
-            await self._enqueue(item.id, trigger="schedule", prepared=self._prepared(item))
-
-    async def _enqueue(
-        self,
-        delivery_id: str,
-        *,
-        trigger: str,
-        step: int = 0,
-        defer: float = 0.0,
-        prepared: dict[str, Any] | None = None,
-    ) -> None:
-        job_id = (
-            delivery_job_id(delivery_id, step)
-            if trigger == "schedule"
-            else f"webhook:{delivery_id}:resend:{new_id('r')}"
-        )
-        try:
-            await enqueue_job(
-                self.redis,
-                "deliver_webhook",
-                delivery_id,
-                trigger,
-                prepared,
-                job_id=job_id,
-                queue_name=self.settings.delivery_queue_name,
-                defer_seconds=defer,
-            )
-        except (RedisError, OSError) as exc:
-            log.warning("could not queue delivery %s (the reconciler will): %s", delivery_id, exc)
-
-    async def requeue(self, delivery_id: str, *, step: int) -> None:
-        """Queue the due attempt of a delivery whose job was lost (reconciler)."""
-        await self._enqueue(delivery_id, trigger="schedule", step=step)
-
-    @property
-    def lease_seconds(self) -> float:
-        """How long an attempt may stay unreported before it counts as lost:
-        its own deadline, and the reconciler's grace for the report to come
-        back (what a lost job of any kind is given)."""
-        return self.settings.webhook_timeout + self.settings.reconcile_grace
-
-    async def prepare(self, delivery_id: str, trigger: str = "schedule") -> dict[str, Any]:
-        """What a worker should send for ``delivery_id`` now, signed afresh.
-
-        A scheduled attempt whose predecessor went out and was never reported
-        first records that one as ``attempt_lost``, and goes on from there.
-        """
-        policy = self._policy()
-        lease_seconds = self.lease_seconds
-
-        def lease(conn: sa.Connection) -> dict[str, Any] | Outgoing:
-            row = delivery_row(conn, delivery_id)
-            if row["status"] != DeliveryStatus.PENDING.value:
-                return {"send": False, "reason": f"the delivery is {row['status']}"}
-            now = utcnow()
-            leased = row["leased_at"]
-            if (
-                trigger == "schedule"
-                and leased is not None
-                and leased < now - dt.timedelta(seconds=lease_seconds)
-            ):
-                outcome = record_attempt(conn, policy, lost_attempt(row), now)
-                return {"send": False, "reason": "the last attempt was lost", **outcome}
-            if row["endpoint_id"] is None:
-                secrets_: tuple[str, ...] = (project_secret(conn, row["project_id"]),)
-                url = row["url"]
-            else:
-                endpoint = (
-                    conn.execute(sa.select(endpoints).where(endpoints.c.id == row["endpoint_id"]))
-                    .mappings()
-                    .one()
-                )
-                if not endpoint["enabled"] or endpoint["deleted_at"] is not None:
-                    reason = (
-                        "endpoint deleted"
-                        if endpoint["deleted_at"] is not None
-                        else f"endpoint disabled: {endpoint['disabled_reason']}"
-                    )
-                    conn.execute(
-                        deliveries.update()
-                        .where(deliveries.c.id == delivery_id)
-                        .values(
-                            status=DeliveryStatus.FAILED.value,
-                            next_attempt_at=None,
-                            leased_at=None,
-                            last_error=reason,
-                            updated_at=now,
-                        )
-                    )
-                    return {"send": False, "reason": reason}
-                secrets_ = (*active_secrets(conn, endpoint["id"], now),)
-                url = endpoint["url"]
-            if trigger == "schedule":
-                conn.execute(
-                    deliveries.update().where(deliveries.c.id == delivery_id).values(leased_at=now)
-                )
-            return Outgoing(delivery_id, url, encode_body(row["payload"]), secrets_)
-
-        result = await self.db.write(lease)
-        if isinstance(result, Outgoing):
-            return self._prepared(result)
-        if result.get("recorded"):
-            DELIVERY_ATTEMPTS.labels(outcome="attempt_lost").inc()
-            await self._after_record(delivery_id, result)
-        return {"send": False, "reason": result["reason"]}
-
-    def _policy(self) -> RetryPolicy:
-        settings = self.settings
-        return RetryPolicy(
-            schedule=settings.webhook_retry_schedule,
-            jitter=settings.webhook_retry_jitter,
-            retry_after_max=settings.webhook_retry_after_max,
-            disable_after=settings.webhook_disable_after,
-        )
-
-    async def record_attempt(self, report: DeliveryAttemptReport) -> dict[str, Any]:
-        """Record one attempt (once, by its key) and decide what comes next.
-
-        An answer that cannot be stored as it came (a driver's surprise) is
-        stored without its excerpt, as ``record_failed``: the attempt is never
-        lost, and the delivery moves on.
-        """
-        policy = self._policy()
-        try:
-            outcome = await self.db.write(record_attempt, policy, report, utcnow())
-        except (sa.exc.DataError, sa.exc.StatementError, ValueError) as exc:
-            if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
-                raise  # the database is away: the worker retries the report
-            log.error("attempt of %s could not be stored as it came: %s", report.delivery_id, exc)
-            plain = report.model_copy(
-                update={
-                    "response_body": None,
-                    "error_code": "record_failed",
-                    "error": clean_text(f"the answer could not be stored: {exc}", 2000),
-                }
-            )
-            outcome = await self.db.write(record_attempt, policy, plain, utcnow())
-        if outcome["recorded"]:
-            DELIVERY_ATTEMPTS.labels(outcome=outcome_of(report)).inc()
-        await self._after_record(report.delivery_id, outcome)
-        return {"recorded": outcome["recorded"], "next_attempt_in": outcome["next_attempt_in"]}
-
-    async def _after_record(self, delivery_id: str, outcome: Mapping[str, Any]) -> None:
-        if outcome["next_attempt_in"] is not None:
-            await self._enqueue(
-                delivery_id,
-                trigger="schedule",
-                step=outcome["step"],
-                defer=outcome["next_attempt_in"],
-            )

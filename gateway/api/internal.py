@@ -60,7 +60,7 @@ async def worker_event(request: Request) -> Response:
     data = parse_json(body)
     if isinstance(data, dict) and data.get("type") == "delivery.attempt":
         report = validate(DeliveryAttemptReport, data)
-        recorded = await services.webhooks.record_attempt(report)
+        recorded = await services.dispatcher.record_attempt(report)
         if recorded["recorded"]:
             # Wakes the dashboard's live feed; no run waits on a delivery.
             await services.notifier.publish(f"delivery:{report.delivery_id}")
@@ -81,7 +81,7 @@ async def prepare_delivery(request: Request) -> Response:
     services = services_of(request)
     body = await signed_body(request, services.settings, 64 * 1024)
     prepare = validate(_PrepareRequest, parse_json(body))
-    return JSONResponse(await services.webhooks.prepare(prepare.delivery_id, prepare.trigger))
+    return JSONResponse(await services.dispatcher.prepare(prepare.delivery_id, prepare.trigger))
 
 
 def _int_param(request: Request, name: str) -> int | None:

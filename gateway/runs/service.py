@@ -38,6 +38,7 @@ from gateway.runs.recovery import queued_before, recover_lost
 from gateway.runs.timers import release_due, reschedule
 from gateway.settings import Settings
 from jobs.protocol import WorkerEvent, run_job_id
+from webhooks.dispatch import DeliveryDispatcher
 from webhooks.service import WebhookService
 
 __all__ = ["RunService"]
@@ -56,12 +57,14 @@ class RunService:
         redis: ArqRedis,
         notifier: RunNotifier,
         webhooks: WebhookService,
+        dispatcher: DeliveryDispatcher,
         settings: Settings,
     ) -> None:
         self.db = db
         self.redis = redis
         self.notifier = notifier
         self.webhooks = webhooks
+        self.dispatcher = dispatcher
         self.settings = settings
         self._born = time.monotonic()
 
@@ -286,7 +289,7 @@ class RunService:
         for run_id in effects.changed:
             await self.notifier.publish(run_id)
         if effects.outgoing:
-            await self.webhooks.dispatch(effects.outgoing)
+            await self.dispatcher.dispatch(effects.outgoing)
 
     async def apply_event(self, event: WorkerEvent) -> EventAnswer:
         """Apply a verified worker event; a stale or repeated one is a no-op."""

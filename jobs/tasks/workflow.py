@@ -6,7 +6,7 @@ can at once (``text`` and ``image`` nodes), names the executable nodes whose
 inputs are now all there (each becomes a child run of its own task), and
 then ends. The gateway marks the workflow WAITING, and each child's final
 event makes it queue the next step, so a waiting workflow holds no worker
-slot (DESIGN.md, invariant 5).
+slot (docs/architecture.md, invariant 5).
 """
 
 from __future__ import annotations

@@ -1,0 +1,221 @@
+"""Sending callbacks: the first attempt after a commit, each retry on its schedule.
+
+After a transition commits, :meth:`DeliveryDispatcher.dispatch` puts a
+``deliver_webhook`` job on the deliveries queue (its own slots, apart from task
+runs). A worker asks for the delivery's request (:meth:`prepare`, signed
+afresh: the gateway keeps the secrets), sends it, and reports the attempt
+(:meth:`record_attempt`); a failure queues the next try on the retry schedule.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from arq import ArqRedis
+from redis.exceptions import RedisError
+
+from db.engine import Database
+from db.ids import new_id
+from db.models import Delivery, DeliveryStatus, WebhookEndpoint
+from db.types import utcnow
+from gateway.metrics import DELIVERY_ATTEMPTS
+from gateway.queue import enqueue_job
+from gateway.settings import Settings
+from jobs.protocol import clean_text, delivery_job_id
+from webhooks.deliveries import RetryPolicy, delivery_row, lost_attempt, outcome_of, record_attempt
+from webhooks.models import DeliveryAttemptReport
+from webhooks.outbox import Outgoing, active_secrets, encode_body, project_secret
+from webhooks.signing import webhook_headers
+
+__all__ = ["DeliveryDispatcher"]
+
+log = logging.getLogger("webhooks.dispatch")
+
+endpoints = WebhookEndpoint.__table__  # type: ignore[attr-defined]
+deliveries = Delivery.__table__  # type: ignore[attr-defined]
+
+
+class DeliveryDispatcher:
+    """Queues callback attempts, prepares each, and records what came of it."""
+
+    def __init__(self, *, db: Database, redis: ArqRedis, settings: Settings) -> None:
+        self.db = db
+        self.redis = redis
+        self.settings = settings
+
+    def _prepared(self, outgoing: Outgoing) -> dict[str, Any]:
+        return {
+            "send": True,
+            "url": outgoing.url,
+            "body": outgoing.body,
+            "headers": webhook_headers(outgoing.id, outgoing.body, outgoing.secrets),
+            "timeout": self.settings.webhook_timeout,
+            "allowed_networks": list(self.settings.webhook_allowed_networks),
+            "prepared_at": utcnow().timestamp(),
+        }
+
+    async def dispatch(self, outgoing: Sequence[Outgoing]) -> None:
+        """Queue the first attempt of freshly committed deliveries.
+
+        The job carries headers signed now, which saves the worker a round trip
+        for the first attempt; later attempts ask :meth:`prepare` again.
+        """
+        for item in outgoing:
+            await self._enqueue(item.id, trigger="schedule", prepared=self._prepared(item))
+
+    async def _enqueue(
+        self,
+        delivery_id: str,
+        *,
+        trigger: str,
+        step: int = 0,
+        defer: float = 0.0,
+        prepared: dict[str, Any] | None = None,
+    ) -> None:
+        job_id = (
+            delivery_job_id(delivery_id, step)
+            if trigger == "schedule"
+            else f"webhook:{delivery_id}:resend:{new_id('r')}"
+        )
+        try:
+            await enqueue_job(
+                self.redis,
+                "deliver_webhook",
+                delivery_id,
+                trigger,
+                prepared,
+                job_id=job_id,
+                queue_name=self.settings.delivery_queue_name,
+                defer_seconds=defer,
+            )
+        except (RedisError, OSError) as exc:
+            log.warning("could not queue delivery %s (the reconciler will): %s", delivery_id, exc)
+
+    async def resend(self, delivery_id: str) -> None:
+        """Queue an extra attempt of a delivery, outside its schedule (same ``webhook-id``)."""
+        await self._enqueue(delivery_id, trigger="resend")
+
+    async def requeue(self, delivery_id: str, *, step: int) -> None:
+        """Queue the due attempt of a delivery whose job was lost (reconciler)."""
+        await self._enqueue(delivery_id, trigger="schedule", step=step)
+
+    @property
+    def lease_seconds(self) -> float:
+        """How long an attempt may stay unreported before it counts as lost:
+        its own deadline, and the reconciler's grace for the report to come
+        back (what a lost job of any kind is given)."""
+        return self.settings.webhook_timeout + self.settings.reconcile_grace
+
+    async def prepare(self, delivery_id: str, trigger: str = "schedule") -> dict[str, Any]:
+        """What a worker should send for ``delivery_id`` now, signed afresh.
+
+        A scheduled attempt whose predecessor went out and was never reported
+        first records that one as ``attempt_lost``, and goes on from there.
+        """
+        policy = self._policy()
+        lease_seconds = self.lease_seconds
+
+        def lease(conn: sa.Connection) -> dict[str, Any] | Outgoing:
+            row = delivery_row(conn, delivery_id)
+            if row["status"] != DeliveryStatus.PENDING.value:
+                return {"send": False, "reason": f"the delivery is {row['status']}"}
+            now = utcnow()
+            leased = row["leased_at"]
+            if (
+                trigger == "schedule"
+                and leased is not None
+                and leased < now - dt.timedelta(seconds=lease_seconds)
+            ):
+                outcome = record_attempt(conn, policy, lost_attempt(row), now)
+                return {"send": False, "reason": "the last attempt was lost", **outcome}
+            if row["endpoint_id"] is None:
+                secrets_: tuple[str, ...] = (project_secret(conn, row["project_id"]),)
+                url = row["url"]
+            else:
+                endpoint = (
+                    conn.execute(sa.select(endpoints).where(endpoints.c.id == row["endpoint_id"]))
+                    .mappings()
+                    .one()
+                )
+                if not endpoint["enabled"] or endpoint["deleted_at"] is not None:
+                    reason = (
+                        "endpoint deleted"
+                        if endpoint["deleted_at"] is not None
+                        else f"endpoint disabled: {endpoint['disabled_reason']}"
+                    )
+                    conn.execute(
+                        deliveries.update()
+                        .where(deliveries.c.id == delivery_id)
+                        .values(
+                            status=DeliveryStatus.FAILED.value,
+                            next_attempt_at=None,
+                            leased_at=None,
+                            last_error=reason,
+                            updated_at=now,
+                        )
+                    )
+                    return {"send": False, "reason": reason}
+                secrets_ = (*active_secrets(conn, endpoint["id"], now),)
+                url = endpoint["url"]
+            if trigger == "schedule":
+                conn.execute(
+                    deliveries.update().where(deliveries.c.id == delivery_id).values(leased_at=now)
+                )
+            return Outgoing(delivery_id, url, encode_body(row["payload"]), secrets_)
+
+        result = await self.db.write(lease)
+        if isinstance(result, Outgoing):
+            return self._prepared(result)
+        if result.get("recorded"):
+            DELIVERY_ATTEMPTS.labels(outcome="attempt_lost").inc()
+            await self._after_record(delivery_id, result)
+        return {"send": False, "reason": result["reason"]}
+
+    def _policy(self) -> RetryPolicy:
+        settings = self.settings
+        return RetryPolicy(
+            schedule=settings.webhook_retry_schedule,
+            jitter=settings.webhook_retry_jitter,
+            retry_after_max=settings.webhook_retry_after_max,
+            disable_after=settings.webhook_disable_after,
+        )
+
+    async def record_attempt(self, report: DeliveryAttemptReport) -> dict[str, Any]:
+        """Record one attempt (once, by its key) and decide what comes next.
+
+        An answer that cannot be stored as it came (a driver's surprise) is
+        stored without its excerpt, as ``record_failed``: the attempt is never
+        lost, and the delivery moves on.
+        """
+        policy = self._policy()
+        try:
+            outcome = await self.db.write(record_attempt, policy, report, utcnow())
+        except (sa.exc.DataError, sa.exc.StatementError, ValueError) as exc:
+            if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
+                raise  # the database is away: the worker retries the report
+            log.error("attempt of %s could not be stored as it came: %s", report.delivery_id, exc)
+            plain = report.model_copy(
+                update={
+                    "response_body": None,
+                    "error_code": "record_failed",
+                    "error": clean_text(f"the answer could not be stored: {exc}", 2000),
+                }
+            )
+            outcome = await self.db.write(record_attempt, policy, plain, utcnow())
+        if outcome["recorded"]:
+            DELIVERY_ATTEMPTS.labels(outcome=outcome_of(report)).inc()
+        await self._after_record(report.delivery_id, outcome)
+        return {"recorded": outcome["recorded"], "next_attempt_in": outcome["next_attempt_in"]}
+
+    async def _after_record(self, delivery_id: str, outcome: Mapping[str, Any]) -> None:
+        if outcome["next_attempt_in"] is not None:
+            await self._enqueue(
+                delivery_id,
+                trigger="schedule",
+                step=outcome["step"],
+                defer=outcome["next_attempt_in"],
+            )
