@@ -1,0 +1,475 @@
+"""The gateway's tax on arq: every figure beside raw arq, measured in the same run.
+
+    make bench        # or: .venv/bin/python bench/run.py [--rounds 3] [--runs 2000]
+                      #       [--latency-runs 200] [--clients 64] [--web-concurrency 1]
+
+Starts its own stack (an embedded Redis, a gateway and a worker as processes) on
+SQLite, and on PostgreSQL too when ``BENCH_DATABASE_URL`` names a server (a
+fresh database is made there and dropped after). Each round measures, with a
+no-op ``echo`` task:
+
+- raw arq on the same Redis: ``enqueue_job`` from one process with ``--clients``
+  tasks, and a worker draining no-op jobs (``max_jobs=10``);
+- trigger → final, and trigger → callback received, one run at a time;
+- end to end without a callback: ``--clients`` connections trigger ``--runs``
+  runs while the worker drains, then wait for each to be final; the trigger
+  rate and the triggers' p50/p99 come from the same phase;
+- end to end with a registered callback: the same load in a project with an
+  endpoint, until a receiver on loopback has every ``run.completed`` call
+  (lost and duplicated messages counted);
+- the resident memory (RSS) of the web and worker processes.
+
+It prints the medians of the rounds as a table and writes ``docs/bench.png``
+(trigger → callback latency as a CDF, throughput per configuration). The load
+client (``bench/httpload.py``) and the receiver (``bench/receiver.py``) are
+lean asyncio code, so they are not what is measured. Figures only: nothing
+here asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+from arq import create_pool  # noqa: E402
+from arq.connections import RedisSettings  # noqa: E402
+from arq.worker import Worker  # noqa: E402
+
+from bench.httpload import Connection, request_bytes, run_load  # noqa: E402
+from bench.receiver import FastReceiver  # noqa: E402
+from db.engine import Database  # noqa: E402
+from db.migrate import upgrade  # noqa: E402
+from gateway.auth.keys import create_api_key  # noqa: E402
+from gateway.cli.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
+from gateway.settings import normalize_database_url  # noqa: E402
+from tests.helpers import Process, child_env, wait_http_ok  # noqa: E402
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` and its children (uvicorn's workers), in MB."""
+    total = 0
+    pids = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        pids += [int(c) for c in children]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+# -- raw arq --------------------------------------------------------------------------
+
+
+async def noop(ctx: dict[str, Any], n: int) -> int:
+    return n
+
+
+async def raw_arq(redis_url: str, runs: int, clients: int) -> tuple[float, float]:
+    """(enqueue rate, drain rate) of raw arq for a no-op function."""
+    pool = await create_pool(RedisSettings.from_dsn(redis_url), default_queue_name="bench:raw")
+    await pool.flushdb()
+    semaphore = asyncio.Semaphore(clients)
+
+    async def one(n: int) -> None:
+        async with semaphore:
+            await pool.enqueue_job("noop", n, _queue_name="bench:raw")
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(n) for n in range(runs)))
+    enqueue_rate = runs / (time.perf_counter() - start)
+    worker = Worker(
+        [noop],
+        redis_pool=pool,
+        queue_name="bench:raw",
+        burst=True,
+        max_jobs=10,
+        poll_delay=0.005,
+        handle_signals=False,
+        keep_result=0,
+    )
+    start = time.perf_counter()
+    await worker.main()
+    drain_rate = runs / (time.perf_counter() - start)
+    await worker.close()
+    await pool.aclose()
+    return enqueue_rate, drain_rate
+
+
+# -- the gateway ---------------------------------------------------------------------------
+
+
+class Bench:
+    """One stack's addresses and the two projects the rounds use."""
+
+    def __init__(self, port: int, plain_key: str, hooked_key: str) -> None:
+        self.port = port
+        self.host = f"127.0.0.1:{port}"
+        self.plain_key = plain_key
+        self.hooked_key = hooked_key
+
+    def trigger(self, key: str, n: int) -> bytes:
+        headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+        body = json.dumps({"payload": {"n": n}}).encode()
+        return request_bytes(
+            "POST", "/api/v1/tasks/echo/trigger", host=self.host, headers=headers, body=body
+        )
+
+    def wait(self, key: str, run_id: str) -> bytes:
+        headers = {"authorization": f"Bearer {key}"}
+        return request_bytes(
+            "GET", f"/api/v1/runs/{run_id}?wait=60", host=self.host, headers=headers
+        )
+
+    async def final_latency(self, runs: int) -> list[float]:
+        """Milliseconds from sending a trigger to the long-poll's final answer."""
+        out = []
+        async with Connection("127.0.0.1", self.port) as conn:
+            for n in range(20 + runs):  # the first 20 warm up
+                start = time.perf_counter()
+                accepted = await conn.request(self.trigger(self.plain_key, n))
+                final = await conn.request(self.wait(self.plain_key, accepted.json()["id"]))
+                assert final.json()["status"] == "COMPLETED", final.body
+                if n >= 20:
+                    out.append((time.perf_counter() - start) * 1000)
+        return out
+
+    async def callback_latency(self, receiver: FastReceiver, runs: int) -> list[float]:
+        """Milliseconds from sending a trigger to the receiver having the callback."""
+        out = []
+        async with Connection("127.0.0.1", self.port) as conn:
+            for n in range(20 + runs):
+                start = time.monotonic()
+                accepted = await conn.request(self.trigger(self.hooked_key, n))
+                arrived = await receiver.wait_for(accepted.json()["id"])
+                if n >= 20:
+                    out.append((arrived - start) * 1000)
+        return out
+
+    async def end_to_end(self, runs: int, clients: int) -> dict[str, float]:
+        """``runs`` triggers from ``clients`` connections, then each waited for."""
+        start = time.perf_counter()
+        triggered = await run_load(
+            "127.0.0.1",
+            self.port,
+            [self.trigger(self.plain_key, n) for n in range(runs)],
+            connections=clients,
+        )
+        assert all(a.status == 202 for a in triggered.answers), triggered.answers[0]
+        ids = [a.json()["id"] for a in triggered.answers]
+        finals = await run_load(
+            "127.0.0.1", self.port, [self.wait(self.plain_key, i) for i in ids], connections=clients
+        )
+        elapsed = time.perf_counter() - start
+        assert all(a.json()["status"] == "COMPLETED" for a in finals.answers)
+        return {
+            "trigger_rate": triggered.rate,
+            "trigger_p50_ms": pct(triggered.latencies, 50) * 1000,
+            "trigger_p99_ms": pct(triggered.latencies, 99) * 1000,
+            "e2e_rate": runs / elapsed,
+        }
+
+    async def end_to_end_callbacks(
+        self, receiver: FastReceiver, runs: int, clients: int
+    ) -> dict[str, float]:
+        """``runs`` triggers from ``clients`` connections in the project with an
+        endpoint, until the receiver has every run's callback."""
+        before = set(receiver.arrived)
+        receiver.expect(len(before) + runs)
+        start = time.monotonic()
+        triggered = await run_load(
+            "127.0.0.1",
+            self.port,
+            [self.trigger(self.hooked_key, n) for n in range(runs)],
+            connections=clients,
+        )
+        ids = {a.json()["id"] for a in triggered.answers}
+        try:
+            await receiver.wait_all(within=300)
+        except TimeoutError:
+            pass
+        got = {r: t for r, t in receiver.arrived.items() if r in ids}
+        last = max(got.values()) if got else time.monotonic()
+        return {
+            "cb_rate": len(got) / (last - start),
+            "cb_lost": float(len(ids) - len(got)),
+        }
+
+
+async def one_round(
+    bench: Bench, receiver: FastReceiver, redis_url: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    raw_enqueue, raw_drain = await raw_arq(redis_url, args.runs, args.clients)
+    finals = await bench.final_latency(args.latency_runs)
+    callbacks = await bench.callback_latency(receiver, args.latency_runs)
+    figures: dict[str, Any] = {
+        "raw_enqueue": raw_enqueue,
+        "raw_drain": raw_drain,
+        "final_p50": pct(finals, 50),
+        "final_p99": pct(finals, 99),
+        "cb_p50": pct(callbacks, 50),
+        "cb_p99": pct(callbacks, 99),
+        "callbacks": callbacks,
+    }
+    figures.update(await bench.end_to_end(args.runs, args.clients))
+    figures.update(await bench.end_to_end_callbacks(receiver, args.runs, args.clients))
+    return figures
+
+
+# -- a stack per database ------------------------------------------------------------------
+
+
+def _admin(server_url: str, statement: str) -> None:
+    import asyncpg
+    import sqlalchemy as sa
+
+    url = sa.make_url(normalize_database_url(server_url)).set(drivername="postgresql")
+
+    async def run() -> None:
+        conn = await asyncpg.connect(url.render_as_string(hide_password=False))
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def measure(backend: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Start a stack on ``backend``; the rounds' figures, and the processes' RSS."""
+    import secrets
+
+    import sqlalchemy as sa
+
+    server = os.environ.get("BENCH_DATABASE_URL", "")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        database_url = f"sqlite+aiosqlite:///{tmp_path / 'bench.db'}"
+        if backend == "postgresql":
+            name = f"gw_bench_{secrets.token_hex(4)}"
+            _admin(server, f'CREATE DATABASE "{name}"')
+            url = sa.make_url(normalize_database_url(server)).set(database=name)
+            database_url = url.render_as_string(hide_password=False)
+        upgrade(database_url)
+        redis = EmbeddedRedis(tmp_path / "redis", appendonly=False).start()
+        port = free_port()
+        env = child_env(
+            DATABASE_URL=database_url,
+            REDIS_URL=redis.url + "/0",
+            GATEWAY_SECRET_KEY="bench-secret-0123456789",
+            PORT=str(port),
+            LOG_LEVEL="WARNING",
+            WEBHOOK_ALLOWED_NETWORKS="127.0.0.1/32",
+            WEB_CONCURRENCY=str(args.web_concurrency),
+            DATA_DIR=str(tmp_path / "data"),
+        )
+        gateway = Process("gateway", ["-m", "gateway", "web"], env, tmp_path).start()
+        worker = Process("worker", ["-m", "gateway", "worker"], env, tmp_path).start()
+        try:
+            wait_http_ok(f"http://127.0.0.1:{port}/healthz", gateway)
+
+            async def key(name: str) -> str:
+                db = Database(database_url)
+                try:
+                    return (await create_api_key(db, f"bench-{name}-{time.time_ns()}"))[1]
+                finally:
+                    await db.dispose()
+
+            plain, hooked = asyncio.run(key("plain")), asyncio.run(key("hooked"))
+            assert gateway.popen is not None and worker.popen is not None
+            worker_rss_start = rss_mb(worker.popen.pid)
+
+            async def rounds() -> list[dict[str, Any]]:
+                receiver = await FastReceiver().start()
+                async with httpx.AsyncClient(
+                    base_url=f"http://127.0.0.1:{port}",
+                    headers={"authorization": f"Bearer {hooked}"},
+                ) as client:
+                    answer = await client.post(
+                        "/api/v1/webhooks",
+                        json={"url": receiver.url(), "events": ["run.completed"]},
+                    )
+                    receiver.secret = answer.json()["secret"]
+                bench = Bench(port, plain, hooked)
+                out = []
+                try:
+                    for n in range(args.rounds):
+                        figures = await one_round(bench, receiver, redis.url + "/1", args)
+                        print(f"  {backend} round {n + 1}: " + _brief(figures), flush=True)
+                        out.append(figures)
+                    duplicates = sum(1 for c in receiver.webhook_ids.values() if c > 1)
+                    out[-1]["cb_duplicated"] = duplicates
+                    out[-1]["bad_signatures"] = receiver.bad_signatures
+                finally:
+                    await receiver.stop()
+                return out
+
+            results = asyncio.run(rounds())
+            runs_done = args.rounds * (2 * args.runs + 2 * (20 + args.latency_runs))
+            return {
+                "rounds": results,
+                "web_rss": rss_mb(gateway.popen.pid),
+                "worker_rss": (worker_rss_start, rss_mb(worker.popen.pid)),
+                "runs_done": runs_done,
+            }
+        finally:
+            gateway.stop()
+            worker.stop()
+            redis.stop()
+            if backend == "postgresql":
+                _admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _brief(f: dict[str, Any]) -> str:
+    return (
+        f"trigger {f['trigger_rate']:.0f}/s ({f['trigger_rate'] / f['raw_enqueue']:.2f}x), "
+        f"e2e {f['e2e_rate']:.0f}/s, e2e+callback {f['cb_rate']:.0f}/s "
+        f"({f['cb_rate'] / f['raw_drain']:.2f}x), callback p50 {f['cb_p50']:.1f} ms"
+    )
+
+
+# -- report ---------------------------------------------------------------------------
+
+
+def median(rounds: list[dict[str, Any]], name: str) -> float:
+    return float(statistics.median(r[name] for r in rounds))
+
+
+def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+    backends = list(results)
+
+    def cells(render: Any) -> str:
+        return " | ".join(render(results[b]["rounds"], results[b]) for b in backends)
+
+    def ratio(rounds: list[dict[str, Any]], name: str, raw: str) -> str:
+        value, base = median(rounds, name), median(rounds, raw)
+        return f"{value:.0f}/s ({value / base:.2f} of raw {base:.0f}/s)"
+
+    rows = [
+        "| figure | " + " | ".join(backends) + " |",
+        "| --- | " + " | ".join("---" for _ in backends) + " |",
+        "| triggers accepted (202), while the worker drains | "
+        + cells(lambda r, _: ratio(r, "trigger_rate", "raw_enqueue"))
+        + " |",
+        "| trigger p50 / p99 while the worker drains | "
+        + cells(
+            lambda r, _: f"{median(r, 'trigger_p50_ms'):.1f} / {median(r, 'trigger_p99_ms'):.1f} ms"
+        )
+        + " |",
+        "| trigger → final, one at a time, p50 / p99 | "
+        + cells(lambda r, _: f"{median(r, 'final_p50'):.1f} / {median(r, 'final_p99'):.1f} ms")
+        + " |",
+        "| trigger → callback received, one at a time, p50 / p99 | "
+        + cells(lambda r, _: f"{median(r, 'cb_p50'):.1f} / {median(r, 'cb_p99'):.1f} ms")
+        + " |",
+        "| end to end, no callback | "
+        + cells(lambda r, _: ratio(r, "e2e_rate", "raw_drain"))
+        + " |",
+        f"| end to end with a registered callback, {args.clients} clients | "
+        + cells(lambda r, _: ratio(r, "cb_rate", "raw_drain"))
+        + " |",
+        "| callbacks lost / duplicated (all rounds) | "
+        + cells(lambda r, _: f"{sum(int(x['cb_lost']) for x in r)} / {int(r[-1]['cb_duplicated'])}")
+        + " |",
+        "| web RSS at the end; worker RSS start → end | "
+        + cells(
+            lambda _, res: (
+                f"{res['web_rss']:.0f} MB after {res['runs_done']} runs; "
+                f"{res['worker_rss'][0]:.0f} → {res['worker_rss'][1]:.0f} MB"
+            )
+        )
+        + " |",
+    ]
+    return "\n".join(rows)
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (cdf, bars) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for backend, result in results.items():
+        samples = sorted(s for r in result["rounds"] for s in r["callbacks"])
+        cdf.plot(samples, [(i + 1) / len(samples) for i in range(len(samples))], label=backend)
+    cdf.set_xlabel("trigger → callback received (ms), one run at a time")
+    cdf.set_ylabel("fraction of runs")
+    cdf.set_xlim(left=0)
+    cdf.grid(alpha=0.3)
+    cdf.legend()
+    labels = [
+        "raw arq\nenqueue",
+        "trigger",
+        "raw arq\ndrain",
+        "end to end",
+        "end to end\n+ callback",
+    ]
+    names = ["raw_enqueue", "trigger_rate", "raw_drain", "e2e_rate", "cb_rate"]
+    width = 0.8 / len(results)
+    for i, (backend, result) in enumerate(results.items()):
+        values = [median(result["rounds"], n) for n in names]
+        bars.bar([x + i * width for x in range(len(names))], values, width, label=backend)
+    bars.set_xticks([x + width * (len(results) - 1) / 2 for x in range(len(names))], labels)
+    bars.set_ylabel("runs (or jobs) per second")
+    bars.grid(axis="y", alpha=0.3)
+    bars.legend()
+    fig.suptitle(f"webhook-job-gateway beside raw arq, medians ({os.cpu_count()} cores)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=2000)
+    parser.add_argument("--latency-runs", type=int, default=200)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--web-concurrency", type=int, default=1)
+    parser.add_argument("--only", choices=["sqlite", "postgresql"], default=None)
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "bench.png")
+    args = parser.parse_args()
+    backends = ["sqlite", "postgresql"] if os.environ.get("BENCH_DATABASE_URL") else ["sqlite"]
+    if args.only:
+        backends = [args.only]
+    results = {backend: measure(backend, args) for backend in backends}
+    print()
+    print(
+        f"medians of {args.rounds} rounds; {args.runs} runs per load phase, "
+        f"{args.latency_runs} one at a time; {os.cpu_count()} cores shared by the client, "
+        f"gateway ({args.web_concurrency} process(es)), worker, Redis and the database"
+    )
+    print()
+    print(table(results, args))
+    if args.plot:
+        plot(results, args.plot)
+        shown = args.plot.relative_to(ROOT) if args.plot.is_relative_to(ROOT) else args.plot
+        print(f"\nwrote {shown}")
+
+
+if __name__ == "__main__":
+    main()
