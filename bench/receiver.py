@@ -32,6 +32,7 @@ class FastReceiver:
     bad_signatures: int = 0
     port: int = 0
     _server: asyncio.Server | None = None
+    _handlers: set[asyncio.Task[None]] = field(default_factory=set)
     _waiters: dict[str, asyncio.Future[float]] = field(default_factory=dict)
     _all: asyncio.Event = field(default_factory=asyncio.Event)
     _expect: int = 0
@@ -44,6 +45,11 @@ class FastReceiver:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+            # End the keep-alive connections' handlers here (left to asyncio.run
+            # to cancel, Python 3.11 logs each as an error).
+            for task in self._handlers:
+                task.cancel()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
             await self._server.wait_closed()
 
     def url(self, path: str = "/hook") -> str:
@@ -66,6 +72,9 @@ class FastReceiver:
         return await asyncio.wait_for(future, within)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -77,9 +86,10 @@ class FastReceiver:
                 now = time.monotonic()
                 writer.write(_ANSWER)
                 self._record(headers, body, now)
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
         finally:
+            self._handlers.discard(task)
             writer.close()
 
     def _record(self, headers: dict[str, str], body: bytes, now: float) -> None:

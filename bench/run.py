@@ -62,16 +62,31 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
+def _family(pid: int) -> list[int]:
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return [pid, *(int(c) for c in children)]
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of ``pid`` and its children so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in _family(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+        except OSError:
+            pass
+    return total
+
+
 def rss_mb(pid: int) -> float:
     """Resident memory of ``pid`` and its children (uvicorn's workers), in MB."""
     total = 0
-    pids = [pid]
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        pids += [int(c) for c in children]
-    except OSError:
-        pass
-    for p in pids:
+    for p in _family(pid):
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -125,7 +140,8 @@ async def raw_arq(redis_url: str, runs: int, clients: int) -> tuple[float, float
 class Bench:
     """One stack's addresses and the two projects the rounds use."""
 
-    def __init__(self, port: int, plain_key: str, hooked_key: str) -> None:
+    def __init__(self, port: int, plain_key: str, hooked_key: str, pids: dict[str, int]) -> None:
+        self.pids = pids
         self.port = port
         self.host = f"127.0.0.1:{port}"
         self.plain_key = plain_key
@@ -169,8 +185,17 @@ class Bench:
                     out.append((arrived - start) * 1000)
         return out
 
+    def cpu(self) -> dict[str, float]:
+        return {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def cpu_per_run(self, before: dict[str, float], runs: int, phase: str) -> dict[str, float]:
+        """CPU milliseconds per run of each process since ``before``."""
+        after = self.cpu()
+        return {f"{phase}_cpu_{name}": (after[name] - before[name]) * 1000 / runs for name in after}
+
     async def end_to_end(self, runs: int, clients: int) -> dict[str, float]:
         """``runs`` triggers from ``clients`` connections, then each waited for."""
+        cpu = self.cpu()
         start = time.perf_counter()
         triggered = await run_load(
             "127.0.0.1",
@@ -190,6 +215,7 @@ class Bench:
             "trigger_p50_ms": pct(triggered.latencies, 50) * 1000,
             "trigger_p99_ms": pct(triggered.latencies, 99) * 1000,
             "e2e_rate": runs / elapsed,
+            **self.cpu_per_run(cpu, runs, "e2e"),
         }
 
     async def end_to_end_callbacks(
@@ -199,6 +225,7 @@ class Bench:
         endpoint, until the receiver has every run's callback."""
         before = set(receiver.arrived)
         receiver.expect(len(before) + runs)
+        cpu = self.cpu()
         start = time.monotonic()
         triggered = await run_load(
             "127.0.0.1",
@@ -216,6 +243,7 @@ class Bench:
         return {
             "cb_rate": len(got) / (last - start),
             "cb_lost": float(len(ids) - len(got)),
+            **self.cpu_per_run(cpu, runs, "cb"),
         }
 
 
@@ -281,13 +309,15 @@ def measure(backend: str, args: argparse.Namespace) -> dict[str, Any]:
             REDIS_URL=redis.url + "/0",
             GATEWAY_SECRET_KEY="bench-secret-0123456789",
             PORT=str(port),
-            LOG_LEVEL="WARNING",
+            LOG_LEVEL=args.log_level,
             WEBHOOK_ALLOWED_NETWORKS="127.0.0.1/32",
             WEB_CONCURRENCY=str(args.web_concurrency),
             DATA_DIR=str(tmp_path / "data"),
         )
-        gateway = Process("gateway", ["-m", "gateway", "web"], env, tmp_path).start()
-        worker = Process("worker", ["-m", "gateway", "worker"], env, tmp_path).start()
+        logs = args.logs or tmp_path
+        logs.mkdir(parents=True, exist_ok=True)
+        gateway = Process("gateway", ["-m", "gateway", "web"], env, logs).start()
+        worker = Process("worker", ["-m", "gateway", "worker"], env, logs).start()
         try:
             wait_http_ok(f"http://127.0.0.1:{port}/healthz", gateway)
 
@@ -313,7 +343,9 @@ def measure(backend: str, args: argparse.Namespace) -> dict[str, Any]:
                         json={"url": receiver.url(), "events": ["run.completed"]},
                     )
                     receiver.secret = answer.json()["secret"]
-                bench = Bench(port, plain, hooked)
+                bench = Bench(
+                    port, plain, hooked, {"web": gateway.popen.pid, "worker": worker.popen.pid}
+                )
                 out = []
                 try:
                     for n in range(args.rounds):
@@ -347,7 +379,8 @@ def _brief(f: dict[str, Any]) -> str:
     return (
         f"trigger {f['trigger_rate']:.0f}/s ({f['trigger_rate'] / f['raw_enqueue']:.2f}x), "
         f"e2e {f['e2e_rate']:.0f}/s, e2e+callback {f['cb_rate']:.0f}/s "
-        f"({f['cb_rate'] / f['raw_drain']:.2f}x), callback p50 {f['cb_p50']:.1f} ms"
+        f"({f['cb_rate'] / f['raw_drain']:.2f}x), callback p50 {f['cb_p50']:.1f} ms; "
+        f"CPU/run with callback: web {f['cb_cpu_web']:.1f} ms, worker {f['cb_cpu_worker']:.1f} ms"
     )
 
 
@@ -390,6 +423,14 @@ def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
         + " |",
         f"| end to end with a registered callback, {args.clients} clients | "
         + cells(lambda r, _: ratio(r, "cb_rate", "raw_drain"))
+        + " |",
+        "| CPU per run, end to end without / with a callback: web, worker | "
+        + cells(
+            lambda r, _: (
+                f"{median(r, 'e2e_cpu_web'):.1f}, {median(r, 'e2e_cpu_worker'):.1f} / "
+                f"{median(r, 'cb_cpu_web'):.1f}, {median(r, 'cb_cpu_worker'):.1f} ms"
+            )
+        )
         + " |",
         "| callbacks lost / duplicated (all rounds) | "
         + cells(lambda r, _: f"{sum(int(x['cb_lost']) for x in r)} / {int(r[-1]['cb_duplicated'])}")
@@ -452,6 +493,8 @@ def main() -> None:
     parser.add_argument("--web-concurrency", type=int, default=1)
     parser.add_argument("--only", choices=["sqlite", "postgresql"], default=None)
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "bench.png")
+    parser.add_argument("--logs", type=Path, default=None, help="keep the processes' logs here")
+    parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args()
     backends = ["sqlite", "postgresql"] if os.environ.get("BENCH_DATABASE_URL") else ["sqlite"]
     if args.only:

@@ -1,15 +1,19 @@
-"""Putting jobs on arq's queue in one round trip to Redis.
+"""Putting jobs on arq's queue: one round trip to Redis for any number of them.
 
 ``ArqRedis.enqueue_job`` checks for an existing job and writes the new one in
 a WATCH/MULTI transaction: three round trips, and the trigger path's largest
 cost after the database. This does the same check and the same writes (arq's
 keys, arq's job encoding, so arq's worker cannot tell the difference) in one
-Lua script, which Redis runs atomically. The script also announces a job
-that is due now, which wakes an idle worker at once.
+Lua script, which Redis runs atomically; the jobs one unit of work caused (a
+batch of triggers, the children of a workflow step, the callbacks of a batch
+of reports) go in one pipeline of that script. The script also announces a
+job that is due now, which wakes an idle worker at once.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 from arq import ArqRedis
@@ -19,7 +23,7 @@ from arq.utils import timestamp_ms
 
 from jobs.protocol import nudge_channel
 
-__all__ = ["enqueue_job"]
+__all__ = ["QueuedJob", "enqueue_job", "enqueue_jobs"]
 
 # KEYS: the job, its result, the queue. ARGV: the job's TTL in ms, the
 # encoded job, its score (when it is due, in ms), its ID, and the channel to
@@ -37,6 +41,57 @@ return 1
 """
 
 
+@dataclasses.dataclass(frozen=True)
+class QueuedJob:
+    """An arq job to queue: ``function(*args)`` under ``job_id``."""
+
+    function: str
+    args: tuple[Any, ...]
+    job_id: str
+    queue_name: str
+    defer_seconds: float = 0.0
+
+
+async def enqueue_jobs(redis: ArqRedis, jobs: Sequence[QueuedJob]) -> list[bool]:
+    """Queue each job as arq's ``enqueue_job`` would (with ``_job_id``), all in
+    one round trip; for each, ``False`` if a job (or a kept result) with that
+    ID was there already.
+
+    :raises redis.exceptions.RedisError: Redis did not take them (some may be in)
+    """
+    if not jobs:
+        return []
+    script = getattr(redis, "_gateway_enqueue", None)
+    if script is None:  # one Script per connection pool: its SHA1 is computed once
+        script = redis.register_script(_ENQUEUE)
+        redis._gateway_enqueue = script  # type: ignore[attr-defined]
+    now_ms = timestamp_ms()
+
+    def call(job: QueuedJob, client: Any) -> Any:
+        defer_ms = round(job.defer_seconds * 1000) if job.defer_seconds > 0 else 0
+        encoded = serialize_job(
+            job.function, job.args, {}, None, now_ms, serializer=redis.job_serializer
+        )
+        return script(
+            keys=[job_key_prefix + job.job_id, result_key_prefix + job.job_id, job.queue_name],
+            args=[
+                defer_ms + redis.expires_extra_ms,
+                encoded,
+                now_ms + defer_ms,
+                job.job_id,
+                "" if defer_ms else nudge_channel(job.queue_name),
+            ],
+            client=client,
+        )
+
+    if len(jobs) == 1:
+        return [bool(await call(jobs[0], redis))]
+    async with redis.pipeline(transaction=False) as pipe:
+        for job in jobs:
+            await call(job, pipe)  # queues the script on the pipeline
+        return [bool(created) for created in await pipe.execute()]
+
+
 async def enqueue_job(
     redis: ArqRedis,
     function: str,
@@ -47,21 +102,7 @@ async def enqueue_job(
 ) -> bool:
     """Queue ``function(*args)`` as arq's ``enqueue_job`` would, with ``_job_id``;
     ``False`` if a job (or a kept result) with that ID is there already."""
-    now_ms = timestamp_ms()
-    defer_ms = round(defer_seconds * 1000) if defer_seconds > 0 else 0
-    encoded = serialize_job(function, args, {}, None, now_ms, serializer=redis.job_serializer)
-    script = getattr(redis, "_gateway_enqueue", None)
-    if script is None:  # one Script per connection pool: its SHA1 is computed once
-        script = redis.register_script(_ENQUEUE)
-        redis._gateway_enqueue = script  # type: ignore[attr-defined]
-    created = await script(
-        keys=[job_key_prefix + job_id, result_key_prefix + job_id, queue_name],
-        args=[
-            defer_ms + redis.expires_extra_ms,
-            encoded,
-            now_ms + defer_ms,
-            job_id,
-            "" if defer_ms else nudge_channel(queue_name),
-        ],
+    [created] = await enqueue_jobs(
+        redis, [QueuedJob(function, args, job_id, queue_name, defer_seconds)]
     )
-    return bool(created)
+    return created

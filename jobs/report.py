@@ -1,4 +1,10 @@
-"""Reports from the worker to the gateway: signed HTTP events, retried until heard.
+"""Reports from the worker to the gateway: signed HTTP events, batched, retried until heard.
+
+Events go out in batches: one signed request carries the events of every run
+that reported while the previous request was on its way (at most
+``MAX_IN_FLIGHT`` requests out at once). An event with nothing ahead of it
+leaves at once, so batching costs a lone run no time, and a busy worker sends
+one request where it would send dozens.
 
 A report is tried a few times at once (a gateway restart or a blip costs a
 second or two). If the gateway is still away, the report becomes an arq job of
@@ -10,7 +16,10 @@ Handing it off frees the worker slot: a worker never idles on a dead gateway.
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import datetime as dt
+import json
 import logging
 import urllib.parse
 from typing import Any
@@ -68,21 +77,92 @@ def make_event(
     }
 
 
+@dataclasses.dataclass
+class _Pending:
+    """An event as sent, the future of its answer, and whether it must go alone
+    (its batch was too large for the gateway)."""
+
+    encoded: bytes
+    answer: asyncio.Future[dict[str, Any]]
+    alone: bool = False
+#: Requests of batched events out at once; what comes meanwhile waits for the next.
+MAX_IN_FLIGHT = 2
+#: A batch is cut at about this many bytes (an event larger still goes alone).
+MAX_BATCH_BYTES = 512 * 1024
+
+
 class Reporter:
-    """Sends events to ``gateway_url`` with the shared ``secret``."""
+    """Sends events to ``gateway_url`` with the shared ``secret``, in batches."""
 
     def __init__(self, gateway_url: str, secret: str, *, client: httpx.AsyncClient) -> None:
         self.base_url = gateway_url.rstrip("/")
         self.secret = secret
         self.client = client
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def send_once(self, event: dict[str, Any]) -> dict[str, Any]:
         """One try of a report. Returns the gateway's answer; raises on any failure.
 
+        The event joins the next batch (at once if no request is out).
+
         :raises ReportRejected: the gateway will never accept this report
+        :raises JSONRefused: the event is not JSON the gateway takes
         :raises httpx.HTTPError: the gateway could not be reached or failed
         """
-        return await self.call(EVENTS_PATH, event)
+        pending = _Pending(dumps(event), asyncio.get_running_loop().create_future())
+        self._queue.append(pending)
+        self._flush()
+        return await pending.answer
+
+    def _flush(self) -> None:
+        while self._queue and self._in_flight < MAX_IN_FLIGHT:
+            batch = [self._queue.popleft()]
+            size = len(batch[0].encoded)
+            while (
+                not batch[0].alone
+                and self._queue
+                and not self._queue[0].alone
+                and size + len(self._queue[0].encoded) < MAX_BATCH_BYTES
+            ):
+                batch.append(self._queue.popleft())
+                size += len(batch[-1].encoded)
+            self._in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[_Pending]) -> None:
+        try:
+            body = b'{"events":[' + b",".join(p.encoded for p in batch) + b"]}"
+            try:
+                response = await self.post(EVENTS_PATH, body, "application/json")
+            except ReportRejected as exc:
+                if exc.status_code != 413 or len(batch) == 1:
+                    raise
+                # Too large together (the gateway's limit may be below ours):
+                # each goes alone, and each learns its own answer.
+                for pending in reversed(batch):
+                    pending.alone = True
+                    self._queue.appendleft(pending)
+                return
+            answers = response.json()["answers"]
+            for pending, answer in zip(batch, answers, strict=True):
+                if pending.answer.done():
+                    continue
+                if "error" in answer:
+                    error = ReportRejected(answer["status_code"], json.dumps(answer["error"]))
+                    pending.answer.set_exception(error)
+                else:
+                    pending.answer.set_result(answer)
+        except Exception as exc:  # the request failed as a whole: every event learns why
+            for pending in batch:
+                if not pending.answer.done():
+                    pending.answer.set_exception(exc)
+        finally:
+            self._in_flight -= 1
+            self._flush()
 
     async def call(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         """One signed POST of ``payload`` to the gateway's ``path``; its JSON answer.

@@ -400,11 +400,22 @@ def build_delivery_worker(settings: Settings, **overrides: Any) -> Worker:
     return NudgedWorker(**{**delivery_worker_options(settings), **overrides})
 
 
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop where it is installed (uvicorn's ``standard`` extra brings
+    it): a worker's time goes mostly to sockets (Redis, reports, callbacks),
+    which uvloop serves at a fraction of the CPU."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def run_workers(settings: Settings) -> None:
     """``gateway worker``: the task worker and the delivery worker in one
     process, on one event loop, until SIGINT or SIGTERM (then each finishes
     its running jobs, up to ``WORKER_SHUTDOWN_GRACE``)."""
-    loop = asyncio.new_event_loop()
+    loop = _new_event_loop()
     asyncio.set_event_loop(loop)
     workers = [
         build_worker(settings, handle_signals=False),

@@ -12,7 +12,7 @@ from arq.constants import job_key_prefix
 from arq.jobs import Job, JobStatus
 
 from gateway.cli.embedded_redis import EmbeddedRedis
-from gateway.queue import enqueue_job
+from gateway.queue import QueuedJob, enqueue_job, enqueue_jobs
 from tests.conftest import Databases, _redis_db, launch_stack
 
 
@@ -44,6 +44,28 @@ def test_jobs_read_back_as_arq_jobs_and_ids_stay_unique(redis_server: EmbeddedRe
             ttl_ms = await redis.pttl(job_key_prefix + "j2")
             kept_ms = 60_000 + redis.expires_extra_ms
             assert kept_ms - 5_000 <= ttl_ms <= kept_ms
+        finally:
+            await redis.flushdb()
+            await redis.aclose()
+
+    asyncio.run(main())
+
+
+def test_many_jobs_go_in_one_pipeline_each_checked_alone(redis_server: EmbeddedRedis) -> None:
+    async def main() -> None:
+        redis = await create_pool(RedisSettings.from_dsn(redis_server.url + "/14"))
+        try:
+            await redis.flushdb()
+            assert await enqueue_job(redis, "run_task", 0, job_id="p0", queue_name="q")
+            jobs = [QueuedJob("run_task", (n,), f"p{n}", "q") for n in range(5)]
+            jobs.append(QueuedJob("deliver_webhook", ("d",), "later", "q", defer_seconds=30))
+            # p0 was there already: refused alone, the others go in.
+            assert await enqueue_jobs(redis, jobs) == [False, True, True, True, True, True]
+            for n in range(1, 5):
+                info = await Job(f"p{n}", redis, _queue_name="q").info()
+                assert info is not None and info.args == (n,)
+            assert await Job("later", redis, _queue_name="q").status() == JobStatus.deferred
+            assert await enqueue_jobs(redis, []) == []
         finally:
             await redis.flushdb()
             await redis.aclose()

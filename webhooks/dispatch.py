@@ -23,7 +23,7 @@ from db.ids import new_id
 from db.models import Delivery, DeliveryStatus, WebhookEndpoint
 from db.types import utcnow
 from gateway.metrics import DELIVERY_ATTEMPTS
-from gateway.queue import enqueue_job
+from gateway.queue import QueuedJob, enqueue_job, enqueue_jobs
 from gateway.settings import Settings
 from jobs.protocol import clean_text, delivery_job_id
 from webhooks.deliveries import RetryPolicy, delivery_row, lost_attempt, outcome_of, record_attempt
@@ -58,14 +58,30 @@ class DeliveryDispatcher:
             "prepared_at": utcnow().timestamp(),
         }
 
-    async def dispatch(self, outgoing: Sequence[Outgoing]) -> None:
-        """Queue the first attempt of freshly committed deliveries.
+    def first_attempts(self, outgoing: Sequence[Outgoing]) -> list[QueuedJob]:
+        """The jobs of freshly committed deliveries' first attempts.
 
-        The job carries headers signed now, which saves the worker a round trip
+        Each carries headers signed now, which saves the worker a round trip
         for the first attempt; later attempts ask :meth:`prepare` again.
         """
-        for item in outgoing:
-            await self._enqueue(item.id, trigger="schedule", prepared=self._prepared(item))
+        return [
+            QueuedJob(
+                "deliver_webhook",
+                (item.id, "schedule", self._prepared(item)),
+                delivery_job_id(item.id, 0),
+                self.settings.delivery_queue_name,
+            )
+            for item in outgoing
+        ]
+
+    async def dispatch(self, outgoing: Sequence[Outgoing]) -> None:
+        """Queue the first attempts of freshly committed deliveries."""
+        try:
+            await enqueue_jobs(self.redis, self.first_attempts(outgoing))
+        except (RedisError, OSError) as exc:
+            log.warning(
+                "could not queue %d delivery(ies) (the reconciler will): %s", len(outgoing), exc
+            )
 
     async def _enqueue(
         self,

@@ -8,6 +8,7 @@ not in the OpenAPI document, which is for applications.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -16,7 +17,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.api.bodies import parse_json, signed_body, validate
-from gateway.errors import BadRequest, PayloadTooLarge, ValidationFailed
+from gateway.errors import APIError, BadRequest, PayloadTooLarge, ValidationFailed
 from gateway.services import Services, services_of
 from jobs.protocol import (
     ARTIFACT_FETCH_PATH,
@@ -50,21 +51,68 @@ def _check_meaning(services: Services, event: WorkerEvent, body_size: int) -> No
         raise ValidationFailed("the event names tasks this gateway does not know", details=unknown)
 
 
+async def _record(services: Services, report: DeliveryAttemptReport) -> dict[str, Any]:
+    recorded = await services.dispatcher.record_attempt(report)
+    if recorded["recorded"]:
+        # Wakes the dashboard's live feed; no run waits on a delivery.
+        await services.notifier.publish(f"delivery:{report.delivery_id}")
+    return recorded
+
+
+def _refusal(exc: APIError) -> dict[str, Any]:
+    return {
+        "status_code": exc.status_code,
+        "error": {"code": exc.code, "message": exc.message, "details": exc.details},
+    }
+
+
+async def _apply_batch(services: Services, items: list[Any], body_size: int) -> list[Any]:
+    """Each item's answer, in order: run events are applied together in one
+    transaction, callback attempts recorded beside them; an item that is
+    refused gets its error and the others go on."""
+    answers: list[Any] = [None] * len(items)
+    events: list[tuple[int, WorkerEvent]] = []
+    attempts: list[tuple[int, DeliveryAttemptReport]] = []
+    for index, item in enumerate(items):
+        try:
+            if isinstance(item, dict) and item.get("type") == "delivery.attempt":
+                attempts.append((index, validate(DeliveryAttemptReport, item)))
+            else:
+                event = validate(WorkerEvent, item)
+                _check_meaning(services, event, body_size)
+                events.append((index, event))
+        except APIError as exc:
+            answers[index] = _refusal(exc)
+    if events:
+        applied = await services.runs.apply_events([event for _, event in events])
+        for (index, _), answer in zip(events, applied, strict=True):
+            answers[index] = _refusal(answer) if isinstance(answer, APIError) else answer.to_dict()
+    recorded = await asyncio.gather(
+        *(_record(services, report) for _, report in attempts), return_exceptions=True
+    )
+    for (index, _), outcome in zip(attempts, recorded, strict=True):
+        if isinstance(outcome, APIError):
+            answers[index] = _refusal(outcome)
+        elif isinstance(outcome, BaseException):
+            raise outcome
+        else:
+            answers[index] = outcome
+    return answers
+
+
 async def worker_event(request: Request) -> Response:
-    """A run event (started, completed, failed, waiting, heartbeat) or a
-    callback attempt, applied once however often it is sent."""
+    """Run events (started, completed, failed, waiting, heartbeat) and callback
+    attempts, each applied once however often it is sent: one report, or a
+    batch ``{"events": [...]}`` answered by ``{"answers": [...]}`` in order."""
     services = services_of(request)
     body = await signed_body(
         request, services.settings, services.settings.max_output_bytes + 64 * 1024
     )
     data = parse_json(body)
+    if isinstance(data, dict) and isinstance(data.get("events"), list):
+        return JSONResponse({"answers": await _apply_batch(services, data["events"], len(body))})
     if isinstance(data, dict) and data.get("type") == "delivery.attempt":
-        report = validate(DeliveryAttemptReport, data)
-        recorded = await services.dispatcher.record_attempt(report)
-        if recorded["recorded"]:
-            # Wakes the dashboard's live feed; no run waits on a delivery.
-            await services.notifier.publish(f"delivery:{report.delivery_id}")
-        return JSONResponse(recorded)
+        return JSONResponse(await _record(services, validate(DeliveryAttemptReport, data)))
     event = validate(WorkerEvent, data)
     _check_meaning(services, event, len(body))
     answer = await services.runs.apply_event(event)

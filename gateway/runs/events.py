@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
 
+from db.engine import savepoint
 from db.models import RunStatus
 from db.types import utcnow
+from gateway.errors import APIError
 from gateway.runs.cas import (
     ACTIVE,
     FINISH_ATTEMPT,
@@ -26,14 +29,14 @@ from gateway.runs.cas import (
     transition,
 )
 from gateway.runs.effects import Effects
-from gateway.runs.errors import RunNotFound
+from gateway.runs.errors import LostRace, RunNotFound
 from gateway.runs.read import view_of
 from gateway.runs.timers import backoff, expire, expired
 from gateway.runs.workflow import apply_waiting, child_finished
 from jobs.protocol import TIMED_OUT_CODE, WorkerEvent
 from webhooks.outbox import FINAL_EVENTS, create_run_deliveries
 
-__all__ = ["EventAnswer", "apply_event", "apply_final"]
+__all__ = ["EventAnswer", "apply_event", "apply_events", "apply_final"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +74,22 @@ def apply_event(conn: sa.Connection, event: WorkerEvent) -> EventAnswer:
     if event.type == "heartbeat":
         return _apply_heartbeat(conn, event, run, now)
     return apply_final(conn, event, run, now)
+
+
+def apply_events(
+    conn: sa.Connection, events: Sequence[WorkerEvent]
+) -> list[EventAnswer | APIError | LostRace]:
+    """Apply a batch of reports in one transaction, each in a savepoint of its
+    own: one that is refused (an :class:`APIError`) or lost a race
+    (:class:`LostRace`, to run again) leaves the others applied."""
+    out: list[EventAnswer | APIError | LostRace] = []
+    for event in events:
+        try:
+            with savepoint(conn):
+                out.append(apply_event(conn, event))
+        except (APIError, LostRace) as exc:
+            out.append(exc)
+    return out
 
 
 def _apply_started(

@@ -12,7 +12,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -24,14 +24,14 @@ from db.engine import Database
 from db.ids import new_id
 from db.models import Run, RunStatus
 from db.types import utcnow
-from gateway.errors import NotFound
+from gateway.errors import APIError, NotFound
 from gateway.notify import RunNotifier
-from gateway.queue import enqueue_job
+from gateway.queue import QueuedJob, enqueue_jobs
 from gateway.runs.cancel import cancel_run
 from gateway.runs.create import NewRun, create_runs
 from gateway.runs.effects import Effects, Job, job_of
 from gateway.runs.errors import LostRace, RunNotFound
-from gateway.runs.events import EventAnswer, apply_event
+from gateway.runs.events import EventAnswer, apply_event, apply_events
 from gateway.runs.options import RetryOptions, TriggerOptions, TriggerRequest
 from gateway.runs.read import RunQuery, batch_summary, list_runs, load_run
 from gateway.runs.recovery import queued_before, recover_lost
@@ -133,10 +133,12 @@ class RunService:
                 item.row["batch_id"] = batch_id
         # A trigger with the same idempotency key may win the race: look again.
         created = await self._write_until_settled(create_runs, new, batch_id)
+        due = Effects()
         for (view, cached), item in zip(created, new, strict=True):
             if not cached and item.row["status"] == RunStatus.QUEUED.value:
-                await self.enqueue(job_of(item.row))
+                due.jobs.append(job_of(item.row))
             view["is_cached"] = cached
+        await self._enqueue_all(due)
         return created
 
     async def trigger(
@@ -148,28 +150,32 @@ class RunService:
         )
         return view, cached
 
+    def queued(self, job: Job) -> QueuedJob:
+        """The arq job that runs ``job`` (``run_task``, under the run's job ID)."""
+        return QueuedJob(
+            "run_task",
+            (job.run_id, job.task, job.payload, job.attempt, job.step, job.state, job.options),
+            run_job_id(job.run_id, job.attempt, job.step),
+            self.settings.queue_name,
+        )
+
     async def enqueue(self, job: Job) -> bool:
         """Put a run's job on the queue; ``False`` if Redis did not take it.
 
         The run is committed already, so a failure here loses nothing: the
         reconciler enqueues it again (arq dedupes on ``_job_id``).
         """
+        return await self._enqueue_all(Effects(jobs=[job]))
+
+    async def _enqueue_all(self, effects: Effects) -> bool:
+        """The runs' jobs and the callbacks' first attempts, in one round trip."""
+        queued = [self.queued(job) for job in effects.jobs]
+        queued += self.dispatcher.first_attempts(effects.outgoing)
         try:
-            await enqueue_job(
-                self.redis,
-                "run_task",
-                job.run_id,
-                job.task,
-                job.payload,
-                job.attempt,
-                job.step,
-                job.state,
-                job.options,
-                job_id=run_job_id(job.run_id, job.attempt, job.step),
-                queue_name=self.settings.queue_name,
-            )
+            await enqueue_jobs(self.redis, queued)
         except (RedisError, OSError) as exc:
-            log.warning("could not enqueue %s (the reconciler will): %s", job.run_id, exc)
+            # Committed already: the reconciler queues them again (arq dedupes).
+            log.warning("could not queue %d job(s) (the reconciler will): %s", len(queued), exc)
             return False
         return True
 
@@ -284,18 +290,40 @@ class RunService:
                 # The database has the final status; a worker that starts or
                 # finishes the job is told so and stops there.
                 log.warning("could not ask workers to abort %s: %s", effects.abort, exc)
-        for job in effects.jobs:
-            await self.enqueue(job)
+        if effects.jobs or effects.outgoing:
+            await self._enqueue_all(effects)
         for run_id in effects.changed:
             await self.notifier.publish(run_id)
-        if effects.outgoing:
-            await self.dispatcher.dispatch(effects.outgoing)
 
     async def apply_event(self, event: WorkerEvent) -> EventAnswer:
         """Apply a verified worker event; a stale or repeated one is a no-op."""
         answer = await self._write_until_settled(apply_event, event)
         await self._after(answer.effects)
         return answer
+
+    async def apply_events(self, events: Sequence[WorkerEvent]) -> list[EventAnswer | APIError]:
+        """Apply a batch of verified worker events in one transaction (each
+        alone in a savepoint; one that lost a race runs again), then do what
+        they set in motion together: one round trip for all their jobs."""
+        answers: list[EventAnswer | APIError | LostRace] = [LostRace()] * len(events)
+        pending = list(range(len(events)))
+        for _ in range(5):
+            if not pending:
+                break
+            got = await self.db.write(apply_events, [events[i] for i in pending])
+            for index, answer in zip(pending, got, strict=True):
+                answers[index] = answer
+            pending = [i for i in pending if isinstance(answers[i], LostRace)]
+        effects = Effects()
+        out: list[EventAnswer | APIError] = []
+        for answer in answers:
+            if isinstance(answer, LostRace):
+                raise RuntimeError("an event lost the race 5 times in a row")
+            if isinstance(answer, EventAnswer):
+                effects.add(answer.effects)
+            out.append(answer)
+        await self._after(effects)
+        return out
 
     async def _write_until_settled(self, fn: Callable[..., T], *args: Any, tries: int = 5) -> T:
         """``db.write(fn, …)``, run again when another process moved a run
