@@ -56,6 +56,8 @@ from gateway.cli.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
 from gateway.settings import normalize_database_url  # noqa: E402
 from tests.helpers import Process, child_env, wait_http_ok  # noqa: E402
 
+PHASES = ("raw", "latency", "e2e", "callbacks")
+
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
@@ -250,20 +252,25 @@ class Bench:
 async def one_round(
     bench: Bench, receiver: FastReceiver, redis_url: str, args: argparse.Namespace
 ) -> dict[str, Any]:
-    raw_enqueue, raw_drain = await raw_arq(redis_url, args.runs, args.clients)
-    finals = await bench.final_latency(args.latency_runs)
-    callbacks = await bench.callback_latency(receiver, args.latency_runs)
-    figures: dict[str, Any] = {
-        "raw_enqueue": raw_enqueue,
-        "raw_drain": raw_drain,
-        "final_p50": pct(finals, 50),
-        "final_p99": pct(finals, 99),
-        "cb_p50": pct(callbacks, 50),
-        "cb_p99": pct(callbacks, 99),
-        "callbacks": callbacks,
-    }
-    figures.update(await bench.end_to_end(args.runs, args.clients))
-    figures.update(await bench.end_to_end_callbacks(receiver, args.runs, args.clients))
+    figures: dict[str, Any] = {}
+    if "raw" in args.phases:
+        figures["raw_enqueue"], figures["raw_drain"] = await raw_arq(
+            redis_url, args.runs, args.clients
+        )
+    if "latency" in args.phases:
+        finals = await bench.final_latency(args.latency_runs)
+        callbacks = await bench.callback_latency(receiver, args.latency_runs)
+        figures.update(
+            final_p50=pct(finals, 50),
+            final_p99=pct(finals, 99),
+            cb_p50=pct(callbacks, 50),
+            cb_p99=pct(callbacks, 99),
+            callbacks=callbacks,
+        )
+    if "e2e" in args.phases:
+        figures.update(await bench.end_to_end(args.runs, args.clients))
+    if "callbacks" in args.phases:
+        figures.update(await bench.end_to_end_callbacks(receiver, args.runs, args.clients))
     return figures
 
 
@@ -351,6 +358,8 @@ def measure(backend: str, args: argparse.Namespace) -> dict[str, Any]:
                     for n in range(args.rounds):
                         figures = await one_round(bench, receiver, redis.url + "/1", args)
                         print(f"  {backend} round {n + 1}: " + _brief(figures), flush=True)
+                        if args.phases != PHASES:  # a partial run: figures, no table
+                            print({k: v for k, v in figures.items() if k != "callbacks"})
                         out.append(figures)
                     duplicates = sum(1 for c in receiver.webhook_ids.values() if c > 1)
                     out[-1]["cb_duplicated"] = duplicates
@@ -376,6 +385,8 @@ def measure(backend: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _brief(f: dict[str, Any]) -> str:
+    if not {"trigger_rate", "raw_enqueue", "cb_rate", "cb_p50"} <= set(f):
+        return "(some phases only)"
     return (
         f"trigger {f['trigger_rate']:.0f}/s ({f['trigger_rate'] / f['raw_enqueue']:.2f}x), "
         f"e2e {f['e2e_rate']:.0f}/s, e2e+callback {f['cb_rate']:.0f}/s "
@@ -492,14 +503,27 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--web-concurrency", type=int, default=1)
     parser.add_argument("--only", choices=["sqlite", "postgresql"], default=None)
-    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "bench.png")
+    parser.add_argument(
+        "--plot",
+        type=lambda v: Path(v) if v else None,
+        default=ROOT / "docs" / "bench.png",
+        help="where to write the figure (empty: none)",
+    )
     parser.add_argument("--logs", type=Path, default=None, help="keep the processes' logs here")
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument(
+        "--phases",
+        type=lambda v: tuple(v.split(",")),
+        default=PHASES,
+        help="comma-separated, of " + ",".join(PHASES) + " (the table needs all)",
+    )
     args = parser.parse_args()
     backends = ["sqlite", "postgresql"] if os.environ.get("BENCH_DATABASE_URL") else ["sqlite"]
     if args.only:
         backends = [args.only]
     results = {backend: measure(backend, args) for backend in backends}
+    if args.phases != PHASES:
+        return
     print()
     print(
         f"medians of {args.rounds} rounds; {args.runs} runs per load phase, "

@@ -128,6 +128,47 @@ def test_sqlite_writes_commit_in_groups_and_a_failing_unit_leaves_nothing(
     assert units == 201 and commits < units  # some units shared a transaction
 
 
+def test_postgres_writes_commit_in_groups_and_a_failing_unit_leaves_nothing(
+    databases: Databases,
+) -> None:
+    """The same on PostgreSQL: units that queue up share a transaction; a group
+    with a failing unit is rolled back and each unit runs alone, so the failing
+    one is undone alone and every other commits, once."""
+    if databases.backend != "postgresql":
+        pytest.skip("PostgreSQL only: SQLite's groups are checked above")
+    url = databases.new("groups")
+
+    def unit(conn: sa.Connection, n: int) -> int:
+        conn.exec_driver_sql(f"INSERT INTO t VALUES ({n})")
+        if n % 7 == 0:
+            raise ValueError(n)
+        return n
+
+    async def main() -> tuple[list[object], list[int], tuple[int, int]]:
+        db = Database(url)
+        try:
+            await db.write(lambda c: c.exec_driver_sql("CREATE TABLE t (n INTEGER PRIMARY KEY)"))
+            results = await asyncio.gather(
+                *(db.write(unit, n) for n in range(300)), return_exceptions=True
+            )
+            kept = await db.read(
+                lambda c: [r[0] for r in c.exec_driver_sql("SELECT n FROM t ORDER BY n")]
+            )
+            writer = db._async_writer
+            return results, kept, (writer.commits, writer.units)
+        finally:
+            await db.dispose()
+
+    results, kept, (commits, units) = asyncio.run(main())
+    assert kept == [n for n in range(300) if n % 7]
+    for n, result in enumerate(results):
+        if n % 7:
+            assert result == n
+        else:
+            assert isinstance(result, ValueError) and result.args == (n,)
+    assert commits < 300  # some units shared a transaction
+
+
 def test_postgres_connections_lost_while_idle_cost_no_request(databases: Databases) -> None:
     """Server-side ends of the pooled connections killed, as a restart would:
     a connection idle past the threshold is pinged and replaced before use; one
