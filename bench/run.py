@@ -11,6 +11,9 @@ no-op ``echo`` task:
 - raw arq on the same Redis: ``enqueue_job`` from one process with ``--clients``
   tasks, and a worker draining no-op jobs (``max_jobs=10``);
 - trigger → final, and trigger → callback received, one run at a time;
+- triggers accepted with the worker paused (as raw ``enqueue_job`` is measured,
+  with no worker draining), then the worker's drain of them, each with the
+  CPU milliseconds per run of the web and worker processes;
 - end to end without a callback: ``--clients`` connections trigger ``--runs``
   runs while the worker drains, then wait for each to be final; the trigger
   rate and the triggers' p50/p99 come from the same phase;
@@ -56,7 +59,7 @@ from gateway.cli.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
 from gateway.settings import normalize_database_url  # noqa: E402
 from tests.helpers import Process, child_env, wait_http_ok  # noqa: E402
 
-PHASES = ("raw", "latency", "e2e", "callbacks")
+PHASES = ("raw", "latency", "accept", "e2e", "callbacks")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -139,10 +142,24 @@ async def raw_arq(redis_url: str, runs: int, clients: int) -> tuple[float, float
 # -- the gateway ---------------------------------------------------------------------------
 
 
+def _count_final(conn: Any, ids: list[str]) -> int:
+    import sqlalchemy as sa
+
+    from db.models import Run, RunStatus
+
+    runs = Run.__table__  # type: ignore[attr-defined]
+    final = [s.value for s in RunStatus if s.is_final]
+    query = sa.select(sa.func.count()).where(runs.c.id.in_(ids), runs.c.status.in_(final))
+    return int(conn.scalar(query))
+
+
 class Bench:
     """One stack's addresses and the two projects the rounds use."""
 
-    def __init__(self, port: int, plain_key: str, hooked_key: str, pids: dict[str, int]) -> None:
+    def __init__(
+        self, port: int, plain_key: str, hooked_key: str, pids: dict[str, int], db: Database
+    ) -> None:
+        self.db = db
         self.pids = pids
         self.port = port
         self.host = f"127.0.0.1:{port}"
@@ -194,6 +211,41 @@ class Bench:
         """CPU milliseconds per run of each process since ``before``."""
         after = self.cpu()
         return {f"{phase}_cpu_{name}": (after[name] - before[name]) * 1000 / runs for name in after}
+
+    async def accept_then_drain(self, runs: int, clients: int) -> dict[str, float]:
+        """``runs`` triggers with the worker paused (SIGSTOP), as raw arq's
+        enqueue is measured with no worker draining; then the worker resumes
+        and drains them. Each phase's rate and web CPU per run."""
+        import signal
+
+        cpu = self.cpu()
+        os.kill(self.pids["worker"], signal.SIGSTOP)
+        try:
+            accepted = await run_load(
+                "127.0.0.1",
+                self.port,
+                [self.trigger(self.plain_key, n) for n in range(runs)],
+                connections=clients,
+            )
+        finally:
+            os.kill(self.pids["worker"], signal.SIGCONT)
+        assert all(a.status == 202 for a in accepted.answers), accepted.answers[0]
+        figures = {
+            "accept_rate": accepted.rate,
+            "accept_p50_ms": pct(accepted.latencies, 50) * 1000,
+            "accept_p99_ms": pct(accepted.latencies, 99) * 1000,
+            **self.cpu_per_run(cpu, runs, "accept"),
+        }
+        # Drained: every run final, as the database says (no client waits on
+        # the gateway meanwhile, so its CPU is the workers' reports alone).
+        cpu = self.cpu()
+        start = time.perf_counter()
+        ids = [a.json()["id"] for a in accepted.answers]
+        while await self.db.read(_count_final, ids) < len(ids):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)  # polling the database: the gateway is not asked
+        figures["drain_rate"] = runs / (time.perf_counter() - start)
+        figures.update(self.cpu_per_run(cpu, runs, "drain"))
+        return figures
 
     async def end_to_end(self, runs: int, clients: int) -> dict[str, float]:
         """``runs`` triggers from ``clients`` connections, then each waited for."""
@@ -267,6 +319,8 @@ async def one_round(
             cb_p99=pct(callbacks, 99),
             callbacks=callbacks,
         )
+    if "accept" in args.phases:
+        figures.update(await bench.accept_then_drain(args.runs, args.clients))
     if "e2e" in args.phases:
         figures.update(await bench.end_to_end(args.runs, args.clients))
     if "callbacks" in args.phases:
@@ -319,6 +373,11 @@ def measure(backend: str, args: argparse.Namespace) -> dict[str, Any]:
             LOG_LEVEL=args.log_level,
             WEBHOOK_ALLOWED_NETWORKS="127.0.0.1/32",
             WEB_CONCURRENCY=str(args.web_concurrency),
+            **(
+                {"WORKER_CONCURRENCY": str(args.worker_concurrency)}
+                if args.worker_concurrency
+                else {}
+            ),
             DATA_DIR=str(tmp_path / "data"),
         )
         logs = args.logs or tmp_path
@@ -351,7 +410,11 @@ def measure(backend: str, args: argparse.Namespace) -> dict[str, Any]:
                     )
                     receiver.secret = answer.json()["secret"]
                 bench = Bench(
-                    port, plain, hooked, {"web": gateway.popen.pid, "worker": worker.popen.pid}
+                    port,
+                    plain,
+                    hooked,
+                    {"web": gateway.popen.pid, "worker": worker.popen.pid},
+                    Database(database_url),
                 )
                 out = []
                 try:
@@ -366,6 +429,7 @@ def measure(backend: str, args: argparse.Namespace) -> dict[str, Any]:
                     out[-1]["bad_signatures"] = receiver.bad_signatures
                 finally:
                     await receiver.stop()
+                    await bench.db.dispose()
                 return out
 
             results = asyncio.run(rounds())
@@ -385,10 +449,10 @@ def measure(backend: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _brief(f: dict[str, Any]) -> str:
-    if not {"trigger_rate", "raw_enqueue", "cb_rate", "cb_p50"} <= set(f):
+    if not {"accept_rate", "raw_enqueue", "cb_rate", "cb_p50"} <= set(f):
         return "(some phases only)"
     return (
-        f"trigger {f['trigger_rate']:.0f}/s ({f['trigger_rate'] / f['raw_enqueue']:.2f}x), "
+        f"accepted {f['accept_rate']:.0f}/s ({f['accept_rate'] / f['raw_enqueue']:.2f}x), "
         f"e2e {f['e2e_rate']:.0f}/s, e2e+callback {f['cb_rate']:.0f}/s "
         f"({f['cb_rate'] / f['raw_drain']:.2f}x), callback p50 {f['cb_p50']:.1f} ms; "
         f"CPU/run with callback: web {f['cb_cpu_web']:.1f} ms, worker {f['cb_cpu_worker']:.1f} ms"
@@ -415,7 +479,10 @@ def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     rows = [
         "| figure | " + " | ".join(backends) + " |",
         "| --- | " + " | ".join("---" for _ in backends) + " |",
-        "| triggers accepted (202), while the worker drains | "
+        "| triggers accepted (202), the worker paused (as raw enqueue_job is measured) | "
+        + cells(lambda r, _: ratio(r, "accept_rate", "raw_enqueue"))
+        + " |",
+        "| triggers accepted while the worker drains | "
         + cells(lambda r, _: ratio(r, "trigger_rate", "raw_enqueue"))
         + " |",
         "| trigger p50 / p99 while the worker drains | "
@@ -434,6 +501,14 @@ def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
         + " |",
         f"| end to end with a registered callback, {args.clients} clients | "
         + cells(lambda r, _: ratio(r, "cb_rate", "raw_drain"))
+        + " |",
+        "| CPU per run: accepting (web); draining (web, worker) | "
+        + cells(
+            lambda r, _: (
+                f"{median(r, 'accept_cpu_web'):.2f} ms; "
+                f"{median(r, 'drain_cpu_web'):.2f}, {median(r, 'drain_cpu_worker'):.2f} ms"
+            )
+        )
         + " |",
         "| CPU per run, end to end without / with a callback: web, worker | "
         + cells(
@@ -475,12 +550,12 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     cdf.legend()
     labels = [
         "raw arq\nenqueue",
-        "trigger",
+        "triggers\naccepted",
         "raw arq\ndrain",
         "end to end",
         "end to end\n+ callback",
     ]
-    names = ["raw_enqueue", "trigger_rate", "raw_drain", "e2e_rate", "cb_rate"]
+    names = ["raw_enqueue", "accept_rate", "raw_drain", "e2e_rate", "cb_rate"]
     width = 0.8 / len(results)
     for i, (backend, result) in enumerate(results.items()):
         values = [median(result["rounds"], n) for n in names]
@@ -502,6 +577,9 @@ def main() -> None:
     parser.add_argument("--latency-runs", type=int, default=200)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--web-concurrency", type=int, default=1)
+    parser.add_argument(
+        "--worker-concurrency", type=int, default=0, help="WORKER_CONCURRENCY (0: its default)"
+    )
     parser.add_argument("--only", choices=["sqlite", "postgresql"], default=None)
     parser.add_argument(
         "--plot",

@@ -33,6 +33,8 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from db.types import exact_loads, json_text
+
 __all__ = ["Database", "savepoint"]
 
 P = ParamSpec("P")
@@ -86,13 +88,20 @@ class Database:
                 connect_args={"check_same_thread": False, "timeout": 30},
                 pool_size=read_threads + 1,
                 max_overflow=0,
+                json_serializer=json_text,
+                json_deserializer=exact_loads,
             )
             _configure_sqlite(self._sync_engine)
             self._writer = _GroupCommit(self._sync_engine)
             self._readers = concurrent.futures.ThreadPoolExecutor(read_threads, "db-reader")
         else:
             self._async_engine = create_async_engine(
-                url, pool_size=10, max_overflow=20, pool_recycle=1800
+                url,
+                pool_size=10,
+                max_overflow=20,
+                pool_recycle=1800,
+                json_serializer=json_text,
+                json_deserializer=exact_loads,
             )
             _ping_when_idle(
                 self._async_engine.sync_engine,

@@ -3,13 +3,55 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import re
 from typing import Annotated, Any
 
+import orjson
 import sqlalchemy as sa
 from pydantic import AfterValidator
 from sqlalchemy.dialects.postgresql import JSONB
 
-__all__ = ["JSONColumn", "UTCDateTime", "UTCTime", "isoformat", "to_utc", "utcnow"]
+__all__ = [
+    "JSONColumn",
+    "UTCDateTime",
+    "UTCTime",
+    "exact_loads",
+    "isoformat",
+    "json_text",
+    "to_utc",
+    "utcnow",
+]
+
+#: Nineteen digits in a row: maybe an integer past 64 bits, which orjson would
+#: read as a float.
+_LONG_DIGITS = re.compile(r"[0-9]{19}")
+
+
+def json_text(value: Any) -> str:
+    """A JSON column's text: orjson, or the standard library for what orjson
+    has no form for (an integer past 64 bits)."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def exact_loads(text: str | bytes) -> Any:
+    """A JSON column's value, numbers kept exact: orjson, unless an integer
+    past 64 bits may be in it.
+
+    :raises TypeError: not text (SQLite hands back a bare JSON number as a
+        number, which SQLAlchemy's JSON type then takes as it is)
+    """
+    if isinstance(text, bytes):
+        probe = text.decode()
+    elif isinstance(text, str):
+        probe = text
+    else:
+        raise TypeError(f"a JSON column held a {type(text).__name__}, not text")
+    return json.loads(text) if _LONG_DIGITS.search(probe) else orjson.loads(text)
+
 
 #: JSON on SQLite, JSONB on PostgreSQL.
 JSONColumn = sa.JSON().with_variant(JSONB(), "postgresql")

@@ -28,6 +28,7 @@ import re
 from collections.abc import Callable
 from typing import Any, Literal
 
+import orjson
 from itsdangerous import BadSignature, SignatureExpired, TimestampSigner
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
@@ -49,6 +50,7 @@ __all__ = [
     "clean_text",
     "delivery_job_id",
     "dumps",
+    "find_nonfinite",
     "find_unstorable",
     "listen_forever",
     "loads",
@@ -281,6 +283,9 @@ def find_unstorable(value: Any, path: str = "") -> JSONRefused | None:
 
 #: A ``\u0000`` escape, or an escaped surrogate: only then is a walk needed.
 _SUSPECT = re.compile(rb"\\u(?:0000|[dD][89abcdefABCDEF])")
+#: Nineteen digits in a row: maybe an integer past 64 bits, which orjson would
+#: turn into a float; such a body takes the exact (slower) parser.
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
 
 
 def loads(body: bytes) -> Any:
@@ -289,7 +294,12 @@ def loads(body: bytes) -> Any:
     :raises JSONRefused: NaN/Infinity, a number out of range, a NUL or a lone surrogate
     :raises ValueError: not JSON at all (``json.JSONDecodeError``, ``UnicodeDecodeError``)
     """
-    value = json.loads(body, parse_constant=_constant, parse_float=_finite)
+    try:
+        if _LONG_DIGITS.search(body) is not None:
+            raise ValueError("integers orjson would round")
+        value = orjson.loads(body)
+    except ValueError:  # the exact parser, which also names what is wrong
+        value = json.loads(body, parse_constant=_constant, parse_float=_finite)
     if _SUSPECT.search(body):  # rare: most bodies cost one C-speed search
         found = find_unstorable(value)
         if found is not None:
@@ -303,6 +313,14 @@ def dumps(value: Any) -> bytes:
     :raises JSONRefused: NaN/Infinity, a NUL or a lone surrogate
     :raises TypeError: a value JSON has no form for
     """
+    try:
+        encoded = orjson.dumps(value)
+    except TypeError:
+        encoded = b""  # an integer past 64 bits, a lone surrogate, a set: see below
+    # orjson writes NaN and Infinity as null: a null sends us looking for them.
+    if encoded and b"\\u0000" not in encoded:
+        if b"null" not in encoded or find_nonfinite(value) is None:
+            return encoded
     try:
         text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except ValueError as exc:
@@ -318,6 +336,19 @@ def dumps(value: Any) -> bytes:
         if found is not None:
             raise found
     return encoded
+
+
+def find_nonfinite(value: Any) -> float | None:
+    """The first NaN or infinity in ``value``, or ``None``."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else value
+    items = value.values() if isinstance(value, dict) else value
+    if isinstance(value, dict | list | tuple):
+        for item in items:
+            found = find_nonfinite(item)
+            if found is not None:
+                return found
+    return None
 
 
 def clean_text(value: str, limit: int | None = None) -> str:

@@ -85,8 +85,10 @@ class _Pending:
     encoded: bytes
     answer: asyncio.Future[dict[str, Any]]
     alone: bool = False
+
+
 #: Requests of batched events out at once; what comes meanwhile waits for the next.
-MAX_IN_FLIGHT = 2
+MAX_IN_FLIGHT = 1
 #: A batch is cut at about this many bytes (an event larger still goes alone).
 MAX_BATCH_BYTES = 512 * 1024
 

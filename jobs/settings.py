@@ -86,8 +86,12 @@ class Settings(BaseSettings):
     max_output_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     #: arq queue the gateway enqueues on and the worker reads.
     queue_name: str = "gateway:queue"
-    #: Jobs one worker process runs at a time.
-    worker_concurrency: int = Field(default=10, ge=1)
+    #: Jobs one worker process runs at a time. A slot is an asyncio task, held
+    #: while its run executes and while its reports travel to the gateway, so
+    #: for the I/O-bound work this gateway runs many are cheap: with arq's 10,
+    #: a worker drained no-op runs at a third of the rate it does with 100
+    #: (bench/run.py). CPU-bound tasks (a plain ``def``) run in threads.
+    worker_concurrency: int = Field(default=100, ge=1)
     #: Callback attempts one worker process sends at once (their own arq
     #: queue and slots, apart from task runs).
     webhook_concurrency: int = Field(default=50, ge=1)

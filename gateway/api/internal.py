@@ -13,10 +13,11 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from gateway.api.bodies import parse_json, signed_body, validate
+from gateway.api.views import JSON
 from gateway.errors import APIError, BadRequest, PayloadTooLarge, ValidationFailed
 from gateway.services import Services, services_of
 from jobs.protocol import (
@@ -110,13 +111,13 @@ async def worker_event(request: Request) -> Response:
     )
     data = parse_json(body)
     if isinstance(data, dict) and isinstance(data.get("events"), list):
-        return JSONResponse({"answers": await _apply_batch(services, data["events"], len(body))})
+        return JSON({"answers": await _apply_batch(services, data["events"], len(body))})
     if isinstance(data, dict) and data.get("type") == "delivery.attempt":
-        return JSONResponse(await _record(services, validate(DeliveryAttemptReport, data)))
+        return JSON(await _record(services, validate(DeliveryAttemptReport, data)))
     event = validate(WorkerEvent, data)
     _check_meaning(services, event, len(body))
     answer = await services.runs.apply_event(event)
-    return JSONResponse(answer.to_dict())
+    return JSON(answer.to_dict())
 
 
 class _PrepareRequest(BaseModel):
@@ -129,7 +130,7 @@ async def prepare_delivery(request: Request) -> Response:
     services = services_of(request)
     body = await signed_body(request, services.settings, 64 * 1024)
     prepare = validate(_PrepareRequest, parse_json(body))
-    return JSONResponse(await services.dispatcher.prepare(prepare.delivery_id, prepare.trigger))
+    return JSON(await services.dispatcher.prepare(prepare.delivery_id, prepare.trigger))
 
 
 def _int_param(request: Request, name: str) -> int | None:
@@ -155,7 +156,7 @@ async def upload_artifact(request: Request) -> Response:
         _int_param(request, "width"),
         _int_param(request, "height"),
     )
-    return JSONResponse(stored, status_code=201)
+    return JSON(stored, status_code=201)
 
 
 async def fetch_artifact(request: Request) -> Response:

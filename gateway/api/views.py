@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
 __all__ = [
+    "JSON",
     "AttemptView",
     "BatchCreated",
     "BatchSummary",
@@ -249,10 +251,19 @@ class ArtifactLink(_View):
     run_id: str | None
 
 
+class JSON(JSONResponse):
+    """A JSON answer, encoded by orjson (the standard library for what orjson
+    has no form for, such as an integer past 64 bits)."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return orjson.dumps(content)
+        except TypeError:
+            return super().render(content)
+
+
 def shaped(
     model: type[M], data: Any, status_code: int = 200, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    """Answer ``data`` through ``model``: what does not fit the model is a bug,
-    caught here rather than sent."""
-    body = model.model_validate(data).model_dump(mode="json", exclude_unset=True)
-    return JSONResponse(body, status_code=status_code, headers=headers)
+    """Answer ``data``, which is of the shape of ``model`` (the document says so)."""
+    return JSON(data, status_code=status_code, headers=headers)
