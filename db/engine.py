@@ -261,7 +261,7 @@ class _AsyncGroupCommit:
     writers keep PostgreSQL's own concurrency (and the network waits overlap).
     """
 
-    def __init__(self, engine: AsyncEngine, *, writers: int = 4, max_group: int = 64) -> None:
+    def __init__(self, engine: AsyncEngine, *, writers: int = 8, max_group: int = 64) -> None:
         self.engine = engine
         self.max_group = max_group
         self.writers = writers

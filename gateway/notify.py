@@ -1,15 +1,18 @@
 """Wake-ups for requests that wait on a run: long-polls, event streams, the dashboard.
 
 The process that applies a transition wakes its own waiters at once and
-publishes the run ID on a Redis channel, so waiters in other gateway
-processes wake too. A lost message only delays a waiter: waiters re-read the
-database at least every ``fallback_interval`` seconds.
+publishes the run ID on a Redis channel (``run_…!`` when the run reached a
+final status), so waiters in other gateway processes wake too, and a long-poll
+knows whether the change is the one it waits for without reading the run. A
+lost message only delays a waiter: waiters check the database every few
+seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator
 
@@ -18,18 +21,29 @@ from redis.exceptions import RedisError
 
 from jobs.protocol import listen_forever
 
-__all__ = ["RunNotifier"]
+__all__ = ["RunNotifier", "Watch"]
 
 log = logging.getLogger("gateway.notify")
 
 CHANNEL = "gateway:run-updates"
+#: Marks a run ID in a message as having reached a final status.
+_FINAL = "!"
+
+
+@dataclasses.dataclass(eq=False)  # each watch is one waiter: hashed by identity
+class Watch:
+    """What a waiter of one run holds: an event set on each change, and
+    whether a change told of a final status."""
+
+    changed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    final: bool = False
 
 
 class RunNotifier:
     def __init__(self, redis: Redis, *, channel: str = CHANNEL) -> None:
         self.redis = redis
         self.channel = channel
-        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._waiters: dict[str, set[Watch]] = {}
         #: Set on every change of any run (the dashboard's live feed).
         self._any: set[asyncio.Event] = set()
         #: Run IDs changed here, not yet published to the other processes.
@@ -50,19 +64,21 @@ class RunNotifier:
                 await self._task
             self._task = None
 
-    def _wake(self, run_id: str) -> None:
-        for event in self._waiters.get(run_id, ()):
-            event.set()
+    def _wake(self, run_id: str, final: bool) -> None:
+        for watch in self._waiters.get(run_id, ()):
+            watch.final = watch.final or final
+            watch.changed.set()
         for event in self._any:
             event.set()
 
-    async def publish(self, run_id: str) -> None:
-        """Tell every waiter of ``run_id``: here at once, in other processes
-        with the next message. The changes of one turn of the event loop go
-        out as one message (IDs separated by spaces), so a busy gateway sends
-        one PUBLISH where it would send hundreds."""
-        self._wake(run_id)
-        self._outbox.append(run_id)
+    async def publish(self, run_id: str, *, final: bool = False) -> None:
+        """Tell every waiter of ``run_id`` (and whether it is now final): here
+        at once, in other processes with the next message. The changes of one
+        turn of the event loop go out as one message (IDs separated by
+        spaces), so a busy gateway sends one PUBLISH where it would send
+        hundreds."""
+        self._wake(run_id, final)
+        self._outbox.append(run_id + _FINAL if final else run_id)
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send(), name="run-notifier-send")
 
@@ -76,16 +92,16 @@ class RunNotifier:
                 log.warning("could not publish the update of %d runs: %s", len(batch), exc)
 
     @contextlib.contextmanager
-    def watch(self, run_id: str) -> Iterator[asyncio.Event]:
-        """An event set whenever ``run_id`` changes, while the block runs."""
-        event = asyncio.Event()
-        self._waiters.setdefault(run_id, set()).add(event)
+    def watch(self, run_id: str) -> Iterator[Watch]:
+        """A :class:`Watch` of ``run_id`` while the block runs."""
+        watch = Watch()
+        self._waiters.setdefault(run_id, set()).add(watch)
         try:
-            yield event
+            yield watch
         finally:
             waiters = self._waiters.get(run_id)
             if waiters is not None:
-                waiters.discard(event)
+                waiters.discard(watch)
                 if not waiters:
                     del self._waiters[run_id]
 
@@ -101,7 +117,8 @@ class RunNotifier:
 
     async def _listen(self) -> None:
         def wake(message: str) -> None:
-            for run_id in message.split():
-                self._wake(run_id)
+            for token in message.split():
+                final = token.endswith(_FINAL)
+                self._wake(token.removesuffix(_FINAL), final)
 
         await listen_forever(self.redis, self.channel, wake, what="run notifications")

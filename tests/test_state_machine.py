@@ -157,11 +157,12 @@ def test_queued_executing_completed_with_its_effects(
     run_id = create(unit)
     started = unit(apply_event, event("started", run_id))
     assert (started.applied, started.status, started.proceed) == (True, "EXECUTING", True)
-    assert started.effects.changed == [run_id]
+    assert started.effects.changed == [run_id] and started.effects.finished == []
     assert [o.url for o in started.effects.outgoing] == ["https://receiver.example/hook"]
     done = unit(apply_event, event("completed", run_id, output={"ok": True}))
     assert (done.applied, done.status) == (True, "COMPLETED")
     assert done.effects.changed == [run_id] and len(done.effects.outgoing) == 1
+    assert done.effects.finished == [run_id]  # a long-poll reads the run again only now
     assert done.effects.jobs == [] and done.effects.abort == []
     view = status(unit, run_id)
     assert view["status"] == "COMPLETED" and view["output"] == {"ok": True}
@@ -205,6 +206,7 @@ def test_a_retryable_failure_retries_with_backoff_then_fails(unit: Callable[...,
     error = {"code": "flaky", "message": "try again", "retryable": True}
     first = unit(apply_event, event("failed", run_id, error=error))
     assert (first.status, first.effects.jobs) == ("RETRYING", [])
+    assert first.effects.finished == []
     run = unit(select_run, run_id)
     assert run["attempt"] == 2
     with_time = unit(lambda conn: conn.scalar(sa.select(runs.c.run_at).where(runs.c.id == run_id)))
@@ -277,6 +279,7 @@ def test_a_run_past_its_ttl_expires_and_never_executes(unit: Callable[..., Any])
     queued = create(unit, expire_at=past)
     due = unit(release_due, utcnow())
     assert due.abort == [run_job_id(queued)] and due.changed == [queued]
+    assert due.finished == [queued]
     assert unit(select_run, queued)["status"] == "EXPIRED"
 
 
@@ -288,6 +291,7 @@ def test_cancel_aborts_the_job_and_refuses_a_final_run(unit: Callable[..., Any])
     unit(apply_event, event("started", run_id))
     done = unit(cancel_run, PROJECT, run_id)
     assert done.abort == [run_job_id(run_id)] and done.changed == [run_id]
+    assert done.finished == [run_id]
     view = status(unit, run_id)
     assert view["status"] == "CANCELED" and view["attempts"][0]["status"] == "CANCELED"
     with pytest.raises(RunAlreadyFinal):
@@ -319,6 +323,7 @@ def test_a_workflow_waits_for_its_children_without_a_slot(unit: Callable[..., An
     assert (step.run_id, step.step) == (parent, 1)
     assert step.state is not None and step.state["a"]["output"] == "A"
     assert set(moved.effects.changed) == {first, parent}
+    assert moved.effects.finished == [first]  # the workflow itself goes on
     # The second ends while step 1 is in flight: one more step after it.
     unit(apply_event, event("started", second))
     during = unit(apply_event, event("completed", second, output="B"))

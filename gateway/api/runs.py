@@ -64,7 +64,8 @@ async def run_events(request: Request, project_id: str | None) -> Response:
 
     async def stream() -> AsyncIterator[str]:
         last = 0
-        with services.notifier.watch(run_id) as changed:
+        with services.notifier.watch(run_id) as watch:
+            changed = watch.changed
             while True:
                 changed.clear()
                 steps = await services.db.read(transitions_since, run_id, last)

@@ -33,6 +33,7 @@ def _cancel(
     )
     done.abort.append(run_job_id(run["id"], run["attempt"], run["step"]))
     done.changed.append(run["id"])
+    done.finished.append(run["id"])
     done.outgoing.extend(
         create_run_deliveries(conn, run, lambda: view_of(conn, run), "run.canceled", now)
     )

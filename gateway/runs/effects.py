@@ -43,6 +43,9 @@ class Effects:
     outgoing: list[Outgoing] = dataclasses.field(default_factory=list)
     #: Runs whose waiters should wake (a run, and a parent it moved).
     changed: list[str] = dataclasses.field(default_factory=list)
+    #: Those of them that reached a final status (a long-poll reads the run
+    #: again only then).
+    finished: list[str] = dataclasses.field(default_factory=list)
     #: arq job IDs workers should stop (canceled, expired or lost attempts).
     abort: list[str] = dataclasses.field(default_factory=list)
 
@@ -51,6 +54,7 @@ class Effects:
         self.jobs.extend(other.jobs)
         self.outgoing.extend(other.outgoing)
         self.changed.extend(other.changed)
+        self.finished.extend(other.finished)
         self.abort.extend(other.abort)
         return self
 

@@ -77,11 +77,19 @@ def apply_event(conn: sa.Connection, event: WorkerEvent) -> EventAnswer:
 
 
 def apply_events(
-    conn: sa.Connection, events: Sequence[WorkerEvent]
+    conn: sa.Connection, events: Sequence[WorkerEvent], *, isolated: bool = False
 ) -> list[EventAnswer | APIError | LostRace]:
-    """Apply a batch of reports in one transaction, each in a savepoint of its
-    own: one that is refused (an :class:`APIError`) or lost a race
-    (:class:`LostRace`, to run again) leaves the others applied."""
+    """Apply a batch of reports in one transaction.
+
+    Not ``isolated``, a refused report (an :class:`APIError`) or one that lost
+    a race (:class:`LostRace`) fails the whole unit, undone, and the caller
+    runs it again ``isolated``: each report in a savepoint of its own, so one
+    refused or lost leaves the others applied (and a lost one is handed back
+    to run again). Refusals are rare; a savepoint costs two round trips to
+    PostgreSQL per report.
+    """
+    if not isolated:
+        return [apply_event(conn, event) for event in events]
     out: list[EventAnswer | APIError | LostRace] = []
     for event in events:
         try:
@@ -100,7 +108,7 @@ def _apply_started(
     if current and status == RunStatus.QUEUED and expired(run, now):
         # Its TTL ran out while it waited in the queue: it never executes.
         outgoing = expire(conn, run, now)
-        effects = Effects(outgoing=outgoing, changed=[run["id"]])
+        effects = Effects(outgoing=outgoing, changed=[run["id"]], finished=[run["id"]])
         return EventAnswer(True, RunStatus.EXPIRED.value, False, effects)
     if not (current and status == RunStatus.QUEUED):
         # A re-delivered job of the attempt that is running may go on (execution
@@ -185,8 +193,10 @@ def apply_final(
         )
     if retrying:
         return EventAnswer(True, RunStatus.RETRYING.value, False, Effects(changed=[run["id"]]))
+    event_type = FINAL_EVENTS[to]
     effects = Effects(
-        outgoing=create_run_deliveries(conn, run, lambda: view_of(conn, run), FINAL_EVENTS[to], now)
+        outgoing=create_run_deliveries(conn, run, lambda: view_of(conn, run), event_type, now),
+        finished=[run["id"]],
     )
     if run["parent_id"] is not None:
         effects.add(

@@ -22,6 +22,7 @@ __all__ = [
     "list_runs",
     "load_run",
     "run_view",
+    "status_of",
     "transitions_since",
     "view_of",
 ]
@@ -137,6 +138,18 @@ def load_run(conn: sa.Connection, project_id: str | None, run_id: str) -> dict[s
     attempts = conn.execute(LOAD_ATTEMPTS, {"run_id": run_id}).mappings()
     nodes = _node_views(conn, dict(row)) if row["task"] == WORKFLOW_TASK else None
     return run_view(dict(row), [dict(a) for a in attempts], nodes)
+
+
+_STATUS = sa.select(runs.c.status).where(runs.c.id == sa.bindparam("run_id"))
+_OWN_STATUS = _STATUS.where(runs.c.project_id == sa.bindparam("project_id"))
+
+
+def status_of(conn: sa.Connection, project_id: str | None, run_id: str) -> str | None:
+    """The run's status (one column of one row), or ``None``; ``project_id=None``
+    skips the owner check."""
+    if project_id is None:
+        return conn.scalar(_STATUS, {"run_id": run_id})
+    return conn.scalar(_OWN_STATUS, {"run_id": run_id, "project_id": project_id})
 
 
 def view_of(conn: sa.Connection, run: Mapping[str, Any]) -> dict[str, Any]:

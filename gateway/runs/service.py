@@ -33,7 +33,7 @@ from gateway.runs.effects import Effects, Job, job_of
 from gateway.runs.errors import LostRace, RunNotFound
 from gateway.runs.events import EventAnswer, apply_event, apply_events
 from gateway.runs.options import RetryOptions, TriggerOptions, TriggerRequest
-from gateway.runs.read import RunQuery, batch_summary, list_runs, load_run
+from gateway.runs.read import RunQuery, batch_summary, list_runs, load_run, status_of
 from gateway.runs.recovery import queued_before, recover_lost
 from gateway.runs.timers import release_due, reschedule
 from gateway.settings import Settings
@@ -47,6 +47,9 @@ log = logging.getLogger("gateway.runs")
 
 runs = Run.__table__  # type: ignore[attr-defined]
 T = TypeVar("T")
+
+#: Reports of a batch applied in one transaction; the chunks commit side by side.
+EVENT_CHUNK = 8
 
 
 class RunService:
@@ -187,21 +190,28 @@ class RunService:
         return view
 
     async def wait(self, project_id: str | None, run_id: str, seconds: float) -> dict[str, Any]:
-        """The run once it is final, or as it is after ``seconds``."""
+        """The run once it is final, or as it is after ``seconds``.
+
+        Meanwhile it reads one column, once: a notification says whether the
+        run reached a final status, so the run is read whole only then (and
+        its status again every 5 s, in case a notification was lost).
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        with self.notifier.watch(run_id) as changed:
-            while True:
-                changed.clear()
-                view = await self.get(project_id, run_id)
+        with self.notifier.watch(run_id) as watch:
+            status = await self.db.read(status_of, project_id, run_id)
+            if status is None:
+                raise RunNotFound(run_id)
+            while not RunStatus(status).is_final and not watch.final:
                 remaining = deadline - loop.time()
-                if view["is_final"] or remaining <= 0:
-                    return view
+                if remaining <= 0:
+                    break
+                watch.changed.clear()
                 try:
-                    # Re-read now and then in case a notification was lost.
-                    await asyncio.wait_for(changed.wait(), timeout=min(remaining, 5.0))
+                    await asyncio.wait_for(watch.changed.wait(), timeout=min(remaining, 5.0))
                 except TimeoutError:
-                    pass
+                    status = await self.db.read(status_of, project_id, run_id) or status
+            return await self.get(project_id, run_id)
 
     async def cancel(self, project_id: str, run_id: str) -> dict[str, Any]:
         """Cancel a run that is not final (and a workflow's children with it);
@@ -292,8 +302,9 @@ class RunService:
                 log.warning("could not ask workers to abort %s: %s", effects.abort, exc)
         if effects.jobs or effects.outgoing:
             await self._enqueue_all(effects)
+        finished = set(effects.finished)
         for run_id in effects.changed:
-            await self.notifier.publish(run_id)
+            await self.notifier.publish(run_id, final=run_id in finished)
 
     async def apply_event(self, event: WorkerEvent) -> EventAnswer:
         """Apply a verified worker event; a stale or repeated one is a no-op."""
@@ -301,18 +312,34 @@ class RunService:
         await self._after(answer.effects)
         return answer
 
+    async def _apply_chunk(
+        self, events: Sequence[WorkerEvent]
+    ) -> list[EventAnswer | APIError | LostRace]:
+        try:
+            return await self.db.write(apply_events, events)
+        except (APIError, LostRace):  # rare: again, each report in a savepoint
+            return await self.db.write(apply_events, events, isolated=True)
+
     async def apply_events(self, events: Sequence[WorkerEvent]) -> list[EventAnswer | APIError]:
-        """Apply a batch of verified worker events in one transaction (each
-        alone in a savepoint; one that lost a race runs again), then do what
-        they set in motion together: one round trip for all their jobs."""
+        """Apply a batch of verified worker events, then do what they set in
+        motion together (one round trip for all their jobs).
+
+        The batch goes in chunks of ``EVENT_CHUNK``, which commit side by side
+        (on PostgreSQL each chunk's statements are round trips in a row); one
+        that lost a race runs again.
+        """
         answers: list[EventAnswer | APIError | LostRace] = [LostRace()] * len(events)
         pending = list(range(len(events)))
         for _ in range(5):
             if not pending:
                 break
-            got = await self.db.write(apply_events, [events[i] for i in pending])
-            for index, answer in zip(pending, got, strict=True):
-                answers[index] = answer
+            chunks = [pending[i : i + EVENT_CHUNK] for i in range(0, len(pending), EVENT_CHUNK)]
+            got = await asyncio.gather(
+                *(self._apply_chunk([events[i] for i in chunk]) for chunk in chunks)
+            )
+            for chunk, chunk_answers in zip(chunks, got, strict=True):
+                for index, answer in zip(chunk, chunk_answers, strict=True):
+                    answers[index] = answer
             pending = [i for i in pending if isinstance(answers[i], LostRace)]
         effects = Effects()
         out: list[EventAnswer | APIError] = []

@@ -67,6 +67,7 @@ def release_due(conn: sa.Connection, now: dt.datetime, limit: int = 200) -> Effe
         done.outgoing.extend(expire(conn, run, now))
         done.abort.append(run_job_id(run["id"], run["attempt"], run["step"]))
         done.changed.append(run["id"])
+        done.finished.append(run["id"])
     later = (RunStatus.DELAYED.value, RunStatus.RETRYING.value)
     for run_id in _due(conn, sa.and_(runs.c.status.in_(later), runs.c.run_at <= now), limit):
         run = select_run(conn, run_id, lock=True)
