@@ -310,6 +310,9 @@ def delivery_worker_options(settings: Settings) -> dict[str, Any]:
         "queue_name": settings.delivery_queue_name,
         "max_jobs": settings.webhook_concurrency,
         "job_timeout": timeout,
+        # An attempt's outcome is in the database; nothing reads arq's result
+        # (the reconciler looks for the job itself, not its result).
+        "keep_result": 0,
         # A deleted endpoint's queued attempts are aborted before they start.
         "allow_abort_jobs": True,
     }

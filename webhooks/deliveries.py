@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import random
 from collections.abc import Mapping, Sequence
@@ -139,10 +140,32 @@ class RetryPolicy:
         return delay
 
 
-def delivery_row(conn: sa.Connection, delivery_id: str) -> dict[str, Any]:
-    row = (
-        conn.execute(sa.select(deliveries).where(deliveries.c.id == delivery_id)).mappings().first()
+# Built once: every attempt of every callback runs these.
+_DELIVERY = sa.select(deliveries).where(deliveries.c.id == sa.bindparam("delivery_id"))
+_ATTEMPT_BY_KEY = sa.select(delivery_attempts.c.id).where(
+    delivery_attempts.c.key == sa.bindparam("key")
+)
+_INSERT_ATTEMPT = delivery_attempts.insert()
+_ENDPOINT_SUCCEEDED = (
+    endpoints.update()
+    .where(endpoints.c.id == sa.bindparam("endpoint_id"))
+    .values(
+        failing_since=None,
+        last_success_at=sa.bindparam("now", type_=endpoints.c.last_success_at.type),
     )
+)
+
+
+@functools.lru_cache(maxsize=64)
+def _update_delivery(names: tuple[str, ...]) -> sa.Update:
+    """The UPDATE of a delivery that sets ``names``, one per shape of change."""
+    values = {n: sa.bindparam(f"v_{n}", type_=deliveries.c[n].type) for n in names}
+    update: sa.Update = deliveries.update().where(deliveries.c.id == sa.bindparam("w_id"))
+    return update.values(values)
+
+
+def delivery_row(conn: sa.Connection, delivery_id: str) -> dict[str, Any]:
+    row = conn.execute(_DELIVERY, {"delivery_id": delivery_id}).mappings().first()
     if row is None:
         raise NotFound(f"no delivery with id {delivery_id!r}", code="delivery_not_found")
     return dict(row)
@@ -164,15 +187,12 @@ def record_attempt(
     conn: sa.Connection, policy: RetryPolicy, report: DeliveryAttemptReport, now: dt.datetime
 ) -> dict[str, Any]:
     """Record one attempt (once, by its key); the delivery's next step."""
-    if (
-        conn.scalar(sa.select(delivery_attempts.c.id).where(delivery_attempts.c.key == report.key))
-        is not None
-    ):
+    if conn.scalar(_ATTEMPT_BY_KEY, {"key": report.key}) is not None:
         return {"recorded": False, "next_attempt_in": None, "step": 0}
     row = delivery_row(conn, report.delivery_id)
     number = row["attempts"] + 1
     conn.execute(
-        delivery_attempts.insert(),
+        _INSERT_ATTEMPT,
         {
             "delivery_id": row["id"],
             "key": report.key,
@@ -209,11 +229,7 @@ def record_attempt(
             last_error=None,
         )
         if endpoint_id is not None:
-            conn.execute(
-                endpoints.update()
-                .where(endpoints.c.id == endpoint_id)
-                .values(failing_since=None, last_success_at=now)
-            )
+            conn.execute(_ENDPOINT_SUCCEEDED, {"endpoint_id": endpoint_id, "now": now})
     else:
         disabled = endpoint_id is not None and note_failure(
             conn, policy, endpoint_id, report.status_code, now
@@ -234,7 +250,8 @@ def record_attempt(
     if row["status"] == DeliveryStatus.DELIVERED.value:
         values.pop("status", None)
         values.pop("last_error", None)
-    conn.execute(deliveries.update().where(deliveries.c.id == row["id"]).values(**values))
+    params = {f"v_{name}": value for name, value in values.items()}
+    conn.execute(_update_delivery(tuple(values)), {"w_id": row["id"], **params})
     return {"recorded": True, "next_attempt_in": next_in, "step": step}
 
 

@@ -25,7 +25,7 @@ from db.models import (
     RunStatus,
     WebhookEndpoint,
 )
-from db.types import isoformat
+from db.types import UTCDateTime, isoformat
 from webhooks.signing import generate_webhook_secret
 
 __all__ = [
@@ -78,20 +78,33 @@ class Outgoing:
     secrets: tuple[str, ...]
 
 
-def active_secrets(conn: sa.Connection, endpoint_id: str, now: dt.datetime) -> list[str]:
-    rows = conn.execute(
-        sa.select(endpoint_secrets.c.secret)
-        .where(
-            endpoint_secrets.c.endpoint_id == endpoint_id,
-            sa.or_(endpoint_secrets.c.expires_at.is_(None), endpoint_secrets.c.expires_at > now),
-        )
-        .order_by(endpoint_secrets.c.id.desc())
+# Built once: the hot path (every final event of every run) runs these.
+_ACTIVE_SECRETS = (
+    sa.select(endpoint_secrets.c.secret)
+    .where(
+        endpoint_secrets.c.endpoint_id == sa.bindparam("endpoint_id"),
+        sa.or_(
+            endpoint_secrets.c.expires_at.is_(None),
+            endpoint_secrets.c.expires_at > sa.bindparam("now", type_=UTCDateTime()),
+        ),
     )
+    .order_by(endpoint_secrets.c.id.desc())
+)
+_PROJECT_SECRET = sa.select(projects.c.signing_secret).where(
+    projects.c.id == sa.bindparam("project_id")
+)
+_INSERT_DELIVERY = deliveries.insert()
+
+
+def active_secrets(conn: sa.Connection, endpoint_id: str, now: dt.datetime) -> list[str]:
+    """The endpoint's secrets that sign now, newest first."""
+    rows = conn.execute(_ACTIVE_SECRETS, {"endpoint_id": endpoint_id, "now": now})
     return [r.secret for r in rows]
 
 
 def project_secret(conn: sa.Connection, project_id: str) -> str:
-    secret = conn.scalar(sa.select(projects.c.signing_secret).where(projects.c.id == project_id))
+    """The project's signing secret for one-off callback URLs (made on first use)."""
+    secret = conn.scalar(_PROJECT_SECRET, {"project_id": project_id})
     if secret:
         return str(secret)
     secret = generate_webhook_secret()
@@ -101,7 +114,7 @@ def project_secret(conn: sa.Connection, project_id: str) -> str:
         .values(signing_secret=secret)
     )
     # Another process may have set it first: read back what won.
-    return str(conn.scalar(sa.select(projects.c.signing_secret).where(projects.c.id == project_id)))
+    return str(conn.scalar(_PROJECT_SECRET, {"project_id": project_id}))
 
 
 def event_body(event_type: str, data: Any, now: dt.datetime) -> dict[str, Any]:
@@ -121,7 +134,7 @@ def insert_delivery(
 ) -> str:
     delivery_id = new_id("msg")
     conn.execute(
-        deliveries.insert(),
+        _INSERT_DELIVERY,
         {
             "id": delivery_id,
             "project_id": project_id,
