@@ -433,7 +433,7 @@ def measure(backend: str, args: argparse.Namespace) -> dict[str, Any]:
                 return out
 
             results = asyncio.run(rounds())
-            runs_done = args.rounds * (2 * args.runs + 2 * (20 + args.latency_runs))
+            runs_done = args.rounds * (3 * args.runs + 2 * (20 + args.latency_runs))
             return {
                 "rounds": results,
                 "web_rss": rss_mb(gateway.popen.pid),
@@ -533,6 +533,10 @@ def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(rows)
 
 
+def _no_samples(figures: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in figures.items() if k != "callbacks"}
+
+
 def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -545,7 +549,11 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
         cdf.plot(samples, [(i + 1) / len(samples) for i in range(len(samples))], label=backend)
     cdf.set_xlabel("trigger → callback received (ms), one run at a time")
     cdf.set_ylabel("fraction of runs")
-    cdf.set_xlim(left=0)
+    tails = [
+        pct([s for r in result["rounds"] for s in r["callbacks"]], 99.5)
+        for result in results.values()
+    ]
+    cdf.set_xlim(0, max(tails) * 1.3)
     cdf.grid(alpha=0.3)
     cdf.legend()
     labels = [
@@ -612,6 +620,11 @@ def main() -> None:
     print(table(results, args))
     if args.plot:
         plot(results, args.plot)
+        figures = {
+            backend: {**result, "rounds": [_no_samples(r) for r in result["rounds"]]}
+            for backend, result in results.items()
+        }
+        args.plot.with_suffix(".json").write_text(json.dumps(figures, indent=1) + "\n")
         shown = args.plot.relative_to(ROOT) if args.plot.is_relative_to(ROOT) else args.plot
         print(f"\nwrote {shown}")
 
