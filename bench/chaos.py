@@ -295,7 +295,7 @@ def main() -> None:
     args = parser.parse_args()
     database_url = None
     if args.postgres:
-        from bench.loop import create_database, drop_database
+        from bench.databases import create_database, drop_database
 
         database_url = create_database(args.postgres)
     started = time.monotonic()

@@ -50,13 +50,13 @@ from arq import create_pool  # noqa: E402
 from arq.connections import RedisSettings  # noqa: E402
 from arq.worker import Worker  # noqa: E402
 
+from bench.databases import create_database, drop_database  # noqa: E402
 from bench.httpload import Connection, request_bytes, run_load  # noqa: E402
 from bench.receiver import FastReceiver  # noqa: E402
 from db.engine import Database  # noqa: E402
 from db.migrate import upgrade  # noqa: E402
 from gateway.auth.keys import create_api_key  # noqa: E402
 from gateway.cli.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
-from gateway.settings import normalize_database_url  # noqa: E402
 from tests.helpers import Process, child_env, wait_http_ok  # noqa: E402
 
 PHASES = ("raw", "latency", "accept", "e2e", "callbacks")
@@ -331,37 +331,14 @@ async def one_round(
 # -- a stack per database ------------------------------------------------------------------
 
 
-def _admin(server_url: str, statement: str) -> None:
-    import asyncpg
-    import sqlalchemy as sa
-
-    url = sa.make_url(normalize_database_url(server_url)).set(drivername="postgresql")
-
-    async def run() -> None:
-        conn = await asyncpg.connect(url.render_as_string(hide_password=False))
-        try:
-            await conn.execute(statement)
-        finally:
-            await conn.close()
-
-    asyncio.run(run())
-
-
 def measure(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     """Start a stack on ``backend``; the rounds' figures, and the processes' RSS."""
-    import secrets
-
-    import sqlalchemy as sa
-
     server = os.environ.get("BENCH_DATABASE_URL", "")
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         database_url = f"sqlite+aiosqlite:///{tmp_path / 'bench.db'}"
         if backend == "postgresql":
-            name = f"gw_bench_{secrets.token_hex(4)}"
-            _admin(server, f'CREATE DATABASE "{name}"')
-            url = sa.make_url(normalize_database_url(server)).set(database=name)
-            database_url = url.render_as_string(hide_password=False)
+            database_url = create_database(server)
         upgrade(database_url)
         redis = EmbeddedRedis(tmp_path / "redis", appendonly=False).start()
         port = free_port()
@@ -445,7 +422,7 @@ def measure(backend: str, args: argparse.Namespace) -> dict[str, Any]:
             worker.stop()
             redis.stop()
             if backend == "postgresql":
-                _admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                drop_database(server, database_url)
 
 
 def _brief(f: dict[str, Any]) -> str:
