@@ -160,7 +160,7 @@ def test_chaos_every_run_final_once_and_called_back(
     import os
 
     from bench.chaos import run_chaos
-    from bench.loop import create_database, drop_database
+    from bench.databases import create_database, drop_database
 
     server = os.environ.get("TEST_DATABASE_URL")
     if backend == "postgresql" and not server:
