@@ -13,6 +13,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from db.engine import Database
+from db.migrate import schema_state
 from gateway.api import api_routes
 from gateway.api.bodies import RefuseNul
 from gateway.artifacts import ArtifactStore
@@ -36,6 +37,20 @@ __all__ = ["create_app"]
 log = logging.getLogger("gateway.app")
 
 
+async def _check_schema(db: Database) -> None:
+    """Refuse to serve on a database behind this code (``gateway web`` says so
+    before it starts uvicorn; this covers ``uvicorn gateway.app:create_app``)."""
+    try:
+        state = await schema_state(db)
+    except Exception as exc:  # not answering: /readyz says so until it does
+        log.warning("could not check the database schema: %s", exc)
+        return
+    problem = state.problem()
+    if problem:
+        await db.dispose()
+        raise ConfigError("DATABASE_URL", problem)
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     """The gateway app. With no ``settings``, they are read from the environment."""
     settings = settings or Settings.from_env()
@@ -48,6 +63,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         db = Database(settings.database_url)
+        await _check_schema(db)
         redis = await create_pool(
             RedisSettings.from_dsn(redis_url), default_queue_name=settings.queue_name
         )

@@ -51,8 +51,12 @@ class Settings(worker_settings.Settings):
     data_dir: Path = Path("data")
     #: SQLAlchemy URL of the database (default: SQLite under DATA_DIR; async driver).
     database_url: str = ""
-    #: Interface ``gateway web`` listens on.
+    #: Interface ``gateway web`` listens on (``0.0.0.0``: every interface, as
+    #: a platform or a container needs).
     host: str = "127.0.0.1"
+    #: ``gateway web`` migrates the database before it serves (else it refuses
+    #: to start on a database behind its code, and says to run ``gateway migrate``).
+    migrate_on_start: bool = False
     #: Number of uvicorn worker processes for ``gateway web``.
     web_concurrency: int = Field(default=1, ge=1)
     #: Maximum age of a signed worker request, in seconds.

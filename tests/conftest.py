@@ -77,6 +77,12 @@ class Databases:
         self.server_url = normalize_database_url(os.environ.get("TEST_DATABASE_URL", ""))
 
     def new(self, label: str) -> str:
+        url = self.empty(label)
+        upgrade(url)
+        return url
+
+    def empty(self, label: str) -> str:
+        """A database of this backend that nobody migrated."""
         if self.backend == "sqlite":
             url = f"sqlite+aiosqlite:///{self.tmp.mktemp('db') / f'{label}.db'}"
         else:
@@ -88,7 +94,6 @@ class Databases:
                 .set(database=name)
                 .render_as_string(hide_password=False)
             )
-        upgrade(url)
         return url
 
     def drop_all(self) -> None:
@@ -237,7 +242,8 @@ def gemini() -> Iterator[GeminiStandIn]:
 
 def _redis_db(database_url: str, offset: int) -> int:
     # Each backend and each stack gets its own Redis database: queues never mix.
-    # Offsets: 0 main, 1 single-slot, 2 faults, 3 fuzz, 4 queue, 5 strict, 6 web2.
+    # Offsets: 0 main, 1 single-slot, 2 faults, 3 fuzz, 4 queue, 5 strict, 6 web2,
+    # 7 operate.
     return 1 + offset * 2 + _backends().index(_backend_of(database_url))
 
 

@@ -30,6 +30,11 @@ def test_trigger_wait_stream_and_errors(stack: Stack) -> None:
         done = gw.wait(run["id"])
         assert done["status"] == "COMPLETED" and done["output"] == {"hello": "client"}
 
+        # wait(timeout=…) is wait(within=…): the run as it is when time is up.
+        sleeping = gw.trigger("sleep", {"seconds": 5})
+        assert gw.wait(sleeping["id"], timeout=0.2)["is_final"] is False
+        gw.cancel(sleeping["id"])
+
         slow = gw.trigger("sleep", {"seconds": 0.3})
         statuses = [event["status"] for event in gw.stream(slow["id"])]
         assert statuses == ["QUEUED", "EXECUTING", "COMPLETED"]
@@ -75,6 +80,17 @@ def test_webhook_management_and_verification(stack: Stack, receiver: Receiver) -
         assert event["data"]["id"] == run["id"]
         page = gw.webhook_deliveries(endpoint["id"])
         assert page["data"][0]["run_id"] == run["id"]
+        # Page by page, and all of them.
+        more = [gw.trigger("echo", {"v": n})["id"] for n in range(4)]
+        for run_id in more:
+            gw.wait(run_id, timeout=30)
+        receiver.wait_calls(path, 5)
+        first = gw.webhook_deliveries(endpoint["id"], limit=2)
+        assert len(first["data"]) == 2 and first["next_cursor"]
+        second = gw.webhook_deliveries(endpoint["id"], limit=2, cursor=first["next_cursor"])
+        assert {d["id"] for d in first["data"]}.isdisjoint(d["id"] for d in second["data"])
+        every = list(gw.iter_webhook_deliveries(endpoint["id"], limit=2))
+        assert {d["run_id"] for d in every} == {run["id"], *more}
         assert gw.update_webhook(endpoint["id"], description="x")["description"] == "x"
         gw.delete_webhook(endpoint["id"])
         assert gw.list_webhooks()["data"] == []
@@ -135,6 +151,19 @@ def test_the_cli(stack: Stack, receiver: Receiver) -> None:
     )
     assert added["secret"].startswith("whsec_")
     assert added["id"] in cli(stack, "webhooks", "list", key=key).stdout
+    listed = cli(stack, "webhooks", "deliveries", added["id"], key=key)
+    assert listed.returncode == 0 and listed.stdout == ""  # no run failed
+    since = final["created_at"]
+    recover = cli(
+        stack, "webhooks", "recover", added["id"], "--since", since, "--include-pending", key=key
+    )
+    assert recover.returncode == 0, recover.stderr
+    assert json.loads(recover.stdout) == {
+        "count": 0,
+        "delivery_ids": [],
+        "failed": [],
+        "pending": [],
+    }
     assert cli(stack, "webhooks", "rm", added["id"], key=key).returncode == 0
     assert added["id"] not in cli(stack, "webhooks", "list", key=key).stdout
 

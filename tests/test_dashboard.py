@@ -49,9 +49,7 @@ def dashboards(browser: Browser, stack: Stack) -> Iterator[Any]:
     made: list[Dashboard] = []
 
     def make(**options: Any) -> Dashboard:
-        dashboard = Dashboard(
-            browser, stack.base_url, shots=ARTIFACTS / backend(stack), **options
-        )
+        dashboard = Dashboard(browser, stack.base_url, shots=ARTIFACTS / backend(stack), **options)
         made.append(dashboard)
         return dashboard
 
@@ -125,9 +123,7 @@ def test_sign_in_keeps_a_strict_http_only_session_and_sign_out_ends_it(
     assert "/dashboard/login" in answer.headers["location"]
 
 
-def test_a_form_without_the_csrf_token_changes_nothing(
-    stack: Stack, dashboards: Any
-) -> None:
+def test_a_form_without_the_csrf_token_changes_nothing(stack: Stack, dashboards: Any) -> None:
     key = project(stack, "csrf")
     run_id = trigger(stack, key, "sleep", {"seconds": 30})
     dash = dashboards()
@@ -157,9 +153,10 @@ def test_pages_send_a_strict_content_security_policy(stack: Stack, dashboards: A
     assert stream.status_code == 404 and stream.json()["error"]["code"] == "run_not_found"
     # A cursor that is not one (or would overflow a BIGINT) means "from now".
     for after in ("9" * 40, "².1", "x"):
-        with dash.http() as http, http.stream(
-            "GET", "/dashboard/stream", params={"after": after}
-        ) as feed:
+        with (
+            dash.http() as http,
+            http.stream("GET", "/dashboard/stream", params={"after": after}) as feed,
+        ):
             assert feed.status_code == 200
             assert next(feed.iter_text()).startswith("retry:")
     with dash.http() as http:
@@ -251,9 +248,13 @@ def test_cancel_a_running_sleep_from_its_page(stack: Stack, dashboards: Any) -> 
     dash.submit("button[data-action=replay]")
     assert run_id not in page.url
     replayed = page.url.rsplit("/", 1)[-1]
+    expect(page.locator("#replayed-from")).to_have_text(run_id)  # and a link back
     with stack.client(key) as client:
         copy = client.get(f"/api/v1/runs/{replayed}").json()
     assert copy["task"] == "sleep" and copy["payload"] == {"seconds": 60}
+    assert copy["replayed_from"] == run_id
+    page.click("#replayed-from")
+    expect(page.locator("#replays")).to_contain_text(replayed)
     with stack.client(key) as client:
         client.post(f"/api/v1/runs/{replayed}/cancel")
 
@@ -328,9 +329,7 @@ def test_another_projects_run_is_not_there(stack: Stack, dashboards: Any) -> Non
     with intruder.http() as http:
         csrf = re.search(r'name="csrf_token" value="([^"]+)"', http.get("/dashboard/runs").text)
         assert csrf is not None
-        cancel = http.post(
-            f"/dashboard/runs/{theirs}/cancel", data={"csrf_token": csrf.group(1)}
-        )
+        cancel = http.post(f"/dashboard/runs/{theirs}/cancel", data={"csrf_token": csrf.group(1)})
         assert cancel.status_code == 303
         fragment = http.get(f"/dashboard/runs/{theirs}", headers={"x-dashboard-fragment": "1"})
         assert fragment.status_code == 404
@@ -461,7 +460,7 @@ def test_endpoints_page_test_event_rotate_disable_enable_recover(
     dash.submit("form[action$='/enable'] button")
     expect(page.locator(".endpoint-head .badge")).to_have_text("enabled")
     dash.submit("form[action$='/recover'] button")
-    expect(page.locator(".flash")).to_contain_text("failed deliveries of the last 24 h")
+    expect(page.locator(".flash")).to_contain_text("0 failed deliveries of the last 24 h")
     with stack.client(key) as client:
         assert client.get(f"/api/v1/webhooks/{endpoint['id']}").json()["enabled"] is True
 

@@ -117,6 +117,7 @@ def test_a_plain_function_task_runs_in_a_thread_beside_other_runs(stack: Stack) 
         blocking = client.post(
             "/api/v1/tasks/tests.blocking/trigger", json={"payload": {"seconds": 2}}
         ).json()
+
         def executing() -> bool:
             status = client.get(f"/api/v1/runs/{blocking['id']}").json()["status"]
             return bool(status == "EXECUTING")

@@ -209,6 +209,7 @@ def test_replay_makes_a_new_run_of_the_same_task_and_payload(stack: Stack) -> No
         copy = final(client, replay.json()["id"])
     assert copy["id"] != original["id"]
     assert copy["output"] == {"again": True} and copy["tags"] == ["replayed"]
+    assert copy["replayed_from"] == original["id"] and original["replayed_from"] is None
     assert (
         stack.query("SELECT replayed_from FROM runs WHERE id = :id", id=copy["id"])[0][0]
         == original["id"]

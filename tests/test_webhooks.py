@@ -304,13 +304,59 @@ def test_resend_and_recover(app: App, receiver: Receiver) -> None:
         recovered = client.post(f"/api/v1/webhooks/{endpoint['id']}/recover", json={"since": since})
         assert recovered.status_code == 202
         [delivery_2] = deliveries_of_run(app, second["id"])
-        assert recovered.json() == {"count": 1, "delivery_ids": [delivery_2["id"]]}
+        assert recovered.json() == {
+            "count": 1,
+            "delivery_ids": [delivery_2["id"]],
+            "failed": [delivery_2["id"]],
+            "pending": [],
+        }
     call = receiver.wait_calls(path, before + 2)[-1]
     assert call.headers["webhook-id"] == delivery_2["id"]
     wait_until(
         lambda: deliveries_of_run(app, second["id"])[0]["status"] == "delivered",
         what="the recovered delivery to succeed",
     )
+
+
+def test_recover_sends_pending_deliveries_now_when_asked(app: App, receiver: Receiver) -> None:
+    path = fresh_path()
+    endpoint = register(app, receiver, path)
+    # Down, and asking for an hour: the retries wait far in the future.
+    receiver.default(path, Answer(503, headers={"retry-after": "3600"}))
+    runs = [app.run("echo", {"n": n}) for n in range(3)]
+
+    def waiting() -> list[dict[str, Any]]:
+        found = endpoint_deliveries(app, endpoint["id"])
+        ready = len(found) == 3 and all(
+            d["status"] == "pending" and d["attempt_count"] == 1 and d["next_attempt_at"]
+            for d in found
+        )
+        return found if ready else []
+
+    pending = sorted(d["id"] for d in wait_until(waiting, what="three deliveries to wait"))
+    receiver.default(path, 200)  # the receiver is fixed
+    since = runs[0]["created_at"]
+    with app.client() as client:
+        url = f"/api/v1/webhooks/{endpoint['id']}/recover"
+        failed_only = client.post(url, json={"since": since})
+        assert failed_only.json() == {"count": 0, "delivery_ids": [], "failed": [], "pending": []}
+        recovered = client.post(url, json={"since": since, "include_pending": True})
+        assert recovered.status_code == 202, recovered.text
+    assert recovered.json() == {
+        "count": 3,
+        "delivery_ids": pending,
+        "failed": [],
+        "pending": pending,
+    }
+    calls = receiver.wait_calls(path, 6)  # three 503s, then the three sent now
+    assert sorted(c.headers["webhook-id"] for c in calls[3:]) == pending
+    delivered = wait_until(
+        lambda: all(d["status"] == "delivered" for d in endpoint_deliveries(app, endpoint["id"])),
+        what="the pending deliveries to be delivered",
+    )
+    assert delivered
+    for d in endpoint_deliveries(app, endpoint["id"]):
+        assert [a["trigger"] for a in d["attempts"]] == ["schedule", "resend"]
 
 
 def test_callback_url_of_one_run_is_signed_with_the_project_secret(

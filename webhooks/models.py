@@ -50,7 +50,11 @@ class RotateRequest(BaseModel):
 class RecoverRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    #: Messages created since this time.
     since: UTCTime
+    #: Also send the messages still waiting for a retry at once (after the
+    #: receiver is fixed), not only those that used up every retry.
+    include_pending: bool = False
 
 
 def _excerpt(value: Any) -> Any:

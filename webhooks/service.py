@@ -383,31 +383,41 @@ class WebhookService:
     async def recover(
         self, project_id: str, endpoint_id: str, request: RecoverRequest
     ) -> dict[str, Any]:
-        since = request.since
+        """Send again every message since ``request.since`` that failed (and,
+        with ``include_pending``, every one still waiting for a retry); which
+        were which is in the answer. A failed one is pending again; a pending
+        one gets an attempt now beside its scheduled retry, which finds it
+        delivered if this one gets through."""
+        statuses = [DeliveryStatus.FAILED.value]
+        if request.include_pending:
+            statuses.append(DeliveryStatus.PENDING.value)
 
-        def reset(conn: sa.Connection) -> list[str]:
+        def reset(conn: sa.Connection) -> dict[str, list[str]]:
             load_endpoint(conn, project_id, endpoint_id)
-            ids = [
-                r.id
-                for r in conn.execute(
-                    sa.select(deliveries.c.id)
-                    .where(
-                        deliveries.c.endpoint_id == endpoint_id,
-                        deliveries.c.status == DeliveryStatus.FAILED.value,
-                        deliveries.c.created_at >= since,
-                    )
-                    .order_by(deliveries.c.id)
+            found: dict[str, list[str]] = {status: [] for status in statuses}
+            for row in conn.execute(
+                sa.select(deliveries.c.id, deliveries.c.status)
+                .where(
+                    deliveries.c.endpoint_id == endpoint_id,
+                    deliveries.c.status.in_(statuses),
+                    deliveries.c.created_at >= request.since,
                 )
-            ]
-            if ids:
+                .order_by(deliveries.c.id)
+            ):
+                found[row.status].append(row.id)
+            failed = found[DeliveryStatus.FAILED.value]
+            if failed:
                 conn.execute(
                     deliveries.update()
-                    .where(deliveries.c.id.in_(ids))
+                    .where(deliveries.c.id.in_(failed))
                     .values(status=DeliveryStatus.PENDING.value, updated_at=utcnow())
                 )
-            return ids
+            return found
 
-        ids = await self.db.write(reset)
+        found = await self.db.write(reset)
+        failed = found[DeliveryStatus.FAILED.value]
+        pending = found.get(DeliveryStatus.PENDING.value, [])
+        ids = sorted(failed + pending)
         for delivery_id in ids:
             await self.dispatcher.resend(delivery_id)
-        return {"count": len(ids), "delivery_ids": ids}
+        return {"count": len(ids), "delivery_ids": ids, "failed": failed, "pending": pending}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from alembic import context
-from sqlalchemy import Connection, pool
+from sqlalchemy import Connection, pool, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlmodel import SQLModel
 
@@ -13,6 +13,9 @@ import db.models  # noqa: F401  (registers the tables on SQLModel.metadata)
 
 config = context.config
 target_metadata = SQLModel.metadata
+
+#: The PostgreSQL advisory lock a migration holds (any fixed number of ours).
+MIGRATION_LOCK = 0x6777_6D69  # "gwmi"
 
 
 def _url() -> str:
@@ -30,6 +33,10 @@ def _run(connection: Connection) -> None:
         compare_type=True,
     )
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # Gateways that migrate as they start (MIGRATE_ON_START) take
+            # turns: the second finds the work done once the lock is its.
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         context.run_migrations()
 
 

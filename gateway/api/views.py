@@ -111,6 +111,8 @@ class RunView(_View):
     metadata: dict[str, Any]
     parent_id: str | None
     node_id: str | None
+    #: The run this one replays (``POST /api/v1/runs/{id}/replay``).
+    replayed_from: str | None = None
     created_at: str
     updated_at: str
     started_at: str | None
@@ -232,7 +234,11 @@ class DeliveryPage(_View):
 
 class RecoverAnswer(_View):
     count: int
+    #: Every message sent again: ``failed`` (pending again now) and
+    #: ``pending`` (sent now, beside the retry they were waiting for).
     delivery_ids: list[str]
+    failed: list[str]
+    pending: list[str]
 
 
 class Health(_View):

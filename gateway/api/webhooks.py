@@ -268,7 +268,7 @@ routes = [
         _E + "/recover",
         recover,
         Operation(
-            "Resend every failed message since a time",
+            "Resend every failed (or also pending) message since a time",
             "webhooks",
             {202: views.RecoverAnswer},
             RecoverRequest,

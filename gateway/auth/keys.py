@@ -8,6 +8,7 @@ right one here, as the key is random, not a password.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import secrets
 import time
@@ -18,17 +19,29 @@ from starlette.requests import Request
 
 from db.engine import Database
 from db.ids import new_id
-from db.models import ApiKey, Project
+from db.models import ApiKey, DashboardSession, Project
 from db.types import utcnow
 from gateway.auth.ratelimit import RateLimiter
 from gateway.errors import Unauthorized
 
-__all__ = ["KEY_PREFIX", "ApiKeyAuth", "Principal", "create_api_key", "hash_api_key"]
+__all__ = [
+    "KEY_PREFIX",
+    "ApiKeyAuth",
+    "KeyNotFound",
+    "Principal",
+    "create_api_key",
+    "hash_api_key",
+    "is_active",
+    "list_api_keys",
+    "revoke_api_key",
+    "rotate_api_key",
+]
 
 KEY_PREFIX = "gw_sk_"
 
 projects = Project.__table__  # type: ignore[attr-defined]
 api_keys = ApiKey.__table__  # type: ignore[attr-defined]
+sessions = DashboardSession.__table__  # type: ignore[attr-defined]
 
 
 def hash_api_key(key: str) -> str:
@@ -84,12 +97,86 @@ async def create_api_key(
     return project_id, key
 
 
+def is_active(now: dt.datetime | None = None) -> sa.ColumnElement[bool]:
+    """A key not revoked, or whose revocation is still ahead (a rotation's grace)."""
+    return sa.or_(api_keys.c.revoked_at.is_(None), api_keys.c.revoked_at > (now or utcnow()))
+
+
 def _find_key(conn: sa.Connection, digest: str) -> sa.Row[Any] | None:
     return conn.execute(
         sa.select(
             api_keys.c.id, api_keys.c.project_id, api_keys.c.rate_limit, api_keys.c.rate_burst
-        ).where(api_keys.c.key_hash == digest, api_keys.c.revoked_at.is_(None))
+        ).where(api_keys.c.key_hash == digest, is_active())
     ).first()
+
+
+class KeyNotFound(LookupError):
+    """No key has that ID (nor is that key), or none that is still active."""
+
+
+def _key_row(conn: sa.Connection, ref: str) -> sa.Row[Any]:
+    # An ID as `keys list` shows it, or the key itself (a leaked key can be
+    # revoked by whoever holds it, without looking up its ID).
+    where = (
+        api_keys.c.key_hash == hash_api_key(ref)
+        if ref.startswith(KEY_PREFIX)
+        else api_keys.c.id == ref
+    )
+    row = conn.execute(sa.select(api_keys).where(where)).first()
+    if row is None:
+        raise KeyNotFound(f"no such key: {ref}")
+    return row
+
+
+def list_api_keys(conn: sa.Connection, project: str | None = None) -> list[dict[str, Any]]:
+    """Every key (of the project with that name or ID, if given), oldest first."""
+    query = (
+        sa.select(
+            api_keys.c.id,
+            api_keys.c.prefix,
+            api_keys.c.created_at,
+            api_keys.c.revoked_at,
+            api_keys.c.rate_limit,
+            api_keys.c.rate_burst,
+            projects.c.id.label("project_id"),
+            projects.c.name.label("project"),
+        )
+        .select_from(api_keys.join(projects, projects.c.id == api_keys.c.project_id))
+        .order_by(api_keys.c.created_at, api_keys.c.id)
+    )
+    if project is not None:
+        query = query.where(sa.or_(projects.c.name == project, projects.c.id == project))
+    return [dict(row._mapping) for row in conn.execute(query)]
+
+
+def revoke_api_key(conn: sa.Connection, ref: str, grace: float = 0.0) -> dict[str, Any]:
+    """Revoke the key ``ref`` (its ID, or the key), at once or after ``grace``
+    seconds. A key already revoked keeps the earlier time. Returns the key's row."""
+    row = _key_row(conn, ref)
+    at = utcnow() + dt.timedelta(seconds=grace)
+    if row.revoked_at is None or row.revoked_at > at:
+        conn.execute(api_keys.update().where(api_keys.c.id == row.id).values(revoked_at=at))
+        if grace <= 0:
+            # Its dashboard sessions end with it (a session also checks the key).
+            conn.execute(
+                sessions.update()
+                .where(sessions.c.key_id == row.id, sessions.c.ended_at.is_(None))
+                .values(ended_at=at)
+            )
+    return {**row._mapping, "revoked_at": min(at, row.revoked_at or at)}
+
+
+def rotate_api_key(conn: sa.Connection, ref: str, grace: float = 0.0) -> tuple[str, str]:
+    """A new key for the project of key ``ref``, with its rate limit; ``ref``
+    is revoked after ``grace`` seconds. Returns ``(old key ID, new key)``."""
+    old = _key_row(conn, ref)
+    if old.revoked_at is not None and old.revoked_at <= utcnow():
+        raise KeyNotFound(f"key {ref} is revoked already: `gateway keys create` makes a new one")
+    name = conn.scalar(sa.select(projects.c.name).where(projects.c.id == old.project_id))
+    key = generate_api_key()
+    _create_api_key(conn, str(name), key, old.rate_limit, old.rate_burst)
+    revoke_api_key(conn, old.id, grace)
+    return str(old.id), key
 
 
 async def api_key_exists(db: Database, key: str) -> bool:
@@ -111,14 +198,15 @@ class ApiKeyAuth:
     """Resolves ``Authorization: Bearer <key>`` to a :class:`Principal`.
 
     Found keys are remembered for ``ttl`` seconds so the hot trigger path
-    costs no database read; a revoked key stops working within that time.
+    costs no database read (one per key per second at most); a revoked key
+    stops working within that time, in every process.
     """
 
     def __init__(
         self,
         db: Database,
         *,
-        ttl: float = 10.0,
+        ttl: float = 1.0,
         max_entries: int = 10_000,
         limiter: RateLimiter | None = None,
         default_rate: float = 0.0,

@@ -3,6 +3,9 @@ the gateway; ``trigger``, ``runs`` and ``webhooks`` talk to one (``gateway.clien
 
 The client's commands need only the client (httpx): the server's are loaded
 when one of them runs, and say which extra to install when they cannot be.
+
+As ``uvicorn`` and ``arq`` do, the command puts the folder it runs in on the
+import path, so ``TASK_MODULES=my_tasks gateway worker`` finds ``./my_tasks.py``.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import asyncio
 import os
 import shutil
 import sys
+import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gateway.client.cli import add_commands, run_command
 
@@ -21,6 +25,9 @@ if TYPE_CHECKING:  # the server's commands load the server only when they run
     from gateway.settings import Settings
 
 __all__ = ["main"]
+
+#: How long ``gateway web`` waits for the database to answer as it starts.
+DATABASE_WAIT = 30.0
 
 
 def _migrate(settings: Settings) -> int:
@@ -37,30 +44,65 @@ def _safe_url(url: str) -> str:
     return sa.make_url(url).render_as_string(hide_password=True)
 
 
-def _keys_create(
-    settings: Settings, name: str, rate_limit: float | None = None, burst: int | None = None
-) -> int:
+def _check_schema(settings: Settings) -> None:
+    """Migrate (``MIGRATE_ON_START``), or refuse a database behind this code:
+    a gateway on an unmigrated database would answer 500 to every call."""
     from db.engine import Database
-    from gateway.auth.keys import create_api_key
+    from db.migrate import SchemaState, schema_state, upgrade
+    from jobs.settings import ConfigError
 
-    async def create() -> tuple[str, str]:
+    where = _safe_url(settings.database_url)
+
+    async def state() -> SchemaState:
         db = Database(settings.database_url)
         try:
-            return await create_api_key(db, name, rate_limit=rate_limit, rate_burst=burst)
+            return await schema_state(db)
         finally:
             await db.dispose()
 
-    project_id, key = asyncio.run(create())
-    print(f"project {name!r} ({project_id})")
-    print("new API key (shown once; only its hash is stored):")
-    print(key)
-    return 0
+    deadline = time.monotonic() + DATABASE_WAIT
+    while True:
+        try:
+            if settings.migrate_on_start:
+                upgrade(settings.database_url)
+            found = asyncio.run(state())
+            break
+        except (OSError, ConnectionError) as exc:
+            failure: Exception = exc
+        except Exception as exc:  # the drivers' own "cannot connect" errors
+            if "connect" not in f"{type(exc).__name__} {exc}".lower():
+                raise
+            failure = exc
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                "DATABASE_URL", f"the database at {where} does not answer: {failure}"
+            ) from None
+        print(f"gateway: waiting for the database at {where} ({failure})", file=sys.stderr)
+        time.sleep(2.0)
+    problem = found.problem()
+    if problem:
+        raise ConfigError("DATABASE_URL", f"{problem} (or set MIGRATE_ON_START=1): {where}")
+    if found.unknown:
+        print(
+            f"gateway: warning: the database is at revision {', '.join(sorted(found.unknown))}, "
+            "newer than this release knows; a newer release migrated it",
+            file=sys.stderr,
+        )
+
+
+def _load_tasks(settings: Settings) -> None:
+    """Import TASK_MODULES now: a module that is not there is one clear line."""
+    from jobs.tasks.registry import load_tasks
+
+    load_tasks(settings.task_modules)
 
 
 def _web(settings: Settings) -> int:
     import uvicorn
 
     settings.require_secret()
+    _load_tasks(settings)
+    _check_schema(settings)
     if settings.web_concurrency > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Several processes: each writes its metrics to files that a scrape sums.
         metrics_dir = settings.data_dir / "metrics"
@@ -90,6 +132,7 @@ def _worker(settings: Settings) -> int:
     settings.require_secret()
     if not settings.redis_url:
         raise ConfigError("REDIS_URL", "the worker needs the Redis URL the gateway uses")
+    _load_tasks(settings)
     run_workers(settings)
     return 0
 
@@ -100,17 +143,23 @@ def _up(settings: Settings) -> int:
     return up(settings)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gateway",
-        description="A webhook-driven async job gateway. Settings come from the environment.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("up", help="migrate, start Redis if REDIS_URL is unset, run web + worker")
-    sub.add_parser("web", help="serve the HTTP API on HOST:PORT")
-    sub.add_parser("worker", help="run an arq worker")
-    sub.add_parser("migrate", help="bring the database schema up to date")
-    keys = sub.add_parser("keys", help="manage API keys")
+def _duration(value: str) -> float:
+    """``90``, ``90s``, ``10m``, ``24h`` or ``7d`` → seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (value[:-1], value[-1]) if value[-1:] in units else (value, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a duration (90, 10m, 24h, 7d)"
+        ) from None
+    if seconds < 0:
+        raise argparse.ArgumentTypeError("a duration cannot be negative")
+    return seconds
+
+
+def _add_keys(sub: Any) -> None:
+    keys = sub.add_parser("keys", help="create, list, revoke or rotate API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     create = keys_sub.add_parser("create", help="create a project (if new) and an API key for it")
     create.add_argument("name", help="the project's name")
@@ -121,6 +170,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests per second for this key (default: RATE_LIMIT)",
     )
     create.add_argument("--burst", type=int, help="the bucket's size (default: the rate)")
+    listing = keys_sub.add_parser("list", help="every key: ID, project, prefix, state")
+    listing.add_argument("--project", help="only this project's keys (its name or ID)")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key (its ID, or the key itself)")
+    revoke.add_argument("key", metavar="KEY_ID")
+    revoke.add_argument(
+        "--grace",
+        type=_duration,
+        default=0.0,
+        help="keep it working this long first (90, 10m, 24h; default: revoke now)",
+    )
+    rotate = keys_sub.add_parser(
+        "rotate", help="a new key for the same project; the old one is revoked (after --grace)"
+    )
+    rotate.add_argument("key", metavar="KEY_ID")
+    rotate.add_argument(
+        "--grace",
+        type=_duration,
+        default=0.0,
+        help="the old key keeps working this long, while you deploy the new one",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway",
+        description="A webhook-driven async job gateway. Settings come from the environment.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("up", help="migrate, start Redis if REDIS_URL is unset, run web + worker")
+    web = sub.add_parser("web", help="serve the HTTP API on HOST:PORT")
+    web.add_argument("--host", help="the interface to listen on (default: HOST, 127.0.0.1)")
+    web.add_argument("--port", type=int, help="the port (default: PORT, 8000)")
+    sub.add_parser("worker", help="run an arq worker")
+    sub.add_parser("migrate", help="bring the database schema up to date")
+    _add_keys(sub)
     add_commands(sub)
     return parser
 
@@ -142,12 +226,29 @@ def _server_settings() -> Settings:
     return Settings.from_env()
 
 
+def _cwd_on_path() -> None:
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("trigger", "runs", "webhooks"):
         return run_command(args)
+    _cwd_on_path()
+    if args.command == "web":
+        # As if set in the environment, which the app (in every uvicorn
+        # process) reads its settings from.
+        for name, value in (("HOST", args.host), ("PORT", args.port)):
+            if value is not None:
+                os.environ[name] = str(value)
     try:
         settings = _server_settings()
+        if args.command in ("web", "worker"):
+            from gateway.cli.supervisor import watch_supervisor
+
+            watch_supervisor()  # under `gateway up`: stop when it is gone
         if args.command == "up":
             return _up(settings)
         if args.command == "web":
@@ -157,7 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "migrate":
             return _migrate(settings)
         if args.command == "keys":
-            return _keys_create(settings, args.name, args.rate_limit, args.burst)
+            from gateway.cli.keys import keys_command
+
+            return keys_command(settings, args)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:

@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["EmbeddedRedis", "RedisNotFound", "find_redis_server", "free_port"]
@@ -53,17 +54,35 @@ class EmbeddedRedis:
     :param data_dir: where the AOF and the log go
     :param port: the port; a free one when not given
     :param appendonly: keep an append-only file, so queued jobs survive a restart
+    :param bind: the address it listens on
+    :param preexec_fn: run in the child before ``redis-server`` starts
     """
 
-    def __init__(self, data_dir: Path, *, port: int | None = None, appendonly: bool = True) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        appendonly: bool = True,
+        bind: str = "127.0.0.1",
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.bind = bind
+        self.preexec_fn = preexec_fn
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
+    def pidfile(self) -> Path:
+        """Where the server writes its pid (so a later ``gateway up`` can find
+        one its killed predecessor left)."""
+        return self.data_dir.resolve() / "redis.pid"
+
+    @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
+        return f"redis://{self.bind}:{self.port}"
 
     def start(self, *, timeout: float = 10.0) -> EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -72,7 +91,7 @@ class EmbeddedRedis:
             "--port",
             str(self.port),
             "--bind",
-            "127.0.0.1",
+            self.bind,
             "--dir",
             str(self.data_dir.resolve()),
             "--save",
@@ -85,6 +104,11 @@ class EmbeddedRedis:
             "redis.log",
             "--daemonize",
             "no",
+            "--pidfile",
+            str(self.pidfile),
+            # Room for apps (and test stacks) that each keep a database apart.
+            "--databases",
+            "64",
         ]
         self.process = subprocess.Popen(
             args,
@@ -92,6 +116,7 @@ class EmbeddedRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=self.preexec_fn,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -108,7 +133,7 @@ class EmbeddedRedis:
 
     def ping(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+            with socket.create_connection((self.bind, self.port), timeout=0.5) as sock:
                 sock.sendall(b"PING\r\n")
                 return sock.recv(16).startswith(b"+PONG")
         except OSError:

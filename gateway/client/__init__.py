@@ -42,6 +42,7 @@ __all__ = [
     "RateLimitError",
     "ServerError",
     "ValidationError",
+    "default_url",
 ]
 
 Run = dict[str, Any]
@@ -124,15 +125,21 @@ def _raise_for(response: httpx.Response) -> None:
     raise kind(status, code, message, details)
 
 
+def default_url() -> str:
+    """``GATEWAY_URL``, else ``http://127.0.0.1:$PORT`` (8000): where the server
+    listens with the same environment."""
+    return os.environ.get("GATEWAY_URL") or f"http://127.0.0.1:{os.environ.get('PORT') or 8000}"
+
+
 def _http_options(base_url: str | None, api_key: str | None, timeout: float) -> dict[str, Any]:
-    """What both clients give httpx; the URL and key default to the environment."""
-    base_url = base_url or os.environ.get("GATEWAY_URL") or "http://127.0.0.1:8000"
-    api_key = api_key or os.environ.get("GATEWAY_API_KEY") or ""
+    """What both clients give httpx; the URL and key default to the environment.
+    With no key the calls go without one, and the gateway's 401 says why."""
+    api_key = (api_key or os.environ.get("GATEWAY_API_KEY") or "").strip()
     return {
-        "base_url": base_url.rstrip("/"),
+        "base_url": (base_url or default_url()).rstrip("/"),
         # Reads wait longer than a long-poll can hold a request (60 s).
         "timeout": httpx.Timeout(timeout, read=75.0),
-        "headers": {"authorization": f"Bearer {api_key}"},
+        "headers": {"authorization": f"Bearer {api_key}"} if api_key else {},
     }
 
 
@@ -224,8 +231,13 @@ class _Calls(Generic[R]):
     def get_batch(self, batch_id: str) -> R:
         return self._call("GET", f"/api/v1/batches/{batch_id}")
 
-    def run_deliveries(self, run_id: str) -> R:
-        return self._call("GET", f"/api/v1/runs/{run_id}/deliveries")
+    def run_deliveries(
+        self, run_id: str, *, limit: int | None = None, cursor: str | None = None
+    ) -> R:
+        """One page of the run's callback messages (``data``, ``next_cursor``)."""
+        return self._call(
+            "GET", f"/api/v1/runs/{run_id}/deliveries", params=_page_params(limit, cursor)
+        )
 
     # webhooks -----------------------------------------------------------
 
@@ -268,15 +280,28 @@ class _Calls(Generic[R]):
     def test_webhook(self, endpoint_id: str) -> R:
         return self._call("POST", f"/api/v1/webhooks/{endpoint_id}/test")
 
-    def webhook_deliveries(self, endpoint_id: str) -> R:
-        return self._call("GET", f"/api/v1/webhooks/{endpoint_id}/deliveries")
+    def webhook_deliveries(
+        self, endpoint_id: str, *, limit: int | None = None, cursor: str | None = None
+    ) -> R:
+        """One page of the endpoint's messages, newest first (``data``,
+        ``next_cursor``); ``iter_webhook_deliveries`` walks every page."""
+        return self._call(
+            "GET",
+            f"/api/v1/webhooks/{endpoint_id}/deliveries",
+            params=_page_params(limit, cursor),
+        )
 
     def resend_delivery(self, delivery_id: str) -> R:
         return self._call("POST", f"/api/v1/deliveries/{delivery_id}/resend")
 
-    def recover_webhook(self, endpoint_id: str, since: str) -> R:
+    def recover_webhook(self, endpoint_id: str, since: str, *, include_pending: bool = False) -> R:
+        """Send again every message since ``since`` that failed, and with
+        ``include_pending`` those still waiting for a retry; the answer says
+        which were which (``failed``, ``pending``)."""
         return self._call(
-            "POST", f"/api/v1/webhooks/{endpoint_id}/recover", json_body={"since": since}
+            "POST",
+            f"/api/v1/webhooks/{endpoint_id}/recover",
+            json_body={"since": since, "include_pending": include_pending},
         )
 
     @staticmethod
@@ -286,6 +311,17 @@ class _Calls(Generic[R]):
         :raises standardwebhooks.WebhookVerificationError: forged or stale
         """
         return verify(body, headers, secret)
+
+
+def _page_params(limit: int | None, cursor: str | None) -> dict[str, Any]:
+    return _options({"limit": limit, "cursor": cursor})
+
+
+def _deadline(within: float | None, timeout: float | None) -> float | None:
+    if within is not None and timeout is not None:
+        raise TypeError("give within= or timeout= (the same thing), not both")
+    seconds = within if within is not None else timeout
+    return None if seconds is None else time.monotonic() + seconds
 
 
 def _list_params(filters: Mapping[str, Any], limit: int, cursor: str | None) -> dict[str, Any]:
@@ -326,9 +362,12 @@ class Client(_Calls[Any]):
         _raise_for(response)
         return response.json() if response.content else None
 
-    def wait(self, run_id: str, *, within: float | None = None) -> Run:
-        """Long-poll until the run is final (or ``within`` seconds pass); the run."""
-        deadline = None if within is None else time.monotonic() + within
+    def wait(
+        self, run_id: str, *, within: float | None = None, timeout: float | None = None
+    ) -> Run:
+        """Long-poll until the run is final, or ``within`` (or ``timeout``)
+        seconds pass; the run as it is then (check ``is_final``)."""
+        deadline = _deadline(within, timeout)
         while True:
             params = {"wait": _poll_seconds(deadline)}
             run: Run = self._call("GET", f"/api/v1/runs/{run_id}", params=params)
@@ -351,6 +390,16 @@ class Client(_Calls[Any]):
         cursor = None
         while True:
             page = self._call("GET", "/api/v1/runs", params=_list_params(filters, limit, cursor))
+            yield from page["data"]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return
+
+    def iter_webhook_deliveries(self, endpoint_id: str, *, limit: int = 100) -> Iterator[Run]:
+        """Every message of the endpoint, newest first, page after page."""
+        cursor = None
+        while True:
+            page = self.webhook_deliveries(endpoint_id, limit=limit, cursor=cursor)
             yield from page["data"]
             cursor = page["next_cursor"]
             if cursor is None:
@@ -399,8 +448,14 @@ class AsyncClient(_Calls[Awaitable[Any]]):
 
         return call()
 
-    async def wait(self, run_id: str, *, within: float | None = None) -> Run:
-        deadline = None if within is None else time.monotonic() + within
+    async def wait(
+        self,
+        run_id: str,
+        *,
+        within: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (as the sync client takes it)
+    ) -> Run:
+        deadline = _deadline(within, timeout)
         while True:
             params = {"wait": _poll_seconds(deadline)}
             run: Run = await self._call("GET", f"/api/v1/runs/{run_id}", params=params)
@@ -426,6 +481,18 @@ class AsyncClient(_Calls[Awaitable[Any]]):
             )
             for run in page["data"]:
                 yield run
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return
+
+    async def iter_webhook_deliveries(
+        self, endpoint_id: str, *, limit: int = 100
+    ) -> AsyncIterator[Run]:
+        cursor = None
+        while True:
+            page = await self.webhook_deliveries(endpoint_id, limit=limit, cursor=cursor)
+            for delivery in page["data"]:
+                yield delivery
             cursor = page["next_cursor"]
             if cursor is None:
                 return

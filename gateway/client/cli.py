@@ -1,17 +1,21 @@
 """The client side of the ``gateway`` command: ``trigger``, ``runs`` and ``webhooks``.
 
-They talk to a gateway over HTTP with ``GATEWAY_URL`` and ``GATEWAY_API_KEY``.
+They talk to a gateway over HTTP with ``GATEWAY_URL`` (default
+``http://127.0.0.1:$PORT``, as the server listens) and ``GATEWAY_API_KEY``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from gateway.client import Client, GatewayError
+import httpx
+
+from gateway.client import Client, GatewayError, default_url
 
 __all__ = ["add_commands", "run_command"]
 
@@ -64,6 +68,19 @@ def add_commands(sub: Any) -> None:
     add.add_argument("--description", default="")
     hooks_sub.add_parser("list")
     hooks_sub.add_parser("rm").add_argument("endpoint_id")
+    deliveries = hooks_sub.add_parser("deliveries", help="an endpoint's messages, newest first")
+    deliveries.add_argument("endpoint_id")
+    deliveries.add_argument("--limit", type=int, default=20)
+    recover = hooks_sub.add_parser(
+        "recover", help="send again the messages since a time that failed (or still wait)"
+    )
+    recover.add_argument("endpoint_id")
+    recover.add_argument("--since", required=True, help="an ISO-8601 time")
+    recover.add_argument(
+        "--include-pending",
+        action="store_true",
+        help="also the messages still waiting for a retry (after fixing the receiver)",
+    )
 
 
 def _print(data: Any, out: TextIO) -> None:
@@ -121,6 +138,21 @@ def _webhooks(client: Client, args: argparse.Namespace, out: TextIO) -> int:
             out.write(
                 f"{endpoint['id']}  {endpoint['url']}  {','.join(endpoint['events'])}  {state}\n"
             )
+    elif args.webhooks_command == "deliveries":
+        for n, message in enumerate(client.iter_webhook_deliveries(args.endpoint_id)):
+            if n >= args.limit:
+                break
+            out.write(
+                f"{message['id']}  {message['status']:<9} {message['event_type']:<16} "
+                f"attempts {message['attempt_count']}  {message['created_at']}\n"
+            )
+    elif args.webhooks_command == "recover":
+        _print(
+            client.recover_webhook(
+                args.endpoint_id, args.since, include_pending=args.include_pending
+            ),
+            out,
+        )
     else:
         client.delete_webhook(args.endpoint_id)
         out.write(f"deleted {args.endpoint_id}\n")
@@ -130,8 +162,17 @@ def _webhooks(client: Client, args: argparse.Namespace, out: TextIO) -> int:
 def run_command(
     args: argparse.Namespace, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr
 ) -> int:
+    """Run a client command; every failure is one line on ``err`` (and the
+    fields at fault, for a 422) and exit code 1."""
+    url = default_url()
+    if not os.environ.get("GATEWAY_API_KEY", "").strip():
+        err.write(
+            "gateway: GATEWAY_API_KEY is not set: export the API key (`gateway up` prints "
+            "a dev key; `gateway keys create NAME` makes one)\n"
+        )
+        return 1
     try:
-        with Client() as client:
+        with Client(url) as client:
             if args.command == "trigger":
                 return _trigger(client, args, out, err)
             if args.command == "runs":
@@ -142,3 +183,10 @@ def run_command(
         for detail in exc.details:
             err.write(f"  {detail.get('path')}: {detail.get('message')}\n")
         return 1
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        reason = str(exc) or type(exc).__name__
+        err.write(f"gateway: cannot reach the gateway at {url} (GATEWAY_URL): {reason}\n")
+        return 1
+    except KeyboardInterrupt:
+        err.write("\n")
+        return 130

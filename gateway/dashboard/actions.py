@@ -170,10 +170,16 @@ async def endpoint_action(request: Request) -> Response:
                 flash(request, f"choose how far back to recover: {RECOVER_HOURS} hours", "error")
                 return redirect(back)
             since = utcnow() - dt.timedelta(hours=hours)
+            include_pending = fields.get("include_pending") == "1"
             answer = await webhooks.recover(
-                viewer.project_id, endpoint_id, RecoverRequest(since=since)
+                viewer.project_id,
+                endpoint_id,
+                RecoverRequest(since=since, include_pending=include_pending),
             )
-            flash(request, f"{answer['count']} failed deliveries of the last {hours} h sent again.")
+            sent = f"{len(answer['failed'])} failed"
+            if include_pending:
+                sent += f" and {len(answer['pending'])} pending"
+            flash(request, f"{sent} deliveries of the last {hours} h sent again.")
         else:  # rotate
             rotated = await webhooks.rotate_secret(viewer.project_id, endpoint_id, RotateRequest())
             endpoint = await webhooks.get_endpoint(viewer.project_id, endpoint_id)

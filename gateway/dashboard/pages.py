@@ -16,6 +16,7 @@ from gateway.dashboard.queries import (
     feed_cursor,
     run_artifacts,
     run_history,
+    run_replays,
     status_counts,
 )
 from gateway.dashboard.render import redirect, render, safe_next
@@ -152,6 +153,7 @@ async def run_page(request: Request) -> Response:
     run_id = request.path_params["run_id"]
     run = await services.runs.get(viewer.project_id, run_id)
     history = await services.db.read(run_history, viewer.project_id, run_id)
+    replays = await services.db.read(run_replays, viewer.project_id, run_id)
     deliveries = await services.webhooks.run_deliveries(
         viewer.project_id, run_id, limit=50, cursor=None
     )
@@ -167,6 +169,7 @@ async def run_page(request: Request) -> Response:
             **common,
             "run": run,
             "history": history,
+            "replays": replays,
             "deliveries": deliveries["data"],
             "artifacts": files,
             "graph": workflow_graph(run),

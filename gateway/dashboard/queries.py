@@ -61,6 +61,18 @@ def run_history(conn: sa.Connection, project_id: str, run_id: str) -> list[dict[
     ]
 
 
+def run_replays(conn: sa.Connection, project_id: str, run_id: str) -> list[str]:
+    """The runs that replay this one, newest first (ten at most)."""
+    return list(
+        conn.scalars(
+            sa.select(runs.c.id)
+            .where(runs.c.replayed_from == run_id, runs.c.project_id == project_id)
+            .order_by(runs.c.id.desc())
+            .limit(10)
+        )
+    )
+
+
 def run_artifacts(conn: sa.Connection, project_id: str, run_id: str) -> list[dict[str, Any]]:
     """The files the run made, and its children (a workflow's nodes) made."""
     children = sa.select(runs.c.id).where(runs.c.parent_id == run_id)

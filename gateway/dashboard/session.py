@@ -28,6 +28,7 @@ from starlette.requests import Request
 from db.models import ApiKey, DashboardSession, Project
 from db.types import utcnow
 from gateway.api.bodies import read_body
+from gateway.auth.keys import is_active
 from gateway.errors import APIError
 from gateway.services import services_of
 from gateway.settings import Settings
@@ -111,7 +112,7 @@ def _viewer_row(conn: sa.Connection, session_key: str) -> sa.Row[Any] | None:
             sessions.c.id == session_key,
             sessions.c.ended_at.is_(None),
             sessions.c.expires_at > utcnow(),
-            api_keys.c.revoked_at.is_(None),
+            is_active(),
         )
     ).first()
 

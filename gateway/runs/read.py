@@ -71,6 +71,7 @@ def run_view(
         "metadata": dict(row["metadata"] or {}),
         "parent_id": row.get("parent_id"),
         "node_id": row.get("node_id"),
+        "replayed_from": row.get("replayed_from"),
         "created_at": isoformat(row["created_at"]),
         "updated_at": isoformat(row["updated_at"]),
         "started_at": isoformat(started),

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
+from jobs.settings import ConfigError
+
 if TYPE_CHECKING:
     from jobs.media import Media
     from jobs.settings import Settings
@@ -214,5 +216,14 @@ def load_tasks(modules: Iterable[str] = ()) -> TaskRegistry:
     ):
         importlib.import_module(builtin)
     for module in modules:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not (module + ".").startswith(exc.name + "."):
+                raise  # the module is there; something it imports is not
+            raise ConfigError(
+                "TASK_MODULES",
+                f"no module {module!r} on the import path: run the command from the folder "
+                "that holds it, or add that folder to PYTHONPATH",
+            ) from None
     return registry
