@@ -166,7 +166,7 @@ class Run(SQLModel, table=True):
     #: Seconds an attempt may run before the run ends TIMED_OUT.
     max_duration: float | None = None
     idempotency_key: str | None = Field(default=None, max_length=200)
-    replayed_from: str | None = Field(default=None, max_length=40)
+    replayed_from: str | None = Field(default=None, max_length=40, index=True)
     batch_id: str | None = Field(default=None, max_length=40, index=True)
     #: A one-off callback for this run (``options.callback_url``).
     callback_url: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
@@ -359,11 +359,31 @@ class Artifact(SQLModel, table=True):
     sha256: str = Field(max_length=64)
     width: int | None = None
     height: int | None = None
-    #: Relative to ``ARTIFACT_DIR``.
+    #: Where the bytes are: ``local`` (a file under ``ARTIFACT_DIR``, at
+    #: ``path``) or ``database`` (a row of ``artifact_blobs``).
+    storage: str = Field(
+        default="local",
+        sa_column=sa.Column(sa.String(16), nullable=False, server_default="local"),
+    )
+    #: Relative to ``ARTIFACT_DIR`` (a local file's), or its name.
     path: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
     created_at: dt.datetime = Field(
         default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False)
     )
+
+
+class ArtifactBlob(SQLModel, table=True):
+    """The bytes of an artifact kept in the database (``ARTIFACT_STORE=database``),
+    apart from its row so listings never read them."""
+
+    __tablename__ = "artifact_blobs"
+
+    artifact_id: str = Field(
+        sa_column=sa.Column(
+            sa.String(40), sa.ForeignKey("artifacts.id", ondelete="CASCADE"), primary_key=True
+        )
+    )
+    data: bytes = Field(sa_column=sa.Column(sa.LargeBinary, nullable=False))
 
 
 class IdempotencyKey(SQLModel, table=True):

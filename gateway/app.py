@@ -13,7 +13,6 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from db.engine import Database
-from db.migrate import schema_state
 from gateway.api import api_routes
 from gateway.api.bodies import RefuseNul
 from gateway.artifacts import ArtifactStore
@@ -26,6 +25,7 @@ from gateway.logs import configure_logging
 from gateway.notify import RunNotifier
 from gateway.reconciler import Reconciler, Scheduler
 from gateway.runs.service import RunService
+from gateway.schema import SchemaGate
 from gateway.services import Services
 from gateway.settings import ConfigError, Settings
 from jobs.tasks.registry import load_tasks
@@ -37,18 +37,16 @@ __all__ = ["create_app"]
 log = logging.getLogger("gateway.app")
 
 
-async def _check_schema(db: Database) -> None:
-    """Refuse to serve on a database behind this code (``gateway web`` says so
-    before it starts uvicorn; this covers ``uvicorn gateway.app:create_app``)."""
-    try:
-        state = await schema_state(db)
-    except Exception as exc:  # not answering: /readyz says so until it does
-        log.warning("could not check the database schema: %s", exc)
-        return
-    problem = state.problem()
-    if problem:
+async def _check_schema(db: Database) -> SchemaGate:
+    """Refuse to serve on a database this code can see is behind (``gateway
+    web`` says so before it starts uvicorn; this covers ``uvicorn
+    gateway.app:create_app``). One that does not answer yet is checked later."""
+    gate = SchemaGate(db)
+    problem = await gate.problem()
+    if problem is not None:
         await db.dispose()
         raise ConfigError("DATABASE_URL", problem)
+    return gate
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -63,7 +61,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         db = Database(settings.database_url)
-        await _check_schema(db)
+        schema = await _check_schema(db)
         redis = await create_pool(
             RedisSettings.from_dsn(redis_url), default_queue_name=settings.queue_name
         )
@@ -102,6 +100,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 dispatcher=dispatcher,
                 settings=settings,
             ),
+            schema=schema,
         )
         reconciler = Reconciler(
             db=db,

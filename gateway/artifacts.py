@@ -1,11 +1,17 @@
 """Artifacts: files tasks make, kept by the gateway and served by signed links.
 
 A worker uploads an artifact as a signed call (it has no disk in common with
-the gateway and never writes the database). The gateway writes the file under
-``ARTIFACT_DIR``, records it, and answers with a link
-``GET /api/v1/artifacts/{token}``: the token is an itsdangerous timed
-signature of the artifact's ID, so a browser can show the image without an
-API key, and a tampered (403) or expired (410) link gives nothing away.
+the gateway and never writes the database). The gateway keeps the bytes,
+records the artifact, and answers with a link ``GET /api/v1/artifacts/{token}``:
+the token is an itsdangerous timed signature of the artifact's ID, so a browser
+can show the image without an API key, and a tampered (403) or expired (410)
+link gives nothing away.
+
+Where the bytes go is ``ARTIFACT_STORE``: ``local`` writes a file under
+``ARTIFACT_DIR`` (one gateway host: the embedded default); ``database`` writes
+them to ``artifact_blobs`` in the database of record, so any gateway host serves
+any artifact (docs/architecture.md, "Several hosts"). Each artifact's row says
+where its bytes are, so a store that changes setting still serves older ones.
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ from typing import Any
 
 import sqlalchemy as sa
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+from starlette.responses import FileResponse, Response
 
 from db.engine import Database
 from db.ids import new_id
-from db.models import Artifact, Run
+from db.models import Artifact, ArtifactBlob, Run
 from db.types import utcnow
 from gateway.errors import APIError, NotFound, ValidationFailed
 from gateway.runs.errors import RunNotFound
@@ -29,6 +36,7 @@ from gateway.settings import Settings
 __all__ = ["ArtifactStore", "image_type"]
 
 artifacts = Artifact.__table__  # type: ignore[attr-defined]
+blobs = ArtifactBlob.__table__  # type: ignore[attr-defined]
 runs = Run.__table__  # type: ignore[attr-defined]
 
 _EXTENSIONS = {
@@ -80,11 +88,12 @@ class Gone(APIError):
 
 
 class ArtifactStore:
-    """Where artifacts are kept (``ARTIFACT_DIR``) and how links to them are signed."""
+    """Where artifacts are kept (``ARTIFACT_STORE``) and how links to them are signed."""
 
     def __init__(self, db: Database, settings: Settings) -> None:
         self.db = db
         self.root = settings.artifact_path
+        self.storage = settings.artifact_store or "local"
         self.ttl = settings.artifact_url_ttl
         self.public_url = settings.public_url
         self.signer = URLSafeTimedSerializer(settings.require_secret(), salt="gateway.artifact")
@@ -105,41 +114,56 @@ class ArtifactStore:
             raise Forbidden() from None
         return str(artifact_id)
 
+    def link(self, row: dict[str, Any]) -> dict[str, Any]:
+        """What the API says of an artifact: its ID, a fresh signed link, and what it is."""
+        return {
+            "artifact_id": row["id"],
+            "url": self.url(row["id"]),
+            "content_type": row["content_type"],
+            "bytes": row["bytes"],
+            "sha256": row["sha256"],
+            "width": row["width"],
+            "height": row["height"],
+            "run_id": row["run_id"],
+        }
+
     async def store(
         self, run_id: str, content_type: str, data: bytes, width: int | None, height: int | None
     ) -> dict[str, Any]:
         """Keep ``data`` as an artifact of ``run_id``: an image of a type the
-        gateway keeps (422 otherwise); its ID, signed link and digest."""
+        gateway keeps (422 otherwise); its :meth:`link`."""
         content_type = image_type(content_type, data)
         project_id = await self.project_of_run(run_id)
         artifact_id = new_id("art")
         relative = Path(project_id) / f"{artifact_id}{_EXTENSIONS.get(content_type, '.bin')}"
-        path = self.root / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename, so a reader never sees half a file.
-        partial = path.with_suffix(path.suffix + ".partial")
-        partial.write_bytes(data)
-        os.replace(partial, path)
-        digest = hashlib.sha256(data).hexdigest()
+        if self.storage == "local":
+            path = self.root / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Write then rename, so a reader never sees half a file.
+            partial = path.with_suffix(path.suffix + ".partial")
+            partial.write_bytes(data)
+            os.replace(partial, path)
         row = {
             "id": artifact_id,
             "project_id": project_id,
             "run_id": run_id,
             "content_type": content_type,
             "bytes": len(data),
-            "sha256": digest,
+            "sha256": hashlib.sha256(data).hexdigest(),
             "width": width,
             "height": height,
+            "storage": self.storage,
             "path": str(relative),
             "created_at": utcnow(),
         }
-        await self.db.write(lambda conn: conn.execute(artifacts.insert(), row))
-        return {
-            "artifact_id": artifact_id,
-            "url": self.url(artifact_id),
-            "bytes": len(data),
-            "sha256": digest,
-        }
+
+        def insert(conn: sa.Connection) -> None:
+            conn.execute(artifacts.insert(), row)
+            if self.storage == "database":
+                conn.execute(blobs.insert(), {"artifact_id": artifact_id, "data": data})
+
+        await self.db.write(insert)
+        return self.link(row)
 
     async def project_of_run(self, run_id: str) -> str:
         """The project of ``run_id`` (:class:`RunNotFound` if there is none)."""
@@ -159,6 +183,8 @@ class ArtifactStore:
         return "application/octet-stream", {**SERVE_HEADERS, "content-disposition": "attachment"}
 
     async def find(self, artifact_id: str, project_id: str | None = None) -> dict[str, Any]:
+        """The artifact's row, if its bytes are there (404 otherwise)."""
+
         def select(conn: sa.Connection) -> dict[str, Any] | None:
             query = sa.select(artifacts).where(artifacts.c.id == artifact_id)
             if project_id is not None:
@@ -167,6 +193,23 @@ class ArtifactStore:
             return dict(row) if row is not None else None
 
         row = await self.db.read(select)
-        if row is None or not (self.root / row["path"]).is_file():
+        if row is None or (row["storage"] == "local" and not (self.root / row["path"]).is_file()):
             raise NotFound(f"no artifact with id {artifact_id!r}", code="artifact_not_found")
         return row
+
+    async def response(
+        self, row: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> Response:
+        """The artifact's bytes as an answer, from wherever they are kept."""
+        content_type, served = self.served_as(row)
+        served.update(headers or {})
+        if row["storage"] == "local":
+            return FileResponse(self.root / row["path"], media_type=content_type, headers=served)
+        data = await self.db.read(
+            lambda conn: conn.scalar(
+                sa.select(blobs.c.data).where(blobs.c.artifact_id == row["id"])
+            )
+        )
+        if data is None:
+            raise NotFound(f"no artifact with id {row['id']!r}", code="artifact_not_found")
+        return Response(bytes(data), media_type=content_type, headers=served)

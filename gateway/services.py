@@ -13,6 +13,7 @@ from gateway.auth.keys import ApiKeyAuth
 from gateway.auth.tokens import PublicTokens
 from gateway.notify import RunNotifier
 from gateway.runs.service import RunService
+from gateway.schema import SchemaGate
 from gateway.settings import Settings
 from jobs.tasks.registry import TaskRegistry
 from webhooks.dispatch import DeliveryDispatcher
@@ -34,6 +35,8 @@ class Services:
     webhooks: WebhookService
     dispatcher: DeliveryDispatcher
     runs: RunService
+    #: Whether the database is at this code's schema (API calls wait on it).
+    schema: SchemaGate
 
 
 def services_of(request: Request) -> Services:

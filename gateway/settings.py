@@ -8,7 +8,7 @@ itself, so a test can build one by hand.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BeforeValidator, Field, model_validator
 from pydantic_settings import NoDecode
@@ -73,7 +73,12 @@ class Settings(worker_settings.Settings):
     webhook_disable_after: float = Field(default=5 * 24 * 3600.0, ge=0)
     #: How long a rotated-out secret keeps signing beside the new one.
     webhook_rotation_grace: float = Field(default=24 * 3600.0, ge=0)
-    #: Where artifacts (cropped images) are kept; default ``DATA_DIR/artifacts``.
+    #: Where artifacts (cropped images) are kept: ``local`` (files under
+    #: ARTIFACT_DIR, for one gateway host) or ``database`` (the database of
+    #: record, which every gateway host shares). Default: ``database`` on
+    #: PostgreSQL, ``local`` on SQLite.
+    artifact_store: Literal["local", "database"] | None = None
+    #: Where local artifacts are kept; default ``DATA_DIR/artifacts``.
     artifact_dir: Path | None = None
     #: How long a signed artifact link stays valid, in seconds.
     artifact_url_ttl: int = Field(default=7 * 24 * 3600, ge=1)
@@ -104,11 +109,14 @@ class Settings(worker_settings.Settings):
 
     @model_validator(mode="after")
     def _gateway_derived(self) -> Self:
+        database_url = normalize_database_url(
+            self.database_url or f"sqlite:///{self.data_dir / 'gateway.db'}"
+        )
         derived = {
-            "database_url": normalize_database_url(
-                self.database_url or f"sqlite:///{self.data_dir / 'gateway.db'}"
-            ),
+            "database_url": database_url,
             "artifact_dir": self.artifact_dir or self.data_dir / "artifacts",
+            "artifact_store": self.artifact_store
+            or ("local" if database_url.startswith("sqlite") else "database"),
             "public_url": (self.public_url or self.gateway_url).rstrip("/"),
         }
         for name, value in derived.items():

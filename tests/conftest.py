@@ -243,7 +243,7 @@ def gemini() -> Iterator[GeminiStandIn]:
 def _redis_db(database_url: str, offset: int) -> int:
     # Each backend and each stack gets its own Redis database: queues never mix.
     # Offsets: 0 main, 1 single-slot, 2 faults, 3 fuzz, 4 queue, 5 strict, 6 web2,
-    # 7 operate.
+    # 7 operate, 8 artifacts.
     return 1 + offset * 2 + _backends().index(_backend_of(database_url))
 
 

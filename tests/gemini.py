@@ -154,3 +154,31 @@ class GeminiStandIn:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.gemini [--port N]``: the stand-in on its own, so the
+    ``llm`` task and workflows with ``llm`` nodes can be tried without a key."""
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(prog="python -m tests.gemini", description=main.__doc__)
+    parser.add_argument("--port", type=int, default=0, help="default: a free one")
+    args = parser.parse_args(argv)
+    stand_in = GeminiStandIn()
+    if args.port:
+        stand_in.port = args.port
+    stand_in.start()
+    print(f"Gemini stand-in on {stand_in.url}: it answers every prompt with 'seen: <prompt>'.")
+    print("Run the gateway with it:")
+    print(f"  GEMINI_BASE_URL={stand_in.url} GEMINI_API_KEY=stand-in make run", flush=True)
+    stopped = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopped.set())
+    stopped.wait()
+    stand_in.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

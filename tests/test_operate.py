@@ -4,6 +4,9 @@ the client command's errors (each a trap a user fell into)."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import io
 import re
 import subprocess
 import sys
@@ -12,25 +15,31 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from db.migrate import upgrade
 from gateway.cli.embedded_redis import EmbeddedRedis, free_port
-from tests.conftest import TEST_SECRET, Databases, Stack, _redis_db
+from tests.conftest import TEST_SECRET, Databases, Stack, _admin, _redis_db
 from tests.helpers import ROOT, Process, child_env, wait_http_ok, wait_until
 
 #: The console script a user runs (not ``python -m gateway``, which puts the
 #: working folder on the import path by itself).
 GATEWAY = str(Path(sys.executable).parent / "gateway")
 
-MY_TASKS = '''
-from jobs.tasks.registry import task
+
+def readme_tasks() -> str:
+    """The task module the README shows under "Writing tasks", as it is."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Writing tasks") :]
+    found = re.search(r"```python\n(.*?)```", section, re.S)
+    assert found, "no python block under 'Writing tasks'"
+    return found.group(1)
 
 
-@task("mine.shout")
-async def shout(payload, ctx):
-    """A task of the user's own, in a module beside their Procfile."""
-    return {"loud": str(payload["text"]).upper(), "attempt": ctx.attempt}
-'''
+def png_data_uri(width: int, height: int) -> str:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(out, "PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
 
 
 def gateway(
@@ -96,7 +105,7 @@ def test_own_tasks_import_from_the_folder_the_command_runs_in(
 ) -> None:
     folder = tmp_path / "my-app"
     folder.mkdir()
-    (folder / "my_tasks.py").write_text(MY_TASKS)
+    (folder / "my_tasks.py").write_text(readme_tasks())
     env = {**app_env, "TASK_MODULES": "my_tasks"}
     web = Scripts("web", ["web"], env, folder).start()
     worker = Scripts("worker", ["worker"], env, folder).start()
@@ -106,13 +115,23 @@ def test_own_tasks_import_from_the_folder_the_command_runs_in(
         created = gateway("keys", "create", "my-app", env=env, cwd=folder)
         key = created.stdout.split()[-1]
         with httpx.Client(base_url=base, headers={"authorization": f"Bearer {key}"}) as client:
+            too_wide = client.post(
+                "/api/v1/tasks/thumbnail/trigger", json={"payload": {"width": 64}}
+            )
+            assert too_wide.status_code == 422  # the payload model, checked by the gateway
             accepted = client.post(
-                "/api/v1/tasks/mine.shout/trigger", json={"payload": {"text": "hi"}}
+                "/api/v1/tasks/thumbnail/trigger",
+                json={"payload": {"image": png_data_uri(300, 200), "width": 64}},
             )
             assert accepted.status_code == 202, accepted.text
             run = client.get(accepted.headers["location"], params={"wait": 30}, timeout=40).json()
-        assert run["status"] == "COMPLETED", (run, worker.log_tail())
-        assert run["output"] == {"loud": "HI", "attempt": 1}
+            assert run["status"] == "COMPLETED", (run, worker.log_tail())
+            stored = run["output"]["artifact"]
+            assert (stored["width"], stored["height"]) == (64, 43)
+            image = client.get(stored["url"])
+        assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(image.content)).size == (64, 43)
+        assert f"attempt 1 of run {run['id']}" in worker.log_path.read_text()
     finally:
         web.stop()
         worker.stop()
@@ -147,6 +166,47 @@ def test_web_refuses_a_database_behind_its_code_and_says_to_migrate(
     assert behind.returncode == 2
     line = one_line(behind.stderr)
     assert "revision 0006" in line and "gateway migrate" in line
+
+
+def test_a_database_unmigrated_when_it_first_answers_gets_503_until_migrated(
+    databases: Databases, app_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Started before its database existed: the gateway serves, and says
+    what is wrong once the database answers, until it is migrated."""
+    if databases.backend != "postgresql":
+        pytest.skip("a SQLite file is there as soon as it is opened")
+    url = databases.empty("late")
+    name = url.rsplit("/", 1)[-1]
+    asyncio.run(_admin(databases.server_url, f'DROP DATABASE "{name}"'))
+    env = {**app_env, "DATABASE_URL": url}
+    web = Process("web", ["-m", "gateway", "web"], env, tmp_path).start()
+    base = env["GATEWAY_URL"]
+    try:
+        wait_http_ok(base + "/healthz", web)
+        assert httpx.get(base + "/readyz").json()["error"]["details"][0]["check"] == "database"
+        asyncio.run(_admin(databases.server_url, f'CREATE DATABASE "{name}"'))
+
+        def not_migrated() -> httpx.Response | None:
+            answer = httpx.get(base + "/api/v1/runs", headers={"authorization": "Bearer gw_sk_x"})
+            code = answer.json()["error"]["code"] if answer.status_code == 503 else ""
+            return answer if code == "database_not_migrated" else None
+
+        answer = wait_until(not_migrated, what="the API to say the database needs migrating")
+        assert "gateway migrate" in answer.json()["error"]["message"]
+        ready = httpx.get(base + "/readyz")
+        assert ready.status_code == 503
+        assert {d["check"] for d in ready.json()["error"]["details"]} == {"schema"}
+
+        assert gateway("migrate", env=env).returncode == 0
+        key = gateway("keys", "create", "late", env=env).stdout.split()[-1]
+        wait_until(
+            lambda: httpx.get(base + "/readyz").status_code == 200, what="the gateway to be ready"
+        )
+        runs = httpx.get(base + "/api/v1/runs", headers={"authorization": f"Bearer {key}"})
+        assert runs.status_code == 200, runs.text
+    finally:
+        web.stop()
+    assert "does not answer yet" in web.log_path.read_text()
 
 
 def test_migrate_on_start_migrates_then_serves(

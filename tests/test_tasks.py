@@ -6,7 +6,11 @@ import base64
 import hashlib
 import io
 import logging
+import re
 import secrets
+import signal
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -15,10 +19,12 @@ import pytest
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from PIL import Image
 
+from gateway.cli.embedded_redis import EmbeddedRedis, free_port
 from gateway.settings import Settings
 from jobs.tasks.registry import TaskContext, TaskError
-from tests.conftest import TEST_SECRET, Stack
+from tests.conftest import TEST_SECRET, Databases, Stack, _redis_db, launch_stack
 from tests.gemini import GeminiStandIn
+from tests.helpers import ROOT, Process, wait_http_ok
 from tests.receiver import Receiver
 
 RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)
@@ -307,3 +313,86 @@ def test_llm_without_a_key_says_which_variable_to_set() -> None:
         asyncio.run(llm(LlmPayload(user_message="hi"), ctx))
     assert info.value.code == "llm_not_configured"
     assert "GEMINI_API_KEY" in info.value.message
+
+
+def test_the_gemini_stand_in_runs_on_its_own_for_trying_the_llm_task() -> None:
+    """``python -m tests.gemini``, as the README says, answers the real SDK."""
+    from google import genai
+    from google.genai import types
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.gemini"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        first = process.stdout.readline()
+        found = re.search(r"on (http://127\.0\.0\.1:\d+):", first)
+        assert found, first
+        said = process.stdout.readline() + process.stdout.readline()
+        assert f"GEMINI_BASE_URL={found.group(1)}" in said
+        client = genai.Client(
+            api_key="stand-in", http_options=types.HttpOptions(base_url=found.group(1))
+        )
+        answer = client.models.generate_content(model="gemini-2.0-flash", contents="hello there")
+        assert answer.text is not None and answer.text.startswith("seen: hello there")
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(10) == 0
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def test_any_gateway_serves_any_artifact_from_the_shared_store(
+    databases: Databases,
+    database_url: str,
+    redis_server: EmbeddedRedis,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """ARTIFACT_STORE=database: a crop stored through one gateway host is
+    served by another, which has none of the first one's disk."""
+    logs = tmp_path_factory.mktemp("logs-artifacts")
+    with launch_stack(
+        "artifacts",
+        databases.new("artifacts"),
+        f"{redis_server.url}/{_redis_db(database_url, 8)}",
+        logs,
+        ARTIFACT_STORE="database",
+    ) as stack:
+        port = free_port()
+        other = Process(
+            "gateway-b",
+            ["-m", "gateway", "web"],
+            {
+                **stack.env,
+                "PORT": str(port),
+                "GATEWAY_URL": f"http://127.0.0.1:{port}",
+                "ARTIFACT_DIR": str(logs / "b-artifacts"),
+            },
+            logs,
+        ).start()
+        try:
+            other_url = f"http://127.0.0.1:{port}"
+            wait_http_ok(other_url + "/healthz", other)
+            run = stack.run(
+                "crop-image",
+                {"image": data_uri(quadrants()), "x": 100, "y": 0, "width": 100, "height": 50},
+            )
+            assert run["status"] == "COMPLETED", run["error"]
+            out = run["output"]
+            assert not (logs / "artifacts").exists()  # nothing on the first host's disk
+            through_b = download(out["url"].replace(stack.base_url, other_url))
+            assert through_b.status_code == 200, through_b.text
+            assert through_b.headers["content-type"] == "image/png"
+            assert hashlib.sha256(through_b.content).hexdigest() == out["sha256"]
+            assert colors(through_b.content) == {BLUE}
+            headers = {"authorization": f"Bearer {stack.api_key}"}
+            link = httpx.get(
+                f"{other_url}/api/v1/artifacts/{out['artifact_id']}/link", headers=headers
+            )
+            assert link.status_code == 200 and link.json()["width"] == 100
+            assert download(link.json()["url"]).content == through_b.content
+        finally:
+            other.stop()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from starlette.requests import Request
-from starlette.responses import FileResponse, Response
+from starlette.responses import Response
 
 from gateway.api import views
 from gateway.api.routing import ApiRoute, Operation, Param
@@ -17,28 +17,14 @@ async def download(request: Request) -> Response:
     """Anyone with a valid link gets the file."""
     store = services_of(request).artifacts
     row = await store.find(store.artifact_of(request.path_params["token"]))
-    content_type, headers = store.served_as(row)
-    headers["cache-control"] = "private, max-age=3600"
-    return FileResponse(store.root / row["path"], media_type=content_type, headers=headers)
+    return await store.response(row, {"cache-control": "private, max-age=3600"})
 
 
 async def fresh_link(request: Request, project_id: str) -> Response:
     """A new signed link for one of the project's artifacts."""
     store = services_of(request).artifacts
     row = await store.find(request.path_params["artifact_id"], project_id)
-    return shaped(
-        ArtifactLink,
-        {
-            "artifact_id": row["id"],
-            "url": store.url(row["id"]),
-            "content_type": row["content_type"],
-            "bytes": row["bytes"],
-            "sha256": row["sha256"],
-            "width": row["width"],
-            "height": row["height"],
-            "run_id": row["run_id"],
-        },
-    )
+    return shaped(ArtifactLink, store.link(row))
 
 
 routes = [

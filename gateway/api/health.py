@@ -44,6 +44,9 @@ async def readyz(request: Request) -> Response:
     await asyncio.gather(
         check("database", services.db.ping()), check("redis", services.redis.ping())
     )
+    if checks["database"] == "ok":
+        problem = await services.schema.problem()
+        checks["schema"] = problem or "ok"
     if all(v == "ok" for v in checks.values()):
         return JSONResponse({"status": "ok", "checks": checks})
     failing = [{"check": k, "message": v} for k, v in checks.items() if v != "ok"]

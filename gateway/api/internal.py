@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 from starlette.requests import Request
-from starlette.responses import FileResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.api.bodies import parse_json, signed_body, validate
@@ -167,8 +167,7 @@ async def fetch_artifact(request: Request) -> Response:
     artifact_id = (await signed_body(request, services.settings, 200)).decode("utf-8", "replace")
     project_id = await store.project_of_run(request.query_params.get("run_id", ""))
     row = await store.find(artifact_id.strip(), project_id)
-    content_type, headers = store.served_as(row)
-    return FileResponse(store.root / row["path"], media_type=content_type, headers=headers)
+    return await store.response(row)
 
 
 routes = [

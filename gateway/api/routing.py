@@ -91,13 +91,16 @@ def _guarded(handler: Handler, auth: Auth) -> Handler:
     if auth == "key":
 
         async def with_key(request: Request) -> Response:
-            principal = await services_of(request).auth.authenticate(request)
+            services = services_of(request)
+            await services.schema.require()
+            principal = await services.auth.authenticate(request)
             return await handler(request, principal.project_id)
 
         endpoint = with_key
     elif auth == "key_or_token":
 
         async def with_key_or_token(request: Request) -> Response:
+            await services_of(request).schema.require()
             return await handler(request, await _reader(request))
 
         endpoint = with_key_or_token

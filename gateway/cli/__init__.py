@@ -15,7 +15,6 @@ import asyncio
 import os
 import shutil
 import sys
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -25,9 +24,6 @@ if TYPE_CHECKING:  # the server's commands load the server only when they run
     from gateway.settings import Settings
 
 __all__ = ["main"]
-
-#: How long ``gateway web`` waits for the database to answer as it starts.
-DATABASE_WAIT = 30.0
 
 
 def _migrate(settings: Settings) -> int:
@@ -46,7 +42,8 @@ def _safe_url(url: str) -> str:
 
 def _check_schema(settings: Settings) -> None:
     """Migrate (``MIGRATE_ON_START``), or refuse a database behind this code:
-    a gateway on an unmigrated database would answer 500 to every call."""
+    a gateway on an unmigrated database would answer 500 to every call. A
+    database that does not answer yet is checked once it does (``gateway.schema``)."""
     from db.engine import Database
     from db.migrate import SchemaState, schema_state, upgrade
     from jobs.settings import ConfigError
@@ -60,25 +57,22 @@ def _check_schema(settings: Settings) -> None:
         finally:
             await db.dispose()
 
-    deadline = time.monotonic() + DATABASE_WAIT
-    while True:
+    if settings.migrate_on_start:
         try:
-            if settings.migrate_on_start:
-                upgrade(settings.database_url)
-            found = asyncio.run(state())
-            break
-        except (OSError, ConnectionError) as exc:
-            failure: Exception = exc
-        except Exception as exc:  # the drivers' own "cannot connect" errors
-            if "connect" not in f"{type(exc).__name__} {exc}".lower():
-                raise
-            failure = exc
-        if time.monotonic() > deadline:
+            upgrade(settings.database_url)
+        except Exception as exc:  # the platform starts the process again
             raise ConfigError(
-                "DATABASE_URL", f"the database at {where} does not answer: {failure}"
+                "MIGRATE_ON_START", f"the migration of {where} failed: {type(exc).__name__}: {exc}"
             ) from None
-        print(f"gateway: waiting for the database at {where} ({failure})", file=sys.stderr)
-        time.sleep(2.0)
+    try:
+        found = asyncio.run(state())
+    except Exception as exc:
+        print(
+            f"gateway: the database at {where} does not answer yet ({type(exc).__name__}: "
+            f"{exc}); starting anyway: /readyz and the API answer 503 until it does",
+            file=sys.stderr,
+        )
+        return
     problem = found.problem()
     if problem:
         raise ConfigError("DATABASE_URL", f"{problem} (or set MIGRATE_ON_START=1): {where}")
