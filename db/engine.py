@@ -97,6 +97,9 @@ class Database:
         else:
             self._async_engine = create_async_engine(
                 url,
+                # A server that does not take the connection in 10 s is down
+                # for now (asyncpg's own default waits a minute).
+                connect_args={"timeout": CONNECT_TIMEOUT},
                 pool_size=10,
                 max_overflow=20,
                 pool_recycle=1800,
@@ -119,7 +122,8 @@ class Database:
             return await asyncio.wrap_future(
                 self._writer.submit(lambda conn: fn(conn, *args, **kwargs))
             )
-        return await self._async_writer.submit(lambda conn: fn(conn, *args, **kwargs))
+        with _unreachable_as_operational():
+            return await self._async_writer.submit(lambda conn: fn(conn, *args, **kwargs))
 
     async def read(self, fn: Work[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``fn(conn, ...)`` in a read transaction."""
@@ -132,8 +136,9 @@ class Database:
 
             return await asyncio.get_running_loop().run_in_executor(self._readers, run)
         assert self._async_engine is not None
-        async with self._async_engine.connect() as conn:
-            return await conn.run_sync(lambda c: fn(c, *args, **kwargs))
+        with _unreachable_as_operational():
+            async with self._async_engine.connect() as conn:
+                return await conn.run_sync(lambda c: fn(c, *args, **kwargs))
 
     async def ping(self) -> None:
         await self.read(lambda conn: conn.execute(sa.text("SELECT 1")).scalar())
@@ -146,6 +151,24 @@ class Database:
         if self._async_engine is not None:
             await self._async_writer.stop()
             await self._async_engine.dispose()
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    """The server did not answer or went away (not a unit's own error)."""
+    if isinstance(exc, OSError | TimeoutError):
+        return True
+    return isinstance(exc, sa.exc.DBAPIError) and bool(exc.connection_invalidated)
+
+
+@contextlib.contextmanager
+def _unreachable_as_operational() -> Iterator[None]:
+    """A server that cannot be reached is an ``OperationalError``, as SQLAlchemy
+    reports most such failures: the API answers it with 503 and ``Retry-After``.
+    (asyncpg raises the socket's own ``OSError`` when it cannot connect.)"""
+    try:
+        yield
+    except (OSError, TimeoutError) as exc:
+        raise sa.exc.OperationalError("(connecting to the database)", None, exc) from exc
 
 
 class _GroupCommit:
@@ -306,7 +329,10 @@ class _AsyncGroupCommit:
             async with self.engine.begin() as conn:
                 results = await conn.run_sync(run_all)
         except BaseException as exc:
-            if len(group) == 1 or isinstance(exc, asyncio.CancelledError):
+            # One at a time only when a unit may be at fault: a server that
+            # does not answer fails the whole group at once (run unit by unit,
+            # each would wait out its own connect timeout).
+            if len(group) == 1 or isinstance(exc, asyncio.CancelledError) or _is_unreachable(exc):
                 for _, future in group:
                     if not future.done():
                         future.set_exception(exc)
@@ -325,6 +351,8 @@ class _AsyncGroupCommit:
 
 #: A pooled connection unused for this long is checked before use.
 IDLE_PING_SECONDS = 5.0
+#: Seconds to wait for PostgreSQL to take a new connection.
+CONNECT_TIMEOUT = 10.0
 
 
 def _ping_when_idle(engine: sa.Engine, idle_seconds: float) -> None:

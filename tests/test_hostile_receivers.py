@@ -95,7 +95,16 @@ def test_every_delivery_to_a_hostile_receiver_ends_with_recorded_attempts(
     for name in ("/slow-headers", "/hang"):
         assert outcome[name]["status"] == "failed"
         assert {a["error_code"] for a in outcome[name]["attempts"]} == {"timeout"}
-        assert len(outcome[name]["attempts"]) == SCHEDULE_LENGTH
+        if len(outcome[name]["attempts"]) < SCHEDULE_LENGTH:
+            # Every try waits out the timeout: on a busy machine the endpoint
+            # fails longer than DISABLE_AFTER before its schedule ends, and is
+            # disabled, which ends the delivery first.
+            with app.client() as client:
+                endpoint = client.get(f"/api/v1/webhooks/{outcome[name]['endpoint_id']}").json()
+            assert not endpoint["enabled"], (name, outcome[name])
+            assert "failing without a success" in endpoint["disabled_reason"]
+        else:
+            assert len(outcome[name]["attempts"]) == SCHEDULE_LENGTH
     assert {a["status_code"] for a in outcome["/redirect"]["attempts"]} == {302}
     assert {a["error_code"] for a in outcome["/reset"]["attempts"]} == {"connection_error"}
     assert {a["error_code"] for a in outcome["/garbage"]["attempts"]} == {"connection_error"}

@@ -231,7 +231,7 @@ def test_health_and_readiness(stack: Stack) -> None:
     assert httpx.get(stack.base_url + "/healthz").json() == {"status": "ok"}
     ready = httpx.get(stack.base_url + "/readyz")
     assert ready.status_code == 200
-    assert ready.json()["checks"] == {"database": "ok", "redis": "ok"}
+    assert ready.json()["checks"] == {"database": "ok", "redis": "ok", "schema": "ok"}
 
 
 def test_task_list_shows_each_task_with_its_payload_schema(stack: Stack) -> None:
