@@ -20,6 +20,7 @@ __all__ = [
     "ApiKey",
     "Artifact",
     "Batch",
+    "BulkAction",
     "DashboardSession",
     "Delivery",
     "DeliveryAttempt",
@@ -27,6 +28,7 @@ __all__ = [
     "EndpointSecret",
     "IdempotencyKey",
     "Project",
+    "Queue",
     "Run",
     "RunAttempt",
     "RunNode",
@@ -129,6 +131,18 @@ class Run(SQLModel, table=True):
         sa.Index("ix_runs_status_run_at", "status", "run_at"),
         sa.Index("ix_runs_status_expire_at", "status", "expire_at"),
         sa.Index("ix_runs_status_heartbeat", "status", "heartbeat_at"),
+        # Flow control: a queue's runs by status, the held ones in start order.
+        sa.Index("ix_runs_queue", "project_id", "queue", "status", "held", "order_at"),
+        # One DELAYED run per debounce key (docs/architecture.md, "Flow control").
+        sa.Index(
+            "ix_runs_debounce",
+            "project_id",
+            "task",
+            "debounce_key",
+            unique=True,
+            sqlite_where=sa.text("status = 'DELAYED' AND debounce_key IS NOT NULL"),
+            postgresql_where=sa.text("status = 'DELAYED' AND debounce_key IS NOT NULL"),
+        ),
     )
 
     id: str = Field(primary_key=True, max_length=40)
@@ -177,6 +191,31 @@ class Run(SQLModel, table=True):
     step: int = Field(default=0)
     #: A child ended while a step was in flight: run one more step after it.
     step_pending: bool = Field(default=False)
+    #: The queue whose limit the run's starts obey (the task's own by default).
+    queue: str = Field(
+        default="", sa_column=sa.Column(sa.String(100), nullable=False, server_default="")
+    )
+    #: The queue's limit applies to each key apart (a tenant, a customer).
+    concurrency_key: str | None = Field(default=None, max_length=200)
+    #: Seconds of head start: ordered as if triggered this much earlier.
+    priority: int = Field(
+        default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0")
+    )
+    #: ``created_at`` less ``priority``: the order in which held runs start.
+    order_at: dt.datetime | None = _ts()
+    #: The run's starts go through its queue's limit (the queue had one, or
+    #: was paused, when the run was queued); a gated run ending frees a slot.
+    gated: bool = Field(
+        default=False, sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.false())
+    )
+    #: QUEUED, and held in the database until its queue has room: not in Redis.
+    held: bool = Field(
+        default=False, sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.false())
+    )
+    #: Triggers with this key while the run is DELAYED push its start back.
+    debounce_key: str | None = Field(default=None, max_length=200)
+    #: A debounced run starts by then at the latest (``debounce.max_delay``).
+    debounce_until: dt.datetime | None = _ts()
 
 
 class RunAttempt(SQLModel, table=True):
@@ -400,6 +439,58 @@ class IdempotencyKey(SQLModel, table=True):
     key: str = Field(max_length=200)
     run_id: str = Field(foreign_key="runs.id", max_length=40)
     expires_at: dt.datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
+
+
+class Queue(SQLModel, table=True):
+    """A named queue of a project: how many of its runs may execute at once,
+    and whether it is paused. A queue nobody configured has no row and no limit."""
+
+    __tablename__ = "queues"
+    __table_args__ = (sa.UniqueConstraint("project_id", "name", name="uq_queues_project_name"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    project_id: str = Field(foreign_key="projects.id", max_length=40)
+    name: str = Field(max_length=100)
+    #: ``None``: no limit.
+    concurrency_limit: int | None = None
+    paused: bool = Field(default=False)
+    created_at: dt.datetime = Field(
+        default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False)
+    )
+    updated_at: dt.datetime = Field(
+        default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False)
+    )
+
+
+class BulkAction(SQLModel, table=True):
+    """A cancel or replay of many runs, done in pages; ``cursor`` is the last
+    run done, so a page that runs twice does nothing twice."""
+
+    __tablename__ = "bulk_actions"
+    __table_args__ = (sa.Index("ix_bulk_actions_status_updated", "status", "updated_at"),)
+
+    id: str = Field(primary_key=True, max_length=40)
+    project_id: str = Field(foreign_key="projects.id", max_length=40)
+    #: ``cancel`` or ``replay``.
+    action: str = Field(max_length=16)
+    #: ``{"filter": {...}}`` or ``{"ids": [...]}``.
+    selection: Any = Field(default=None, sa_column=sa.Column(JSONColumn, nullable=False))
+    #: ``running`` or ``completed``.
+    status: str = Field(max_length=16)
+    #: The runs selected when the action was made.
+    count: int
+    processed: int = Field(default=0)
+    succeeded: int = Field(default=0)
+    #: Runs it left as they were (already final, for a cancel).
+    skipped: int = Field(default=0)
+    cursor: str | None = Field(default=None, max_length=40)
+    created_at: dt.datetime = Field(
+        default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False)
+    )
+    updated_at: dt.datetime = Field(
+        default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False)
+    )
+    finished_at: dt.datetime | None = _ts()
 
 
 class Batch(SQLModel, table=True):

@@ -50,6 +50,9 @@ class QueuedJob:
     job_id: str
     queue_name: str
     defer_seconds: float = 0.0
+    #: Seconds of head start: arq takes jobs by score, so a job scored as if
+    #: queued this much earlier goes ahead of those queued since.
+    head_start: float = 0.0
 
 
 async def enqueue_jobs(redis: ArqRedis, jobs: Sequence[QueuedJob]) -> list[bool]:
@@ -77,7 +80,7 @@ async def enqueue_jobs(redis: ArqRedis, jobs: Sequence[QueuedJob]) -> list[bool]
             args=[
                 defer_ms + redis.expires_extra_ms,
                 encoded,
-                now_ms + defer_ms,
+                now_ms + defer_ms - round(job.head_start * 1000),
                 job.job_id,
                 "" if defer_ms else nudge_channel(job.queue_name),
             ],

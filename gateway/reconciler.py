@@ -1,5 +1,8 @@
 """The reconciler: puts back on the queue what the database says is due.
 
+It also pumps every queue that holds runs (``gateway.runs.flow``) and resumes
+bulk actions that stopped moving.
+
 Redis holds only work in flight and can lose it (a flush, a restart without
 its AOF). The database cannot: every QUEUED run and every pending delivery is
 a row. Every ``RECONCILE_INTERVAL`` seconds one gateway process (a Redis lock
@@ -47,7 +50,11 @@ BATCH = 500
 def _due_runs(conn: sa.Connection, before: dt.datetime) -> list[dict[str, Any]]:
     rows = conn.execute(
         sa.select(runs.c.id, runs.c.task, runs.c.payload, runs.c.attempt, runs.c.step)
-        .where(runs.c.status == RunStatus.QUEUED.value, runs.c.updated_at < before)
+        .where(
+            runs.c.status == RunStatus.QUEUED.value,
+            runs.c.held.is_(False),
+            runs.c.updated_at < before,
+        )
         .order_by(runs.c.updated_at)
         .limit(BATCH)
     ).mappings()
@@ -138,13 +145,19 @@ class Reconciler(Periodic):
                     await self.dispatcher.requeue(delivery["id"], step=delivery["schedule_step"])
                     requeued_deliveries += 1
             lost = await self.runs.recover_lost()
+            # Held runs whose queue has room (a pump that a crash kept from
+            # running, a slot freed by a run of a queue gated after it
+            # started), and bulk actions whose process went away.
+            pumped = await self.runs.pump_queues()
+            await self.runs.resume_bulks(self.grace)
         except (RedisError, OSError) as exc:
             log.warning("reconciler cannot reach Redis: %s", exc)
-            lost = 0
+            lost = pumped = 0
         for action, count in (
             ("requeued_run", requeued_runs),
             ("requeued_delivery", requeued_deliveries),
             ("lost_attempt", lost),
+            ("pumped_run", pumped),
         ):
             if count:
                 RECONCILER_ACTIONS.labels(action=action).inc(count)

@@ -97,7 +97,7 @@ def row(task: str = "echo", **values: Any) -> dict[str, Any]:
 
 def create(unit: Callable[..., Any], **values: Any) -> str:
     new = row(**values)
-    [(view, cached)] = unit(create_runs, [NewRun(new, 3600)])
+    [(view, cached)] = unit(create_runs, [NewRun(new, 3600)]).runs
     assert not cached
     return str(view["id"])
 
@@ -397,12 +397,12 @@ def test_keep_first_sets_a_column_only_while_it_is_null(unit: Callable[..., Any]
 
 def test_an_idempotency_key_gives_back_the_run_until_it_fails(unit: Callable[..., Any]) -> None:
     first = row(idempotency_key="order-1")
-    [(view, cached)] = unit(create_runs, [NewRun(first, 3600)])
+    [(view, cached)] = unit(create_runs, [NewRun(first, 3600)]).runs
     assert not cached
-    [(again, cached)] = unit(create_runs, [NewRun(row(idempotency_key="order-1"), 3600)])
+    [(again, cached)] = unit(create_runs, [NewRun(row(idempotency_key="order-1"), 3600)]).runs
     assert cached and again["id"] == view["id"]
     unit(apply_event, event("failed", view["id"], error={"code": "x", "message": "no"}))
-    [(fresh, cached)] = unit(create_runs, [NewRun(row(idempotency_key="order-1"), 3600)])
+    [(fresh, cached)] = unit(create_runs, [NewRun(row(idempotency_key="order-1"), 3600)]).runs
     assert not cached and fresh["id"] != view["id"]
     count = unit(lambda conn: conn.scalar(sa.select(sa.func.count()).select_from(runs)))
     assert count == 2  # the cached trigger left nothing behind

@@ -95,6 +95,24 @@ class NodeView(_View):
     error: RunError | None
 
 
+class WaitingFor(_View):
+    kind: Literal[
+        "delay",
+        "debounce",
+        "retry",
+        "children",
+        "worker",
+        "paused",
+        "queue_concurrency",
+        "concurrency_key",
+    ]
+    until: str | None = None
+    queue: str | None = None
+    key: str | None = None
+    running: int | None = None
+    limit: int | None = None
+
+
 class RunView(_View):
     """A run, as ``GET /api/v1/runs/{id}`` shows it."""
 
@@ -113,6 +131,16 @@ class RunView(_View):
     node_id: str | None
     #: The run this one replays (``POST /api/v1/runs/{id}/replay``).
     replayed_from: str | None = None
+    #: The queue whose limit its starts obey, the key the limit applies to
+    #: apart, and its head start in seconds.
+    queue: str | None = None
+    concurrency_key: str | None = None
+    priority: int = 0
+    #: Why a run that has not started waits (one run's page only): ``delay``,
+    #: ``debounce``, ``retry`` (with ``until``), ``queue_concurrency``,
+    #: ``concurrency_key`` (with ``queue``, ``running``, ``limit``), ``paused``,
+    #: ``children`` (a workflow), ``worker`` (handed to arq, not yet started).
+    waiting_for: WaitingFor | None = None
     created_at: str
     updated_at: str
     started_at: str | None
@@ -120,8 +148,10 @@ class RunView(_View):
     duration_ms: int | None
     #: Workflows only: every node of the graph.
     nodes: dict[str, NodeView] | None = None
-    #: Trigger answers only.
+    #: Trigger answers only: an earlier run given back for its idempotency
+    #: key, or a DELAYED run that a debounce key pushed back.
     is_cached: bool | None = None
+    debounced: bool | None = None
     public_access_token: str | None = None
 
 
@@ -148,6 +178,9 @@ class TaskInfo(_View):
     name: str
     description: str
     payload_schema: dict[str, Any]
+    #: The queue its runs go to by default, and the limit the task declares.
+    queue: str
+    concurrency_limit: int | None
 
 
 class TaskList(_View):

@@ -17,7 +17,7 @@ from gateway.runs.workflow import child_finished
 from jobs.protocol import run_job_id
 from webhooks.outbox import create_run_deliveries
 
-__all__ = ["cancel_run"]
+__all__ = ["cancel_open_run", "cancel_run"]
 
 _FINAL = [s.value for s in RunStatus if s.is_final]
 
@@ -71,3 +71,13 @@ def cancel_run(conn: sa.Connection, project_id: str, run_id: str) -> Effects:
     done = Effects()
     _cancel(conn, run, utcnow(), done, from_parent=False)
     return done
+
+
+def cancel_open_run(conn: sa.Connection, run_id: str, now: dt.datetime, done: Effects) -> bool:
+    """Cancel the run (and a workflow's children) unless it is final already;
+    whether it did (a bulk cancel's step)."""
+    run = select_run(conn, run_id, lock=True)
+    if run is None or RunStatus(run["status"]).is_final:
+        return False
+    _cancel(conn, run, now, done, from_parent=False)
+    return True

@@ -24,6 +24,7 @@ from jobs.protocol import WorkerEvent
 
 __all__ = [
     "ACTIVE",
+    "PUMPS",
     "KeepFirst",
     "insert_run",
     "is_current",
@@ -42,6 +43,10 @@ run_nodes = RunNode.__table__  # type: ignore[attr-defined]
 
 ACTIVE = (RunStatus.QUEUED, RunStatus.EXECUTING)
 
+#: ``conn.info`` key: the (project, queue) pairs whose slots this unit of work
+#: changed, pumped at its end (``gateway.runs.flow``).
+PUMPS = "gateway.flow.pumps"
+
 
 # Statements built once.
 #
@@ -51,6 +56,7 @@ ACTIVE = (RunStatus.QUEUED, RunStatus.EXECUTING)
 # bound parameters, and only their values change.
 
 _P = sa.bindparam
+_HOLDING = (RunStatus.QUEUED.value, RunStatus.EXECUTING.value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +84,11 @@ _RUN_FIELDS = (
     "retry",
     "max_duration",
     "expire_at",
+    "queue",
+    "concurrency_key",
+    "priority",
+    "gated",
+    "held",
 )
 _SELECT_RUN = sa.select(*(runs.c[f] for f in _RUN_FIELDS)).where(runs.c.id == _P("run_id"))
 _SELECT_RUN_LOCKED = _SELECT_RUN.with_for_update()
@@ -121,7 +132,10 @@ def _cas_update(names: tuple[str, ...], first: frozenset[str]) -> sa.Update:
 
 
 def insert_run(conn: sa.Connection, row: Mapping[str, Any]) -> None:
-    conn.execute(INSERT_RUN, dict(row))
+    values = {"queue": row["task"], "priority": 0, **row}
+    if values.get("order_at") is None:
+        values["order_at"] = values["created_at"] - dt.timedelta(seconds=values["priority"])
+    conn.execute(INSERT_RUN, values)
     observe_transition(dict(row), RunStatus(row["status"]), row["created_at"])
     conn.execute(
         INSERT_TRANSITION,
@@ -153,6 +167,9 @@ def transition(
     result = conn.execute(_cas_update(tuple(changes), first), params)
     if result.rowcount != 1:
         raise LostRace(run["id"])
+    if run.get("gated") and run["status"] in _HOLDING and to.value not in _HOLDING:
+        # A slot of its queue frees: hand it on before this unit commits.
+        conn.info.setdefault(PUMPS, set()).add((run["project_id"], run["queue"]))
     observe_transition(run, to, now)
     conn.execute(
         INSERT_TRANSITION,

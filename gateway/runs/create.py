@@ -1,4 +1,6 @@
-"""Creating runs (one, or a batch), and the idempotency keys that give back an earlier one."""
+"""Creating runs (one, or a batch): the idempotency keys that give back an
+earlier run, debounce keys that push a DELAYED run back instead of making
+another, and admission to the run's queue (``gateway.runs.flow``)."""
 
 from __future__ import annotations
 
@@ -10,15 +12,21 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
 
+from db.engine import savepoint
+from db.ids import new_id
 from db.models import Batch, IdempotencyKey, RunStatus
 from db.types import utcnow
 from gateway.runs.cas import insert_run, run_transitions, runs
+from gateway.runs.effects import Effects, job_of
 from gateway.runs.errors import LostRace
+from gateway.runs.flow import admit
 from gateway.runs.read import load_run, run_view
+from gateway.runs.slots import QueueRule
 from jobs.protocol import WORKFLOW_TASK
 
-__all__ = ["NewRun", "create_runs"]
+__all__ = ["Created", "Debounce", "NewRun", "create_runs", "replay_row"]
 
 idempotency_keys = IdempotencyKey.__table__  # type: ignore[attr-defined]
 batches = Batch.__table__  # type: ignore[attr-defined]
@@ -70,19 +78,73 @@ def _claim_key(conn: sa.Connection, row: Mapping[str, Any], key: str, ttl: float
 
 
 @dataclasses.dataclass(frozen=True)
+class Debounce:
+    """How a trigger with a debounce key moves the DELAYED run it finds."""
+
+    delay: float
+    #: ``leading`` keeps the first trigger's payload; ``trailing`` takes each new one.
+    mode: str = "leading"
+
+
+@dataclasses.dataclass(frozen=True)
 class NewRun:
     """A run's row, ready to insert, and how long its idempotency key lasts."""
 
     row: dict[str, Any]
     idempotency_ttl: float = 0.0
+    debounce: Debounce | None = None
 
 
-def create_runs(
-    conn: sa.Connection, new: list[NewRun], batch_id: str | None = None
-) -> list[tuple[dict[str, Any], bool]]:
-    """Insert runs (QUEUED or DELAYED); for each, its view and whether it is an
-    earlier run given back for its idempotency key."""
+@dataclasses.dataclass
+class Created:
+    """What :func:`create_runs` made: for each new run, its view and whether it
+    is an earlier run given back (an idempotency key, or a debounce key that
+    pushed an earlier run back); and the jobs of the runs that start now."""
+
+    runs: list[tuple[dict[str, Any], bool]]
+    effects: Effects
+
+
+def _debounced(
+    conn: sa.Connection, row: Mapping[str, Any], debounce: Debounce
+) -> dict[str, Any] | None:
+    """Push back the DELAYED run that holds ``row``'s debounce key, and return
+    its view; ``None`` if no run holds it."""
+    scope = (
+        runs.c.project_id == row["project_id"],
+        runs.c.task == row["task"],
+        runs.c.debounce_key == row["debounce_key"],
+        runs.c.status == RunStatus.DELAYED.value,
+    )
+    found = (
+        conn.execute(sa.select(runs.c.id, runs.c.debounce_until).where(*scope).with_for_update())
+        .mappings()
+        .first()
+    )
+    if found is None:
+        return None
+    now = row["created_at"]
+    run_at = now + dt.timedelta(seconds=debounce.delay)
+    if found["debounce_until"] is not None:
+        run_at = min(run_at, found["debounce_until"])
+    values: dict[str, Any] = {"run_at": run_at, "updated_at": now}
+    if debounce.mode == "trailing":
+        values.update(payload=row["payload"], tags=row["tags"], metadata=row["metadata"])
+    moved = conn.execute(runs.update().where(runs.c.id == found["id"], *scope).values(values))
+    if moved.rowcount != 1:
+        raise LostRace(found["id"])
+    view = load_run(conn, None, found["id"])
+    assert view is not None
+    view["debounced"] = True
+    return view
+
+
+def create_runs(conn: sa.Connection, new: list[NewRun], batch_id: str | None = None) -> Created:
+    """Insert runs (QUEUED or DELAYED); a QUEUED one starts now unless its
+    queue holds it (``gateway.runs.flow.admit``)."""
     out: list[tuple[dict[str, Any], bool]] = []
+    effects = Effects()
+    rules: dict[tuple[str, str], QueueRule] = {}
     if batch_id is not None:
         conn.execute(
             batches.insert(),
@@ -95,7 +157,20 @@ def create_runs(
         )
     for item in new:
         row = item.row
-        insert_run(conn, row)
+        if item.debounce is not None:
+            view = _debounced(conn, row, item.debounce)
+            if view is not None:
+                out.append((view, True))
+                continue
+        starts = row["status"] == RunStatus.QUEUED.value and admit(conn, row, rules)
+        if item.debounce is not None:
+            try:
+                with savepoint(conn):
+                    insert_run(conn, row)
+            except IntegrityError:  # another trigger made the key's run this instant
+                raise LostRace(row["id"]) from None
+        else:
+            insert_run(conn, row)
         key = row.get("idempotency_key")
         if key:
             cached = _claim_key(conn, row, key, item.idempotency_ttl)
@@ -106,5 +181,46 @@ def create_runs(
                 assert view is not None
                 out.append((view, True))
                 continue
+        if starts:
+            effects.jobs.append(job_of(row))
         out.append((run_view(row, [], {} if row["task"] == WORKFLOW_TASK else None), False))
-    return out
+    return Created(out, effects)
+
+
+def replay_row(original: Mapping[str, Any], now: dt.datetime) -> dict[str, Any]:
+    """A new run of ``original``'s task, payload and options, QUEUED in the
+    same queue, with ``replayed_from``."""
+    return {
+        "id": new_id("run"),
+        "project_id": original["project_id"],
+        "task": original["task"],
+        "status": RunStatus.QUEUED.value,
+        "attempt": 1,
+        "payload": original["payload"],
+        "output": None,
+        "error_code": None,
+        "error_message": None,
+        "tags": list(original["tags"] or []),
+        "metadata": dict(original["metadata"] or {}),
+        "created_at": now,
+        "updated_at": now,
+        "started_at": None,
+        "finished_at": None,
+        "callback_url": original["callback_url"],
+        "step": 0,
+        "step_pending": False,
+        "parent_id": None,
+        "node_id": None,
+        "run_at": None,
+        "expire_at": None,
+        "max_attempts": original["max_attempts"],
+        "retry": original["retry"],
+        "max_duration": original["max_duration"],
+        "idempotency_key": None,
+        "replayed_from": original["id"],
+        "batch_id": None,
+        "queue": original["queue"],
+        "concurrency_key": original["concurrency_key"],
+        "priority": original["priority"],
+        "order_at": now - dt.timedelta(seconds=original["priority"] or 0),
+    }

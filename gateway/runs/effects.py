@@ -23,13 +23,22 @@ class Job:
     state: dict[str, Any] | None = None
     #: What the worker enforces itself (``max_duration``).
     options: dict[str, Any] | None = None
+    #: Seconds of head start on arq's queue (``options.priority``).
+    priority: int = 0
 
 
 def job_of(run: Mapping[str, Any], *, state: dict[str, Any] | None = None) -> Job:
     """The job that runs ``run``'s current attempt (and step)."""
     options = {"max_duration": run["max_duration"]} if run.get("max_duration") else None
     return Job(
-        run["id"], run["task"], run["payload"], run["attempt"], run.get("step", 0), state, options
+        run["id"],
+        run["task"],
+        run["payload"],
+        run["attempt"],
+        run.get("step", 0),
+        state,
+        options,
+        run.get("priority") or 0,
     )
 
 

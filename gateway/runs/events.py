@@ -110,9 +110,10 @@ def _apply_started(
         outgoing = expire(conn, run, now)
         effects = Effects(outgoing=outgoing, changed=[run["id"]], finished=[run["id"]])
         return EventAnswer(True, RunStatus.EXPIRED.value, False, effects)
-    if not (current and status == RunStatus.QUEUED):
+    if not (current and status == RunStatus.QUEUED) or run["held"]:
         # A re-delivered job of the attempt that is running may go on (execution
-        # is at-least-once); anything else must not run.
+        # is at-least-once); anything else must not run, nor may a job of a
+        # run its queue holds (a stray job must not take a slot it has not got).
         return EventAnswer(False, status.value, current and status == RunStatus.EXECUTING)
     transition(
         conn,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -21,6 +21,8 @@ from db.types import to_utc
 __all__ = [
     "BatchItem",
     "BatchRequest",
+    "DebounceOptions",
+    "QueueName",
     "RescheduleRequest",
     "RetryOptions",
     "TriggerOptions",
@@ -88,6 +90,29 @@ class RetryOptions(BaseModel):
     jitter: float = Field(default=0.2, ge=0, le=1)
 
 
+#: A queue's name: letters, digits and ``. _ : -``, as it appears in a URL path.
+QueueName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")]
+#: Seconds of head start a priority gives: at most a day.
+MAX_PRIORITY = 86400
+#: How long debounced triggers may push a run back, unless ``max_delay`` says.
+DEFAULT_DEBOUNCE_MAX_DELAY = 3600.0
+
+
+class DebounceOptions(BaseModel):
+    """Triggers with the same ``key`` (per project and task) while the run they
+    made is DELAYED give back that run and push its start to ``delay`` from
+    now, up to ``max_delay`` after the first of them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(min_length=1, max_length=200)
+    delay: Duration = Field(gt=0)
+    #: ``leading``: the run keeps the first trigger's payload; ``trailing``:
+    #: each trigger's payload (and tags and metadata) replaces it.
+    mode: Literal["leading", "trailing"] = "leading"
+    max_delay: Duration = Field(default=DEFAULT_DEBOUNCE_MAX_DELAY, gt=0)
+
+
 class TriggerOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -106,6 +131,13 @@ class TriggerOptions(BaseModel):
     retry: RetryOptions = Field(default_factory=RetryOptions)
     #: Seconds one attempt may run; past it the run ends TIMED_OUT.
     max_duration: Duration | None = Field(default=None, gt=0)
+    #: The queue whose concurrency limit the run obeys (default: the task's own).
+    queue: QueueName | None = None
+    #: The queue's limit applies to each key apart (a tenant, a customer).
+    concurrency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    #: Seconds of head start: the run is ordered as if triggered this much earlier.
+    priority: int = Field(default=0, ge=0, le=MAX_PRIORITY)
+    debounce: DebounceOptions | None = None
 
 
 class TriggerRequest(BaseModel):

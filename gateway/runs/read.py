@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from db.models import Batch, RunStatus
 from db.types import isoformat
 from gateway.runs.cas import LOAD_ATTEMPTS, LOAD_OWN_RUN, LOAD_RUN, run_nodes, run_transitions, runs
+from gateway.runs.slots import waiting_for
 from jobs.protocol import WORKFLOW_TASK
 
 __all__ = [
@@ -21,6 +22,8 @@ __all__ = [
     "count_by_status",
     "list_runs",
     "load_run",
+    "node_states",
+    "query_conditions",
     "run_view",
     "status_of",
     "transitions_since",
@@ -28,6 +31,21 @@ __all__ = [
 ]
 
 batches = Batch.__table__  # type: ignore[attr-defined]
+
+
+def node_states(conn: sa.Connection, parent_id: str) -> dict[str, Any]:
+    """The workflow's node states, as a step job takes them."""
+    states: dict[str, Any] = {}
+    for r in conn.execute(
+        sa.select(run_nodes).where(run_nodes.c.parent_id == parent_id)
+    ).mappings():
+        state: dict[str, Any] = {"status": r["status"], "run_id": r["run_id"]}
+        if r["output"] is not None:
+            state["output"] = r["output"]
+        if r["error_code"] is not None:
+            state["error"] = {"code": r["error_code"], "message": r["error_message"]}
+        states[r["node_id"]] = state
+    return states
 
 
 def error_view(code: str | None, message: str | None) -> dict[str, Any] | None:
@@ -72,6 +90,9 @@ def run_view(
         "parent_id": row.get("parent_id"),
         "node_id": row.get("node_id"),
         "replayed_from": row.get("replayed_from"),
+        "queue": row.get("queue") or row["task"],
+        "concurrency_key": row.get("concurrency_key"),
+        "priority": row.get("priority") or 0,
         "created_at": isoformat(row["created_at"]),
         "updated_at": isoformat(row["updated_at"]),
         "started_at": isoformat(started),
@@ -138,7 +159,9 @@ def load_run(conn: sa.Connection, project_id: str | None, run_id: str) -> dict[s
         return None
     attempts = conn.execute(LOAD_ATTEMPTS, {"run_id": run_id}).mappings()
     nodes = _node_views(conn, dict(row)) if row["task"] == WORKFLOW_TASK else None
-    return run_view(dict(row), [dict(a) for a in attempts], nodes)
+    view = run_view(dict(row), [dict(a) for a in attempts], nodes)
+    view["waiting_for"] = waiting_for(conn, dict(row))
+    return view
 
 
 _STATUS = sa.select(runs.c.status).where(runs.c.id == sa.bindparam("run_id"))
@@ -175,6 +198,7 @@ class RunQuery:
     statuses: tuple[str, ...] = ()
     tasks: tuple[str, ...] = ()
     tag: str | None = None
+    queue: str | None = None
     created_after: dt.datetime | None = None
     created_before: dt.datetime | None = None
     limit: int = 25
@@ -189,9 +213,8 @@ def _has_tag(conn: sa.Connection, tag: str) -> Any:
     return sa.exists(sa.select(1).select_from(each).where(each.c.value == tag))
 
 
-def list_runs(conn: sa.Connection, project_id: str, query: RunQuery) -> dict[str, Any]:
-    """Newest first. IDs sort by creation time, so "older than the cursor" pages
-    stay stable while new runs arrive."""
+def query_conditions(conn: sa.Connection, project_id: str, query: RunQuery) -> list[Any]:
+    """The WHERE conditions of ``query``'s filters (not its cursor)."""
     where = [runs.c.project_id == project_id]
     if query.statuses:
         where.append(runs.c.status.in_(query.statuses))
@@ -199,10 +222,19 @@ def list_runs(conn: sa.Connection, project_id: str, query: RunQuery) -> dict[str
         where.append(runs.c.task.in_(query.tasks))
     if query.tag:
         where.append(_has_tag(conn, query.tag))
+    if query.queue:
+        where.append(runs.c.queue == query.queue)
     if query.created_after:
         where.append(runs.c.created_at > query.created_after)
     if query.created_before:
         where.append(runs.c.created_at < query.created_before)
+    return where
+
+
+def list_runs(conn: sa.Connection, project_id: str, query: RunQuery) -> dict[str, Any]:
+    """Newest first. IDs sort by creation time, so "older than the cursor" pages
+    stay stable while new runs arrive."""
+    where = query_conditions(conn, project_id, query)
     if query.cursor:
         where.append(runs.c.id < query.cursor)
     rows = [

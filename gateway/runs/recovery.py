@@ -85,7 +85,11 @@ def queued_before(
     """QUEUED runs unchanged since ``before``, with their current job IDs."""
     rows = conn.execute(
         sa.select(runs.c.id, runs.c.attempt, runs.c.step)
-        .where(runs.c.status == RunStatus.QUEUED.value, runs.c.updated_at < before)
+        .where(
+            runs.c.status == RunStatus.QUEUED.value,
+            runs.c.held.is_(False),
+            runs.c.updated_at < before,
+        )
         .order_by(runs.c.updated_at)
         .limit(limit)
     )

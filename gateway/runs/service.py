@@ -24,17 +24,21 @@ from db.engine import Database
 from db.ids import new_id
 from db.models import Run, RunStatus
 from db.types import utcnow
-from gateway.errors import APIError, NotFound
+from gateway.errors import APIError, NotFound, ValidationFailed
 from gateway.notify import RunNotifier
 from gateway.queue import QueuedJob, enqueue_jobs
+from gateway.runs.bulk import bulk_page, create_bulk, load_bulk, unfinished_bulks
 from gateway.runs.cancel import cancel_run
-from gateway.runs.create import NewRun, create_runs
-from gateway.runs.effects import Effects, Job, job_of
+from gateway.runs.create import Debounce, NewRun, create_runs, replay_row
+from gateway.runs.effects import Effects, Job
 from gateway.runs.errors import LostRace, RunNotFound
 from gateway.runs.events import EventAnswer, apply_event, apply_events
-from gateway.runs.options import RetryOptions, TriggerOptions, TriggerRequest
+from gateway.runs.flow import flowing, pump_held
+from gateway.runs.options import TriggerOptions, TriggerRequest
+from gateway.runs.queues import create_queue, get_queue, list_queues, update_queue
 from gateway.runs.read import RunQuery, batch_summary, list_runs, load_run, status_of
 from gateway.runs.recovery import queued_before, recover_lost
+from gateway.runs.slots import default_queue
 from gateway.runs.timers import release_due, reschedule
 from gateway.settings import Settings
 from jobs.protocol import WorkerEvent, run_job_id
@@ -70,6 +74,8 @@ class RunService:
         self.dispatcher = dispatcher
         self.settings = settings
         self._born = time.monotonic()
+        #: Bulk actions this process is doing, by ID.
+        self._bulks: dict[str, asyncio.Task[None]] = {}
 
     def new_row(
         self,
@@ -95,6 +101,20 @@ class RunService:
         callback_url = options.callback_url
         if callback_url is not None:
             callback_url = self.webhooks.check_url(callback_url, f"{field}.callback_url")
+        debounce = options.debounce
+        if debounce is not None:
+            if options.delay is not None:
+                raise ValidationFailed(
+                    details=[
+                        {
+                            "path": f"{field}.delay",
+                            "type": "value_error",
+                            "message": "a debounced run's start is set by debounce.delay; "
+                            "give one or the other",
+                        }
+                    ]
+                )
+            run_at = now + dt.timedelta(seconds=debounce.delay)
         row: dict[str, Any] = {
             "id": new_id("run"),
             "project_id": project_id,
@@ -124,8 +144,22 @@ class RunService:
             "idempotency_key": options.idempotency_key,
             "replayed_from": replayed_from,
             "batch_id": None,
+            "queue": options.queue or default_queue(task)[0],
+            "concurrency_key": options.concurrency_key,
+            "priority": options.priority,
+            "order_at": now - dt.timedelta(seconds=options.priority),
+            "debounce_key": debounce.key if debounce else None,
+            "debounce_until": (
+                now + dt.timedelta(seconds=max(debounce.max_delay, debounce.delay))
+                if debounce
+                else None
+            ),
         }
-        return NewRun(row, options.idempotency_key_ttl)
+        return NewRun(
+            row,
+            options.idempotency_key_ttl,
+            Debounce(debounce.delay, debounce.mode) if debounce else None,
+        )
 
     async def create(
         self, new: list[NewRun], *, batch_id: str | None = None
@@ -134,15 +168,13 @@ class RunService:
         if batch_id is not None:
             for item in new:
                 item.row["batch_id"] = batch_id
-        # A trigger with the same idempotency key may win the race: look again.
+        # A trigger with the same idempotency (or debounce) key may win the race: look again.
         created = await self._write_until_settled(create_runs, new, batch_id)
-        due = Effects()
-        for (view, cached), item in zip(created, new, strict=True):
-            if not cached and item.row["status"] == RunStatus.QUEUED.value:
-                due.jobs.append(job_of(item.row))
-            view["is_cached"] = cached
-        await self._enqueue_all(due)
-        return created
+        for view, cached in created.runs:
+            view["debounced"] = bool(view.get("debounced"))
+            view["is_cached"] = cached and not view["debounced"]
+        await self._enqueue_all(created.effects)
+        return created.runs
 
     async def trigger(
         self, project_id: str, task: str, request: TriggerRequest
@@ -160,6 +192,7 @@ class RunService:
             (job.run_id, job.task, job.payload, job.attempt, job.step, job.state, job.options),
             run_job_id(job.run_id, job.attempt, job.step),
             self.settings.queue_name,
+            head_start=job.priority,
         )
 
     async def enqueue(self, job: Job) -> bool:
@@ -220,25 +253,12 @@ class RunService:
         return await self.get(project_id, run_id)
 
     async def replay(self, project_id: str, run_id: str) -> dict[str, Any]:
-        """A new run of the same task, payload and options, with ``replayed_from``."""
+        """A new run of the same task, payload and options (and queue), with
+        ``replayed_from``."""
         original = await self.db.read(_replay_source, project_id, run_id)
         if original is None:
             raise RunNotFound(run_id)
-        options = TriggerOptions(
-            tags=original["tags"] or [],
-            metadata=original["metadata"] or {},
-            callback_url=original["callback_url"],
-            max_attempts=original["max_attempts"],
-            retry=RetryOptions.model_validate(original["retry"] or {}),
-            max_duration=original["max_duration"],
-        )
-        [(view, _)] = await self.create(
-            [
-                self.new_row(
-                    project_id, original["task"], original["payload"], options, replayed_from=run_id
-                )
-            ]
-        )
+        [(view, _)] = await self.create([NewRun(replay_row(original, utcnow()))])
         return view
 
     async def reschedule(
@@ -257,6 +277,68 @@ class RunService:
         if found is None:
             raise NotFound(f"no batch with id {batch_id!r}", code="batch_not_found")
         return found
+
+    # Flow control and bulk actions.
+
+    async def queues(self, project_id: str) -> list[dict[str, Any]]:
+        return await self.db.read(list_queues, project_id)
+
+    async def queue(self, project_id: str, name: str) -> dict[str, Any]:
+        return await self.db.read(get_queue, project_id, name)
+
+    async def create_queue(
+        self, project_id: str, name: str, limit: int | None, paused: bool
+    ) -> dict[str, Any]:
+        return await self._write(create_queue, project_id, name, limit, paused)
+
+    async def update_queue(
+        self, project_id: str, name: str, changes: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Change a queue's limit or pause it; a raised limit or a resume
+        hands out held runs before this returns."""
+        return await self._write(update_queue, project_id, name, changes)
+
+    async def pump_queues(self) -> int:
+        """Hand out what every queue with held runs has room for (the
+        reconciler's pass; each unit that frees a slot does it too)."""
+        jobs = await self.db.write(pump_held, utcnow())
+        if jobs:
+            await self._enqueue_all(Effects(jobs=jobs))
+        return len(jobs)
+
+    async def bulk(self, project_id: str, action: str, selection: dict[str, Any]) -> dict[str, Any]:
+        """Record a bulk action and start doing it in pages, here in the background."""
+        view = await self.db.write(create_bulk, project_id, action, selection, utcnow())
+        if not view["is_final"]:
+            self._drive(view["id"])
+        return view
+
+    async def bulk_status(self, project_id: str, bulk_id: str) -> dict[str, Any]:
+        return await self.db.read(load_bulk, project_id, bulk_id)
+
+    def _drive(self, bulk_id: str) -> None:
+        if bulk_id in self._bulks:
+            return
+        task = asyncio.get_running_loop().create_task(self._drive_bulk(bulk_id))
+        self._bulks[bulk_id] = task
+        task.add_done_callback(lambda _: self._bulks.pop(bulk_id, None))
+
+    async def _drive_bulk(self, bulk_id: str) -> None:
+        try:
+            while True:
+                page = await self._write_until_settled(bulk_page, bulk_id, utcnow())
+                await self._after(page.effects)
+                if page.done:
+                    return
+        except Exception:  # the reconciler resumes it; the page did nothing twice
+            log.exception("bulk action %s stopped; the reconciler resumes it", bulk_id)
+
+    async def resume_bulks(self, grace: float) -> int:
+        """Resume bulk actions that stopped moving (their process went away)."""
+        stalled = await self.db.read(unfinished_bulks, utcnow() - dt.timedelta(seconds=grace))
+        for bulk_id in stalled:
+            self._drive(bulk_id)
+        return len(stalled)
 
     async def recover_lost(self) -> int:
         """End attempts whose worker went silent (see ``transitions.recover_lost``).
@@ -280,13 +362,13 @@ class RunService:
                     pipe.exists(in_progress_key_prefix + queued_job, result_key_prefix + queued_job)
                 flags = await pipe.execute()
             taken = [run_id for (run_id, _), flag in zip(queued, flags, strict=True) if flag]
-        lost = await self.db.write(recover_lost, now, timeout, taken)
+        lost = await self._write(recover_lost, now, timeout, taken)
         await self._after(lost)
         return len(lost.abort)
 
     async def release_due(self) -> int:
         """One scheduler pass: start due DELAYED/RETRYING runs, expire stale ones."""
-        due = await self.db.write(release_due, utcnow())
+        due = await self._write(release_due, utcnow())
         await self._after(due)
         return len(due.jobs) + len(due.abort)
 
@@ -316,9 +398,9 @@ class RunService:
         self, events: Sequence[WorkerEvent]
     ) -> list[EventAnswer | APIError | LostRace]:
         try:
-            return await self.db.write(apply_events, events)
+            return await self._write(apply_events, events)
         except (APIError, LostRace):  # rare: again, each report in a savepoint
-            return await self.db.write(apply_events, events, isolated=True)
+            return await self._write(apply_events, events, isolated=True)
 
     async def apply_events(self, events: Sequence[WorkerEvent]) -> list[EventAnswer | APIError]:
         """Apply a batch of verified worker events, then do what they set in
@@ -352,12 +434,20 @@ class RunService:
         await self._after(effects)
         return out
 
+    async def _write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``db.write(fn, …)``, then queue the runs that the queue pumps at the
+        end of the unit handed out (``gateway.runs.flow.flowing``)."""
+        result, jobs = await self.db.write(flowing(fn), *args, **kwargs)
+        if jobs:
+            await self._enqueue_all(Effects(jobs=jobs))
+        return result
+
     async def _write_until_settled(self, fn: Callable[..., T], *args: Any, tries: int = 5) -> T:
         """``db.write(fn, …)``, run again when another process moved a run
         between its read and its compare-and-set (:class:`LostRace`)."""
         for _ in range(tries):
             try:
-                return await self.db.write(fn, *args)
+                return await self._write(fn, *args)
             except LostRace:
                 continue
         raise RuntimeError(f"{fn.__name__} lost the race {tries} times in a row")

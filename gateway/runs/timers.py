@@ -14,7 +14,9 @@ from db.types import utcnow
 from gateway.runs.cas import runs, select_run, transition
 from gateway.runs.effects import Effects, job_of
 from gateway.runs.errors import RunNotDelayed, RunNotFound
+from gateway.runs.flow import admit
 from gateway.runs.read import view_of
+from gateway.runs.slots import QueueRule
 from gateway.runs.workflow import node_states
 from jobs.protocol import run_job_id
 from webhooks.outbox import Outgoing, create_run_deliveries
@@ -69,14 +71,24 @@ def release_due(conn: sa.Connection, now: dt.datetime, limit: int = 200) -> Effe
         done.changed.append(run["id"])
         done.finished.append(run["id"])
     later = (RunStatus.DELAYED.value, RunStatus.RETRYING.value)
+    rules: dict[tuple[str, str], QueueRule] = {}
     for run_id in _due(conn, sa.and_(runs.c.status.in_(later), runs.c.run_at <= now), limit):
         run = select_run(conn, run_id, lock=True)
         if run is None or run["status"] not in later:
             continue
-        transition(conn, run, RunStatus.QUEUED, now, {"run_at": None})
-        # A workflow's step takes the nodes' states with it.
-        state = node_states(conn, run["id"]) if run["step"] else None
-        done.jobs.append(job_of(run, state=state))
+        gate: dict[str, Any] = {"queue": run["queue"], "project_id": run["project_id"]}
+        starts = admit(conn, {**gate, "task": run["task"]}, rules)
+        transition(
+            conn,
+            run,
+            RunStatus.QUEUED,
+            now,
+            {"run_at": None, "gated": not starts, "held": not starts},
+        )
+        if starts:
+            # A workflow's step takes the nodes' states with it.
+            state = node_states(conn, run["id"]) if run["step"] else None
+            done.jobs.append(job_of(run, state=state))
         done.changed.append(run["id"])
     return done
 

@@ -18,24 +18,12 @@ from db.models import RunStatus
 from gateway.errors import InvalidEvent
 from gateway.runs.cas import ACTIVE, insert_run, is_current, run_nodes, runs, select_run, transition
 from gateway.runs.effects import Effects, Job
+from gateway.runs.flow import admit
+from gateway.runs.read import node_states
+from gateway.runs.slots import QueueRule, default_queue
 from jobs.protocol import WORKFLOW_TASK, WorkerEvent
 
 __all__ = ["apply_waiting", "child_finished", "node_states"]
-
-
-def node_states(conn: sa.Connection, parent_id: str) -> dict[str, Any]:
-    """The workflow's node states, as a step job takes them."""
-    states: dict[str, Any] = {}
-    for r in conn.execute(
-        sa.select(run_nodes).where(run_nodes.c.parent_id == parent_id)
-    ).mappings():
-        state: dict[str, Any] = {"status": r["status"], "run_id": r["run_id"]}
-        if r["output"] is not None:
-            state["output"] = r["output"]
-        if r["error_code"] is not None:
-            state["error"] = {"code": r["error_code"], "message": r["error_message"]}
-        states[r["node_id"]] = state
-    return states
 
 
 def _upsert_node(
@@ -130,37 +118,40 @@ def apply_waiting(
             output=state.get("output"),
         )
     done = Effects(changed=[run["id"]])
+    rules: dict[tuple[str, str], QueueRule] = {}
     for spec in event.spawn:
         if spec.node_id in existing:
             continue
         child_id = new_id("run")
-        insert_run(
-            conn,
-            {
-                "id": child_id,
-                "project_id": run["project_id"],
-                "task": spec.task,
-                "status": RunStatus.QUEUED.value,
-                "attempt": 1,
-                "step": 0,
-                "step_pending": False,
-                "payload": spec.payload,
-                "output": None,
-                "error_code": None,
-                "error_message": None,
-                "tags": [],
-                "metadata": {},
-                "created_at": now,
-                "updated_at": now,
-                "started_at": None,
-                "finished_at": None,
-                "callback_url": None,
-                "parent_id": run["id"],
-                "node_id": spec.node_id,
-            },
-        )
+        queue, _ = default_queue(spec.task)
+        child: dict[str, Any] = {
+            "id": child_id,
+            "project_id": run["project_id"],
+            "task": spec.task,
+            "status": RunStatus.QUEUED.value,
+            "attempt": 1,
+            "step": 0,
+            "step_pending": False,
+            "payload": spec.payload,
+            "output": None,
+            "error_code": None,
+            "error_message": None,
+            "tags": [],
+            "metadata": {},
+            "created_at": now,
+            "updated_at": now,
+            "started_at": None,
+            "finished_at": None,
+            "callback_url": None,
+            "parent_id": run["id"],
+            "node_id": spec.node_id,
+            "queue": queue,
+        }
+        starts = admit(conn, child, rules)
+        insert_run(conn, child)
         _upsert_node(conn, run["id"], spec.node_id, now, status="running", run_id=child_id)
-        done.jobs.append(Job(child_id, spec.task, spec.payload))
+        if starts:
+            done.jobs.append(Job(child_id, spec.task, spec.payload))
     fresh = select_run(conn, run["id"])
     assert fresh is not None
     if fresh["step_pending"]:

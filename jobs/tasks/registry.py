@@ -47,6 +47,7 @@ __all__ = [
 ]
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
+_QUEUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")
 
 TaskFunction = Callable[[Any, "TaskContext"], Awaitable[Any]]
 #: What ``@task`` takes: an async function, or a plain one that runs in a thread.
@@ -93,6 +94,11 @@ class TaskDefinition:
     description: str = ""
     #: Checks beyond the model's; returns 422 details with paths in the payload.
     check: Callable[[Any], list[dict[str, str]]] | None = None
+    #: The queue its runs go to unless a trigger names another (default: its name).
+    queue: str | None = None
+    #: How many of the queue's runs may execute at once, unless the queue was
+    #: given a limit through the API (which then wins).
+    concurrency_limit: int | None = None
 
     def parse_payload(self, payload: Any) -> Any:
         """The payload as the task function takes it.
@@ -139,6 +145,13 @@ class TaskRegistry:
             raise ValueError(
                 f"task name {definition.name!r} must be 1-100 characters of a-z, 0-9, '.', '_', '-'"
             )
+        if definition.queue is not None and not _QUEUE.match(definition.queue):
+            raise ValueError(
+                f"queue name {definition.queue!r} must be 1-100 characters of "
+                "A-Z, a-z, 0-9, '.', '_', ':', '-'"
+            )
+        if definition.concurrency_limit is not None and definition.concurrency_limit < 1:
+            raise ValueError(f"task {definition.name!r}: concurrency_limit must be 1 or more")
         existing = self._tasks.get(definition.name)
         if existing is not None and existing.fn is not definition.fn:
             raise ValueError(f"task {definition.name!r} is registered twice")
@@ -157,6 +170,8 @@ class TaskRegistry:
                 "name": name,
                 "description": self._tasks[name].description,
                 "payload_schema": self._tasks[name].payload_schema(),
+                "queue": self._tasks[name].queue or name,
+                "concurrency_limit": self._tasks[name].concurrency_limit,
             }
             for name in self.names()
         ]
@@ -183,12 +198,16 @@ def task(
     payload: type[BaseModel] | None = None,
     description: str = "",
     check: Callable[[Any], list[dict[str, str]]] | None = None,
+    queue: str | None = None,
+    concurrency_limit: int | None = None,
 ) -> Callable[[AnyTaskFunction], AnyTaskFunction]:
     """Register the decorated function as the task ``name``.
 
     An ``async def`` runs on the worker's event loop; a plain ``def`` runs in
     a thread, so CPU-bound or blocking work never stalls the worker's other
-    runs (nor their heartbeats).
+    runs (nor their heartbeats). Its runs go to ``queue`` (default: a queue
+    named after the task); ``concurrency_limit`` caps how many of that queue's
+    runs execute at once across every worker, until the API sets another.
     """
 
     def decorate(fn: AnyTaskFunction) -> AnyTaskFunction:
@@ -199,6 +218,8 @@ def task(
                 payload_model=payload,
                 description=description or (fn.__doc__ or "").strip().split("\n")[0],
                 check=check,
+                queue=queue,
+                concurrency_limit=concurrency_limit,
             )
         )
         return fn

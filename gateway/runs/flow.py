@@ -1,0 +1,247 @@
+"""Flow control: who may start, decided in the database (limits, keys, priority, pauses).
+
+The database is the judge (docs/architecture.md, "Flow control"). A run whose
+queue has a limit, or is paused, is *gated*: when it becomes QUEUED it is
+*held* in the database, not put on Redis, and the queue is *pumped* at the end
+of the same unit of work: the queue's row is locked (so two gateway processes
+never hand out the same slot), its free slots are counted from the runs that
+hold one, and that many held runs are handed to arq, oldest first by
+``order_at`` (``created_at`` less ``priority``), round-robin across
+concurrency keys. A gated run that stops holding a slot (it ends, waits, is
+retried later) asks for its queue to be pumped again in its own transaction.
+
+Redis never holds a decision: a held run is a row, so a flushed Redis loses
+none, and the reconciler pumps every queue with held runs on each pass, which
+also covers a pump that a crash kept from running.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+from collections.abc import Callable, MutableMapping
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+
+from db.models import RunStatus
+from gateway.runs.cas import PUMPS, runs
+from gateway.runs.effects import Job, job_of
+from gateway.runs.read import node_states
+from gateway.runs.slots import (
+    QueueRule,
+    default_queue,
+    in_queue,
+    insert_queue,
+    key_is,
+    running_by_key,
+    select_queue,
+)
+
+__all__ = ["admit", "flowing", "pump", "pump_held", "queue_rule", "request_pump"]
+
+T = TypeVar("T")
+
+_QUEUED = RunStatus.QUEUED.value
+_EXECUTING = RunStatus.EXECUTING.value
+#: Keys served in one pump, oldest first; the rest wait for the next.
+MAX_KEYS = 200
+#: Runs handed out in one pump at the most.
+MAX_HANDED = 500
+
+
+def queue_rule(
+    conn: sa.Connection,
+    project_id: str,
+    name: str,
+    task: str | None = None,
+    cache: MutableMapping[tuple[str, str], QueueRule] | None = None,
+) -> QueueRule:
+    """The queue's rule as the database has it. A task's own queue that has no
+    row yet gets one with the task's declared limit, so it is listed and can be
+    changed like any other."""
+    key = (project_id, name)
+    if cache is not None and key in cache:
+        return cache[key]
+    row = conn.execute(select_queue, {"project_id": project_id, "name": name}).mappings().first()
+    if row is None and task is not None:
+        own, limit = default_queue(task)
+        if own == name and limit is not None:
+            now = dt.datetime.now(dt.UTC)
+            insert_queue(
+                conn,
+                {
+                    "project_id": project_id,
+                    "name": name,
+                    "concurrency_limit": limit,
+                    "paused": False,
+                    "created_at": now,
+                    "updated_at": now,
+                },
+            )
+            row = (
+                conn.execute(select_queue, {"project_id": project_id, "name": name})
+                .mappings()
+                .first()
+            )
+    if row is None and task is not None and default_queue(task)[0] != name:
+        # A queue the trigger named that the project does not have: it is made
+        # with no limit (as Trigger.dev does), so it is listed and can be given one.
+        now = dt.datetime.now(dt.UTC)
+        insert_queue(
+            conn,
+            {
+                "project_id": project_id,
+                "name": name,
+                "concurrency_limit": None,
+                "paused": False,
+                "created_at": now,
+                "updated_at": now,
+            },
+        )
+    rule = QueueRule() if row is None else QueueRule(row["concurrency_limit"], row["paused"])
+    if cache is not None:
+        cache[key] = rule
+    return rule
+
+
+def request_pump(conn: sa.Connection, project_id: str, queue: str) -> None:
+    conn.info.setdefault(PUMPS, set()).add((project_id, queue))
+
+
+def admit(
+    conn: sa.Connection,
+    run: MutableMapping[str, Any],
+    cache: MutableMapping[tuple[str, str], QueueRule] | None = None,
+) -> bool:
+    """Decide for a run that becomes QUEUED: ``True``, hand its job to arq now;
+    ``False``, its queue is gated, so the run is held (``run["held"]``) until
+    the pump at the end of this unit, or a later one, finds it a slot.
+
+    Sets ``gated`` and ``held`` on ``run``: the caller writes them with it.
+    """
+    if not run.get("queue"):
+        run["queue"] = default_queue(run["task"])[0]
+    rule = queue_rule(conn, run["project_id"], run["queue"], run["task"], cache)
+    run["gated"] = run["held"] = rule.gated
+    if rule.gated:
+        request_pump(conn, run["project_id"], run["queue"])
+    return not rule.gated
+
+
+def pump(conn: sa.Connection, project_id: str, queue: str, now: dt.datetime) -> list[Job]:
+    """Hand as many of the queue's held runs to arq as it has free slots, and
+    return their jobs (to queue after the commit).
+
+    Oldest ``order_at`` first within a key; across keys, one run from each in
+    turn (the key whose oldest run waited longest goes first), so one key's
+    backlog never starves another.
+    """
+    found = (
+        conn.execute(select_queue.with_for_update(), {"project_id": project_id, "name": queue})
+        .mappings()
+        .first()
+    )
+    rule = QueueRule() if found is None else QueueRule(found["concurrency_limit"], found["paused"])
+    if rule.paused:
+        return []
+    held = (*in_queue(project_id, queue), runs.c.status == _QUEUED, runs.c.held.is_(True))
+    keys = [
+        key
+        for key, _ in conn.execute(
+            sa.select(runs.c.concurrency_key, sa.func.min(runs.c.order_at).label("first"))
+            .where(*held)
+            .group_by(runs.c.concurrency_key)
+            .order_by(sa.literal_column("first"))
+            .limit(MAX_KEYS)
+        )
+    ]
+    if not keys:
+        return []
+    running = running_by_key(conn, project_id, queue) if rule.limit is not None else {}
+    picks: list[list[str]] = []
+    for key in keys:
+        free = MAX_HANDED if rule.limit is None else rule.limit - running.get(key, 0)
+        if free <= 0:
+            continue
+        picks.append(
+            list(
+                conn.execute(
+                    sa.select(runs.c.id)
+                    .where(*held, key_is(key))
+                    .order_by(runs.c.order_at, runs.c.id)
+                    .limit(min(free, MAX_HANDED))
+                ).scalars()
+            )
+        )
+    order: list[str] = []
+    for turn in range(max((len(p) for p in picks), default=0)):
+        order.extend(p[turn] for p in picks if turn < len(p))
+    order = order[:MAX_HANDED]
+    if not order:
+        return []
+    conn.execute(
+        runs.update()
+        .where(runs.c.id.in_(order), runs.c.status == _QUEUED, runs.c.held.is_(True))
+        .values(held=False, updated_at=now)
+    )
+    rows = {
+        r["id"]: dict(r)
+        for r in conn.execute(
+            sa.select(
+                runs.c.id,
+                runs.c.task,
+                runs.c.payload,
+                runs.c.attempt,
+                runs.c.step,
+                runs.c.max_duration,
+                runs.c.priority,
+            ).where(runs.c.id.in_(order))
+        ).mappings()
+    }
+    return [
+        job_of(rows[i], state=node_states(conn, i) if rows[i]["step"] else None)
+        for i in order
+        if i in rows
+    ]
+
+
+def pump_requested(conn: sa.Connection, now: dt.datetime) -> list[Job]:
+    """Pump the queues this unit asked for, in a fixed order (so two
+    transactions lock the same queues in the same order)."""
+    wanted = conn.info.pop(PUMPS, None)
+    jobs: list[Job] = []
+    for project_id, queue in sorted(wanted or ()):
+        jobs.extend(pump(conn, project_id, queue, now))
+    return jobs
+
+
+def flowing(fn: Callable[..., T]) -> Callable[..., tuple[T, list[Job]]]:
+    """``fn`` as a unit that then pumps the queues it asked for: its result,
+    and the jobs of the runs those pumps handed out."""
+
+    @functools.wraps(fn)
+    def unit(conn: sa.Connection, *args: Any, **kwargs: Any) -> tuple[T, list[Job]]:
+        conn.info.pop(PUMPS, None)
+        try:
+            result = fn(conn, *args, **kwargs)
+            return result, pump_requested(conn, dt.datetime.now(dt.UTC))
+        finally:
+            conn.info.pop(PUMPS, None)
+
+    return unit
+
+
+def pump_held(conn: sa.Connection, now: dt.datetime, limit: int = 100) -> list[Job]:
+    """Pump every queue that has held runs (the reconciler's pass)."""
+    found = conn.execute(
+        sa.select(runs.c.project_id, runs.c.queue)
+        .where(runs.c.status == _QUEUED, runs.c.held.is_(True))
+        .group_by(runs.c.project_id, runs.c.queue)
+        .order_by(runs.c.project_id, runs.c.queue)
+        .limit(limit)
+    )
+    jobs: list[Job] = []
+    for project_id, queue in list(found):
+        jobs.extend(pump(conn, project_id, queue, now))
+    return jobs
