@@ -1,11 +1,11 @@
 """The HTTP API: one module per resource, and what they share.
 
-``tasks`` (trigger, batch), ``runs``, ``batches``, ``webhooks``, ``artifacts``,
-``health`` and ``openapi`` are the public API; ``internal`` is what workers
-call. ``routing`` ties each route to its documented operation and auth mode
-(who calls is ``gateway.auth``'s to say); ``bodies`` reads requests into the
-models the rooms define (``gateway.runs.options``, ``webhooks.models``) and
-``views`` shapes answers.
+``tasks`` (trigger, batch), ``runs``, ``bulk``, ``queues``, ``batches``,
+``webhooks``, ``artifacts``, ``health`` and ``openapi`` are the public API;
+``internal`` is what workers call. ``routing`` ties each route to its
+documented operation and auth mode (who calls is ``gateway.auth``'s to say);
+``bodies`` reads requests into the models the rooms define
+(``gateway.runs.options``, ``webhooks.models``) and ``views`` shapes answers.
 """
 
 from __future__ import annotations
@@ -17,11 +17,24 @@ __all__ = ["api_routes"]
 
 def api_routes() -> list[BaseRoute]:
     """Every route of the API, the public ones and the workers'."""
-    from gateway.api import artifacts, batches, health, internal, openapi, runs, tasks, webhooks
+    from gateway.api import (
+        artifacts,
+        batches,
+        bulk,
+        health,
+        internal,
+        openapi,
+        queues,
+        runs,
+        tasks,
+        webhooks,
+    )
 
     return [
         *tasks.routes,
+        *bulk.routes,  # before runs: "/api/v1/runs/bulk/cancel" is no run's
         *runs.routes,
+        *queues.routes,
         *batches.routes,
         *webhooks.routes,
         *artifacts.routes,

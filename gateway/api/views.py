@@ -12,11 +12,15 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
+from gateway.runs.options import Status
+
 __all__ = [
     "JSON",
     "AttemptView",
     "BatchCreated",
     "BatchSummary",
+    "BulkCreated",
+    "BulkView",
     "DeliveryPage",
     "DeliveryView",
     "EndpointCreated",
@@ -24,6 +28,8 @@ __all__ = [
     "EndpointSecretView",
     "EndpointView",
     "ErrorBody",
+    "QueueList",
+    "QueueView",
     "RecoverAnswer",
     "RotatedSecret",
     "RunPage",
@@ -34,19 +40,6 @@ __all__ = [
 ]
 
 M = TypeVar("M", bound=BaseModel)
-
-Status = Literal[
-    "DELAYED",
-    "QUEUED",
-    "EXECUTING",
-    "RETRYING",
-    "WAITING",
-    "COMPLETED",
-    "FAILED",
-    "CANCELED",
-    "EXPIRED",
-    "TIMED_OUT",
-]
 
 
 class _View(BaseModel):
@@ -277,6 +270,49 @@ class RecoverAnswer(_View):
 class Health(_View):
     status: str
     checks: dict[str, str] | None = None
+
+
+class QueueView(_View):
+    name: str
+    #: How many of its runs may execute at once, per concurrency key
+    #: (``None``: no limit).
+    concurrency_limit: int | None
+    paused: bool
+    #: Its runs that are QUEUED (waiting for a slot, or handed to a worker)
+    #: and EXECUTING.
+    queued: int
+    running: int
+    #: ``None`` for a queue nobody configured (a task's own).
+    created_at: str | None
+    updated_at: str | None
+
+
+class QueueList(_View):
+    data: list[QueueView]
+
+
+class BulkView(_View):
+    """A bulk action and how far it has got."""
+
+    id: str
+    action: Literal["cancel", "replay"]
+    status: Literal["running", "completed"]
+    selection: dict[str, Any]
+    #: The runs it selected when it was made.
+    count: int
+    processed: int
+    #: Runs canceled, or replays made.
+    succeeded: int
+    #: Runs it left as they were (final already, for a cancel).
+    skipped: int
+    is_final: bool
+    created_at: str
+    updated_at: str
+    finished_at: str | None
+
+
+class BulkCreated(BulkView):
+    bulk_id: str
 
 
 class ArtifactLink(_View):

@@ -14,6 +14,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    model_validator,
 )
 
 from db.types import to_utc
@@ -21,8 +22,12 @@ from db.types import to_utc
 __all__ = [
     "BatchItem",
     "BatchRequest",
+    "BulkFilter",
+    "BulkRequest",
     "DebounceOptions",
+    "QueueCreate",
     "QueueName",
+    "QueueUpdate",
     "RescheduleRequest",
     "RetryOptions",
     "TriggerOptions",
@@ -165,3 +170,106 @@ class RescheduleRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     delay: Delay
+
+
+#: A queue's concurrency limit: ``None`` is no limit (pause a queue to stop it).
+ConcurrencyLimit = Annotated[int, Field(ge=1, le=100_000)]
+
+
+class QueueCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: QueueName
+    concurrency_limit: ConcurrencyLimit | None = None
+    paused: bool = False
+
+
+class QueueUpdate(BaseModel):
+    """Only the fields given change; ``"concurrency_limit": null`` lifts the limit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    concurrency_limit: ConcurrencyLimit | None = None
+    paused: bool | None = None
+
+    def changes(self) -> dict[str, Any]:
+        given = self.model_dump(include=self.model_fields_set)
+        if given.get("paused") is None:
+            given.pop("paused", None)
+        return given
+
+
+Status = Literal[
+    "DELAYED",
+    "QUEUED",
+    "EXECUTING",
+    "RETRYING",
+    "WAITING",
+    "COMPLETED",
+    "FAILED",
+    "CANCELED",
+    "EXPIRED",
+    "TIMED_OUT",
+]
+
+
+def _listed(value: Any) -> Any:
+    """A single value as a list of one (``"status": "FAILED"``)."""
+    return [value] if isinstance(value, str) else value
+
+
+def _aware(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return to_utc(dt.datetime.fromisoformat(value.replace("Z", "+00:00")))
+        except ValueError:
+            raise ValueError("an ISO-8601 time") from None
+    return value
+
+
+Time = Annotated[dt.datetime, BeforeValidator(_aware)]
+
+
+class BulkFilter(BaseModel):
+    """Runs that match every criterion given (at least one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: Annotated[list[Status], BeforeValidator(_listed)] | None = None
+    task: (
+        Annotated[
+            list[Annotated[str, StringConstraints(min_length=1, max_length=200)]],
+            BeforeValidator(_listed),
+        ]
+        | None
+    ) = None
+    tag: Tag | None = None
+    queue: QueueName | None = None
+    created_after: Time | None = None
+    created_before: Time | None = None
+
+
+class BulkRequest(BaseModel):
+    """``filter`` or ``ids``, one of them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    filter: BulkFilter | None = None
+    ids: list[Annotated[str, StringConstraints(min_length=1, max_length=40)]] | None = Field(
+        default=None, min_length=1, max_length=1000
+    )
+
+    def selection(self) -> dict[str, Any]:
+        """What the action selects, as it is stored (times in ISO-8601)."""
+        if self.ids is not None:
+            return {"ids": sorted(set(self.ids))}
+        assert self.filter is not None
+        return {"filter": self.filter.model_dump(mode="json", exclude_none=True)}
+
+    @model_validator(mode="after")
+    def _one_of(self) -> BulkRequest:
+        if (self.filter is None) == (self.ids is None):
+            raise ValueError("give either filter or ids")
+        if self.filter is not None and not self.filter.model_dump(exclude_none=True):
+            raise ValueError("a filter needs at least one criterion (every run is not a filter)")
+        return self
