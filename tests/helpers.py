@@ -119,8 +119,13 @@ def db_call(url: str, fn: Callable[[sa.Connection], T], *, write: bool = False) 
 
 
 def db_query(url: str, sql: str, params: Mapping[str, Any] | None = None) -> list[Any]:
-    """Rows of ``sql`` against the real database at ``url``."""
-    return db_call(url, lambda conn: list(conn.execute(sa.text(sql), dict(params or {}))))
+    """Rows of ``sql`` against the real database at ``url``; a tuple parameter
+    is a list (``WHERE id IN :ids``)."""
+    values = dict(params or {})
+    statement = sa.text(sql).bindparams(
+        *(sa.bindparam(k, expanding=True) for k, v in values.items() if isinstance(v, tuple))
+    )
+    return db_call(url, lambda conn: list(conn.execute(statement, values)))
 
 
 def child_env(**overrides: str) -> dict[str, str]:

@@ -67,3 +67,11 @@ def blocking(payload: Any, ctx: TaskContext) -> dict[str, Any]:
     while time.monotonic() < until:
         spins += 1
     return {"thread": threading.current_thread().name, "spins": spins}
+
+
+@task("tests.limited", queue="tests-limited", concurrency_limit=1)
+async def limited(payload: Any, ctx: TaskContext) -> None:
+    """Sleep ``seconds``; one run at a time across every worker (its queue's limit)."""
+    import asyncio
+
+    await asyncio.sleep(float(payload.get("seconds", 0.1)))
