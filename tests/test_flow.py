@@ -367,3 +367,67 @@ def test_a_task_declared_limit_holds(flow: Stack) -> None:
         listed = {q["name"]: q for q in client.get("/api/v1/queues").json()["data"]}
     assert listed["tests-limited"]["concurrency_limit"] == 1
     assert sampler.most.get(None, 0) == 1, sampler.most
+
+
+def test_the_client_and_the_cli_cover_queues_and_bulk_actions(flow: Stack) -> None:
+    import json
+
+    from gateway.client import AsyncClient, Client, ConflictError
+    from tests.test_client import cli
+
+    queue = _name("client")
+    with Client(flow.base_url, flow.api_key) as gw:
+        made = gw.create_queue(queue, concurrency_limit=1, paused=True)
+        assert made["paused"] and made["concurrency_limit"] == 1
+        with pytest.raises(ConflictError):
+            gw.create_queue(queue)
+        held = gw.trigger("echo", {"n": 1}, queue=queue, concurrency_key="c", priority=5)
+        assert (held["queue"], held["concurrency_key"], held["priority"]) == (queue, "c", 5)
+        assert gw.get_run(held["id"])["waiting_for"] == {"kind": "paused", "queue": queue}
+        assert queue in {q["name"] for q in gw.list_queues()["data"]}
+        assert [r["id"] for r in gw.list_runs(queue=queue)] == [held["id"]]
+        bulk = gw.bulk_cancel(queue=queue, status=["QUEUED"])
+        assert bulk["count"] == 1
+        wait_until(lambda: gw.get_bulk(bulk["bulk_id"])["is_final"], what="the bulk cancel")
+        assert gw.get_run(held["id"])["status"] == "CANCELED"
+        assert not gw.resume_queue(queue)["paused"]
+        with pytest.raises(TypeError):
+            gw.bulk_replay(ids=[held["id"]], tag="x")
+
+    async def from_async() -> None:
+        async with AsyncClient(flow.base_url, flow.api_key) as gw:
+            first = await gw.trigger("echo", 1, debounce={"key": queue, "delay": 0.5})
+            again = await gw.trigger("echo", 2, debounce={"key": queue, "delay": 0.5})
+            assert again["id"] == first["id"] and again["debounced"]
+            assert (await gw.wait(first["id"]))["output"] == 1
+            assert (await gw.update_queue(queue, concurrency_limit=None))[
+                "concurrency_limit"
+            ] is None
+
+    import asyncio
+
+    asyncio.run(from_async())
+
+    key = flow.api_key
+    listed = cli(flow, "queues", "list", key=key)
+    assert listed.returncode == 0 and queue in listed.stdout, listed.stderr
+    assert json.loads(cli(flow, "queues", "pause", queue, key=key).stdout)["paused"]
+    limited = cli(flow, "queues", "limit", queue, "3", key=key)
+    assert json.loads(limited.stdout)["concurrency_limit"] == 3
+    bad = cli(flow, "queues", "limit", queue, "lots", key=key)
+    assert bad.returncode == 2 and "a whole number or none" in bad.stderr
+    triggered = cli(
+        flow, "trigger", "echo", "--payload", "7", "--queue", queue, "--priority", "9", key=key
+    )
+    run = json.loads(triggered.stdout)
+    assert run["queue"] == queue and run["priority"] == 9
+    canceled = cli(flow, "runs", "bulk-cancel", "--id", run["id"], key=key)
+    assert canceled.returncode == 0 and json.loads(canceled.stdout)["count"] == 1
+    bulk_id = json.loads(canceled.stdout)["bulk_id"]
+    wait_until(
+        lambda: json.loads(cli(flow, "runs", "bulk", bulk_id, key=key).stdout)["is_final"],
+        what="the CLI's bulk cancel",
+    )
+    refused = cli(flow, "runs", "bulk-replay", key=key)
+    assert refused.returncode == 1 and "filter" in refused.stderr
+    assert json.loads(cli(flow, "queues", "resume", queue, key=key).stdout)["paused"] is False

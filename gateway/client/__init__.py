@@ -189,10 +189,17 @@ class _Calls(Generic[R]):
         tags: list[str] | None = None,
         metadata: dict[str, Any] | None = None,
         callback_url: str | None = None,
+        queue: str | None = None,
+        concurrency_key: str | None = None,
+        priority: int | None = None,
+        debounce: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> R:
         """Start a run of ``task``; returns the run (``is_cached`` if an
-        idempotency key gave back an earlier one)."""
+        idempotency key gave back an earlier one, ``debounced`` if a debounce
+        key, ``{"key", "delay", "mode", "max_delay"}``, pushed an earlier
+        DELAYED run back). ``queue`` and ``concurrency_key`` say whose limit
+        its starts obey; ``priority`` is seconds of head start."""
         body_options = _options(
             {
                 "idempotency_key": idempotency_key,
@@ -203,6 +210,10 @@ class _Calls(Generic[R]):
                 "tags": tags,
                 "metadata": metadata,
                 "callback_url": callback_url,
+                "queue": queue,
+                "concurrency_key": concurrency_key,
+                "priority": priority,
+                "debounce": dict(debounce) if debounce is not None else None,
                 **options,
             }
         )
@@ -230,6 +241,48 @@ class _Calls(Generic[R]):
 
     def get_batch(self, batch_id: str) -> R:
         return self._call("GET", f"/api/v1/batches/{batch_id}")
+
+    def bulk_cancel(self, *, ids: list[str] | None = None, **filter: Any) -> R:
+        """Cancel, in the background, the runs with these ``ids`` or those
+        that match the filter (``status``, ``task``, ``tag``, ``queue``,
+        ``created_after``, ``created_before``); returns ``bulk_id`` and ``count``."""
+        return self._call("POST", "/api/v1/runs/bulk/cancel", json_body=_bulk_body(ids, filter))
+
+    def bulk_replay(self, *, ids: list[str] | None = None, **filter: Any) -> R:
+        """Replay, in the background, the runs a filter or ``ids`` select."""
+        return self._call("POST", "/api/v1/runs/bulk/replay", json_body=_bulk_body(ids, filter))
+
+    def get_bulk(self, bulk_id: str) -> R:
+        """A bulk action and how far it has got (``processed`` of ``count``)."""
+        return self._call("GET", f"/api/v1/bulk/{bulk_id}")
+
+    # queues -------------------------------------------------------------
+
+    def list_queues(self) -> R:
+        return self._call("GET", "/api/v1/queues")
+
+    def get_queue(self, name: str) -> R:
+        return self._call("GET", f"/api/v1/queues/{name}")
+
+    def create_queue(
+        self, name: str, *, concurrency_limit: int | None = None, paused: bool = False
+    ) -> R:
+        return self._call(
+            "POST",
+            "/api/v1/queues",
+            json_body={"name": name, "concurrency_limit": concurrency_limit, "paused": paused},
+        )
+
+    def update_queue(self, name: str, **changes: Any) -> R:
+        """Change ``concurrency_limit`` (``None`` lifts it) or ``paused``."""
+        return self._call("PATCH", f"/api/v1/queues/{name}", json_body=changes)
+
+    def pause_queue(self, name: str) -> R:
+        """Stop the queue's new starts; runs already executing finish."""
+        return self.update_queue(name, paused=True)
+
+    def resume_queue(self, name: str) -> R:
+        return self.update_queue(name, paused=False)
 
     def run_deliveries(
         self, run_id: str, *, limit: int | None = None, cursor: str | None = None
@@ -311,6 +364,14 @@ class _Calls(Generic[R]):
         :raises standardwebhooks.WebhookVerificationError: forged or stale
         """
         return verify(body, headers, secret)
+
+
+def _bulk_body(ids: list[str] | None, filter: Mapping[str, Any]) -> dict[str, Any]:
+    if ids is not None:
+        if filter:
+            raise TypeError("give ids= or filter keywords, not both")
+        return {"ids": list(ids)}
+    return {"filter": {k: v for k, v in filter.items() if v is not None}}
 
 
 def _page_params(limit: int | None, cursor: str | None) -> dict[str, Any]:

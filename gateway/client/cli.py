@@ -34,6 +34,16 @@ def _json_arg(value: str) -> Any:
         raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
 
 
+def _limit_arg(value: str) -> int | None:
+    """A queue's limit: a whole number, or ``none``."""
+    raw = value.strip().lower()
+    if raw == "none":
+        return None
+    if not (raw.isascii() and raw.isdigit()):
+        raise argparse.ArgumentTypeError(f"a whole number or none, not {value!r}")
+    return int(raw)
+
+
 def add_commands(sub: Any) -> None:
     trigger = sub.add_parser("trigger", help="trigger a run (GATEWAY_URL, GATEWAY_API_KEY)")
     trigger.add_argument("task")
@@ -48,6 +58,12 @@ def add_commands(sub: Any) -> None:
     trigger.add_argument("--idempotency-key")
     trigger.add_argument("--delay", help="seconds, 10m, or an ISO-8601 time")
     trigger.add_argument("--tag", action="append", dest="tags")
+    trigger.add_argument("--queue", help="the queue whose limit it obeys")
+    trigger.add_argument("--concurrency-key", help="the queue's limit applies per key")
+    trigger.add_argument("--priority", type=int, help="seconds of head start (0-86400)")
+    trigger.add_argument("--debounce-key", help="triggers with this key push one run back")
+    trigger.add_argument("--debounce-delay", default="5s", help="with --debounce-key (5s)")
+    trigger.add_argument("--debounce-mode", choices=("leading", "trailing"), default="leading")
 
     runs = sub.add_parser("runs", help="list, show, cancel or replay runs")
     runs_sub = runs.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
@@ -55,9 +71,36 @@ def add_commands(sub: Any) -> None:
     listing.add_argument("--status")
     listing.add_argument("--task")
     listing.add_argument("--tag")
+    listing.add_argument("--queue")
     listing.add_argument("--limit", type=int, default=20)
     for name in ("get", "cancel", "replay"):
         runs_sub.add_parser(name).add_argument("run_id")
+    for name in ("bulk-cancel", "bulk-replay"):
+        bulk = runs_sub.add_parser(
+            name, help=f"{name[5:]} every run a filter (or --id) selects, in the background"
+        )
+        bulk.add_argument("--id", action="append", dest="ids", help="a run's ID (repeat it)")
+        bulk.add_argument("--status", action="append", help="a status (repeat it)")
+        bulk.add_argument("--task", action="append")
+        bulk.add_argument("--tag")
+        bulk.add_argument("--queue")
+        bulk.add_argument("--created-after", help="an ISO-8601 time")
+        bulk.add_argument("--created-before", help="an ISO-8601 time")
+    runs_sub.add_parser("bulk", help="a bulk action's progress").add_argument("bulk_id")
+
+    queues = sub.add_parser("queues", help="list queues, set their limits, pause or resume them")
+    queues_sub = queues.add_subparsers(dest="queues_command", required=True, metavar="ACTION")
+    queues_sub.add_parser("list")
+    queues_sub.add_parser("get").add_argument("name")
+    made = queues_sub.add_parser("create")
+    made.add_argument("name")
+    made.add_argument("--limit", type=int, help="runs at once (per concurrency key)")
+    made.add_argument("--paused", action="store_true")
+    limit = queues_sub.add_parser("limit", help="set the limit (none: no limit)")
+    limit.add_argument("name")
+    limit.add_argument("limit", type=_limit_arg, help="a number, or none")
+    queues_sub.add_parser("pause").add_argument("name")
+    queues_sub.add_parser("resume").add_argument("name")
 
     hooks = sub.add_parser("webhooks", help="add, list or remove callback endpoints")
     hooks_sub = hooks.add_subparsers(dest="webhooks_command", required=True, metavar="ACTION")
@@ -88,12 +131,23 @@ def _print(data: Any, out: TextIO) -> None:
 
 
 def _trigger(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    debounce = None
+    if args.debounce_key:
+        debounce = {
+            "key": args.debounce_key,
+            "delay": args.debounce_delay,
+            "mode": args.debounce_mode,
+        }
     run = client.trigger(
         args.task,
         args.payload,
         idempotency_key=args.idempotency_key,
         delay=args.delay,
         tags=args.tags,
+        queue=args.queue,
+        concurrency_key=args.concurrency_key,
+        priority=args.priority,
+        debounce=debounce,
     )
     if not args.wait:
         _print(run, out)
@@ -110,8 +164,28 @@ def _trigger(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO)
 
 
 def _runs(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    if args.runs_command in ("bulk-cancel", "bulk-replay"):
+        act = client.bulk_cancel if args.runs_command == "bulk-cancel" else client.bulk_replay
+        if args.ids:
+            _print(act(ids=args.ids), out)
+        else:
+            _print(
+                act(
+                    status=args.status,
+                    task=args.task,
+                    tag=args.tag,
+                    queue=args.queue,
+                    created_after=args.created_after,
+                    created_before=args.created_before,
+                ),
+                out,
+            )
+        return 0
+    if args.runs_command == "bulk":
+        _print(client.get_bulk(args.bulk_id), out)
+        return 0
     if args.runs_command == "list":
-        filters = {"status": args.status, "task": args.task, "tag": args.tag}
+        filters = {"status": args.status, "task": args.task, "tag": args.tag, "queue": args.queue}
         for n, run in enumerate(client.list_runs(limit=min(args.limit, 100), **filters)):
             if n >= args.limit:
                 break
@@ -119,6 +193,31 @@ def _runs(client: Client, args: argparse.Namespace, out: TextIO) -> int:
         return 0
     action = {"get": client.get_run, "cancel": client.cancel, "replay": client.replay}
     _print(action[args.runs_command](args.run_id), out)
+    return 0
+
+
+def _queues(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    command = args.queues_command
+    if command == "list":
+        for queue in client.list_queues()["data"]:
+            limit = queue["concurrency_limit"]
+            state = "paused" if queue["paused"] else "running"
+            out.write(
+                f"{queue['name']:<24} limit {'none' if limit is None else limit:<6} {state:<8} "
+                f"queued {queue['queued']:<6} running {queue['running']}\n"
+            )
+        return 0
+    if command == "get":
+        answer = client.get_queue(args.name)
+    elif command == "create":
+        answer = client.create_queue(args.name, concurrency_limit=args.limit, paused=args.paused)
+    elif command == "limit":
+        answer = client.update_queue(args.name, concurrency_limit=args.limit)
+    elif command == "pause":
+        answer = client.pause_queue(args.name)
+    else:
+        answer = client.resume_queue(args.name)
+    _print(answer, out)
     return 0
 
 
@@ -177,6 +276,8 @@ def run_command(
                 return _trigger(client, args, out, err)
             if args.command == "runs":
                 return _runs(client, args, out)
+            if args.command == "queues":
+                return _queues(client, args, out)
             return _webhooks(client, args, out)
     except GatewayError as exc:
         err.write(f"gateway: {exc}\n")
