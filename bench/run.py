@@ -59,7 +59,11 @@ from gateway.auth.keys import create_api_key  # noqa: E402
 from gateway.cli.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
 from tests.helpers import Process, child_env, wait_http_ok  # noqa: E402
 
-PHASES = ("raw", "latency", "accept", "e2e", "callbacks")
+PHASES = ("raw", "latency", "accept", "e2e", "callbacks", "queue")
+#: The queue the "queue" phase runs in: gated by a limit it never reaches, so
+#: what it measures is what flow control costs (admission, the pump per start
+#: and per end), not waiting for slots.
+LIMITED_QUEUE = "bench-limited"
 
 
 def pct(values: list[float], q: float) -> float:
@@ -166,9 +170,10 @@ class Bench:
         self.plain_key = plain_key
         self.hooked_key = hooked_key
 
-    def trigger(self, key: str, n: int) -> bytes:
+    def trigger(self, key: str, n: int, queue: str | None = None) -> bytes:
         headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
-        body = json.dumps({"payload": {"n": n}}).encode()
+        options = {"queue": queue} if queue else {}
+        body = json.dumps({"payload": {"n": n}, "options": options}).encode()
         return request_bytes(
             "POST", "/api/v1/tasks/echo/trigger", host=self.host, headers=headers, body=body
         )
@@ -179,13 +184,13 @@ class Bench:
             "GET", f"/api/v1/runs/{run_id}?wait=60", host=self.host, headers=headers
         )
 
-    async def final_latency(self, runs: int) -> list[float]:
+    async def final_latency(self, runs: int, queue: str | None = None) -> list[float]:
         """Milliseconds from sending a trigger to the long-poll's final answer."""
         out = []
         async with Connection("127.0.0.1", self.port) as conn:
             for n in range(20 + runs):  # the first 20 warm up
                 start = time.perf_counter()
-                accepted = await conn.request(self.trigger(self.plain_key, n))
+                accepted = await conn.request(self.trigger(self.plain_key, n, queue))
                 final = await conn.request(self.wait(self.plain_key, accepted.json()["id"]))
                 assert final.json()["status"] == "COMPLETED", final.body
                 if n >= 20:
@@ -247,14 +252,16 @@ class Bench:
         figures.update(self.cpu_per_run(cpu, runs, "drain"))
         return figures
 
-    async def end_to_end(self, runs: int, clients: int) -> dict[str, float]:
+    async def end_to_end(
+        self, runs: int, clients: int, queue: str | None = None
+    ) -> dict[str, float]:
         """``runs`` triggers from ``clients`` connections, then each waited for."""
         cpu = self.cpu()
         start = time.perf_counter()
         triggered = await run_load(
             "127.0.0.1",
             self.port,
-            [self.trigger(self.plain_key, n) for n in range(runs)],
+            [self.trigger(self.plain_key, n, queue) for n in range(runs)],
             connections=clients,
         )
         assert all(a.status == 202 for a in triggered.answers), triggered.answers[0]
@@ -325,6 +332,16 @@ async def one_round(
         figures.update(await bench.end_to_end(args.runs, args.clients))
     if "callbacks" in args.phases:
         figures.update(await bench.end_to_end_callbacks(receiver, args.runs, args.clients))
+    if "queue" in args.phases:
+        queued = await bench.end_to_end(args.runs, args.clients, LIMITED_QUEUE)
+        finals = await bench.final_latency(args.latency_runs, LIMITED_QUEUE)
+        figures.update(
+            q_e2e_rate=queued["e2e_rate"],
+            q_trigger_rate=queued["trigger_rate"],
+            q_e2e_cpu_web=queued["e2e_cpu_web"],
+            q_final_p50=pct(finals, 50),
+            q_final_p99=pct(finals, 99),
+        )
     return figures
 
 
@@ -386,6 +403,12 @@ def measure(backend: str, args: argparse.Namespace) -> dict[str, Any]:
                         json={"url": receiver.url(), "events": ["run.completed"]},
                     )
                     receiver.secret = answer.json()["secret"]
+                    made = await client.post(
+                        "/api/v1/queues",
+                        json={"name": LIMITED_QUEUE, "concurrency_limit": 10_000},
+                        headers={"authorization": f"Bearer {plain}"},
+                    )
+                    assert made.status_code == 201, made.text
                 bench = Bench(
                     port,
                     plain,
@@ -410,7 +433,7 @@ def measure(backend: str, args: argparse.Namespace) -> dict[str, Any]:
                 return out
 
             results = asyncio.run(rounds())
-            runs_done = args.rounds * (3 * args.runs + 2 * (20 + args.latency_runs))
+            runs_done = args.rounds * (4 * args.runs + 3 * (20 + args.latency_runs))
             return {
                 "rounds": results,
                 "web_rss": rss_mb(gateway.popen.pid),
@@ -478,6 +501,22 @@ def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
         + " |",
         f"| end to end with a registered callback, {args.clients} clients | "
         + cells(lambda r, _: ratio(r, "cb_rate", "raw_drain"))
+        + " |",
+        "| end to end in a queue with a limit it never reaches (what flow control costs) | "
+        + cells(
+            lambda r, _: (
+                f"{median(r, 'q_e2e_rate'):.0f}/s "
+                f"({median(r, 'q_e2e_rate') / median(r, 'e2e_rate'):.2f} of the run without)"
+            )
+        )
+        + " |",
+        "| trigger → final in that queue, one at a time, p50 / p99 | "
+        + cells(lambda r, _: f"{median(r, 'q_final_p50'):.1f} / {median(r, 'q_final_p99'):.1f} ms")
+        + " |",
+        "| web CPU per run end to end, without / in that queue | "
+        + cells(
+            lambda r, _: f"{median(r, 'e2e_cpu_web'):.2f} / {median(r, 'q_e2e_cpu_web'):.2f} ms"
+        )
         + " |",
         "| CPU per run: accepting (web); draining (web, worker) | "
         + cells(

@@ -153,6 +153,17 @@ class Database:
             await self._async_engine.dispose()
 
 
+#: Times a unit runs again after PostgreSQL failed it to break a deadlock.
+LOCK_CONFLICT_RETRIES = 3
+#: deadlock_detected, serialization_failure
+_LOCK_CONFLICTS = frozenset({"40P01", "40001"})
+
+
+def _is_lock_conflict(exc: BaseException) -> bool:
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None) in _LOCK_CONFLICTS
+
+
 def _is_unreachable(exc: BaseException) -> bool:
     """The server did not answer or went away (not a unit's own error)."""
     if isinstance(exc, OSError | TimeoutError):
@@ -319,7 +330,9 @@ class _AsyncGroupCommit:
             if group:
                 await self._commit(group)
 
-    async def _commit(self, group: list[tuple[Callable[[sa.Connection], Any], Any]]) -> None:
+    async def _commit(
+        self, group: list[tuple[Callable[[sa.Connection], Any], Any]], retries: int = 0
+    ) -> None:
         self.units += len(group)
 
         def run_all(conn: sa.Connection) -> list[Any]:
@@ -332,6 +345,11 @@ class _AsyncGroupCommit:
             # One at a time only when a unit may be at fault: a server that
             # does not answer fails the whole group at once (run unit by unit,
             # each would wait out its own connect timeout).
+            if len(group) == 1 and _is_lock_conflict(exc) and retries < LOCK_CONFLICT_RETRIES:
+                # PostgreSQL broke a deadlock (or a serialization conflict)
+                # by failing this transaction: it did nothing, so it runs again.
+                await self._commit(group, retries + 1)
+                return
             if len(group) == 1 or isinstance(exc, asyncio.CancelledError) or _is_unreachable(exc):
                 for _, future in group:
                     if not future.done():

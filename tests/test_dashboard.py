@@ -259,6 +259,65 @@ def test_cancel_a_running_sleep_from_its_page(stack: Stack, dashboards: Any) -> 
         client.post(f"/api/v1/runs/{replayed}/cancel")
 
 
+def test_the_queues_page_pauses_limits_and_a_run_says_why_it_waits(
+    stack: Stack, dashboards: Any
+) -> None:
+    key = project(stack, "queues")
+    queue = f"dash-{secrets.token_hex(3)}"
+    with stack.client(key) as client:
+        made = client.post("/api/v1/queues", json={"name": queue, "concurrency_limit": 1})
+    assert made.status_code == 201
+    dash = dashboards()
+    dash.sign_in(key)
+    page = dash.open("/queues")
+    dash.wait_live()
+    row = f"tr[data-queue='{queue}']"
+    expect(page.locator(f"{row} input[name=limit]")).to_have_value("1")
+    expect(page.locator("tr[data-queue='echo']")).to_have_count(1)  # each task's own queue
+    dash.submit(f"{row} button[data-action=pause]")
+    expect(page.locator(".flash")).to_contain_text(f"{queue} paused")
+    expect(page.locator(f"{row} [data-state]")).to_have_text("paused")
+    with stack.client(key) as client:
+        assert client.get(f"/api/v1/queues/{queue}").json()["paused"]
+
+    run_id = trigger(stack, key, "echo", {"n": 1}, queue=queue)
+    page = dash.open(f"/runs/{run_id}")
+    expect(page.locator("#waiting-for")).to_have_attribute("data-kind", "paused")
+    expect(page.locator("#waiting-for")).to_contain_text(f"its queue {queue} is paused")
+    page = dash.open("/queues")
+    dash.wait_live()
+    expect(page.locator(f"{row} [data-count=queued]")).to_have_text("1")
+    dash.screenshot("queues")
+    dash.submit(f"{row} button[data-action=resume]")
+    assert final(stack, key, run_id)["status"] == "COMPLETED"
+    expect(page.locator(f"{row} [data-count=queued]")).to_have_text("0")
+
+    page.fill(f"{row} input[name=limit]", "3")
+    dash.submit(f"{row} button[data-action=limit]")
+    expect(page.locator(".flash")).to_contain_text(f"{queue}: 3 at once")
+    page.fill(f"{row} input[name=limit]", "many")
+    dash.submit(f"{row} button[data-action=limit]")
+    expect(page.locator(".flash.error")).to_contain_text("whole number")
+    page.fill(f"{row} input[name=limit]", "")
+    dash.submit(f"{row} button[data-action=limit]")
+    with stack.client(key) as client:
+        assert client.get(f"/api/v1/queues/{queue}").json()["concurrency_limit"] is None
+    # Another project's queue is not this one's to change.
+    other = project(stack, "queues-other")
+    with stack.client(other) as client:
+        client.post("/api/v1/queues", json={"name": queue + "-x", "concurrency_limit": 2})
+    page = dash.open("/queues")
+    expect(page.locator(f"tr[data-queue='{queue}-x']")).to_have_count(0)
+    with dash.http() as http:
+        token = page.locator("input[name=csrf_token]").first.get_attribute("value")
+        answer = http.post(
+            f"/dashboard/queues/{queue}-x/pause", data={"csrf_token": token}, follow_redirects=False
+        )
+    assert answer.status_code == 303
+    with stack.client(other) as client:
+        assert not client.get(f"/api/v1/queues/{queue}-x").json()["paused"]
+
+
 def test_a_failed_run_shows_its_error_and_attempts(stack: Stack, dashboards: Any) -> None:
     key = project(stack, "failed")
     run_id = trigger(

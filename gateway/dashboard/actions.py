@@ -113,6 +113,44 @@ async def replay_run(request: Request) -> Response:
     return redirect(f"{PREFIX}/runs/{run['id']}")
 
 
+QUEUE_ACTIONS = ("pause", "resume", "limit")
+
+
+async def queue_action(request: Request) -> Response:
+    """``pause``, ``resume`` or ``limit`` (a whole number, or empty for none) one queue."""
+    viewer = await viewer_of(request)
+    action = request.path_params["action"]
+    if action not in QUEUE_ACTIONS:
+        raise NotFound(f"no queue action {action!r}; there are {', '.join(QUEUE_ACTIONS)}")
+    fields = await read_form(request)
+    name = request.path_params["name"]
+    back = f"{PREFIX}/queues"
+    changes: dict[str, Any] = {}
+    if action == "limit":
+        raw = (fields.get("limit") or "").strip()
+        if raw and not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= 100_000):
+            flash(
+                request,
+                f"a limit is a whole number from 1 to 100000, or empty for none: {raw!r}",
+                "error",
+            )
+            return redirect(back)
+        changes["concurrency_limit"] = int(raw) if raw else None
+    else:
+        changes["paused"] = action == "pause"
+    try:
+        queue = await services_of(request).runs.update_queue(viewer.project_id, name, changes)
+    except APIError as exc:
+        flash(request, _problem(exc), "error")
+        return redirect(back)
+    if action == "limit":
+        limit = queue["concurrency_limit"]
+        flash(request, f"{name}: {'no limit' if limit is None else f'{limit} at once'}.")
+    else:
+        flash(request, f"{name} {'paused' if queue['paused'] else 'resumed'}.")
+    return redirect(back)
+
+
 async def resend_delivery(request: Request) -> Response:
     viewer = await viewer_of(request)
     fields = await read_form(request)

@@ -30,6 +30,7 @@ __all__ = [
     "endpoints_page",
     "home",
     "login_page",
+    "queues_page",
     "run_page",
     "runs_page",
     "trigger_form",
@@ -70,6 +71,7 @@ def _filters(request: Request) -> tuple[dict[str, str], list[str]]:
         "status": params.get("status", "").upper(),
         "task": params.get("task", ""),
         "tag": params.get("tag", "").strip(),
+        "queue": params.get("queue", "").strip(),
     }
     problems = []
     if chosen["status"] and chosen["status"] not in RunStatus.__members__:
@@ -88,6 +90,7 @@ async def runs_page(request: Request) -> Response:
         statuses=(chosen["status"],) if chosen["status"] else (),
         tasks=(chosen["task"],) if chosen["task"] else (),
         tag=chosen["tag"] or None,
+        queue=chosen["queue"] or None,
         limit=RUNS_PER_PAGE,
         cursor=cursor,
     )
@@ -176,6 +179,15 @@ async def run_page(request: Request) -> Response:
         },
         live=True,
     )
+
+
+async def queues_page(request: Request) -> Response:
+    """The project's queues with live counts, their limits, pause and resume."""
+    viewer = await viewer_of(request)
+    services = services_of(request)
+    common = await _common(request, viewer, "queues")
+    queues = await services.runs.queues(viewer.project_id)
+    return render(request, "queues", {**common, "queues": queues}, live=True)
 
 
 async def endpoints_page(request: Request) -> Response:

@@ -171,6 +171,10 @@ def pump(conn: sa.Connection, project_id: str, queue: str, now: dt.datetime) -> 
                     .where(*held, key_is(key))
                     .order_by(runs.c.order_at, runs.c.id)
                     .limit(min(free, MAX_HANDED))
+                    # A run another transaction has locked is being changed
+                    # (canceled, say): passed over, not waited for, so a pump
+                    # never waits on a run whose holder waits on this queue.
+                    .with_for_update(skip_locked=True)
                 ).scalars()
             )
         )
@@ -180,25 +184,21 @@ def pump(conn: sa.Connection, project_id: str, queue: str, now: dt.datetime) -> 
     order = order[:MAX_HANDED]
     if not order:
         return []
-    conn.execute(
+    handed = conn.execute(
         runs.update()
         .where(runs.c.id.in_(order), runs.c.status == _QUEUED, runs.c.held.is_(True))
         .values(held=False, updated_at=now)
+        .returning(
+            runs.c.id,
+            runs.c.task,
+            runs.c.payload,
+            runs.c.attempt,
+            runs.c.step,
+            runs.c.max_duration,
+            runs.c.priority,
+        )
     )
-    rows = {
-        r["id"]: dict(r)
-        for r in conn.execute(
-            sa.select(
-                runs.c.id,
-                runs.c.task,
-                runs.c.payload,
-                runs.c.attempt,
-                runs.c.step,
-                runs.c.max_duration,
-                runs.c.priority,
-            ).where(runs.c.id.in_(order))
-        ).mappings()
-    }
+    rows = {r["id"]: dict(r) for r in handed.mappings()}
     return [
         job_of(rows[i], state=node_states(conn, i) if rows[i]["step"] else None)
         for i in order
