@@ -284,6 +284,7 @@ def test_the_queues_page_pauses_limits_and_a_run_says_why_it_waits(
     page = dash.open(f"/runs/{run_id}")
     expect(page.locator("#waiting-for")).to_have_attribute("data-kind", "paused")
     expect(page.locator("#waiting-for")).to_contain_text(f"its queue {queue} is paused")
+    dash.screenshot("run-waiting", full_page=False)
     page = dash.open("/queues")
     dash.wait_live()
     expect(page.locator(f"{row} [data-count=queued]")).to_have_text("1")
