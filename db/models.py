@@ -33,6 +33,7 @@ __all__ = [
     "RunAttempt",
     "RunNode",
     "RunStatus",
+    "RunLog",
     "RunTransition",
     "WebhookEndpoint",
 ]
@@ -248,6 +249,27 @@ class RunTransition(SQLModel, table=True):
     at: dt.datetime = Field(
         default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False)
     )
+
+
+class RunLog(SQLModel, table=True):
+    """A line a task logged (``ctx.logger``), kept with its run and attempt, in
+    the order it came; ``kind`` is ``line``, or ``dropped`` for the one line
+    that counts what ``RUN_LOG_MAX_LINES`` turned away."""
+
+    __tablename__ = "run_logs"
+    __table_args__ = (sa.Index("ix_run_logs_run", "run_id", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str = Field(foreign_key="runs.id", max_length=40)
+    attempt: int
+    #: Chosen by the worker (a batch's ID and the line's place in it), so a
+    #: batch sent twice is kept once.
+    key: str = Field(max_length=64, sa_column_kwargs={"unique": True}, nullable=False)
+    kind: str = Field(default="line", max_length=16)
+    ts: dt.datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
+    level: str = Field(max_length=16)
+    message: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    fields: Any = Field(default=None, sa_column=sa.Column(JSONColumn, nullable=True))
 
 
 class DeliveryStatus(enum.StrEnum):

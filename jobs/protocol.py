@@ -38,12 +38,16 @@ __all__ = [
     "ARTIFACTS_PATH",
     "ARTIFACT_FETCH_PATH",
     "EVENTS_PATH",
+    "MAX_LOG_MESSAGE",
     "PREPARE_PATH",
+    "RUN_LOGS",
     "SIGNATURE_HEADER",
     "TIMED_OUT_CODE",
     "WORKFLOW_TASK",
     "ChildRun",
     "JSONRefused",
+    "LogLine",
+    "RunLogs",
     "SignatureError",
     "WorkerError",
     "WorkerEvent",
@@ -106,6 +110,33 @@ class WorkerEvent(BaseModel):
     #: ``waiting`` only: the children to start and the nodes' states.
     spawn: list[ChildRun] = Field(default_factory=list, max_length=200)
     nodes: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+#: The ``type`` of a batch item that carries a run's log lines.
+RUN_LOGS = "run.logs"
+#: A log line's message is cut to this many characters.
+MAX_LOG_MESSAGE = 16 * 1024
+
+
+class LogLine(BaseModel):
+    """A line a task logged: when, how loud, what, and the ``extra`` it gave."""
+
+    ts: str = Field(max_length=64)
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+    message: str = Field(max_length=MAX_LOG_MESSAGE)
+    fields: dict[str, Any] | None = None
+
+
+class RunLogs(BaseModel):
+    """Log lines of one run's attempt, shipped in a batch of reports
+    (:class:`jobs.runlog.RunLog`); ``batch`` and each line's place in it make
+    a key, so a batch sent twice is kept once."""
+
+    type: Literal["run.logs"]
+    run_id: str = Field(max_length=40)
+    attempt: int = Field(ge=1)
+    batch: str = Field(min_length=1, max_length=40)
+    lines: list[LogLine] = Field(min_length=1, max_length=500)
 
 
 def run_job_id(run_id: str, attempt: int = 1, step: int = 0) -> str:

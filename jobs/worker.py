@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import traceback
 from typing import Any
 
 import httpx
@@ -32,6 +33,7 @@ from jobs.protocol import (
     nudge_channel,
 )
 from jobs.report import Reporter, ReportRejected, deliver_report, make_event, refused_fallback
+from jobs.runlog import RunLog, RunLogger
 from jobs.settings import Settings
 from jobs.tasks.registry import TaskContext, TaskError, load_tasks
 from jobs.tasks.workflow import Waiting, WorkflowFailed
@@ -104,6 +106,7 @@ async def _execute(
     payload: Any,
     attempt: int,
     state: dict[str, Any] | None,
+    run_log: RunLog,
 ) -> dict[str, Any]:
     """Run the task; return the fields of the final event (never raises for
     the task's own failures, so one bad run never takes the worker down)."""
@@ -126,9 +129,10 @@ async def _execute(
         task=task,
         attempt=attempt,
         worker_id=ctx["worker_id"],
-        logger=logging.LoggerAdapter(
+        logger=RunLogger(
             logging.getLogger(f"jobs.task.{task}"),
             {"run_id": run_id, "task": task, "attempt": attempt},
+            run_log,
         ),
         settings=settings,
         media=Media(
@@ -153,6 +157,12 @@ async def _execute(
         return {"type": "failed", "error": _error(exc.code, exc.message, retryable=exc.retryable)}
     except Exception as exc:
         log.exception("task %s of run %s raised", task, run_id)
+        run_log.add(
+            logging.ERROR,
+            f"the task raised {type(exc).__name__}: {exc}\n"
+            + "".join(traceback.format_exception(exc)).rstrip(),
+            {"exception": type(exc).__name__},
+        )
         return {
             "type": "failed",
             "error": _error("task_exception", f"{type(exc).__name__}: {exc}", retryable=True),
@@ -224,9 +234,10 @@ async def run_task(
         return f"skipped ({ack.get('status')})"
     max_duration = (options or {}).get("max_duration")
     beat = asyncio.create_task(_heartbeat(ctx, ids), name=f"heartbeat {run_id}")
+    run_log = RunLog(run_id, attempt, reporter.send_once)
     try:
         async with asyncio.timeout(max_duration):
-            result = await _execute(ctx, run_id, task, payload, attempt, state)
+            result = await _execute(ctx, run_id, task, payload, attempt, state, run_log)
     except TimeoutError:
         result = {
             "type": "failed",
@@ -236,6 +247,7 @@ async def run_task(
         }
     finally:
         beat.cancel()
+    await run_log.close()  # its lines are in before the run is final
     event_type = result.pop("type")
     error = result.get("error") or {}
     log.info(

@@ -206,6 +206,7 @@ def launch_stack(
         IMAGE_MAX_BYTES=str(2_000_000),
         IMAGE_MAX_PIXELS=str(4_000_000),
         LLM_MAX_RETRIES="2",
+        RUN_LOG_MAX_LINES="150",
     )
     env = child_env(**{**settings, **env_overrides})
     gateway = Process("gateway", ["-m", "gateway", "web"], env, logs).start()

@@ -75,3 +75,20 @@ async def limited(payload: Any, ctx: TaskContext) -> None:
     import asyncio
 
     await asyncio.sleep(float(payload.get("seconds", 0.1)))
+
+
+@task("tests.logs")
+async def logs(payload: Any, ctx: TaskContext) -> dict[str, int]:
+    """Log ``lines`` lines through ``ctx.logger`` (with ``extra``), then
+    raise if ``raise`` is set."""
+    ctx.logger.debug("starting with %s", payload)
+    for n in range(int(payload.get("lines", 3))):
+        ctx.logger.info("line %d of attempt %d", n, ctx.attempt, extra={"n": n, "who": "tests"})
+        if payload.get("every"):
+            import asyncio
+
+            await asyncio.sleep(float(payload["every"]))
+    ctx.logger.warning("almost done")
+    if payload.get("raise"):
+        raise RuntimeError("the task gave up")
+    return {"logged": int(payload.get("lines", 3))}

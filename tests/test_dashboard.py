@@ -319,6 +319,26 @@ def test_the_queues_page_pauses_limits_and_a_run_says_why_it_waits(
         assert not client.get(f"/api/v1/queues/{queue}-x").json()["paused"]
 
 
+def test_a_runs_log_lines_appear_on_its_page_as_they_come(stack: Stack, dashboards: Any) -> None:
+    key = project(stack, "logs")
+    run_id = trigger(stack, key, "tests.logs", {"lines": 4, "every": 0.5})
+    dash = dashboards()
+    dash.sign_in(key)
+    page = dash.open(f"/runs/{run_id}")
+    dash.wait_live()
+    page.evaluate("window.notReloaded = true")
+    rows = page.locator("#logs tr[data-log-id]")
+    expect(rows.nth(1)).to_contain_text("line 0 of attempt 1")
+    assert page.locator("#run-status .badge").inner_text() != "COMPLETED"  # still running
+    expect(page.locator("#run-status .badge")).to_have_text("COMPLETED")
+    expect(rows).to_have_count(6)
+    expect(rows.last).to_contain_text("almost done")
+    expect(page.locator("#logs tr.l-warning")).to_have_count(1)
+    expect(rows.nth(2)).to_contain_text("n=1")
+    assert page.evaluate("window.notReloaded") is True
+    dash.screenshot("run-logs", full_page=False)
+
+
 def test_a_failed_run_shows_its_error_and_attempts(stack: Stack, dashboards: Any) -> None:
     key = project(stack, "failed")
     run_id = trigger(

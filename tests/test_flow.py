@@ -1,5 +1,5 @@
-"""Flow control through real processes: queues with limits across three
-workers, concurrency keys, priority, debounce, pause and resume, bulk actions,
+"""Flow control through real processes: queues with limits across two gateway
+processes and three workers, concurrency keys, priority, debounce, pause and resume, bulk actions,
 and a Redis flushed in the middle; on SQLite and PostgreSQL."""
 
 from __future__ import annotations
@@ -26,13 +26,15 @@ def flow(
     gemini: GeminiStandIn,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
-    """A gateway and three workers (20 slots each) over one Redis and one database."""
+    """Two gateway processes (``WEB_CONCURRENCY=2``) and three workers (20
+    slots each) over one Redis and one database: a limit must hold across all."""
     logs = tmp_path_factory.mktemp("logs-flow")
     with launch_stack(
         "flow",
         databases.new("flow"),
         f"{redis_server.url}/{_redis_db(database_url, 9)}",
         logs,
+        WEB_CONCURRENCY="2",
     ) as stack:
         more = [
             Process(f"worker{i}", ["-m", "gateway", "worker"], stack.env, logs).start()

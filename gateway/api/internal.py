@@ -25,6 +25,8 @@ from jobs.protocol import (
     ARTIFACTS_PATH,
     EVENTS_PATH,
     PREPARE_PATH,
+    RUN_LOGS,
+    RunLogs,
     WorkerEvent,
     dumps,
 )
@@ -74,10 +76,13 @@ async def _apply_batch(services: Services, items: list[Any], body_size: int) -> 
     answers: list[Any] = [None] * len(items)
     events: list[tuple[int, WorkerEvent]] = []
     attempts: list[tuple[int, DeliveryAttemptReport]] = []
+    logs: list[tuple[int, RunLogs]] = []
     for index, item in enumerate(items):
         try:
             if isinstance(item, dict) and item.get("type") == "delivery.attempt":
                 attempts.append((index, validate(DeliveryAttemptReport, item)))
+            elif isinstance(item, dict) and item.get("type") == RUN_LOGS:
+                logs.append((index, validate(RunLogs, item)))
             else:
                 event = validate(WorkerEvent, item)
                 _check_meaning(services, event, body_size)
@@ -88,6 +93,10 @@ async def _apply_batch(services: Services, items: list[Any], body_size: int) -> 
         applied = await services.runs.apply_events([event for _, event in events])
         for (index, _), answer in zip(events, applied, strict=True):
             answers[index] = _refusal(answer) if isinstance(answer, APIError) else answer.to_dict()
+    if logs:
+        kept = await services.runs.append_logs([batch for _, batch in logs])
+        for (index, _), refused in zip(logs, kept, strict=True):
+            answers[index] = _refusal(refused) if refused is not None else {"kept": True}
     recorded = await asyncio.gather(
         *(_record(services, report) for _, report in attempts), return_exceptions=True
     )
@@ -102,8 +111,8 @@ async def _apply_batch(services: Services, items: list[Any], body_size: int) -> 
 
 
 async def worker_event(request: Request) -> Response:
-    """Run events (started, completed, failed, waiting, heartbeat) and callback
-    attempts, each applied once however often it is sent: one report, or a
+    """Run events (started, completed, failed, waiting, heartbeat), callback
+    attempts and run log lines, each applied once however often it is sent: one report, or a
     batch ``{"events": [...]}`` answered by ``{"answers": [...]}`` in order."""
     services = services_of(request)
     body = await signed_body(

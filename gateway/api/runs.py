@@ -15,8 +15,9 @@ from db.types import isoformat, to_utc
 from gateway.api import views
 from gateway.api.bodies import json_object
 from gateway.api.routing import PAGE, ApiRoute, Operation, Param
-from gateway.api.views import RunPage, RunView, shaped
+from gateway.api.views import RunLogPage, RunPage, RunView, shaped
 from gateway.errors import ValidationFailed
+from gateway.runs.logs import logs_since
 from gateway.runs.options import RescheduleRequest
 from gateway.runs.read import RunQuery, transitions_since
 from gateway.services import services_of
@@ -54,20 +55,49 @@ async def get_run(request: Request, project_id: str | None) -> Response:
     return shaped(RunView, run)
 
 
+def _page(request: Request, default: int = 100, most: int = 1000) -> tuple[int, int | None]:
+    """``limit`` and a numeric ``cursor`` from the query (422 for anything else)."""
+    raw_limit = request.query_params.get("limit", str(default))
+    raw_cursor = request.query_params.get("cursor") or None
+    details = []
+    if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= most:
+        details.append({"path": "query.limit", "type": "value_error", "message": f"1 to {most}"})
+    if raw_cursor is not None and not (raw_cursor.isascii() and raw_cursor.isdigit()):
+        details.append(
+            {"path": "query.cursor", "type": "value_error", "message": "a page's next_cursor"}
+        )
+    if details:
+        raise ValidationFailed(details=details)
+    return int(raw_limit), int(raw_cursor) if raw_cursor is not None else None
+
+
+async def run_logs(request: Request, project_id: str | None) -> Response:
+    """The lines the run's task logged, oldest first."""
+    services = services_of(request)
+    limit, cursor = _page(request)
+    page = await services.runs.logs(project_id, request.path_params["run_id"], limit, cursor)
+    return shaped(RunLogPage, page)
+
+
 async def run_events(request: Request, project_id: str | None) -> Response:
-    """Server-Sent Events: one per status change, read from the run's
-    transition log (so a change between two wake-ups is never skipped); the
-    stream closes after the final one."""
+    """Server-Sent Events: one ``status`` event per status change, read from
+    the run's transition log (so a change between two wake-ups is never
+    skipped), and one ``log`` event per line its task logs; the stream closes
+    after the final status (whose lines came before it)."""
     services = services_of(request)
     run_id = request.path_params["run_id"]
     await services.runs.get(project_id, run_id)  # 404 before the stream starts
 
     async def stream() -> AsyncIterator[str]:
         last = 0
+        last_line = 0
         with services.notifier.watch(run_id) as watch:
             changed = watch.changed
             while True:
                 changed.clear()
+                for line in await services.db.read(logs_since, run_id, last_line):
+                    last_line = line["id"]
+                    yield f"event: log\ndata: {json.dumps(line)}\n\n"
                 steps = await services.db.read(transitions_since, run_id, last)
                 view = await services.runs.get(project_id, run_id) if steps else None
                 for step in steps:
@@ -84,6 +114,12 @@ async def run_events(request: Request, project_id: str | None) -> Response:
                             "at": isoformat(step["at"]),
                         },
                     }
+                    if status.is_final:
+                        # Lines that committed after the read above came
+                        # before this final status: they go first.
+                        for line in await services.db.read(logs_since, run_id, last_line):
+                            last_line = line["id"]
+                            yield f"event: log\ndata: {json.dumps(line)}\n\n"
                     yield f"id: {last}\nevent: status\ndata: {json.dumps(data)}\n\n"
                     if status.is_final:
                         return
@@ -178,7 +214,10 @@ async def list_runs(request: Request, project_id: str) -> Response:
 
 RUN_ID = Param("run_id", "path", "a run's ID (run_…)", required=True)
 TOKEN = Param("token", "query", "a run's public_access_token, instead of a bearer key")
-SSE = "text/event-stream: one `status` event per status change, closing after the final one"
+SSE = (
+    "text/event-stream: one `status` event per status change and one `log` event per "
+    "line the task logs, closing after the final status"
+)
 
 routes = [
     ApiRoute(
@@ -234,6 +273,24 @@ routes = [
             auth="key_or_token",
             params=(RUN_ID, TOKEN),
             errors=(404,),
+        ),
+    ),
+    ApiRoute(
+        "GET",
+        "/api/v1/runs/{run_id}/logs",
+        run_logs,
+        Operation(
+            "The lines the run's task logged (ctx.logger), oldest first",
+            "runs",
+            {200: views.RunLogPage},
+            auth="key_or_token",
+            params=(
+                RUN_ID,
+                Param("limit", "query", "1 to 1000 (100)", {"type": "integer"}),
+                Param("cursor", "query", "next_cursor of the previous page"),
+                TOKEN,
+            ),
+            errors=(404, 422),
         ),
     ),
     ApiRoute(

@@ -32,6 +32,7 @@ __all__ = [
     "QueueView",
     "RecoverAnswer",
     "RotatedSecret",
+    "RunLogPage",
     "RunPage",
     "RunView",
     "SigningSecret",
@@ -150,6 +151,23 @@ class RunView(_View):
 
 class RunPage(_View):
     data: list[RunView]
+    next_cursor: str | None
+
+
+class RunLogLine(_View):
+    #: Its place in the run's log (a page's cursor).
+    id: int
+    ts: str
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+    message: str
+    attempt: int
+    #: What the task gave as ``extra``; ``{"dropped": n}`` on the line that
+    #: counts what ``RUN_LOG_MAX_LINES`` turned away.
+    fields: dict[str, Any]
+
+
+class RunLogPage(_View):
+    data: list[RunLogLine]
     next_cursor: str | None
 
 

@@ -160,6 +160,7 @@ async def run_page(request: Request) -> Response:
     deliveries = await services.webhooks.run_deliveries(
         viewer.project_id, run_id, limit=50, cursor=None
     )
+    logs = await services.runs.logs(viewer.project_id, run_id, 1000, None)
     store = services_of(request).artifacts
     files = [
         {**row, "src": store.path(row["id"])}
@@ -176,6 +177,13 @@ async def run_page(request: Request) -> Response:
             "deliveries": deliveries["data"],
             "artifacts": files,
             "graph": workflow_graph(run),
+            "logs": logs["data"],
+            "more_logs": logs["next_cursor"] is not None,
+            # The run's own event stream (a read-only token for this run):
+            # the page follows its log lines as they come.
+            "log_stream": None
+            if run["is_final"]
+            else f"/api/v1/runs/{run_id}/events?token={services.tokens.issue(run_id)}",
         },
         live=True,
     )

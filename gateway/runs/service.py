@@ -34,6 +34,7 @@ from gateway.runs.effects import Effects, Job
 from gateway.runs.errors import LostRace, RunNotFound
 from gateway.runs.events import EventAnswer, apply_event, apply_events
 from gateway.runs.flow import flowing, pump_held
+from gateway.runs.logs import append_logs, list_logs
 from gateway.runs.options import TriggerOptions, TriggerRequest
 from gateway.runs.queues import create_queue, get_queue, list_queues, update_queue
 from gateway.runs.read import RunQuery, batch_summary, list_runs, load_run, status_of
@@ -41,7 +42,7 @@ from gateway.runs.recovery import queued_before, recover_lost
 from gateway.runs.slots import default_queue
 from gateway.runs.timers import release_due, reschedule
 from gateway.settings import Settings
-from jobs.protocol import WorkerEvent, run_job_id
+from jobs.protocol import RunLogs, WorkerEvent, run_job_id
 from webhooks.dispatch import DeliveryDispatcher
 from webhooks.service import WebhookService
 
@@ -277,6 +278,31 @@ class RunService:
         if found is None:
             raise NotFound(f"no batch with id {batch_id!r}", code="batch_not_found")
         return found
+
+    # Run logs.
+
+    async def append_logs(self, batches: Sequence[RunLogs]) -> list[APIError | None]:
+        """Keep log batches (one transaction; each alone if one is refused);
+        for each, ``None`` or the error that refused it. Wakes the runs' waiters."""
+        cap = self.settings.run_log_max_lines
+        answers: list[APIError | None] = [None] * len(batches)
+        try:
+            changed = await self.db.write(append_logs, batches, cap, utcnow())
+        except APIError:
+            changed = []
+            for i, batch in enumerate(batches):
+                try:
+                    changed += await self.db.write(append_logs, [batch], cap, utcnow())
+                except APIError as exc:
+                    answers[i] = exc
+        for run_id in dict.fromkeys(changed):
+            await self.notifier.publish(run_id, final=False)
+        return answers
+
+    async def logs(
+        self, project_id: str | None, run_id: str, limit: int, cursor: int | None
+    ) -> dict[str, Any]:
+        return await self.db.read(list_logs, project_id, run_id, limit, cursor)
 
     # Flow control and bulk actions.
 

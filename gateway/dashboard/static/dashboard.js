@@ -267,9 +267,24 @@
     window.addEventListener("pagehide", () => source.close());
   }
 
+  // A run's own event stream (a read-only token for it): its log lines, as
+  // they come, refresh the page's live part too. Closed at the final status,
+  // or the browser would open it again and again.
+  function followLogs() {
+    const url = body.dataset.logStream;
+    if (!url || !live || !window.EventSource) return;
+    const source = new EventSource(url);
+    source.addEventListener("log", () => refresh());
+    source.addEventListener("status", (event) => {
+      if (JSON.parse(event.data).is_final) source.close();
+    });
+    window.addEventListener("pagehide", () => source.close());
+  }
+
   showTimes(document);
   showGraph(document);
   listen();
+  followLogs();
   setInterval(() => showTimes(document), 1000);
   let width = window.innerWidth;
   window.addEventListener("resize", () => {

@@ -1,0 +1,112 @@
+"""A task's log lines, kept with its run: through the API, the event stream,
+a cap, and an unplanned exception's traceback; on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+from tests.conftest import Stack
+
+
+def _run(stack: Stack, payload: Any, **options: Any) -> dict[str, Any]:
+    return stack.run("tests.logs", payload, **options)
+
+
+def _lines(stack: Stack, run_id: str, **params: Any) -> dict[str, Any]:
+    with stack.client() as client:
+        answer = client.get(f"/api/v1/runs/{run_id}/logs", params=params)
+    assert answer.status_code == 200, answer.text
+    return dict(answer.json())
+
+
+def test_a_tasks_lines_come_back_in_order_with_their_fields(stack: Stack) -> None:
+    run = _run(stack, {"lines": 5})
+    assert run["status"] == "COMPLETED"
+    page = _lines(stack, run["id"])
+    lines = page["data"]
+    assert [line["level"] for line in lines] == ["DEBUG", *["INFO"] * 5, "WARNING"]
+    assert lines[0]["message"] == "starting with {'lines': 5}"
+    assert [line["message"] for line in lines[1:6]] == [f"line {n} of attempt 1" for n in range(5)]
+    assert [line["fields"] for line in lines[1:6]] == [{"n": n, "who": "tests"} for n in range(5)]
+    assert {line["attempt"] for line in lines} == {1}
+    times = [line["ts"] for line in lines]
+    assert times == sorted(times)
+    assert page["next_cursor"] is None
+    # Pages follow each other with no line twice.
+    first = _lines(stack, run["id"], limit=3)
+    second = _lines(stack, run["id"], limit=3, cursor=first["next_cursor"])
+    third = _lines(stack, run["id"], limit=3, cursor=second["next_cursor"])
+    assert [x["id"] for x in first["data"] + second["data"] + third["data"]] == [
+        x["id"] for x in lines
+    ]
+
+
+def test_an_unplanned_exception_leaves_its_traceback_in_every_attempts_log(stack: Stack) -> None:
+    run = _run(stack, {"lines": 1, "raise": True}, max_attempts=2, retry={"min_delay": 0.05})
+    assert run["status"] == "FAILED" and run["error"]["code"] == "task_exception"
+    lines = _lines(stack, run["id"])["data"]
+    errors = [line for line in lines if line["level"] == "ERROR"]
+    assert [line["attempt"] for line in errors] == [1, 2]
+    assert all("RuntimeError: the task gave up" in line["message"] for line in errors)
+    assert all("Traceback (most recent call last)" in line["message"] for line in errors)
+    assert errors[0]["fields"] == {"exception": "RuntimeError"}
+    # Each attempt's lines come before the next attempt's.
+    assert [line["attempt"] for line in lines] == sorted(line["attempt"] for line in lines)
+
+
+def test_a_run_keeps_at_most_its_cap_and_says_how_many_it_dropped(stack: Stack) -> None:
+    run = _run(stack, {"lines": 300})  # 302 lines; the tests' stack keeps 150
+    assert run["status"] == "COMPLETED"
+    lines = _lines(stack, run["id"], limit=1000)["data"]
+    assert len(lines) == 151
+    assert lines[-1]["fields"] == {"dropped": 152}
+    assert "152 more log line(s) dropped" in lines[-1]["message"]
+    assert "RUN_LOG_MAX_LINES" in lines[-1]["message"]
+
+
+def test_the_event_stream_sends_each_line_before_the_final_status(stack: Stack) -> None:
+    with stack.client() as client:
+        started = client.post(
+            "/api/v1/tasks/tests.logs/trigger", json={"payload": {"lines": 4}}
+        ).json()
+        events: list[tuple[str, Any]] = []
+        with client.stream("GET", f"/api/v1/runs/{started['id']}/events") as stream:
+            kind = None
+            for raw in stream.iter_lines():
+                if raw.startswith("event: "):
+                    kind = raw[len("event: ") :]
+                elif raw.startswith("data: ") and kind:
+                    events.append((kind, json.loads(raw[len("data: ") :])))
+    logs = [data["message"] for kind, data in events if kind == "log"]
+    assert logs[1:5] == [f"line {n} of attempt 1" for n in range(4)] and len(logs) == 6
+    assert events[-1][0] == "status" and events[-1][1]["status"] == "COMPLETED"
+    last_log = max(i for i, (kind, _) in enumerate(events) if kind == "log")
+    assert last_log < len(events) - 1
+
+
+def test_logs_are_the_runs_own_to_read(stack: Stack) -> None:
+    run = _run(stack, {"lines": 1})
+    with stack.client(stack.new_key("logs-other")) as other:
+        assert other.get(f"/api/v1/runs/{run['id']}/logs").status_code == 404
+    with stack.client() as client:
+        token = client.post(
+            "/api/v1/tasks/tests.logs/trigger", json={"payload": {"lines": 1}}
+        ).json()
+        client.get(f"/api/v1/runs/{token['id']}", params={"wait": 20})
+        assert client.get(f"/api/v1/runs/{run['id']}/logs", params={"limit": 0}).status_code == 422
+        assert (
+            client.get(f"/api/v1/runs/{run['id']}/logs", params={"cursor": "x"}).status_code == 422
+        )
+    public = httpx.get(
+        f"{stack.base_url}/api/v1/runs/{token['id']}/logs",
+        params={"token": token["public_access_token"]},
+    )
+    assert public.status_code == 200 and len(public.json()["data"]) == 3
+    wrong = httpx.get(
+        f"{stack.base_url}/api/v1/runs/{run['id']}/logs",
+        params={"token": token["public_access_token"]},
+    )
+    assert wrong.status_code == 404
