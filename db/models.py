@@ -35,6 +35,7 @@ __all__ = [
     "RunStatus",
     "RunLog",
     "RunTransition",
+    "Schedule",
     "WebhookEndpoint",
 ]
 
@@ -134,6 +135,8 @@ class Run(SQLModel, table=True):
         sa.Index("ix_runs_status_heartbeat", "status", "heartbeat_at"),
         # Flow control: a queue's runs by status, the held ones in start order.
         sa.Index("ix_runs_queue", "project_id", "queue", "status", "held", "order_at"),
+        # One run per schedule tick, however many gateways fire it.
+        sa.Index("ix_runs_schedule_tick", "schedule_id", "scheduled_at", unique=True),
         # One DELAYED run per debounce key (docs/architecture.md, "Flow control").
         sa.Index(
             "ix_runs_debounce",
@@ -217,6 +220,9 @@ class Run(SQLModel, table=True):
     debounce_key: str | None = Field(default=None, max_length=200)
     #: A debounced run starts by then at the latest (``debounce.max_delay``).
     debounce_until: dt.datetime | None = _ts()
+    #: The schedule whose tick made the run, and the tick.
+    schedule_id: str | None = Field(default=None, max_length=40)
+    scheduled_at: dt.datetime | None = _ts()
 
 
 class RunAttempt(SQLModel, table=True):
@@ -476,6 +482,38 @@ class Queue(SQLModel, table=True):
     #: ``None``: no limit.
     concurrency_limit: int | None = None
     paused: bool = Field(default=False)
+    created_at: dt.datetime = Field(
+        default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False)
+    )
+    updated_at: dt.datetime = Field(
+        default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False)
+    )
+
+
+class Schedule(SQLModel, table=True):
+    """Runs of a task on a clock: a cron expression in a time zone."""
+
+    __tablename__ = "schedules"
+    __table_args__ = (
+        sa.Index("ix_schedules_project_created", "project_id", "created_at"),
+        sa.Index("ix_schedules_enabled_next", "enabled", "next_run_at"),
+    )
+
+    id: str = Field(primary_key=True, max_length=40)
+    project_id: str = Field(foreign_key="projects.id", max_length=40)
+    task: str = Field(max_length=200)
+    cron: str = Field(max_length=200)
+    timezone: str = Field(max_length=64)
+    payload: Any = Field(default=None, sa_column=sa.Column(JSONColumn, nullable=True))
+    #: The trigger options each run gets.
+    options: dict[str, Any] = Field(
+        default_factory=dict, sa_column=sa.Column(JSONColumn, nullable=False)
+    )
+    enabled: bool = Field(default=True)
+    #: The next tick (``None`` while disabled).
+    next_run_at: dt.datetime | None = _ts()
+    last_run_at: dt.datetime | None = _ts()
+    last_run_id: str | None = Field(default=None, max_length=40)
     created_at: dt.datetime = Field(
         default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False)
     )

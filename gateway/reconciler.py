@@ -173,7 +173,8 @@ class Reconciler(Periodic):
 
 
 class Scheduler(Periodic):
-    """Starts DELAYED and RETRYING runs when due, and expires runs past their TTL."""
+    """Starts DELAYED and RETRYING runs when due, expires runs past their TTL,
+    and makes the runs of schedules whose tick has come."""
 
     name = "scheduler"
 
@@ -182,7 +183,7 @@ class Scheduler(Periodic):
         self.runs = runs
 
     async def run_once(self) -> int:
-        done = await self.runs.release_due()
+        done = await self.runs.release_due() + await self.runs.fire_schedules()
         if done:
             RECONCILER_ACTIONS.labels(action="released_or_expired").inc(done)
         return done

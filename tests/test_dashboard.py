@@ -339,6 +339,32 @@ def test_a_runs_log_lines_appear_on_its_page_as_they_come(stack: Stack, dashboar
     dash.screenshot("run-logs", full_page=False)
 
 
+def test_the_schedules_page_shows_next_and_last_runs_and_disables(
+    stack: Stack, dashboards: Any
+) -> None:
+    key = project(stack, "schedules")
+    with stack.client(key) as client:
+        made = client.post(
+            "/api/v1/schedules", json={"task": "echo", "cron": "*/2 * * * * *"}
+        ).json()
+    dash = dashboards()
+    dash.sign_in(key)
+    page = dash.open("/schedules")
+    dash.wait_live()
+    row = f"tr[data-schedule='{made['id']}']"
+    expect(page.locator(f"{row} [data-state]")).to_have_text("enabled")
+    # A tick's run shows up as the last run, live.
+    expect(page.locator(f"{row} [data-last] a")).to_have_count(1, timeout=15000)
+    dash.screenshot("schedules", full_page=False)
+    dash.submit(f"{row} button[data-action=disable]")
+    expect(page.locator(f"{row} [data-state]")).to_have_text("disabled")
+    expect(page.locator(f"{row} [data-next]")).to_have_text("—")
+    dash.submit(f"{row} button[data-action=delete]", confirm=True)
+    expect(page.locator(row)).to_have_count(0)
+    with stack.client(key) as client:
+        assert client.get(f"/api/v1/schedules/{made['id']}").status_code == 404
+
+
 def test_a_failed_run_shows_its_error_and_attempts(stack: Stack, dashboards: Any) -> None:
     key = project(stack, "failed")
     run_id = trigger(

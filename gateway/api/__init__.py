@@ -1,6 +1,6 @@
 """The HTTP API: one module per resource, and what they share.
 
-``tasks`` (trigger, batch), ``runs``, ``bulk``, ``queues``, ``batches``,
+``tasks`` (trigger, batch), ``runs``, ``bulk``, ``queues``, ``schedules``, ``batches``,
 ``webhooks``, ``artifacts``, ``health`` and ``openapi`` are the public API;
 ``internal`` is what workers call. ``routing`` ties each route to its
 documented operation and auth mode (who calls is ``gateway.auth``'s to say);
@@ -26,6 +26,7 @@ def api_routes() -> list[BaseRoute]:
         openapi,
         queues,
         runs,
+        schedules,
         tasks,
         webhooks,
     )
@@ -35,6 +36,7 @@ def api_routes() -> list[BaseRoute]:
         *bulk.routes,  # before runs: "/api/v1/runs/bulk/cancel" is no run's
         *runs.routes,
         *queues.routes,
+        *schedules.routes,
         *batches.routes,
         *webhooks.routes,
         *artifacts.routes,

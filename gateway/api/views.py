@@ -35,6 +35,8 @@ __all__ = [
     "RunLogPage",
     "RunPage",
     "RunView",
+    "ScheduleList",
+    "ScheduleView",
     "SigningSecret",
     "TaskList",
     "shaped",
@@ -142,6 +144,9 @@ class RunView(_View):
     duration_ms: int | None
     #: Workflows only: every node of the graph.
     nodes: dict[str, NodeView] | None = None
+    #: The schedule whose tick made the run, and the tick.
+    schedule_id: str | None = None
+    scheduled_at: str | None = None
     #: Trigger answers only: an earlier run given back for its idempotency
     #: key, or a DELAYED run that a debounce key pushed back.
     is_cached: bool | None = None
@@ -331,6 +336,27 @@ class BulkView(_View):
 
 class BulkCreated(BulkView):
     bulk_id: str
+
+
+class ScheduleView(_View):
+    id: str
+    task: str
+    cron: str
+    timezone: str
+    payload: Any
+    #: Each run's trigger options.
+    options: dict[str, Any]
+    enabled: bool
+    #: The next tick (``None`` while disabled), the last one and its run.
+    next_run_at: str | None
+    last_run_at: str | None
+    last_run_id: str | None
+    created_at: str
+    updated_at: str
+
+
+class ScheduleList(_View):
+    data: list[ScheduleView]
 
 
 class ArtifactLink(_View):

@@ -256,6 +256,49 @@ class _Calls(Generic[R]):
         """A bulk action and how far it has got (``processed`` of ``count``)."""
         return self._call("GET", f"/api/v1/bulk/{bulk_id}")
 
+    # schedules ----------------------------------------------------------
+
+    def create_schedule(
+        self,
+        task: str,
+        cron: str,
+        *,
+        timezone: str = "UTC",
+        payload: Any = None,
+        options: Mapping[str, Any] | None = None,
+        enabled: bool = True,
+    ) -> R:
+        """Run ``task`` on a cron clock (five fields, or six with leading seconds)."""
+        return self._call(
+            "POST",
+            "/api/v1/schedules",
+            json_body={
+                "task": task,
+                "cron": cron,
+                "timezone": timezone,
+                "payload": payload,
+                "options": dict(options or {}),
+                "enabled": enabled,
+            },
+        )
+
+    def list_schedules(self) -> R:
+        return self._call("GET", "/api/v1/schedules")
+
+    def get_schedule(self, schedule_id: str) -> R:
+        return self._call("GET", f"/api/v1/schedules/{schedule_id}")
+
+    def update_schedule(self, schedule_id: str, **changes: Any) -> R:
+        """Change ``cron``, ``timezone``, ``payload``, ``options`` or ``enabled``."""
+        return self._call("PATCH", f"/api/v1/schedules/{schedule_id}", json_body=changes)
+
+    def delete_schedule(self, schedule_id: str) -> R:
+        return self._call("DELETE", f"/api/v1/schedules/{schedule_id}")
+
+    def run_logs(self, run_id: str, *, limit: int | None = None, cursor: str | None = None) -> R:
+        """One page of the lines the run's task logged (``data``, ``next_cursor``)."""
+        return self._call("GET", f"/api/v1/runs/{run_id}/logs", params=_page_params(limit, cursor))
+
     # queues -------------------------------------------------------------
 
     def list_queues(self) -> R:

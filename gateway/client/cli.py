@@ -88,6 +88,21 @@ def add_commands(sub: Any) -> None:
         bulk.add_argument("--created-before", help="an ISO-8601 time")
     runs_sub.add_parser("bulk", help="a bulk action's progress").add_argument("bulk_id")
 
+    runs_sub.add_parser("logs", help="the lines a run's task logged").add_argument("run_id")
+
+    scheds = sub.add_parser("schedules", help="run tasks on a cron clock")
+    scheds_sub = scheds.add_subparsers(dest="schedules_command", required=True, metavar="ACTION")
+    scheds_sub.add_parser("list")
+    made_schedule = scheds_sub.add_parser("create")
+    made_schedule.add_argument("task")
+    made_schedule.add_argument("cron", help="5 fields, or 6 with leading seconds; quote it")
+    made_schedule.add_argument("--timezone", default="UTC", help="an IANA name (UTC)")
+    made_schedule.add_argument(
+        "--payload", type=_json_arg, default=None, help="JSON, @file.json, or - for stdin"
+    )
+    for name in ("get", "rm", "enable", "disable"):
+        scheds_sub.add_parser(name).add_argument("schedule_id")
+
     queues = sub.add_parser("queues", help="list queues, set their limits, pause or resume them")
     queues_sub = queues.add_subparsers(dest="queues_command", required=True, metavar="ACTION")
     queues_sub.add_parser("list")
@@ -181,6 +196,17 @@ def _runs(client: Client, args: argparse.Namespace, out: TextIO) -> int:
                 out,
             )
         return 0
+    if args.runs_command == "logs":
+        cursor = None
+        while True:
+            page = client.run_logs(args.run_id, limit=1000, cursor=cursor)
+            for line in page["data"]:
+                out.write(
+                    f"{line['ts']}  {line['level']:<8} #{line['attempt']}  {line['message']}\n"
+                )
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return 0
     if args.runs_command == "bulk":
         _print(client.get_bulk(args.bulk_id), out)
         return 0
@@ -193,6 +219,32 @@ def _runs(client: Client, args: argparse.Namespace, out: TextIO) -> int:
         return 0
     action = {"get": client.get_run, "cancel": client.cancel, "replay": client.replay}
     _print(action[args.runs_command](args.run_id), out)
+    return 0
+
+
+def _schedules(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    command = args.schedules_command
+    if command == "list":
+        for schedule in client.list_schedules()["data"]:
+            state = "enabled" if schedule["enabled"] else "disabled"
+            out.write(
+                f"{schedule['id']}  {schedule['task']:<20} {schedule['cron']!r:<18} "
+                f"{schedule['timezone']:<16} {state:<8} next {schedule['next_run_at']}\n"
+            )
+        return 0
+    if command == "create":
+        answer = client.create_schedule(
+            args.task, args.cron, timezone=args.timezone, payload=args.payload
+        )
+    elif command == "get":
+        answer = client.get_schedule(args.schedule_id)
+    elif command == "rm":
+        client.delete_schedule(args.schedule_id)
+        out.write(f"deleted {args.schedule_id}\n")
+        return 0
+    else:
+        answer = client.update_schedule(args.schedule_id, enabled=command == "enable")
+    _print(answer, out)
     return 0
 
 
@@ -278,6 +330,8 @@ def run_command(
                 return _runs(client, args, out)
             if args.command == "queues":
                 return _queues(client, args, out)
+            if args.command == "schedules":
+                return _schedules(client, args, out)
             return _webhooks(client, args, out)
     except GatewayError as exc:
         err.write(f"gateway: {exc}\n")

@@ -16,7 +16,7 @@ from gateway.dashboard.pages import trigger_form
 from gateway.dashboard.render import flash, redirect, render, safe_next
 from gateway.dashboard.session import PREFIX, Viewer, read_form, sign_in, sign_out, viewer_of
 from gateway.errors import APIError, NotFound, Unauthorized, ValidationFailed
-from gateway.runs.options import TriggerRequest
+from gateway.runs.options import ScheduleUpdate, TriggerRequest
 from gateway.services import services_of
 from webhooks.models import EndpointCreate, EndpointUpdate, RecoverRequest, RotateRequest
 
@@ -149,6 +149,29 @@ async def queue_action(request: Request) -> Response:
     else:
         flash(request, f"{name} {'paused' if queue['paused'] else 'resumed'}.")
     return redirect(back)
+
+
+async def schedule_action(request: Request) -> Response:
+    """``enable``, ``disable`` or ``delete`` one schedule."""
+    viewer = await viewer_of(request)
+    action = request.path_params["action"]
+    if action not in ("enable", "disable", "delete"):
+        raise NotFound(f"no schedule action {action!r}; there are enable, disable, delete")
+    await read_form(request)
+    schedule_id = request.path_params["schedule_id"]
+    runs = services_of(request).runs
+    try:
+        if action == "delete":
+            await runs.delete_schedule(viewer.project_id, schedule_id)
+            flash(request, f"Schedule {schedule_id} deleted; its runs stay.")
+        else:
+            await runs.update_schedule(
+                viewer.project_id, schedule_id, ScheduleUpdate(enabled=action == "enable")
+            )
+            flash(request, f"Schedule {schedule_id} {action}d.")
+    except APIError as exc:
+        flash(request, _problem(exc), "error")
+    return redirect(f"{PREFIX}/schedules")
 
 
 async def resend_delivery(request: Request) -> Response:

@@ -33,6 +33,7 @@ __all__ = [
     "queues_page",
     "run_page",
     "runs_page",
+    "schedules_page",
     "trigger_form",
     "trigger_page",
 ]
@@ -196,6 +197,15 @@ async def queues_page(request: Request) -> Response:
     common = await _common(request, viewer, "queues")
     queues = await services.runs.queues(viewer.project_id)
     return render(request, "queues", {**common, "queues": queues}, live=True)
+
+
+async def schedules_page(request: Request) -> Response:
+    """The project's schedules with their next and last runs."""
+    viewer = await viewer_of(request)
+    services = services_of(request)
+    common = await _common(request, viewer, "schedules")
+    schedules = await services.runs.schedules(viewer.project_id)
+    return render(request, "schedules", {**common, "schedules": schedules}, live=True)
 
 
 async def endpoints_page(request: Request) -> Response:

@@ -18,15 +18,17 @@ from db.engine import savepoint
 from db.ids import new_id
 from db.models import Batch, IdempotencyKey, RunStatus
 from db.types import utcnow
+from gateway.errors import ValidationFailed
 from gateway.runs.cas import insert_run, run_transitions, runs
 from gateway.runs.effects import Effects, job_of
 from gateway.runs.errors import LostRace
 from gateway.runs.flow import admit
+from gateway.runs.options import TriggerOptions
 from gateway.runs.read import load_run, run_view
-from gateway.runs.slots import QueueRule
+from gateway.runs.slots import QueueRule, default_queue
 from jobs.protocol import WORKFLOW_TASK
 
-__all__ = ["Created", "Debounce", "NewRun", "create_runs", "replay_row"]
+__all__ = ["Created", "Debounce", "NewRun", "create_runs", "new_run", "replay_row"]
 
 idempotency_keys = IdempotencyKey.__table__  # type: ignore[attr-defined]
 batches = Batch.__table__  # type: ignore[attr-defined]
@@ -224,3 +226,89 @@ def replay_row(original: Mapping[str, Any], now: dt.datetime) -> dict[str, Any]:
         "priority": original["priority"],
         "order_at": now - dt.timedelta(seconds=original["priority"] or 0),
     }
+
+
+def new_run(
+    project_id: str,
+    task: str,
+    payload: Any,
+    options: TriggerOptions,
+    *,
+    now: dt.datetime,
+    callback_url: str | None,
+    field: str = "options",
+    replayed_from: str | None = None,
+) -> NewRun:
+    """The row of a new run from a trigger's options (``callback_url`` checked
+    already), due now, after its delay, or debounced.
+
+    :raises ValidationFailed: options that do not go together
+    """
+    run_at = None
+    if options.delay is not None:
+        run_at = (
+            options.delay
+            if isinstance(options.delay, dt.datetime)
+            else now + dt.timedelta(seconds=options.delay)
+        )
+        if run_at <= now:
+            run_at = None
+    debounce = options.debounce
+    if debounce is not None:
+        if options.delay is not None:
+            raise ValidationFailed(
+                details=[
+                    {
+                        "path": f"{field}.delay",
+                        "type": "value_error",
+                        "message": "a debounced run's start is set by debounce.delay; "
+                        "give one or the other",
+                    }
+                ]
+            )
+        run_at = now + dt.timedelta(seconds=debounce.delay)
+    row: dict[str, Any] = {
+        "id": new_id("run"),
+        "project_id": project_id,
+        "task": task,
+        "status": (RunStatus.DELAYED if run_at else RunStatus.QUEUED).value,
+        "attempt": 1,
+        "payload": payload,
+        "output": None,
+        "error_code": None,
+        "error_message": None,
+        "tags": options.tags,
+        "metadata": options.metadata,
+        "created_at": now,
+        "updated_at": now,
+        "started_at": None,
+        "finished_at": None,
+        "callback_url": callback_url,
+        "step": 0,
+        "step_pending": False,
+        "parent_id": None,
+        "node_id": None,
+        "run_at": run_at,
+        "expire_at": now + dt.timedelta(seconds=options.ttl) if options.ttl else None,
+        "max_attempts": options.max_attempts,
+        "retry": options.retry.model_dump(),
+        "max_duration": options.max_duration,
+        "idempotency_key": options.idempotency_key,
+        "replayed_from": replayed_from,
+        "batch_id": None,
+        "queue": options.queue or default_queue(task)[0],
+        "concurrency_key": options.concurrency_key,
+        "priority": options.priority,
+        "order_at": now - dt.timedelta(seconds=options.priority),
+        "debounce_key": debounce.key if debounce else None,
+        "debounce_until": (
+            now + dt.timedelta(seconds=max(debounce.max_delay, debounce.delay))
+            if debounce
+            else None
+        ),
+    }
+    return NewRun(
+        row,
+        options.idempotency_key_ttl,
+        Debounce(debounce.delay, debounce.mode) if debounce else None,
+    )

@@ -30,6 +30,8 @@ __all__ = [
     "QueueUpdate",
     "RescheduleRequest",
     "RetryOptions",
+    "ScheduleCreate",
+    "ScheduleUpdate",
     "TriggerOptions",
     "TriggerRequest",
 ]
@@ -273,3 +275,34 @@ class BulkRequest(BaseModel):
         if self.filter is not None and not self.filter.model_dump(exclude_none=True):
             raise ValueError("a filter needs at least one criterion (every run is not a filter)")
         return self
+
+
+class ScheduleCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(min_length=1, max_length=200)
+    #: Five fields, or six with leading seconds (``*/5 * * * * *``).
+    cron: str = Field(min_length=1, max_length=200)
+    #: An IANA time zone: the cron expression is read on its wall clock.
+    timezone: str = Field(default="UTC", min_length=1, max_length=64)
+    payload: Any = None
+    #: Each run's options (no ``delay``, ``debounce`` or ``idempotency_key``:
+    #: the tick is the run's time and its identity).
+    options: TriggerOptions = Field(default_factory=TriggerOptions)
+    enabled: bool = True
+
+
+class ScheduleUpdate(BaseModel):
+    """Only the fields given change."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cron: str | None = Field(default=None, min_length=1, max_length=200)
+    timezone: str | None = Field(default=None, min_length=1, max_length=64)
+    payload: Any = None
+    options: TriggerOptions | None = None
+    enabled: bool | None = None
+
+    def changes(self) -> dict[str, Any]:
+        given = {k: getattr(self, k) for k in self.model_fields_set}
+        return {k: v for k, v in given.items() if v is not None or k == "payload"}

@@ -93,6 +93,8 @@ def run_view(
         "queue": row.get("queue") or row["task"],
         "concurrency_key": row.get("concurrency_key"),
         "priority": row.get("priority") or 0,
+        "schedule_id": row.get("schedule_id"),
+        "scheduled_at": isoformat(row.get("scheduled_at")),
         "created_at": isoformat(row["created_at"]),
         "updated_at": isoformat(row["updated_at"]),
         "started_at": isoformat(started),

@@ -21,25 +21,32 @@ from arq.constants import abort_jobs_ss, in_progress_key_prefix, result_key_pref
 from redis.exceptions import RedisError
 
 from db.engine import Database
-from db.ids import new_id
 from db.models import Run, RunStatus
 from db.types import utcnow
-from gateway.errors import APIError, NotFound, ValidationFailed
+from gateway.errors import APIError, NotFound
 from gateway.notify import RunNotifier
 from gateway.queue import QueuedJob, enqueue_jobs
 from gateway.runs.bulk import bulk_page, create_bulk, load_bulk, unfinished_bulks
 from gateway.runs.cancel import cancel_run
-from gateway.runs.create import Debounce, NewRun, create_runs, replay_row
+from gateway.runs.create import NewRun, create_runs, new_run, replay_row
 from gateway.runs.effects import Effects, Job
 from gateway.runs.errors import LostRace, RunNotFound
 from gateway.runs.events import EventAnswer, apply_event, apply_events
 from gateway.runs.flow import flowing, pump_held
 from gateway.runs.logs import append_logs, list_logs
-from gateway.runs.options import TriggerOptions, TriggerRequest
+from gateway.runs.options import ScheduleCreate, ScheduleUpdate, TriggerOptions, TriggerRequest
 from gateway.runs.queues import create_queue, get_queue, list_queues, update_queue
 from gateway.runs.read import RunQuery, batch_summary, list_runs, load_run, status_of
 from gateway.runs.recovery import queued_before, recover_lost
-from gateway.runs.slots import default_queue
+from gateway.runs.schedules import (
+    check_schedule,
+    create_schedule,
+    delete_schedule,
+    fire_due,
+    get_schedule,
+    list_schedules,
+    update_schedule,
+)
 from gateway.runs.timers import release_due, reschedule
 from gateway.settings import Settings
 from jobs.protocol import RunLogs, WorkerEvent, run_job_id
@@ -89,77 +96,18 @@ class RunService:
         replayed_from: str | None = None,
     ) -> NewRun:
         """The row of a new run, from a trigger's options (checked here)."""
-        now = utcnow()
-        run_at = None
-        if options.delay is not None:
-            run_at = (
-                options.delay
-                if isinstance(options.delay, dt.datetime)
-                else now + dt.timedelta(seconds=options.delay)
-            )
-            if run_at <= now:
-                run_at = None
         callback_url = options.callback_url
         if callback_url is not None:
             callback_url = self.webhooks.check_url(callback_url, f"{field}.callback_url")
-        debounce = options.debounce
-        if debounce is not None:
-            if options.delay is not None:
-                raise ValidationFailed(
-                    details=[
-                        {
-                            "path": f"{field}.delay",
-                            "type": "value_error",
-                            "message": "a debounced run's start is set by debounce.delay; "
-                            "give one or the other",
-                        }
-                    ]
-                )
-            run_at = now + dt.timedelta(seconds=debounce.delay)
-        row: dict[str, Any] = {
-            "id": new_id("run"),
-            "project_id": project_id,
-            "task": task,
-            "status": (RunStatus.DELAYED if run_at else RunStatus.QUEUED).value,
-            "attempt": 1,
-            "payload": payload,
-            "output": None,
-            "error_code": None,
-            "error_message": None,
-            "tags": options.tags,
-            "metadata": options.metadata,
-            "created_at": now,
-            "updated_at": now,
-            "started_at": None,
-            "finished_at": None,
-            "callback_url": callback_url,
-            "step": 0,
-            "step_pending": False,
-            "parent_id": None,
-            "node_id": None,
-            "run_at": run_at,
-            "expire_at": now + dt.timedelta(seconds=options.ttl) if options.ttl else None,
-            "max_attempts": options.max_attempts,
-            "retry": options.retry.model_dump(),
-            "max_duration": options.max_duration,
-            "idempotency_key": options.idempotency_key,
-            "replayed_from": replayed_from,
-            "batch_id": None,
-            "queue": options.queue or default_queue(task)[0],
-            "concurrency_key": options.concurrency_key,
-            "priority": options.priority,
-            "order_at": now - dt.timedelta(seconds=options.priority),
-            "debounce_key": debounce.key if debounce else None,
-            "debounce_until": (
-                now + dt.timedelta(seconds=max(debounce.max_delay, debounce.delay))
-                if debounce
-                else None
-            ),
-        }
-        return NewRun(
-            row,
-            options.idempotency_key_ttl,
-            Debounce(debounce.delay, debounce.mode) if debounce else None,
+        return new_run(
+            project_id,
+            task,
+            payload,
+            options,
+            now=utcnow(),
+            callback_url=callback_url,
+            field=field,
+            replayed_from=replayed_from,
         )
 
     async def create(
@@ -278,6 +226,58 @@ class RunService:
         if found is None:
             raise NotFound(f"no batch with id {batch_id!r}", code="batch_not_found")
         return found
+
+    # Schedules.
+
+    async def create_schedule(self, project_id: str, body: ScheduleCreate) -> dict[str, Any]:
+        """A schedule (its task and payload checked by the caller)."""
+        check_schedule(body.cron, body.timezone, body.options)
+        if body.options.callback_url is not None:
+            body.options.callback_url = self.webhooks.check_url(
+                body.options.callback_url, "options.callback_url"
+            )
+        return await self.db.write(
+            create_schedule,
+            project_id,
+            body.task,
+            body.cron,
+            body.timezone,
+            body.payload,
+            body.options,
+            body.enabled,
+            utcnow(),
+        )
+
+    async def schedules(self, project_id: str) -> list[dict[str, Any]]:
+        return await self.db.read(list_schedules, project_id)
+
+    async def schedule(self, project_id: str, schedule_id: str) -> dict[str, Any]:
+        return await self.db.read(get_schedule, project_id, schedule_id)
+
+    async def update_schedule(
+        self, project_id: str, schedule_id: str, body: ScheduleUpdate
+    ) -> dict[str, Any]:
+        current = await self.schedule(project_id, schedule_id)
+        changes = body.changes()
+        check_schedule(
+            changes.get("cron", current["cron"]),
+            changes.get("timezone", current["timezone"]),
+            body.options,
+        )
+        if body.options is not None and body.options.callback_url is not None:
+            body.options.callback_url = self.webhooks.check_url(
+                body.options.callback_url, "options.callback_url"
+            )
+        return await self.db.write(update_schedule, project_id, schedule_id, changes, utcnow())
+
+    async def delete_schedule(self, project_id: str, schedule_id: str) -> None:
+        await self.db.write(delete_schedule, project_id, schedule_id)
+
+    async def fire_schedules(self) -> int:
+        """One scheduler pass over the schedules: a run for each that is due."""
+        fired = await self._write(fire_due, utcnow())
+        await self._after(fired)
+        return len(fired.jobs)
 
     # Run logs.
 

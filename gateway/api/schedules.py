@@ -1,0 +1,130 @@
+"""``/api/v1/schedules``: runs of a task on a cron clock."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.api import views
+from gateway.api.bodies import json_object
+from gateway.api.routing import ApiRoute, Operation, Param
+from gateway.api.views import ScheduleList, ScheduleView, shaped
+from gateway.errors import NotFound, ValidationFailed
+from gateway.runs.options import ScheduleCreate, ScheduleUpdate
+from gateway.services import services_of
+
+__all__ = ["routes"]
+
+
+async def create_schedule(request: Request, project_id: str) -> Response:
+    services = services_of(request)
+    body = await json_object(request, services.settings.max_body_bytes, ScheduleCreate)
+    definition = services.registry.get(body.task)
+    if definition is None:
+        known = ", ".join(services.registry.names())
+        raise NotFound(f"no task named {body.task!r}; known tasks: {known}", code="task_not_found")
+    details = definition.payload_errors(body.payload, "payload")
+    if details:
+        raise ValidationFailed(
+            f"the payload does not fit task {body.task!r}", code="invalid_payload", details=details
+        )
+    schedule = await services.runs.create_schedule(project_id, body)
+    return shaped(
+        ScheduleView,
+        schedule,
+        status_code=201,
+        headers={"location": f"/api/v1/schedules/{schedule['id']}"},
+    )
+
+
+async def list_schedules(request: Request, project_id: str) -> Response:
+    return shaped(ScheduleList, {"data": await services_of(request).runs.schedules(project_id)})
+
+
+async def get_schedule(request: Request, project_id: str) -> Response:
+    services = services_of(request)
+    return shaped(
+        ScheduleView, await services.runs.schedule(project_id, request.path_params["schedule_id"])
+    )
+
+
+async def update_schedule(request: Request, project_id: str) -> Response:
+    services = services_of(request)
+    body = await json_object(request, services.settings.max_body_bytes, ScheduleUpdate)
+    schedule_id = request.path_params["schedule_id"]
+    if "payload" in body.model_fields_set:
+        task = (await services.runs.schedule(project_id, schedule_id))["task"]
+        definition = services.registry.get(task)
+        details = definition.payload_errors(body.payload, "payload") if definition else []
+        if details:
+            raise ValidationFailed(
+                f"the payload does not fit task {task!r}", code="invalid_payload", details=details
+            )
+    return shaped(ScheduleView, await services.runs.update_schedule(project_id, schedule_id, body))
+
+
+async def delete_schedule(request: Request, project_id: str) -> Response:
+    services = services_of(request)
+    await services.runs.delete_schedule(project_id, request.path_params["schedule_id"])
+    return Response(status_code=204)
+
+
+SCHEDULE_ID = Param("schedule_id", "path", "a schedule's ID (sched_…)", required=True)
+
+routes = [
+    ApiRoute(
+        "POST",
+        "/api/v1/schedules",
+        create_schedule,
+        Operation(
+            "Run a task on a cron clock",
+            "schedules",
+            {201: views.ScheduleView},
+            ScheduleCreate,
+            errors=(400, 404, 413, 422),
+        ),
+    ),
+    ApiRoute(
+        "GET",
+        "/api/v1/schedules",
+        list_schedules,
+        Operation("List the schedules, newest first", "schedules", {200: views.ScheduleList}),
+    ),
+    ApiRoute(
+        "GET",
+        "/api/v1/schedules/{schedule_id}",
+        get_schedule,
+        Operation(
+            "A schedule, with its next and last ticks",
+            "schedules",
+            {200: views.ScheduleView},
+            params=(SCHEDULE_ID,),
+            errors=(404,),
+        ),
+    ),
+    ApiRoute(
+        "PATCH",
+        "/api/v1/schedules/{schedule_id}",
+        update_schedule,
+        Operation(
+            "Change a schedule (cron, timezone, payload, options, enabled)",
+            "schedules",
+            {200: views.ScheduleView},
+            ScheduleUpdate,
+            params=(SCHEDULE_ID,),
+            errors=(400, 404, 413, 422),
+        ),
+    ),
+    ApiRoute(
+        "DELETE",
+        "/api/v1/schedules/{schedule_id}",
+        delete_schedule,
+        Operation(
+            "Delete a schedule (its runs stay)",
+            "schedules",
+            {204: "deleted"},
+            params=(SCHEDULE_ID,),
+            errors=(404,),
+        ),
+    ),
+]

@@ -1,0 +1,75 @@
+"""Cron expressions in a time zone: when a schedule's next tick is.
+
+Five fields (minute precision), or six with a leading seconds field
+(``*/5 * * * * *`` is every five seconds), read by croniter on the zone's wall
+clock. The ticks are then put on the UTC line and kept strictly increasing: a
+wall-clock time that a DST change skips maps forward to the same instant as
+the next real one and runs once, and one that it repeats (the hour that comes
+twice in autumn) runs at its first occurrence only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import zoneinfo
+
+from croniter import croniter
+
+__all__ = ["CronError", "check", "next_tick", "previous_tick", "zone"]
+
+
+class CronError(ValueError):
+    """An expression or a time zone that does not parse; the message says why."""
+
+
+def zone(name: str) -> zoneinfo.ZoneInfo:
+    """:raises CronError: not an IANA time zone name"""
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+        raise CronError(f"not an IANA time zone name (such as Europe/Berlin): {exc}") from None
+
+
+def _seconds_first(expression: str) -> bool:
+    return len(expression.split()) == 6
+
+
+def check(expression: str) -> None:
+    """:raises CronError: not five fields, or six with leading seconds, that croniter reads"""
+    fields = expression.split()
+    if len(fields) not in (5, 6):
+        raise CronError(
+            f"a cron expression has 5 fields (minute hour day month weekday), or 6 with "
+            f"leading seconds; this one has {len(fields)}"
+        )
+    if not croniter.is_valid(expression, second_at_beginning=_seconds_first(expression)):
+        raise CronError(f"not a cron expression croniter reads: {expression!r}")
+
+
+def next_tick(expression: str, tz: str, after: dt.datetime) -> dt.datetime:
+    """The first tick strictly after ``after`` (aware), in UTC."""
+    where = zone(tz)
+    local = after.astimezone(where).replace(tzinfo=None)
+    ticks = croniter(expression, local, second_at_beginning=_seconds_first(expression))
+    for _ in range(1000):
+        wall: dt.datetime = ticks.get_next(dt.datetime)
+        # fold=0: a repeated wall time is its first occurrence; a skipped one
+        # lands on the instant the clock jumped to.
+        instant = wall.replace(tzinfo=where, fold=0).astimezone(dt.UTC)
+        if instant > after:
+            return instant
+    raise CronError(f"{expression!r} has no tick after {after.isoformat()} in {tz}")
+
+
+def previous_tick(expression: str, tz: str, at: dt.datetime) -> dt.datetime | None:
+    """The latest tick at or before ``at`` (aware), in UTC; ``None`` if none
+    is found within a year."""
+    where = zone(tz)
+    local = (at + dt.timedelta(seconds=1)).astimezone(where).replace(tzinfo=None)
+    ticks = croniter(expression, local, second_at_beginning=_seconds_first(expression))
+    for _ in range(10):
+        wall: dt.datetime = ticks.get_prev(dt.datetime)
+        instant = wall.replace(tzinfo=where, fold=0).astimezone(dt.UTC)
+        if instant <= at:
+            return instant
+    return None
