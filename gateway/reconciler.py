@@ -34,7 +34,7 @@ from gateway.runs.effects import Job
 from gateway.runs.service import RunService
 from gateway.runs.workflow import node_states
 from gateway.settings import Settings
-from jobs.protocol import delivery_job_id, run_job_id
+from jobs.protocol import WORKFLOW_TASK, delivery_job_id, run_job_id
 from webhooks.dispatch import DeliveryDispatcher
 
 __all__ = ["Reconciler", "Scheduler"]
@@ -124,7 +124,9 @@ class Reconciler(Periodic):
                         run["payload"],
                         run["attempt"],
                         run["step"],
-                        await self.db.read(node_states, run["id"]) if run["step"] else None,
+                        await self.db.read(node_states, run["id"])
+                        if run["step"] or run["task"] == WORKFLOW_TASK
+                        else None,
                     )
                 ):
                     requeued_runs += 1

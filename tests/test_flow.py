@@ -216,7 +216,11 @@ def test_debounce_gives_back_one_delayed_run(flow: Stack, mode: str) -> None:
 def test_a_paused_queue_holds_its_runs_until_resumed(flow: Stack) -> None:
     queue = _name("paused")
     with flow.client() as client:
-        made = client.post("/api/v1/queues", json={"name": queue, "paused": True})
+        # A limit of one: the order in which resumed runs start is the order
+        # in which the pump hands them out.
+        made = client.post(
+            "/api/v1/queues", json={"name": queue, "paused": True, "concurrency_limit": 1}
+        )
         assert made.status_code == 201 and made.json()["paused"]
         ids = [_trigger(client, "echo", {"n": n}, queue=queue) for n in range(3)]
         seen = client.get(f"/api/v1/runs/{ids[0]}").json()

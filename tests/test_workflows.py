@@ -280,3 +280,47 @@ def test_a_workflow_run_lists_its_nodes_while_it_runs(single_slot_stack: Stack) 
         "img": "image",
         "crop": "crop-image",
     }
+
+
+def test_replay_from_a_node_reuses_every_output_upstream(
+    stack: Stack, gemini: GeminiStandIn
+) -> None:
+    nodes = [
+        {"id": "img", "type": "image", "data": {"url": data_uri(quadrants())}},
+        {
+            "id": "crop",
+            "type": "crop-image",
+            "data": {"x_percent": 0, "y_percent": 0, "width_percent": 50, "height_percent": 50},
+        },
+        {"id": "caption", "type": "llm", "data": {"user_message": unique("caption") + " colour?"}},
+    ]
+    edges = [edge("img", "crop", "image"), edge("crop", "caption", "images")]
+    first = run_workflow(stack, nodes, edges)
+    assert first["status"] == "COMPLETED", first["error"]
+    with stack.client() as client:
+        answer = client.post(f"/api/v1/runs/{first['id']}/replay", json={"from_node": "caption"})
+        assert answer.status_code == 202, answer.text
+        replay = client.get(f"/api/v1/runs/{answer.json()['id']}", params={"wait": 60}).json()
+    assert replay["status"] == "COMPLETED", replay["error"]
+    assert replay["replayed_from"] == first["id"]
+    children = stack.query(
+        "SELECT node_id FROM runs WHERE parent_id = :p ORDER BY node_id", p=replay["id"]
+    )
+    assert children == [("caption",)]  # no child run upstream of it
+    assert replay["nodes"]["crop"]["run_id"] == first["nodes"]["crop"]["run_id"]
+    assert replay["nodes"]["crop"]["output"] == first["nodes"]["crop"]["output"]
+    assert replay["nodes"]["caption"]["run_id"] != first["nodes"]["caption"]["run_id"]
+    assert replay["output"]["outputs"]["caption"]
+    with stack.client() as client:
+        again = client.post(f"/api/v1/runs/{first['id']}/replay", json={"from_node": "crop"})
+        crop_replay = client.get(f"/api/v1/runs/{again.json()['id']}", params={"wait": 60}).json()
+        assert crop_replay["status"] == "COMPLETED"
+        refused = client.post(f"/api/v1/runs/{first['id']}/replay", json={"from_node": "nope"})
+        assert refused.status_code == 422
+        assert refused.json()["error"]["details"][0]["path"] == "from_node"
+        plain = client.post("/api/v1/tasks/echo/trigger", json={"payload": 1}).json()
+        not_a_workflow = client.post(f"/api/v1/runs/{plain['id']}/replay", json={"from_node": "x"})
+        assert not_a_workflow.status_code == 422
+    assert stack.query(
+        "SELECT node_id FROM runs WHERE parent_id = :p ORDER BY node_id", p=crop_replay["id"]
+    ) == [("caption",), ("crop",)]

@@ -18,7 +18,7 @@ from gateway.api.routing import PAGE, ApiRoute, Operation, Param
 from gateway.api.views import RunLogPage, RunPage, RunView, shaped
 from gateway.errors import ValidationFailed
 from gateway.runs.logs import logs_since
-from gateway.runs.options import RescheduleRequest
+from gateway.runs.options import ReplayRequest, RescheduleRequest
 from gateway.runs.read import RunQuery, transitions_since
 from gateway.services import services_of
 
@@ -144,7 +144,8 @@ async def cancel_run(request: Request, project_id: str) -> Response:
 
 async def replay_run(request: Request, project_id: str) -> Response:
     services = services_of(request)
-    run = await services.runs.replay(project_id, request.path_params["run_id"])
+    body = await json_object(request, services.settings.max_body_bytes, ReplayRequest)
+    run = await services.runs.replay(project_id, request.path_params["run_id"], body.from_node)
     run["public_access_token"] = services.tokens.issue(run["id"])
     return shaped(RunView, run, status_code=202, headers={"location": f"/api/v1/runs/{run['id']}"})
 
@@ -310,11 +311,12 @@ routes = [
         "/api/v1/runs/{run_id}/replay",
         replay_run,
         Operation(
-            "Run the same task and payload again",
+            "Run the same task and payload again (a workflow: from one of its nodes)",
             "runs",
             {202: views.RunView},
+            ReplayRequest,
             params=(RUN_ID,),
-            errors=(404,),
+            errors=(400, 404, 413, 422),
         ),
     ),
     ApiRoute(

@@ -233,8 +233,10 @@ class _Calls(Generic[R]):
     def cancel(self, run_id: str) -> R:
         return self._call("POST", f"/api/v1/runs/{run_id}/cancel")
 
-    def replay(self, run_id: str) -> R:
-        return self._call("POST", f"/api/v1/runs/{run_id}/replay")
+    def replay(self, run_id: str, *, from_node: str | None = None) -> R:
+        """Run it again; a workflow ``from_node`` reuses its other nodes' outputs."""
+        body = {"from_node": from_node} if from_node is not None else None
+        return self._call("POST", f"/api/v1/runs/{run_id}/replay", json_body=body)
 
     def reschedule(self, run_id: str, delay: float | str) -> R:
         return self._call("POST", f"/api/v1/runs/{run_id}/reschedule", json_body={"delay": delay})

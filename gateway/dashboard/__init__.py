@@ -78,9 +78,7 @@ def dashboard_routes(settings: Settings) -> list[BaseRoute]:
         Route("/runs/{run_id}/replay", _html(actions.replay_run), methods=post),
         Route("/deliveries/{delivery_id}/resend", _html(actions.resend_delivery), methods=post),
         Route("/schedules", _html(pages.schedules_page), methods=get),
-        Route(
-            "/schedules/{schedule_id}/{action}", _html(actions.schedule_action), methods=post
-        ),
+        Route("/schedules/{schedule_id}/{action}", _html(actions.schedule_action), methods=post),
         Route("/queues", _html(pages.queues_page), methods=get),
         Route("/queues/{name}/{action}", _html(actions.queue_action), methods=post),
         Route("/endpoints", _html(pages.endpoints_page), methods=get),

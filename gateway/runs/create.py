@@ -21,14 +21,23 @@ from db.types import utcnow
 from gateway.errors import ValidationFailed
 from gateway.runs.cas import insert_run, run_transitions, runs
 from gateway.runs.effects import Effects, job_of
-from gateway.runs.errors import LostRace
+from gateway.runs.errors import LostRace, RunNotFound
 from gateway.runs.flow import admit
 from gateway.runs.options import TriggerOptions
-from gateway.runs.read import load_run, run_view
+from gateway.runs.read import load_run, node_states, run_view
 from gateway.runs.slots import QueueRule, default_queue
+from gateway.runs.workflow import downstream_of, seed_nodes
 from jobs.protocol import WORKFLOW_TASK
 
-__all__ = ["Created", "Debounce", "NewRun", "create_runs", "new_run", "replay_row"]
+__all__ = [
+    "Created",
+    "Debounce",
+    "NewRun",
+    "create_runs",
+    "new_run",
+    "replay_from_node",
+    "replay_row",
+]
 
 idempotency_keys = IdempotencyKey.__table__  # type: ignore[attr-defined]
 batches = Batch.__table__  # type: ignore[attr-defined]
@@ -312,3 +321,54 @@ def new_run(
         options.idempotency_key_ttl,
         Debounce(debounce.delay, debounce.mode) if debounce else None,
     )
+
+
+def replay_from_node(
+    conn: sa.Connection, project_id: str, run_id: str, from_node: str, now: dt.datetime
+) -> Created:
+    """A new run of a workflow that reuses the output of every node its first
+    run completed, but ``from_node`` and what follows it, which run again.
+
+    :raises RunNotFound: no such run in the project
+    :raises ValidationFailed: not a workflow, or no such node in its graph
+    """
+    found = (
+        conn.execute(sa.select(runs).where(runs.c.id == run_id, runs.c.project_id == project_id))
+        .mappings()
+        .first()
+    )
+    if found is None:
+        raise RunNotFound(run_id)
+    original = dict(found)
+    graph = original["payload"] if isinstance(original["payload"], dict) else {}
+    ids = {n.get("id") for n in graph.get("nodes", []) if isinstance(n, dict)}
+    problem = None
+    if original["task"] != WORKFLOW_TASK:
+        problem = f"from_node replays a workflow; run {run_id} is a {original['task']!r} run"
+    elif from_node not in ids:
+        problem = (
+            f"the workflow has no node {from_node!r}; its nodes: {', '.join(sorted(map(str, ids)))}"
+        )
+    if problem is not None:
+        raise ValidationFailed(
+            problem, details=[{"path": "from_node", "type": "unknown_node", "message": problem}]
+        )
+    again = downstream_of(graph, from_node)
+    reused = {
+        node_id: state
+        for node_id, state in node_states(conn, run_id).items()
+        if node_id not in again and state["status"] == "completed"
+    }
+    row = replay_row(original, now)
+    created = create_runs(conn, [NewRun(row)])
+    seed_nodes(conn, row["id"], reused, now)
+    # Its first step plans with the reused nodes (a held run's pump adds them too).
+    created.effects.jobs = [
+        dataclasses.replace(job, state=node_states(conn, job.run_id))
+        if job.run_id == row["id"]
+        else job
+        for job in created.effects.jobs
+    ]
+    [(view, _)] = created.runs
+    view.update(load_run(conn, None, row["id"]) or {})
+    return created

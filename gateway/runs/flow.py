@@ -37,6 +37,7 @@ from gateway.runs.slots import (
     running_by_key,
     select_queue,
 )
+from jobs.protocol import WORKFLOW_TASK
 
 __all__ = ["admit", "flowing", "pump", "pump_held", "queue_rule", "request_pump"]
 
@@ -200,10 +201,15 @@ def pump(conn: sa.Connection, project_id: str, queue: str, now: dt.datetime) -> 
     )
     rows = {r["id"]: dict(r) for r in handed.mappings()}
     return [
-        job_of(rows[i], state=node_states(conn, i) if rows[i]["step"] else None)
+        job_of(rows[i], state=node_states(conn, i) if _has_nodes(rows[i]) else None)
         for i in order
         if i in rows
     ]
+
+
+def _has_nodes(run: dict[str, Any]) -> bool:
+    """A workflow's job takes its nodes' states (a replay's first step has some)."""
+    return bool(run["step"]) or run["task"] == WORKFLOW_TASK
 
 
 def pump_requested(conn: sa.Connection, now: dt.datetime) -> list[Job]:

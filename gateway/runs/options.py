@@ -28,6 +28,7 @@ __all__ = [
     "QueueCreate",
     "QueueName",
     "QueueUpdate",
+    "ReplayRequest",
     "RescheduleRequest",
     "RetryOptions",
     "ScheduleCreate",
@@ -306,3 +307,13 @@ class ScheduleUpdate(BaseModel):
     def changes(self) -> dict[str, Any]:
         given = {k: getattr(self, k) for k in self.model_fields_set}
         return {k: v for k, v in given.items() if v is not None or k == "payload"}
+
+
+class ReplayRequest(BaseModel):
+    """``POST /api/v1/runs/{id}/replay``: an empty body replays the whole run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: A workflow's node: the replay reuses the outputs of every node its run
+    #: completed but this one and those downstream of it, which run again.
+    from_node: str | None = Field(default=None, min_length=1, max_length=200)

@@ -28,7 +28,7 @@ from gateway.notify import RunNotifier
 from gateway.queue import QueuedJob, enqueue_jobs
 from gateway.runs.bulk import bulk_page, create_bulk, load_bulk, unfinished_bulks
 from gateway.runs.cancel import cancel_run
-from gateway.runs.create import NewRun, create_runs, new_run, replay_row
+from gateway.runs.create import NewRun, create_runs, new_run, replay_from_node, replay_row
 from gateway.runs.effects import Effects, Job
 from gateway.runs.errors import LostRace, RunNotFound
 from gateway.runs.events import EventAnswer, apply_event, apply_events
@@ -201,9 +201,19 @@ class RunService:
         await self._after(await self._write_until_settled(cancel_run, project_id, run_id))
         return await self.get(project_id, run_id)
 
-    async def replay(self, project_id: str, run_id: str) -> dict[str, Any]:
+    async def replay(
+        self, project_id: str, run_id: str, from_node: str | None = None
+    ) -> dict[str, Any]:
         """A new run of the same task, payload and options (and queue), with
-        ``replayed_from``."""
+        ``replayed_from``; with ``from_node``, a workflow's new run reuses the
+        outputs of its nodes but that one and those after it."""
+        if from_node is not None:
+            created = await self._write_until_settled(
+                replay_from_node, project_id, run_id, from_node, utcnow()
+            )
+            await self._enqueue_all(created.effects)
+            [(view, _)] = created.runs
+            return view
         original = await self.db.read(_replay_source, project_id, run_id)
         if original is None:
             raise RunNotFound(run_id)

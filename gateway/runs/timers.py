@@ -18,7 +18,7 @@ from gateway.runs.flow import admit
 from gateway.runs.read import view_of
 from gateway.runs.slots import QueueRule
 from gateway.runs.workflow import node_states
-from jobs.protocol import run_job_id
+from jobs.protocol import WORKFLOW_TASK, run_job_id
 from webhooks.outbox import Outgoing, create_run_deliveries
 
 __all__ = ["backoff", "expire", "expired", "release_due", "reschedule"]
@@ -87,7 +87,8 @@ def release_due(conn: sa.Connection, now: dt.datetime, limit: int = 200) -> Effe
         )
         if starts:
             # A workflow's step takes the nodes' states with it.
-            state = node_states(conn, run["id"]) if run["step"] else None
+            workflow = run["step"] or run["task"] == WORKFLOW_TASK
+            state = node_states(conn, run["id"]) if workflow else None
             done.jobs.append(job_of(run, state=state))
         done.changed.append(run["id"])
     return done

@@ -23,7 +23,7 @@ from gateway.runs.read import node_states
 from gateway.runs.slots import QueueRule, default_queue
 from jobs.protocol import WORKFLOW_TASK, WorkerEvent
 
-__all__ = ["apply_waiting", "child_finished", "node_states"]
+__all__ = ["apply_waiting", "child_finished", "downstream_of", "node_states", "seed_nodes"]
 
 
 def _upsert_node(
@@ -159,3 +159,36 @@ def apply_waiting(
         return True, RunStatus.QUEUED, done
     transition(conn, fresh, RunStatus.WAITING, now)
     return True, RunStatus.WAITING, done
+
+
+def downstream_of(payload: Any, node_id: str) -> set[str]:
+    """``node_id`` and every node its edges reach, in a workflow's payload."""
+    edges = payload.get("edges", []) if isinstance(payload, dict) else []
+    targets: dict[str, list[str]] = {}
+    for edge in edges:
+        if isinstance(edge, dict):
+            targets.setdefault(str(edge.get("source")), []).append(str(edge.get("target")))
+    reached, todo = {node_id}, [node_id]
+    while todo:
+        for nxt in targets.get(todo.pop(), []):
+            if nxt not in reached:
+                reached.add(nxt)
+                todo.append(nxt)
+    return reached
+
+
+def seed_nodes(
+    conn: sa.Connection, parent_id: str, reused: dict[str, Any], now: dt.datetime
+) -> None:
+    """Give a new workflow run the completed nodes it reuses (state and the
+    child run that made each), so it starts no child run for them."""
+    for node_id, state in reused.items():
+        _upsert_node(
+            conn,
+            parent_id,
+            node_id,
+            now,
+            status="completed",
+            run_id=state["run_id"],
+            output=state["output"],
+        )
