@@ -31,11 +31,12 @@ __all__ = [
     "Queue",
     "Run",
     "RunAttempt",
+    "RunLog",
     "RunNode",
     "RunStatus",
-    "RunLog",
     "RunTransition",
     "Schedule",
+    "Waitpoint",
     "WebhookEndpoint",
 ]
 
@@ -402,9 +403,12 @@ class RunNode(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     parent_id: str = Field(foreign_key="runs.id", max_length=40)
     node_id: str = Field(max_length=200)
-    #: ``running`` (its child run is not final), ``completed``, ``failed`` or ``skipped``.
+    #: ``running`` (its child run is not final), ``waiting`` (on its
+    #: waitpoint), ``completed``, ``failed`` or ``skipped``.
     status: str = Field(max_length=16)
     run_id: str | None = Field(default=None, max_length=40)
+    #: A ``wait`` or ``delay`` node's waitpoint.
+    waitpoint_id: str | None = Field(default=None, max_length=40)
     output: Any = Field(default=None, sa_column=sa.Column(JSONColumn, nullable=True))
     error_code: str | None = Field(default=None, max_length=100)
     error_message: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
@@ -520,6 +524,36 @@ class Schedule(SQLModel, table=True):
     updated_at: dt.datetime = Field(
         default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False)
     )
+
+
+class Waitpoint(SQLModel, table=True):
+    """Something a run waits for outside it: a person's approval, a third
+    party's callback, or (a ``delay`` node) a time."""
+
+    __tablename__ = "waitpoints"
+    __table_args__ = (
+        sa.UniqueConstraint("project_id", "idempotency_key", name="uq_waitpoints_key"),
+        sa.Index("ix_waitpoints_status_timeout", "status", "timeout_at"),
+    )
+
+    id: str = Field(primary_key=True, max_length=40)
+    project_id: str = Field(foreign_key="projects.id", max_length=40)
+    #: ``WAITING``, ``COMPLETED`` or ``TIMED_OUT``.
+    status: str = Field(max_length=16)
+    #: ``manual`` (completed by a POST) or ``delay`` (completed by the clock).
+    kind: str = Field(default="manual", max_length=16)
+    output: Any = Field(default=None, sa_column=sa.Column(JSONColumn, nullable=True))
+    idempotency_key: str | None = Field(default=None, max_length=200)
+    tags: list[str] = Field(default_factory=list, sa_column=sa.Column(JSONColumn, nullable=False))
+    #: A ``manual`` one times out then; a ``delay`` one completes then.
+    timeout_at: dt.datetime | None = _ts()
+    #: The workflow run and node that wait on it.
+    run_id: str | None = Field(default=None, max_length=40, index=True)
+    node_id: str | None = Field(default=None, max_length=200)
+    created_at: dt.datetime = Field(
+        default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False)
+    )
+    completed_at: dt.datetime | None = _ts()
 
 
 class BulkAction(SQLModel, table=True):

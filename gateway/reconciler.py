@@ -176,7 +176,8 @@ class Reconciler(Periodic):
 
 class Scheduler(Periodic):
     """Starts DELAYED and RETRYING runs when due, expires runs past their TTL,
-    and makes the runs of schedules whose tick has come."""
+    makes the runs of schedules whose tick has come, and ends waitpoints whose
+    time has come (delays complete, waits time out)."""
 
     name = "scheduler"
 
@@ -185,7 +186,11 @@ class Scheduler(Periodic):
         self.runs = runs
 
     async def run_once(self) -> int:
-        done = await self.runs.release_due() + await self.runs.fire_schedules()
+        done = (
+            await self.runs.release_due()
+            + await self.runs.fire_schedules()
+            + await self.runs.end_due_waitpoints()
+        )
         if done:
             RECONCILER_ACTIONS.labels(action="released_or_expired").inc(done)
         return done

@@ -49,6 +49,7 @@ __all__ = [
     "LogLine",
     "RunLogs",
     "SignatureError",
+    "WaitNode",
     "WorkerError",
     "WorkerEvent",
     "clean_text",
@@ -95,6 +96,20 @@ class ChildRun(BaseModel):
     payload: Any = None
 
 
+class WaitNode(BaseModel):
+    """A node of a workflow that a step sets waiting on a waitpoint: ``wait``
+    (completed by a POST, or failed after ``timeout`` seconds) or ``delay``
+    (completed after ``seconds``, or at ``until``)."""
+
+    node_id: str = Field(min_length=1, max_length=200)
+    kind: Literal["wait", "delay"]
+    timeout: float | None = Field(default=None, gt=0, le=365 * 24 * 3600)
+    seconds: float | None = Field(default=None, ge=0, le=365 * 24 * 3600)
+    until: str | None = Field(default=None, max_length=64)
+    #: What the node's input edge gave it, for a ``delay`` to pass on.
+    value: Any = None
+
+
 class WorkerEvent(BaseModel):
     """A signed report from a worker (``jobs.report``) about one run's attempt."""
 
@@ -110,6 +125,8 @@ class WorkerEvent(BaseModel):
     #: ``waiting`` only: the children to start and the nodes' states.
     spawn: list[ChildRun] = Field(default_factory=list, max_length=200)
     nodes: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: ``waiting`` only: the wait and delay nodes to set waiting.
+    waits: list[WaitNode] = Field(default_factory=list, max_length=200)
 
 
 #: The ``type`` of a batch item that carries a run's log lines.

@@ -168,7 +168,12 @@ async def _execute(
             "error": _error("task_exception", f"{type(exc).__name__}: {exc}", retryable=True),
         }
     if isinstance(output, Waiting):
-        return {"type": "waiting", "spawn": output.spawn, "nodes": output.nodes}
+        return {
+            "type": "waiting",
+            "spawn": output.spawn,
+            "nodes": output.nodes,
+            "waits": output.waits,
+        }
     try:
         size = len(dumps(output))
     except JSONRefused as exc:

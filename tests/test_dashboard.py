@@ -365,6 +365,37 @@ def test_the_schedules_page_shows_next_and_last_runs_and_disables(
         assert client.get(f"/api/v1/schedules/{made['id']}").status_code == 404
 
 
+def test_a_waiting_node_is_completed_by_hand_from_its_runs_page(
+    stack: Stack, dashboards: Any
+) -> None:
+    key = project(stack, "waitpoint")
+    nodes = [
+        {"id": "approve", "type": "wait", "data": {"label": "Approve the crop"}},
+        {"id": "after", "type": "delay", "data": {"seconds": 0}},
+    ]
+    edges = [{"source": "approve", "target": "after", "targetHandle": "input"}]
+    run_id = trigger(stack, key, "execute-workflow", {"nodes": nodes, "edges": edges})
+    dash = dashboards()
+    dash.sign_in(key)
+    page = dash.open(f"/runs/{run_id}")
+    dash.wait_live()
+    form = page.locator("tr[data-node-id=approve] form[data-waitpoint]")
+    expect(form).to_have_count(1)
+    expect(page.locator("#run-status .badge")).to_have_text("WAITING")
+    form.locator("textarea").fill("{not json")
+    dash.submit("tr[data-node-id=approve] button[data-action=complete-waitpoint]")
+    expect(page.locator(".flash.error")).to_contain_text("JSON")
+    form = page.locator("tr[data-node-id=approve] form[data-waitpoint]")
+    form.locator("textarea").fill('{"approved": true}')
+    dash.screenshot("run-waitpoint", full_page=False)
+    dash.submit("tr[data-node-id=approve] button[data-action=complete-waitpoint]")
+    expect(page.locator(".flash")).to_contain_text("completed")
+    done = final(stack, key, run_id)
+    assert done["status"] == "COMPLETED"
+    assert done["nodes"]["approve"]["output"] == {"approved": True}
+    assert done["nodes"]["after"]["output"]["value"] == {"approved": True}
+
+
 def test_a_failed_run_shows_its_error_and_attempts(stack: Stack, dashboards: Any) -> None:
     key = project(stack, "failed")
     run_id = trigger(

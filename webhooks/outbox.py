@@ -34,6 +34,7 @@ __all__ = [
     "TEST_EVENT",
     "Outgoing",
     "active_secrets",
+    "create_event_deliveries",
     "create_run_deliveries",
     "encode_body",
     "event_body",
@@ -57,7 +58,7 @@ FINAL_EVENTS = {
 }
 #: Every event an endpoint can subscribe to. ``*`` means all but ``run.started``,
 #: which an endpoint gets only by naming it.
-EVENT_TYPES = ("run.started", *FINAL_EVENTS.values())
+EVENT_TYPES = ("run.started", *FINAL_EVENTS.values(), "waitpoint.completed")
 TEST_EVENT = "webhook.test"
 RESPONSE_EXCERPT_BYTES = 2048
 
@@ -216,4 +217,31 @@ def create_run_deliveries(
         )
         secret = project_secret(conn, run["project_id"])
         out.append(Outgoing(delivery_id, callback_url, body, (secret,)))
+    return out
+
+
+def create_event_deliveries(
+    conn: sa.Connection, project_id: str, event_type: str, data: Any, now: dt.datetime
+) -> list[Outgoing]:
+    """Write the deliveries of a project's event that belongs to no run (a
+    waitpoint's), to every endpoint that wants it and filters on no task."""
+    rows = conn.execute(_ENABLED_ENDPOINTS, {"project_id": project_id}).all()
+    wanted = [row for row in rows if wants(row.events, event_type) and not row.tasks]
+    if not wanted:
+        return []
+    payload = event_body(event_type, data, now)
+    body = encode_body(payload)
+    out: list[Outgoing] = []
+    for row in wanted:
+        delivery_id = insert_delivery(
+            conn,
+            project_id=project_id,
+            endpoint_id=row.id,
+            run_id=None,
+            url=row.url,
+            event_type=event_type,
+            payload=payload,
+            now=now,
+        )
+        out.append(Outgoing(delivery_id, row.url, body, tuple(active_secrets(conn, row.id, now))))
     return out

@@ -1,11 +1,12 @@
 """The HTTP API: one module per resource, and what they share.
 
-``tasks`` (trigger, batch), ``runs``, ``bulk``, ``queues``, ``schedules``, ``batches``,
-``webhooks``, ``artifacts``, ``health`` and ``openapi`` are the public API;
-``internal`` is what workers call. ``routing`` ties each route to its
-documented operation and auth mode (who calls is ``gateway.auth``'s to say);
-``bodies`` reads requests into the models the rooms define
-(``gateway.runs.options``, ``webhooks.models``) and ``views`` shapes answers.
+``tasks`` (trigger, batch), ``runs``, ``bulk``, ``queues``, ``schedules``,
+``waitpoints``, ``batches``, ``webhooks``, ``artifacts``, ``health`` and
+``openapi`` are the public API; ``internal`` is what workers call.
+``routing`` ties each route to its documented operation and auth mode (who
+calls is ``gateway.auth``'s to say); ``bodies`` reads requests into the models
+the rooms define (``gateway.runs.options``, ``webhooks.models``) and ``views``
+shapes answers.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def api_routes() -> list[BaseRoute]:
         runs,
         schedules,
         tasks,
+        waitpoints,
         webhooks,
     )
 
@@ -37,6 +39,7 @@ def api_routes() -> list[BaseRoute]:
         *runs.routes,
         *queues.routes,
         *schedules.routes,
+        *waitpoints.routes,
         *batches.routes,
         *webhooks.routes,
         *artifacts.routes,

@@ -39,6 +39,7 @@ __all__ = [
     "ScheduleView",
     "SigningSecret",
     "TaskList",
+    "WaitpointView",
     "shaped",
 ]
 
@@ -83,12 +84,20 @@ class AttemptView(_View):
     error: RunError | None
 
 
+class NodeWaitpoint(_View):
+    id: str
+    #: POST any JSON here (no API key) to complete the node with it.
+    url: str | None = None
+
+
 class NodeView(_View):
     type: str | None
     status: str
     run_id: str | None
     output: Any
     error: RunError | None
+    #: A ``wait`` or ``delay`` node that is WAITING: its waitpoint.
+    waitpoint: NodeWaitpoint | None = None
 
 
 class WaitingFor(_View):
@@ -97,6 +106,7 @@ class WaitingFor(_View):
         "debounce",
         "retry",
         "children",
+        "waitpoint",
         "worker",
         "paused",
         "queue_concurrency",
@@ -107,6 +117,9 @@ class WaitingFor(_View):
     key: str | None = None
     running: int | None = None
     limit: int | None = None
+    #: ``waitpoint``: the workflow's node that waits, and its waitpoint.
+    node: str | None = None
+    waitpoint: str | None = None
 
 
 class RunView(_View):
@@ -135,7 +148,9 @@ class RunView(_View):
     #: Why a run that has not started waits (one run's page only): ``delay``,
     #: ``debounce``, ``retry`` (with ``until``), ``queue_concurrency``,
     #: ``concurrency_key`` (with ``queue``, ``running``, ``limit``), ``paused``,
-    #: ``children`` (a workflow), ``worker`` (handed to arq, not yet started).
+    #: ``children`` (a workflow), ``waitpoint`` (a workflow's wait or delay
+    #: node, with ``node`` and ``waitpoint``), ``worker`` (handed to arq, not
+    #: yet started).
     waiting_for: WaitingFor | None = None
     created_at: str
     updated_at: str
@@ -357,6 +372,28 @@ class ScheduleView(_View):
 
 class ScheduleList(_View):
     data: list[ScheduleView]
+
+
+class WaitpointView(_View):
+    id: str
+    status: Literal["WAITING", "COMPLETED", "TIMED_OUT"]
+    #: ``manual`` (completed by a POST) or ``delay`` (a workflow's delay node).
+    kind: str
+    #: What completed it: the posted body.
+    output: Any
+    tags: list[str]
+    idempotency_key: str | None
+    #: The workflow run and node that wait on it.
+    run_id: str | None
+    node_id: str | None
+    #: While WAITING: POST any JSON here, with no API key, to complete it.
+    url: str | None
+    #: When it times out (a delay: when it completes).
+    expires_at: str | None
+    created_at: str
+    completed_at: str | None
+    #: Create answers only: an earlier one given back for its idempotency key.
+    is_cached: bool | None = None
 
 
 class ArtifactLink(_View):

@@ -12,7 +12,7 @@ from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from gateway.errors import Unauthorized
 from gateway.settings import Settings
 
-__all__ = ["PublicTokens"]
+__all__ = ["PublicTokens", "WaitpointTokens"]
 
 PREFIX = "pat_"
 
@@ -44,3 +44,25 @@ class PublicTokens:
                 "the public access token is not valid", code="invalid_token"
             ) from None
         return str(data["run"])
+
+
+class WaitpointTokens:
+    """The signed part of a waitpoint's URL: whoever holds the URL may
+    complete that one waitpoint, once, with no API key (a third party's
+    callback). It does not expire by itself; the waitpoint does."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._serializer = URLSafeTimedSerializer(
+            settings.require_secret(), salt="gateway.waitpoint-callback"
+        )
+
+    def issue(self, waitpoint_id: str) -> str:
+        return self._serializer.dumps({"wp": waitpoint_id})
+
+    def waitpoint_of(self, token: str) -> str:
+        """The waitpoint a URL's token completes; :class:`Unauthorized` if it is bad."""
+        try:
+            data = self._serializer.loads(token)
+        except BadSignature:
+            raise Unauthorized("the waitpoint URL is not valid", code="invalid_token") from None
+        return str(data["wp"])

@@ -77,6 +77,11 @@ def dashboard_routes(settings: Settings) -> list[BaseRoute]:
         Route("/runs/{run_id}/cancel", _html(actions.cancel_run), methods=post),
         Route("/runs/{run_id}/replay", _html(actions.replay_run), methods=post),
         Route("/deliveries/{delivery_id}/resend", _html(actions.resend_delivery), methods=post),
+        Route(
+            "/waitpoints/{waitpoint_id}/complete",
+            _html(actions.complete_waitpoint),
+            methods=post,
+        ),
         Route("/schedules", _html(pages.schedules_page), methods=get),
         Route("/schedules/{schedule_id}/{action}", _html(actions.schedule_action), methods=post),
         Route("/queues", _html(pages.queues_page), methods=get),

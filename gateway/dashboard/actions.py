@@ -174,6 +174,25 @@ async def schedule_action(request: Request) -> Response:
     return redirect(f"{PREFIX}/schedules")
 
 
+async def complete_waitpoint(request: Request) -> Response:
+    """Complete a waiting ``wait`` node's waitpoint by hand, with a JSON body."""
+    viewer = await viewer_of(request)
+    fields = await read_form(request)
+    waitpoint_id = request.path_params["waitpoint_id"]
+    back = safe_next(fields.get("next"))
+    raw = (fields.get("output") or "").strip()
+    try:
+        output = parse_json(raw.encode()) if raw else None
+        await services_of(request).runs.complete_waitpoint(
+            viewer.project_id, waitpoint_id, output
+        )
+    except APIError as exc:
+        flash(request, _problem(exc), "error")
+        return redirect(back)
+    flash(request, f"Waitpoint {waitpoint_id} completed; the workflow goes on.")
+    return redirect(back)
+
+
 async def resend_delivery(request: Request) -> Response:
     viewer = await viewer_of(request)
     fields = await read_form(request)

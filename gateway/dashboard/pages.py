@@ -139,6 +139,10 @@ def workflow_graph(run: dict[str, Any]) -> dict[str, Any] | None:
                 "status": state.get("status", "PENDING"),
                 "href": f"{PREFIX}/runs/{state['run_id']}" if state.get("run_id") else None,
                 "error": error.get("code"),
+                # A waiting wait node: the page offers to complete it by hand.
+                "waitpoint": (state.get("waitpoint") or {}).get("id")
+                if node.get("type") == "wait"
+                else None,
             }
         )
     known = {n["id"] for n in nodes}

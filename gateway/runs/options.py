@@ -35,6 +35,8 @@ __all__ = [
     "ScheduleUpdate",
     "TriggerOptions",
     "TriggerRequest",
+    "WaitpointComplete",
+    "WaitpointCreate",
 ]
 
 Tag = Annotated[str, StringConstraints(min_length=1, max_length=128)]
@@ -317,3 +319,19 @@ class ReplayRequest(BaseModel):
     #: A workflow's node: the replay reuses the outputs of every node its run
     #: completed but this one and those downstream of it, which run again.
     from_node: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class WaitpointCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: Past it the waitpoint ends TIMED_OUT (a ``wait`` node fails).
+    timeout: Duration | None = Field(default=None, gt=0)
+    #: The same key (per project) gives back the same waitpoint.
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    tags: list[Tag] = Field(default_factory=list, max_length=10)
+
+
+class WaitpointComplete(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    output: Any = None

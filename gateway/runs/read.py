@@ -147,6 +147,9 @@ def _node_views(conn: sa.Connection, row: Mapping[str, Any]) -> dict[str, Any]:
             "output": r["output"],
             "error": error_view(r["error_code"], r["error_message"]),
         }
+        if r["status"] == "waiting" and r["waitpoint_id"]:
+            # The service adds its signed URL.
+            views[node_id]["waitpoint"] = {"id": r["waitpoint_id"]}
     return views
 
 

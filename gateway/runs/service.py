@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 from db.engine import Database
 from db.models import Run, RunStatus
 from db.types import utcnow
+from gateway.auth.tokens import WaitpointTokens
 from gateway.errors import APIError, NotFound
 from gateway.notify import RunNotifier
 from gateway.queue import QueuedJob, enqueue_jobs
@@ -34,7 +35,13 @@ from gateway.runs.errors import LostRace, RunNotFound
 from gateway.runs.events import EventAnswer, apply_event, apply_events
 from gateway.runs.flow import flowing, pump_held
 from gateway.runs.logs import append_logs, list_logs
-from gateway.runs.options import ScheduleCreate, ScheduleUpdate, TriggerOptions, TriggerRequest
+from gateway.runs.options import (
+    ScheduleCreate,
+    ScheduleUpdate,
+    TriggerOptions,
+    TriggerRequest,
+    WaitpointCreate,
+)
 from gateway.runs.queues import create_queue, get_queue, list_queues, update_queue
 from gateway.runs.read import RunQuery, batch_summary, list_runs, load_run, status_of
 from gateway.runs.recovery import queued_before, recover_lost
@@ -48,6 +55,12 @@ from gateway.runs.schedules import (
     update_schedule,
 )
 from gateway.runs.timers import release_due, reschedule
+from gateway.runs.waitpoints import (
+    complete_waitpoint,
+    create_waitpoint,
+    due_waitpoints,
+    load_waitpoint,
+)
 from gateway.settings import Settings
 from jobs.protocol import RunLogs, WorkerEvent, run_job_id
 from webhooks.dispatch import DeliveryDispatcher
@@ -81,6 +94,7 @@ class RunService:
         self.webhooks = webhooks
         self.dispatcher = dispatcher
         self.settings = settings
+        self.waitpoint_tokens = WaitpointTokens(settings)
         self._born = time.monotonic()
         #: Bulk actions this process is doing, by ID.
         self._bulks: dict[str, asyncio.Task[None]] = {}
@@ -169,7 +183,7 @@ class RunService:
         view = await self.db.read(load_run, project_id, run_id)
         if view is None:
             raise RunNotFound(run_id)
-        return view
+        return self._node_urls(view)
 
     async def wait(self, project_id: str | None, run_id: str, seconds: float) -> dict[str, Any]:
         """The run once it is final, or as it is after ``seconds``.
@@ -288,6 +302,61 @@ class RunService:
         fired = await self._write(fire_due, utcnow())
         await self._after(fired)
         return len(fired.jobs)
+
+    # Waitpoints.
+
+    def _with_url(self, view: dict[str, Any]) -> dict[str, Any]:
+        """A waitpoint's view with its signed URL (while it waits)."""
+        view["url"] = (
+            f"{self.settings.public_url}/api/v1/waitpoints/{view['id']}/callback/"
+            f"{self.waitpoint_tokens.issue(view['id'])}"
+            if view["status"] == "WAITING"
+            else None
+        )
+        return view
+
+    async def create_waitpoint(
+        self, project_id: str, body: WaitpointCreate
+    ) -> tuple[dict[str, Any], bool]:
+        """A waitpoint (or the one its idempotency key made), with its URL."""
+        view, cached = await self.db.write(
+            create_waitpoint, project_id, body.timeout, body.idempotency_key, body.tags, utcnow()
+        )
+        return self._with_url(view), cached
+
+    async def waitpoint(self, project_id: str, waitpoint_id: str) -> dict[str, Any]:
+        return self._with_url(await self.db.read(load_waitpoint, project_id, waitpoint_id))
+
+    async def complete_waitpoint(
+        self, project_id: str | None, waitpoint_id: str, output: Any
+    ) -> dict[str, Any]:
+        """Complete a waitpoint (``project_id=None``: through its URL); the
+        workflow waiting on it goes on."""
+        view, effects = await self._write_until_settled(
+            complete_waitpoint, project_id, waitpoint_id, output, utcnow()
+        )
+        await self._after(effects)
+        return self._with_url(view)
+
+    async def complete_waitpoint_by_url(self, token: str, output: Any) -> dict[str, Any]:
+        return await self.complete_waitpoint(
+            None, self.waitpoint_tokens.waitpoint_of(token), output
+        )
+
+    async def end_due_waitpoints(self) -> int:
+        """One scheduler pass over waitpoints: delays due complete, waits past
+        their timeout end TIMED_OUT."""
+        ended = await self._write(due_waitpoints, utcnow())
+        await self._after(ended)
+        return len(ended.changed)
+
+    def _node_urls(self, view: dict[str, Any]) -> dict[str, Any]:
+        for node in (view.get("nodes") or {}).values():
+            if node.get("waitpoint"):
+                node["waitpoint"]["url"] = self._with_url(
+                    {"id": node["waitpoint"]["id"], "status": "WAITING"}
+                )["url"]
+        return view
 
     # Run logs.
 

@@ -13,7 +13,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from db.models import Queue, RunStatus
 from db.types import isoformat
-from gateway.runs.cas import runs
+from gateway.runs.cas import run_nodes, runs
 from jobs.tasks.registry import registry
 
 __all__ = [
@@ -107,6 +107,18 @@ def waiting_for(conn: sa.Connection, run: Mapping[str, Any]) -> dict[str, Any] |
     if status == RunStatus.RETRYING.value:
         return {"kind": "retry", "until": isoformat(run["run_at"])}
     if status == RunStatus.WAITING.value:
+        waiting = conn.execute(
+            sa.select(run_nodes.c.node_id, run_nodes.c.waitpoint_id)
+            .where(
+                run_nodes.c.parent_id == run["id"],
+                run_nodes.c.status == "waiting",
+                run_nodes.c.waitpoint_id.is_not(None),
+            )
+            .order_by(run_nodes.c.id)
+            .limit(1)
+        ).first()
+        if waiting is not None:
+            return {"kind": "waitpoint", "node": waiting[0], "waitpoint": waiting[1]}
         return {"kind": "children"}
     if status != _QUEUED:
         return None

@@ -14,16 +14,26 @@ from typing import Any
 import sqlalchemy as sa
 
 from db.ids import new_id
-from db.models import RunStatus
+from db.models import RunStatus, Waitpoint
+from db.types import to_utc
 from gateway.errors import InvalidEvent
 from gateway.runs.cas import ACTIVE, insert_run, is_current, run_nodes, runs, select_run, transition
 from gateway.runs.effects import Effects, Job
 from gateway.runs.flow import admit
 from gateway.runs.read import node_states
 from gateway.runs.slots import QueueRule, default_queue
-from jobs.protocol import WORKFLOW_TASK, WorkerEvent
+from jobs.protocol import WORKFLOW_TASK, WaitNode, WorkerEvent
 
-__all__ = ["apply_waiting", "child_finished", "downstream_of", "node_states", "seed_nodes"]
+waitpoints = Waitpoint.__table__  # type: ignore[attr-defined]
+
+__all__ = [
+    "apply_waiting",
+    "child_finished",
+    "downstream_of",
+    "node_finished",
+    "node_states",
+    "seed_nodes",
+]
 
 
 def _upsert_node(
@@ -91,6 +101,78 @@ def child_finished(
     return done
 
 
+def node_finished(
+    conn: sa.Connection,
+    parent_id: str,
+    node_id: str,
+    now: dt.datetime,
+    *,
+    completed: bool,
+    output: Any = None,
+    error_code: str | None = None,
+    error_message: str | None = None,
+) -> Effects:
+    """A ``wait`` or ``delay`` node's waitpoint ended: record it on the node
+    and move the workflow on, as a child's end does."""
+    parent = select_run(conn, parent_id, lock=True)
+    if parent is None or RunStatus(parent["status"]).is_final:
+        return Effects()
+    _upsert_node(
+        conn,
+        parent_id,
+        node_id,
+        now,
+        status="completed" if completed else "failed",
+        output=output if completed else None,
+        error_code=None if completed else error_code,
+        error_message=None if completed else error_message,
+    )
+    done = Effects(changed=[parent_id])
+    status = RunStatus(parent["status"])
+    if status == RunStatus.WAITING:
+        done.jobs.append(_next_step(conn, parent, now))
+    elif status in ACTIVE:
+        conn.execute(runs.update().where(runs.c.id == parent_id).values(step_pending=True))
+    return done
+
+
+def _set_waiting(
+    conn: sa.Connection, run: dict[str, Any], spec: WaitNode, now: dt.datetime
+) -> None:
+    """Set a ``wait`` or ``delay`` node waiting on a waitpoint of its own."""
+    if spec.kind == "wait":
+        kind = "manual"
+        at = now + dt.timedelta(seconds=spec.timeout) if spec.timeout else None
+    else:
+        kind = "delay"
+        at = now + dt.timedelta(seconds=spec.seconds or 0)
+        if spec.seconds is None and spec.until:
+            try:
+                at = to_utc(dt.datetime.fromisoformat(spec.until.replace("Z", "+00:00")))
+            except ValueError:
+                at = now
+    waitpoint_id = new_id("wp")
+    conn.execute(
+        waitpoints.insert(),
+        {
+            "id": waitpoint_id,
+            "project_id": run["project_id"],
+            "status": "WAITING",
+            "kind": kind,
+            # A delay passes on what its input gave it.
+            "output": {"value": spec.value} if kind == "delay" else None,
+            "idempotency_key": None,
+            "tags": [],
+            "timeout_at": at,
+            "run_id": run["id"],
+            "node_id": spec.node_id,
+            "created_at": now,
+            "completed_at": None,
+        },
+    )
+    _upsert_node(conn, run["id"], spec.node_id, now, status="waiting", waitpoint_id=waitpoint_id)
+
+
 def apply_waiting(
     conn: sa.Connection, event: WorkerEvent, run: dict[str, Any], now: dt.datetime
 ) -> tuple[bool, RunStatus, Effects]:
@@ -107,8 +189,10 @@ def apply_waiting(
         return False, status, Effects()
     existing = node_states(conn, run["id"])
     for node_id, state in event.nodes.items():
-        if node_id in existing or state.get("status") == "running":
-            continue  # what the gateway recorded wins; running nodes get a child below
+        if node_id in existing or state.get("status") in ("running", "waiting"):
+            # What the gateway recorded wins; running nodes get a child below,
+            # waiting ones a waitpoint.
+            continue
         _upsert_node(
             conn,
             run["id"],
@@ -152,6 +236,9 @@ def apply_waiting(
         _upsert_node(conn, run["id"], spec.node_id, now, status="running", run_id=child_id)
         if starts:
             done.jobs.append(Job(child_id, spec.task, spec.payload))
+    for wait in event.waits:
+        if wait.node_id not in existing:
+            _set_waiting(conn, run, wait, now)
     fresh = select_run(conn, run["id"])
     assert fresh is not None
     if fresh["step_pending"]:

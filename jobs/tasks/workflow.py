@@ -12,6 +12,9 @@ slot (docs/architecture.md, invariant 5).
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import json
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -50,6 +53,12 @@ NODE_TYPES: dict[str, NodeType] = {
     "crop-image": NodeType(
         task="crop-image", inputs={"image": ("image", False)}, output="image", required=("image",)
     ),
+    # A waitpoint: completed by a POST to its URL (the body is the node's
+    # output), or failed after data.timeout.
+    "wait": NodeType(task=None, inputs={"input": ("any", False)}, output="any"),
+    # Waits data.seconds (or until data.until) without a worker slot, then
+    # passes on what its input gave it.
+    "delay": NodeType(task=None, inputs={"input": ("any", False)}, output="any"),
     "llm": NodeType(
         task="llm",
         inputs={
@@ -171,7 +180,7 @@ def check_workflow(payload: Any) -> list[dict[str, str]]:
             )
             continue
         kind = target_type.inputs[handle][0]
-        if kind != source_type.output:
+        if kind != source_type.output and "any" not in (kind, source_type.output):
             details.append(
                 _detail(
                     f"edges.{i}",
@@ -195,6 +204,24 @@ def check_workflow(payload: Any) -> list[dict[str, str]]:
                     f"text node {node.id!r} needs data.text",
                 )
             )
+        if node.type == "delay" and not _delay_ok(node.data):
+            details.append(
+                _detail(
+                    f"nodes.{i}.data.seconds",
+                    "missing_value",
+                    f"delay node {node.id!r} needs data.seconds (0 to a year) or data.until "
+                    "(an ISO-8601 time)",
+                )
+            )
+        if node.type == "wait" and node.data.get("timeout") is not None:
+            if _duration(node.data["timeout"]) is None:
+                details.append(
+                    _detail(
+                        f"nodes.{i}.data.timeout",
+                        "value_error",
+                        f"wait node {node.id!r}: a timeout is seconds or a duration like 1h",
+                    )
+                )
         if node.type == "image" and not isinstance(node.data.get("url"), str):
             details.append(
                 _detail(
@@ -224,23 +251,63 @@ def check_workflow(payload: Any) -> list[dict[str, str]]:
     return details
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_YEAR = 365 * 24 * 3600.0
+
+
+def _duration(value: Any) -> float | None:
+    """Seconds from ``30``, ``"30s"``, ``"1h"``; ``None`` if it is not one (or over a year)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match[1]) * _UNITS[match[2]]
+    else:
+        return None
+    return seconds if 0 <= seconds <= _YEAR else None
+
+
+def _delay_ok(data: Mapping[str, Any]) -> bool:
+    if data.get("seconds") is not None:
+        return _duration(data["seconds"]) is not None
+    until = data.get("until")
+    if not isinstance(until, str):
+        return False
+    try:
+        dt.datetime.fromisoformat(until.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return True
+
+
 # -- running -------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class Waiting:
-    """A step's result while the workflow goes on: children to start, node states."""
+    """A step's result while the workflow goes on: children to start, wait and
+    delay nodes to set waiting, node states."""
 
     spawn: list[dict[str, Any]]
     nodes: dict[str, dict[str, Any]]
+    waits: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 FINAL_NODE = ("completed", "failed", "skipped")
 
 
-def _value_of(node: Node, state: Mapping[str, Any]) -> Any:
-    """What a finished node hands to the inputs its edges feed."""
+def _value_of(node: Node, state: Mapping[str, Any], edge: Edge | None = None) -> Any:
+    """What a finished node hands to the inputs its edges feed. A ``wait``
+    node's edge may name a field of the posted body (``sourceHandle``)."""
     output = state.get("output")
+    if node.type == "wait" and edge is not None and isinstance(output, dict):
+        field = edge.sourceHandle
+        if field and field not in ("out", "output") and field in output:
+            return output[field]
+    if node.type == "delay" and isinstance(output, dict) and "value" in output:
+        return output["value"]
     if node.type == "crop-image" and isinstance(output, dict):
         return {"artifact_id": output.get("artifact_id"), "url": output.get("url")}
     if node.type == "llm" and isinstance(output, dict):
@@ -259,7 +326,9 @@ def _inputs(
     node_type = NODE_TYPES[node.type]
     for edge, source in incoming:
         handle = edge.targetHandle or ""
-        value = _value_of(source, states[source.id])
+        value = _value_of(source, states[source.id], edge)
+        if node_type.inputs[handle][0] == "text" and not isinstance(value, str):
+            value = json.dumps(value)  # a waitpoint's body, for a text input
         if node_type.inputs[handle][1]:
             payload[handle] = [*payload.get(handle, []), value]
         elif handle == "user_message" and payload.get(handle) and handle in payload:
@@ -282,6 +351,7 @@ def plan_step(
     for edge in workflow.edges:
         incoming[edge.target].append((edge, nodes[edge.source]))
     spawn: list[dict[str, Any]] = []
+    waits: list[dict[str, Any]] = []
     changed = True
     while changed:  # value nodes resolve at once, which may ready their targets
         changed = False
@@ -303,6 +373,9 @@ def plan_step(
                         "status": "completed",
                         "output": {"image": node.data.get("url")},
                     }
+                elif node.type in ("wait", "delay"):
+                    waits.append(_wait_spec(node, incoming[node_id], current))
+                    current[node_id] = {"status": "waiting"}
                 else:
                     task_name = NODE_TYPES[node.type].task
                     spawn.append(
@@ -314,8 +387,8 @@ def plan_step(
                     )
                     current[node_id] = {"status": "running"}
                 changed = True
-    if spawn or any(s.get("status") not in FINAL_NODE for s in current.values()):
-        return Waiting(spawn=spawn, nodes=current)
+    if spawn or waits or any(s.get("status") not in FINAL_NODE for s in current.values()):
+        return Waiting(spawn=spawn, nodes=current, waits=waits)
     sinks = [n for n in nodes if not any(e.source == n for e in workflow.edges)]
     failed = sorted(n for n, s in current.items() if s["status"] == "failed")
     return {
@@ -334,13 +407,38 @@ def plan_step(
     }
 
 
+def _wait_spec(
+    node: Node, incoming: list[tuple[Edge, Node]], states: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """What the gateway needs to set a ``wait`` or ``delay`` node waiting."""
+    value = (
+        _value_of(incoming[0][1], states[incoming[0][1].id], incoming[0][0]) if incoming else None
+    )
+    if node.type == "wait":
+        timeout = node.data.get("timeout")
+        return {
+            "node_id": node.id,
+            "kind": "wait",
+            "timeout": _duration(timeout) if timeout is not None else None,
+            "value": value,
+        }
+    seconds = node.data.get("seconds")
+    return {
+        "node_id": node.id,
+        "kind": "delay",
+        "seconds": _duration(seconds) if seconds is not None else None,
+        "until": node.data.get("until") if seconds is None else None,
+        "value": value,
+    }
+
+
 def _check_payload(payload: Any) -> list[dict[str, str]]:
     return check_workflow(payload)
 
 
 @task(WORKFLOW_TASK, payload=WorkflowPayload, check=_check_payload)
 async def execute_workflow(payload: WorkflowPayload, ctx: TaskContext) -> Any:
-    """Run a React Flow graph of text, image, crop-image and llm nodes."""
+    """Run a React Flow graph of text, image, crop-image, llm, wait and delay nodes."""
     details = check_workflow(payload.model_dump())
     if details:
         raise TaskError("invalid_workflow", "; ".join(d["message"] for d in details))

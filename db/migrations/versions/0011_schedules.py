@@ -48,9 +48,7 @@ def upgrade() -> None:
     with op.batch_alter_table("runs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("schedule_id", sa.String(length=40), nullable=True))
         batch_op.add_column(sa.Column("scheduled_at", UTCDateTime(), nullable=True))
-    op.create_index(
-        "ix_runs_schedule_tick", "runs", ["schedule_id", "scheduled_at"], unique=True
-    )
+    op.create_index("ix_runs_schedule_tick", "runs", ["schedule_id", "scheduled_at"], unique=True)
 
 
 def downgrade() -> None:

@@ -1,0 +1,118 @@
+"""``/api/v1/waitpoints``: what a run waits for outside it (an approval, a callback)."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.api import views
+from gateway.api.bodies import json_object, parse_json, read_body
+from gateway.api.routing import ApiRoute, Operation, Param
+from gateway.api.views import WaitpointView, shaped
+from gateway.runs.options import WaitpointComplete, WaitpointCreate
+from gateway.runs.waitpoints import WaitpointNotFound
+from gateway.services import services_of
+
+__all__ = ["routes"]
+
+
+async def create_waitpoint(request: Request, project_id: str) -> Response:
+    services = services_of(request)
+    body = await json_object(request, services.settings.max_body_bytes, WaitpointCreate)
+    view, cached = await services.runs.create_waitpoint(project_id, body)
+    view["is_cached"] = cached
+    return shaped(
+        WaitpointView,
+        view,
+        status_code=200 if cached else 201,
+        headers={"location": f"/api/v1/waitpoints/{view['id']}"},
+    )
+
+
+async def get_waitpoint(request: Request, project_id: str) -> Response:
+    services = services_of(request)
+    return shaped(
+        WaitpointView,
+        await services.runs.waitpoint(project_id, request.path_params["waitpoint_id"]),
+    )
+
+
+async def complete_waitpoint(request: Request, project_id: str) -> Response:
+    services = services_of(request)
+    body = await json_object(request, services.settings.max_body_bytes, WaitpointComplete)
+    view = await services.runs.complete_waitpoint(
+        project_id, request.path_params["waitpoint_id"], body.output
+    )
+    return shaped(WaitpointView, view)
+
+
+async def waitpoint_callback(request: Request) -> Response:
+    """A POST of any JSON (the waitpoint's output) to its signed URL, with no key."""
+    services = services_of(request)
+    await services.schema.require()
+    waitpoint_id = request.path_params["waitpoint_id"]
+    if services.runs.waitpoint_tokens.waitpoint_of(request.path_params["token"]) != waitpoint_id:
+        raise WaitpointNotFound(waitpoint_id)
+    raw = await read_body(request, services.settings.max_body_bytes)
+    output = parse_json(raw) if raw.strip() else None
+    view = await services.runs.complete_waitpoint(None, waitpoint_id, output)
+    return shaped(WaitpointView, view)
+
+
+WAITPOINT_ID = Param("waitpoint_id", "path", "a waitpoint's ID (wp_…)", required=True)
+
+routes = [
+    ApiRoute(
+        "POST",
+        "/api/v1/waitpoints",
+        create_waitpoint,
+        Operation(
+            "Make a waitpoint, with a signed URL that completes it",
+            "waitpoints",
+            {201: views.WaitpointView, 200: views.WaitpointView},
+            WaitpointCreate,
+            errors=(400, 413, 422),
+        ),
+    ),
+    ApiRoute(
+        "GET",
+        "/api/v1/waitpoints/{waitpoint_id}",
+        get_waitpoint,
+        Operation(
+            "A waitpoint: its status, output and times",
+            "waitpoints",
+            {200: views.WaitpointView},
+            params=(WAITPOINT_ID,),
+            errors=(404,),
+        ),
+    ),
+    ApiRoute(
+        "POST",
+        "/api/v1/waitpoints/{waitpoint_id}/complete",
+        complete_waitpoint,
+        Operation(
+            "Complete a waitpoint with an output (once)",
+            "waitpoints",
+            {200: views.WaitpointView},
+            WaitpointComplete,
+            params=(WAITPOINT_ID,),
+            errors=(400, 404, 409, 413, 422),
+        ),
+    ),
+    ApiRoute(
+        "POST",
+        "/api/v1/waitpoints/{waitpoint_id}/callback/{token}",
+        waitpoint_callback,
+        Operation(
+            "Complete a waitpoint through its signed URL (no API key; any JSON body)",
+            "waitpoints",
+            {200: views.WaitpointView},
+            auth="link",
+            params=(
+                WAITPOINT_ID,
+                Param("token", "path", "the signed part of the waitpoint's url", required=True),
+            ),
+            errors=(400, 401, 404, 409, 413, 422),
+        ),
+    ),
+]
