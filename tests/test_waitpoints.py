@@ -196,3 +196,26 @@ def test_wait_and_delay_nodes_are_checked(stack: Stack) -> None:
         for body in ({"timeout": -1}, {"tags": ["x"] * 11}, {"nope": 1}):
             assert client.post("/api/v1/waitpoints", json=body).status_code == 422
         assert client.post("/api/v1/waitpoints/wp_nope/complete", json={}).status_code == 404
+
+
+def test_the_client_and_the_cli_cover_waitpoints(stack: Stack) -> None:
+    import json
+
+    import pytest
+
+    from gateway.client import Client, ConflictError
+    from tests.test_client import cli
+
+    with Client(stack.base_url, stack.api_key) as gw:
+        made = gw.create_waitpoint(timeout="1h", tags=["client"])
+        assert made["status"] == "WAITING" and made["tags"] == ["client"]
+        assert gw.complete_waitpoint(made["id"], {"ok": 1})["output"] == {"ok": 1}
+        with pytest.raises(ConflictError):
+            gw.complete_waitpoint(made["id"], {"ok": 2})
+        assert gw.get_waitpoint(made["id"])["status"] == "COMPLETED"
+    key = stack.api_key
+    created = json.loads(cli(stack, "waitpoints", "create", "--timeout", "5m", key=key).stdout)
+    done = cli(stack, "waitpoints", "complete", created["id"], "--output", '{"by": "cli"}', key=key)
+    assert json.loads(done.stdout)["output"] == {"by": "cli"}
+    again = cli(stack, "waitpoints", "complete", created["id"], key=key)
+    assert again.returncode == 1 and "waitpoint_already_completed" in again.stderr

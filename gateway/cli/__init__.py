@@ -1,5 +1,6 @@
 """The ``gateway`` command: ``up``, ``web``, ``worker``, ``migrate`` and ``keys`` run
-the gateway; ``trigger``, ``runs``, ``queues``, ``schedules`` and ``webhooks`` talk to one
+the gateway; ``trigger``, ``runs``, ``queues``, ``schedules``, ``waitpoints`` and
+``webhooks`` talk to one
 (``gateway.client.cli``).
 
 The client's commands need only the client (httpx): the server's are loaded
@@ -229,7 +230,7 @@ def _cwd_on_path() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("trigger", "runs", "queues", "schedules", "webhooks"):
+    if args.command in ("trigger", "runs", "queues", "schedules", "waitpoints", "webhooks"):
         return run_command(args)
     _cwd_on_path()
     if args.command == "web":

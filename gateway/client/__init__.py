@@ -301,6 +301,34 @@ class _Calls(Generic[R]):
         """One page of the lines the run's task logged (``data``, ``next_cursor``)."""
         return self._call("GET", f"/api/v1/runs/{run_id}/logs", params=_page_params(limit, cursor))
 
+    # waitpoints ---------------------------------------------------------
+
+    def create_waitpoint(
+        self,
+        *,
+        timeout: float | str | None = None,
+        idempotency_key: str | None = None,
+        tags: list[str] | None = None,
+    ) -> R:
+        """A waitpoint and its signed ``url``: a POST of any JSON there (no
+        API key) completes it, so a third party can be handed the URL."""
+        return self._call(
+            "POST",
+            "/api/v1/waitpoints",
+            json_body=_options(
+                {"timeout": timeout, "idempotency_key": idempotency_key, "tags": tags}
+            ),
+        )
+
+    def get_waitpoint(self, waitpoint_id: str) -> R:
+        return self._call("GET", f"/api/v1/waitpoints/{waitpoint_id}")
+
+    def complete_waitpoint(self, waitpoint_id: str, output: Any = None) -> R:
+        """Complete it with ``output`` (once: a second time is a ``ConflictError``)."""
+        return self._call(
+            "POST", f"/api/v1/waitpoints/{waitpoint_id}/complete", json_body={"output": output}
+        )
+
     # queues -------------------------------------------------------------
 
     def list_queues(self) -> R:

@@ -103,6 +103,17 @@ def add_commands(sub: Any) -> None:
     for name in ("get", "rm", "enable", "disable"):
         scheds_sub.add_parser(name).add_argument("schedule_id")
 
+    points = sub.add_parser("waitpoints", help="make, show or complete waitpoints")
+    points_sub = points.add_subparsers(dest="waitpoints_command", required=True, metavar="ACTION")
+    made_point = points_sub.add_parser("create")
+    made_point.add_argument("--timeout", help="seconds, or 30m, 1h")
+    points_sub.add_parser("get").add_argument("waitpoint_id")
+    done_point = points_sub.add_parser("complete")
+    done_point.add_argument("waitpoint_id")
+    done_point.add_argument(
+        "--output", type=_json_arg, default=None, help="JSON, @file.json, or - for stdin"
+    )
+
     queues = sub.add_parser("queues", help="list queues, set their limits, pause or resume them")
     queues_sub = queues.add_subparsers(dest="queues_command", required=True, metavar="ACTION")
     queues_sub.add_parser("list")
@@ -248,6 +259,18 @@ def _schedules(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _waitpoints(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    command = args.waitpoints_command
+    if command == "create":
+        answer = client.create_waitpoint(timeout=args.timeout)
+    elif command == "get":
+        answer = client.get_waitpoint(args.waitpoint_id)
+    else:
+        answer = client.complete_waitpoint(args.waitpoint_id, args.output)
+    _print(answer, out)
+    return 0
+
+
 def _queues(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     command = args.queues_command
     if command == "list":
@@ -332,6 +355,8 @@ def run_command(
                 return _queues(client, args, out)
             if args.command == "schedules":
                 return _schedules(client, args, out)
+            if args.command == "waitpoints":
+                return _waitpoints(client, args, out)
             return _webhooks(client, args, out)
     except GatewayError as exc:
         err.write(f"gateway: {exc}\n")

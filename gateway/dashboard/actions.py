@@ -183,9 +183,7 @@ async def complete_waitpoint(request: Request) -> Response:
     raw = (fields.get("output") or "").strip()
     try:
         output = parse_json(raw.encode()) if raw else None
-        await services_of(request).runs.complete_waitpoint(
-            viewer.project_id, waitpoint_id, output
-        )
+        await services_of(request).runs.complete_waitpoint(viewer.project_id, waitpoint_id, output)
     except APIError as exc:
         flash(request, _problem(exc), "error")
         return redirect(back)
