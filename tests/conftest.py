@@ -244,7 +244,7 @@ def gemini() -> Iterator[GeminiStandIn]:
 def _redis_db(database_url: str, offset: int) -> int:
     # Each backend and each stack gets its own Redis database: queues never mix.
     # Offsets: 0 main, 1 single-slot, 2 faults, 3 fuzz, 4 queue, 5 strict, 6 web2,
-    # 7 operate, 8 artifacts.
+    # 7 operate, 8 artifacts, 9 flow.
     return 1 + offset * 2 + _backends().index(_backend_of(database_url))
 
 
@@ -290,3 +290,32 @@ def single_slot_stack(
 
 def _backend_of(url: str) -> str:
     return "sqlite" if url.startswith("sqlite") else "postgresql"
+
+
+@pytest.fixture(scope="session")
+def flow(
+    databases: Databases,
+    database_url: str,
+    redis_server: EmbeddedRedis,
+    gemini: GeminiStandIn,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
+    """Two gateway processes (``WEB_CONCURRENCY=2``) and three workers (20
+    slots each) over one Redis and one database: a limit must hold across all."""
+    logs = tmp_path_factory.mktemp("logs-flow")
+    with launch_stack(
+        "flow",
+        databases.new("flow"),
+        f"{redis_server.url}/{_redis_db(database_url, 9)}",
+        logs,
+        WEB_CONCURRENCY="2",
+    ) as stack:
+        more = [
+            Process(f"worker{i}", ["-m", "gateway", "worker"], stack.env, logs).start()
+            for i in (2, 3)
+        ]
+        try:
+            yield stack
+        finally:
+            for worker in more:
+                worker.stop()

@@ -6,45 +6,14 @@ from __future__ import annotations
 
 import secrets
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 import redis
 
-from gateway.cli.embedded_redis import EmbeddedRedis
-from tests.conftest import Databases, GeminiStandIn, Stack, _redis_db, launch_stack
-from tests.helpers import Process, wait_until
-
-
-@pytest.fixture(scope="session")
-def flow(
-    databases: Databases,
-    database_url: str,
-    redis_server: EmbeddedRedis,
-    gemini: GeminiStandIn,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Stack]:
-    """Two gateway processes (``WEB_CONCURRENCY=2``) and three workers (20
-    slots each) over one Redis and one database: a limit must hold across all."""
-    logs = tmp_path_factory.mktemp("logs-flow")
-    with launch_stack(
-        "flow",
-        databases.new("flow"),
-        f"{redis_server.url}/{_redis_db(database_url, 9)}",
-        logs,
-        WEB_CONCURRENCY="2",
-    ) as stack:
-        more = [
-            Process(f"worker{i}", ["-m", "gateway", "worker"], stack.env, logs).start()
-            for i in (2, 3)
-        ]
-        try:
-            yield stack
-        finally:
-            for worker in more:
-                worker.stop()
+from tests.conftest import Stack
+from tests.helpers import wait_until
 
 
 def _name(prefix: str) -> str:

@@ -12,13 +12,12 @@ from db.types import utcnow
 from gateway.runs.cron import CronError, check, next_tick, previous_tick
 from tests.conftest import Stack
 from tests.helpers import wait_until
-from tests.test_flow import flow  # noqa: F401  (two gateway processes, three workers)
 
 UTC = dt.UTC
 
 
 def test_a_five_second_schedule_makes_one_run_per_tick_and_none_after_delete(
-    flow: Stack,  # noqa: F811
+    flow: Stack,
 ) -> None:
     with flow.client() as client:
         made = client.post(
@@ -83,7 +82,7 @@ def test_a_five_second_schedule_makes_one_run_per_tick_and_none_after_delete(
 
 
 def test_a_disabled_schedule_makes_no_run_and_a_patch_moves_its_next_tick(
-    flow: Stack,  # noqa: F811
+    flow: Stack,
 ) -> None:
     with flow.client() as client:
         made = client.post(
@@ -108,7 +107,7 @@ def test_a_disabled_schedule_makes_no_run_and_a_patch_moves_its_next_tick(
         client.delete(f"/api/v1/schedules/{made['id']}")
 
 
-def test_schedule_inputs_are_checked_and_change_nothing(flow: Stack) -> None:  # noqa: F811
+def test_schedule_inputs_are_checked_and_change_nothing(flow: Stack) -> None:
     with flow.client() as client:
         before = client.get("/api/v1/schedules").json()["data"]
         for body, path in (
@@ -188,7 +187,7 @@ def test_cron_checks_and_previous_ticks() -> None:
     assert previous_tick("*/5 * * * * *", "UTC", at.replace(second=10)) == at.replace(second=10)
 
 
-def test_missed_ticks_make_one_run_on_catch_up(flow: Stack) -> None:  # noqa: F811
+def test_missed_ticks_make_one_run_on_catch_up(flow: Stack) -> None:
     """Ticks missed while nothing ran (set here by moving the next tick back
     an hour) make one run, for the latest of them."""
     with flow.client() as client:
@@ -225,7 +224,7 @@ def test_missed_ticks_make_one_run_on_catch_up(flow: Stack) -> None:  # noqa: F8
     assert dt.datetime.fromisoformat(seen["next_run_at"]) > utcnow() - dt.timedelta(seconds=5)
 
 
-def test_the_client_and_the_cli_cover_schedules_and_run_logs(flow: Stack) -> None:  # noqa: F811
+def test_the_client_and_the_cli_cover_schedules_and_run_logs(flow: Stack) -> None:
     import json
 
     from gateway.client import Client, NotFoundError

@@ -8,8 +8,8 @@ from starlette.responses import Response
 from gateway.api import views
 from gateway.api.bodies import json_object
 from gateway.api.routing import ApiRoute, Operation, Param
+from gateway.api.tasks import check_task_payload
 from gateway.api.views import ScheduleList, ScheduleView, shaped
-from gateway.errors import NotFound, ValidationFailed
 from gateway.runs.options import ScheduleCreate, ScheduleUpdate
 from gateway.services import services_of
 
@@ -19,15 +19,7 @@ __all__ = ["routes"]
 async def create_schedule(request: Request, project_id: str) -> Response:
     services = services_of(request)
     body = await json_object(request, services.settings.max_body_bytes, ScheduleCreate)
-    definition = services.registry.get(body.task)
-    if definition is None:
-        known = ", ".join(services.registry.names())
-        raise NotFound(f"no task named {body.task!r}; known tasks: {known}", code="task_not_found")
-    details = definition.payload_errors(body.payload, "payload")
-    if details:
-        raise ValidationFailed(
-            f"the payload does not fit task {body.task!r}", code="invalid_payload", details=details
-        )
+    check_task_payload(services, body.task, body.payload)
     schedule = await services.runs.create_schedule(project_id, body)
     return shaped(
         ScheduleView,
@@ -54,12 +46,7 @@ async def update_schedule(request: Request, project_id: str) -> Response:
     schedule_id = request.path_params["schedule_id"]
     if "payload" in body.model_fields_set:
         task = (await services.runs.schedule(project_id, schedule_id))["task"]
-        definition = services.registry.get(task)
-        details = definition.payload_errors(body.payload, "payload") if definition else []
-        if details:
-            raise ValidationFailed(
-                f"the payload does not fit task {task!r}", code="invalid_payload", details=details
-            )
+        check_task_payload(services, task, body.payload)
     return shaped(ScheduleView, await services.runs.update_schedule(project_id, schedule_id, body))
 
 

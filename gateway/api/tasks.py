@@ -17,7 +17,7 @@ from gateway.runs.options import BatchRequest, TriggerRequest
 from gateway.services import Services, services_of
 from jobs.tasks.registry import TaskDefinition
 
-__all__ = ["routes"]
+__all__ = ["check_task_payload", "routes"]
 
 
 def _definition(services: Services, task: str) -> TaskDefinition:
@@ -28,6 +28,21 @@ def _definition(services: Services, task: str) -> TaskDefinition:
     return definition
 
 
+def check_task_payload(services: Services, task: str, payload: Any) -> TaskDefinition:
+    """The task's definition, once ``payload`` fits it (a trigger's, a schedule's).
+
+    :raises NotFound: no such task (``task_not_found``)
+    :raises ValidationFailed: the payload does not fit (``invalid_payload``)
+    """
+    definition = _definition(services, task)
+    details = definition.payload_errors(payload, "payload")
+    if details:
+        raise ValidationFailed(
+            f"the payload does not fit task {task!r}", code="invalid_payload", details=details
+        )
+    return definition
+
+
 async def list_tasks(request: Request, project_id: str) -> Response:
     return shaped(TaskList, {"data": services_of(request).registry.describe()})
 
@@ -35,13 +50,9 @@ async def list_tasks(request: Request, project_id: str) -> Response:
 async def trigger(request: Request, project_id: str) -> Response:
     services = services_of(request)
     task = request.path_params["task"]
-    definition = _definition(services, task)
+    _definition(services, task)  # 404 before the body is read
     body = await json_object(request, services.settings.max_body_bytes, TriggerRequest)
-    details = definition.payload_errors(body.payload, "payload")
-    if details:
-        raise ValidationFailed(
-            f"the payload does not fit task {task!r}", code="invalid_payload", details=details
-        )
+    check_task_payload(services, task, body.payload)
     header_key = request.headers.get("idempotency-key")
     if header_key and not body.options.idempotency_key:
         if len(header_key) > 200:
