@@ -13,9 +13,9 @@ import contextlib
 import dataclasses
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -27,6 +27,8 @@ from gateway.settings import normalize_database_url
 from tests.gemini import GeminiStandIn
 from tests.helpers import Process, child_env, db_call, db_query, wait_http_ok
 from tests.receiver import Receiver
+
+T = TypeVar("T")
 
 TEST_SECRET = "test-secret-" + secrets.token_urlsafe(16)
 RETRY_SCHEDULE = "0,0.3,0.6,1,1.5,2"
@@ -50,6 +52,20 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
     server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), appendonly=False).start()
     yield server
     server.stop()
+
+
+def _off_loop(fn: Callable[[], T]) -> T:
+    """``fn()``, in another thread if this one runs an event loop (Playwright's
+    sync API keeps one, and a session fixture made during a browser test must
+    still run ``asyncio.run``: the admin statements, Alembic's migrations)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return fn()
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn).result()
 
 
 async def _admin(url: str, statement: str) -> None:
@@ -78,7 +94,7 @@ class Databases:
 
     def new(self, label: str) -> str:
         url = self.empty(label)
-        upgrade(url)
+        _off_loop(lambda: upgrade(url))
         return url
 
     def empty(self, label: str) -> str:
@@ -87,7 +103,7 @@ class Databases:
             url = f"sqlite+aiosqlite:///{self.tmp.mktemp('db') / f'{label}.db'}"
         else:
             name = f"gw_test_{label}_{secrets.token_hex(4)}"
-            asyncio.run(_admin(self.server_url, f'CREATE DATABASE "{name}"'))
+            _off_loop(lambda: asyncio.run(_admin(self.server_url, f'CREATE DATABASE "{name}"')))
             self.created.append(name)
             url = (
                 sa.make_url(self.server_url)
@@ -97,8 +113,13 @@ class Databases:
         return url
 
     def drop_all(self) -> None:
-        for name in self.created:
-            asyncio.run(_admin(self.server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        statements = [f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in self.created]
+
+        def drop() -> None:
+            for statement in statements:
+                asyncio.run(_admin(self.server_url, statement))
+
+        _off_loop(drop)
 
 
 @pytest.fixture(scope="session", params=_backends())
