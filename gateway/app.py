@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from arq import create_pool
 from arq.connections import RedisSettings
@@ -18,13 +19,16 @@ from gateway.api.bodies import RefuseNul
 from gateway.artifacts import ArtifactStore
 from gateway.auth.keys import ApiKeyAuth
 from gateway.auth.ratelimit import RateLimiter
-from gateway.auth.tokens import PublicTokens
+from gateway.auth.tokens import PublicTokens, WaitpointTokens
 from gateway.dashboard import dashboard_routes
 from gateway.errors import exception_handlers
 from gateway.logs import configure_logging
 from gateway.notify import RunNotifier
 from gateway.reconciler import Reconciler, Scheduler
+from gateway.runs.flow_service import FlowService
+from gateway.runs.schedule_service import ScheduleService
 from gateway.runs.service import RunService
+from gateway.runs.waitpoint_service import WaitpointService
 from gateway.schema import SchemaGate
 from gateway.services import Services
 from gateway.settings import ConfigError, Settings
@@ -76,6 +80,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
             dispatcher=dispatcher,
             task_names=registry.names(),
         )
+        waitpoint_tokens = WaitpointTokens(settings)
+        # What every service of gateway.runs runs its units on.
+        common: dict[str, Any] = {
+            "db": db,
+            "redis": redis,
+            "notifier": notifier,
+            "dispatcher": dispatcher,
+            "settings": settings,
+        }
         app.state.services = Services(
             settings=settings,
             db=db,
@@ -92,24 +105,28 @@ def create_app(settings: Settings | None = None) -> Starlette:
             notifier=notifier,
             webhooks=webhooks,
             dispatcher=dispatcher,
-            runs=RunService(
-                db=db,
-                redis=redis,
-                notifier=notifier,
-                webhooks=webhooks,
-                dispatcher=dispatcher,
-                settings=settings,
-            ),
+            runs=RunService(webhooks=webhooks, waitpoint_tokens=waitpoint_tokens, **common),
+            flow=FlowService(**common),
+            schedules=ScheduleService(webhooks=webhooks, **common),
+            waitpoints=WaitpointService(tokens=waitpoint_tokens, **common),
             schema=schema,
         )
+        services = app.state.services
         reconciler = Reconciler(
             db=db,
             redis=redis,
-            runs=app.state.services.runs,
+            runs=services.runs,
+            flow=services.flow,
             dispatcher=dispatcher,
             settings=settings,
         )
-        scheduler = Scheduler(redis=redis, runs=app.state.services.runs, settings=settings)
+        scheduler = Scheduler(
+            redis=redis,
+            runs=services.runs,
+            schedules=services.schedules,
+            waitpoints=services.waitpoints,
+            settings=settings,
+        )
         await reconciler.start()
         await scheduler.start()
         try:

@@ -31,7 +31,10 @@ from db.types import utcnow
 from gateway.metrics import RECONCILER_ACTIONS
 from gateway.periodic import Periodic
 from gateway.runs.effects import Job
+from gateway.runs.flow_service import FlowService
+from gateway.runs.schedule_service import ScheduleService
 from gateway.runs.service import RunService
+from gateway.runs.waitpoint_service import WaitpointService
 from gateway.runs.workflow import node_states
 from gateway.settings import Settings
 from jobs.protocol import WORKFLOW_TASK, delivery_job_id, run_job_id
@@ -88,12 +91,14 @@ class Reconciler(Periodic):
         db: Database,
         redis: ArqRedis,
         runs: RunService,
+        flow: FlowService,
         dispatcher: DeliveryDispatcher,
         settings: Settings,
     ) -> None:
         super().__init__(redis, settings.reconcile_interval)
         self.db = db
         self.runs = runs
+        self.flow = flow
         self.dispatcher = dispatcher
         self.grace = settings.reconcile_grace
 
@@ -150,8 +155,8 @@ class Reconciler(Periodic):
             # Held runs whose queue has room (a pump that a crash kept from
             # running, a slot freed by a run of a queue gated after it
             # started), and bulk actions whose process went away.
-            pumped = await self.runs.pump_queues()
-            await self.runs.resume_bulks(self.grace)
+            pumped = await self.flow.pump_queues()
+            await self.flow.resume_bulks(self.grace)
         except (RedisError, OSError) as exc:
             log.warning("reconciler cannot reach Redis: %s", exc)
             lost = pumped = 0
@@ -181,15 +186,25 @@ class Scheduler(Periodic):
 
     name = "scheduler"
 
-    def __init__(self, *, redis: ArqRedis, runs: RunService, settings: Settings) -> None:
+    def __init__(
+        self,
+        *,
+        redis: ArqRedis,
+        runs: RunService,
+        schedules: ScheduleService,
+        waitpoints: WaitpointService,
+        settings: Settings,
+    ) -> None:
         super().__init__(redis, settings.scheduler_interval)
         self.runs = runs
+        self.schedules = schedules
+        self.waitpoints = waitpoints
 
     async def run_once(self) -> int:
         done = (
             await self.runs.release_due()
-            + await self.runs.fire_schedules()
-            + await self.runs.end_due_waitpoints()
+            + await self.schedules.fire_schedules()
+            + await self.waitpoints.end_due_waitpoints()
         )
         if done:
             RECONCILER_ACTIONS.labels(action="released_or_expired").inc(done)

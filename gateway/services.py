@@ -12,7 +12,10 @@ from gateway.artifacts import ArtifactStore
 from gateway.auth.keys import ApiKeyAuth
 from gateway.auth.tokens import PublicTokens
 from gateway.notify import RunNotifier
+from gateway.runs.flow_service import FlowService
+from gateway.runs.schedule_service import ScheduleService
 from gateway.runs.service import RunService
+from gateway.runs.waitpoint_service import WaitpointService
 from gateway.schema import SchemaGate
 from gateway.settings import Settings
 from jobs.tasks.registry import TaskRegistry
@@ -35,6 +38,10 @@ class Services:
     webhooks: WebhookService
     dispatcher: DeliveryDispatcher
     runs: RunService
+    #: Queues (limits, pauses) and bulk actions.
+    flow: FlowService
+    schedules: ScheduleService
+    waitpoints: WaitpointService
     #: Whether the database is at this code's schema (API calls wait on it).
     schema: SchemaGate
 

@@ -26,7 +26,7 @@ async def bulk_replay(request: Request, project_id: str) -> Response:
 async def _bulk_action(request: Request, project_id: str, action: str) -> Response:
     services = services_of(request)
     body = await json_object(request, services.settings.max_body_bytes, BulkRequest)
-    bulk = await services.runs.bulk(project_id, action, body.selection())
+    bulk = await services.flow.bulk(project_id, action, body.selection())
     return shaped(
         BulkCreated,
         {**bulk, "bulk_id": bulk["id"]},
@@ -38,7 +38,7 @@ async def _bulk_action(request: Request, project_id: str, action: str) -> Respon
 async def get_bulk(request: Request, project_id: str) -> Response:
     services = services_of(request)
     return shaped(
-        BulkView, await services.runs.bulk_status(project_id, request.path_params["bulk_id"])
+        BulkView, await services.flow.bulk_status(project_id, request.path_params["bulk_id"])
     )
 
 

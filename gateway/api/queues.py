@@ -16,13 +16,13 @@ __all__ = ["routes"]
 
 
 async def list_queues(request: Request, project_id: str) -> Response:
-    return shaped(QueueList, {"data": await services_of(request).runs.queues(project_id)})
+    return shaped(QueueList, {"data": await services_of(request).flow.queues(project_id)})
 
 
 async def create_queue(request: Request, project_id: str) -> Response:
     services = services_of(request)
     body = await json_object(request, services.settings.max_body_bytes, QueueCreate)
-    queue = await services.runs.create_queue(
+    queue = await services.flow.create_queue(
         project_id, body.name, body.concurrency_limit, body.paused
     )
     return shaped(
@@ -32,13 +32,13 @@ async def create_queue(request: Request, project_id: str) -> Response:
 
 async def get_queue(request: Request, project_id: str) -> Response:
     services = services_of(request)
-    return shaped(QueueView, await services.runs.queue(project_id, request.path_params["name"]))
+    return shaped(QueueView, await services.flow.queue(project_id, request.path_params["name"]))
 
 
 async def update_queue(request: Request, project_id: str) -> Response:
     services = services_of(request)
     body = await json_object(request, services.settings.max_body_bytes, QueueUpdate)
-    queue = await services.runs.update_queue(
+    queue = await services.flow.update_queue(
         project_id, request.path_params["name"], body.changes()
     )
     return shaped(QueueView, queue)

@@ -20,7 +20,7 @@ async def create_schedule(request: Request, project_id: str) -> Response:
     services = services_of(request)
     body = await json_object(request, services.settings.max_body_bytes, ScheduleCreate)
     check_task_payload(services, body.task, body.payload)
-    schedule = await services.runs.create_schedule(project_id, body)
+    schedule = await services.schedules.create_schedule(project_id, body)
     return shaped(
         ScheduleView,
         schedule,
@@ -30,13 +30,16 @@ async def create_schedule(request: Request, project_id: str) -> Response:
 
 
 async def list_schedules(request: Request, project_id: str) -> Response:
-    return shaped(ScheduleList, {"data": await services_of(request).runs.schedules(project_id)})
+    return shaped(
+        ScheduleList, {"data": await services_of(request).schedules.schedules(project_id)}
+    )
 
 
 async def get_schedule(request: Request, project_id: str) -> Response:
     services = services_of(request)
     return shaped(
-        ScheduleView, await services.runs.schedule(project_id, request.path_params["schedule_id"])
+        ScheduleView,
+        await services.schedules.schedule(project_id, request.path_params["schedule_id"]),
     )
 
 
@@ -45,14 +48,16 @@ async def update_schedule(request: Request, project_id: str) -> Response:
     body = await json_object(request, services.settings.max_body_bytes, ScheduleUpdate)
     schedule_id = request.path_params["schedule_id"]
     if "payload" in body.model_fields_set:
-        task = (await services.runs.schedule(project_id, schedule_id))["task"]
+        task = (await services.schedules.schedule(project_id, schedule_id))["task"]
         check_task_payload(services, task, body.payload)
-    return shaped(ScheduleView, await services.runs.update_schedule(project_id, schedule_id, body))
+    return shaped(
+        ScheduleView, await services.schedules.update_schedule(project_id, schedule_id, body)
+    )
 
 
 async def delete_schedule(request: Request, project_id: str) -> Response:
     services = services_of(request)
-    await services.runs.delete_schedule(project_id, request.path_params["schedule_id"])
+    await services.schedules.delete_schedule(project_id, request.path_params["schedule_id"])
     return Response(status_code=204)
 
 

@@ -19,7 +19,7 @@ __all__ = ["routes"]
 async def create_waitpoint(request: Request, project_id: str) -> Response:
     services = services_of(request)
     body = await json_object(request, services.settings.max_body_bytes, WaitpointCreate)
-    view, cached = await services.runs.create_waitpoint(project_id, body)
+    view, cached = await services.waitpoints.create_waitpoint(project_id, body)
     view["is_cached"] = cached
     return shaped(
         WaitpointView,
@@ -33,14 +33,14 @@ async def get_waitpoint(request: Request, project_id: str) -> Response:
     services = services_of(request)
     return shaped(
         WaitpointView,
-        await services.runs.waitpoint(project_id, request.path_params["waitpoint_id"]),
+        await services.waitpoints.waitpoint(project_id, request.path_params["waitpoint_id"]),
     )
 
 
 async def complete_waitpoint(request: Request, project_id: str) -> Response:
     services = services_of(request)
     body = await json_object(request, services.settings.max_body_bytes, WaitpointComplete)
-    view = await services.runs.complete_waitpoint(
+    view = await services.waitpoints.complete_waitpoint(
         project_id, request.path_params["waitpoint_id"], body.output
     )
     return shaped(WaitpointView, view)
@@ -51,11 +51,11 @@ async def waitpoint_callback(request: Request) -> Response:
     services = services_of(request)
     await services.schema.require()
     waitpoint_id = request.path_params["waitpoint_id"]
-    if services.runs.waitpoint_tokens.waitpoint_of(request.path_params["token"]) != waitpoint_id:
+    if services.waitpoints.tokens.waitpoint_of(request.path_params["token"]) != waitpoint_id:
         raise WaitpointNotFound(waitpoint_id)
     raw = await read_body(request, services.settings.max_body_bytes)
     output = parse_json(raw) if raw.strip() else None
-    view = await services.runs.complete_waitpoint(None, waitpoint_id, output)
+    view = await services.waitpoints.complete_waitpoint(None, waitpoint_id, output)
     return shaped(WaitpointView, view)
 
 

@@ -52,8 +52,16 @@ class WaitpointTokens:
     callback). It does not expire by itself; the waitpoint does."""
 
     def __init__(self, settings: Settings) -> None:
+        self.public_url = settings.public_url
         self._serializer = URLSafeTimedSerializer(
             settings.require_secret(), salt="gateway.waitpoint-callback"
+        )
+
+    def url_of(self, waitpoint_id: str) -> str:
+        """The absolute URL a POST to which completes the waitpoint."""
+        return (
+            f"{self.public_url}/api/v1/waitpoints/{waitpoint_id}/callback/"
+            f"{self.issue(waitpoint_id)}"
         )
 
     def issue(self, waitpoint_id: str) -> str:

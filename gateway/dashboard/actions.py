@@ -139,7 +139,7 @@ async def queue_action(request: Request) -> Response:
     else:
         changes["paused"] = action == "pause"
     try:
-        queue = await services_of(request).runs.update_queue(viewer.project_id, name, changes)
+        queue = await services_of(request).flow.update_queue(viewer.project_id, name, changes)
     except APIError as exc:
         flash(request, _problem(exc), "error")
         return redirect(back)
@@ -159,13 +159,13 @@ async def schedule_action(request: Request) -> Response:
         raise NotFound(f"no schedule action {action!r}; there are enable, disable, delete")
     await read_form(request)
     schedule_id = request.path_params["schedule_id"]
-    runs = services_of(request).runs
+    schedules = services_of(request).schedules
     try:
         if action == "delete":
-            await runs.delete_schedule(viewer.project_id, schedule_id)
+            await schedules.delete_schedule(viewer.project_id, schedule_id)
             flash(request, f"Schedule {schedule_id} deleted; its runs stay.")
         else:
-            await runs.update_schedule(
+            await schedules.update_schedule(
                 viewer.project_id, schedule_id, ScheduleUpdate(enabled=action == "enable")
             )
             flash(request, f"Schedule {schedule_id} {action}d.")
@@ -183,7 +183,9 @@ async def complete_waitpoint(request: Request) -> Response:
     raw = (fields.get("output") or "").strip()
     try:
         output = parse_json(raw.encode()) if raw else None
-        await services_of(request).runs.complete_waitpoint(viewer.project_id, waitpoint_id, output)
+        await services_of(request).waitpoints.complete_waitpoint(
+            viewer.project_id, waitpoint_id, output
+        )
     except APIError as exc:
         flash(request, _problem(exc), "error")
         return redirect(back)

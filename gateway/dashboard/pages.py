@@ -199,7 +199,7 @@ async def queues_page(request: Request) -> Response:
     viewer = await viewer_of(request)
     services = services_of(request)
     common = await _common(request, viewer, "queues")
-    queues = await services.runs.queues(viewer.project_id)
+    queues = await services.flow.queues(viewer.project_id)
     return render(request, "queues", {**common, "queues": queues}, live=True)
 
 
@@ -208,7 +208,7 @@ async def schedules_page(request: Request) -> Response:
     viewer = await viewer_of(request)
     services = services_of(request)
     common = await _common(request, viewer, "schedules")
-    schedules = await services.runs.schedules(viewer.project_id)
+    schedules = await services.schedules.schedules(viewer.project_id)
     return render(request, "schedules", {**common, "schedules": schedules}, live=True)
 
 

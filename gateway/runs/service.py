@@ -12,13 +12,12 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from arq import ArqRedis
-from arq.constants import abort_jobs_ss, in_progress_key_prefix, result_key_prefix
-from redis.exceptions import RedisError
+from arq.constants import in_progress_key_prefix, result_key_prefix
 
 from db.engine import Database
 from db.models import Run, RunStatus
@@ -26,43 +25,22 @@ from db.types import utcnow
 from gateway.auth.tokens import WaitpointTokens
 from gateway.errors import APIError, NotFound
 from gateway.notify import RunNotifier
-from gateway.queue import QueuedJob, enqueue_jobs
-from gateway.runs.bulk import bulk_page, create_bulk, load_bulk, unfinished_bulks
 from gateway.runs.cancel import cancel_run
 from gateway.runs.create import NewRun, create_runs, new_run, replay_from_node, replay_row
-from gateway.runs.effects import Effects, Job
+from gateway.runs.effects import Effects
 from gateway.runs.errors import LostRace, RunNotFound
 from gateway.runs.events import EventAnswer, apply_event, apply_events
-from gateway.runs.flow import flowing, pump_held
 from gateway.runs.logs import append_logs, list_logs
 from gateway.runs.options import (
-    ScheduleCreate,
-    ScheduleUpdate,
     TriggerOptions,
     TriggerRequest,
-    WaitpointCreate,
 )
-from gateway.runs.queues import create_queue, get_queue, list_queues, update_queue
 from gateway.runs.read import RunQuery, batch_summary, list_runs, load_run, status_of
 from gateway.runs.recovery import queued_before, recover_lost
-from gateway.runs.schedules import (
-    check_schedule,
-    create_schedule,
-    delete_schedule,
-    fire_due,
-    get_schedule,
-    list_schedules,
-    update_schedule,
-)
+from gateway.runs.runner import UnitRunner
 from gateway.runs.timers import release_due, reschedule
-from gateway.runs.waitpoints import (
-    complete_waitpoint,
-    create_waitpoint,
-    due_waitpoints,
-    load_waitpoint,
-)
 from gateway.settings import Settings
-from jobs.protocol import RunLogs, WorkerEvent, run_job_id
+from jobs.protocol import RunLogs, WorkerEvent
 from webhooks.dispatch import DeliveryDispatcher
 from webhooks.service import WebhookService
 
@@ -77,7 +55,10 @@ T = TypeVar("T")
 EVENT_CHUNK = 8
 
 
-class RunService:
+class RunService(UnitRunner):
+    """Runs: triggering, reading, waiting, canceling, replaying, the workers'
+    reports and the passes that keep runs moving (docs/architecture.md)."""
+
     def __init__(
         self,
         *,
@@ -87,17 +68,14 @@ class RunService:
         webhooks: WebhookService,
         dispatcher: DeliveryDispatcher,
         settings: Settings,
+        waitpoint_tokens: WaitpointTokens,
     ) -> None:
-        self.db = db
-        self.redis = redis
-        self.notifier = notifier
+        super().__init__(
+            db=db, redis=redis, notifier=notifier, dispatcher=dispatcher, settings=settings
+        )
         self.webhooks = webhooks
-        self.dispatcher = dispatcher
-        self.settings = settings
-        self.waitpoint_tokens = WaitpointTokens(settings)
+        self.waitpoint_tokens = waitpoint_tokens
         self._born = time.monotonic()
-        #: Bulk actions this process is doing, by ID.
-        self._bulks: dict[str, asyncio.Task[None]] = {}
 
     def new_row(
         self,
@@ -147,36 +125,6 @@ class RunService:
             [self.new_row(project_id, task, request.payload, request.options)]
         )
         return view, cached
-
-    def queued(self, job: Job) -> QueuedJob:
-        """The arq job that runs ``job`` (``run_task``, under the run's job ID)."""
-        return QueuedJob(
-            "run_task",
-            (job.run_id, job.task, job.payload, job.attempt, job.step, job.state, job.options),
-            run_job_id(job.run_id, job.attempt, job.step),
-            self.settings.queue_name,
-            head_start=job.priority,
-        )
-
-    async def enqueue(self, job: Job) -> bool:
-        """Put a run's job on the queue; ``False`` if Redis did not take it.
-
-        The run is committed already, so a failure here loses nothing: the
-        reconciler enqueues it again (arq dedupes on ``_job_id``).
-        """
-        return await self._enqueue_all(Effects(jobs=[job]))
-
-    async def _enqueue_all(self, effects: Effects) -> bool:
-        """The runs' jobs and the callbacks' first attempts, in one round trip."""
-        queued = [self.queued(job) for job in effects.jobs]
-        queued += self.dispatcher.first_attempts(effects.outgoing)
-        try:
-            await enqueue_jobs(self.redis, queued)
-        except (RedisError, OSError) as exc:
-            # Committed already: the reconciler queues them again (arq dedupes).
-            log.warning("could not queue %d job(s) (the reconciler will): %s", len(queued), exc)
-            return False
-        return True
 
     async def get(self, project_id: str | None, run_id: str) -> dict[str, Any]:
         """The run, or :class:`NotFound` (also for another project's run)."""
@@ -251,111 +199,10 @@ class RunService:
             raise NotFound(f"no batch with id {batch_id!r}", code="batch_not_found")
         return found
 
-    # Schedules.
-
-    async def create_schedule(self, project_id: str, body: ScheduleCreate) -> dict[str, Any]:
-        """A schedule (its task and payload checked by the caller)."""
-        check_schedule(body.cron, body.timezone, body.options)
-        if body.options.callback_url is not None:
-            body.options.callback_url = self.webhooks.check_url(
-                body.options.callback_url, "options.callback_url"
-            )
-        return await self.db.write(
-            create_schedule,
-            project_id,
-            body.task,
-            body.cron,
-            body.timezone,
-            body.payload,
-            body.options,
-            body.enabled,
-            utcnow(),
-        )
-
-    async def schedules(self, project_id: str) -> list[dict[str, Any]]:
-        return await self.db.read(list_schedules, project_id)
-
-    async def schedule(self, project_id: str, schedule_id: str) -> dict[str, Any]:
-        return await self.db.read(get_schedule, project_id, schedule_id)
-
-    async def update_schedule(
-        self, project_id: str, schedule_id: str, body: ScheduleUpdate
-    ) -> dict[str, Any]:
-        current = await self.schedule(project_id, schedule_id)
-        changes = body.changes()
-        check_schedule(
-            changes.get("cron", current["cron"]),
-            changes.get("timezone", current["timezone"]),
-            body.options,
-        )
-        if body.options is not None and body.options.callback_url is not None:
-            body.options.callback_url = self.webhooks.check_url(
-                body.options.callback_url, "options.callback_url"
-            )
-        return await self.db.write(update_schedule, project_id, schedule_id, changes, utcnow())
-
-    async def delete_schedule(self, project_id: str, schedule_id: str) -> None:
-        await self.db.write(delete_schedule, project_id, schedule_id)
-
-    async def fire_schedules(self) -> int:
-        """One scheduler pass over the schedules: a run for each that is due."""
-        fired = await self._write(fire_due, utcnow())
-        await self._after(fired)
-        return len(fired.jobs)
-
-    # Waitpoints.
-
-    def _with_url(self, view: dict[str, Any]) -> dict[str, Any]:
-        """A waitpoint's view with its signed URL (while it waits)."""
-        view["url"] = (
-            f"{self.settings.public_url}/api/v1/waitpoints/{view['id']}/callback/"
-            f"{self.waitpoint_tokens.issue(view['id'])}"
-            if view["status"] == "WAITING"
-            else None
-        )
-        return view
-
-    async def create_waitpoint(
-        self, project_id: str, body: WaitpointCreate
-    ) -> tuple[dict[str, Any], bool]:
-        """A waitpoint (or the one its idempotency key made), with its URL."""
-        view, cached = await self.db.write(
-            create_waitpoint, project_id, body.timeout, body.idempotency_key, body.tags, utcnow()
-        )
-        return self._with_url(view), cached
-
-    async def waitpoint(self, project_id: str, waitpoint_id: str) -> dict[str, Any]:
-        return self._with_url(await self.db.read(load_waitpoint, project_id, waitpoint_id))
-
-    async def complete_waitpoint(
-        self, project_id: str | None, waitpoint_id: str, output: Any
-    ) -> dict[str, Any]:
-        """Complete a waitpoint (``project_id=None``: through its URL); the
-        workflow waiting on it goes on."""
-        view, effects = await self._write_until_settled(
-            complete_waitpoint, project_id, waitpoint_id, output, utcnow()
-        )
-        await self._after(effects)
-        return self._with_url(view)
-
-    async def complete_waitpoint_by_url(self, token: str, output: Any) -> dict[str, Any]:
-        return await self.complete_waitpoint(
-            None, self.waitpoint_tokens.waitpoint_of(token), output
-        )
-
-    async def end_due_waitpoints(self) -> int:
-        """One scheduler pass over waitpoints: delays due complete, waits past
-        their timeout end TIMED_OUT."""
-        ended = await self._write(due_waitpoints, utcnow())
-        await self._after(ended)
-        return len(ended.changed)
-
     def _node_urls(self, view: dict[str, Any]) -> dict[str, Any]:
         for node in (view.get("nodes") or {}).values():
             if node.get("waitpoint"):
-                node["waitpoint"]["url"] = self._with_url(
-                    {"id": node["waitpoint"]["id"], "status": "WAITING"}
-                )["url"]
+                node["waitpoint"]["url"] = self.waitpoint_tokens.url_of(node["waitpoint"]["id"])
         return view
 
     # Run logs.
@@ -382,68 +229,6 @@ class RunService:
         self, project_id: str | None, run_id: str, limit: int, cursor: int | None
     ) -> dict[str, Any]:
         return await self.db.read(list_logs, project_id, run_id, limit, cursor)
-
-    # Flow control and bulk actions.
-
-    async def queues(self, project_id: str) -> list[dict[str, Any]]:
-        return await self.db.read(list_queues, project_id)
-
-    async def queue(self, project_id: str, name: str) -> dict[str, Any]:
-        return await self.db.read(get_queue, project_id, name)
-
-    async def create_queue(
-        self, project_id: str, name: str, limit: int | None, paused: bool
-    ) -> dict[str, Any]:
-        return await self._write(create_queue, project_id, name, limit, paused)
-
-    async def update_queue(
-        self, project_id: str, name: str, changes: dict[str, Any]
-    ) -> dict[str, Any]:
-        """Change a queue's limit or pause it; a raised limit or a resume
-        hands out held runs before this returns."""
-        return await self._write(update_queue, project_id, name, changes)
-
-    async def pump_queues(self) -> int:
-        """Hand out what every queue with held runs has room for (the
-        reconciler's pass; each unit that frees a slot does it too)."""
-        jobs = await self.db.write(pump_held, utcnow())
-        if jobs:
-            await self._enqueue_all(Effects(jobs=jobs))
-        return len(jobs)
-
-    async def bulk(self, project_id: str, action: str, selection: dict[str, Any]) -> dict[str, Any]:
-        """Record a bulk action and start doing it in pages, here in the background."""
-        view = await self.db.write(create_bulk, project_id, action, selection, utcnow())
-        if not view["is_final"]:
-            self._drive(view["id"])
-        return view
-
-    async def bulk_status(self, project_id: str, bulk_id: str) -> dict[str, Any]:
-        return await self.db.read(load_bulk, project_id, bulk_id)
-
-    def _drive(self, bulk_id: str) -> None:
-        if bulk_id in self._bulks:
-            return
-        task = asyncio.get_running_loop().create_task(self._drive_bulk(bulk_id))
-        self._bulks[bulk_id] = task
-        task.add_done_callback(lambda _: self._bulks.pop(bulk_id, None))
-
-    async def _drive_bulk(self, bulk_id: str) -> None:
-        try:
-            while True:
-                page = await self._write_until_settled(bulk_page, bulk_id, utcnow())
-                await self._after(page.effects)
-                if page.done:
-                    return
-        except Exception:  # the reconciler resumes it; the page did nothing twice
-            log.exception("bulk action %s stopped; the reconciler resumes it", bulk_id)
-
-    async def resume_bulks(self, grace: float) -> int:
-        """Resume bulk actions that stopped moving (their process went away)."""
-        stalled = await self.db.read(unfinished_bulks, utcnow() - dt.timedelta(seconds=grace))
-        for bulk_id in stalled:
-            self._drive(bulk_id)
-        return len(stalled)
 
     async def recover_lost(self) -> int:
         """End attempts whose worker went silent (see ``transitions.recover_lost``).
@@ -476,22 +261,6 @@ class RunService:
         due = await self._write(release_due, utcnow())
         await self._after(due)
         return len(due.jobs) + len(due.abort)
-
-    async def _after(self, effects: Effects) -> None:
-        """What a committed unit of work set in motion: aborts, jobs, wake-ups, callbacks."""
-        if effects.abort:
-            try:
-                now_ms = int(time.time() * 1000)
-                await self.redis.zadd(abort_jobs_ss, dict.fromkeys(effects.abort, now_ms))
-            except (RedisError, OSError) as exc:
-                # The database has the final status; a worker that starts or
-                # finishes the job is told so and stops there.
-                log.warning("could not ask workers to abort %s: %s", effects.abort, exc)
-        if effects.jobs or effects.outgoing:
-            await self._enqueue_all(effects)
-        finished = set(effects.finished)
-        for run_id in effects.changed:
-            await self.notifier.publish(run_id, final=run_id in finished)
 
     async def apply_event(self, event: WorkerEvent) -> EventAnswer:
         """Apply a verified worker event; a stale or repeated one is a no-op."""
@@ -538,24 +307,6 @@ class RunService:
             out.append(answer)
         await self._after(effects)
         return out
-
-    async def _write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``db.write(fn, …)``, then queue the runs that the queue pumps at the
-        end of the unit handed out (``gateway.runs.flow.flowing``)."""
-        result, jobs = await self.db.write(flowing(fn), *args, **kwargs)
-        if jobs:
-            await self._enqueue_all(Effects(jobs=jobs))
-        return result
-
-    async def _write_until_settled(self, fn: Callable[..., T], *args: Any, tries: int = 5) -> T:
-        """``db.write(fn, …)``, run again when another process moved a run
-        between its read and its compare-and-set (:class:`LostRace`)."""
-        for _ in range(tries):
-            try:
-                return await self._write(fn, *args)
-            except LostRace:
-                continue
-        raise RuntimeError(f"{fn.__name__} lost the race {tries} times in a row")
 
 
 def _replay_source(conn: sa.Connection, project_id: str, run_id: str) -> dict[str, Any] | None:

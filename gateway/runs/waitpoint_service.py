@@ -1,0 +1,80 @@
+"""The waitpoints service: what runs wait for outside them (``gateway.runs.waitpoints``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from arq import ArqRedis
+
+from db.engine import Database
+from db.types import utcnow
+from gateway.auth.tokens import WaitpointTokens
+from gateway.notify import RunNotifier
+from gateway.runs.options import WaitpointCreate
+from gateway.runs.runner import UnitRunner
+from gateway.runs.waitpoints import (
+    complete_waitpoint,
+    create_waitpoint,
+    due_waitpoints,
+    load_waitpoint,
+)
+from gateway.settings import Settings
+from webhooks.dispatch import DeliveryDispatcher
+
+__all__ = ["WaitpointService"]
+
+
+class WaitpointService(UnitRunner):
+    def __init__(
+        self,
+        *,
+        db: Database,
+        redis: ArqRedis,
+        notifier: RunNotifier,
+        dispatcher: DeliveryDispatcher,
+        settings: Settings,
+        tokens: WaitpointTokens,
+    ) -> None:
+        super().__init__(
+            db=db, redis=redis, notifier=notifier, dispatcher=dispatcher, settings=settings
+        )
+        #: Sign and read the part of a waitpoint's URL that completes it.
+        self.tokens = tokens
+
+    def _with_url(self, view: dict[str, Any]) -> dict[str, Any]:
+        """A waitpoint's view with its signed URL (while it waits)."""
+        view["url"] = self.tokens.url_of(view["id"]) if view["status"] == "WAITING" else None
+        return view
+
+    async def create_waitpoint(
+        self, project_id: str, body: WaitpointCreate
+    ) -> tuple[dict[str, Any], bool]:
+        """A waitpoint (or the one its idempotency key made), with its URL."""
+        view, cached = await self.db.write(
+            create_waitpoint, project_id, body.timeout, body.idempotency_key, body.tags, utcnow()
+        )
+        return self._with_url(view), cached
+
+    async def waitpoint(self, project_id: str, waitpoint_id: str) -> dict[str, Any]:
+        return self._with_url(await self.db.read(load_waitpoint, project_id, waitpoint_id))
+
+    async def complete_waitpoint(
+        self, project_id: str | None, waitpoint_id: str, output: Any
+    ) -> dict[str, Any]:
+        """Complete a waitpoint (``project_id=None``: through its URL); the
+        workflow waiting on it goes on."""
+        view, effects = await self._write_until_settled(
+            complete_waitpoint, project_id, waitpoint_id, output, utcnow()
+        )
+        await self._after(effects)
+        return self._with_url(view)
+
+    async def complete_waitpoint_by_url(self, token: str, output: Any) -> dict[str, Any]:
+        return await self.complete_waitpoint(None, self.tokens.waitpoint_of(token), output)
+
+    async def end_due_waitpoints(self) -> int:
+        """One scheduler pass over waitpoints: delays due complete, waits past
+        their timeout end TIMED_OUT."""
+        ended = await self._write(due_waitpoints, utcnow())
+        await self._after(ended)
+        return len(ended.changed)
