@@ -49,6 +49,14 @@ _RESERVED = frozenset(
 )
 
 
+#: Names ``extra`` may not use with the standard library's logging.
+_RECORD_ATTRIBUTES = frozenset({*logging.makeLogRecord({}).__dict__, "message", "asctime"}) - {
+    "run_id",
+    "task",
+    "attempt",
+}
+
+
 def _level(number: int) -> str:
     for threshold in (logging.CRITICAL, logging.ERROR, logging.WARNING, logging.INFO):
         if number >= threshold:
@@ -86,21 +94,33 @@ class RunLog:
         self._timer: asyncio.TimerHandle | None = None
         self._sending: set[asyncio.Task[None]] = set()
         self.sent = self.dropped = 0
+        # Made on the worker's loop; a task that is a plain ``def`` logs from
+        # a thread, and its lines are handed over to this loop.
+        self._loop = asyncio.get_running_loop()
 
     def add(self, level: int, message: str, fields: dict[str, Any] | None = None) -> None:
-        """Keep a line; it leaves with the next batch."""
-        self._waiting.append(
-            {
-                "ts": dt.datetime.now(dt.UTC).isoformat(),
-                "level": _level(level),
-                "message": clean_text(message, MAX_LOG_MESSAGE),
-                "fields": _jsonable(fields or {}),
-            }
-        )
+        """Keep a line; it leaves with the next batch. Safe from any thread."""
+        line = {
+            "ts": dt.datetime.now(dt.UTC).isoformat(),
+            "level": _level(level),
+            "message": clean_text(message, MAX_LOG_MESSAGE),
+            "fields": _jsonable(fields or {}),
+        }
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._keep(line)
+        else:
+            self._loop.call_soon_threadsafe(self._keep, line)
+
+    def _keep(self, line: dict[str, Any]) -> None:
+        self._waiting.append(line)
         if len(self._waiting) >= FLUSH_LINES:
             self._flush()
         elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self._flush)
+            self._timer = self._loop.call_later(FLUSH_SECONDS, self._flush)
 
     def _flush(self) -> None:
         if self._timer is not None:
@@ -137,6 +157,7 @@ class RunLog:
 
     async def close(self) -> None:
         """Send what waits and wait (a while) for every batch to be heard."""
+        await asyncio.sleep(0)  # lines handed over from a thread come in first
         self._flush()
         if self._sending:
             with contextlib.suppress(TimeoutError):
@@ -171,6 +192,11 @@ class RunLogger(logging.LoggerAdapter[logging.Logger]):
                 message += "\n" + traceback.format_exc().rstrip()
             elif isinstance(exc_info, BaseException):
                 message += "\n" + "".join(traceback.format_exception(exc_info)).rstrip()
-        fields = {k: v for k, v in (kwargs.get("extra") or {}).items() if k not in _RESERVED}
+        extra = kwargs.get("extra") or {}
+        fields = {k: v for k, v in extra.items() if k not in _RESERVED}
         self.run_log.add(level, message, fields)
+        # The run keeps every field; the worker's own log gets those that do
+        # not clash with a LogRecord's attributes (``thread``, ``name``, …),
+        # which logging refuses with a KeyError that would end the task.
+        kwargs["extra"] = {k: v for k, v in extra.items() if k not in _RECORD_ATTRIBUTES}
         super().log(level, msg, *args, **kwargs)

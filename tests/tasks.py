@@ -92,3 +92,12 @@ async def logs(payload: Any, ctx: TaskContext) -> dict[str, int]:
     if payload.get("raise"):
         raise RuntimeError("the task gave up")
     return {"logged": int(payload.get("lines", 3))}
+
+
+@task("tests.thread-logs")
+def thread_logs(payload: Any, ctx: TaskContext) -> dict[str, str]:
+    """A plain function (it runs in a thread) that logs through ``ctx.logger``."""
+    import threading
+
+    ctx.logger.info("from a thread", extra={"thread": threading.current_thread().name})
+    return {"thread": threading.current_thread().name}

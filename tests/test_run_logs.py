@@ -110,3 +110,11 @@ def test_logs_are_the_runs_own_to_read(stack: Stack) -> None:
         params={"token": token["public_access_token"]},
     )
     assert wrong.status_code == 404
+
+
+def test_a_plain_def_task_logs_from_its_thread(stack: Stack) -> None:
+    run = stack.run("tests.thread-logs", {})
+    assert run["status"] == "COMPLETED", run["error"]
+    [line] = _lines(stack, run["id"])["data"]
+    assert line["message"] == "from a thread"
+    assert line["fields"] == {"thread": run["output"]["thread"]}
