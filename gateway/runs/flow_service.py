@@ -11,18 +11,12 @@ import datetime as dt
 import logging
 from typing import Any
 
-from arq import ArqRedis
-
-from db.engine import Database
 from db.types import utcnow
-from gateway.notify import RunNotifier
 from gateway.runs.bulk import bulk_page, create_bulk, load_bulk, unfinished_bulks
 from gateway.runs.effects import Effects
 from gateway.runs.flow import pump_held
 from gateway.runs.queues import create_queue, get_queue, list_queues, update_queue
 from gateway.runs.runner import UnitRunner
-from gateway.settings import Settings
-from webhooks.dispatch import DeliveryDispatcher
 
 __all__ = ["FlowService"]
 
@@ -30,18 +24,8 @@ log = logging.getLogger("gateway.runs.flow")
 
 
 class FlowService(UnitRunner):
-    def __init__(
-        self,
-        *,
-        db: Database,
-        redis: ArqRedis,
-        notifier: RunNotifier,
-        dispatcher: DeliveryDispatcher,
-        settings: Settings,
-    ) -> None:
-        super().__init__(
-            db=db, redis=redis, notifier=notifier, dispatcher=dispatcher, settings=settings
-        )
+    def __init__(self, **common: Any) -> None:
+        super().__init__(**common)
         #: Bulk actions this process is doing, by ID.
         self._bulks: dict[str, asyncio.Task[None]] = {}
 

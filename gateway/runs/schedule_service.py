@@ -4,11 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from arq import ArqRedis
-
-from db.engine import Database
 from db.types import utcnow
-from gateway.notify import RunNotifier
 from gateway.runs.options import ScheduleCreate, ScheduleUpdate
 from gateway.runs.runner import UnitRunner
 from gateway.runs.schedules import (
@@ -20,27 +16,14 @@ from gateway.runs.schedules import (
     list_schedules,
     update_schedule,
 )
-from gateway.settings import Settings
-from webhooks.dispatch import DeliveryDispatcher
 from webhooks.service import WebhookService
 
 __all__ = ["ScheduleService"]
 
 
 class ScheduleService(UnitRunner):
-    def __init__(
-        self,
-        *,
-        db: Database,
-        redis: ArqRedis,
-        notifier: RunNotifier,
-        dispatcher: DeliveryDispatcher,
-        settings: Settings,
-        webhooks: WebhookService,
-    ) -> None:
-        super().__init__(
-            db=db, redis=redis, notifier=notifier, dispatcher=dispatcher, settings=settings
-        )
+    def __init__(self, *, webhooks: WebhookService, **common: Any) -> None:
+        super().__init__(**common)
         self.webhooks = webhooks
 
     async def create_schedule(self, project_id: str, body: ScheduleCreate) -> dict[str, Any]:

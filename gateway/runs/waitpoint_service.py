@@ -4,12 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from arq import ArqRedis
-
-from db.engine import Database
 from db.types import utcnow
 from gateway.auth.tokens import WaitpointTokens
-from gateway.notify import RunNotifier
 from gateway.runs.options import WaitpointCreate
 from gateway.runs.runner import UnitRunner
 from gateway.runs.waitpoints import (
@@ -18,26 +14,13 @@ from gateway.runs.waitpoints import (
     due_waitpoints,
     load_waitpoint,
 )
-from gateway.settings import Settings
-from webhooks.dispatch import DeliveryDispatcher
 
 __all__ = ["WaitpointService"]
 
 
 class WaitpointService(UnitRunner):
-    def __init__(
-        self,
-        *,
-        db: Database,
-        redis: ArqRedis,
-        notifier: RunNotifier,
-        dispatcher: DeliveryDispatcher,
-        settings: Settings,
-        tokens: WaitpointTokens,
-    ) -> None:
-        super().__init__(
-            db=db, redis=redis, notifier=notifier, dispatcher=dispatcher, settings=settings
-        )
+    def __init__(self, *, tokens: WaitpointTokens, **common: Any) -> None:
+        super().__init__(**common)
         #: Sign and read the part of a waitpoint's URL that completes it.
         self.tokens = tokens
 
