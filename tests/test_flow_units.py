@@ -28,8 +28,8 @@ Unit = Callable[..., Any]
 def flow(unit: Unit, fn: Callable[..., Any], *args: Any) -> tuple[Any, list[str]]:
     """Run ``fn`` as the service does (then its pumps); the result and the
     IDs of the runs the pumps handed out."""
-    result, jobs = unit(flowing(fn), *args)
-    return result, [job.run_id for job in jobs]
+    flowed = unit(flowing(fn), *args)
+    return flowed.result, [job.run_id for job in flowed.jobs]
 
 
 def trigger(unit: Unit, **values: Any) -> tuple[str, bool, list[str]]:

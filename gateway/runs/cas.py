@@ -18,12 +18,12 @@ from typing import Any
 import sqlalchemy as sa
 
 from db.models import Run, RunAttempt, RunNode, RunStatus, RunTransition
-from gateway.metrics import observe_transition
 from gateway.runs.errors import LostRace
 from jobs.protocol import WorkerEvent
 
 __all__ = [
     "ACTIVE",
+    "OBSERVED",
     "PUMPS",
     "KeepFirst",
     "insert_run",
@@ -46,6 +46,9 @@ ACTIVE = (RunStatus.QUEUED, RunStatus.EXECUTING)
 #: ``conn.info`` key: the (project, queue) pairs whose slots this unit of work
 #: changed, pumped at its end (``gateway.runs.flow``).
 PUMPS = "gateway.flow.pumps"
+#: ``conn.info`` key: the transitions this unit made, counted in the metrics
+#: once it has committed (a unit rolled back and run again counts once).
+OBSERVED = "gateway.runs.observed"
 
 
 # Statements built once.
@@ -131,12 +134,17 @@ def _cas_update(names: tuple[str, ...], first: frozenset[str]) -> sa.Update:
     return update.values(values)
 
 
+def _observe(conn: sa.Connection, run: Mapping[str, Any], to: RunStatus, now: dt.datetime) -> None:
+    fields = {k: run.get(k) for k in ("task", "created_at", "started_at")}
+    conn.info.setdefault(OBSERVED, []).append((fields, to, now))
+
+
 def insert_run(conn: sa.Connection, row: Mapping[str, Any]) -> None:
     values = {"queue": row["task"], "priority": 0, **row}
     if values.get("order_at") is None:
         values["order_at"] = values["created_at"] - dt.timedelta(seconds=values["priority"])
     conn.execute(INSERT_RUN, values)
-    observe_transition(dict(row), RunStatus(row["status"]), row["created_at"])
+    _observe(conn, row, RunStatus(row["status"]), row["created_at"])
     conn.execute(
         INSERT_TRANSITION,
         {
@@ -170,7 +178,7 @@ def transition(
     if run.get("gated") and run["status"] in _HOLDING and to.value not in _HOLDING:
         # A slot of its queue frees: hand it on before this unit commits.
         conn.info.setdefault(PUMPS, set()).add((run["project_id"], run["queue"]))
-    observe_transition(run, to, now)
+    _observe(conn, run, to, now)
     conn.execute(
         INSERT_TRANSITION,
         {

@@ -17,15 +17,16 @@ also covers a pump that a crash kept from running.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 from collections.abc import Callable, MutableMapping
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
 
 from db.models import RunStatus
-from gateway.runs.cas import PUMPS, runs
+from gateway.runs.cas import OBSERVED, PUMPS, runs
 from gateway.runs.effects import Job, job_of
 from gateway.runs.read import node_states
 from gateway.runs.slots import (
@@ -39,7 +40,7 @@ from gateway.runs.slots import (
 )
 from jobs.protocol import WORKFLOW_TASK
 
-__all__ = ["admit", "flowing", "pump", "pump_held", "queue_rule", "request_pump"]
+__all__ = ["Flowed", "admit", "flowing", "pump", "pump_held", "queue_rule", "request_pump"]
 
 T = TypeVar("T")
 
@@ -222,18 +223,31 @@ def pump_requested(conn: sa.Connection, now: dt.datetime) -> list[Job]:
     return jobs
 
 
-def flowing(fn: Callable[..., T]) -> Callable[..., tuple[T, list[Job]]]:
-    """``fn`` as a unit that then pumps the queues it asked for: its result,
-    and the jobs of the runs those pumps handed out."""
+@dataclasses.dataclass(frozen=True)
+class Flowed(Generic[T]):
+    """What a unit run by :func:`flowing` hands back: its result, the jobs of
+    the runs its pumps handed out, and the transitions it made (to count once
+    it has committed)."""
+
+    result: T
+    jobs: list[Job]
+    observed: list[tuple[dict[str, Any], RunStatus, dt.datetime]]
+
+
+def flowing(fn: Callable[..., T]) -> Callable[..., Flowed[T]]:
+    """``fn`` as a unit that then pumps the queues it asked for."""
 
     @functools.wraps(fn)
-    def unit(conn: sa.Connection, *args: Any, **kwargs: Any) -> tuple[T, list[Job]]:
+    def unit(conn: sa.Connection, *args: Any, **kwargs: Any) -> Flowed[T]:
         conn.info.pop(PUMPS, None)
+        conn.info.pop(OBSERVED, None)
         try:
             result = fn(conn, *args, **kwargs)
-            return result, pump_requested(conn, dt.datetime.now(dt.UTC))
+            jobs = pump_requested(conn, dt.datetime.now(dt.UTC))
+            return Flowed(result, jobs, conn.info.pop(OBSERVED, []))
         finally:
             conn.info.pop(PUMPS, None)
+            conn.info.pop(OBSERVED, None)
 
     return unit
 

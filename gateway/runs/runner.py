@@ -19,6 +19,7 @@ from arq.constants import abort_jobs_ss
 from redis.exceptions import RedisError
 
 from db.engine import Database
+from gateway.metrics import observe_transition
 from gateway.notify import RunNotifier
 from gateway.queue import QueuedJob, enqueue_jobs
 from gateway.runs.effects import Effects, Job
@@ -103,10 +104,12 @@ class UnitRunner:
     async def _write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``db.write(fn, …)``, then queue the runs that the queue pumps at the
         end of the unit handed out (``gateway.runs.flow.flowing``)."""
-        result, jobs = await self.db.write(flowing(fn), *args, **kwargs)
-        if jobs:
-            await self._enqueue_all(Effects(jobs=jobs))
-        return result
+        flowed = await self.db.write(flowing(fn), *args, **kwargs)
+        for observed in flowed.observed:  # committed: counted once
+            observe_transition(*observed)
+        if flowed.jobs:
+            await self._enqueue_all(Effects(jobs=flowed.jobs))
+        return flowed.result
 
     async def _write_until_settled(self, fn: Callable[..., T], *args: Any, tries: int = 5) -> T:
         """``db.write(fn, …)``, run again when another process moved a run
