@@ -32,12 +32,12 @@ from gateway.metrics import RECONCILER_ACTIONS
 from gateway.periodic import Periodic
 from gateway.runs.effects import Job
 from gateway.runs.flow_service import FlowService
+from gateway.runs.read import run_job
 from gateway.runs.schedule_service import ScheduleService
 from gateway.runs.service import RunService
 from gateway.runs.waitpoint_service import WaitpointService
-from gateway.runs.workflow import node_states
 from gateway.settings import Settings
-from jobs.protocol import WORKFLOW_TASK, delivery_job_id, run_job_id
+from jobs.protocol import delivery_job_id, run_job_id
 from webhooks.dispatch import DeliveryDispatcher
 
 __all__ = ["Reconciler", "Scheduler"]
@@ -50,9 +50,19 @@ deliveries = Delivery.__table__  # type: ignore[attr-defined]
 BATCH = 500
 
 
-def _due_runs(conn: sa.Connection, before: dt.datetime) -> list[dict[str, Any]]:
+def _due_runs(conn: sa.Connection, before: dt.datetime) -> list[Job]:
+    """The jobs of QUEUED runs that have waited past ``before``, built as every
+    other path builds them (``run_job``: limits and priority included)."""
     rows = conn.execute(
-        sa.select(runs.c.id, runs.c.task, runs.c.payload, runs.c.attempt, runs.c.step)
+        sa.select(
+            runs.c.id,
+            runs.c.task,
+            runs.c.payload,
+            runs.c.attempt,
+            runs.c.step,
+            runs.c.max_duration,
+            runs.c.priority,
+        )
         .where(
             runs.c.status == RunStatus.QUEUED.value,
             runs.c.held.is_(False),
@@ -61,7 +71,7 @@ def _due_runs(conn: sa.Connection, before: dt.datetime) -> list[dict[str, Any]]:
         .order_by(runs.c.updated_at)
         .limit(BATCH)
     ).mappings()
-    return [dict(r) for r in rows]
+    return [run_job(conn, dict(r)) for r in rows.all()]
 
 
 def _due_deliveries(
@@ -120,21 +130,14 @@ class Reconciler(Periodic):
         requeued_runs = requeued_deliveries = 0
         try:
             due = await self.db.read(_due_runs, before)
-            job_ids = [run_job_id(r["id"], r["attempt"], r["step"]) for r in due]
-            for run, missing in zip(due, await self._missing(job_ids), strict=True):
-                if missing and await self.runs.enqueue(
-                    Job(
-                        run["id"],
-                        run["task"],
-                        run["payload"],
-                        run["attempt"],
-                        run["step"],
-                        await self.db.read(node_states, run["id"])
-                        if run["step"] or run["task"] == WORKFLOW_TASK
-                        else None,
-                    )
-                ):
-                    requeued_runs += 1
+            job_ids = [run_job_id(job.run_id, job.attempt, job.step) for job in due]
+            lost_jobs = [
+                job
+                for job, missing in zip(due, await self._missing(job_ids), strict=True)
+                if missing
+            ]
+            if lost_jobs and await self.runs.enqueue_many(lost_jobs):
+                requeued_runs += len(lost_jobs)
             # A due delivery whose job is gone, or over without moving the
             # delivery on (arq keeps a result even for a job whose data
             # vanished): queue it again, with the stale result out of the way.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import redis
 
 from tests.conftest import Stack
@@ -69,3 +71,35 @@ def test_queued_runs_and_pending_deliveries_survive_a_redis_flush(stack: Stack) 
             "SELECT to_status FROM run_transitions WHERE run_id = :id ORDER BY id", id=run_id
         )
         assert [r[0] for r in rows] == ["QUEUED", "EXECUTING", "COMPLETED"]
+
+
+def test_a_run_queued_again_keeps_its_limits_and_priority(stack: Stack) -> None:
+    """The reconciler builds a lost run's job as every other path does: its
+    ``max_duration`` still ends it, its priority still scores it."""
+    client_redis = redis.Redis.from_url(stack.redis_url)
+    stack.worker.stop()
+    try:
+        with stack.client() as client:
+            run = client.post(
+                "/api/v1/tasks/sleep/trigger",
+                json={
+                    "payload": {"seconds": 20},
+                    "options": {"max_duration": 1, "priority": 3600, "max_attempts": 1},
+                },
+            ).json()
+            flush(stack)
+            # Queued again by the reconciler (after RECONCILE_GRACE), with
+            # an hour's head start on arq's queue.
+            score = wait_until(
+                lambda: client_redis.zscore("gateway:queue", run["id"]),
+                timeout=20,
+                what="the reconciler to queue the lost job again",
+            )
+            assert score < (time.time() - 3000) * 1000
+    finally:
+        stack.start_worker()
+        client_redis.close()
+    with stack.client() as client:
+        done = client.get(f"/api/v1/runs/{run['id']}", params={"wait": 30}).json()
+    assert done["status"] == "TIMED_OUT", done
+    assert done["error"]["code"] == "max_duration_exceeded"

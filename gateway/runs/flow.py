@@ -27,8 +27,8 @@ import sqlalchemy as sa
 
 from db.models import RunStatus
 from gateway.runs.cas import OBSERVED, PUMPS, runs
-from gateway.runs.effects import Job, job_of
-from gateway.runs.read import node_states
+from gateway.runs.effects import Job
+from gateway.runs.read import run_job
 from gateway.runs.slots import (
     QueueRule,
     default_queue,
@@ -38,7 +38,6 @@ from gateway.runs.slots import (
     running_by_key,
     select_queue,
 )
-from jobs.protocol import WORKFLOW_TASK
 
 __all__ = ["Flowed", "admit", "flowing", "pump", "pump_held", "queue_rule", "request_pump"]
 
@@ -201,16 +200,7 @@ def pump(conn: sa.Connection, project_id: str, queue: str, now: dt.datetime) -> 
         )
     )
     rows = {r["id"]: dict(r) for r in handed.mappings()}
-    return [
-        job_of(rows[i], state=node_states(conn, i) if _has_nodes(rows[i]) else None)
-        for i in order
-        if i in rows
-    ]
-
-
-def _has_nodes(run: dict[str, Any]) -> bool:
-    """A workflow's job takes its nodes' states (a replay's first step has some)."""
-    return bool(run["step"]) or run["task"] == WORKFLOW_TASK
+    return [run_job(conn, rows[i]) for i in order if i in rows]
 
 
 def pump_requested(conn: sa.Connection, now: dt.datetime) -> list[Job]:

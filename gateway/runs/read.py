@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from db.models import Batch, RunStatus
 from db.types import isoformat
 from gateway.runs.cas import LOAD_ATTEMPTS, LOAD_OWN_RUN, LOAD_RUN, run_nodes, run_transitions, runs
+from gateway.runs.effects import Job, job_of
 from gateway.runs.slots import waiting_for
 from jobs.protocol import WORKFLOW_TASK
 
@@ -24,6 +25,7 @@ __all__ = [
     "load_run",
     "node_states",
     "query_conditions",
+    "run_job",
     "run_view",
     "status_of",
     "transitions_since",
@@ -46,6 +48,14 @@ def node_states(conn: sa.Connection, parent_id: str) -> dict[str, Any]:
             state["error"] = {"code": r["error_code"], "message": r["error_message"]}
         states[r["node_id"]] = state
     return states
+
+
+def run_job(conn: sa.Connection, run: Mapping[str, Any]) -> Job:
+    """The job of ``run``'s current attempt and step, as every path that queues a
+    run builds it (its limits and priority included); a workflow's job takes its
+    nodes' states (a replay's first step already has some)."""
+    workflow = bool(run.get("step")) or run["task"] == WORKFLOW_TASK
+    return job_of(run, state=node_states(conn, run["id"]) if workflow else None)
 
 
 def error_view(code: str | None, message: str | None) -> dict[str, Any] | None:

@@ -73,6 +73,11 @@ class UnitRunner:
         """
         return await self._enqueue_all(Effects(jobs=[job]))
 
+    async def enqueue_many(self, jobs: list[Job]) -> bool:
+        """Put runs' jobs on the queue in one round trip; ``False`` if Redis
+        did not take them (the reconciler tries again)."""
+        return await self._enqueue_all(Effects(jobs=jobs))
+
     async def _enqueue_all(self, effects: Effects) -> bool:
         """The runs' jobs and the callbacks' first attempts, in one round trip."""
         queued = [self.queued(job) for job in effects.jobs]

@@ -12,13 +12,12 @@ import sqlalchemy as sa
 from db.models import RunStatus
 from db.types import utcnow
 from gateway.runs.cas import runs, select_run, transition
-from gateway.runs.effects import Effects, job_of
+from gateway.runs.effects import Effects
 from gateway.runs.errors import RunNotDelayed, RunNotFound
 from gateway.runs.flow import admit
-from gateway.runs.read import view_of
+from gateway.runs.read import run_job, view_of
 from gateway.runs.slots import QueueRule
-from gateway.runs.workflow import node_states
-from jobs.protocol import WORKFLOW_TASK, run_job_id
+from jobs.protocol import run_job_id
 from webhooks.outbox import Outgoing, create_run_deliveries
 
 __all__ = ["backoff", "expire", "expired", "release_due", "reschedule"]
@@ -86,10 +85,7 @@ def release_due(conn: sa.Connection, now: dt.datetime, limit: int = 200) -> Effe
             {"run_at": None, "gated": not starts, "held": not starts},
         )
         if starts:
-            # A workflow's step takes the nodes' states with it.
-            workflow = run["step"] or run["task"] == WORKFLOW_TASK
-            state = node_states(conn, run["id"]) if workflow else None
-            done.jobs.append(job_of(run, state=state))
+            done.jobs.append(run_job(conn, run))
         done.changed.append(run["id"])
     return done
 

@@ -20,7 +20,7 @@ from gateway.errors import InvalidEvent
 from gateway.runs.cas import ACTIVE, insert_run, is_current, run_nodes, runs, select_run, transition
 from gateway.runs.effects import Effects, Job
 from gateway.runs.flow import admit
-from gateway.runs.read import node_states
+from gateway.runs.read import node_states, run_job
 from gateway.runs.slots import QueueRule, default_queue
 from jobs.protocol import WORKFLOW_TASK, WaitNode, WorkerEvent
 
@@ -55,14 +55,7 @@ def _next_step(conn: sa.Connection, parent: dict[str, Any], now: dt.datetime) ->
     """Move the workflow to QUEUED for its next step; the job that runs it."""
     step = parent["step"] + 1
     transition(conn, parent, RunStatus.QUEUED, now, {"step": step, "step_pending": False})
-    return Job(
-        parent["id"],
-        parent["task"],
-        parent["payload"],
-        parent["attempt"],
-        step,
-        node_states(conn, parent["id"]),
-    )
+    return run_job(conn, {**parent, "step": step})
 
 
 def child_finished(
@@ -235,7 +228,7 @@ def apply_waiting(
         insert_run(conn, child)
         _upsert_node(conn, run["id"], spec.node_id, now, status="running", run_id=child_id)
         if starts:
-            done.jobs.append(Job(child_id, spec.task, spec.payload))
+            done.jobs.append(run_job(conn, child))
     for wait in event.waits:
         if wait.node_id not in existing:
             _set_waiting(conn, run, wait, now)
