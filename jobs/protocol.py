@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import re
+import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -40,6 +41,7 @@ __all__ = [
     "EVENTS_PATH",
     "MAX_LOG_MESSAGE",
     "PREPARE_PATH",
+    "REDIS_DOWN",
     "RUN_LOGS",
     "SIGNATURE_HEADER",
     "TIMED_OUT_CODE",
@@ -47,6 +49,7 @@ __all__ = [
     "ChildRun",
     "JSONRefused",
     "LogLine",
+    "RedisOutage",
     "RunLogs",
     "SignatureError",
     "WaitNode",
@@ -177,16 +180,55 @@ def nudge_channel(queue_name: str) -> str:
     return f"{queue_name}:nudge"
 
 
+#: What a lost Redis raises (redis-py's errors, or the socket's own).
+REDIS_DOWN = (RedisError, OSError)
+
+
+class RedisOutage:
+    """Waits between tries while Redis does not answer: backoff from
+    ``first`` to ``longest`` seconds, one warning when an outage begins and
+    one line when it ends (not a line per try)."""
+
+    def __init__(self, what: str, *, first: float = 0.1, longest: float = 5.0) -> None:
+        self.what = what
+        self.first = first
+        self.longest = longest
+        self.tries = 0
+        self.began = 0.0
+
+    async def wait(self, exc: BaseException) -> None:
+        """Note a failed try and sleep before the next one."""
+        if not self.tries:
+            self.began = time.monotonic()
+            log.warning(
+                "%s: Redis does not answer (%s); trying until it does", self.what, exc
+            )
+        await asyncio.sleep(min(self.longest, self.first * 2**self.tries))
+        self.tries += 1
+
+    def over(self) -> None:
+        """A try went through: the outage, if there was one, is over."""
+        if self.tries:
+            log.warning(
+                "%s: Redis answers again after %.1f s; resuming",
+                self.what,
+                time.monotonic() - self.began,
+            )
+            self.tries = 0
+
+
 async def listen_forever(
     redis: Redis, channel: str, handle: Callable[[str], None], *, what: str
 ) -> None:
     """Hand each message on ``channel`` to ``handle`` until cancelled,
     subscribing again after a lost connection (what was sent meanwhile is lost:
     listeners must have another way to catch up, such as polling)."""
+    outage = RedisOutage(what, first=0.5)
     while True:
         pubsub = redis.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(channel)
+            outage.over()
             while True:
                 message = await pubsub.get_message(timeout=1.0)
                 if message is not None and message.get("type") == "message":
@@ -194,9 +236,8 @@ async def listen_forever(
                     handle(data.decode() if isinstance(data, bytes) else str(data))
         except asyncio.CancelledError:
             raise
-        except (RedisError, OSError) as exc:
-            log.warning("%s lost their Redis connection: %s", what, exc)
-            await asyncio.sleep(1.0)
+        except REDIS_DOWN as exc:
+            await outage.wait(exc)
         finally:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -17,7 +18,7 @@ import traceback
 from typing import Any
 
 import httpx
-from arq import func
+from arq import ArqRedis, func
 from arq.connections import RedisSettings, create_pool
 from arq.worker import Worker
 from pydantic import ValidationError
@@ -25,8 +26,10 @@ from pydantic import ValidationError
 from jobs.deliver import deliver_webhook
 from jobs.media import Media
 from jobs.protocol import (
+    REDIS_DOWN,
     TIMED_OUT_CODE,
     JSONRefused,
+    RedisOutage,
     clean_text,
     dumps,
     listen_forever,
@@ -345,16 +348,34 @@ class NudgedWorker(Worker):
     deferred jobs, for jobs queued by anyone else, and when the channel is down.
     """
 
+    async def _connect(self, outage: RedisOutage) -> ArqRedis:
+        """arq's pool, tried until Redis answers (arq itself gives up after
+        ``conn_retries`` and the worker would exit)."""
+        assert self.redis_settings is not None
+        settings = dataclasses.replace(self.redis_settings, conn_retries=0)
+        while True:
+            try:
+                pool = await create_pool(
+                    settings,
+                    job_deserializer=self.job_deserializer,
+                    job_serializer=self.job_serializer,
+                    default_queue_name=self.queue_name,
+                    expires_extra_ms=self.expires_extra_ms,
+                )
+            except REDIS_DOWN as exc:
+                await outage.wait(exc)
+            else:
+                outage.over()
+                return pool
+
     async def main(self) -> None:
-        # arq's Worker.main, with the sleep between polls cut short by a nudge.
+        # arq's Worker.main, with the sleep between polls cut short by a nudge,
+        # and a Redis outage waited out instead of ending the worker: jobs
+        # running meanwhile go on (they report over HTTP), and polling
+        # resumes when Redis answers again.
+        outage = RedisOutage(f"worker of {self.queue_name}")
         if self._pool is None:
-            self._pool = await create_pool(
-                self.redis_settings,
-                job_deserializer=self.job_deserializer,
-                job_serializer=self.job_serializer,
-                default_queue_name=self.queue_name,
-                expires_extra_ms=self.expires_extra_ms,
-            )
+            self._pool = await self._connect(outage)
         log.info(
             "Starting worker for %d functions: %s",
             len(self.functions),
@@ -368,7 +389,12 @@ class NudgedWorker(Worker):
         try:
             while True:
                 nudged.clear()
-                await self._poll_iteration()
+                try:
+                    await self._poll_iteration()
+                except REDIS_DOWN as exc:
+                    await outage.wait(exc)
+                    continue
+                outage.over()
                 if self.burst:
                     if 0 <= self.max_burst_jobs <= self._jobs_started():
                         await asyncio.gather(*self.tasks.values())
@@ -393,6 +419,20 @@ class NudgedWorker(Worker):
             await asyncio.wait(waits, timeout=self.poll_delay_s, return_when="FIRST_COMPLETED")
         finally:
             wake.cancel()
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        # arq takes a slot before it reads a job and gives it back only on
+        # its own paths: a Redis error in between would keep the slot for
+        # good. One job at a time, so a failed one gives its slot back.
+        for job_id in job_ids:
+            before = self.tasks.get(job_id.decode())
+            try:
+                await super().start_jobs([job_id])
+            except REDIS_DOWN:
+                if self.tasks.get(job_id.decode()) is before:
+                    self.job_counter -= 1
+                    self.sem.release()
+                raise
 
     async def _sleep_until_tasks_complete(self) -> None:
         # arq counts a finished job as running until its next poll removes it;

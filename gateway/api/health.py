@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import os
 from typing import Any
 
@@ -22,6 +23,8 @@ from gateway.errors import Unauthorized, error_response
 from gateway.services import services_of
 
 __all__ = ["routes"]
+
+log = logging.getLogger("gateway.metrics")
 
 runs = Run.__table__  # type: ignore[attr-defined]
 
@@ -54,15 +57,26 @@ async def readyz(request: Request) -> Response:
 
 
 class _LiveState:
-    """Gauges read when scraped: queue depth (Redis) and runs not final (database)."""
+    """Gauges read when scraped: queue depth (Redis) and runs not final
+    (database), and whether each of the two answered. A source that does not
+    answer leaves its gauge out and sets its ``*_up`` gauge to 0: metrics
+    matter most during an outage, so the scrape itself never fails for one."""
 
     def __init__(self, request: Request) -> None:
         self.request = request
         self.values: dict[str, Any] = {}
+        self.up: dict[str, bool] = {}
+
+    async def _read(self, source: str, key: str, probe: Any) -> None:
+        try:
+            self.values[key] = await asyncio.wait_for(probe, timeout=2.0)
+            self.up[source] = True
+        except Exception as exc:
+            self.up[source] = False
+            log.warning("/metrics: %s does not answer: %s", source, str(exc)[:200])
 
     async def load(self) -> None:
         services = services_of(self.request)
-        self.values["queue"] = await services.redis.zcard(services.settings.queue_name)
 
         def by_status(conn: sa.Connection) -> list[tuple[str, str, int]]:
             live = [s.value for s in RunStatus if not s.is_final]
@@ -73,20 +87,31 @@ class _LiveState:
             )
             return [(r[0], r[1], int(r[2])) for r in rows]
 
-        self.values["live"] = await services.db.read(by_status)
+        await asyncio.gather(
+            self._read("redis", "queue", services.redis.zcard(services.settings.queue_name)),
+            self._read("database", "live", services.db.read(by_status)),
+        )
 
     def collect(self) -> Any:
-        queue = GaugeMetricFamily("gateway_queue_depth", "Jobs waiting in the arq queue")
-        queue.add_metric([], self.values.get("queue", 0))
-        yield queue
-        live = GaugeMetricFamily(
-            "gateway_runs_in_flight",
-            "Runs not final, by task and status (EXECUTING: jobs in flight)",
-            labels=["task", "status"],
-        )
-        for task, status, count in self.values.get("live", []):
-            live.add_metric([task, status], count)
-        yield live
+        for source in ("redis", "database"):
+            up = GaugeMetricFamily(
+                f"gateway_{source}_up", f"1 if {source} answered this scrape, else 0"
+            )
+            up.add_metric([], 1 if self.up.get(source) else 0)
+            yield up
+        if "queue" in self.values:
+            queue = GaugeMetricFamily("gateway_queue_depth", "Jobs waiting in the arq queue")
+            queue.add_metric([], self.values["queue"])
+            yield queue
+        if "live" in self.values:
+            live = GaugeMetricFamily(
+                "gateway_runs_in_flight",
+                "Runs not final, by task and status (EXECUTING: jobs in flight)",
+                labels=["task", "status"],
+            )
+            for task, status, count in self.values["live"]:
+                live.add_metric([task, status], count)
+            yield live
 
 
 def _registry() -> CollectorRegistry:
