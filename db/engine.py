@@ -25,13 +25,14 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+import asyncpg
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from db.types import exact_loads, json_text
 
@@ -135,10 +136,20 @@ class Database:
                     return fn(conn, *args, **kwargs)
 
             return await asyncio.get_running_loop().run_in_executor(self._readers, run)
-        assert self._async_engine is not None
+        async_engine = self._async_engine
+        assert async_engine is not None
+        deadline = time.monotonic() + TRANSIENT_RETRY_SECONDS
         with _unreachable_as_operational():
-            async with self._async_engine.connect() as conn:
-                return await conn.run_sync(lambda c: fn(c, *args, **kwargs))
+            for pause in _pauses(deadline):
+                try:
+                    async with _connection(async_engine) as conn:
+                        return await conn.run_sync(lambda c: fn(c, *args, **kwargs))
+                except Exception as exc:
+                    # A read changes nothing: it is always safe to run again.
+                    if not _is_transient(exc) or pause is None:
+                        raise
+                await asyncio.sleep(pause)
+        raise AssertionError("unreachable")  # _pauses ends on None, which raised
 
     async def ping(self) -> None:
         await self.read(lambda conn: conn.execute(sa.text("SELECT 1")).scalar())
@@ -171,15 +182,83 @@ def _is_unreachable(exc: BaseException) -> bool:
     return isinstance(exc, sa.exc.DBAPIError) and bool(exc.connection_invalidated)
 
 
+#: Seconds a unit keeps trying while the server restarts or a pooled
+#: connection turns out dead, before its caller hears 503.
+TRANSIENT_RETRY_SECONDS = 5.0
+#: SQLSTATEs of a connection lost or refused for now: class 08 (connection
+#: exceptions) and admin_shutdown, crash_shutdown, cannot_connect_now.
+_TRANSIENT_STATES = ("08", "57P01", "57P02", "57P03")
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """The unit failed for its connection, not for itself: the server went
+    away, is starting up, or the pooled connection was dead or left in a bad
+    state (asyncpg's client-side errors). Another try on another connection
+    may well succeed."""
+    if _is_unreachable(exc) or isinstance(exc, sa.exc.PendingRollbackError):
+        return True
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, (OSError, TimeoutError, *_ASYNCPG_CLIENT_ERRORS)):
+            return True
+        state = getattr(cause, "sqlstate", None)
+        if isinstance(state, str) and state.startswith(_TRANSIENT_STATES):
+            return True
+        cause = getattr(cause, "orig", None) or cause.__cause__ or cause.__context__
+    return False
+
+
+_ASYNCPG_CLIENT_ERRORS = (
+    asyncpg.exceptions.InterfaceError,  # "connection is closed"
+    asyncpg.exceptions.InternalClientError,  # "cannot switch to state …"
+)
+
+
+def _pauses(deadline: float) -> Iterator[float | None]:
+    """The pauses between tries until ``deadline`` (backoff from 50 ms to
+    1 s); the last is ``None``: no time for another try."""
+    pause = 0.05
+    while time.monotonic() + pause < deadline:
+        yield pause
+        pause = min(pause * 2, 1.0)
+    yield None
+
+
+@contextlib.asynccontextmanager
+async def _connection(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A pooled connection; one that failed for a transient reason is thrown
+    away rather than put back (asyncpg can leave one in a state that fails
+    every later use, which SQLAlchemy does not count as a disconnect)."""
+    conn = await engine.connect()
+    try:
+        yield conn
+    except BaseException as exc:
+        if _is_transient(exc) and not conn.invalidated:
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            await conn.close()
+
+
 @contextlib.contextmanager
 def _unreachable_as_operational() -> Iterator[None]:
-    """A server that cannot be reached is an ``OperationalError``, as SQLAlchemy
-    reports most such failures: the API answers it with 503 and ``Retry-After``.
-    (asyncpg raises the socket's own ``OSError`` when it cannot connect.)"""
+    """A server that cannot be reached, or a connection lost for good, is an
+    ``OperationalError``, as SQLAlchemy reports most such failures: the API
+    answers it with 503 and ``Retry-After``. (asyncpg raises the socket's own
+    ``OSError`` when it cannot connect, and its own errors for a server that
+    is starting up or a connection left in a bad state.)"""
     try:
         yield
-    except (OSError, TimeoutError) as exc:
-        raise sa.exc.OperationalError("(connecting to the database)", None, exc) from exc
+    except sa.exc.OperationalError:
+        raise
+    except Exception as exc:
+        if not _is_transient(exc):
+            raise
+        raise sa.exc.OperationalError("(reaching the database)", None, exc) from exc
 
 
 class _GroupCommit:
@@ -331,17 +410,35 @@ class _AsyncGroupCommit:
                 await self._commit(group)
 
     async def _commit(
-        self, group: list[tuple[Callable[[sa.Connection], Any], Any]], retries: int = 0
+        self,
+        group: list[tuple[Callable[[sa.Connection], Any], Any]],
+        retries: int = 0,
+        pauses: Iterator[float | None] | None = None,
     ) -> None:
         self.units += len(group)
 
         def run_all(conn: sa.Connection) -> list[Any]:
             return [fn(conn) for fn, _ in group]
 
+        committing = False
         try:
-            async with self.engine.begin() as conn:
+            async with _connection(self.engine) as conn, conn.begin():
                 results = await conn.run_sync(run_all)
+                committing = True  # the COMMIT follows as the block ends
         except BaseException as exc:
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            if not committing and not cancelled and _is_transient(exc):
+                # Lost before its COMMIT (a dead pooled connection, a server
+                # restarting): nothing was written, so the group runs again on
+                # another connection while there is time. A COMMIT that failed
+                # may or may not have landed: that is never run again.
+                pauses = pauses or _pauses(time.monotonic() + TRANSIENT_RETRY_SECONDS)
+                pause = next(pauses)
+                if pause is not None:
+                    await asyncio.sleep(pause)
+                    self.units -= len(group)
+                    await self._commit(group, retries, pauses)
+                    return
             # One at a time only when a unit may be at fault: a server that
             # does not answer fails the whole group at once (run unit by unit,
             # each would wait out its own connect timeout).
@@ -350,7 +447,7 @@ class _AsyncGroupCommit:
                 # by failing this transaction: it did nothing, so it runs again.
                 await self._commit(group, retries + 1)
                 return
-            if len(group) == 1 or isinstance(exc, asyncio.CancelledError) or _is_unreachable(exc):
+            if len(group) == 1 or cancelled or _is_transient(exc):
                 for _, future in group:
                     if not future.done():
                         future.set_exception(exc)

@@ -22,12 +22,8 @@ import datetime as dt
 import hashlib
 import io
 import os
-import pwd
 import shlex
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,6 +37,8 @@ from gateway.cli.embedded_redis import find_redis_server
 from tests import netns
 from tests.conftest import TEST_SECRET
 from tests.helpers import ROOT, child_env, db_query
+from tests.postgres import Postgres
+from tests.postgres import missing as postgres_missing
 from tests.receiver import Receiver
 
 T = TypeVar("T")
@@ -49,22 +47,10 @@ GATEWAY = str(Path(sys.executable).parent / "gateway")
 FINAL = {"COMPLETED", "FAILED", "CANCELED", "EXPIRED", "TIMED_OUT"}
 HEARTBEAT_TIMEOUT = 4.0
 RECONCILE_INTERVAL = 1.0
-PG_BIN = max(Path("/usr/lib/postgresql").glob("*/bin"), default=None)
 
 
 def _missing() -> str | None:
-    reason = netns.missing()
-    if reason:
-        return reason
-    if PG_BIN is None or not (PG_BIN / "pg_ctl").exists():
-        return "PostgreSQL's server binaries (initdb, pg_ctl) are not installed"
-    try:
-        pwd.getpwnam("postgres")
-    except KeyError:
-        return "there is no `postgres` user to run the PostgreSQL server as"
-    if shutil.which("runuser") is None:
-        return "`runuser` (util-linux) is not installed"
-    return None
+    return netns.missing() or postgres_missing()
 
 
 def _procfile() -> dict[str, list[str]]:
@@ -73,65 +59,6 @@ def _procfile() -> dict[str, list[str]]:
         name: [GATEWAY, *shlex.split(command)[1:]]
         for name, command in (line.split(":", 1) for line in lines if line)
     }
-
-
-class Postgres:
-    """A PostgreSQL server of its own on a lab host (initdb'd for this test)."""
-
-    def __init__(self, lab: netns.Lab, host: str) -> None:
-        assert PG_BIN is not None
-        self.lab = lab
-        self.host = host
-        self.home = Path(tempfile.mkdtemp(prefix="gwt-pg-"))
-        shutil.chown(self.home, "postgres")
-        self.data = self.home / "data"
-        self._as_postgres(
-            str(PG_BIN / "initdb"),
-            "-D",
-            str(self.data),
-            "--auth=trust",
-            "--username=gateway",
-            "--encoding=UTF8",
-            "--no-sync",
-        )
-        with open(self.data / "pg_hba.conf", "a") as hba:
-            hba.write(f"host all all {lab.network} trust\n")
-        address = lab.hosts[host].address
-        self.options = (
-            f"-c listen_addresses={address} -c port=5432 -c unix_socket_directories={self.home}"
-            " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-            " -c max_connections=300"
-        )
-        self.url = f"postgresql://gateway@{address}:5432/postgres"
-
-    def _as_postgres(self, *args: str, on_host: bool = False) -> None:
-        command = ["runuser", "-u", "postgres", "--", *args]
-        if on_host:
-            result = self.lab.run(self.host, command)
-        else:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, result.stdout + result.stderr
-
-    def pg_ctl(self, *args: str) -> None:
-        assert PG_BIN is not None
-        log = str(self.home / "server.log")
-        self._as_postgres(
-            str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", log, "-w", *args, on_host=True
-        )
-
-    def start(self) -> None:
-        self.pg_ctl("-o", self.options, "start")
-
-    def restart(self) -> None:
-        """Stop the server (fast: connections are closed) and start it again."""
-        self.pg_ctl("-m", "fast", "-o", self.options, "restart")
-
-    def close(self) -> None:
-        try:
-            self.pg_ctl("-m", "immediate", "stop")
-        except AssertionError:
-            pass
-        shutil.rmtree(self.home, ignore_errors=True)
 
 
 def _png() -> bytes:

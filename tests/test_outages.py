@@ -4,7 +4,9 @@ itself once the dependency answers again."""
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,9 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from db.migrate import upgrade
 from gateway.cli.embedded_redis import EmbeddedRedis
 from tests.conftest import Databases, Stack, launch_stack
 from tests.helpers import wait_until
+from tests.postgres import Postgres
+from tests.postgres import missing as postgres_missing
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +95,72 @@ def test_a_worker_and_metrics_ride_out_a_redis_outage(
     assert _lines(log, "Redis answers again") >= 1, stack.worker.log_tail()
     with httpx.Client(base_url=stack.base_url) as plain:
         assert _gauge(plain.get("/metrics").text, "gateway_redis_up") == 1
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[Postgres]:
+    reason = postgres_missing()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    server = Postgres().start()
+    try:
+        upgrade(server.async_url)
+        yield server
+    finally:
+        server.close()
+
+
+def test_a_postgresql_restart_gives_no_500(
+    own_postgres: Postgres, own_redis: EmbeddedRedis, tmp_path: Path
+) -> None:
+    """Requests during a restart wait for the server or answer 503; a dead
+    pooled connection is dropped and its unit run again, never a 500."""
+    with launch_stack(
+        "pg-restart",
+        own_postgres.async_url,
+        f"{own_redis.url}/1",
+        tmp_path,
+        HEARTBEAT_INTERVAL="0.5",
+    ) as stack:
+        statuses: list[int] = []
+        run_ids: list[str] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            with stack.client() as client:
+                while not stop.is_set():
+                    for method, path, body in (
+                        ("POST", "/api/v1/tasks/sleep/trigger", {"payload": {"seconds": 0.2}}),
+                        ("GET", "/api/v1/runs?limit=5", None),
+                    ):
+                        try:
+                            answer = client.request(method, path, json=body, timeout=30)
+                        except httpx.TransportError:
+                            continue
+                        statuses.append(answer.status_code)
+                        if answer.status_code == 202:
+                            run_ids.append(answer.json()["id"])
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        try:
+            wait_until(lambda: len(run_ids) >= 20, what="runs before the restart")
+            own_postgres.restart()
+            restarted = len(statuses)
+            wait_until(lambda: len(statuses) > restarted + 100, what="requests after the restart")
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+        assert 500 not in statuses, (sorted(set(statuses)), stack.gateway.log_tail())
+        assert set(statuses) <= {200, 202, 503}, sorted(set(statuses))
+        assert "Traceback" not in stack.gateway.log_path.read_text(), stack.gateway.log_tail()
+        with stack.client() as client:
+            finals = [
+                client.get(f"/api/v1/runs/{run_id}", params={"wait": 30}).json()["status"]
+                for run_id in run_ids
+            ]
+        assert set(finals) == {"COMPLETED"}, finals
