@@ -104,8 +104,6 @@ class Settings(worker_settings.Settings):
     reconcile_interval: float = Field(default=15.0, ge=0.1)
     #: A QUEUED run or due delivery older than this with no job is re-queued.
     reconcile_grace: float = Field(default=30.0, ge=0)
-    #: Log lines a run keeps (``ctx.logger``); past it one line counts the rest.
-    run_log_max_lines: int = Field(default=5000, ge=1)
     #: A bearer token ``GET /metrics`` requires; unset: /metrics is open.
     metrics_token: str | None = None
 

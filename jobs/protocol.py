@@ -156,7 +156,10 @@ class RunLogs(BaseModel):
     run_id: str = Field(max_length=40)
     attempt: int = Field(ge=1)
     batch: str = Field(min_length=1, max_length=40)
-    lines: list[LogLine] = Field(min_length=1, max_length=500)
+    lines: list[LogLine] = Field(max_length=500)
+    #: Lines the worker left out since its last batch (its cap, a backlog,
+    #: batches the gateway refused): counted on the run's ``dropped`` line.
+    dropped: int = Field(default=0, ge=0)
 
 
 def run_job_id(run_id: str, attempt: int = 1, step: int = 0) -> str:

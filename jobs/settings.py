@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(default=10.0, ge=0.05)
     #: Seconds a stopping worker lets running jobs finish before re-queueing them.
     worker_shutdown_grace: int = Field(default=30, ge=0)
+    #: Log lines a run keeps (``ctx.logger``); past it one line counts the
+    #: rest. A worker ships no more than this of an attempt's lines.
+    run_log_max_lines: int = Field(default=5000, ge=1)
     #: ``text`` (readable lines) or ``json`` (one object per line).
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"

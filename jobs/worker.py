@@ -36,7 +36,7 @@ from jobs.protocol import (
     nudge_channel,
 )
 from jobs.report import Reporter, ReportRejected, deliver_report, make_event, refused_fallback
-from jobs.runlog import RunLog, RunLogger
+from jobs.runlog import FLUSH_BYTES, RunLog, RunLogger
 from jobs.settings import Settings
 from jobs.tasks.registry import TaskContext, TaskError, load_tasks
 from jobs.tasks.workflow import Waiting, WorkflowFailed
@@ -242,7 +242,15 @@ async def run_task(
         return f"skipped ({ack.get('status')})"
     max_duration = (options or {}).get("max_duration")
     beat = asyncio.create_task(_heartbeat(ctx, ids), name=f"heartbeat {run_id}")
-    run_log = RunLog(run_id, attempt, reporter.send_once)
+    settings: Settings = ctx["settings"]
+    run_log = RunLog(
+        run_id,
+        attempt,
+        reporter.send_once,
+        max_lines=settings.run_log_max_lines,
+        # The gateway takes a report of MAX_OUTPUT_BYTES and 64 KB more.
+        max_batch_bytes=min(FLUSH_BYTES, settings.max_output_bytes // 2),
+    )
     try:
         async with asyncio.timeout(max_duration):
             result = await _execute(ctx, run_id, task, payload, attempt, state, run_log)

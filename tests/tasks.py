@@ -101,3 +101,24 @@ def thread_logs(payload: Any, ctx: TaskContext) -> dict[str, str]:
 
     ctx.logger.info("from a thread", extra={"thread": threading.current_thread().name})
     return {"thread": threading.current_thread().name}
+
+
+def _flood(payload: Any, ctx: TaskContext) -> dict[str, int]:
+    line = "x" * int(payload.get("size", 1024))
+    extra = {"blob": "y" * int(payload["extra"])} if payload.get("extra") else {}
+    for n in range(int(payload["lines"])):
+        ctx.logger.info("%d %s", n, line, extra={"n": n, **extra})
+    return {"logged": int(payload["lines"])}
+
+
+@task("tests.log-flood")
+async def log_flood(payload: Any, ctx: TaskContext) -> dict[str, int]:
+    """Log ``lines`` lines of ``size`` characters (and an ``extra`` field of
+    ``extra`` characters) as fast as it can."""
+    return _flood(payload, ctx)
+
+
+@task("tests.log-flood-thread")
+def log_flood_thread(payload: Any, ctx: TaskContext) -> dict[str, int]:
+    """The same from a plain function, in a thread."""
+    return _flood(payload, ctx)

@@ -118,3 +118,45 @@ def test_a_plain_def_task_logs_from_its_thread(stack: Stack) -> None:
     [line] = _lines(stack, run["id"])["data"]
     assert line["message"] == "from a thread"
     assert line["fields"] == {"thread": run["output"]["thread"]}
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory (VmHWM), in MB."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_log_flood_is_capped_in_the_worker_and_counted(stack: Stack) -> None:
+    """Past RUN_LOG_MAX_LINES (150 here) a worker ships nothing more and keeps
+    nothing more: its memory stays flat, and the run says how many it left out."""
+    assert stack.worker.popen is not None
+    pid = stack.worker.popen.pid
+    for task, lines in (("tests.log-flood", 30_000), ("tests.log-flood-thread", 20_000)):
+        before = _peak_rss_mb(pid)
+        run = _run_task(stack, task, {"lines": lines, "size": 4096})
+        assert run["status"] == "COMPLETED", run
+        kept = _lines(stack, run["id"], limit=1000)["data"]
+        assert len(kept) == 151, len(kept)
+        assert kept[-1]["fields"] == {"dropped": lines - 150}, kept[-1]
+        # 120 MB (80 MB) of lines went through the logger; the worker's
+        # peak grew by a small part of that at most.
+        assert _peak_rss_mb(pid) - before < 40, (before, _peak_rss_mb(pid))
+
+
+def test_lines_with_a_large_extra_are_cut_to_fit_and_all_arrive(stack: Stack) -> None:
+    """A batch of lines each with 50 KB of ``extra`` would be over the
+    gateway's body limit: each line's fields are cut, batches are sized to fit."""
+    run = _run_task(stack, "tests.log-flood", {"lines": 120, "size": 10, "extra": 50_000})
+    assert run["status"] == "COMPLETED", run
+    kept = _lines(stack, run["id"], limit=1000)["data"]
+    assert len(kept) == 120
+    assert [line["fields"]["n"] for line in kept] == list(range(120))
+    blob = kept[0]["fields"]["blob"]
+    assert blob.endswith("…") and len(blob) < 4096
+
+
+def _run_task(stack: Stack, task: str, payload: Any) -> dict[str, Any]:
+    return stack.run(task, payload)

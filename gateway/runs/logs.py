@@ -74,23 +74,41 @@ def append_logs(
         if rows:
             conn.execute(insert(run_logs).values(rows).on_conflict_do_nothing())
         dropped = len(batch.lines) - len(rows)
-        if dropped:
-            _count_dropped(conn, batch.run_id, batch.attempt, dropped, cap, now)
+        if dropped or batch.dropped:
+            _count_dropped(conn, batch, dropped, cap, now)
         changed.append(batch.run_id)
     return changed
 
 
+#: Batches whose worker-side drops a run's ``dropped`` line remembers, so a
+#: batch sent twice is counted once.
+_SEEN_BATCHES = 100
+
+
 def _count_dropped(
-    conn: sa.Connection, run_id: str, attempt: int, dropped: int, cap: int, now: dt.datetime
+    conn: sa.Connection, batch: RunLogs, here: int, cap: int, now: dt.datetime
 ) -> None:
+    """Add to the run's ``dropped`` line: ``here`` lines this gateway turned
+    away (past the cap), and what the worker left out (``batch.dropped``)."""
+    run_id = batch.run_id
     where = (run_logs.c.run_id == run_id, run_logs.c.kind == "dropped")
     found = conn.execute(sa.select(run_logs.c.fields).where(*where)).first()
-    total = dropped + (int((found[0] or {}).get("dropped", 0)) if found else 0)
+    fields = dict(found[0] or {}) if found else {}
+    seen: list[str] = list(fields.get("batches", []))
+    by_worker = batch.dropped if batch.batch not in seen else 0
+    if batch.dropped:
+        seen = [*seen, batch.batch][-_SEEN_BATCHES:]
+    total = here + by_worker + int(fields.get("dropped", 0))
+    if total == int(fields.get("dropped", 0)) and found is not None:
+        return
     values = {
-        "fields": {"dropped": total},
-        "message": f"{total} more log line(s) dropped: a run keeps {cap} (RUN_LOG_MAX_LINES)",
+        "fields": {"dropped": total, "batches": seen},
+        "message": (
+            f"{total} more log line(s) dropped: a run keeps {cap} (RUN_LOG_MAX_LINES), "
+            "and a worker leaves out what it cannot ship"
+        ),
         "ts": now,
-        "attempt": attempt,
+        "attempt": batch.attempt,
     }
     if found is not None:
         conn.execute(run_logs.update().where(*where).values(values))
@@ -114,7 +132,8 @@ def _view(row: Any) -> dict[str, Any]:
         "level": row.level,
         "message": row.message,
         "attempt": row.attempt,
-        "fields": row.fields or {},
+        # A dropped line's own bookkeeping (the batches it counted) stays in.
+        "fields": {k: v for k, v in (row.fields or {}).items() if k != "batches"},
     }
 
 
