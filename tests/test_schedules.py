@@ -124,6 +124,11 @@ def test_schedule_inputs_are_checked_and_change_nothing(flow: Stack) -> None:
             answer = client.post("/api/v1/schedules", json=body)
             assert answer.status_code == 422, (body, answer.text)
             assert path in [d["path"] for d in answer.json()["error"]["details"]], answer.text
+        # Fields that each parse but never meet: February has no 31st.
+        never = client.post("/api/v1/schedules", json={"task": "echo", "cron": "0 0 31 2 *"})
+        assert never.status_code == 422, never.text
+        assert never.json()["error"]["code"] == "invalid_cron"
+        assert "never matches" in never.json()["error"]["details"][0]["message"]
         assert (
             client.post("/api/v1/schedules", json={"task": "nope", "cron": "* * * * *"}).status_code
             == 404
@@ -133,6 +138,17 @@ def test_schedule_inputs_are_checked_and_change_nothing(flow: Stack) -> None:
             client.patch("/api/v1/schedules/sched_nope", json={"enabled": False}).status_code == 404
         )
         assert client.delete("/api/v1/schedules/sched_nope").status_code == 404
+        # Nor on a disabled schedule, nor on enabling one.
+        off = client.post(
+            "/api/v1/schedules", json={"task": "echo", "cron": "0 9 * * *", "enabled": False}
+        ).json()
+        for change in ({"cron": "0 0 30 2 *"}, {"cron": "0 0 31 2 *", "enabled": True}):
+            patched = client.patch(f"/api/v1/schedules/{off['id']}", json=change)
+            assert patched.status_code == 422, patched.text
+            assert patched.json()["error"]["code"] == "invalid_cron"
+        kept = client.get(f"/api/v1/schedules/{off['id']}").json()
+        assert (kept["cron"], kept["enabled"]) == ("0 9 * * *", False)
+        client.delete(f"/api/v1/schedules/{off['id']}")
         other = flow.new_key("sched-other")
         mine = client.post("/api/v1/schedules", json={"task": "echo", "cron": "0 0 1 1 *"}).json()
     with flow.client(other) as client:

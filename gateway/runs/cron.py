@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import datetime as dt
 import zoneinfo
+from collections.abc import Callable
 
-from croniter import croniter
+from croniter import CroniterError, croniter
 
 __all__ = ["CronError", "check", "next_tick", "previous_tick", "zone"]
 
@@ -44,6 +45,18 @@ def check(expression: str) -> None:
         )
     if not croniter.is_valid(expression, second_at_beginning=_seconds_first(expression)):
         raise CronError(f"not a cron expression croniter reads: {expression!r}")
+    # Fields that each parse may still never meet (``0 0 31 2 *``: February
+    # has no 31st): such a schedule would never run.
+    next_tick(expression, "UTC", dt.datetime.now(dt.UTC))
+
+
+def _step(move: Callable[[type[dt.datetime]], dt.datetime], expression: str) -> dt.datetime:
+    """croniter's next or previous time; croniter's "no such date" as a
+    :class:`CronError`."""
+    try:
+        return move(dt.datetime)
+    except CroniterError as exc:
+        raise CronError(f"{expression!r} never matches a date: {exc}") from None
 
 
 def next_tick(expression: str, tz: str, after: dt.datetime) -> dt.datetime:
@@ -52,7 +65,7 @@ def next_tick(expression: str, tz: str, after: dt.datetime) -> dt.datetime:
     local = after.astimezone(where).replace(tzinfo=None)
     ticks = croniter(expression, local, second_at_beginning=_seconds_first(expression))
     for _ in range(1000):
-        wall: dt.datetime = ticks.get_next(dt.datetime)
+        wall: dt.datetime = _step(ticks.get_next, expression)
         # fold=0: a repeated wall time is its first occurrence; a skipped one
         # lands on the instant the clock jumped to.
         instant = wall.replace(tzinfo=where, fold=0).astimezone(dt.UTC)
@@ -68,7 +81,10 @@ def previous_tick(expression: str, tz: str, at: dt.datetime) -> dt.datetime | No
     local = (at + dt.timedelta(seconds=1)).astimezone(where).replace(tzinfo=None)
     ticks = croniter(expression, local, second_at_beginning=_seconds_first(expression))
     for _ in range(10):
-        wall: dt.datetime = ticks.get_prev(dt.datetime)
+        try:
+            wall: dt.datetime = _step(ticks.get_prev, expression)
+        except CronError:
+            return None
         instant = wall.replace(tzinfo=where, fold=0).astimezone(dt.UTC)
         if instant <= at:
             return instant

@@ -30,6 +30,7 @@ from gateway.runs.effects import Effects
 from gateway.runs.options import TriggerOptions
 
 __all__ = [
+    "InvalidCron",
     "ScheduleNotFound",
     "check_schedule",
     "create_schedule",
@@ -53,6 +54,12 @@ class ScheduleNotFound(NotFound):
         super().__init__(f"no schedule with id {schedule_id!r}")
 
 
+class InvalidCron(ValidationFailed):
+    """A cron expression that does not parse, or never matches a date."""
+
+    code = "invalid_cron"
+
+
 def check_schedule(cron: str, timezone: str, options: TriggerOptions | None) -> None:
     """:raises ValidationFailed: naming the cron expression, the time zone or an option"""
     details = []
@@ -74,6 +81,8 @@ def check_schedule(cron: str, timezone: str, options: TriggerOptions | None) -> 
                 }
             )
     if details:
+        if any(d["path"] == "cron" for d in details):
+            raise InvalidCron("the cron expression cannot be used", details=details)
         raise ValidationFailed("the schedule cannot be used", details=details)
 
 
@@ -211,6 +220,17 @@ def fire_due(conn: sa.Connection, now: dt.datetime, limit: int = 100) -> Effects
     ).mappings()
     done = Effects()
     for row in [dict(r) for r in due]:
+        try:
+            following = next_tick(row["cron"], row["timezone"], now)
+        except CronError:
+            # Stored before such expressions were refused: it would never
+            # tick again, so it stops here instead of failing every pass.
+            conn.execute(
+                schedules.update()
+                .where(schedules.c.id == row["id"])
+                .values(enabled=False, next_run_at=None, updated_at=now)
+            )
+            continue
         tick = _latest_tick(row, now)
         options = TriggerOptions.model_validate(row["options"])
         item = new_run(
@@ -235,7 +255,7 @@ def fire_due(conn: sa.Connection, now: dt.datetime, limit: int = 100) -> Effects
             .values(
                 last_run_at=tick,
                 last_run_id=run_id,
-                next_run_at=next_tick(row["cron"], row["timezone"], max(tick, now)),
+                next_run_at=following,
                 updated_at=now,
             )
         )
