@@ -78,6 +78,10 @@ class APIError(Exception):
         self.headers = dict(headers or {})
         super().__init__(self.message)
 
+    def body(self) -> dict[str, Any]:
+        """The error as the API answers it: ``{"error": {code, message, details}}``."""
+        return {"error": {"code": self.code, "message": self.message, "details": self.details}}
+
 
 class BadRequest(APIError):
     status_code, code, message = 400, "bad_request", "bad request"

@@ -6,14 +6,17 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import re
+import secrets
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
 from tests.conftest import TEST_SECRET, Stack
-from tests.helpers import wait_until
+from tests.helpers import db_call, wait_until
 
 
 def at(value: str) -> dt.datetime:
@@ -390,3 +393,63 @@ def test_cors_lets_the_configured_origin_in(stack: Stack) -> None:
         headers={"origin": "http://evil.example", "access-control-request-method": "GET"},
     )
     assert "access-control-allow-origin" not in other.headers
+
+
+def _revoke(stack: Stack, key: str) -> None:
+    from gateway.auth.keys import revoke_api_key
+
+    db_call(stack.database_url, lambda conn: revoke_api_key(conn, key), write=True)
+
+
+def _events_until_closed(lines: Iterator[str]) -> list[tuple[str, dict[str, Any]]]:
+    """(event, data) pairs of a stream, until the server ends it."""
+    events: list[tuple[str, dict[str, Any]]] = []
+    kind = "message"
+    for line in lines:
+        if line.startswith("event: "):
+            kind = line[len("event: ") :]
+        elif line.startswith("data: "):
+            events.append((kind, json.loads(line[len("data: ") :])))
+            kind = "message"
+    return events
+
+
+def test_a_revoked_key_ends_its_open_streams(stack: Stack) -> None:
+    """An event stream and the dashboard's live feed opened with a key end
+    within the key cache's lifetime once it is revoked, with an error event."""
+    key = stack.new_key(f"revoked-streams-{secrets.token_hex(3)}")
+    with stack.client(key) as client:
+        run = client.post("/api/v1/tasks/sleep/trigger", json={"payload": {"seconds": 30}}).json()
+        dash = httpx.Client(base_url=stack.base_url, timeout=20)
+        form = dash.get("/dashboard/login").text
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', form)
+        assert csrf, form
+        signed = dash.post(
+            "/dashboard/login",
+            data={"api_key": key, "next": "/dashboard/runs", "csrf_token": csrf.group(1)},
+        )
+        assert signed.status_code == 303, signed.text
+        try:
+            with (
+                client.stream("GET", f"/api/v1/runs/{run['id']}/events", timeout=20) as events,
+                dash.stream("GET", "/dashboard/stream", timeout=20) as feed,
+            ):
+                assert events.status_code == 200 and feed.status_code == 200
+                run_lines = events.iter_lines()
+                while not next(run_lines).startswith("event: status"):
+                    pass
+                feed_lines = feed.iter_lines()
+                assert next(feed_lines).startswith("retry:")
+                _revoke(stack, key)
+                # Both end by themselves (the run sleeps on for 30 s).
+                run_events = _events_until_closed(run_lines)
+                feed_events = _events_until_closed(feed_lines)
+        finally:
+            dash.close()
+        assert run_events[-1][0] == "error", run_events
+        assert run_events[-1][1]["error"]["code"] == "invalid_api_key"
+        assert all(data.get("status") != "COMPLETED" for _, data in run_events)
+        assert feed_events[-1][0] == "error", feed_events
+        assert feed_events[-1][1]["error"]["code"] == "sign_in_required"
+    with stack.client() as client:
+        client.post(f"/api/v1/runs/{run['id']}/cancel")

@@ -28,7 +28,14 @@ from gateway.auth.tokens import PublicTokens
 from gateway.runs.errors import RunNotFound
 from gateway.services import services_of
 
-__all__ = ["PAGE", "ApiRoute", "Auth", "Operation", "Param"]
+__all__ = [
+    "PAGE",
+    "ApiRoute",
+    "Auth",
+    "Operation",
+    "Param",
+    "recheck",
+]
 
 Auth = Literal["key", "key_or_token", "none", "link"]
 Handler = Callable[..., Awaitable[Response]]
@@ -71,20 +78,39 @@ class Operation:
     errors: tuple[int, ...] = ()
 
 
+def _token(request: Request) -> str | None:
+    """A public access token the request carries (query or bearer), if any."""
+    token = request.query_params.get("token")
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if not token and scheme.lower() == "bearer" and PublicTokens.looks_like(value.strip()):
+        token = value.strip()
+    return token or None
+
+
 async def _reader(request: Request) -> str | None:
     """Who may read the run in the path: the project of an API key, or
     ``None`` for a public access token made for exactly this run."""
     services = services_of(request)
     run_id = request.path_params["run_id"]
-    token = request.query_params.get("token")
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    if not token and scheme.lower() == "bearer" and PublicTokens.looks_like(value.strip()):
-        token = value.strip()
+    token = _token(request)
     if token:
         if services.tokens.run_of(token) != run_id:
             raise RunNotFound(run_id)
         return None
     return (await services.auth.authenticate(request)).project_id
+
+
+async def recheck(request: Request) -> None:
+    """Check the request's credential again, for a stream that outlives its
+    start: a key revoked since (seen within the key cache's lifetime) or a
+    token expired since raises its :class:`Unauthorized`."""
+    services = services_of(request)
+    token = _token(request)
+    if token:
+        services.tokens.run_of(token)
+        return
+    _, _, key = request.headers.get("authorization", "").partition(" ")
+    await services.auth.resolve(key.strip())
 
 
 def _guarded(handler: Handler, auth: Auth) -> Handler:

@@ -14,9 +14,9 @@ from db.models import RunStatus
 from db.types import isoformat, to_utc
 from gateway.api import views
 from gateway.api.bodies import json_object
-from gateway.api.routing import PAGE, ApiRoute, Operation, Param
+from gateway.api.routing import PAGE, ApiRoute, Operation, Param, recheck
 from gateway.api.views import RunLogPage, RunPage, RunView, shaped
-from gateway.errors import ValidationFailed
+from gateway.errors import APIError, ValidationFailed
 from gateway.runs.logs import logs_since
 from gateway.runs.options import ReplayRequest, RescheduleRequest
 from gateway.runs.read import RunQuery, transitions_since
@@ -91,6 +91,8 @@ async def run_events(request: Request, project_id: str | None) -> Response:
     async def stream() -> AsyncIterator[str]:
         last = 0
         last_line = 0
+        loop = asyncio.get_running_loop()
+        quiet_since = loop.time()
         with services.notifier.watch(run_id) as watch:
             changed = watch.changed
             while True:
@@ -124,11 +126,23 @@ async def run_events(request: Request, project_id: str | None) -> Response:
                     if status.is_final:
                         return
                 try:
-                    await asyncio.wait_for(changed.wait(), timeout=_KEEPALIVE_SECONDS)
+                    await asyncio.wait_for(changed.wait(), timeout=services.auth.ttl)
                 except TimeoutError:
+                    pass
+                # The credential is checked again as the stream goes on: a
+                # key revoked (or a token expired) since ends it.
+                try:
+                    await recheck(request)
+                except APIError as exc:
+                    yield f"event: error\ndata: {json.dumps(exc.body())}\n\n"
+                    return
+                if changed.is_set():
+                    quiet_since = loop.time()
+                elif loop.time() - quiet_since >= _KEEPALIVE_SECONDS:
                     if await request.is_disconnected():
                         return
                     yield ": keep-alive\n\n"
+                    quiet_since = loop.time()
 
     return StreamingResponse(
         stream(),

@@ -154,10 +154,34 @@ def _options(options: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None}
 
 
+class _RunEvents:
+    """Reads a run's event stream line by line: each ``status`` event's run;
+    ``log`` events are passed over; an ``error`` event (the key was revoked,
+    the token expired, while the stream was open) raises."""
+
+    def __init__(self) -> None:
+        self.event = "message"
+
+    def read(self, line: str) -> Run | None:
+        if line.startswith("event: "):
+            self.event = line[len("event: ") :]
+            return None
+        if not line.startswith("data: "):
+            return None
+        event, self.event = self.event, "message"
+        data = json.loads(line[len("data: ") :])
+        if event == "error":
+            error = data["error"]
+            raise AuthenticationError(401, error["code"], error["message"], error.get("details"))
+        return data if event in ("status", "message") else None
+
+
 def _sse_events(lines: Iterator[str]) -> Iterator[Run]:
+    events = _RunEvents()
     for line in lines:
-        if line.startswith("data: "):
-            yield json.loads(line[len("data: ") :])
+        run = events.read(line)
+        if run is not None:
+            yield run
 
 
 class _Calls(Generic[R]):
@@ -603,9 +627,11 @@ class AsyncClient(_Calls[Awaitable[Any]]):
             if response.status_code >= 400:
                 await response.aread()
                 _raise_for(response)
+            events = _RunEvents()
             async for line in response.aiter_lines():
-                if line.startswith("data: "):
-                    yield json.loads(line[len("data: ") :])
+                run = events.read(line)
+                if run is not None:
+                    yield run
 
     async def list_runs(self, *, limit: int = 100, **filters: Any) -> AsyncIterator[Run]:
         cursor = None

@@ -19,6 +19,7 @@ from starlette.responses import Response, StreamingResponse
 
 from gateway.dashboard.queries import Cursor, feed, feed_cursor
 from gateway.dashboard.session import viewer_of
+from gateway.errors import APIError
 from gateway.services import Services
 
 __all__ = ["live_feed"]
@@ -53,6 +54,7 @@ async def live_feed(request: Request) -> Response:
         seen: set[tuple[str, int]] = set()
         low = start
         quiet_since = loop.time()
+        next_check = loop.time() + services.auth.ttl
         yield "retry: 2000\n\n"
         with services.notifier.watch_any() as changed:
             while True:
@@ -86,6 +88,15 @@ async def live_feed(request: Request) -> Response:
                     await asyncio.wait_for(changed.wait(), timeout=POLL_SECONDS)
                 except TimeoutError:
                     pass
+                if loop.time() >= next_check:
+                    # A session signed out, expired or whose key was revoked
+                    # since ends the stream (the page then asks to sign in).
+                    try:
+                        await viewer_of(request)
+                    except APIError as exc:
+                        yield f"event: error\ndata: {json.dumps(exc.body())}\n\n"
+                        return
+                    next_check = loop.time() + services.auth.ttl
 
     return StreamingResponse(
         events(),
