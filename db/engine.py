@@ -23,6 +23,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import queue
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -146,7 +147,7 @@ class Database:
                         return await conn.run_sync(lambda c: fn(c, *args, **kwargs))
                 except Exception as exc:
                     # A read changes nothing: it is always safe to run again.
-                    if not _is_transient(exc) or pause is None:
+                    if not _worth_retrying(exc) or pause is None:
                         raise
                 await asyncio.sleep(pause)
         raise AssertionError("unreachable")  # _pauses ends on None, which raised
@@ -184,7 +185,7 @@ def _is_unreachable(exc: BaseException) -> bool:
 
 #: Seconds a unit keeps trying while the server restarts or a pooled
 #: connection turns out dead, before its caller hears 503.
-TRANSIENT_RETRY_SECONDS = 5.0
+TRANSIENT_RETRY_SECONDS = 3.0
 #: SQLSTATEs of a connection lost or refused for now: class 08 (connection
 #: exceptions) and admin_shutdown, crash_shutdown, cannot_connect_now.
 _TRANSIENT_STATES = ("08", "57P01", "57P02", "57P03")
@@ -214,6 +215,23 @@ _ASYNCPG_CLIENT_ERRORS = (
     asyncpg.exceptions.InterfaceError,  # "connection is closed"
     asyncpg.exceptions.InternalClientError,  # "cannot switch to state …"
 )
+
+
+def _worth_retrying(exc: BaseException) -> bool:
+    """Transient, and a fresh connection may well fix it: a pooled connection
+    that died or was left in a bad state, a server starting up. Not a server
+    that refuses or does not answer connections: that is down for now, and
+    its callers hear 503 at once rather than after a budget of tries."""
+    if not _is_transient(exc):
+        return False
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ConnectionRefusedError | TimeoutError | socket.gaierror):
+            return False
+        cause = getattr(cause, "orig", None) or cause.__cause__ or cause.__context__
+    return True
 
 
 def _pauses(deadline: float) -> Iterator[float | None]:
@@ -427,7 +445,7 @@ class _AsyncGroupCommit:
                 committing = True  # the COMMIT follows as the block ends
         except BaseException as exc:
             cancelled = isinstance(exc, asyncio.CancelledError)
-            if not committing and not cancelled and _is_transient(exc):
+            if not committing and not cancelled and _worth_retrying(exc):
                 # Lost before its COMMIT (a dead pooled connection, a server
                 # restarting): nothing was written, so the group runs again on
                 # another connection while there is time. A COMMIT that failed

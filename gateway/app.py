@@ -24,7 +24,7 @@ from gateway.dashboard import dashboard_routes
 from gateway.errors import exception_handlers
 from gateway.logs import configure_logging
 from gateway.notify import RunNotifier
-from gateway.reconciler import Reconciler, Scheduler
+from gateway.reconciler import LostWorkers, Reconciler, Scheduler
 from gateway.runs.flow_service import FlowService
 from gateway.runs.schedule_service import ScheduleService
 from gateway.runs.service import RunService
@@ -127,11 +127,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
             waitpoints=services.waitpoints,
             settings=settings,
         )
+        lost_workers = LostWorkers(redis=redis, runs=services.runs, settings=settings)
         await reconciler.start()
         await scheduler.start()
+        await lost_workers.start()
         try:
             yield
         finally:
+            await lost_workers.stop()
             await scheduler.stop()
             await reconciler.stop()
             await notifier.stop()

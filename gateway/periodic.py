@@ -7,7 +7,9 @@ import contextlib
 import logging
 import os
 
+import sqlalchemy as sa
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 __all__ = ["Periodic"]
 
@@ -49,5 +51,11 @@ class Periodic:
                     await self.run_once()
             except asyncio.CancelledError:
                 raise
+            except (sa.exc.OperationalError, sa.exc.InterfaceError, RedisError, OSError) as exc:
+                # An outage, not a bug: one line, no traceback.
+                first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+                log.warning(
+                    "%s pass: a dependency does not answer (%s); trying again", self.name, first
+                )
             except Exception:
                 log.exception("%s pass failed; the next one will try again", self.name)

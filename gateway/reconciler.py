@@ -40,7 +40,7 @@ from gateway.settings import Settings
 from jobs.protocol import delivery_job_id, run_job_id
 from webhooks.dispatch import DeliveryDispatcher
 
-__all__ = ["Reconciler", "Scheduler"]
+__all__ = ["LostWorkers", "Reconciler", "Scheduler"]
 
 log = logging.getLogger("gateway.reconciler")
 
@@ -154,7 +154,6 @@ class Reconciler(Periodic):
                     await self.redis.delete(result_key_prefix + job)
                     await self.dispatcher.requeue(delivery["id"], step=delivery["schedule_step"])
                     requeued_deliveries += 1
-            lost = await self.runs.recover_lost()
             # Held runs whose queue has room (a pump that a crash kept from
             # running, a slot freed by a run of a queue gated after it
             # started), and bulk actions whose process went away.
@@ -162,24 +161,45 @@ class Reconciler(Periodic):
             await self.flow.resume_bulks(self.grace)
         except (RedisError, OSError) as exc:
             log.warning("reconciler cannot reach Redis: %s", exc)
-            lost = pumped = 0
+            pumped = 0
         for action, count in (
             ("requeued_run", requeued_runs),
             ("requeued_delivery", requeued_deliveries),
-            ("lost_attempt", lost),
             ("pumped_run", pumped),
         ):
             if count:
                 RECONCILER_ACTIONS.labels(action=action).inc(count)
-        if requeued_runs or requeued_deliveries or lost:
+        if requeued_runs or requeued_deliveries:
             log.warning(
-                "reconciler queued again %d run(s) and %d delivery(ies) whose jobs were lost; "
-                "%d attempt(s) lost with their worker",
+                "reconciler queued again %d run(s) and %d delivery(ies) whose jobs were lost",
                 requeued_runs,
                 requeued_deliveries,
-                lost,
             )
-        return {"runs": requeued_runs, "deliveries": requeued_deliveries, "lost_attempts": lost}
+        return {"runs": requeued_runs, "deliveries": requeued_deliveries}
+
+
+class LostWorkers(Periodic):
+    """Ends the attempts of workers that went silent (``worker_lost``, retried),
+    every fifth of ``HEARTBEAT_TIMEOUT``: with the defaults (a heartbeat every
+    2 s, 10 s of silence) a killed worker's runs start again within about 12 s,
+    while a live worker, however busy, has missed four heartbeats first."""
+
+    name = "lost-workers"
+
+    def __init__(self, *, redis: ArqRedis, runs: RunService, settings: Settings) -> None:
+        super().__init__(redis, max(0.1, settings.heartbeat_timeout / 5))
+        self.runs = runs
+
+    async def run_once(self) -> int:
+        try:
+            lost = await self.runs.recover_lost()
+        except (RedisError, OSError) as exc:
+            log.warning("cannot look for lost workers: Redis does not answer: %s", exc)
+            return 0
+        if lost:
+            RECONCILER_ACTIONS.labels(action="lost_attempt").inc(lost)
+            log.warning("%d attempt(s) lost with their worker; retried where attempts remain", lost)
+        return lost
 
 
 class Scheduler(Periodic):

@@ -97,7 +97,7 @@ class Settings(worker_settings.Settings):
     rate_burst: int = Field(default=0, ge=0, validation_alias="RATE_LIMIT_BURST")
     #: An EXECUTING attempt silent this long is lost (its worker died): it is
     #: retried if attempts remain, else the run fails with ``worker_lost``.
-    heartbeat_timeout: float = Field(default=60.0, ge=0.1)
+    heartbeat_timeout: float = Field(default=10.0, ge=0.1)
     #: Seconds between two passes of the scheduler (delays, retries, TTLs).
     scheduler_interval: float = Field(default=0.2, ge=0.01)
     #: Seconds between two passes of the reconciler.

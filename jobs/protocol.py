@@ -63,6 +63,7 @@ __all__ = [
     "listen_forever",
     "loads",
     "nudge_channel",
+    "parse_run_job_id",
     "run_job_id",
     "sign_request",
     "verify_request",
@@ -167,6 +168,20 @@ def run_job_id(run_id: str, attempt: int = 1, step: int = 0) -> str:
     if step:
         return f"{run_id}:{attempt}:s{step}"
     return run_id if attempt == 1 else f"{run_id}:{attempt}"
+
+
+def parse_run_job_id(job_id: str) -> tuple[str, int, int] | None:
+    """``(run_id, attempt, step)`` of a :func:`run_job_id`; ``None`` for any
+    other job (a report's, a callback's)."""
+    parts = job_id.split(":")
+    if not parts[0].startswith("run_") or len(parts) > 3:
+        return None
+    try:
+        attempt = int(parts[1]) if len(parts) > 1 else 1
+        step = int(parts[2].removeprefix("s")) if len(parts) > 2 else 0
+    except ValueError:
+        return None
+    return parts[0], attempt, step
 
 
 def delivery_job_id(delivery_id: str, step: int) -> str:

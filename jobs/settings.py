@@ -119,7 +119,7 @@ class Settings(BaseSettings):
     #: Tries of a provider call that answered 429 or 5xx before the run fails.
     llm_max_retries: int = Field(default=3, ge=0)
     #: Seconds between two heartbeats of a running attempt.
-    heartbeat_interval: float = Field(default=10.0, ge=0.05)
+    heartbeat_interval: float = Field(default=2.0, ge=0.05)
     #: Seconds a stopping worker lets running jobs finish before re-queueing them.
     worker_shutdown_grace: int = Field(default=30, ge=0)
     #: Log lines a run keeps (``ctx.logger``); past it one line counts the

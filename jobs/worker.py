@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ from arq.worker import Worker
 from pydantic import ValidationError
 
 from jobs.deliver import deliver_webhook
+from jobs.heartbeat import Heartbeats
 from jobs.media import Media
 from jobs.protocol import (
     REDIS_DOWN,
@@ -34,6 +36,7 @@ from jobs.protocol import (
     dumps,
     listen_forever,
     nudge_channel,
+    parse_run_job_id,
 )
 from jobs.report import Reporter, ReportRejected, deliver_report, make_event, refused_fallback
 from jobs.runlog import FLUSH_BYTES, RunLog, RunLogger
@@ -70,6 +73,15 @@ async def startup(ctx: dict[str, Any]) -> None:
         limits=httpx.Limits(max_connections=100, max_keepalive_connections=50),
     )
     ctx["reporter"] = Reporter(settings.gateway_url, secret, client=ctx["http"])
+    # One per process: the task worker and the delivery worker share a ctx
+    # only through settings, and only the task worker runs attempts.
+    ctx["heartbeats"] = Heartbeats(
+        settings.gateway_url,
+        secret,
+        interval=settings.heartbeat_interval,
+        worker_id=ctx["worker_id"],
+    )
+    ctx["heartbeats"].start()
     # Callbacks go to strangers: no proxies from the environment, no redirects,
     # and a pool of its own so a slow receiver never holds up reports.
     ctx["webhook_http"] = httpx.AsyncClient(
@@ -86,6 +98,9 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    heartbeats: Heartbeats | None = ctx.get("heartbeats")
+    if heartbeats is not None:
+        await asyncio.to_thread(heartbeats.stop)
     for name in ("http", "webhook_http"):
         client: httpx.AsyncClient | None = ctx.get(name)
         if client is not None:
@@ -200,19 +215,6 @@ async def _execute(
     return {"type": "completed", "output": output}
 
 
-async def _heartbeat(ctx: dict[str, Any], ids: dict[str, Any]) -> None:
-    """Tell the gateway, now and then, that this attempt is still running, so
-    an attempt whose worker died is noticed (``HEARTBEAT_TIMEOUT``)."""
-    reporter: Reporter = ctx["reporter"]
-    interval = ctx["settings"].heartbeat_interval
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            await reporter.send_once(make_event("heartbeat", **ids))
-        except Exception as exc:  # a missed beat is fine; the next may get through
-            log.debug("heartbeat for %s not delivered: %s", ids["run_id"], exc)
-
-
 async def run_task(
     ctx: dict[str, Any],
     run_id: str,
@@ -225,6 +227,24 @@ async def run_task(
 ) -> str:
     """arq job: one attempt of one run (or one step of a workflow), bracketed
     by ``started`` and a final (or ``waiting``) event."""
+    heartbeats: Heartbeats = ctx["heartbeats"]
+    heartbeats.add(run_id, attempt, step)
+    try:
+        return await _run_attempt(ctx, run_id, task, payload, attempt, step, state, options)
+    finally:
+        heartbeats.discard(run_id, attempt, step)
+
+
+async def _run_attempt(
+    ctx: dict[str, Any],
+    run_id: str,
+    task: str,
+    payload: Any,
+    attempt: int,
+    step: int,
+    state: dict[str, Any] | None,
+    options: dict[str, Any] | None,
+) -> str:
     reporter: Reporter = ctx["reporter"]
     ids = {"run_id": run_id, "attempt": attempt, "step": step, "worker_id": ctx["worker_id"]}
     try:
@@ -241,7 +261,6 @@ async def run_task(
         log.info("run %s is %s; not executing it", run_id, ack.get("status"))
         return f"skipped ({ack.get('status')})"
     max_duration = (options or {}).get("max_duration")
-    beat = asyncio.create_task(_heartbeat(ctx, ids), name=f"heartbeat {run_id}")
     settings: Settings = ctx["settings"]
     run_log = RunLog(
         run_id,
@@ -261,8 +280,8 @@ async def run_task(
                 TIMED_OUT_CODE, f"the attempt ran past max_duration ({max_duration} s)"
             ),
         }
-    finally:
-        beat.cancel()
+    # Until the final report is heard (a gateway away can take a while) the
+    # attempt is still this worker's: it beats on meanwhile (``run_task``).
     await run_log.close()  # its lines are in before the run is final
     event_type = result.pop("type")
     error = result.get("error") or {}
@@ -344,6 +363,12 @@ def delivery_worker_options(settings: Settings) -> dict[str, Any]:
         # A deleted endpoint's queued attempts are aborted before they start.
         "allow_abort_jobs": True,
     }
+
+
+def _forget(
+    heartbeats: Heartbeats, attempt: tuple[str, int, int], _task: asyncio.Future[Any]
+) -> None:
+    heartbeats.discard(*attempt)
 
 
 class NudgedWorker(Worker):
@@ -432,15 +457,24 @@ class NudgedWorker(Worker):
         # arq takes a slot before it reads a job and gives it back only on
         # its own paths: a Redis error in between would keep the slot for
         # good. One job at a time, so a failed one gives its slot back.
-        for job_id in job_ids:
-            before = self.tasks.get(job_id.decode())
+        heartbeats: Heartbeats | None = self.ctx.get("heartbeats")
+        for raw in job_ids:
+            job_id = raw.decode()
+            before = self.tasks.get(job_id)
             try:
-                await super().start_jobs([job_id])
+                await super().start_jobs([raw])
             except REDIS_DOWN:
-                if self.tasks.get(job_id.decode()) is before:
+                if self.tasks.get(job_id) is before:
                     self.job_counter -= 1
                     self.sem.release()
                 raise
+            taken = self.tasks.get(job_id)
+            attempt = parse_run_job_id(job_id)
+            if heartbeats is not None and taken is not before and taken and attempt:
+                # Beats from the moment the job is taken, before its task
+                # gets the loop to report its start.
+                heartbeats.add(*attempt)
+                taken.add_done_callback(functools.partial(_forget, heartbeats, attempt))
 
     async def _sleep_until_tasks_complete(self) -> None:
         # arq counts a finished job as running until its next poll removes it;

@@ -231,3 +231,63 @@ def test_a_job_taken_by_a_worker_that_died_before_starting_it_runs_again(
         ),
     )
     assert final["attempts"][0]["error"]["code"] == "worker_lost"
+
+
+def test_with_the_defaults_a_killed_workers_runs_start_again_within_15_s_and_a_busy_one_keeps_its_runs(  # noqa: E501
+    databases: Databases,
+    database_url: str,
+    redis_server: EmbeddedRedis,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The default heartbeat settings: a SIGKILLed worker's runs are noticed and
+    started again within 15 s; a worker kept busy (CPU-bound runs in threads on
+    both cores, a task logging as fast as it can) loses none to ``worker_lost``."""
+    with launch_stack(
+        "heartbeats",
+        databases.new("heartbeats"),
+        f"{redis_server.url}/{_redis_db(database_url, 10)}",
+        tmp_path_factory.mktemp("logs-heartbeats"),
+    ) as stack, stack.client() as client:
+        busy = [
+            client.post(
+                "/api/v1/tasks/tests.blocking/trigger",
+                json={"payload": {"seconds": 1.5}, "options": {"max_attempts": 1}},
+            ).json()["id"]
+            for _ in range(18)
+        ]
+        flood = client.post(
+            "/api/v1/tasks/tests.log-flood/trigger",
+            json={"payload": {"lines": 10_000, "size": 2048}, "options": {"max_attempts": 1}},
+        ).json()["id"]
+        for run_id in [*busy, flood]:
+            run = client.get(f"/api/v1/runs/{run_id}", params={"wait": 60}, timeout=70).json()
+            assert run["status"] == "COMPLETED", run
+            assert len(run["attempts"]) == 1, run
+
+        sleepers = [
+            client.post(
+                "/api/v1/tasks/sleep/trigger",
+                json={"payload": {"seconds": 60}, "options": {"max_attempts": 2}},
+            ).json()["id"]
+            for _ in range(3)
+        ]
+        wait_until(
+            lambda: all(
+                client.get(f"/api/v1/runs/{i}").json()["status"] == "EXECUTING" for i in sleepers
+            ),
+            what="every run to start",
+        )
+        stack.worker.stop(signal.SIGKILL)
+        stack.start_worker()
+        # Noticed, failed as worker_lost and started again on the new worker.
+        wait_until(
+            lambda: all(
+                len(client.get(f"/api/v1/runs/{i}").json()["attempts"]) == 2 for i in sleepers
+            ),
+            timeout=15,
+            what="the lost runs' second attempts",
+        )
+        for run_id in sleepers:
+            run = client.get(f"/api/v1/runs/{run_id}").json()
+            assert run["attempts"][0]["error"]["code"] == "worker_lost", run
+            client.post(f"/api/v1/runs/{run_id}/cancel")

@@ -36,7 +36,8 @@ def recover_lost(
     Two kinds: EXECUTING runs with no heartbeat for ``timeout`` seconds, and
     the QUEUED runs in ``taken``: their job was taken by a worker (arq's
     in-progress key) or is over (arq's result key; arq stores one for a job
-    whose data vanished), and still no start was reported.
+    whose data vanished), and still no start was reported, nor a heartbeat
+    for ``timeout`` since this pass first saw them taken.
     """
     done = Effects()
     silent = now - dt.timedelta(seconds=timeout)
@@ -56,12 +57,26 @@ def recover_lost(
         run = select_run(conn, run_id, lock=True)
         if run is None or run["status"] not in ACTIVE:
             continue
-        beat = conn.scalar(
-            sa.select(sa.func.coalesce(runs.c.heartbeat_at, runs.c.updated_at)).where(
-                runs.c.id == run_id
+        times = conn.execute(
+            sa.select(runs.c.heartbeat_at, runs.c.updated_at).where(runs.c.id == run_id)
+        ).one()
+        beat, since = times.heartbeat_at, times.updated_at
+        if run["status"] == RunStatus.QUEUED.value and (beat is None or beat < since):
+            # Taken, and no word yet since it was queued: it may have been
+            # taken just now, after waiting its turn in the queue. The clock
+            # starts here; its worker beats from the moment it takes a job.
+            conn.execute(
+                runs.update()
+                .where(
+                    runs.c.id == run_id,
+                    runs.c.status == RunStatus.QUEUED.value,
+                    runs.c.attempt == run["attempt"],
+                )
+                .values(heartbeat_at=now)
             )
-        )
-        if beat is not None and beat >= silent:
+            continue
+        last_word = max(b for b in (beat, since) if b is not None) if since else beat
+        if last_word is not None and last_word >= silent:
             continue
         event = WorkerEvent(
             type="failed",
