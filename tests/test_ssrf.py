@@ -85,3 +85,35 @@ def test_resolution_checks_every_address() -> None:
     assert address.is_loopback
     with pytest.raises(AddressRefused, match="cannot resolve"):
         asyncio.run(resolve_checked("no-such-host.invalid", 80, allowed))
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "2130706433",
+        "0x7f000001",
+        "0177.0.0.1",
+        "127.1",
+        "0x7f.1",
+        "0",
+        "127.0.0.1.",
+        "localhost",
+        "localhost.",
+        "LocalHost",
+        "app.localhost",
+        "".join(chr(ord(c) + 0xFEE0) for c in "localhost"),
+        "１２７.０.０.１",
+    ],
+)
+def test_every_spelling_of_loopback_is_refused_at_registration(host: str) -> None:
+    """Whatever the resolver would read as a loopback (or unspecified)
+    address is refused before anything is stored, not only at send time."""
+    with pytest.raises(AddressRefused, match="loopback|unspecified"):
+        validate_url(f"http://{host}:8080/hook", ())
+
+
+def test_a_numeric_host_is_stored_in_its_usual_spelling() -> None:
+    assert validate_url("http://0x08080808/x", ()) == "http://8.8.8.8/x"
+    assert validate_url("http://134744072:81/", ()) == "http://8.8.8.8:81/"
+    # A name made of hex letters is a name, not a number.
+    assert validate_url("http://deadbeef/", ()) == "http://deadbeef/"

@@ -393,6 +393,15 @@ def test_private_addresses_are_refused_at_registration_and_at_send_time(
         "http://224.0.0.1/",
         "http://0.0.0.0/",
         "http://127.0.0.2:9/",
+        # Other spellings of loopback, read as the resolver reads them.
+        "http://2130706434/",
+        "http://0x7f000002/",
+        "http://0177.0.0.2/",
+        "http://127.2/",
+        "http://0/",
+        "http://127.0.0.2./",
+        "http://localhost./",
+        "http://" + "".join(chr(ord(c) + 0xFEE0) for c in "localhost") + "/",
         "ftp://example.com/",
         "http://user:pw@example.com/",
     ]

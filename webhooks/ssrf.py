@@ -94,12 +94,40 @@ def check_address(address: IPAddress, allowed: Sequence[IPNetwork]) -> None:
         )
 
 
+#: What a host written as a number can hold (decimal, octal, hex, dots, IPv6).
+_NUMERIC = re.compile(r"^[0-9a-fA-FxX.:]+$")
+
+
 def literal_address(host: str) -> IPAddress | None:
-    """``host`` as an IP address, if it is written as one."""
+    """``host`` as an IP address, if it is written as one in any spelling
+    the system's resolver reads as a number (``2130706433``, ``0x7f000001``,
+    ``0177.0.0.1``, ``127.1``, ``0``): parsed by that resolver itself
+    (``getaddrinfo`` with ``AI_NUMERICHOST``, no DNS), so the check at
+    registration and the sender never read a host two ways."""
+    # A trailing dot ("127.0.0.1.") is how a name is made absolute; some
+    # resolvers read the rest as the number it spells, so it is one here too.
+    bare = host.strip("[]").removesuffix(".")
     try:
-        return ipaddress.ip_address(host.strip("[]"))
+        return ipaddress.ip_address(bare)
     except ValueError:
+        pass
+    if not _NUMERIC.match(bare):
         return None
+    try:
+        infos = socket.getaddrinfo(bare, None, flags=socket.AI_NUMERICHOST)
+    except (socket.gaierror, UnicodeError, ValueError):
+        return None
+    return ipaddress.ip_address(str(infos[0][4][0]).split("%")[0])
+
+
+_LOOPBACK = (ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1"))
+
+
+def _loopback_name(host: str) -> bool:
+    """``localhost`` and its subdomains (RFC 6761), with or without the
+    trailing dot: loopback on every resolver, so judged without DNS."""
+    name = host.rstrip(".").lower()
+    return name == "localhost" or name.endswith(".localhost")
 
 
 _ASCII_HOST = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?$")
@@ -142,6 +170,9 @@ def normalize_url(url: str) -> str:
     if parts.username or parts.password:
         raise AddressRefused("credentials in the URL are not supported; use a header or a path")
     host = _ascii_host(parts.hostname)
+    address = literal_address(host)
+    if address is not None:  # one spelling of an address: the usual one
+        host = str(address)
     if ":" in host:
         host = f"[{host}]"
     netloc = f"{host}:{port}" if port is not None else host
@@ -166,6 +197,10 @@ def validate_url(url: str, allowed: Sequence[IPNetwork]) -> str:
     address = literal_address(parts.hostname or "")
     if address is not None:
         check_address(address, allowed)
+    elif _loopback_name(parts.hostname or ""):
+        # What every resolver answers for it, checked as the sender would.
+        for loopback in _LOOPBACK:
+            check_address(loopback, allowed)
     return normal
 
 
