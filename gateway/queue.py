@@ -8,6 +8,19 @@ Lua script, which Redis runs atomically; the jobs one unit of work caused (a
 batch of triggers, the children of a workflow step, the callbacks of a batch
 of reports) go in one pipeline of that script. The script also announces a
 job that is due now, which wakes an idle worker at once.
+
+**Turns across projects.** arq takes the jobs of lowest score first. A run's
+job (one with a ``fair_key``, its project) is not scored by the time it was
+queued, which would let one project's flood of thousands of jobs keep a second
+project's single run waiting behind all of them, but by a turn: start-time
+fair queuing, as a network switch shares a link. Each project has a virtual
+clock in Redis; a job's turn is the later of its project's clock and the
+queue's front (the lowest turn waiting), and moves the project's clock one on.
+A project with one run waiting thus goes next, however much another queued,
+and a project's own jobs keep their order. Turns are counted in milliseconds
+from ``FAIR_EPOCH`` (2001), so every turn is long due and arq takes it at
+once: the flood's own throughput is unchanged. A priority is still a head
+start off the turn. Losing these keys with Redis loses only the turns.
 """
 
 from __future__ import annotations
@@ -25,15 +38,31 @@ from jobs.protocol import nudge_channel
 
 __all__ = ["QueuedJob", "enqueue_job", "enqueue_jobs"]
 
-# KEYS: the job, its result, the queue. ARGV: the job's TTL in ms, the
-# encoded job, its score (when it is due, in ms), its ID, and the channel to
-# wake idle workers on ("" for a deferred job: nothing to wake them for yet).
+# KEYS: the job, its result, the queue, the project's clock, the queue's
+# clock. ARGV: the job's TTL in ms, the encoded job, its score (when it is
+# due, in ms), its ID, the channel to wake idle workers on ("" for a deferred
+# job: nothing to wake them for yet), and for a fair job its head start in ms
+# (else ""): its score is then its turn less the head start.
 _ENQUEUE = """
 if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then
   return 0
 end
+local score = ARGV[3]
+if ARGV[6] ~= '' then
+  local clock = tonumber(redis.call('GET', KEYS[5]) or ARGV[7])
+  local front = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')[2]
+  if front and tonumber(front) < clock then
+    clock = math.max(tonumber(front), tonumber(ARGV[7]))
+  end
+  local turn = math.max(clock, tonumber(redis.call('GET', KEYS[4]) or '0'))
+  redis.call('SET', KEYS[4], turn + 1, 'EX', 86400)
+  if turn + 1 > tonumber(redis.call('GET', KEYS[5]) or '0') then
+    redis.call('SET', KEYS[5], turn + 1)
+  end
+  score = turn - tonumber(ARGV[6])
+end
 redis.call('PSETEX', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+redis.call('ZADD', KEYS[3], score, ARGV[4])
 if ARGV[5] ~= '' then
   redis.call('PUBLISH', ARGV[5], ARGV[4])
 end
@@ -53,6 +82,13 @@ class QueuedJob:
     #: Seconds of head start: arq takes jobs by score, so a job scored as if
     #: queued this much earlier goes ahead of those queued since.
     head_start: float = 0.0
+    #: Whose turns it takes (a project): scored by turn, not by time.
+    fair_key: str | None = None
+
+
+#: Turns count from here (ms since 1970: 2001-09-09), far enough in the past
+#: that a turn is always due, and far enough from zero for a head start.
+FAIR_EPOCH = 1_000_000_000_000
 
 
 async def enqueue_jobs(redis: ArqRedis, jobs: Sequence[QueuedJob]) -> list[bool]:
@@ -75,14 +111,23 @@ async def enqueue_jobs(redis: ArqRedis, jobs: Sequence[QueuedJob]) -> list[bool]
         encoded = serialize_job(
             job.function, job.args, {}, None, now_ms, serializer=redis.job_serializer
         )
+        fair = job.fair_key is not None and not defer_ms
         return script(
-            keys=[job_key_prefix + job.job_id, result_key_prefix + job.job_id, job.queue_name],
+            keys=[
+                job_key_prefix + job.job_id,
+                result_key_prefix + job.job_id,
+                job.queue_name,
+                f"{job.queue_name}:turn:{job.fair_key}",
+                f"{job.queue_name}:turn",
+            ],
             args=[
                 defer_ms + redis.expires_extra_ms,
                 encoded,
                 now_ms + defer_ms - round(job.head_start * 1000),
                 job.job_id,
                 "" if defer_ms else nudge_channel(job.queue_name),
+                str(round(job.head_start * 1000)) if fair else "",
+                FAIR_EPOCH,
             ],
             client=client,
         )

@@ -62,6 +62,7 @@ def _due_runs(conn: sa.Connection, before: dt.datetime) -> list[Job]:
             runs.c.step,
             runs.c.max_duration,
             runs.c.priority,
+            runs.c.project_id,
         )
         .where(
             runs.c.status == RunStatus.QUEUED.value,

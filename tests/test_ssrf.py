@@ -102,13 +102,13 @@ def test_resolution_checks_every_address() -> None:
         "LocalHost",
         "app.localhost",
         "".join(chr(ord(c) + 0xFEE0) for c in "localhost"),
-        "１２７.０.０.１",
+        "".join(chr(ord(c) + 0xFEE0) for c in "127") + "." + chr(0xFF10) + ".0.1",
     ],
 )
 def test_every_spelling_of_loopback_is_refused_at_registration(host: str) -> None:
     """Whatever the resolver would read as a loopback (or unspecified)
     address is refused before anything is stored, not only at send time."""
-    with pytest.raises(AddressRefused, match="loopback|unspecified"):
+    with pytest.raises(AddressRefused, match=r"loopback|unspecified"):
         validate_url(f"http://{host}:8080/hook", ())
 
 

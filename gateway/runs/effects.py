@@ -25,6 +25,8 @@ class Job:
     options: dict[str, Any] | None = None
     #: Seconds of head start on arq's queue (``options.priority``).
     priority: int = 0
+    #: Whose turn it takes on arq's queue (``gateway.queue``: fair across projects).
+    project_id: str | None = None
 
 
 def job_of(run: Mapping[str, Any], *, state: dict[str, Any] | None = None) -> Job:
@@ -39,6 +41,7 @@ def job_of(run: Mapping[str, Any], *, state: dict[str, Any] | None = None) -> Jo
         state,
         options,
         run.get("priority") or 0,
+        run.get("project_id"),
     )
 
 

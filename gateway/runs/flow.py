@@ -197,6 +197,7 @@ def pump(conn: sa.Connection, project_id: str, queue: str, now: dt.datetime) -> 
             runs.c.step,
             runs.c.max_duration,
             runs.c.priority,
+            runs.c.project_id,
         )
     )
     rows = {r["id"]: dict(r) for r in handed.mappings()}

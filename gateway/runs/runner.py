@@ -63,6 +63,7 @@ class UnitRunner:
             run_job_id(job.run_id, job.attempt, job.step),
             self.settings.queue_name,
             head_start=job.priority,
+            fair_key=job.project_id,
         )
 
     async def enqueue(self, job: Job) -> bool:
