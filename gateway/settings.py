@@ -59,6 +59,10 @@ class Settings(worker_settings.Settings):
     migrate_on_start: bool = False
     #: Number of uvicorn worker processes for ``gateway web``.
     web_concurrency: int = Field(default=1, ge=1)
+    #: Seconds a request may take to send its headers (then 408, closed).
+    web_header_timeout: float = Field(default=5.0, gt=0)
+    #: Connections one web process keeps open at most; more get 503 at once.
+    web_max_connections: int = Field(default=2000, ge=1)
     #: Maximum age of a signed worker request, in seconds.
     event_max_age: int = Field(default=300, ge=1)
     #: Largest request body the public API accepts.

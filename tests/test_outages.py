@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -164,3 +165,73 @@ def test_a_postgresql_restart_gives_no_500(
                 for run_id in run_ids
             ]
         assert set(finals) == {"COMPLETED"}, finals
+
+
+@pytest.fixture(scope="module")
+def guarded_stack(
+    databases: Databases, own_redis: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    with launch_stack(
+        "guarded",
+        databases.new("guarded"),
+        f"{own_redis.url}/2",
+        tmp_path_factory.mktemp("logs-guarded"),
+        WEB_HEADER_TIMEOUT="1",
+        WEB_MAX_CONNECTIONS="300",
+    ) as stack:
+        yield stack
+
+
+def _connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return sock
+
+
+def _closed_with(sock: socket.socket) -> bytes:
+    """What the server sent before it closed the connection."""
+    received = b""
+    while chunk := sock.recv(4096):
+        received += chunk
+    return received
+
+
+def test_slow_and_silent_clients_are_cut_and_connections_are_bounded(
+    guarded_stack: Stack,
+) -> None:
+    stack = guarded_stack
+    port = int(stack.base_url.rsplit(":", 1)[1])
+    silent = [_connect(port) for _ in range(100)]
+    slow = [_connect(port) for _ in range(100)]
+    try:
+        for sock in slow:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+        # Real clients are served meanwhile.
+        with httpx.Client(base_url=stack.base_url) as client:
+            assert client.get("/healthz").status_code == 200
+        # One more header line each, within the timeout, is not enough: the
+        # headers must be complete in WEB_HEADER_TIMEOUT.
+        for sock in slow:
+            sock.sendall(b"x-drip: 1\r\n")
+        for sock in [*silent, *slow]:
+            answer = _closed_with(sock)
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+            assert b'"request_timeout"' in answer
+        # Beyond WEB_MAX_CONNECTIONS, a connection gets 503 at once.
+        held = [_connect(port) for _ in range(300)]
+        try:
+            extra = _connect(port)
+            answer = _closed_with(extra)
+            assert answer.startswith(b"HTTP/1.1 503"), answer[:100]
+            assert b'"too_many_connections"' in answer and b"retry-after: 1" in answer
+            extra.close()
+        finally:
+            for sock in held:
+                sock.close()
+        # A complete request on a connection of its own is still served.
+        wait_until(
+            lambda: httpx.get(stack.base_url + "/healthz").status_code == 200,
+            what="the gateway to take connections again",
+        )
+    finally:
+        for sock in [*silent, *slow]:
+            sock.close()

@@ -105,9 +105,12 @@ def _web(settings: Settings) -> int:
         shutil.rmtree(metrics_dir, ignore_errors=True)
         metrics_dir.mkdir(parents=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+    from gateway.http_protocol import GuardedHttpProtocol
+
     uvicorn.run(
         "gateway.app:create_app",
         factory=True,
+        http=GuardedHttpProtocol,
         host=settings.host,
         port=settings.port,
         workers=settings.web_concurrency,
