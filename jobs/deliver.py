@@ -35,12 +35,20 @@ async def deliver_webhook(
     delivery_id: str,
     trigger: str = "schedule",
     prepared: dict[str, Any] | None = None,
+    retried: bool = False,
 ) -> str:
     reporter: Reporter = ctx["reporter"]
-    if prepared is None or time.time() - float(prepared.get("prepared_at", 0)) > _PREPARED_MAX_AGE:
+    # A job arq runs again (its worker died on it) may have sent its attempt
+    # already: the gateway records that one lost before another goes out.
+    retried = retried or ctx.get("job_try", 1) > 1
+    if (
+        prepared is None
+        or retried
+        or time.time() - float(prepared.get("prepared_at", 0)) > _PREPARED_MAX_AGE
+    ):
         try:
             prepared = await reporter.call(
-                PREPARE_PATH, {"delivery_id": delivery_id, "trigger": trigger}
+                PREPARE_PATH, {"delivery_id": delivery_id, "trigger": trigger, "retried": retried}
             )
         except ReportRejected as exc:
             log.error("delivery %s cannot be prepared: %s", delivery_id, exc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 import secrets
 from typing import Any
 
@@ -637,3 +638,121 @@ def test_a_timeout_and_a_redirect_are_failures_and_redirects_are_not_followed(
 
 def _at(value: str) -> dt.datetime:
     return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def test_a_slow_receivers_backlog_delays_no_other_receiver_and_loses_no_attempt(
+    databases: Any,
+    database_url: str,
+    redis_server: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+    receiver: Receiver,
+) -> None:
+    """Callback slots are taken in turns by receiver: another project's
+    callback goes out next, not behind three slow endpoints' backlog, and
+    attempts that waited their turn are sent, never recorded as lost."""
+    from gateway.auth.keys import hash_api_key
+    from tests.conftest import _redis_db, launch_stack
+
+    slow = [f"/slow-{secrets.token_hex(3)}-{n}" for n in range(3)]
+    fast = f"/fast-{secrets.token_hex(3)}"
+    for path in slow:
+        receiver.default(path, Answer(delay=0.4))
+    with launch_stack(
+        "fair-callbacks",
+        databases.new("fair_callbacks"),
+        f"{redis_server.url}/{_redis_db(database_url, 11)}",
+        tmp_path_factory.mktemp("logs-fair-callbacks"),
+        WEBHOOK_CONCURRENCY="4",
+        # Every attempt that waits past this lease counted as lost, before.
+        WEBHOOK_TIMEOUT="1",
+        RECONCILE_GRACE="1",
+    ) as stack:
+        flooder, other = (stack.new_key(f"fair-{n}-{secrets.token_hex(2)}") for n in range(2))
+        with stack.client(flooder) as client:
+            for path in slow:
+                made = client.post(
+                    "/api/v1/webhooks",
+                    json={"url": receiver.url(path), "events": ["run.completed"]},
+                )
+                assert made.status_code == 201, made.text
+            for n in range(20):
+                client.post("/api/v1/tasks/echo/trigger", json={"payload": {"n": n}})
+        with stack.client(other) as client:
+            made = client.post(
+                "/api/v1/webhooks", json={"url": receiver.url(fast), "events": ["run.completed"]}
+            )
+            assert made.status_code == 201
+            wait_until(
+                lambda: sum(len(receiver.calls_to(p)) for p in slow) >= 8,
+                what="the slow backlog to be under way",
+            )
+            before = sum(len(receiver.calls_to(p)) for p in slow)
+            client.post("/api/v1/tasks/echo/trigger", json={"payload": {"other": True}})
+            receiver.wait_calls(fast, 1)
+            overtaking = sum(len(receiver.calls_to(p)) for p in slow) - before
+        # At most the slots in flight, and those taken already, went first.
+        assert overtaking <= 8, overtaking
+
+        # Every slow delivery ends delivered on its first attempt: waiting in
+        # the queue past the lease is no lost attempt.
+        def all_delivered() -> list[dict[str, Any]] | None:
+            rows = stack.query(
+                "SELECT d.status, d.attempts FROM deliveries d JOIN api_keys k "
+                "ON k.project_id = d.project_id WHERE k.key_hash = :h",
+                h=hash_api_key(flooder),
+            )
+            done = len(rows) == 60 and all(r[0] == "delivered" for r in rows)
+            return [{"status": r[0], "attempts": r[1]} for r in rows] if done else None
+
+        rows = wait_until(all_delivered, timeout=60, what="every slow delivery")
+        assert {r["attempts"] for r in rows} == {1}, rows
+
+
+def test_only_a_retried_job_records_its_predecessor_lost(stack: Stack, receiver: Receiver) -> None:
+    """A first try that waited its turn past its lease is sent; a job run
+    again (its worker died on it) first records the attempt it may have sent."""
+    from jobs.protocol import PREPARE_PATH, sign_request
+    from tests.conftest import TEST_SECRET
+
+    path = f"/lease-{secrets.token_hex(3)}"
+    run = stack.run("echo", {"lease": True}, callback_url=receiver.url(path))
+    receiver.wait_calls(path, 1)
+    [(delivery_id,)] = stack.query("SELECT id FROM deliveries WHERE run_id = :r", r=run["id"])
+
+    def prepare(retried: bool) -> dict[str, Any]:
+        # The delivery as a worker finds it after a long wait: pending, its
+        # lease taken an hour ago.
+        db_call(
+            stack.database_url,
+            lambda conn: conn.exec_driver_sql(
+                "UPDATE deliveries SET status = 'pending', leased_at = ?, attempts = 1 WHERE id = ?"
+                if stack.database_url.startswith("sqlite")
+                else "UPDATE deliveries SET status = 'pending', leased_at = %s, attempts = 1 "
+                "WHERE id = %s",
+                (dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(hours=1), delivery_id),
+            ),
+            write=True,
+        )
+        body = json.dumps({"delivery_id": delivery_id, "retried": retried}).encode()
+        answer = httpx.post(
+            stack.base_url + PREPARE_PATH,
+            content=body,
+            headers={
+                "content-type": "application/json",
+                "gateway-signature": sign_request(TEST_SECRET, "POST", PREPARE_PATH, "", body),
+            },
+        )
+        assert answer.status_code == 200, answer.text
+        return dict(answer.json())
+
+    assert prepare(retried=False)["send"] is True
+    lost = prepare(retried=True)
+    assert lost["send"] is False and lost["reason"] == "the last attempt was lost"
+    codes = [
+        r[0]
+        for r in stack.query(
+            "SELECT error_code FROM delivery_attempts WHERE delivery_id = :d ORDER BY id",
+            d=delivery_id,
+        )
+    ]
+    assert codes[-1] == "attempt_lost" and codes.count("attempt_lost") == 1

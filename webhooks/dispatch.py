@@ -70,6 +70,9 @@ class DeliveryDispatcher:
                 (item.id, "schedule", self._prepared(item)),
                 delivery_job_id(item.id, 0),
                 self.settings.delivery_queue_name,
+                # Turns by receiver: one slow endpoint's backlog never keeps
+                # another's callbacks waiting behind it (``gateway.queue``).
+                fair_key=item.receiver,
             )
             for item in outgoing
         ]
@@ -91,6 +94,7 @@ class DeliveryDispatcher:
         step: int = 0,
         defer: float = 0.0,
         prepared: dict[str, Any] | None = None,
+        retried: bool = False,
     ) -> None:
         job_id = (
             delivery_job_id(delivery_id, step)
@@ -104,6 +108,7 @@ class DeliveryDispatcher:
                 delivery_id,
                 trigger,
                 prepared,
+                retried,
                 job_id=job_id,
                 queue_name=self.settings.delivery_queue_name,
                 defer_seconds=defer,
@@ -117,7 +122,7 @@ class DeliveryDispatcher:
 
     async def requeue(self, delivery_id: str, *, step: int) -> None:
         """Queue the due attempt of a delivery whose job was lost (reconciler)."""
-        await self._enqueue(delivery_id, trigger="schedule", step=step)
+        await self._enqueue(delivery_id, trigger="schedule", step=step, retried=True)
 
     @property
     def lease_seconds(self) -> float:
@@ -126,11 +131,16 @@ class DeliveryDispatcher:
         back (what a lost job of any kind is given)."""
         return self.settings.webhook_timeout + self.settings.reconcile_grace
 
-    async def prepare(self, delivery_id: str, trigger: str = "schedule") -> dict[str, Any]:
+    async def prepare(
+        self, delivery_id: str, trigger: str = "schedule", *, retried: bool = False
+    ) -> dict[str, Any]:
         """What a worker should send for ``delivery_id`` now, signed afresh.
 
         A scheduled attempt whose predecessor went out and was never reported
         first records that one as ``attempt_lost``, and goes on from there.
+        Only a ``retried`` job can have had one out: a job that runs for the
+        first time may have waited its turn in a long queue (a slow receiver's
+        backlog) past its lease, and that is no lost attempt.
         """
         policy = self._policy()
         lease_seconds = self.lease_seconds
@@ -143,6 +153,7 @@ class DeliveryDispatcher:
             leased = row["leased_at"]
             if (
                 trigger == "schedule"
+                and retried
                 and leased is not None
                 and leased < now - dt.timedelta(seconds=lease_seconds)
             ):

@@ -77,6 +77,9 @@ class Outgoing:
     url: str
     body: str
     secrets: tuple[str, ...]
+    #: Who receives it (an endpoint, or a run's callback URL): whose turns
+    #: its attempts take on the deliveries queue.
+    receiver: str | None = None
 
 
 # Built once: the hot path (every final event of every run) runs these.
@@ -203,7 +206,9 @@ def create_run_deliveries(
             payload=payload,
             now=now,
         )
-        out.append(Outgoing(delivery_id, row.url, body, tuple(active_secrets(conn, row.id, now))))
+        out.append(
+            Outgoing(delivery_id, row.url, body, tuple(active_secrets(conn, row.id, now)), row.id)
+        )
     if callback_url:
         delivery_id = insert_delivery(
             conn,
@@ -216,7 +221,7 @@ def create_run_deliveries(
             now=now,
         )
         secret = project_secret(conn, run["project_id"])
-        out.append(Outgoing(delivery_id, callback_url, body, (secret,)))
+        out.append(Outgoing(delivery_id, callback_url, body, (secret,), callback_url))
     return out
 
 
@@ -243,5 +248,7 @@ def create_event_deliveries(
             payload=payload,
             now=now,
         )
-        out.append(Outgoing(delivery_id, row.url, body, tuple(active_secrets(conn, row.id, now))))
+        out.append(
+            Outgoing(delivery_id, row.url, body, tuple(active_secrets(conn, row.id, now)), row.id)
+        )
     return out

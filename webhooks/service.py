@@ -327,7 +327,9 @@ class WebhookService:
             secrets_ = tuple(active_secrets(conn, endpoint_id, now))
             row = conn.execute(sa.select(deliveries).where(deliveries.c.id == delivery_id))
             view = delivery_view(dict(row.mappings().one()), [])
-            return view, Outgoing(delivery_id, endpoint["url"], encode_body(payload), secrets_)
+            return view, Outgoing(
+                delivery_id, endpoint["url"], encode_body(payload), secrets_, endpoint["id"]
+            )
 
         view, outgoing = await self.db.write(insert)
         await self.dispatcher.dispatch([outgoing])

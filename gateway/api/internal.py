@@ -132,6 +132,9 @@ async def worker_event(request: Request) -> Response:
 class _PrepareRequest(BaseModel):
     delivery_id: str = Field(max_length=40)
     trigger: str = Field(default="schedule", pattern="^(schedule|resend)$")
+    #: The job ran before (a worker died on it) or was queued again after it
+    #: vanished: an attempt it sent may be out, unreported.
+    retried: bool = False
 
 
 async def prepare_delivery(request: Request) -> Response:
@@ -139,7 +142,11 @@ async def prepare_delivery(request: Request) -> Response:
     services = services_of(request)
     body = await signed_body(request, services.settings, 64 * 1024)
     prepare = validate(_PrepareRequest, parse_json(body))
-    return JSON(await services.dispatcher.prepare(prepare.delivery_id, prepare.trigger))
+    return JSON(
+        await services.dispatcher.prepare(
+            prepare.delivery_id, prepare.trigger, retried=prepare.retried
+        )
+    )
 
 
 def _int_param(request: Request, name: str) -> int | None:
