@@ -133,3 +133,20 @@ def child_env(**overrides: str) -> dict[str, str]:
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(overrides)
     return env
+
+
+def dashboard_session(base_url: str, key: str) -> httpx.Client:
+    """An HTTP client signed in to the dashboard with ``key`` (its form, CSRF
+    token and session cookie, as a browser would)."""
+    import re
+
+    client = httpx.Client(base_url=base_url, timeout=20)
+    form = client.get("/dashboard/login").text
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', form)
+    assert csrf, form
+    signed = client.post(
+        "/dashboard/login",
+        data={"api_key": key, "next": "/dashboard/runs", "csrf_token": csrf.group(1)},
+    )
+    assert signed.status_code == 303, signed.text
+    return client

@@ -122,3 +122,11 @@ async def log_flood(payload: Any, ctx: TaskContext) -> dict[str, int]:
 def log_flood_thread(payload: Any, ctx: TaskContext) -> dict[str, int]:
     """The same from a plain function, in a thread."""
     return _flood(payload, ctx)
+
+
+@task("tests.log-escapes")
+async def log_escapes(payload: Any, ctx: TaskContext) -> None:
+    """Log lines holding terminal control sequences (a title, a screen clear,
+    a hyperlink, a right-to-left override) and an ``extra`` field."""
+    ctx.logger.info("\x1b]0;pwned\x07title \x1b[2J\x1b[Hcleared", extra={"who": "tests"})
+    ctx.logger.info("\x1b]8;;http://evil.example\x1b\\link\x1b]8;;\x1b\\ and \u202eesrever")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ import httpx
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
 from tests.conftest import TEST_SECRET, Stack
-from tests.helpers import db_call, wait_until
+from tests.helpers import dashboard_session, db_call, wait_until
 
 
 def at(value: str) -> dt.datetime:
@@ -420,15 +419,7 @@ def test_a_revoked_key_ends_its_open_streams(stack: Stack) -> None:
     key = stack.new_key(f"revoked-streams-{secrets.token_hex(3)}")
     with stack.client(key) as client:
         run = client.post("/api/v1/tasks/sleep/trigger", json={"payload": {"seconds": 30}}).json()
-        dash = httpx.Client(base_url=stack.base_url, timeout=20)
-        form = dash.get("/dashboard/login").text
-        csrf = re.search(r'name="csrf_token" value="([^"]+)"', form)
-        assert csrf, form
-        signed = dash.post(
-            "/dashboard/login",
-            data={"api_key": key, "next": "/dashboard/runs", "csrf_token": csrf.group(1)},
-        )
-        assert signed.status_code == 303, signed.text
+        dash = dashboard_session(stack.base_url, key)
         try:
             with (
                 client.stream("GET", f"/api/v1/runs/{run['id']}/events", timeout=20) as events,

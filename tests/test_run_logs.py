@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 
 from tests.conftest import Stack
+from tests.helpers import dashboard_session
 
 
 def _run(stack: Stack, payload: Any, **options: Any) -> dict[str, Any]:
@@ -160,3 +161,38 @@ def test_lines_with_a_large_extra_are_cut_to_fit_and_all_arrive(stack: Stack) ->
 
 def _run_task(stack: Stack, task: str, payload: Any) -> dict[str, Any]:
     return stack.run(task, payload)
+
+
+def test_control_sequences_in_log_lines_are_shown_escaped(stack: Stack) -> None:
+    """``gateway runs logs`` and the dashboard show a task's escape sequences
+    as text, never as what a terminal would obey; the fields come along."""
+    from tests.test_client import cli
+
+    run = _run_task(stack, "tests.log-escapes", None)
+    assert run["status"] == "COMPLETED"
+    printed = cli(stack, "runs", "logs", run["id"], key=stack.api_key)
+    assert printed.returncode == 0, printed.stderr
+    assert "\x1b" not in printed.stdout and "\x07" not in printed.stdout
+    assert "\u202e" not in printed.stdout
+    assert "\\x1b]0;pwned\\x07title \\x1b[2J\\x1b[Hcleared" in printed.stdout
+    assert "\\u202eesrever" in printed.stdout
+    assert 'who="tests"' in printed.stdout
+    # Stored as it came: the API gives back what the task wrote.
+    assert "\x1b[2J" in _lines(stack, run["id"])["data"][0]["message"]
+    dash = dashboard_session(stack.base_url, stack.api_key)
+    try:
+        page = dash.get(f"/dashboard/runs/{run['id']}")
+    finally:
+        dash.close()
+    assert page.status_code == 200
+    assert "\x1b" not in page.text and "\u202e" not in page.text
+    assert "\\x1b]0;pwned" in page.text and "\\u202eesrever" in page.text
+
+
+def test_printable_escapes_controls_and_keeps_line_breaks() -> None:
+    from gateway.client.text import printable
+
+    assert printable("a\tb\nc") == "a\tb\nc"
+    assert printable("\x1b[31mred\x1b[0m\r\x7f") == "\\x1b[31mred\\x1b[0m\\x0d\\x7f"
+    assert printable("\u2028x\u200b") == "\\u2028x\\u200b"
+    assert printable("ünïcødé ✓") == "ünïcødé ✓"

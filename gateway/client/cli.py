@@ -16,6 +16,7 @@ from typing import Any, TextIO
 import httpx
 
 from gateway.client import Client, GatewayError, default_url
+from gateway.client.text import printable
 
 __all__ = ["add_commands", "run_command"]
 
@@ -212,8 +213,17 @@ def _runs(client: Client, args: argparse.Namespace, out: TextIO) -> int:
         while True:
             page = client.run_logs(args.run_id, limit=1000, cursor=cursor)
             for line in page["data"]:
+                # A task wrote these: its control sequences are shown, not obeyed.
+                fields = "".join(
+                    f"  {name}={json.dumps(value, ensure_ascii=False)}"
+                    for name, value in (line.get("fields") or {}).items()
+                )
                 out.write(
-                    f"{line['ts']}  {line['level']:<8} #{line['attempt']}  {line['message']}\n"
+                    printable(
+                        f"{line['ts']}  {line['level']:<8} #{line['attempt']}  "
+                        f"{line['message']}{fields}"
+                    )
+                    + "\n"
                 )
             cursor = page["next_cursor"]
             if cursor is None:

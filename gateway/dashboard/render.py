@@ -11,6 +11,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
 from db.models import RunStatus
+from gateway.client.text import printable
 from gateway.dashboard.session import PREFIX, csrf_token
 
 __all__ = ["flash", "is_fragment", "redirect", "render", "safe_next", "templates"]
@@ -74,6 +75,8 @@ def is_final(status: str) -> bool:
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 templates.env.filters["pretty_json"] = pretty_json
 templates.env.filters["duration"] = duration
+# A task wrote it: shown with its control characters escaped (gateway.client.text).
+templates.env.filters["printable"] = printable
 templates.env.tests["final"] = is_final
 templates.env.globals["statuses"] = [s.value for s in RunStatus]
 templates.env.globals["base"] = PREFIX
