@@ -40,6 +40,7 @@ __all__ = [
     "RateLimited",
     "ServiceUnavailable",
     "Unauthorized",
+    "UnsupportedMediaType",
     "ValidationFailed",
     "error_response",
     "exception_handlers",
@@ -105,6 +106,11 @@ class Conflict(APIError):
 
 class PayloadTooLarge(APIError):
     status_code, code, message = 413, "payload_too_large", "the request body is too large"
+
+
+class UnsupportedMediaType(APIError):
+    status_code, code = 415, "unsupported_media_type"
+    message = "send the body as JSON, with content-type: application/json"
 
 
 class ValidationFailed(APIError):

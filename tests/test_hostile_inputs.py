@@ -22,6 +22,7 @@ import pytest
 
 from jobs.protocol import EVENTS_PATH, PREPARE_PATH, sign_request
 from tests.conftest import TEST_SECRET, Stack
+from tests.helpers import dashboard_session
 
 #: Raw JSON that is not JSON (400), or that a database cannot store (422).
 REFUSED = {
@@ -284,3 +285,61 @@ def test_hostile_urls_get_a_clear_answer(targets: Targets, name: str) -> None:
     assert answer.status_code == status, (name, answer.text)
     if status >= 400:
         assert answer.json()["error"]["code"]
+
+
+def test_smaller_inputs_get_a_clear_error_and_change_nothing(stack: Stack) -> None:
+    """A body that is not declared as JSON, a cursor no page gave, ``true`` as
+    a queue's limit, a feed position past the largest ID."""
+    key = stack.new_key(f"small-inputs-{secrets.token_hex(3)}")
+    with stack.client(key) as client:
+        before = client.get("/api/v1/runs").json()["data"]
+        for media in ("text/plain", "application/x-www-form-urlencoded", "application/xml"):
+            answer = client.post(
+                "/api/v1/tasks/echo/trigger",
+                content=b'{"payload": {"n": 1}}',
+                headers={"content-type": media},
+            )
+            assert answer.status_code == 415, (media, answer.text)
+            assert answer.json()["error"]["code"] == "unsupported_media_type"
+        for media in ("application/json", "application/json; charset=utf-8", None):
+            headers = {"content-type": media} if media else {}
+            answer = client.post(
+                "/api/v1/tasks/echo/trigger", content=b'{"payload": {}}', headers=headers
+            )
+            assert answer.status_code == 202, (media, answer.text)
+        made = [r["id"] for r in client.get("/api/v1/runs").json()["data"]]
+        assert len(made) == len(before) + 3
+        for path in ("/api/v1/runs", f"/api/v1/runs/{made[0]}/logs"):
+            for cursor in ("nope", "run_" + "u" * 26, "1" * 40, "msg_01m8w66cn6ppeb62yw7w433qzp"):
+                answer = client.get(path, params={"cursor": cursor})
+                assert answer.status_code == 400, (path, cursor, answer.text)
+                assert answer.json()["error"]["code"] == "invalid_cursor"
+        assert client.get("/api/v1/runs", params={"cursor": made[1]}).status_code == 200
+        for limit in (True, "2", 1.5):
+            answer = client.post(
+                "/api/v1/queues", json={"name": "strict-limit", "concurrency_limit": limit}
+            )
+            assert answer.status_code == 422, (limit, answer.text)
+        assert client.get("/api/v1/queues/strict-limit").status_code == 404
+    # A live-feed position past the largest ID (PostgreSQL's INTEGER) is
+    # "from the newest", not an error that drops the stream.
+    dash = dashboard_session(stack.base_url, key)
+    try:
+        for position in ("1.2147483648", "2147483648.1", "999999999999999999.0"):
+            with dash.stream(
+                "GET", "/dashboard/stream", headers={"last-event-id": position}
+            ) as feed:
+                assert feed.status_code == 200
+                lines = feed.iter_lines()
+                assert next(lines).startswith("retry:")
+                run = client_trigger(stack, key)
+                # The stream goes on and names the new run's changes.
+                assert next(line for line in lines if run in line).startswith("data:")
+    finally:
+        dash.close()
+    assert "OverflowError" not in stack.gateway.log_path.read_text()
+
+
+def client_trigger(stack: Stack, key: str) -> str:
+    with stack.client(key) as client:
+        return str(client.post("/api/v1/tasks/echo/trigger", json={}).json()["id"])

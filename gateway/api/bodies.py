@@ -13,6 +13,7 @@ from gateway.errors import (
     InvalidJSON,
     PayloadTooLarge,
     Unauthorized,
+    UnsupportedMediaType,
     ValidationFailed,
     error_response,
     validation_details,
@@ -20,7 +21,15 @@ from gateway.errors import (
 from gateway.settings import Settings
 from jobs.protocol import SIGNATURE_HEADER, JSONRefused, SignatureError, loads, verify_request
 
-__all__ = ["RefuseNul", "json_object", "parse_json", "read_body", "signed_body", "validate"]
+__all__ = [
+    "RefuseNul",
+    "json_object",
+    "parse_json",
+    "read_body",
+    "require_json",
+    "signed_body",
+    "validate",
+]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -91,9 +100,32 @@ def validate(model: type[M], data: Any, *, prefix: tuple[str, ...] = ()) -> M:
         raise ValidationFailed(details=validation_details(exc, prefix)) from None
 
 
+def require_json(request: Request) -> None:
+    """415 for a body declared as anything but JSON (``text/plain``, a form):
+    what the client meant by it is not known, so it is not guessed.
+    ``application/json``, ``application/*+json`` and no content-type pass."""
+    declared = request.headers.get("content-type")
+    if declared is None:
+        return
+    media = declared.split(";", 1)[0].strip().lower()
+    if media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        return
+    raise UnsupportedMediaType(
+        f"the body is declared as {media or 'nothing'!r}; send it as JSON with "
+        "content-type: application/json (curl: --json)"
+    )
+
+
 async def json_object(request: Request, max_bytes: int, model: type[M]) -> M:
-    """The body as ``model``; an empty body counts as ``{}``."""
+    """The body as ``model``; an empty body counts as ``{}``.
+
+    :raises UnsupportedMediaType: a body declared as something else than JSON
+    """
     raw = await read_body(request, max_bytes)
+    if raw.strip():
+        require_json(request)
     data = parse_json(raw) if raw.strip() else {}
     if not isinstance(data, dict):
         raise ValidationFailed(

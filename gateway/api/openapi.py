@@ -36,6 +36,7 @@ _STATUS_TEXT = {
     409: "Conflict",
     410: "Link expired",
     413: "Body too large",
+    415: "Body not sent as JSON",
     422: "Does not fit the schema",
     429: "Rate limited",
     503: "A dependency does not answer",
@@ -81,6 +82,10 @@ def build_document(app_routes: Iterable[BaseRoute]) -> dict[str, Any]:
         errors = set(op.errors)
         if op.auth in ("key", "key_or_token"):
             errors |= {401, 429}
+        if op.body is not None:
+            errors.add(415)  # a body declared as anything but JSON
+        if any(p.name == "cursor" for p in op.params):
+            errors.add(400)  # a cursor no page gave
         for code in sorted(errors):
             responses[str(code)] = {
                 "description": _STATUS_TEXT[code],

@@ -16,6 +16,7 @@ what is enforced:
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
@@ -25,6 +26,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.auth.tokens import PublicTokens
+from gateway.errors import BadRequest
 from gateway.runs.errors import RunNotFound
 from gateway.services import services_of
 
@@ -34,6 +36,8 @@ __all__ = [
     "Auth",
     "Operation",
     "Param",
+    "id_cursor",
+    "invalid_cursor",
     "recheck",
 ]
 
@@ -76,6 +80,32 @@ class Operation:
     auth: Auth = "key"
     params: tuple[Param, ...] = ()
     errors: tuple[int, ...] = ()
+
+
+_ID_BODY = re.compile(r"^[0-9a-hjkmnp-tv-z]{26}$")
+
+
+def id_cursor(request: Request, prefix: str) -> str | None:
+    """The ``cursor`` query parameter: a page's ``next_cursor`` (an ID with
+    ``prefix``), or ``None``. Anything else is a 400 ``invalid_cursor``:
+    read as "from the start", it would page through the wrong rows."""
+    raw = request.query_params.get("cursor") or None
+    if raw is None:
+        return None
+    head, _, body = raw.partition("_")
+    if head != prefix or not _ID_BODY.match(body):
+        raise invalid_cursor(raw)
+    return raw
+
+
+def invalid_cursor(raw: str) -> BadRequest:
+    return BadRequest(
+        "cursor is not a next_cursor this list gave",
+        code="invalid_cursor",
+        details=[
+            {"path": "query.cursor", "type": "invalid_cursor", "message": f"got {raw[:80]!r}"}
+        ],
+    )
 
 
 def _token(request: Request) -> str | None:

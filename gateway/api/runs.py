@@ -14,7 +14,15 @@ from db.models import RunStatus
 from db.types import isoformat, to_utc
 from gateway.api import views
 from gateway.api.bodies import json_object
-from gateway.api.routing import PAGE, ApiRoute, Operation, Param, recheck
+from gateway.api.routing import (
+    PAGE,
+    ApiRoute,
+    Operation,
+    Param,
+    id_cursor,
+    invalid_cursor,
+    recheck,
+)
 from gateway.api.views import RunLogPage, RunPage, RunView, shaped
 from gateway.errors import APIError, ValidationFailed
 from gateway.runs.logs import logs_since
@@ -62,10 +70,10 @@ def _page(request: Request, default: int = 100, most: int = 1000) -> tuple[int, 
     details = []
     if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= most:
         details.append({"path": "query.limit", "type": "value_error", "message": f"1 to {most}"})
-    if raw_cursor is not None and not (raw_cursor.isascii() and raw_cursor.isdigit()):
-        details.append(
-            {"path": "query.cursor", "type": "value_error", "message": "a page's next_cursor"}
-        )
+    if raw_cursor is not None and not (
+        raw_cursor.isascii() and raw_cursor.isdigit() and len(raw_cursor) <= 18
+    ):
+        raise invalid_cursor(raw_cursor)
     if details:
         raise ValidationFailed(details=details)
     return int(raw_limit), int(raw_cursor) if raw_cursor is not None else None
@@ -222,7 +230,7 @@ async def list_runs(request: Request, project_id: str) -> Response:
         created_after=_time_param(request, "created_after"),
         created_before=_time_param(request, "created_before"),
         limit=int(raw_limit),
-        cursor=request.query_params.get("cursor") or None,
+        cursor=id_cursor(request, "run"),
     )
     return shaped(RunPage, await services.runs.find(project_id, query))
 

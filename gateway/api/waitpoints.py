@@ -6,7 +6,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.api import views
-from gateway.api.bodies import json_object, parse_json, read_body
+from gateway.api.bodies import json_object, parse_json, read_body, require_json
 from gateway.api.routing import ApiRoute, Operation, Param
 from gateway.api.views import WaitpointView, shaped
 from gateway.runs.options import WaitpointComplete, WaitpointCreate
@@ -54,6 +54,8 @@ async def waitpoint_callback(request: Request) -> Response:
     if services.waitpoints.tokens.waitpoint_of(request.path_params["token"]) != waitpoint_id:
         raise WaitpointNotFound(waitpoint_id)
     raw = await read_body(request, services.settings.max_body_bytes)
+    if raw.strip():
+        require_json(request)
     output = parse_json(raw) if raw.strip() else None
     view = await services.waitpoints.complete_waitpoint(None, waitpoint_id, output)
     return shaped(WaitpointView, view)
@@ -112,7 +114,7 @@ routes = [
                 WAITPOINT_ID,
                 Param("token", "path", "the signed part of the waitpoint's url", required=True),
             ),
-            errors=(400, 401, 404, 409, 413, 422),
+            errors=(400, 401, 404, 409, 413, 415, 422),
         ),
     ),
 ]

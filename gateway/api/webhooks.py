@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from gateway.api import views
 from gateway.api.bodies import json_object
-from gateway.api.routing import PAGE, ApiRoute, Operation, Param
+from gateway.api.routing import PAGE, ApiRoute, Operation, Param, id_cursor
 from gateway.api.views import (
     DeliveryPage,
     DeliveryView,
@@ -43,7 +43,7 @@ def _page(request: Request) -> tuple[int, str | None]:
             "limit must be a whole number from 1 to 100",
             details=[{"path": "query.limit", "message": f"got {raw!r}", "type": "value_error"}],
         )
-    return int(raw), request.query_params.get("cursor") or None
+    return int(raw), id_cursor(request, "msg")
 
 
 async def create_endpoint(request: Request, project_id: str) -> Response:

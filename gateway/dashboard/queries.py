@@ -111,6 +111,9 @@ def endpoint_stats(
     }
 
 
+_MAX_ID = 2**31 - 1
+
+
 @dataclasses.dataclass(frozen=True)
 class Cursor:
     """A position in the live feed: the highest status change and delivery attempt IDs."""
@@ -127,7 +130,12 @@ class Cursor:
         # Digits only, and few enough to fit a BIGINT.
         if not all(p.isascii() and p.isdigit() and len(p) <= 18 for p in (transition, attempt)):
             return None
-        return cls(int(transition), int(attempt))
+        # The IDs are INTEGERs: PostgreSQL would refuse a larger number
+        # outright (the stream takes a position past its head as the head).
+        return cls(min(int(transition), _MAX_ID), min(int(attempt), _MAX_ID))
+
+    def at_most(self, other: Cursor) -> Cursor:
+        return Cursor(min(self.transition, other.transition), min(self.attempt, other.attempt))
 
     def back(self, by: int) -> Cursor:
         return Cursor(max(0, self.transition - by), max(0, self.attempt - by))

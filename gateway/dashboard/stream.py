@@ -46,8 +46,10 @@ async def live_feed(request: Request) -> Response:
     start = Cursor.parse(request.headers.get("last-event-id")) or Cursor.parse(
         request.query_params.get("after")
     )
-    if start is None:
-        start = await services.db.read(feed_cursor)
+    head = await services.db.read(feed_cursor)
+    # A position past the head (a forged or stale Last-Event-ID) is the head:
+    # the stream shows what comes from now on.
+    start = head if start is None else start.at_most(head)
 
     async def events() -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()

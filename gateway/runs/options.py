@@ -178,7 +178,8 @@ class RescheduleRequest(BaseModel):
 
 
 #: A queue's concurrency limit: ``None`` is no limit (pause a queue to stop it).
-ConcurrencyLimit = Annotated[int, Field(ge=1, le=100_000)]
+#: Strict: ``true`` is no limit of 1, nor ``"5"`` one of five.
+ConcurrencyLimit = Annotated[int, Field(ge=1, le=100_000, strict=True)]
 
 
 class QueueCreate(BaseModel):
