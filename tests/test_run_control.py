@@ -311,6 +311,17 @@ def test_an_sse_stream_follows_a_run_to_its_end(stack: Stack) -> None:
     assert [e["transition"]["from"] for e in events] == [None, "QUEUED", "EXECUTING"]
     assert events[-1]["is_final"] is True
     assert events[-1]["output"] == {"slept": 0.5}
+    # Replayed from the start after the end: the earlier statuses do not carry
+    # the end's output.
+    with stack.client() as client:
+        replayed = [
+            json.loads(line[len("data: ") :])
+            for line in client.get(f"/api/v1/runs/{run['id']}/events").text.splitlines()
+            if line.startswith("data: ")
+        ]
+    assert [e["status"] for e in replayed] == ["QUEUED", "EXECUTING", "COMPLETED"]
+    assert [e["output"] for e in replayed] == [None, None, {"slept": 0.5}]
+    assert replayed[0]["finished_at"] is None
 
 
 def test_a_public_token_reads_one_run_only_until_it_expires(stack: Stack) -> None:

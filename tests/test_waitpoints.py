@@ -219,3 +219,20 @@ def test_the_client_and_the_cli_cover_waitpoints(stack: Stack) -> None:
     assert json.loads(done.stdout)["output"] == {"by": "cli"}
     again = cli(stack, "waitpoints", "complete", created["id"], key=key)
     assert again.returncode == 1 and "waitpoint_already_completed" in again.stderr
+
+
+def test_canceling_a_waiting_workflow_ends_its_waitpoint(stack: Stack) -> None:
+    nodes = [{"id": "approve", "type": "wait", "data": {"timeout": "1h"}}]
+    with stack.client() as client:
+        started = client.post(
+            "/api/v1/tasks/execute-workflow/trigger", json={"payload": {"nodes": nodes, "edges": []}}
+        ).json()
+        waiting = _node_waitpoint(stack, started["id"], "approve")
+        assert client.post(f"/api/v1/runs/{started['id']}/cancel").status_code == 200
+        ended = client.get(f"/api/v1/waitpoints/{waiting['id']}").json()
+        run = client.get(f"/api/v1/runs/{started['id']}").json()
+    assert ended["status"] == "CANCELED"
+    assert run["status"] == "CANCELED" and run["nodes"]["approve"]["status"] == "CANCELED"
+    late = httpx.post(waiting["url"], json={"approved": True})
+    assert late.status_code == 409, late.text
+    assert late.json()["error"]["code"] == "waitpoint_already_completed"

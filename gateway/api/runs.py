@@ -124,6 +124,10 @@ async def run_events(request: Request, project_id: str | None) -> Response:
                             "at": isoformat(step["at"]),
                         },
                     }
+                    if not status.is_final:
+                        # A status replayed from the log: the run's end (its
+                        # output, its error) belongs to its final event only.
+                        data.update(output=None, error=None, finished_at=None)
                     if status.is_final:
                         # Lines that committed after the read above came
                         # before this final status: they go first.

@@ -376,7 +376,8 @@ class ScheduleList(_View):
 
 class WaitpointView(_View):
     id: str
-    status: Literal["WAITING", "COMPLETED", "TIMED_OUT"]
+    #: ``CANCELED``: the run that waited on it was canceled.
+    status: Literal["WAITING", "COMPLETED", "TIMED_OUT", "CANCELED"]
     #: ``manual`` (completed by a POST) or ``delay`` (a workflow's delay node).
     kind: str
     #: What completed it: the posted body.

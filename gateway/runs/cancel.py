@@ -7,9 +7,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from db.models import RunStatus
+from db.models import RunStatus, Waitpoint
 from db.types import utcnow
-from gateway.runs.cas import run_attempts, runs, select_run, transition
+from gateway.runs.cas import run_attempts, run_nodes, runs, select_run, transition
 from gateway.runs.effects import Effects
 from gateway.runs.errors import RunAlreadyFinal, RunNotFound
 from gateway.runs.read import view_of
@@ -20,6 +20,7 @@ from webhooks.outbox import create_run_deliveries
 __all__ = ["cancel_open_run", "cancel_run"]
 
 _FINAL = [s.value for s in RunStatus if s.is_final]
+waitpoints = Waitpoint.__table__  # type: ignore[attr-defined]
 
 
 def _cancel(
@@ -32,6 +33,18 @@ def _cancel(
         .values(status=RunStatus.CANCELED.value, finished_at=now)
     )
     done.abort.append(run_job_id(run["id"], run["attempt"], run["step"]))
+    # What it waited on ends with it: its waitpoints' URLs answer 409 from
+    # now on, and its waiting or running nodes say they were canceled.
+    conn.execute(
+        waitpoints.update()
+        .where(waitpoints.c.run_id == run["id"], waitpoints.c.status == "WAITING")
+        .values(status="CANCELED", completed_at=now)
+    )
+    conn.execute(
+        run_nodes.update()
+        .where(run_nodes.c.parent_id == run["id"], run_nodes.c.status.in_(("waiting", "running")))
+        .values(status="canceled", updated_at=now)
+    )
     done.changed.append(run["id"])
     done.finished.append(run["id"])
     done.outgoing.extend(
