@@ -225,3 +225,25 @@ def test_the_client_and_its_cli_need_none_of_the_server(stack: Stack) -> None:
     assert server.returncode != 0
     assert "pip install 'webhook-job-gateway[server]'" in server.stderr
     assert "Traceback" not in server.stderr
+
+
+def test_every_cli_group_lists_its_actions_and_rotates_a_webhook_secret(
+    stack: Stack, receiver: Receiver
+) -> None:
+    key = stack.new_key("cli-help")
+    for group, actions in (
+        ("queues", ("list", "get", "create", "limit", "pause", "resume")),
+        ("schedules", ("list", "create", "get", "rm", "enable", "disable")),
+        ("waitpoints", ("create", "get", "complete")),
+        ("webhooks", ("add", "list", "rm", "rotate-secret", "deliveries", "recover")),
+        ("runs", ("list", "get", "cancel", "replay", "logs", "bulk-cancel")),
+    ):
+        shown = cli(stack, group, "--help", key=key)
+        assert shown.returncode == 0, shown.stderr
+        for action in actions:
+            assert f"\n    {action}" in shown.stdout, (group, action, shown.stdout)
+    added = json.loads(cli(stack, "webhooks", "add", receiver.url("/rotated"), key=key).stdout)
+    rotated = cli(stack, "webhooks", "rotate-secret", added["id"], "--grace", "60", key=key)
+    assert rotated.returncode == 0, rotated.stderr
+    answer = json.loads(rotated.stdout)
+    assert answer["secret"].startswith("whsec_") and answer["secret"] != added["secret"]

@@ -427,6 +427,9 @@ def test_the_client_and_the_cli_cover_queues_and_bulk_actions(flow: Stack) -> No
     key = flow.api_key
     listed = cli(flow, "queues", "list", key=key)
     assert listed.returncode == 0 and queue in listed.stdout, listed.stderr
+    # One word, one meaning: a queue is active or paused; its runs executing.
+    assert all(line.count("running") == 0 for line in listed.stdout.splitlines())
+    assert "executing" in listed.stdout
     assert json.loads(cli(flow, "queues", "pause", queue, key=key).stdout)["paused"]
     limited = cli(flow, "queues", "limit", queue, "3", key=key)
     assert json.loads(limited.stdout)["concurrency_limit"] == 3

@@ -74,8 +74,12 @@ def add_commands(sub: Any) -> None:
     listing.add_argument("--tag")
     listing.add_argument("--queue")
     listing.add_argument("--limit", type=int, default=20)
-    for name in ("get", "cancel", "replay"):
-        runs_sub.add_parser(name).add_argument("run_id")
+    for name, text in (
+        ("get", "a run, with its attempts and output"),
+        ("cancel", "cancel a run (and a workflow's children)"),
+        ("replay", "a new run of the same task and payload"),
+    ):
+        runs_sub.add_parser(name, help=text).add_argument("run_id")
     for name in ("bulk-cancel", "bulk-replay"):
         bulk = runs_sub.add_parser(
             name, help=f"{name[5:]} every run a filter (or --id) selects, in the background"
@@ -93,23 +97,28 @@ def add_commands(sub: Any) -> None:
 
     scheds = sub.add_parser("schedules", help="run tasks on a cron clock")
     scheds_sub = scheds.add_subparsers(dest="schedules_command", required=True, metavar="ACTION")
-    scheds_sub.add_parser("list")
-    made_schedule = scheds_sub.add_parser("create")
+    scheds_sub.add_parser("list", help="the project's schedules")
+    made_schedule = scheds_sub.add_parser("create", help="a schedule of a task's runs")
     made_schedule.add_argument("task")
     made_schedule.add_argument("cron", help="5 fields, or 6 with leading seconds; quote it")
     made_schedule.add_argument("--timezone", default="UTC", help="an IANA name (UTC)")
     made_schedule.add_argument(
         "--payload", type=_json_arg, default=None, help="JSON, @file.json, or - for stdin"
     )
-    for name in ("get", "rm", "enable", "disable"):
-        scheds_sub.add_parser(name).add_argument("schedule_id")
+    for name, text in (
+        ("get", "a schedule, with its next run"),
+        ("rm", "delete a schedule (its runs stay)"),
+        ("enable", "start making runs again"),
+        ("disable", "make no more runs until enabled"),
+    ):
+        scheds_sub.add_parser(name, help=text).add_argument("schedule_id")
 
     points = sub.add_parser("waitpoints", help="make, show or complete waitpoints")
     points_sub = points.add_subparsers(dest="waitpoints_command", required=True, metavar="ACTION")
-    made_point = points_sub.add_parser("create")
+    made_point = points_sub.add_parser("create", help="a waitpoint and its signed URL")
     made_point.add_argument("--timeout", help="seconds, or 30m, 1h")
-    points_sub.add_parser("get").add_argument("waitpoint_id")
-    done_point = points_sub.add_parser("complete")
+    points_sub.add_parser("get", help="a waitpoint and its status").add_argument("waitpoint_id")
+    done_point = points_sub.add_parser("complete", help="complete a waitpoint (once)")
     done_point.add_argument("waitpoint_id")
     done_point.add_argument(
         "--output", type=_json_arg, default=None, help="JSON, @file.json, or - for stdin"
@@ -117,27 +126,38 @@ def add_commands(sub: Any) -> None:
 
     queues = sub.add_parser("queues", help="list queues, set their limits, pause or resume them")
     queues_sub = queues.add_subparsers(dest="queues_command", required=True, metavar="ACTION")
-    queues_sub.add_parser("list")
-    queues_sub.add_parser("get").add_argument("name")
-    made = queues_sub.add_parser("create")
+    queues_sub.add_parser("list", help="every queue: its limit, state and counts")
+    queues_sub.add_parser("get", help="a queue, with its counts").add_argument("name")
+    made = queues_sub.add_parser("create", help="a queue with a concurrency limit")
     made.add_argument("name")
     made.add_argument("--limit", type=int, help="runs at once (per concurrency key)")
     made.add_argument("--paused", action="store_true")
     limit = queues_sub.add_parser("limit", help="set the limit (none: no limit)")
     limit.add_argument("name")
     limit.add_argument("limit", type=_limit_arg, help="a number, or none")
-    queues_sub.add_parser("pause").add_argument("name")
-    queues_sub.add_parser("resume").add_argument("name")
+    queues_sub.add_parser("pause", help="start no more of its runs").add_argument("name")
+    queues_sub.add_parser("resume", help="start its runs again").add_argument("name")
 
     hooks = sub.add_parser("webhooks", help="add, list or remove callback endpoints")
     hooks_sub = hooks.add_subparsers(dest="webhooks_command", required=True, metavar="ACTION")
-    add = hooks_sub.add_parser("add")
+    add = hooks_sub.add_parser("add", help="an endpoint; prints its signing secret")
     add.add_argument("url")
     add.add_argument("--event", action="append", dest="events")
     add.add_argument("--task", action="append", dest="tasks")
     add.add_argument("--description", default="")
-    hooks_sub.add_parser("list")
-    hooks_sub.add_parser("rm").add_argument("endpoint_id")
+    hooks_sub.add_parser("list", help="the project's endpoints")
+    hooks_sub.add_parser("rm", help="delete an endpoint").add_argument("endpoint_id")
+    rotate = hooks_sub.add_parser(
+        "rotate-secret",
+        help="a new signing secret; the old one still signs for the grace period",
+    )
+    rotate.add_argument("endpoint_id")
+    rotate.add_argument(
+        "--grace",
+        type=float,
+        default=None,
+        help="seconds the old secret stays valid (WEBHOOK_ROTATION_GRACE)",
+    )
     deliveries = hooks_sub.add_parser("deliveries", help="an endpoint's messages, newest first")
     deliveries.add_argument("endpoint_id")
     deliveries.add_argument("--limit", type=int, default=20)
@@ -286,10 +306,10 @@ def _queues(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     if command == "list":
         for queue in client.list_queues()["data"]:
             limit = queue["concurrency_limit"]
-            state = "paused" if queue["paused"] else "running"
+            state = "paused" if queue["paused"] else "active"
             out.write(
                 f"{queue['name']:<24} limit {'none' if limit is None else limit:<6} {state:<8} "
-                f"queued {queue['queued']:<6} running {queue['running']}\n"
+                f"queued {queue['queued']:<6} executing {queue['running']}\n"
             )
         return 0
     if command == "get":
@@ -337,6 +357,8 @@ def _webhooks(client: Client, args: argparse.Namespace, out: TextIO) -> int:
             ),
             out,
         )
+    elif args.webhooks_command == "rotate-secret":
+        _print(client.rotate_webhook_secret(args.endpoint_id, grace_period=args.grace), out)
     else:
         client.delete_webhook(args.endpoint_id)
         out.write(f"deleted {args.endpoint_id}\n")
