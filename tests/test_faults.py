@@ -242,12 +242,15 @@ def test_with_the_defaults_a_killed_workers_runs_start_again_within_15_s_and_a_b
     """The default heartbeat settings: a SIGKILLed worker's runs are noticed and
     started again within 15 s; a worker kept busy (CPU-bound runs in threads on
     both cores, a task logging as fast as it can) loses none to ``worker_lost``."""
-    with launch_stack(
-        "heartbeats",
-        databases.new("heartbeats"),
-        f"{redis_server.url}/{_redis_db(database_url, 10)}",
-        tmp_path_factory.mktemp("logs-heartbeats"),
-    ) as stack, stack.client() as client:
+    with (
+        launch_stack(
+            "heartbeats",
+            databases.new("heartbeats"),
+            f"{redis_server.url}/{_redis_db(database_url, 10)}",
+            tmp_path_factory.mktemp("logs-heartbeats"),
+        ) as stack,
+        stack.client() as client,
+    ):
         busy = [
             client.post(
                 "/api/v1/tasks/tests.blocking/trigger",

@@ -181,9 +181,7 @@ def test_a_project_with_one_run_goes_next_whatever_another_queued(
         mine = _trigger(client, "echo", {"lone": True})
     done = _all_final(stack, [*flood, mine], timeout=90)
     [(triggered,)] = stack.query("SELECT created_at FROM runs WHERE id = :i", i=mine)
-    overtaking = [
-        i for i in flood if triggered < done[i]["started_at"] < done[mine]["started_at"]
-    ]
+    overtaking = [i for i in flood if triggered < done[i]["started_at"] < done[mine]["started_at"]]
     # The flood's runs that started between the lone trigger and its start: at
     # most the one that was running and one the worker had taken already.
     assert len(overtaking) <= 2, (len(overtaking), len(flood))

@@ -83,9 +83,7 @@ def test_a_worker_and_metrics_ride_out_a_redis_outage(
             assert stack.worker.alive, stack.worker.log_tail()
         finally:
             own_redis.start()
-        final = client.get(
-            f"/api/v1/runs/{accepted.json()['id']}", params={"wait": 30}
-        ).json()
+        final = client.get(f"/api/v1/runs/{accepted.json()['id']}", params={"wait": 30}).json()
         assert final["status"] == "COMPLETED", (final, stack.worker.log_tail())
         assert stack.worker.alive, stack.worker.log_tail()
         assert stack.run("echo", {"after": True})["status"] == "COMPLETED"

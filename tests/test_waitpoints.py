@@ -225,7 +225,8 @@ def test_canceling_a_waiting_workflow_ends_its_waitpoint(stack: Stack) -> None:
     nodes = [{"id": "approve", "type": "wait", "data": {"timeout": "1h"}}]
     with stack.client() as client:
         started = client.post(
-            "/api/v1/tasks/execute-workflow/trigger", json={"payload": {"nodes": nodes, "edges": []}}
+            "/api/v1/tasks/execute-workflow/trigger",
+            json={"payload": {"nodes": nodes, "edges": []}},
         ).json()
         waiting = _node_waitpoint(stack, started["id"], "approve")
         assert client.post(f"/api/v1/runs/{started['id']}/cancel").status_code == 200
