@@ -162,11 +162,19 @@ def test_schedule_inputs_are_checked_and_change_nothing(flow: Stack) -> None:
     ("cron", "after", "expected"),
     [
         # Spring forward in Berlin: 02:30 does not exist on 29 March; it runs
-        # once, at the jump (03:30 CEST = 01:30 UTC), then at 02:30 again.
+        # once, at the jump (02:00 CET becomes 03:00 CEST = 01:00 UTC), then
+        # at 02:30 again.
         (
             "30 2 * * *",
             "2026-03-28T12:00:00+00:00",
-            ["2026-03-29T01:30:00+00:00", "2026-03-30T00:30:00+00:00"],
+            ["2026-03-29T01:00:00+00:00", "2026-03-30T00:30:00+00:00"],
+        ),
+        # Every half hour: 02:00 and 02:30 are both skipped; one run at the
+        # jump, then 03:30 CEST.
+        (
+            "*/30 * * * *",
+            "2026-03-29T00:40:00+00:00",
+            ["2026-03-29T01:00:00+00:00", "2026-03-29T01:30:00+00:00"],
         ),
         # Fall back: 02:30 comes twice on 25 October; it runs at the first.
         (

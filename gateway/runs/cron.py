@@ -3,9 +3,9 @@
 Five fields (minute precision), or six with a leading seconds field
 (``*/5 * * * * *`` is every five seconds), read by croniter on the zone's wall
 clock. The ticks are then put on the UTC line and kept strictly increasing: a
-wall-clock time that a DST change skips maps forward to the same instant as
-the next real one and runs once, and one that it repeats (the hour that comes
-twice in autumn) runs at its first occurrence only.
+wall-clock time that a DST change skips runs once, at the jump (the first
+instant after the gap), and one that it repeats (the hour that comes twice in
+autumn) runs at its first occurrence only.
 """
 
 from __future__ import annotations
@@ -59,6 +59,30 @@ def _step(move: Callable[[type[dt.datetime]], dt.datetime], expression: str) -> 
         raise CronError(f"{expression!r} never matches a date: {exc}") from None
 
 
+def _instant(wall: dt.datetime, where: zoneinfo.ZoneInfo) -> dt.datetime:
+    """The UTC instant of a wall-clock time in ``where``: a repeated time's
+    first occurrence (fold=0), and for a time the clock skips, the instant
+    of the jump itself (02:30 on a spring-forward night at 02:00 runs at
+    03:00, the first minute that exists)."""
+    first = wall.replace(tzinfo=where, fold=0).astimezone(dt.UTC)
+    if first.astimezone(where).replace(tzinfo=None) == wall:
+        return first
+    # Skipped: the jump lies between the two readings of the time (an hour
+    # apart at most); find the instant the offset changes.
+    low = wall.replace(tzinfo=where, fold=1).astimezone(dt.UTC)
+    high = first
+    if low > high:
+        low, high = high, low
+    before = low.astimezone(where).utcoffset()
+    while high - low > dt.timedelta(seconds=1):
+        middle = low + (high - low) / 2
+        if middle.astimezone(where).utcoffset() == before:
+            low = middle
+        else:
+            high = middle
+    return high.replace(microsecond=0)
+
+
 def next_tick(expression: str, tz: str, after: dt.datetime) -> dt.datetime:
     """The first tick strictly after ``after`` (aware), in UTC."""
     where = zone(tz)
@@ -66,9 +90,7 @@ def next_tick(expression: str, tz: str, after: dt.datetime) -> dt.datetime:
     ticks = croniter(expression, local, second_at_beginning=_seconds_first(expression))
     for _ in range(1000):
         wall: dt.datetime = _step(ticks.get_next, expression)
-        # fold=0: a repeated wall time is its first occurrence; a skipped one
-        # lands on the instant the clock jumped to.
-        instant = wall.replace(tzinfo=where, fold=0).astimezone(dt.UTC)
+        instant = _instant(wall, where)
         if instant > after:
             return instant
     raise CronError(f"{expression!r} has no tick after {after.isoformat()} in {tz}")
@@ -85,7 +107,7 @@ def previous_tick(expression: str, tz: str, at: dt.datetime) -> dt.datetime | No
             wall: dt.datetime = _step(ticks.get_prev, expression)
         except CronError:
             return None
-        instant = wall.replace(tzinfo=where, fold=0).astimezone(dt.UTC)
+        instant = _instant(wall, where)
         if instant <= at:
             return instant
     return None
