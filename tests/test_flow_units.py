@@ -239,3 +239,18 @@ def test_bulk_replay_makes_one_run_each_and_never_replays_its_own(unit: Unit) ->
         )
     )
     assert replayed == sorted(ids)
+
+
+def test_a_bulk_actions_count_ends_as_the_runs_it_went_through(unit: Unit) -> None:
+    """A run made before the action but committed after it (another
+    transaction in flight) is selected too: the count says so once done."""
+    made = utcnow()
+    for _ in range(3):
+        trigger(unit, tags=["late"])
+    bulk = unit(create_bulk, PROJECT, "cancel", {"filter": {"tag": "late"}}, utcnow())
+    assert bulk["count"] == 3
+    trigger(unit, tags=["late"], created_at=made)  # committed now, made before
+    page, _ = flow(unit, bulk_page, bulk["id"], utcnow())
+    done = unit(load_bulk, PROJECT, bulk["id"])
+    assert page.done and done["status"] == "completed"
+    assert done["count"] == done["processed"] == 4

@@ -336,7 +336,8 @@ class BulkView(_View):
     action: Literal["cancel", "replay"]
     status: Literal["running", "completed"]
     selection: dict[str, Any]
-    #: The runs it selected when it was made.
+    #: The runs it selects: those committed when it was made, while it runs;
+    #: once completed, exactly the runs it went through.
     count: int
     processed: int
     #: Runs canceled, or replays made.

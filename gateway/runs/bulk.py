@@ -179,6 +179,11 @@ def bulk_page(conn: sa.Connection, bulk_id: str, now: dt.datetime) -> BulkPage:
     else:
         succeeded = _replay(conn, page, now, done) if page else 0
     finished = len(page) < PAGE
+    processed = bulk["processed"] + len(page)
+    # The count taken at the start is what was committed then; a run another
+    # transaction had made before the action but committed after it is
+    # selected too. Once done, the count is what the action went through.
+    count = processed if finished else max(bulk["count"], processed)
     moved = conn.execute(
         bulk_actions.update()
         .where(
@@ -190,7 +195,8 @@ def bulk_page(conn: sa.Connection, bulk_id: str, now: dt.datetime) -> BulkPage:
         )
         .values(
             cursor=page[-1] if page else bulk["cursor"],
-            processed=bulk["processed"] + len(page),
+            count=count,
+            processed=processed,
             succeeded=bulk["succeeded"] + succeeded,
             skipped=bulk["skipped"] + len(page) - succeeded,
             status="completed" if finished else "running",
