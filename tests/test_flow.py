@@ -240,12 +240,50 @@ def test_a_paused_queue_holds_its_runs_until_resumed(flow: Stack) -> None:
         assert flow_run["status"] == "COMPLETED"
         statuses = flow.query("SELECT status, held FROM runs WHERE id IN :ids", ids=tuple(ids))
         assert [s for s, _ in statuses] == ["QUEUED"] * 3 and all(h for _, h in statuses)
-        listed = {q["name"]: q for q in client.get("/api/v1/queues").json()["data"]}
+        listed = {q["name"]: q for q in _every_queue(client)}
         assert listed[queue]["paused"] and listed[queue]["queued"] == 3
         resumed = client.patch(f"/api/v1/queues/{queue}", json={"paused": False})
         assert resumed.status_code == 200 and not resumed.json()["paused"]
         done = _all_final(flow, ids)
     assert sorted(done, key=lambda i: done[i]["started_at"]) == ids
+
+
+def _every_queue(client: httpx.Client, limit: int = 100) -> list[dict[str, Any]]:
+    """Every queue of the project, page after page."""
+    found: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": limit}
+        if cursor:
+            params["cursor"] = cursor
+        page = client.get("/api/v1/queues", params=params).json()
+        found += page["data"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return found
+
+
+def test_queues_come_in_pages_and_a_queue_a_trigger_names_leaves_no_row(flow: Stack) -> None:
+    key = flow.new_key(_name("named-queues"))
+    prefix = _name("named")
+    with flow.client(key) as client:
+        answer = client.post(
+            "/api/v1/tasks/batch",
+            json={
+                "items": [
+                    {"task": "echo", "options": {"queue": f"{prefix}-{n:03}"}} for n in range(120)
+                ]
+            },
+        )
+        assert answer.status_code == 202, answer.text
+        ids = [item["id"] for item in answer.json()["runs"]]
+        _all_final(flow, ids)
+        pages = _every_queue(client, limit=7)
+        names = [q["name"] for q in pages]
+        assert names == sorted(set(names))  # in order, none twice across pages
+        assert not any(name.startswith(prefix) for name in names)
+    rows = flow.query("SELECT count(*) FROM queues WHERE name LIKE :p", p=f"{prefix}%")[0][0]
+    assert rows == 0
 
 
 def _bulk_done(client: httpx.Client, bulk_id: str) -> dict[str, Any]:

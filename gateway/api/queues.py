@@ -7,7 +7,7 @@ from starlette.responses import Response
 
 from gateway.api import views
 from gateway.api.bodies import json_object
-from gateway.api.routing import ApiRoute, Operation, Param
+from gateway.api.routing import PAGE, ApiRoute, Operation, Param, invalid_cursor, page_limit
 from gateway.api.views import QueueList, QueueView, shaped
 from gateway.runs.options import QueueCreate, QueueUpdate
 from gateway.services import services_of
@@ -16,7 +16,12 @@ __all__ = ["routes"]
 
 
 async def list_queues(request: Request, project_id: str) -> Response:
-    return shaped(QueueList, {"data": await services_of(request).flow.queues(project_id)})
+    limit = page_limit(request)
+    after = request.query_params.get("cursor") or None
+    if after is not None and len(after) > 200:
+        raise invalid_cursor(after)
+    page = await services_of(request).flow.queues(project_id, limit=limit, after=after)
+    return shaped(QueueList, page)
 
 
 async def create_queue(request: Request, project_id: str) -> Response:
@@ -55,6 +60,8 @@ routes = [
             "List the queues: configured ones, those runs are in, each task's own",
             "queues",
             {200: views.QueueList},
+            params=PAGE,
+            errors=(400, 422),
         ),
     ),
     ApiRoute(

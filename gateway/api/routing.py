@@ -26,7 +26,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.auth.tokens import PublicTokens
-from gateway.errors import BadRequest
+from gateway.errors import BadRequest, ValidationFailed
 from gateway.runs.errors import RunNotFound
 from gateway.services import services_of
 
@@ -38,6 +38,7 @@ __all__ = [
     "Param",
     "id_cursor",
     "invalid_cursor",
+    "page_limit",
     "recheck",
 ]
 
@@ -80,6 +81,20 @@ class Operation:
     auth: Auth = "key"
     params: tuple[Param, ...] = ()
     errors: tuple[int, ...] = ()
+
+
+def page_limit(request: Request, default: int = 100, most: int = 100) -> int:
+    """The ``limit`` query parameter: 1 to ``most`` (``default`` when absent),
+    else a 422 naming it."""
+    raw = request.query_params.get("limit", str(default))
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= most:
+        raise ValidationFailed(
+            f"limit must be a whole number from 1 to {most}",
+            details=[
+                {"path": "query.limit", "message": f"got {raw[:40]!r}", "type": "value_error"}
+            ],
+        )
+    return int(raw)
 
 
 _ID_BODY = re.compile(r"^[0-9a-hjkmnp-tv-z]{26}$")

@@ -327,6 +327,8 @@ class QueueView(_View):
 
 class QueueList(_View):
     data: list[QueueView]
+    #: The next page's ``cursor`` (a queue's name), or ``null`` on the last.
+    next_cursor: str | None
 
 
 class BulkView(_View):

@@ -355,8 +355,11 @@ class _Calls(Generic[R]):
 
     # queues -------------------------------------------------------------
 
-    def list_queues(self) -> R:
-        return self._call("GET", "/api/v1/queues")
+    def list_queues(self, *, limit: int = 100, cursor: str | None = None) -> R:
+        """A page of queues (``next_cursor`` for the next)."""
+        return self._call(
+            "GET", "/api/v1/queues", params=_options({"limit": limit, "cursor": cursor})
+        )
 
     def get_queue(self, name: str) -> R:
         return self._call("GET", f"/api/v1/queues/{name}")

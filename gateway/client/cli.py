@@ -301,10 +301,20 @@ def _waitpoints(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _all_queues(client: Client) -> Any:
+    cursor = None
+    while True:
+        page = client.list_queues(cursor=cursor)
+        yield from page["data"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return
+
+
 def _queues(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     command = args.queues_command
     if command == "list":
-        for queue in client.list_queues()["data"]:
+        for queue in _all_queues(client):
             limit = queue["concurrency_limit"]
             state = "paused" if queue["paused"] else "active"
             out.write(

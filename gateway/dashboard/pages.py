@@ -199,8 +199,11 @@ async def queues_page(request: Request) -> Response:
     viewer = await viewer_of(request)
     services = services_of(request)
     common = await _common(request, viewer, "queues")
-    queues = await services.flow.queues(viewer.project_id)
-    return render(request, "queues", {**common, "queues": queues}, live=True)
+    # Configured queues and those with runs in them, a page of them (a
+    # project can name thousands of queues in its triggers).
+    page = await services.flow.queues(viewer.project_id, limit=200)
+    context = {**common, "queues": page["data"], "more": page["next_cursor"] is not None}
+    return render(request, "queues", context, live=True)
 
 
 async def schedules_page(request: Request) -> Response:

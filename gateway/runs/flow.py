@@ -85,21 +85,10 @@ def queue_rule(
                 .mappings()
                 .first()
             )
-    if row is None and task is not None and default_queue(task)[0] != name:
-        # A queue the trigger named that the project does not have: it is made
-        # with no limit (as Trigger.dev does), so it is listed and can be given one.
-        now = dt.datetime.now(dt.UTC)
-        insert_queue(
-            conn,
-            {
-                "project_id": project_id,
-                "name": name,
-                "concurrency_limit": None,
-                "paused": False,
-                "created_at": now,
-                "updated_at": now,
-            },
-        )
+    # A queue a trigger names that the project does not have gets no row: it
+    # has no limit and is not paused, it is listed while runs are in it, and
+    # a PATCH that gives it a limit makes its row. (Rows for every name a
+    # trigger ever gave grew without bound: 3,000 names, 3,000 rows.)
     rule = QueueRule() if row is None else QueueRule(row["concurrency_limit"], row["paused"])
     if cache is not None:
         cache[key] = rule

@@ -29,8 +29,11 @@ class FlowService(UnitRunner):
         #: Bulk actions this process is doing, by ID.
         self._bulks: dict[str, asyncio.Task[None]] = {}
 
-    async def queues(self, project_id: str) -> list[dict[str, Any]]:
-        return await self.db.read(list_queues, project_id)
+    async def queues(
+        self, project_id: str, *, limit: int = 1000, after: str | None = None
+    ) -> dict[str, Any]:
+        """A page of the project's queues (``next_cursor``: the last name)."""
+        return await self.db.read(list_queues, project_id, limit, after)
 
     async def queue(self, project_id: str, name: str) -> dict[str, Any]:
         return await self.db.read(get_queue, project_id, name)

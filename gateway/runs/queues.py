@@ -2,8 +2,9 @@
 
 A queue nobody configured has no row: it has no limit and is not paused. A
 row is made by ``POST /api/v1/queues``, by a PATCH of a queue that had none,
-by the first run of a task that declares a limit, and by a trigger that names
-a queue the project does not have (``options.queue``), which then has no limit.
+and by the first run of a task that declares a limit. A queue that a trigger
+names (``options.queue``) and nobody configured is listed while runs are in
+it. The list comes in pages, by name.
 """
 
 from __future__ import annotations
@@ -90,17 +91,23 @@ def _task_queues() -> dict[str, int | None]:
     return declared
 
 
-def list_queues(conn: sa.Connection, project_id: str) -> list[dict[str, Any]]:
-    """The project's queues: those it configured, those its runs are in, and
-    each task's own; by name."""
+def list_queues(
+    conn: sa.Connection, project_id: str, limit: int = 1000, after: str | None = None
+) -> dict[str, Any]:
+    """A page of the project's queues: those it configured, those its runs
+    are in, and each task's own; by name, from after ``after``."""
     rows = {
         r["name"]: dict(r)
         for r in conn.execute(sa.select(queues).where(queues.c.project_id == project_id)).mappings()
     }
     counts = _counts(conn, project_id)
     declared = _task_queues()
-    names = sorted({*rows, *counts, *declared})
-    return [_view(n, rows.get(n), counts.get(n), declared.get(n)) for n in names]
+    names = sorted(n for n in {*rows, *counts, *declared} if after is None or n > after)
+    page = names[:limit]
+    return {
+        "data": [_view(n, rows.get(n), counts.get(n), declared.get(n)) for n in page],
+        "next_cursor": page[-1] if len(names) > limit else None,
+    }
 
 
 def get_queue(conn: sa.Connection, project_id: str, name: str) -> dict[str, Any]:
