@@ -347,12 +347,17 @@ def test_the_schedules_page_shows_next_and_last_runs_and_disables(
         made = client.post(
             "/api/v1/schedules", json={"task": "echo", "cron": "*/2 * * * * *"}
         ).json()
+        hourly = client.post("/api/v1/schedules", json={"task": "echo", "cron": "0 * * * *"}).json()
     dash = dashboards()
     dash.sign_in(key)
     page = dash.open("/schedules")
     dash.wait_live()
     row = f"tr[data-schedule='{made['id']}']"
     expect(page.locator(f"{row} [data-state]")).to_have_text("enabled")
+    # A next run still to come reads as such, not "just now".
+    expect(page.locator(f"tr[data-schedule='{hourly['id']}'] [data-next]")).to_contain_text(
+        re.compile(r"^in \d+ (min|s)$")
+    )
     # A tick's run shows up as the last run, live.
     expect(page.locator(f"{row} [data-last] a")).to_have_count(1, timeout=15000)
     dash.screenshot("schedules", full_page=False)
@@ -552,6 +557,48 @@ def test_a_workflow_run_draws_its_graph_with_each_nodes_status(
     assert page.url.endswith(f"/dashboard/runs/{run['nodes']['crop']['run_id']}")
     expect(page.locator("#run-status .badge")).to_have_text("COMPLETED")
     expect(page.locator(".crumbs")).to_contain_text(run["id"])
+
+
+def test_an_edge_that_skips_a_layer_goes_round_the_nodes_between(
+    stack: Stack, dashboards: Any, gemini: GeminiStandIn
+) -> None:
+    key = project(stack, "graph-lane")
+    nodes = [
+        {"id": "brief", "type": "text", "data": {"label": "Brief", "text": "Be brief."}},
+        {"id": "first", "type": "llm", "data": {"label": "First", "user_message": "One"}},
+        {"id": "second", "type": "llm", "data": {"label": "Second", "user_message": "Two"}},
+    ]
+    edges = [
+        edge("brief", "first", "system_prompt"),
+        edge("first", "second", "user_message"),
+        edge("brief", "second", "system_prompt"),
+    ]
+    run = final(
+        stack, key, trigger(stack, key, "execute-workflow", {"nodes": nodes, "edges": edges})
+    )
+    dash = dashboards()
+    dash.sign_in(key)
+    page = dash.open(f"/runs/{run['id']}")
+    expect(page.locator("#graph svg path.edge")).to_have_count(3)
+    hidden = page.evaluate(
+        """() => {
+          const path = document.querySelector(
+            "#graph path.edge[data-source='brief'][data-target='second']");
+          const node = document.querySelector("#graph g.node[data-node-id='first']");
+          const box = node.querySelector("rect.box");
+          const [x, y] = node.getAttribute("transform").match(/[-\\d.]+/g).map(Number);
+          const w = Number(box.getAttribute("width")), h = Number(box.getAttribute("height"));
+          const length = path.getTotalLength();
+          let inside = 0;
+          for (let i = 0; i <= 100; i++) {
+            const p = path.getPointAtLength((length * i) / 100);
+            if (p.x > x && p.x < x + w && p.y > y && p.y < y + h) inside++;
+          }
+          return inside;
+        }"""
+    )
+    assert hidden == 0
+    dash.screenshot("workflow-lane", full_page=False)
 
 
 # -- endpoints ---------------------------------------------------------------------------

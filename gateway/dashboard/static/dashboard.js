@@ -13,6 +13,20 @@
     month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit",
   });
 
+  // A time relative to now: "3 min ago", or for a time still to come (a
+  // schedule's next run) "in 3 min"; null past a day either way.
+  function relative(seconds) {
+    if (seconds < 0) {
+      const ahead = -seconds;
+      if (ahead < 1) return "now";
+      if (ahead < 60) return "in " + Math.ceil(ahead) + " s";
+      if (ahead < 3600) return "in " + Math.ceil(ahead / 60) + " min";
+      if (ahead < 86400) return "in " + Math.ceil(ahead / 3600) + " h";
+      return null;
+    }
+    return ago(seconds);
+  }
+
   function ago(seconds) {
     if (seconds < 1) return "just now";
     if (seconds < 60) return Math.floor(seconds) + " s ago";
@@ -36,7 +50,7 @@
       if (isNaN(at)) return;
       const exact = clock.format(at);
       el.title = at.toString();
-      el.textContent = ago((now - at.getTime()) / 1000) || exact;
+      el.textContent = relative((now - at.getTime()) / 1000) || exact;
     });
     root.querySelectorAll("[data-since]").forEach((el) => {
       const at = new Date(el.dataset.since);
@@ -119,8 +133,12 @@
   function drawGraph(container, graph) {
     container.replaceChildren();
     if (!graph.nodes.length) return;
-    const { layers } = layout(graph);
+    const { layers, layer } = layout(graph);
     const vertical = container.clientWidth > 0 && container.clientWidth < 560;
+    // An edge that skips a layer would run behind the nodes between: it goes
+    // round them instead, along a lane kept free beside the nodes.
+    const skips = (e) => layer.get(e.target) - layer.get(e.source) > 1;
+    const LANE = graph.edges.some(skips) ? 22 : 0;
     const tallest = Math.max(...layers.map((l) => l.length));
     const span = (n, size, gap) => n * size + (n - 1) * gap;
     const pos = new Map();
@@ -128,17 +146,22 @@
       ids.forEach((id, i) => {
         if (vertical) {
           const offset = (span(tallest, NODE_W, GAP_Y) - span(ids.length, NODE_W, GAP_Y)) / 2;
-          pos.set(id, { x: PAD + offset + i * (NODE_W + GAP_Y), y: PAD + l * (NODE_H + GAP_X) });
+          pos.set(id, {
+            x: PAD + LANE + offset + i * (NODE_W + GAP_Y), y: PAD + l * (NODE_H + GAP_X),
+          });
         } else {
           const offset = (span(tallest, NODE_H, GAP_Y) - span(ids.length, NODE_H, GAP_Y)) / 2;
-          pos.set(id, { x: PAD + l * (NODE_W + GAP_X), y: PAD + offset + i * (NODE_H + GAP_Y) });
+          pos.set(id, {
+            x: PAD + l * (NODE_W + GAP_X), y: PAD + LANE + offset + i * (NODE_H + GAP_Y),
+          });
         }
       });
     });
     const across = span(layers.length, vertical ? NODE_H : NODE_W, GAP_X);
     const down = span(tallest, vertical ? NODE_W : NODE_H, GAP_Y);
-    const width = 2 * PAD + (vertical ? down : across);
-    const height = 2 * PAD + (vertical ? across : down);
+    const width = 2 * PAD + (vertical ? down + LANE : across);
+    const height = 2 * PAD + (vertical ? across : down + LANE);
+    const lane = PAD + LANE / 3;
     const svg = el("svg", {
       viewBox: `0 0 ${width} ${height}`, width, height, class: "workflow",
       "aria-label": "workflow graph",
@@ -154,7 +177,15 @@
     for (const e of graph.edges) {
       const a = pos.get(e.source), b = pos.get(e.target);
       let d;
-      if (vertical) {
+      if (skips(e) && vertical) {
+        const x1 = a.x, y1 = a.y + NODE_H / 2, x2 = b.x, y2 = b.y + NODE_H / 2;
+        d = `M ${x1} ${y1} C ${lane} ${y1}, ${lane} ${y1}, ${lane} ${y1 + GAP_X} ` +
+          `L ${lane} ${y2 - GAP_X} C ${lane} ${y2}, ${lane} ${y2}, ${x2 - 2} ${y2}`;
+      } else if (skips(e)) {
+        const x1 = a.x + NODE_W / 2, y1 = a.y, x2 = b.x + NODE_W / 2, y2 = b.y;
+        d = `M ${x1} ${y1} C ${x1} ${lane}, ${x1} ${lane}, ${x1 + GAP_X} ${lane} ` +
+          `L ${x2 - GAP_X} ${lane} C ${x2} ${lane}, ${x2} ${lane}, ${x2} ${y2 - 2}`;
+      } else if (vertical) {
         const x1 = a.x + NODE_W / 2, y1 = a.y + NODE_H, x2 = b.x + NODE_W / 2, y2 = b.y;
         const bend = (y2 - y1) / 2;
         d = `M ${x1} ${y1} C ${x1} ${y1 + bend}, ${x2} ${y2 - bend}, ${x2} ${y2 - 2}`;
