@@ -44,6 +44,21 @@ def _schedule(value: Any) -> Any:
 Schedule = Annotated[tuple[float, ...], NoDecode, BeforeValidator(_schedule)]
 
 
+def _site_url(site_address: str) -> str | None:
+    """The URL clients reach a proxy's site at: ``https://`` a domain (the
+    proxy gets its certificate), ``http://`` localhost, ``None`` for an
+    address that names no host (``:80``)."""
+    address = site_address.strip().split(",")[0].strip()
+    if "://" in address:
+        return address
+    host = address.split(":")[0]
+    if not host:
+        return None
+    if host in ("localhost", "127.0.0.1"):
+        return f"http://{address}"
+    return f"https://{address}"
+
+
 class Settings(worker_settings.Settings):
     """The gateway's configuration. See the README's table for each variable."""
 
@@ -88,8 +103,12 @@ class Settings(worker_settings.Settings):
     artifact_url_ttl: int = Field(default=7 * 24 * 3600, ge=1)
     #: The largest artifact a worker may store.
     max_artifact_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
-    #: The base of links handed to clients (artifact URLs); default GATEWAY_URL.
+    #: The base of links handed to clients (artifact URLs); default
+    #: ``https://$SITE_ADDRESS`` when that names a host, else GATEWAY_URL.
     public_url: str = ""
+    #: The address the reverse proxy serves (compose.yaml's Caddy: a domain
+    #: it gets a certificate for, or ``:80``); it gives PUBLIC_URL's default.
+    site_address: str = ""
     #: How long a run's public access token stays valid, in seconds.
     public_token_ttl: int = Field(default=3600, ge=1)
     #: Origins a browser may call the API from (CORS); empty: none.
@@ -121,7 +140,9 @@ class Settings(worker_settings.Settings):
             "artifact_dir": self.artifact_dir or self.data_dir / "artifacts",
             "artifact_store": self.artifact_store
             or ("local" if database_url.startswith("sqlite") else "database"),
-            "public_url": (self.public_url or self.gateway_url).rstrip("/"),
+            "public_url": (
+                self.public_url or _site_url(self.site_address) or self.gateway_url
+            ).rstrip("/"),
         }
         for name, value in derived.items():
             object.__setattr__(self, name, value)

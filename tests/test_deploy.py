@@ -170,3 +170,24 @@ def test_the_package_holds_its_migrations_templates_and_static_files(tmp_path: P
     missing = [n for n in needed if n not in names]
     assert needed and not missing, missing
     assert not [n for n in names if n.startswith("tests/")]
+
+
+def test_compose_keeps_no_password_and_links_follow_the_site_address() -> None:
+    from gateway.settings import Settings
+
+    text = (ROOT / "compose.yaml").read_text()
+    services = compose()["services"]
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith(
+        "${POSTGRES_PASSWORD:?"
+    )
+    assert "${POSTGRES_PASSWORD:?" in our_services()["migrate"]["environment"]["DATABASE_URL"]
+    assert "gateway:gateway@" not in text
+    base = {"GATEWAY_SECRET_KEY": "x" * 32, "GATEWAY_URL": "http://proxy"}
+    for site, public in (
+        ("jobs.example.com", "https://jobs.example.com"),
+        ("localhost", "http://localhost"),
+        (":80", "http://proxy"),
+    ):
+        assert Settings.from_env({**base, "SITE_ADDRESS": site}).public_url == public
+    explicit = {**base, "SITE_ADDRESS": "jobs.example.com", "PUBLIC_URL": "https://x.example"}
+    assert Settings.from_env(explicit).public_url == "https://x.example"
