@@ -711,8 +711,11 @@ def test_a_slow_receivers_backlog_delays_no_other_receiver_and_loses_no_attempt(
 def test_only_a_retried_job_records_its_predecessor_lost(stack: Stack, receiver: Receiver) -> None:
     """A first try that waited its turn past its lease is sent; a job run
     again (its worker died on it) first records the attempt it may have sent."""
+    from db.models import Delivery
     from jobs.protocol import PREPARE_PATH, sign_request
     from tests.conftest import TEST_SECRET
+
+    deliveries = Delivery.__table__  # type: ignore[attr-defined]
 
     path = f"/lease-{secrets.token_hex(3)}"
     run = stack.run("echo", {"lease": True}, callback_url=receiver.url(path))
@@ -722,14 +725,13 @@ def test_only_a_retried_job_records_its_predecessor_lost(stack: Stack, receiver:
     def prepare(retried: bool) -> dict[str, Any]:
         # The delivery as a worker finds it after a long wait: pending, its
         # lease taken an hour ago.
+        an_hour_ago = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
         db_call(
             stack.database_url,
-            lambda conn: conn.exec_driver_sql(
-                "UPDATE deliveries SET status = 'pending', leased_at = ?, attempts = 1 WHERE id = ?"
-                if stack.database_url.startswith("sqlite")
-                else "UPDATE deliveries SET status = 'pending', leased_at = %s, attempts = 1 "
-                "WHERE id = %s",
-                (dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(hours=1), delivery_id),
+            lambda conn: conn.execute(
+                deliveries.update()
+                .where(deliveries.c.id == delivery_id)
+                .values(status="pending", leased_at=an_hour_ago, attempts=1)
             ),
             write=True,
         )
