@@ -256,7 +256,7 @@ def test_with_the_defaults_a_killed_workers_runs_start_again_within_15_s_and_a_b
                 "/api/v1/tasks/tests.blocking/trigger",
                 json={"payload": {"seconds": 1.5}, "options": {"max_attempts": 1}},
             ).json()["id"]
-            for _ in range(18)
+            for _ in range(12)
         ]
         flood = client.post(
             "/api/v1/tasks/tests.log-flood/trigger",

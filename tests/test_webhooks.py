@@ -721,6 +721,15 @@ def test_only_a_retried_job_records_its_predecessor_lost(stack: Stack, receiver:
     run = stack.run("echo", {"lease": True}, callback_url=receiver.url(path))
     receiver.wait_calls(path, 1)
     [(delivery_id,)] = stack.query("SELECT id FROM deliveries WHERE run_id = :r", r=run["id"])
+    # Its attempt is recorded (the report comes after the call) before the
+    # row is set back as a worker would find it after a long wait.
+    wait_until(
+        lambda: (
+            stack.query("SELECT status FROM deliveries WHERE id = :d", d=delivery_id)[0][0]
+            == "delivered"
+        ),
+        what="the attempt to be recorded",
+    )
 
     def prepare(retried: bool) -> dict[str, Any]:
         # The delivery as a worker finds it after a long wait: pending, its
@@ -747,7 +756,8 @@ def test_only_a_retried_job_records_its_predecessor_lost(stack: Stack, receiver:
         assert answer.status_code == 200, answer.text
         return dict(answer.json())
 
-    assert prepare(retried=False)["send"] is True
+    sent = prepare(retried=False)
+    assert sent["send"] is True, sent
     lost = prepare(retried=True)
     assert lost["send"] is False and lost["reason"] == "the last attempt was lost"
     codes = [
