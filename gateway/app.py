@@ -25,12 +25,12 @@ from gateway.errors import exception_handlers
 from gateway.logs import configure_logging
 from gateway.notify import RunNotifier
 from gateway.reconciler import LostWorkers, Reconciler, Scheduler
-from gateway.runs.flow_service import FlowService
-from gateway.runs.schedule_service import ScheduleService
-from gateway.runs.service import RunService
-from gateway.runs.waitpoint_service import WaitpointService
 from gateway.schema import SchemaGate
 from gateway.services import Services
+from gateway.services.queues import FlowService
+from gateway.services.runs import RunService
+from gateway.services.schedules import ScheduleService
+from gateway.services.waitpoints import WaitpointService
 from gateway.settings import ConfigError, Settings
 from jobs.tasks.registry import load_tasks
 from webhooks.dispatch import DeliveryDispatcher

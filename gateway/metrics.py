@@ -59,7 +59,7 @@ RECONCILER_ACTIONS = Counter(
 
 def observe_transition(run: Mapping[str, Any], to: RunStatus, now: dt.datetime) -> None:
     """Count a transition once its transaction has committed
-    (``gateway.runs.runner``: a unit rolled back and run again counts once)."""
+    (``gateway.services.units``: a unit rolled back and run again counts once)."""
     task = str(run.get("task"))
     RUN_TRANSITIONS.labels(task=task, status=to.value).inc()
     if not to.is_final:

@@ -1,6 +1,6 @@
 """The reconciler: puts back on the queue what the database says is due.
 
-It also pumps every queue that holds runs (``gateway.runs.flow``) and resumes
+It also pumps every queue that holds runs (``gateway.queues.admission``) and resumes
 bulk actions that stopped moving.
 
 Redis holds only work in flight and can lose it (a flush, a restart without
@@ -31,11 +31,11 @@ from db.types import utcnow
 from gateway.metrics import RECONCILER_ACTIONS
 from gateway.periodic import Periodic
 from gateway.runs.effects import Job
-from gateway.runs.flow_service import FlowService
 from gateway.runs.read import run_job
-from gateway.runs.schedule_service import ScheduleService
-from gateway.runs.service import RunService
-from gateway.runs.waitpoint_service import WaitpointService
+from gateway.services.queues import FlowService
+from gateway.services.runs import RunService
+from gateway.services.schedules import ScheduleService
+from gateway.services.waitpoints import WaitpointService
 from gateway.settings import Settings
 from jobs.protocol import delivery_job_id, run_job_id
 from webhooks.dispatch import DeliveryDispatcher

@@ -18,7 +18,7 @@ What a task logs never grows the worker without bound:
   after a few tries is dropped.
 
 Every line left out is counted, and the count reaches the run as its
-``dropped`` line (``gateway.runs.logs``), so nothing is lost without a trace.
+``dropped`` line (``gateway.runlogs.logs``), so nothing is lost without a trace.
 """
 
 from __future__ import annotations

@@ -11,12 +11,12 @@ import pytest
 import sqlalchemy as sa
 
 from db.types import utcnow
-from gateway.runs.bulk import PAGE, bulk_page, create_bulk, load_bulk
-from gateway.runs.cas import runs, select_run
+from gateway.queues.admission import flowing, pump_held
+from gateway.queues.bulk import PAGE, bulk_page, create_bulk, load_bulk
+from gateway.queues.queues import QueueExists, QueueNotFound, create_queue, get_queue, update_queue
 from gateway.runs.create import Debounce, NewRun, create_runs
 from gateway.runs.events import apply_event
-from gateway.runs.flow import flowing, pump_held
-from gateway.runs.queues import QueueExists, QueueNotFound, create_queue, get_queue, update_queue
+from gateway.runs.runs_table import runs, select_run
 from gateway.runs.timers import release_due
 from tests.test_state_machine import PROJECT, engine, event, row, status, unit
 

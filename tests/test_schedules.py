@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from db.types import utcnow
-from gateway.runs.cron import CronError, check, next_tick, previous_tick
+from gateway.schedules.cron import CronError, check, next_tick, previous_tick
 from tests.conftest import Stack
 from tests.helpers import wait_until
 
@@ -224,7 +224,7 @@ def test_missed_ticks_make_one_run_on_catch_up(flow: Stack) -> None:
     def rewind(conn: Any) -> None:
         import sqlalchemy as sa
 
-        from gateway.runs.schedules import schedules
+        from gateway.schedules.schedules import schedules
 
         conn.execute(
             sa.update(schedules)

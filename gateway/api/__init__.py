@@ -5,7 +5,7 @@
 ``openapi`` are the public API; ``internal`` is what workers call.
 ``routing`` ties each route to its documented operation and auth mode (who
 calls is ``gateway.auth``'s to say); ``bodies`` reads requests into the models
-the rooms define (``gateway.runs.options``, ``webhooks.models``) and ``views``
+the rooms define (``gateway.runs.requests``, ``webhooks.models``) and ``views``
 shapes answers.
 """
 

@@ -9,7 +9,7 @@ from gateway.api import views
 from gateway.api.bodies import json_object
 from gateway.api.routing import ApiRoute, Operation, Param
 from gateway.api.views import BulkCreated, BulkView, shaped
-from gateway.runs.options import BulkRequest
+from gateway.runs.requests import BulkRequest
 from gateway.services import services_of
 
 __all__ = ["routes"]

@@ -2,7 +2,7 @@
 
 Each :class:`~gateway.api.routing.ApiRoute` carries its operation (summary,
 answers, body, parameters, auth mode); the schemas come from the pydantic
-models the API validates requests with (``gateway.runs.options``,
+models the API validates requests with (``gateway.runs.requests``,
 ``webhooks.models``) and shapes answers with (``gateway.api.views``). There
 is no second table to keep in line: a route is documented because it exists.
 """

@@ -9,7 +9,7 @@ from gateway.api import views
 from gateway.api.bodies import json_object
 from gateway.api.routing import PAGE, ApiRoute, Operation, Param, invalid_cursor, page_limit
 from gateway.api.views import QueueList, QueueView, shaped
-from gateway.runs.options import QueueCreate, QueueUpdate
+from gateway.runs.requests import QueueCreate, QueueUpdate
 from gateway.services import services_of
 
 __all__ = ["routes"]

@@ -25,9 +25,9 @@ from gateway.api.routing import (
 )
 from gateway.api.views import RunLogPage, RunPage, RunView, shaped
 from gateway.errors import APIError, ValidationFailed
-from gateway.runs.logs import logs_since
-from gateway.runs.options import ReplayRequest, RescheduleRequest
+from gateway.runlogs.logs import logs_since
 from gateway.runs.read import RunQuery, transitions_since
+from gateway.runs.requests import ReplayRequest, RescheduleRequest
 from gateway.services import services_of
 
 __all__ = ["routes"]

@@ -10,7 +10,7 @@ from gateway.api.bodies import json_object
 from gateway.api.routing import ApiRoute, Operation, Param
 from gateway.api.tasks import check_task_payload
 from gateway.api.views import ScheduleList, ScheduleView, shaped
-from gateway.runs.options import ScheduleCreate, ScheduleUpdate
+from gateway.runs.requests import ScheduleCreate, ScheduleUpdate
 from gateway.services import services_of
 
 __all__ = ["routes"]

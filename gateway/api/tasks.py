@@ -13,7 +13,7 @@ from gateway.api.bodies import json_object
 from gateway.api.routing import ApiRoute, Operation, Param
 from gateway.api.views import BatchCreated, RunView, TaskList, shaped
 from gateway.errors import NotFound, ValidationFailed
-from gateway.runs.options import BatchRequest, TriggerRequest
+from gateway.runs.requests import BatchRequest, TriggerRequest
 from gateway.services import Services, services_of
 from jobs.tasks.registry import TaskDefinition
 

@@ -1,7 +1,7 @@
 """Pydantic models of what the API answers, and ``shaped()`` that answers with them.
 
 The OpenAPI document (``gateway.api.openapi``) is generated from these and from the
-request models in ``gateway.runs.options``, so what is documented is what is sent.
+request models in ``gateway.runs.requests``, so what is documented is what is sent.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
-from gateway.runs.options import Status
+from gateway.runs.requests import Status
 
 __all__ = [
     "JSON",

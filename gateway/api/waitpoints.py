@@ -9,9 +9,9 @@ from gateway.api import views
 from gateway.api.bodies import json_object, parse_json, read_body, require_json
 from gateway.api.routing import ApiRoute, Operation, Param
 from gateway.api.views import WaitpointView, shaped
-from gateway.runs.options import WaitpointComplete, WaitpointCreate
-from gateway.runs.waitpoints import WaitpointNotFound
+from gateway.runs.requests import WaitpointComplete, WaitpointCreate
 from gateway.services import services_of
+from gateway.waitpoints.waitpoints import WaitpointNotFound
 
 __all__ = ["routes"]
 

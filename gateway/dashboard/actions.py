@@ -16,7 +16,7 @@ from gateway.dashboard.pages import trigger_form
 from gateway.dashboard.render import flash, redirect, render, safe_next
 from gateway.dashboard.session import PREFIX, Viewer, read_form, sign_in, sign_out, viewer_of
 from gateway.errors import APIError, NotFound, Unauthorized, ValidationFailed
-from gateway.runs.options import ScheduleUpdate, TriggerRequest
+from gateway.runs.requests import ScheduleUpdate, TriggerRequest
 from gateway.services import services_of
 from webhooks.models import EndpointCreate, EndpointUpdate, RecoverRequest, RotateRequest
 

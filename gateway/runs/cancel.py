@@ -9,10 +9,10 @@ import sqlalchemy as sa
 
 from db.models import RunStatus, Waitpoint
 from db.types import utcnow
-from gateway.runs.cas import run_attempts, run_nodes, runs, select_run, transition
 from gateway.runs.effects import Effects
 from gateway.runs.errors import RunAlreadyFinal, RunNotFound
 from gateway.runs.read import view_of
+from gateway.runs.runs_table import run_attempts, run_nodes, runs, select_run, transition
 from gateway.runs.workflow import child_finished
 from jobs.protocol import run_job_id
 from webhooks.outbox import create_run_deliveries

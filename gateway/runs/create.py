@@ -1,6 +1,6 @@
 """Creating runs (one, or a batch): the idempotency keys that give back an
 earlier run, debounce keys that push a DELAYED run back instead of making
-another, and admission to the run's queue (``gateway.runs.flow``)."""
+another, and admission to the run's queue (``gateway.queues.admission``)."""
 
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ from db.ids import new_id
 from db.models import Batch, IdempotencyKey, RunStatus
 from db.types import utcnow
 from gateway.errors import ValidationFailed
-from gateway.runs.cas import insert_run, run_transitions, runs
+from gateway.queues.admission import admit
+from gateway.queues.slots import QueueRule, default_queue
 from gateway.runs.effects import Effects, job_of
 from gateway.runs.errors import LostRace, RunNotFound
-from gateway.runs.flow import admit
-from gateway.runs.options import TriggerOptions
 from gateway.runs.read import load_run, node_states, run_view
-from gateway.runs.slots import QueueRule, default_queue
+from gateway.runs.requests import TriggerOptions
+from gateway.runs.runs_table import insert_run, run_transitions, runs
 from gateway.runs.workflow import downstream_of, seed_nodes
 from jobs.protocol import WORKFLOW_TASK
 
@@ -152,7 +152,7 @@ def _debounced(
 
 def create_runs(conn: sa.Connection, new: list[NewRun], batch_id: str | None = None) -> Created:
     """Insert runs (QUEUED or DELAYED); a QUEUED one starts now unless its
-    queue holds it (``gateway.runs.flow.admit``)."""
+    queue holds it (``gateway.queues.admission.admit``)."""
     out: list[tuple[dict[str, Any], bool]] = []
     effects = Effects()
     rules: dict[tuple[str, str], QueueRule] = {}

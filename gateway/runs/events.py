@@ -18,7 +18,10 @@ from db.engine import savepoint
 from db.models import RunStatus
 from db.types import utcnow
 from gateway.errors import APIError
-from gateway.runs.cas import (
+from gateway.runs.effects import Effects
+from gateway.runs.errors import LostRace, RunNotFound
+from gateway.runs.read import view_of
+from gateway.runs.runs_table import (
     ACTIVE,
     FINISH_ATTEMPT,
     INSERT_ATTEMPT,
@@ -28,9 +31,6 @@ from gateway.runs.cas import (
     select_run,
     transition,
 )
-from gateway.runs.effects import Effects
-from gateway.runs.errors import LostRace, RunNotFound
-from gateway.runs.read import view_of
 from gateway.runs.timers import backoff, expire, expired
 from gateway.runs.workflow import apply_waiting, child_finished
 from jobs.protocol import TIMED_OUT_CODE, WorkerEvent

@@ -12,9 +12,16 @@ import sqlalchemy as sa
 
 from db.models import Batch, RunStatus
 from db.types import isoformat
-from gateway.runs.cas import LOAD_ATTEMPTS, LOAD_OWN_RUN, LOAD_RUN, run_nodes, run_transitions, runs
+from gateway.queues.slots import waiting_for
 from gateway.runs.effects import Job, job_of
-from gateway.runs.slots import waiting_for
+from gateway.runs.runs_table import (
+    LOAD_ATTEMPTS,
+    LOAD_OWN_RUN,
+    LOAD_RUN,
+    run_nodes,
+    run_transitions,
+    runs,
+)
 from jobs.protocol import WORKFLOW_TASK
 
 __all__ = [

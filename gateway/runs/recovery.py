@@ -13,9 +13,9 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 
 from db.models import RunStatus
-from gateway.runs.cas import ACTIVE, runs, select_run
 from gateway.runs.effects import Effects
 from gateway.runs.events import apply_final
+from gateway.runs.runs_table import ACTIVE, runs, select_run
 from jobs.protocol import WorkerError, WorkerEvent, run_job_id
 
 __all__ = ["LOST_CODE", "queued_before", "recover_lost"]

@@ -11,12 +11,12 @@ import sqlalchemy as sa
 
 from db.models import RunStatus
 from db.types import utcnow
-from gateway.runs.cas import runs, select_run, transition
+from gateway.queues.admission import admit
+from gateway.queues.slots import QueueRule
 from gateway.runs.effects import Effects
 from gateway.runs.errors import RunNotDelayed, RunNotFound
-from gateway.runs.flow import admit
 from gateway.runs.read import run_job, view_of
-from gateway.runs.slots import QueueRule
+from gateway.runs.runs_table import runs, select_run, transition
 from jobs.protocol import run_job_id
 from webhooks.outbox import Outgoing, create_run_deliveries
 

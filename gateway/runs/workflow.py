@@ -17,11 +17,19 @@ from db.ids import new_id
 from db.models import RunStatus, Waitpoint
 from db.types import to_utc
 from gateway.errors import InvalidEvent
-from gateway.runs.cas import ACTIVE, insert_run, is_current, run_nodes, runs, select_run, transition
+from gateway.queues.admission import admit
+from gateway.queues.slots import QueueRule, default_queue
 from gateway.runs.effects import Effects, Job
-from gateway.runs.flow import admit
 from gateway.runs.read import node_states, run_job
-from gateway.runs.slots import QueueRule, default_queue
+from gateway.runs.runs_table import (
+    ACTIVE,
+    insert_run,
+    is_current,
+    run_nodes,
+    runs,
+    select_run,
+    transition,
+)
 from jobs.protocol import WORKFLOW_TASK, WaitNode, WorkerEvent
 
 waitpoints = Waitpoint.__table__  # type: ignore[attr-defined]

@@ -17,8 +17,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from db.models import RunLog
 from db.types import isoformat, to_utc
-from gateway.runs.cas import runs
 from gateway.runs.errors import RunNotFound
+from gateway.runs.runs_table import runs
 from jobs.protocol import RunLogs
 
 __all__ = ["append_logs", "list_logs", "logs_since"]

@@ -2,7 +2,7 @@
 
 A unit runs in a transaction of its own (again when another process won a
 race, :class:`LostRace`), then the queues it asked for are pumped in the same
-transaction (``gateway.runs.flow.flowing``), and only after the commit are its
+transaction (``gateway.queues.admission.flowing``), and only after the commit are its
 effects set in motion: jobs queued, callbacks dispatched, waiters woken,
 workers asked to abort (``Effects``).
 """
@@ -22,9 +22,9 @@ from db.engine import Database
 from gateway.metrics import observe_transition
 from gateway.notify import RunNotifier
 from gateway.queue import QueuedJob, enqueue_jobs
+from gateway.queues.admission import flowing
 from gateway.runs.effects import Effects, Job
 from gateway.runs.errors import LostRace
-from gateway.runs.flow import flowing
 from gateway.settings import Settings
 from jobs.protocol import run_job_id
 from webhooks.dispatch import DeliveryDispatcher
@@ -109,7 +109,7 @@ class UnitRunner:
 
     async def _write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``db.write(fn, …)``, then queue the runs that the queue pumps at the
-        end of the unit handed out (``gateway.runs.flow.flowing``)."""
+        end of the unit handed out (``gateway.queues.admission.flowing``)."""
         flowed = await self.db.write(flowing(fn), *args, **kwargs)
         for observed in flowed.observed:  # committed: counted once
             observe_transition(*observed)

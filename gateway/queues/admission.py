@@ -26,10 +26,7 @@ from typing import Any, Generic, TypeVar
 import sqlalchemy as sa
 
 from db.models import RunStatus
-from gateway.runs.cas import OBSERVED, PUMPS, runs
-from gateway.runs.effects import Job
-from gateway.runs.read import run_job
-from gateway.runs.slots import (
+from gateway.queues.slots import (
     QueueRule,
     default_queue,
     in_queue,
@@ -38,6 +35,9 @@ from gateway.runs.slots import (
     running_by_key,
     select_queue,
 )
+from gateway.runs.effects import Job
+from gateway.runs.read import run_job
+from gateway.runs.runs_table import OBSERVED, PUMPS, runs
 
 __all__ = ["Flowed", "admit", "flowing", "pump", "pump_held", "queue_rule", "request_pump"]
 

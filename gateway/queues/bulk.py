@@ -21,11 +21,11 @@ from db.models import BulkAction
 from db.types import isoformat
 from gateway.errors import NotFound
 from gateway.runs.cancel import cancel_open_run
-from gateway.runs.cas import runs
 from gateway.runs.create import NewRun, create_runs, replay_row
 from gateway.runs.effects import Effects
 from gateway.runs.errors import LostRace
 from gateway.runs.read import RunQuery, query_conditions
+from gateway.runs.runs_table import runs
 
 __all__ = [
     "ACTIONS",

@@ -18,9 +18,9 @@ import sqlalchemy as sa
 from db.models import RunStatus
 from db.types import isoformat
 from gateway.errors import Conflict, NotFound
-from gateway.runs.cas import runs
-from gateway.runs.flow import request_pump
-from gateway.runs.slots import default_queue, insert_queue, queues, select_queue
+from gateway.queues.admission import request_pump
+from gateway.queues.slots import default_queue, insert_queue, queues, select_queue
+from gateway.runs.runs_table import runs
 from jobs.tasks.registry import registry
 
 __all__ = [

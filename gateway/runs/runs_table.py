@@ -44,7 +44,7 @@ run_nodes = RunNode.__table__  # type: ignore[attr-defined]
 ACTIVE = (RunStatus.QUEUED, RunStatus.EXECUTING)
 
 #: ``conn.info`` key: the (project, queue) pairs whose slots this unit of work
-#: changed, pumped at its end (``gateway.runs.flow``).
+#: changed, pumped at its end (``gateway.queues.admission``).
 PUMPS = "gateway.flow.pumps"
 #: ``conn.info`` key: the transitions this unit made, counted in the metrics
 #: once it has committed (a unit rolled back and run again counts once).

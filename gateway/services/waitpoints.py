@@ -1,4 +1,4 @@
-"""The waitpoints service: what runs wait for outside them (``gateway.runs.waitpoints``)."""
+"""The waitpoints service: what runs wait for outside them (``gateway.waitpoints.waitpoints``)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from typing import Any
 
 from db.types import utcnow
 from gateway.auth.tokens import WaitpointTokens
-from gateway.runs.options import WaitpointCreate
-from gateway.runs.runner import UnitRunner
-from gateway.runs.waitpoints import (
+from gateway.runs.requests import WaitpointCreate
+from gateway.services.units import UnitRunner
+from gateway.waitpoints.waitpoints import (
     complete_waitpoint,
     create_waitpoint,
     due_waitpoints,

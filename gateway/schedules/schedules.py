@@ -25,9 +25,9 @@ from db.models import Schedule
 from db.types import isoformat
 from gateway.errors import NotFound, ValidationFailed
 from gateway.runs.create import NewRun, create_runs, new_run
-from gateway.runs.cron import CronError, check, next_tick, previous_tick, zone
 from gateway.runs.effects import Effects
-from gateway.runs.options import TriggerOptions
+from gateway.runs.requests import TriggerOptions
+from gateway.schedules.cron import CronError, check, next_tick, previous_tick, zone
 
 __all__ = [
     "InvalidCron",

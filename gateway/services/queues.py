@@ -1,6 +1,6 @@
 """The flow-control service: queues (limits, pauses) and bulk actions.
 
-The decisions are the units' (``gateway.runs.flow``, ``queues``, ``bulk``);
+The decisions are the units' (``gateway.queues.admission``, ``queues``, ``bulk``);
 this service runs them, and drives a bulk action's pages in the background.
 """
 
@@ -12,15 +12,15 @@ import logging
 from typing import Any
 
 from db.types import utcnow
-from gateway.runs.bulk import bulk_page, create_bulk, load_bulk, unfinished_bulks
+from gateway.queues.admission import pump_held
+from gateway.queues.bulk import bulk_page, create_bulk, load_bulk, unfinished_bulks
+from gateway.queues.queues import create_queue, get_queue, list_queues, update_queue
 from gateway.runs.effects import Effects
-from gateway.runs.flow import pump_held
-from gateway.runs.queues import create_queue, get_queue, list_queues, update_queue
-from gateway.runs.runner import UnitRunner
+from gateway.services.units import UnitRunner
 
 __all__ = ["FlowService"]
 
-log = logging.getLogger("gateway.runs.flow")
+log = logging.getLogger("gateway.queues.admission")
 
 
 class FlowService(UnitRunner):

@@ -1,13 +1,12 @@
-"""The schedules service: a task's runs on a cron clock (``gateway.runs.schedules``)."""
+"""The schedules service: a task's runs on a cron clock (``gateway.schedules.schedules``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from db.types import utcnow
-from gateway.runs.options import ScheduleCreate, ScheduleUpdate
-from gateway.runs.runner import UnitRunner
-from gateway.runs.schedules import (
+from gateway.runs.requests import ScheduleCreate, ScheduleUpdate
+from gateway.schedules.schedules import (
     check_schedule,
     create_schedule,
     delete_schedule,
@@ -16,6 +15,7 @@ from gateway.runs.schedules import (
     list_schedules,
     update_schedule,
 )
+from gateway.services.units import UnitRunner
 from webhooks.service import WebhookService
 
 __all__ = ["ScheduleService"]

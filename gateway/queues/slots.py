@@ -1,5 +1,5 @@
 """A queue's rule and the runs that hold its slots: what admission, the pump,
-the queues' views and a run's ``waiting_for`` all read (``gateway.runs.flow``)."""
+the queues' views and a run's ``waiting_for`` all read (``gateway.queues.admission``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from db.models import Queue, RunStatus
 from db.types import isoformat
-from gateway.runs.cas import run_nodes, runs
+from gateway.runs.runs_table import run_nodes, runs
 from jobs.tasks.registry import registry
 
 __all__ = [

@@ -25,20 +25,20 @@ from db.types import utcnow
 from gateway.auth.tokens import WaitpointTokens
 from gateway.errors import APIError, NotFound
 from gateway.notify import RunNotifier
+from gateway.runlogs.logs import append_logs, list_logs
 from gateway.runs.cancel import cancel_run
 from gateway.runs.create import NewRun, create_runs, new_run, replay_from_node, replay_row
 from gateway.runs.effects import Effects
 from gateway.runs.errors import LostRace, RunNotFound
 from gateway.runs.events import EventAnswer, apply_event, apply_events
-from gateway.runs.logs import append_logs, list_logs
-from gateway.runs.options import (
+from gateway.runs.read import RunQuery, batch_summary, list_runs, load_run, status_of
+from gateway.runs.recovery import queued_before, recover_lost
+from gateway.runs.requests import (
     TriggerOptions,
     TriggerRequest,
 )
-from gateway.runs.read import RunQuery, batch_summary, list_runs, load_run, status_of
-from gateway.runs.recovery import queued_before, recover_lost
-from gateway.runs.runner import UnitRunner
 from gateway.runs.timers import release_due, reschedule
+from gateway.services.units import UnitRunner
 from gateway.settings import Settings
 from jobs.protocol import RunLogs, WorkerEvent
 from webhooks.dispatch import DeliveryDispatcher

@@ -12,11 +12,11 @@ from gateway.artifacts import ArtifactStore
 from gateway.auth.keys import ApiKeyAuth
 from gateway.auth.tokens import PublicTokens
 from gateway.notify import RunNotifier
-from gateway.runs.flow_service import FlowService
-from gateway.runs.schedule_service import ScheduleService
-from gateway.runs.service import RunService
-from gateway.runs.waitpoint_service import WaitpointService
 from gateway.schema import SchemaGate
+from gateway.services.queues import FlowService
+from gateway.services.runs import RunService
+from gateway.services.schedules import ScheduleService
+from gateway.services.waitpoints import WaitpointService
 from gateway.settings import Settings
 from jobs.tasks.registry import TaskRegistry
 from webhooks.dispatch import DeliveryDispatcher

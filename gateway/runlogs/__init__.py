@@ -1,0 +1,1 @@
+"""Run logs: a task's lines, kept with its run, capped, read back."""

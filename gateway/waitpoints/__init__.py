@@ -1,0 +1,1 @@
+"""Waitpoints: what a run waits for outside it, completed once."""
