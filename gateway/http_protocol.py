@@ -95,8 +95,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._header_timer.cancel()
             self._header_timer = None
 
-    def _too_slow(self) -> None:
+    def _too_slow(self, looked_again: bool = False) -> None:
         self._header_timer = None
+        if not looked_again:
+            # The loop may have stalled (a busy host) with the headers already
+            # in the socket: timers run before the socket is read (uvloop), so
+            # look once more after the loop has read what is there.
+            self._header_timer = self.loop.call_later(0.05, self._too_slow, True)
+            return
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(_TOO_SLOW)
             self.transport.close()
