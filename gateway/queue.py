@@ -34,6 +34,7 @@ from arq.constants import job_key_prefix, result_key_prefix
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 
+from jobs.contract import Job
 from jobs.protocol import nudge_channel
 
 __all__ = ["QueuedJob", "enqueue_job", "enqueue_jobs"]
@@ -72,7 +73,7 @@ return 1
 
 @dataclasses.dataclass(frozen=True)
 class QueuedJob:
-    """An arq job to queue: ``function(*args)`` under ``job_id``."""
+    """An arq job to queue: ``function(*args, **kwargs)`` under ``job_id``."""
 
     function: str
     args: tuple[Any, ...]
@@ -84,6 +85,12 @@ class QueuedJob:
     head_start: float = 0.0
     #: Whose turns it takes (a project): scored by turn, not by time.
     fair_key: str | None = None
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, job: Job, *, job_id: str, queue_name: str, **options: Any) -> QueuedJob:
+        """The arq job that carries ``job`` (``jobs.contract``), by keyword."""
+        return cls(job.name, (), job_id, queue_name, kwargs=job.kwargs(), **options)
 
 
 #: Turns count from here (ms since 1970: 2001-09-09), far enough in the past
@@ -109,7 +116,7 @@ async def enqueue_jobs(redis: ArqRedis, jobs: Sequence[QueuedJob]) -> list[bool]
     def call(job: QueuedJob, client: Any) -> Any:
         defer_ms = round(job.defer_seconds * 1000) if job.defer_seconds > 0 else 0
         encoded = serialize_job(
-            job.function, job.args, {}, None, now_ms, serializer=redis.job_serializer
+            job.function, job.args, job.kwargs, None, now_ms, serializer=redis.job_serializer
         )
         fair = job.fair_key is not None and not defer_ms
         return script(

@@ -218,9 +218,7 @@ class RedisOutage:
         """Note a failed try and sleep before the next one."""
         if not self.tries:
             self.began = time.monotonic()
-            log.warning(
-                "%s: Redis does not answer (%s); trying until it does", self.what, exc
-            )
+            log.warning("%s: Redis does not answer (%s); trying until it does", self.what, exc)
         await asyncio.sleep(min(self.longest, self.first * 2**self.tries))
         self.tries += 1
 

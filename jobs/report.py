@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 from arq import ArqRedis, Retry
 
+from jobs.contract import DeliverReport
 from jobs.protocol import (
     EVENTS_PATH,
     SIGNATURE_HEADER,
@@ -228,9 +229,10 @@ class Reporter:
             event_key(event),
             last_error,
         )
+        job = DeliverReport(event)
         await redis.enqueue_job(
-            "deliver_report",
-            event,
+            job.name,
+            **job.kwargs(),
             _job_id=f"report:{event_key(event)}",
             _defer_by=dt.timedelta(seconds=1),
         )

@@ -196,9 +196,7 @@ class RunLog:
     def _woken(self) -> None:
         with self._lock:
             self._wake_pending = False
-            full = (
-                len(self._waiting) >= FLUSH_LINES or self._waiting_bytes >= self.max_batch_bytes
-            )
+            full = len(self._waiting) >= FLUSH_LINES or self._waiting_bytes >= self.max_batch_bytes
         if full:
             self._flush()
         elif self._timer is None:

@@ -24,6 +24,7 @@ from arq.connections import RedisSettings, create_pool
 from arq.worker import Worker
 from pydantic import ValidationError
 
+from jobs.contract import DeliverReport, DeliverWebhook, RunTask
 from jobs.deliver import deliver_webhook
 from jobs.heartbeat import Heartbeats
 from jobs.media import Media
@@ -332,8 +333,8 @@ def worker_options(settings: Settings) -> dict[str, Any]:
     return {
         **_common_options(settings),
         "functions": [
-            func(run_task, name="run_task", max_tries=1000),
-            func(deliver_report, name="deliver_report", max_tries=1_000_000, timeout=60),
+            func(run_task, name=RunTask.name, max_tries=1000),
+            func(deliver_report, name=DeliverReport.name, max_tries=1_000_000, timeout=60),
         ],
         "queue_name": settings.queue_name,
         "max_jobs": settings.worker_concurrency,
@@ -351,8 +352,8 @@ def delivery_worker_options(settings: Settings) -> dict[str, Any]:
     return {
         **_common_options(settings),
         "functions": [
-            func(deliver_webhook, name="deliver_webhook", max_tries=1_000_000, timeout=timeout),
-            func(deliver_report, name="deliver_report", max_tries=1_000_000, timeout=60),
+            func(deliver_webhook, name=DeliverWebhook.name, max_tries=1_000_000, timeout=timeout),
+            func(deliver_report, name=DeliverReport.name, max_tries=1_000_000, timeout=60),
         ],
         "queue_name": settings.delivery_queue_name,
         "max_jobs": settings.webhook_concurrency,

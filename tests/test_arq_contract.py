@@ -28,6 +28,8 @@ COPIED = {
     "handle_sig_wait_for_completion": "8f161d86834cc74e",
     "_wait_for_tasks_to_complete": "c186389a00b11500",
     "close": "5bcc9cb356680829",
+    # Overridden to give a slot back when Redis fails half-way through a start.
+    "start_jobs": "b45797cfa40bed7f",
 }
 
 #: Attributes of a Worker instance that NudgedWorker and run_workers read.
@@ -46,6 +48,7 @@ ATTRIBUTES = (
     "poll_delay_s",
     "queue_name",
     "redis_settings",
+    "sem",
     "tasks",
 )
 

@@ -23,8 +23,9 @@ from db.ids import new_id
 from db.models import Delivery, DeliveryStatus, WebhookEndpoint
 from db.types import utcnow
 from gateway.metrics import DELIVERY_ATTEMPTS
-from gateway.queue import QueuedJob, enqueue_job, enqueue_jobs
+from gateway.queue import QueuedJob, enqueue_jobs
 from gateway.settings import Settings
+from jobs.contract import DeliverWebhook
 from jobs.protocol import clean_text, delivery_job_id
 from webhooks.deliveries import RetryPolicy, delivery_row, lost_attempt, outcome_of, record_attempt
 from webhooks.models import DeliveryAttemptReport
@@ -65,11 +66,10 @@ class DeliveryDispatcher:
         for the first attempt; later attempts ask :meth:`prepare` again.
         """
         return [
-            QueuedJob(
-                "deliver_webhook",
-                (item.id, "schedule", self._prepared(item)),
-                delivery_job_id(item.id, 0),
-                self.settings.delivery_queue_name,
+            QueuedJob.of(
+                DeliverWebhook(item.id, "schedule", self._prepared(item)),
+                job_id=delivery_job_id(item.id, 0),
+                queue_name=self.settings.delivery_queue_name,
                 # Turns by receiver: one slow endpoint's backlog never keeps
                 # another's callbacks waiting behind it (``gateway.queue``).
                 fair_key=item.receiver,
@@ -101,17 +101,18 @@ class DeliveryDispatcher:
             if trigger == "schedule"
             else f"webhook:{delivery_id}:resend:{new_id('r')}"
         )
+        job = DeliverWebhook(delivery_id, trigger, prepared, retried)
         try:
-            await enqueue_job(
+            await enqueue_jobs(
                 self.redis,
-                "deliver_webhook",
-                delivery_id,
-                trigger,
-                prepared,
-                retried,
-                job_id=job_id,
-                queue_name=self.settings.delivery_queue_name,
-                defer_seconds=defer,
+                [
+                    QueuedJob.of(
+                        job,
+                        job_id=job_id,
+                        queue_name=self.settings.delivery_queue_name,
+                        defer_seconds=defer,
+                    )
+                ],
             )
         except (RedisError, OSError) as exc:
             log.warning("could not queue delivery %s (the reconciler will): %s", delivery_id, exc)

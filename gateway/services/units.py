@@ -26,7 +26,7 @@ from gateway.queues.admission import flowing
 from gateway.runs.effects import Effects, Job
 from gateway.runs.errors import LostRace
 from gateway.settings import Settings
-from jobs.protocol import run_job_id
+from jobs.contract import RunTask
 from webhooks.dispatch import DeliveryDispatcher
 
 __all__ = ["UnitRunner"]
@@ -56,12 +56,21 @@ class UnitRunner:
         self.settings = settings
 
     def queued(self, job: Job) -> QueuedJob:
-        """The arq job that runs ``job`` (``run_task``, under the run's job ID)."""
-        return QueuedJob(
-            "run_task",
-            (job.run_id, job.task, job.payload, job.attempt, job.step, job.state, job.options),
-            run_job_id(job.run_id, job.attempt, job.step),
-            self.settings.queue_name,
+        """The arq job that runs ``job`` (``jobs.contract.RunTask``, under the
+        run's job ID)."""
+        task = RunTask(
+            run_id=job.run_id,
+            task=job.task,
+            payload=job.payload,
+            attempt=job.attempt,
+            step=job.step,
+            state=job.state,
+            options=job.options,
+        )
+        return QueuedJob.of(
+            task,
+            job_id=task.job_id,
+            queue_name=self.settings.queue_name,
             head_start=job.priority,
             fair_key=job.project_id,
         )
