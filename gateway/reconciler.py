@@ -31,7 +31,7 @@ from db.types import utcnow
 from gateway.metrics import RECONCILER_ACTIONS
 from gateway.periodic import Periodic
 from gateway.runs.effects import Job
-from gateway.runs.read import run_job
+from gateway.runs.read import JOB_COLUMNS, run_job
 from gateway.services.queues import FlowService
 from gateway.services.runs import RunService
 from gateway.services.schedules import ScheduleService
@@ -54,16 +54,7 @@ def _due_runs(conn: sa.Connection, before: dt.datetime) -> list[Job]:
     """The jobs of QUEUED runs that have waited past ``before``, built as every
     other path builds them (``run_job``: limits and priority included)."""
     rows = conn.execute(
-        sa.select(
-            runs.c.id,
-            runs.c.task,
-            runs.c.payload,
-            runs.c.attempt,
-            runs.c.step,
-            runs.c.max_duration,
-            runs.c.priority,
-            runs.c.project_id,
-        )
+        sa.select(*JOB_COLUMNS)
         .where(
             runs.c.status == RunStatus.QUEUED.value,
             runs.c.held.is_(False),

@@ -36,7 +36,7 @@ from gateway.queues.slots import (
     select_queue,
 )
 from gateway.runs.effects import Job
-from gateway.runs.read import run_job
+from gateway.runs.read import JOB_COLUMNS, run_job
 from gateway.runs.runs_table import OBSERVED, PUMPS, runs
 
 __all__ = ["Flowed", "admit", "flowing", "pump", "pump_held", "queue_rule", "request_pump"]
@@ -178,16 +178,7 @@ def pump(conn: sa.Connection, project_id: str, queue: str, now: dt.datetime) -> 
         runs.update()
         .where(runs.c.id.in_(order), runs.c.status == _QUEUED, runs.c.held.is_(True))
         .values(held=False, updated_at=now)
-        .returning(
-            runs.c.id,
-            runs.c.task,
-            runs.c.payload,
-            runs.c.attempt,
-            runs.c.step,
-            runs.c.max_duration,
-            runs.c.priority,
-            runs.c.project_id,
-        )
+        .returning(*JOB_COLUMNS)
     )
     rows = {r["id"]: dict(r) for r in handed.mappings()}
     return [run_job(conn, rows[i]) for i in order if i in rows]

@@ -25,6 +25,7 @@ from gateway.runs.runs_table import (
 from jobs.protocol import WORKFLOW_TASK
 
 __all__ = [
+    "JOB_COLUMNS",
     "RunQuery",
     "batch_summary",
     "count_by_status",
@@ -55,6 +56,19 @@ def node_states(conn: sa.Connection, parent_id: str) -> dict[str, Any]:
             state["error"] = {"code": r["error_code"], "message": r["error_message"]}
         states[r["node_id"]] = state
     return states
+
+
+#: The columns :func:`run_job` reads of a run (a query that builds jobs selects these).
+JOB_COLUMNS = (
+    runs.c.id,
+    runs.c.project_id,
+    runs.c.task,
+    runs.c.payload,
+    runs.c.attempt,
+    runs.c.step,
+    runs.c.max_duration,
+    runs.c.priority,
+)
 
 
 def run_job(conn: sa.Connection, run: Mapping[str, Any]) -> Job:
