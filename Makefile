@@ -22,12 +22,14 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/gateway up
 
-# Two pytest processes, a test file each at a time: each has its own Redis,
-# databases, stacks and browser, so they never share state. TEST_WORKERS=0
-# runs everything in one process.
+# First the unit tests (no Redis, no processes: seconds), then the suites over
+# real processes in two pytest processes, a test file each at a time: each has
+# its own Redis, databases, stacks and browser, so they never share state.
+# TEST_WORKERS=0 runs those in one process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/unit -q
+	$(BIN)/python -m pytest --ignore=tests/unit $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 # The gateway beside raw arq, on SQLite, and on PostgreSQL too when
 # BENCH_DATABASE_URL names a server; prints a table, writes docs/bench.png.

@@ -43,9 +43,7 @@ def test_the_workers_register_each_job_under_its_name() -> None:
 
 def test_each_job_name_is_spelled_in_one_module() -> None:
     sources = [
-        p
-        for folder in ("gateway", "jobs", "webhooks", "db")
-        for p in (ROOT / folder).rglob("*.py")
+        p for folder in ("gateway", "jobs", "webhooks", "db") for p in (ROOT / folder).rglob("*.py")
     ]
     for name in (RunTask.name, DeliverWebhook.name, DeliverReport.name):
         quoted = re.compile(rf"""["']{name}["']""")
