@@ -547,6 +547,11 @@ def test_a_workflow_run_draws_its_graph_with_each_nodes_status(
         expect(box.locator("text.status")).to_have_text(status)
     expect(page.locator("#graph svg path.edge")).to_have_count(5)
     expect(page.locator(".artifacts img")).to_have_count(1)  # the crop, shown inline
+    # Its bytes come by a second request: wait for the image to have loaded.
+    page.wait_for_function(
+        "() => { const img = document.querySelector('.artifacts img');"
+        " return img && img.complete && img.naturalWidth > 0; }"
+    )
     assert page.locator(".artifacts img").evaluate("img => img.naturalWidth") == 100
     dash.screenshot("workflow")
     dash.screenshot("workflow-top", full_page=False)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from gateway.cli.embedded_redis import EmbeddedRedis
-from tests.conftest import Databases, Stack, _redis_db, launch_stack
+from tests.conftest import Databases, Stack, _backend_of, _backends, _redis_db, launch_stack
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.faults
@@ -241,7 +241,13 @@ def test_with_the_defaults_a_killed_workers_runs_start_again_within_15_s_and_a_b
 ) -> None:
     """The default heartbeat settings: a SIGKILLed worker's runs are noticed and
     started again within 15 s; a worker kept busy (CPU-bound runs in threads on
-    both cores, a task logging as fast as it can) loses none to ``worker_lost``."""
+    both cores, a task logging as fast as it can) loses none to ``worker_lost``.
+
+    On one database (PostgreSQL when the suite has it): the judging is the
+    same code on both, and ``test_runs_of_a_killed_worker_run_again…`` covers
+    each; this one's 20 s are for the default timing."""
+    if _backend_of(database_url) != _backends()[-1]:
+        pytest.skip("run on one database only (see the docstring)")
     with (
         launch_stack(
             "heartbeats",
