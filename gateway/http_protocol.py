@@ -5,9 +5,10 @@ its request: a client that sends a header line every few seconds, or nothing
 at all, holds its connection (and a file descriptor) for as long as it likes,
 and a few thousand such clients starve everyone else. This protocol:
 
-- gives a request ``WEB_HEADER_TIMEOUT`` seconds, from the connection (or from
-  the end of the previous response) to the end of its headers; past that it
-  answers ``408`` and closes the connection;
+- gives a new connection ``WEB_HEADER_TIMEOUT`` seconds to complete the
+  headers of its first request; past that it answers ``408`` and closes it
+  (a keep-alive connection's later requests follow a request that arrived in
+  time; uvicorn's keep-alive timeout bounds the wait for them);
 - keeps at most ``WEB_MAX_CONNECTIONS`` connections open in the process: a
   connection beyond them is answered ``503`` (JSON, with ``Retry-After``) and
   closed at once, so the clients that hold one keep their latency.
@@ -76,11 +77,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        if self._header_timer is None:  # a keep-alive connection's next request
-            self._arm()
 
     def on_headers_complete(self) -> None:
         self._disarm()
