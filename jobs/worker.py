@@ -426,6 +426,11 @@ class NudgedWorker(Worker):
                 try:
                     await self._poll_iteration()
                 except REDIS_DOWN as exc:
+                    # Every pooled connection is stale after a Redis restart:
+                    # drop them all at once, or each would fail a try of its
+                    # own and the backoff would grow for nothing.
+                    with contextlib.suppress(Exception):
+                        await self.pool.connection_pool.disconnect()
                     await outage.wait(exc)
                     continue
                 outage.over()
