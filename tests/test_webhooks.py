@@ -566,7 +566,14 @@ def test_an_endpoint_failing_longer_than_the_span_is_disabled(app: App, receiver
     app.run("echo", {})
     receiver.wait_calls(path, 1)
     with app.client() as client:
-        first = client.get(f"/api/v1/webhooks/{endpoint['id']}").json()
+        # The receiver answers before the worker's report of that attempt is applied.
+        first = wait_until(
+            lambda: (
+                (e := client.get(f"/api/v1/webhooks/{endpoint['id']}").json())["failing_since"]
+                and e
+            ),
+            what="the failed attempt to be recorded",
+        )
         failing_since = dt.datetime.fromisoformat(first["failing_since"].replace("Z", "+00:00"))
         wait_until(
             lambda: dt.datetime.now(dt.UTC) > failing_since + dt.timedelta(seconds=DISABLE_AFTER),
