@@ -8,7 +8,7 @@ PYTHON ?= $(shell for p in python3.12 python3.11 python3 python3.13 python3.14; 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench install clean
+.PHONY: run test lint bench docs install clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "make: Python 3.11 or newer is needed (none found on PATH)" >&2; exit 1; }
@@ -40,10 +40,20 @@ $(VENV)/.bench-installed: $(STAMP)
 bench: $(VENV)/.bench-installed
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
+# The documentation site, from docs/ into site/. The API reference and the
+# configuration page are made from the code as it builds (docs/hooks.py);
+# --strict makes a broken link or a page left out of the nav an error.
+$(VENV)/.docs-installed: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[server,docs]'
+	@touch $@
+
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 lint: $(STAMP)
-	$(BIN)/ruff check gateway jobs webhooks db tests bench
+	$(BIN)/ruff check gateway jobs webhooks db tests bench docs
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site

@@ -23,7 +23,10 @@ no-op ``echo`` task:
 - the resident memory (RSS) of the web and worker processes.
 
 It prints the medians of the rounds as a table and writes ``docs/bench.png``
-(trigger → callback latency as a CDF, throughput per configuration). The load
+(trigger → callback latency as a CDF, throughput per configuration),
+``docs/bench.json`` (every round's figures) and ``docs/bench.md``, the
+documentation's benchmark page: the table and each target met or not.
+``--report-only`` writes that page again from ``docs/bench.json``. The load
 client (``bench/httpload.py``) and the receiver (``bench/receiver.py``) are
 lean asyncio code, so they are not what is measured. Figures only: nothing
 here asserts a timing.
@@ -549,6 +552,91 @@ def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(rows)
 
 
+#: The speed targets the page checks: (what, backend or None for both, figure, test).
+TARGETS: tuple[tuple[str, str | None, Any, Any], ...] = (
+    (
+        "triggers accepted ≥ 0.5 of raw enqueue_job",
+        "sqlite",
+        lambda r: median(r, "accept_rate") / median(r, "raw_enqueue"),
+        lambda v: v >= 0.5,
+    ),
+    (
+        "triggers accepted ≥ 0.4 of raw enqueue_job",
+        "postgresql",
+        lambda r: median(r, "accept_rate") / median(r, "raw_enqueue"),
+        lambda v: v >= 0.4,
+    ),
+    (
+        "end to end with a callback ≥ 0.3 of raw arq's drain",
+        None,
+        lambda r: median(r, "cb_rate") / median(r, "raw_drain"),
+        lambda v: v >= 0.3,
+    ),
+    (
+        "trigger p99 ≤ 100 ms while the worker drains",
+        None,
+        lambda r: median(r, "trigger_p99_ms"),
+        lambda v: v <= 100,
+    ),
+    (
+        "trigger → callback p50 ≤ 12 ms",
+        "sqlite",
+        lambda r: median(r, "cb_p50"),
+        lambda v: v <= 12,
+    ),
+    (
+        "trigger → callback p50 ≤ 15 ms",
+        "postgresql",
+        lambda r: median(r, "cb_p50"),
+        lambda v: v <= 15,
+    ),
+    ("trigger → callback p99 ≤ 30 ms", None, lambda r: median(r, "cb_p99"), lambda v: v <= 30),
+    (
+        "no callback lost",
+        None,
+        lambda r: sum(int(x["cb_lost"]) for x in r),
+        lambda v: v == 0,
+    ),
+)
+
+
+def report(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The documentation's benchmark page (``docs/bench.md``)."""
+    clients = argparse.Namespace(clients=meta["clients"])
+    lines = [
+        "# Benchmarks",
+        "",
+        "<!-- Written by `make bench` (bench/run.py); edits here are overwritten. -->",
+        "",
+        f"Measured on {meta['date']} by `{meta['command']}` on {meta['cores']} cores shared",
+        "by the load client, the gateway, the worker, Redis, the database and the receiver.",
+        f"Medians of {meta['rounds']} rounds of {meta['runs']} runs per load phase and",
+        f"{meta['latency_runs']} runs one at a time; raw arq is measured in the same run,",
+        "on the same Redis. The [performance notes](performance.md) say what the figures",
+        "come from.",
+        "",
+        table(results, clients),
+        "",
+        "![Trigger → callback latency and throughput beside raw arq](bench.png)",
+        "",
+        "## Against the targets",
+        "",
+        "| target | " + " | ".join(results) + " |",
+        "| --- | " + " | ".join("---" for _ in results) + " |",
+    ]
+    for what, only, figure, met in TARGETS:
+        cells = []
+        for backend, result in results.items():
+            if only is not None and backend != only:
+                cells.append("")
+                continue
+            value = figure(result["rounds"])
+            shown = f"{value:.2f}" if isinstance(value, float) else str(value)
+            cells.append(f"{shown}: {'met' if met(value) else '**not met**'}")
+        lines.append(f"| {what} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _no_samples(figures: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in figures.items() if k != "callbacks"}
 
@@ -619,7 +707,19 @@ def main() -> None:
         default=PHASES,
         help="comma-separated, of " + ",".join(PHASES) + " (the table needs all)",
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write docs/bench.md again from docs/bench.json, measuring nothing",
+    )
     args = parser.parse_args()
+    page = ROOT / "docs" / "bench.md"
+    if args.report_only:
+        saved = json.loads((ROOT / "docs" / "bench.json").read_text())
+        meta = saved.pop("meta")
+        page.write_text(report(saved, meta))
+        print(f"wrote {page.relative_to(ROOT)}")
+        return
     backends = ["sqlite", "postgresql"] if os.environ.get("BENCH_DATABASE_URL") else ["sqlite"]
     if args.only:
         backends = [args.only]
@@ -640,9 +740,27 @@ def main() -> None:
             backend: {**result, "rounds": [_no_samples(r) for r in result["rounds"]]}
             for backend, result in results.items()
         }
-        args.plot.with_suffix(".json").write_text(json.dumps(figures, indent=1) + "\n")
+        meta = {
+            "date": time.strftime("%Y-%m-%d"),
+            "command": " ".join(
+                ["make bench"]
+                + (["BENCH_DATABASE_URL=…"] if "postgresql" in results else [])
+                + ([f'BENCH_ARGS="{" ".join(sys.argv[1:])}"'] if sys.argv[1:] else [])
+            ),
+            "cores": os.cpu_count(),
+            "rounds": args.rounds,
+            "runs": args.runs,
+            "latency_runs": args.latency_runs,
+            "clients": args.clients,
+        }
+        args.plot.with_suffix(".json").write_text(
+            json.dumps({"meta": meta, **figures}, indent=1) + "\n"
+        )
         shown = args.plot.relative_to(ROOT) if args.plot.is_relative_to(ROOT) else args.plot
         print(f"\nwrote {shown}")
+        if args.plot == ROOT / "docs" / "bench.png":
+            page.write_text(report(figures, meta))
+            print(f"wrote {page.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

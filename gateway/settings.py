@@ -60,75 +60,89 @@ def _site_url(site_address: str) -> str | None:
 
 
 class Settings(worker_settings.Settings):
-    """The gateway's configuration. See the README's table for each variable."""
+    """The gateway's configuration: a worker's and its own. Each field's docstring is
+    its variable's documentation (docs/configuration.md is made from them)."""
 
-    #: Where ``gateway up`` keeps the SQLite file, the embedded Redis and artifacts.
     data_dir: Path = Path("data")
-    #: SQLAlchemy URL of the database (default: SQLite under DATA_DIR; async driver).
+    """Where ``gateway up`` keeps the SQLite file, the embedded Redis (``redis/``),
+    the dev key and the generated secret."""
     database_url: str = ""
-    #: Interface ``gateway web`` listens on (``0.0.0.0``: every interface, as
-    #: a platform or a container needs).
+    """SQLite (WAL) or PostgreSQL (``postgresql://…``, run on asyncpg); the same
+    migrations serve both. Default: ``sqlite:///$DATA_DIR/gateway.db``."""
     host: str = "127.0.0.1"
-    #: ``gateway web`` migrates the database before it serves (else it refuses
-    #: to start on a database behind its code, and says to run ``gateway migrate``).
+    """The interface ``gateway web`` listens on (``--host`` too). A platform or a
+    container needs ``0.0.0.0``, as the Procfile and the image set."""
     migrate_on_start: bool = False
-    #: Number of uvicorn worker processes for ``gateway web``.
+    """``gateway web`` migrates the database before it serves. Off, it refuses a
+    database behind its code and says to run ``gateway migrate``."""
     web_concurrency: int = Field(default=1, ge=1)
-    #: Seconds a request may take to send its headers (then 408, closed).
+    """uvicorn worker processes per ``gateway web``."""
     web_header_timeout: float = Field(default=5.0, gt=0)
-    #: Connections one web process keeps open at most; more get 503 at once.
+    """Seconds a new connection's first request may take to send its headers; then
+    it gets 408 and is closed."""
     web_max_connections: int = Field(default=2000, ge=1)
-    #: Maximum age of a signed worker request, in seconds.
+    """Connections one web process keeps open; more get 503 at once."""
     event_max_age: int = Field(default=300, ge=1)
-    #: Largest request body the public API accepts.
+    """Seconds a signed worker request stays valid."""
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
-    #: Seconds before each attempt: the first at once, then the retries.
+    """The largest request body the API accepts (413 ``payload_too_large``)."""
     webhook_retry_schedule: Schedule = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
-    #: Each retry delay is moved by up to this fraction either way.
+    """Comma-separated seconds before each callback attempt: the first, then each
+    retry."""
     webhook_retry_jitter: float = Field(default=0.2, ge=0)
-    #: The longest ``Retry-After`` a receiver can ask for, in seconds.
+    """Each retry delay moves by up to this fraction either way."""
     webhook_retry_after_max: float = Field(default=3600.0, ge=0)
-    #: An endpoint failing without any success for this long is disabled.
+    """The longest ``Retry-After`` of a receiver that is honoured, in seconds."""
     webhook_disable_after: float = Field(default=5 * 24 * 3600.0, ge=0)
-    #: How long a rotated-out secret keeps signing beside the new one.
+    """Seconds an endpoint may fail without a single success before it is disabled
+    (5 days)."""
     webhook_rotation_grace: float = Field(default=24 * 3600.0, ge=0)
-    #: Where artifacts (cropped images) are kept: ``local`` (files under
-    #: ARTIFACT_DIR, for one gateway host) or ``database`` (the database of
-    #: record, which every gateway host shares). Default: ``database`` on
-    #: PostgreSQL, ``local`` on SQLite.
+    """Seconds a rotated-out endpoint secret keeps signing beside the new one."""
     artifact_store: Literal["local", "database"] | None = None
-    #: Where local artifacts are kept; default ``DATA_DIR/artifacts``.
+    """Where artifacts (cropped images) are kept: ``database`` (a table in the
+    database of record, which every gateway host reads) or ``local`` (files under
+    ``ARTIFACT_DIR``, for one gateway host). Default: ``database`` on PostgreSQL,
+    ``local`` on SQLite."""
     artifact_dir: Path | None = None
-    #: How long a signed artifact link stays valid, in seconds.
+    """Where ``local`` artifacts are kept. Default: ``$DATA_DIR/artifacts``."""
     artifact_url_ttl: int = Field(default=7 * 24 * 3600, ge=1)
-    #: The largest artifact a worker may store.
+    """Seconds a signed artifact link works (7 days)."""
     max_artifact_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
-    #: The base of links handed to clients (artifact URLs); default
-    #: ``https://$SITE_ADDRESS`` when that names a host, else GATEWAY_URL.
+    """The largest artifact a worker may store."""
     public_url: str = ""
-    #: The address the reverse proxy serves (compose.yaml's Caddy: a domain
-    #: it gets a certificate for, or ``:80``); it gives PUBLIC_URL's default.
+    """The base of links handed to clients (artifact URLs). Default:
+    ``https://$SITE_ADDRESS`` when that names a host, else ``GATEWAY_URL``."""
     site_address: str = ""
-    #: How long a run's public access token stays valid, in seconds.
+    """The address the reverse proxy serves (``compose.yaml``'s Caddy: a domain it
+    gets a certificate for); when it names a domain, links default to ``https://``
+    it (``localhost``: ``http://localhost``)."""
     public_token_ttl: int = Field(default=3600, ge=1)
-    #: Origins a browser may call the API from (CORS); empty: none.
+    """Seconds a run's ``public_access_token`` works."""
     cors_origins: Names = ()
-    #: How long a dashboard sign-in lasts, in seconds.
+    """Comma-separated origins a browser may call the API from (CORS); empty:
+    none."""
     dashboard_session_max_age: int = Field(default=12 * 3600, ge=60)
-    #: Requests per second per API key (a token bucket in Redis); 0: no limit.
+    """Seconds a dashboard sign-in lasts (12 h)."""
     rate_limit: float = Field(default=0.0, ge=0)
+    """Requests per second per API key (a token bucket in Redis); 0: no limit. A
+    key's own limit (``gateway keys create --rate-limit``) wins."""
     rate_burst: int = Field(default=0, ge=0, validation_alias="RATE_LIMIT_BURST")
-    #: An EXECUTING attempt silent this long is lost (its worker died): it is
-    #: retried if attempts remain, else the run fails with ``worker_lost``.
+    """The bucket's size; 0: the rate."""
     heartbeat_timeout: float = Field(default=10.0, ge=0.1)
-    #: Seconds between two passes of the scheduler (delays, retries, TTLs).
+    """Seconds an attempt's heartbeats may be silent before it is failed as
+    ``worker_lost`` and retried (judged every fifth of it: a killed worker's runs
+    start again within about 12 s)."""
     scheduler_interval: float = Field(default=0.2, ge=0.01)
-    #: Seconds between two passes of the reconciler.
+    """Seconds between scheduler passes (starts due DELAYED and RETRYING runs,
+    expires runs past their TTL, makes schedules' runs)."""
     reconcile_interval: float = Field(default=15.0, ge=0.1)
-    #: A QUEUED run or due delivery older than this with no job is re-queued.
+    """Seconds between reconciler passes (one gateway process does each pass)."""
     reconcile_grace: float = Field(default=30.0, ge=0)
-    #: A bearer token ``GET /metrics`` requires; unset: /metrics is open.
+    """A QUEUED run or a due delivery this many seconds old whose arq job is gone is
+    queued again."""
     metrics_token: str | None = None
+    """When set, ``GET /metrics`` needs ``Authorization: Bearer <METRICS_TOKEN>``;
+    unset, it is open (for a scraper on a private network)."""
 
     @model_validator(mode="after")
     def _gateway_derived(self) -> Self:

