@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 from arq import create_pool
 from arq.connections import RedisSettings
@@ -20,16 +19,17 @@ from gateway.artifacts import ArtifactStore
 from gateway.auth.keys import ApiKeyAuth
 from gateway.auth.ratelimit import RateLimiter
 from gateway.auth.tokens import PublicTokens, WaitpointTokens
+from gateway.background.reconciler import LostWorkers, Reconciler, Scheduler
 from gateway.dashboard import dashboard_routes
 from gateway.errors import exception_handlers
 from gateway.logs import configure_logging
 from gateway.notify import RunNotifier
-from gateway.reconciler import LostWorkers, Reconciler, Scheduler
 from gateway.schema import SchemaGate
 from gateway.services import Services
 from gateway.services.queues import FlowService
 from gateway.services.runs import RunService
 from gateway.services.schedules import ScheduleService
+from gateway.services.units import UnitRunner
 from gateway.services.waitpoints import WaitpointService
 from gateway.settings import ConfigError, Settings
 from jobs.tasks.registry import load_tasks
@@ -81,14 +81,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             task_names=registry.names(),
         )
         waitpoint_tokens = WaitpointTokens(settings)
-        # What every service of gateway.runs runs its units on.
-        common: dict[str, Any] = {
-            "db": db,
-            "redis": redis,
-            "notifier": notifier,
-            "dispatcher": dispatcher,
-            "settings": settings,
-        }
+        # What every service runs its units of work and their effects on.
+        units = UnitRunner(
+            db=db, redis=redis, notifier=notifier, dispatcher=dispatcher, settings=settings
+        )
         app.state.services = Services(
             settings=settings,
             db=db,
@@ -105,10 +101,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             notifier=notifier,
             webhooks=webhooks,
             dispatcher=dispatcher,
-            runs=RunService(webhooks=webhooks, waitpoint_tokens=waitpoint_tokens, **common),
-            flow=FlowService(**common),
-            schedules=ScheduleService(webhooks=webhooks, **common),
-            waitpoints=WaitpointService(tokens=waitpoint_tokens, **common),
+            runs=RunService(units, webhooks=webhooks, waitpoint_tokens=waitpoint_tokens),
+            flow=FlowService(units),
+            schedules=ScheduleService(units, webhooks=webhooks),
+            waitpoints=WaitpointService(units, tokens=waitpoint_tokens),
             schema=schema,
         )
         services = app.state.services

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from db.models import (
     WebhookEndpoint,
 )
+from db.rows import owned_row
 from db.types import isoformat
 from gateway.errors import NotFound
 
@@ -36,17 +37,11 @@ def endpoint_view(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_endpoint(conn: sa.Connection, project_id: str, endpoint_id: str) -> dict[str, Any]:
-    row = (
-        conn.execute(
-            sa.select(endpoints).where(
-                endpoints.c.id == endpoint_id,
-                endpoints.c.project_id == project_id,
-                endpoints.c.deleted_at.is_(None),
-            )
-        )
-        .mappings()
-        .first()
+    return owned_row(
+        conn,
+        endpoints,
+        endpoint_id,
+        project_id,
+        NotFound(f"no webhook endpoint with id {endpoint_id!r}", code="endpoint_not_found"),
+        where=(endpoints.c.deleted_at.is_(None),),
     )
-    if row is None:
-        raise NotFound(f"no webhook endpoint with id {endpoint_id!r}", code="endpoint_not_found")
-    return dict(row)

@@ -27,6 +27,7 @@ from db.models import (
     Run,
     WebhookEndpoint,
 )
+from db.rows import owned_row
 from db.types import isoformat, utcnow
 from gateway.errors import NotFound, ValidationFailed
 from gateway.settings import Settings
@@ -359,17 +360,13 @@ class WebhookService:
 
     async def resend(self, project_id: str, delivery_id: str) -> dict[str, Any]:
         def reset(conn: sa.Connection) -> dict[str, Any]:
-            row = (
-                conn.execute(
-                    sa.select(deliveries).where(
-                        deliveries.c.id == delivery_id, deliveries.c.project_id == project_id
-                    )
-                )
-                .mappings()
-                .first()
+            row = owned_row(
+                conn,
+                deliveries,
+                delivery_id,
+                project_id,
+                NotFound(f"no delivery with id {delivery_id!r}", code="delivery_not_found"),
             )
-            if row is None:
-                raise NotFound(f"no delivery with id {delivery_id!r}", code="delivery_not_found")
             conn.execute(
                 deliveries.update()
                 .where(deliveries.c.id == delivery_id)

@@ -32,6 +32,7 @@ from gateway.services import services_of
 
 __all__ = [
     "PAGE",
+    "PAGE_SIZE",
     "ApiRoute",
     "Auth",
     "Operation",
@@ -57,9 +58,12 @@ class Param:
     required: bool = False
 
 
+#: The page size of every list when ``limit`` is absent.
+PAGE_SIZE = 50
+
 #: The parameters of every paged list.
 PAGE = (
-    Param("limit", "query", "1 to 100", {"type": "integer"}),
+    Param("limit", "query", f"1 to 100 ({PAGE_SIZE})", {"type": "integer"}),
     Param("cursor", "query", "next_cursor of the previous page"),
 )
 
@@ -83,18 +87,26 @@ class Operation:
     errors: tuple[int, ...] = ()
 
 
-def page_limit(request: Request, default: int = 100, most: int = 100) -> int:
-    """The ``limit`` query parameter: 1 to ``most`` (``default`` when absent),
-    else a 422 naming it."""
-    raw = request.query_params.get("limit", str(default))
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= most:
-        raise ValidationFailed(
-            f"limit must be a whole number from 1 to {most}",
-            details=[
-                {"path": "query.limit", "message": f"got {raw[:40]!r}", "type": "value_error"}
-            ],
-        )
-    return int(raw)
+def limit_problem(request: Request, most: int = 100) -> dict[str, str] | None:
+    """What is wrong with the ``limit`` query parameter (1 to ``most``), as a
+    validation detail, or ``None``."""
+    raw = request.query_params.get("limit", str(PAGE_SIZE))
+    if raw.isascii() and raw.isdigit() and 1 <= int(raw) <= most:
+        return None
+    return {
+        "path": "query.limit",
+        "message": f"a whole number from 1 to {most}; got {raw[:40]!r}",
+        "type": "value_error",
+    }
+
+
+def page_limit(request: Request, most: int = 100) -> int:
+    """The ``limit`` query parameter of every list: 1 to ``most``,
+    :data:`PAGE_SIZE` when absent, else a 422 naming it."""
+    problem = limit_problem(request, most)
+    if problem is not None:
+        raise ValidationFailed(f"limit must be a whole number from 1 to {most}", details=[problem])
+    return int(request.query_params.get("limit", str(PAGE_SIZE)))
 
 
 _ID_BODY = re.compile(r"^[0-9a-hjkmnp-tv-z]{26}$")

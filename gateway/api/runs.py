@@ -16,11 +16,14 @@ from gateway.api import views
 from gateway.api.bodies import json_object
 from gateway.api.routing import (
     PAGE,
+    PAGE_SIZE,
     ApiRoute,
     Operation,
     Param,
     id_cursor,
     invalid_cursor,
+    limit_problem,
+    page_limit,
     recheck,
 )
 from gateway.api.views import RunLogPage, RunPage, RunView, shaped
@@ -63,26 +66,20 @@ async def get_run(request: Request, project_id: str | None) -> Response:
     return shaped(RunView, run)
 
 
-def _page(request: Request, default: int = 100, most: int = 1000) -> tuple[int, int | None]:
-    """``limit`` and a numeric ``cursor`` from the query (422 for anything else)."""
-    raw_limit = request.query_params.get("limit", str(default))
+def _log_page(request: Request) -> tuple[int, int | None]:
+    """``limit`` (up to 1000 lines) and a numeric ``cursor`` from the query."""
     raw_cursor = request.query_params.get("cursor") or None
-    details = []
-    if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= most:
-        details.append({"path": "query.limit", "type": "value_error", "message": f"1 to {most}"})
     if raw_cursor is not None and not (
         raw_cursor.isascii() and raw_cursor.isdigit() and len(raw_cursor) <= 18
     ):
         raise invalid_cursor(raw_cursor)
-    if details:
-        raise ValidationFailed(details=details)
-    return int(raw_limit), int(raw_cursor) if raw_cursor is not None else None
+    return page_limit(request, most=1000), int(raw_cursor) if raw_cursor is not None else None
 
 
 async def run_logs(request: Request, project_id: str | None) -> Response:
     """The lines the run's task logged, oldest first."""
     services = services_of(request)
-    limit, cursor = _page(request)
+    limit, cursor = _log_page(request)
     page = await services.runs.logs(project_id, request.path_params["run_id"], limit, cursor)
     return shaped(RunLogPage, page)
 
@@ -211,19 +208,13 @@ async def list_runs(request: Request, project_id: str) -> Response:
     services = services_of(request)
     statuses = tuple(s.upper() for s in _list_param(request, "status"))
     unknown = [s for s in statuses if s not in RunStatus.__members__]
-    raw_limit = request.query_params.get("limit", "25")
     details = [
         {"path": "query.status", "type": "enum", "message": f"unknown status {s!r}"}
         for s in unknown
     ]
-    if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= 100:
-        details.append(
-            {
-                "path": "query.limit",
-                "type": "value_error",
-                "message": "a whole number from 1 to 100",
-            }
-        )
+    problem = limit_problem(request)
+    if problem is not None:
+        details.append(problem)
     if details:
         raise ValidationFailed(details=details)
     query = RunQuery(
@@ -233,7 +224,7 @@ async def list_runs(request: Request, project_id: str) -> Response:
         queue=request.query_params.get("queue") or None,
         created_after=_time_param(request, "created_after"),
         created_before=_time_param(request, "created_before"),
-        limit=int(raw_limit),
+        limit=page_limit(request),
         cursor=id_cursor(request, "run"),
     )
     return shaped(RunPage, await services.runs.find(project_id, query))
@@ -313,7 +304,7 @@ routes = [
             auth="key_or_token",
             params=(
                 RUN_ID,
-                Param("limit", "query", "1 to 1000 (100)", {"type": "integer"}),
+                Param("limit", "query", f"1 to 1000 ({PAGE_SIZE})", {"type": "integer"}),
                 Param("cursor", "query", "next_cursor of the previous page"),
                 TOKEN,
             ),

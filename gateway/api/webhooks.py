@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from gateway.api import views
 from gateway.api.bodies import json_object
-from gateway.api.routing import PAGE, ApiRoute, Operation, Param, id_cursor
+from gateway.api.routing import PAGE, ApiRoute, Operation, Param, id_cursor, page_limit
 from gateway.api.views import (
     DeliveryPage,
     DeliveryView,
@@ -23,7 +23,6 @@ from gateway.api.views import (
     SigningSecret,
     shaped,
 )
-from gateway.errors import ValidationFailed
 from gateway.services import Services, services_of
 from webhooks.models import EndpointCreate, EndpointUpdate, RecoverRequest, RotateRequest
 
@@ -37,13 +36,7 @@ async def _body(request: Request, services: Services, model: type[M]) -> M:
 
 
 def _page(request: Request) -> tuple[int, str | None]:
-    raw = request.query_params.get("limit", "50")
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 100:
-        raise ValidationFailed(
-            "limit must be a whole number from 1 to 100",
-            details=[{"path": "query.limit", "message": f"got {raw!r}", "type": "value_error"}],
-        )
-    return int(raw), id_cursor(request, "msg")
+    return page_limit(request), id_cursor(request, "msg")
 
 
 async def create_endpoint(request: Request, project_id: str) -> Response:

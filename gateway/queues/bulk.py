@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 from db.ids import new_id
 from db.models import BulkAction
+from db.rows import owned_row
 from db.types import isoformat
 from gateway.errors import NotFound
 from gateway.runs.cancel import cancel_open_run
@@ -124,18 +125,7 @@ def create_bulk(
 
 def load_bulk(conn: sa.Connection, project_id: str, bulk_id: str) -> dict[str, Any]:
     """:raises BulkNotFound: no such action in the project"""
-    row = (
-        conn.execute(
-            sa.select(bulk_actions).where(
-                bulk_actions.c.id == bulk_id, bulk_actions.c.project_id == project_id
-            )
-        )
-        .mappings()
-        .first()
-    )
-    if row is None:
-        raise BulkNotFound(bulk_id)
-    return _view(dict(row))
+    return _view(owned_row(conn, bulk_actions, bulk_id, project_id, BulkNotFound(bulk_id)))
 
 
 @dataclasses.dataclass

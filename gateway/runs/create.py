@@ -17,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from db.engine import savepoint
 from db.ids import new_id
 from db.models import Batch, IdempotencyKey, RunStatus
+from db.rows import owned_row
 from db.types import utcnow
 from gateway.errors import ValidationFailed
 from gateway.queues.admission import admit
@@ -332,14 +333,7 @@ def replay_from_node(
     :raises RunNotFound: no such run in the project
     :raises ValidationFailed: not a workflow, or no such node in its graph
     """
-    found = (
-        conn.execute(sa.select(runs).where(runs.c.id == run_id, runs.c.project_id == project_id))
-        .mappings()
-        .first()
-    )
-    if found is None:
-        raise RunNotFound(run_id)
-    original = dict(found)
+    original = owned_row(conn, runs, run_id, project_id, RunNotFound(run_id))
     graph = original["payload"] if isinstance(original["payload"], dict) else {}
     ids = {n.get("id") for n in graph.get("nodes", []) if isinstance(n, dict)}
     problem = None

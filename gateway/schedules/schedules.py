@@ -1,7 +1,7 @@
 """Schedules: a task's runs on a clock, one run per tick.
 
 A schedule row holds its next tick. Each scheduler pass (one gateway process
-at a time, ``gateway.reconciler.Scheduler``) takes the schedules that are due,
+at a time, ``gateway.background.reconciler.Scheduler``) takes the schedules that are due,
 their rows locked and any another transaction holds passed over, makes one
 run for each, with ``schedule_id`` and ``scheduled_at``, and moves the next
 tick past now, in the same transaction. A unique index on ``(schedule_id,
@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from db.engine import savepoint
 from db.ids import new_id
 from db.models import Schedule
+from db.rows import owned_row
 from db.types import isoformat
 from gateway.errors import NotFound, ValidationFailed
 from gateway.runs.create import NewRun, create_runs, new_run
@@ -138,18 +139,7 @@ def create_schedule(
 
 
 def _row(conn: sa.Connection, project_id: str, schedule_id: str) -> dict[str, Any]:
-    found = (
-        conn.execute(
-            sa.select(schedules).where(
-                schedules.c.id == schedule_id, schedules.c.project_id == project_id
-            )
-        )
-        .mappings()
-        .first()
-    )
-    if found is None:
-        raise ScheduleNotFound(schedule_id)
-    return dict(found)
+    return owned_row(conn, schedules, schedule_id, project_id, ScheduleNotFound(schedule_id))
 
 
 def get_schedule(conn: sa.Connection, project_id: str, schedule_id: str) -> dict[str, Any]:

@@ -23,9 +23,14 @@ __all__ = ["FlowService"]
 log = logging.getLogger("gateway.queues.admission")
 
 
-class FlowService(UnitRunner):
-    def __init__(self, **common: Any) -> None:
-        super().__init__(**common)
+class FlowService:
+    """Queues (limits, pauses) and bulk actions."""
+
+    def __init__(self, units: UnitRunner) -> None:
+        #: What runs this service's units of work and their effects.
+        self.units = units
+        self.db = units.db
+        self.settings = units.settings
         #: Bulk actions this process is doing, by ID.
         self._bulks: dict[str, asyncio.Task[None]] = {}
 
@@ -41,21 +46,21 @@ class FlowService(UnitRunner):
     async def create_queue(
         self, project_id: str, name: str, limit: int | None, paused: bool
     ) -> dict[str, Any]:
-        return await self._write(create_queue, project_id, name, limit, paused)
+        return await self.units.write(create_queue, project_id, name, limit, paused)
 
     async def update_queue(
         self, project_id: str, name: str, changes: dict[str, Any]
     ) -> dict[str, Any]:
         """Change a queue's limit or pause it; a raised limit or a resume
         hands out held runs before this returns."""
-        return await self._write(update_queue, project_id, name, changes)
+        return await self.units.write(update_queue, project_id, name, changes)
 
     async def pump_queues(self) -> int:
         """Hand out what every queue with held runs has room for (the
         reconciler's pass; each unit that frees a slot does it too)."""
         jobs = await self.db.write(pump_held, utcnow())
         if jobs:
-            await self._enqueue_all(Effects(jobs=jobs))
+            await self.units.enqueue_all(Effects(jobs=jobs))
         return len(jobs)
 
     async def bulk(self, project_id: str, action: str, selection: dict[str, Any]) -> dict[str, Any]:
@@ -78,8 +83,8 @@ class FlowService(UnitRunner):
     async def _drive_bulk(self, bulk_id: str) -> None:
         try:
             while True:
-                page = await self._write_until_settled(bulk_page, bulk_id, utcnow())
-                await self._after(page.effects)
+                page = await self.units.write_until_settled(bulk_page, bulk_id, utcnow())
+                await self.units.after(page.effects)
                 if page.done:
                     return
         except Exception:  # the reconciler resumes it; the page did nothing twice

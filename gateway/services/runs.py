@@ -16,15 +16,13 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from arq import ArqRedis
 from arq.constants import in_progress_key_prefix, result_key_prefix
 
-from db.engine import Database
 from db.models import Run, RunStatus
+from db.rows import owned_row
 from db.types import utcnow
 from gateway.auth.tokens import WaitpointTokens
 from gateway.errors import APIError, NotFound
-from gateway.notify import RunNotifier
 from gateway.runlogs.logs import append_logs, list_logs
 from gateway.runs.cancel import cancel_run
 from gateway.runs.create import NewRun, create_runs, new_run, replay_from_node, replay_row
@@ -39,9 +37,7 @@ from gateway.runs.requests import (
 )
 from gateway.runs.timers import release_due, reschedule
 from gateway.services.units import UnitRunner
-from gateway.settings import Settings
 from jobs.protocol import RunLogs, WorkerEvent
-from webhooks.dispatch import DeliveryDispatcher
 from webhooks.service import WebhookService
 
 __all__ = ["RunService"]
@@ -55,24 +51,21 @@ T = TypeVar("T")
 EVENT_CHUNK = 8
 
 
-class RunService(UnitRunner):
+class RunService:
     """Runs: triggering, reading, waiting, canceling, replaying, the workers'
     reports and the passes that keep runs moving (docs/architecture.md)."""
 
     def __init__(
         self,
+        units: UnitRunner,
         *,
-        db: Database,
-        redis: ArqRedis,
-        notifier: RunNotifier,
         webhooks: WebhookService,
-        dispatcher: DeliveryDispatcher,
-        settings: Settings,
         waitpoint_tokens: WaitpointTokens,
     ) -> None:
-        super().__init__(
-            db=db, redis=redis, notifier=notifier, dispatcher=dispatcher, settings=settings
-        )
+        #: What runs this service's units of work and their effects.
+        self.units = units
+        self.db = units.db
+        self.settings = units.settings
         self.webhooks = webhooks
         self.waitpoint_tokens = waitpoint_tokens
         self._born = time.monotonic()
@@ -110,11 +103,11 @@ class RunService(UnitRunner):
             for item in new:
                 item.row["batch_id"] = batch_id
         # A trigger with the same idempotency (or debounce) key may win the race: look again.
-        created = await self._write_until_settled(create_runs, new, batch_id)
+        created = await self.units.write_until_settled(create_runs, new, batch_id)
         for view, cached in created.runs:
             view["debounced"] = bool(view.get("debounced"))
             view["is_cached"] = cached and not view["debounced"]
-        await self._enqueue_all(created.effects)
+        await self.units.enqueue_all(created.effects)
         return created.runs
 
     async def trigger(
@@ -142,7 +135,7 @@ class RunService(UnitRunner):
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        with self.notifier.watch(run_id) as watch:
+        with self.units.notifier.watch(run_id) as watch:
             status = await self.db.read(status_of, project_id, run_id)
             if status is None:
                 raise RunNotFound(run_id)
@@ -160,7 +153,7 @@ class RunService(UnitRunner):
     async def cancel(self, project_id: str, run_id: str) -> dict[str, Any]:
         """Cancel a run that is not final (and a workflow's children with it);
         abort its job if a worker is running it."""
-        await self._after(await self._write_until_settled(cancel_run, project_id, run_id))
+        await self.units.after(await self.units.write_until_settled(cancel_run, project_id, run_id))
         return await self.get(project_id, run_id)
 
     async def replay(
@@ -170,15 +163,13 @@ class RunService(UnitRunner):
         ``replayed_from``; with ``from_node``, a workflow's new run reuses the
         outputs of its nodes but that one and those after it."""
         if from_node is not None:
-            created = await self._write_until_settled(
+            created = await self.units.write_until_settled(
                 replay_from_node, project_id, run_id, from_node, utcnow()
             )
-            await self._enqueue_all(created.effects)
+            await self.units.enqueue_all(created.effects)
             [(view, _)] = created.runs
             return view
         original = await self.db.read(_replay_source, project_id, run_id)
-        if original is None:
-            raise RunNotFound(run_id)
         [(view, _)] = await self.create([NewRun(replay_row(original, utcnow()))])
         return view
 
@@ -222,7 +213,7 @@ class RunService(UnitRunner):
                 except APIError as exc:
                     answers[i] = exc
         for run_id in dict.fromkeys(changed):
-            await self.notifier.publish(run_id, final=False)
+            await self.units.notifier.publish(run_id, final=False)
         return answers
 
     async def logs(
@@ -244,7 +235,7 @@ class RunService(UnitRunner):
         queued = await self.db.read(queued_before, now - dt.timedelta(seconds=timeout))
         taken: list[str] = []
         if queued:
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with self.units.redis.pipeline(transaction=False) as pipe:
                 for _, queued_job in queued:
                     # Taken by a worker, or even finished (arq stores a
                     # result for a job whose data vanished in a flush), yet
@@ -252,29 +243,29 @@ class RunService(UnitRunner):
                     pipe.exists(in_progress_key_prefix + queued_job, result_key_prefix + queued_job)
                 flags = await pipe.execute()
             taken = [run_id for (run_id, _), flag in zip(queued, flags, strict=True) if flag]
-        lost = await self._write(recover_lost, now, timeout, taken)
-        await self._after(lost)
+        lost = await self.units.write(recover_lost, now, timeout, taken)
+        await self.units.after(lost)
         return len(lost.abort)
 
     async def release_due(self) -> int:
         """One scheduler pass: start due DELAYED/RETRYING runs, expire stale ones."""
-        due = await self._write(release_due, utcnow())
-        await self._after(due)
+        due = await self.units.write(release_due, utcnow())
+        await self.units.after(due)
         return len(due.jobs) + len(due.abort)
 
     async def apply_event(self, event: WorkerEvent) -> EventAnswer:
         """Apply a verified worker event; a stale or repeated one is a no-op."""
-        answer = await self._write_until_settled(apply_event, event)
-        await self._after(answer.effects)
+        answer = await self.units.write_until_settled(apply_event, event)
+        await self.units.after(answer.effects)
         return answer
 
     async def _apply_chunk(
         self, events: Sequence[WorkerEvent]
     ) -> list[EventAnswer | APIError | LostRace]:
         try:
-            return await self._write(apply_events, events)
+            return await self.units.write(apply_events, events)
         except (APIError, LostRace):  # rare: again, each report in a savepoint
-            return await self._write(apply_events, events, isolated=True)
+            return await self.units.write(apply_events, events, isolated=True)
 
     async def apply_events(self, events: Sequence[WorkerEvent]) -> list[EventAnswer | APIError]:
         """Apply a batch of verified worker events, then do what they set in
@@ -305,14 +296,9 @@ class RunService(UnitRunner):
             if isinstance(answer, EventAnswer):
                 effects.add(answer.effects)
             out.append(answer)
-        await self._after(effects)
+        await self.units.after(effects)
         return out
 
 
-def _replay_source(conn: sa.Connection, project_id: str, run_id: str) -> dict[str, Any] | None:
-    row = (
-        conn.execute(sa.select(runs).where(runs.c.id == run_id, runs.c.project_id == project_id))
-        .mappings()
-        .first()
-    )
-    return dict(row) if row is not None else None
+def _replay_source(conn: sa.Connection, project_id: str, run_id: str) -> dict[str, Any]:
+    return owned_row(conn, runs, run_id, project_id, RunNotFound(run_id))

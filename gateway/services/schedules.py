@@ -21,9 +21,14 @@ from webhooks.service import WebhookService
 __all__ = ["ScheduleService"]
 
 
-class ScheduleService(UnitRunner):
-    def __init__(self, *, webhooks: WebhookService, **common: Any) -> None:
-        super().__init__(**common)
+class ScheduleService:
+    """Schedules: their rows, and the runs their ticks make."""
+
+    def __init__(self, units: UnitRunner, *, webhooks: WebhookService) -> None:
+        #: What runs this service's units of work and their effects.
+        self.units = units
+        self.db = units.db
+        self.settings = units.settings
         self.webhooks = webhooks
 
     async def create_schedule(self, project_id: str, body: ScheduleCreate) -> dict[str, Any]:
@@ -72,6 +77,6 @@ class ScheduleService(UnitRunner):
 
     async def fire_schedules(self) -> int:
         """One scheduler pass over the schedules: a run for each that is due."""
-        fired = await self._write(fire_due, utcnow())
-        await self._after(fired)
+        fired = await self.units.write(fire_due, utcnow())
+        await self.units.after(fired)
         return len(fired.jobs)

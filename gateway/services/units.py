@@ -37,8 +37,8 @@ T = TypeVar("T")
 
 
 class UnitRunner:
-    """Runs units of work and what they set in motion; the services of
-    ``gateway.runs`` build on it."""
+    """Runs units of work and what they set in motion. One is shared by the
+    services (``gateway.services``), each given it at construction."""
 
     def __init__(
         self,
@@ -81,14 +81,14 @@ class UnitRunner:
         The run is committed already, so a failure here loses nothing: the
         reconciler enqueues it again (arq dedupes on ``_job_id``).
         """
-        return await self._enqueue_all(Effects(jobs=[job]))
+        return await self.enqueue_all(Effects(jobs=[job]))
 
     async def enqueue_many(self, jobs: list[Job]) -> bool:
         """Put runs' jobs on the queue in one round trip; ``False`` if Redis
         did not take them (the reconciler tries again)."""
-        return await self._enqueue_all(Effects(jobs=jobs))
+        return await self.enqueue_all(Effects(jobs=jobs))
 
-    async def _enqueue_all(self, effects: Effects) -> bool:
+    async def enqueue_all(self, effects: Effects) -> bool:
         """The runs' jobs and the callbacks' first attempts, in one round trip."""
         queued = [self.queued(job) for job in effects.jobs]
         queued += self.dispatcher.first_attempts(effects.outgoing)
@@ -100,7 +100,7 @@ class UnitRunner:
             return False
         return True
 
-    async def _after(self, effects: Effects) -> None:
+    async def after(self, effects: Effects) -> None:
         """What a committed unit of work set in motion: aborts, jobs, wake-ups, callbacks."""
         if effects.abort:
             try:
@@ -111,27 +111,27 @@ class UnitRunner:
                 # finishes the job is told so and stops there.
                 log.warning("could not ask workers to abort %s: %s", effects.abort, exc)
         if effects.jobs or effects.outgoing:
-            await self._enqueue_all(effects)
+            await self.enqueue_all(effects)
         finished = set(effects.finished)
         for run_id in effects.changed:
             await self.notifier.publish(run_id, final=run_id in finished)
 
-    async def _write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    async def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``db.write(fn, …)``, then queue the runs that the queue pumps at the
         end of the unit handed out (``gateway.queues.admission.flowing``)."""
         flowed = await self.db.write(flowing(fn), *args, **kwargs)
         for observed in flowed.observed:  # committed: counted once
             observe_transition(*observed)
         if flowed.jobs:
-            await self._enqueue_all(Effects(jobs=flowed.jobs))
+            await self.enqueue_all(Effects(jobs=flowed.jobs))
         return flowed.result
 
-    async def _write_until_settled(self, fn: Callable[..., T], *args: Any, tries: int = 5) -> T:
+    async def write_until_settled(self, fn: Callable[..., T], *args: Any, tries: int = 5) -> T:
         """``db.write(fn, …)``, run again when another process moved a run
         between its read and its compare-and-set (:class:`LostRace`)."""
         for _ in range(tries):
             try:
-                return await self._write(fn, *args)
+                return await self.write(fn, *args)
             except LostRace:
                 continue
         raise RuntimeError(f"{fn.__name__} lost the race {tries} times in a row")

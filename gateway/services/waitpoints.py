@@ -18,9 +18,14 @@ from gateway.waitpoints.waitpoints import (
 __all__ = ["WaitpointService"]
 
 
-class WaitpointService(UnitRunner):
-    def __init__(self, *, tokens: WaitpointTokens, **common: Any) -> None:
-        super().__init__(**common)
+class WaitpointService:
+    """Waitpoints made, read and completed through the API."""
+
+    def __init__(self, units: UnitRunner, *, tokens: WaitpointTokens) -> None:
+        #: What runs this service's units of work and their effects.
+        self.units = units
+        self.db = units.db
+        self.settings = units.settings
         #: Sign and read the part of a waitpoint's URL that completes it.
         self.tokens = tokens
 
@@ -46,10 +51,10 @@ class WaitpointService(UnitRunner):
     ) -> dict[str, Any]:
         """Complete a waitpoint (``project_id=None``: through its URL); the
         workflow waiting on it goes on."""
-        view, effects = await self._write_until_settled(
+        view, effects = await self.units.write_until_settled(
             complete_waitpoint, project_id, waitpoint_id, output, utcnow()
         )
-        await self._after(effects)
+        await self.units.after(effects)
         return self._with_url(view)
 
     async def complete_waitpoint_by_url(self, token: str, output: Any) -> dict[str, Any]:
@@ -58,6 +63,6 @@ class WaitpointService(UnitRunner):
     async def end_due_waitpoints(self) -> int:
         """One scheduler pass over waitpoints: delays due complete, waits past
         their timeout end TIMED_OUT."""
-        ended = await self._write(due_waitpoints, utcnow())
-        await self._after(ended)
+        ended = await self.units.write(due_waitpoints, utcnow())
+        await self.units.after(ended)
         return len(ended.changed)

@@ -19,6 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from db.ids import new_id
+from db.rows import owned_row
 from db.types import isoformat
 from gateway.errors import Conflict, NotFound
 from gateway.runs.effects import Effects
@@ -77,13 +78,9 @@ def waitpoint_view(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _find(conn: sa.Connection, project_id: str | None, waitpoint_id: str) -> dict[str, Any]:
-    where = [waitpoints.c.id == waitpoint_id]
-    if project_id is not None:
-        where.append(waitpoints.c.project_id == project_id)
-    row = conn.execute(sa.select(waitpoints).where(*where).with_for_update()).mappings().first()
-    if row is None:
-        raise WaitpointNotFound(waitpoint_id)
-    return dict(row)
+    return owned_row(
+        conn, waitpoints, waitpoint_id, project_id, WaitpointNotFound(waitpoint_id), for_update=True
+    )
 
 
 def load_waitpoint(

@@ -28,8 +28,8 @@ from redis.exceptions import RedisError
 from db.engine import Database
 from db.models import Delivery, DeliveryStatus, Run, RunStatus
 from db.types import utcnow
+from gateway.background.periodic import Periodic
 from gateway.metrics import RECONCILER_ACTIONS
-from gateway.periodic import Periodic
 from gateway.runs.effects import Job
 from gateway.runs.read import JOB_COLUMNS, run_job
 from gateway.services.queues import FlowService
@@ -128,7 +128,7 @@ class Reconciler(Periodic):
                 for job, missing in zip(due, await self._missing(job_ids), strict=True)
                 if missing
             ]
-            if lost_jobs and await self.runs.enqueue_many(lost_jobs):
+            if lost_jobs and await self.runs.units.enqueue_many(lost_jobs):
                 requeued_runs += len(lost_jobs)
             # A due delivery whose job is gone, or over without moving the
             # delivery on (arq keeps a result even for a job whose data
