@@ -50,7 +50,7 @@ deliveries = Delivery.__table__  # type: ignore[attr-defined]
 BATCH = 500
 
 
-def _due_runs(conn: sa.Connection, before: dt.datetime) -> list[Job]:
+def due_runs(conn: sa.Connection, before: dt.datetime) -> list[Job]:
     """The jobs of QUEUED runs that have waited past ``before``, built as every
     other path builds them (``run_job``: limits and priority included)."""
     rows = conn.execute(
@@ -66,7 +66,7 @@ def _due_runs(conn: sa.Connection, before: dt.datetime) -> list[Job]:
     return [run_job(conn, dict(r)) for r in rows.all()]
 
 
-def _due_deliveries(
+def due_deliveries(
     conn: sa.Connection, before: dt.datetime, lease_expired: dt.datetime
 ) -> list[dict[str, Any]]:
     """Pending deliveries past their time, with no attempt out (or one out
@@ -121,7 +121,7 @@ class Reconciler(Periodic):
         before = utcnow() - dt.timedelta(seconds=self.grace)
         requeued_runs = requeued_deliveries = 0
         try:
-            due = await self.db.read(_due_runs, before)
+            due = await self.db.read(due_runs, before)
             job_ids = [run_job_id(job.run_id, job.attempt, job.step) for job in due]
             lost_jobs = [
                 job
@@ -135,7 +135,7 @@ class Reconciler(Periodic):
             # vanished): queue it again, with the stale result out of the way.
             now = utcnow()
             pending = await self.db.read(
-                _due_deliveries,
+                due_deliveries,
                 before,
                 now - dt.timedelta(seconds=self.dispatcher.lease_seconds),
             )

@@ -18,9 +18,8 @@ from gateway.runs.create import Debounce, NewRun, create_runs
 from gateway.runs.events import apply_event
 from gateway.runs.runs_table import runs, select_run
 from gateway.runs.timers import release_due
-from tests.unit.test_state_machine import PROJECT, engine, event, row, status, unit
-
-__all__ = ["engine", "unit"]  # the fixtures, shared with the state machine's tests
+from tests.unit.conftest import PROJECT
+from tests.unit.test_state_machine import event, row, status
 
 Unit = Callable[..., Any]
 

@@ -8,16 +8,14 @@ transaction each, and checks the run's row, its transition log and the
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.pool import StaticPool
-from sqlmodel import SQLModel
 
 from db.ids import new_id
-from db.models import Project, RunStatus, WebhookEndpoint
+from db.models import RunStatus, WebhookEndpoint
 from db.types import utcnow
 from gateway.errors import InvalidEvent
 from gateway.runs.cancel import cancel_run
@@ -29,35 +27,9 @@ from gateway.runs.recovery import LOST_CODE, recover_lost
 from gateway.runs.runs_table import KeepFirst, runs, select_run, transition
 from gateway.runs.timers import release_due, reschedule
 from jobs.protocol import TIMED_OUT_CODE, WORKFLOW_TASK, WorkerEvent, run_job_id
+from tests.unit.conftest import PROJECT
 
 T = TypeVar("T")
-PROJECT = "proj_test"
-
-
-@pytest.fixture
-def engine() -> Iterator[sa.Engine]:
-    made = sa.create_engine(
-        "sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False}
-    )
-    SQLModel.metadata.create_all(made)
-    with made.begin() as conn:
-        conn.execute(
-            Project.__table__.insert(),  # type: ignore[attr-defined]
-            {"id": PROJECT, "name": "unit", "created_at": utcnow()},
-        )
-    yield made
-    made.dispose()
-
-
-@pytest.fixture
-def unit(engine: sa.Engine) -> Callable[..., Any]:
-    """Run ``fn(conn, *args)`` in a transaction of its own, as ``Database.write`` does."""
-
-    def run(fn: Callable[..., T], *args: Any) -> T:
-        with engine.begin() as conn:
-            return fn(conn, *args)
-
-    return run
 
 
 def row(task: str = "echo", **values: Any) -> dict[str, Any]:
