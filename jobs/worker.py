@@ -74,15 +74,16 @@ async def startup(ctx: dict[str, Any]) -> None:
         limits=httpx.Limits(max_connections=100, max_keepalive_connections=50),
     )
     ctx["reporter"] = Reporter(settings.gateway_url, secret, client=ctx["http"])
-    # One per process: the task worker and the delivery worker share a ctx
-    # only through settings, and only the task worker runs attempts.
-    ctx["heartbeats"] = Heartbeats(
-        settings.gateway_url,
-        secret,
-        interval=settings.heartbeat_interval,
-        worker_id=ctx["worker_id"],
-    )
-    ctx["heartbeats"].start()
+    # Only the task worker runs attempts, so only it beats (one thread per
+    # process: the delivery worker beside it in `gateway worker` has none).
+    if ctx.get("runs_tasks"):
+        ctx["heartbeats"] = Heartbeats(
+            settings.gateway_url,
+            secret,
+            interval=settings.heartbeat_interval,
+            worker_id=ctx["worker_id"],
+        )
+        ctx["heartbeats"].start()
     # Callbacks go to strangers: no proxies from the environment, no redirects,
     # and a pool of its own so a slow receiver never holds up reports.
     ctx["webhook_http"] = httpx.AsyncClient(
@@ -340,6 +341,7 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         "max_jobs": settings.worker_concurrency,
         "job_timeout": settings.job_timeout,
         "allow_abort_jobs": True,
+        "ctx": {"settings": settings, "runs_tasks": True},
     }
 
 

@@ -60,3 +60,31 @@ def test_a_run_tasks_job_id_is_its_attempt_and_step() -> None:
     assert RunTask("run_a", "echo", None).job_id == "run_a"
     assert RunTask("run_a", "echo", None, attempt=2).job_id == "run_a:2"
     assert RunTask("run_a", "echo", None, attempt=2, step=3).job_id == "run_a:2:s3"
+
+
+def test_only_the_task_worker_starts_a_heartbeat_thread() -> None:
+    """``gateway worker`` runs both workers in one process: one thread beats."""
+    import asyncio
+    import threading
+
+    from jobs.worker import shutdown, startup
+
+    settings = Settings.from_env(
+        {"GATEWAY_SECRET_KEY": "x" * 32, "GATEWAY_URL": "http://127.0.0.1:9"}
+    )
+
+    async def both() -> int:
+        contexts = [
+            dict(worker_options(settings)["ctx"]),
+            dict(delivery_worker_options(settings)["ctx"]),
+        ]
+        for ctx in contexts:
+            await startup(ctx)
+        try:
+            return sum(t.name == "heartbeats" for t in threading.enumerate())
+        finally:
+            for ctx in contexts:
+                await shutdown(ctx)
+
+    before = sum(t.name == "heartbeats" for t in threading.enumerate())
+    assert asyncio.run(both()) - before == 1
