@@ -22,12 +22,21 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/gateway up
 
+# Other people's clients, as they are (tests/node): Trigger.dev's SDK and
+# standardwebhooks, pinned by package-lock.json and installed with npm ci.
+# Where npm is missing their tests skip (and fail under CI=true).
+NODE_STAMP := tests/node/node_modules/.installed
+$(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+	  cd tests/node && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed; \
+	else echo "make: no npm here: the tests of Trigger.dev's SDK will skip"; fi
+
 # First the unit tests (no Redis, no processes: seconds), then the suites over
 # real processes in two pytest processes, a test file each at a time: each has
 # its own Redis, databases, stacks and browser, so they never share state.
 # TEST_WORKERS=0 runs those in one process.
 TEST_WORKERS ?= 2
-test: $(STAMP)
+test: $(STAMP) $(NODE_STAMP)
 	$(BIN)/python -m pytest tests/unit -q
 	$(BIN)/python -m pytest --ignore=tests/unit $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 

@@ -32,6 +32,7 @@ from gateway.services.schedules import ScheduleService
 from gateway.services.units import UnitRunner
 from gateway.services.waitpoints import WaitpointService
 from gateway.settings import ConfigError, Settings
+from gateway.trigger_dev import trigger_dev_routes
 from jobs.tasks.registry import load_tasks
 from webhooks.dispatch import DeliveryDispatcher
 from webhooks.service import WebhookService
@@ -158,6 +159,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         routes=[
             *api_routes(),
             *dashboard_routes(settings),
+            *trigger_dev_routes(),
         ],
         middleware=middleware,
         exception_handlers=exception_handlers,

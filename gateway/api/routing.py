@@ -41,6 +41,7 @@ __all__ = [
     "invalid_cursor",
     "page_limit",
     "recheck",
+    "run_reader",
 ]
 
 Auth = Literal["key", "key_or_token", "none", "link"]
@@ -144,7 +145,7 @@ def _token(request: Request) -> str | None:
     return token or None
 
 
-async def _reader(request: Request) -> str | None:
+async def run_reader(request: Request) -> str | None:
     """Who may read the run in the path: the project of an API key, or
     ``None`` for a public access token made for exactly this run."""
     services = services_of(request)
@@ -184,7 +185,7 @@ def _guarded(handler: Handler, auth: Auth) -> Handler:
 
         async def with_key_or_token(request: Request) -> Response:
             await services_of(request).schema.require()
-            return await handler(request, await _reader(request))
+            return await handler(request, await run_reader(request))
 
         endpoint = with_key_or_token
     else:

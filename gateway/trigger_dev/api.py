@@ -1,0 +1,208 @@
+"""Trigger.dev's management API at ``/trigger.dev``, for its SDK unchanged.
+
+``TRIGGER_API_URL=http://<gateway>/trigger.dev`` and ``TRIGGER_SECRET_KEY=<a
+gateway API key>`` point ``@trigger.dev/sdk`` here. Each route reads the SDK's
+request, calls the same service the gateway's own API calls, and answers in
+the shape the SDK's zod schemas parse (``gateway.trigger_dev.wire``).
+docs/trigger-dev.md says what maps and what differs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Mount, Route
+
+from gateway.api.bodies import json_object, parse_json, read_body, require_json, validate
+from gateway.api.routing import run_reader
+from gateway.api.tasks import check_task_payload
+from gateway.api.views import JSON
+from gateway.errors import ValidationFailed
+from gateway.runs.errors import RunAlreadyFinal
+from gateway.runs.read import RunQuery
+from gateway.runs.requests import RescheduleRequest, TriggerRequest
+from gateway.services import services_of
+from gateway.trigger_dev import wire
+
+__all__ = ["trigger_dev_routes"]
+
+#: The prefix the SDK's ``TRIGGER_API_URL`` names.
+PREFIX = "/trigger.dev"
+
+
+async def _project(request: Request) -> str:
+    services = services_of(request)
+    await services.schema.require()
+    return (await services.auth.authenticate(request)).project_id
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    services = services_of(request)
+    raw = await read_body(request, services.settings.max_body_bytes)
+    if not raw.strip():
+        return {}
+    require_json(request)
+    data = parse_json(raw)
+    if not isinstance(data, dict):
+        raise ValidationFailed(
+            "the request body must be a JSON object",
+            details=[{"path": "", "message": "expected an object", "type": "dict_type"}],
+        )
+    return data
+
+
+async def trigger(request: Request) -> Response:
+    """``tasks.trigger``: ``{id, isCached}``, and the run's public access
+    token in ``x-trigger-jwt`` (the SDK hands it out as ``publicAccessToken``)."""
+    project_id = await _project(request)
+    services = services_of(request)
+    task = request.path_params["task"]
+    body = validate(TriggerRequest, wire.trigger_request(await _body(request)))
+    check_task_payload(services, task, body.payload)
+    run, cached = await services.runs.trigger(project_id, task, body)
+    return JSON(
+        {"id": run["id"], "isCached": cached},
+        headers={"x-trigger-jwt": services.tokens.issue(run["id"])},
+    )
+
+
+async def _retrieved(request: Request, project_id: str | None, run: dict[str, Any]) -> JSON:
+    services = services_of(request)
+    parent = children = schedule = None
+    if run.get("parent_id"):
+        parent = await services.runs.get(project_id, run["parent_id"])
+    child_ids = [n["run_id"] for n in (run.get("nodes") or {}).values() if n.get("run_id")]
+    if child_ids:
+        children = [await services.runs.get(project_id, c) for c in dict.fromkeys(child_ids)]
+    if run.get("schedule_id") and project_id is not None:
+        schedule = await services.schedules.schedule(project_id, run["schedule_id"])
+    return JSON(wire.retrieved_run(run, parent=parent, children=children, schedule=schedule))
+
+
+async def retrieve_run(request: Request) -> Response:
+    """``runs.retrieve`` (and ``runs.poll``): a key, or the run's public token."""
+    await services_of(request).schema.require()
+    project_id = await run_reader(request)
+    run = await services_of(request).runs.get(project_id, request.path_params["run_id"])
+    return await _retrieved(request, project_id, run)
+
+
+_STATUS_FILTER = {
+    "QUEUED": ("QUEUED", "RETRYING"),
+    "DELAYED": ("DELAYED",),
+    "EXECUTING": ("EXECUTING",),
+    "WAITING": ("WAITING",),
+    "COMPLETED": ("COMPLETED",),
+    "FAILED": ("FAILED",),
+    "CANCELED": ("CANCELED",),
+    "EXPIRED": ("EXPIRED",),
+    "TIMED_OUT": ("TIMED_OUT",),
+}
+
+
+def _listed(request: Request, name: str) -> tuple[str, ...]:
+    raw = request.query_params.get(name) or ""
+    return tuple(v for v in raw.split(",") if v)
+
+
+def _instant(request: Request, name: str) -> dt.datetime | None:
+    raw = request.query_params.get(name)
+    if not raw:
+        return None
+    try:
+        if raw.isdigit():  # the SDK sends Dates as milliseconds
+            return dt.datetime.fromtimestamp(int(raw) / 1000, dt.UTC)
+        return dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except (ValueError, OverflowError):
+        raise ValidationFailed(
+            details=[{"path": f"query.{name}", "type": "datetime", "message": f"got {raw[:40]!r}"}]
+        ) from None
+
+
+async def list_runs(request: Request) -> Response:
+    """``runs.list`` with its filters; ``pagination.next`` pages to older runs
+    (the SDK's auto-pagination follows it)."""
+    project_id = await _project(request)
+    services = services_of(request)
+    statuses = _listed(request, "filter[status]")
+    unknown = [s for s in statuses if s not in _STATUS_FILTER]
+    wanted = tuple(g for s in statuses if s in _STATUS_FILTER for g in _STATUS_FILTER[s])
+    size = request.query_params.get("page[size]") or "25"
+    if not (size.isdigit() and 1 <= int(size) <= 100):
+        raise ValidationFailed(
+            details=[{"path": "query.page[size]", "type": "value_error", "message": "1 to 100"}]
+        )
+    if statuses and not wanted:  # only statuses no run here has (CRASHED, …)
+        return JSON({"data": [], "pagination": {}})
+    del unknown
+    tags = _listed(request, "filter[tag]")
+    queues = _listed(request, "filter[queue]")
+    query = RunQuery(
+        statuses=wanted,
+        tasks=_listed(request, "filter[taskIdentifier]"),
+        tag=tags[0] if tags else None,
+        queue=queues[0] if queues else None,
+        created_after=_instant(request, "filter[createdAt][from]"),
+        created_before=_instant(request, "filter[createdAt][to]"),
+        limit=int(size),
+        cursor=request.query_params.get("page[after]") or None,
+    )
+    page = await services.runs.find(project_id, query)
+    return JSON(
+        {
+            "data": [wire.list_item(r, project_id) for r in page["data"]],
+            "pagination": {"next": page["next_cursor"]} if page.get("next_cursor") else {},
+        }
+    )
+
+
+async def cancel_run(request: Request) -> Response:
+    """``runs.cancel``: ``{id}``; a run that is final already stays as it is."""
+    project_id = await _project(request)
+    run_id = request.path_params["run_id"]
+    try:
+        await services_of(request).runs.cancel(project_id, run_id)
+    except RunAlreadyFinal:
+        pass
+    return JSON({"id": run_id})
+
+
+async def replay_run(request: Request) -> Response:
+    """``runs.replay``: the new run's ``{id}``."""
+    project_id = await _project(request)
+    run = await services_of(request).runs.replay(project_id, request.path_params["run_id"])
+    return JSON({"id": run["id"]})
+
+
+async def reschedule_run(request: Request) -> Response:
+    """``runs.reschedule``: a DELAYED run's new ``delay`` (a duration or a
+    time); the run as ``runs.retrieve`` shows it."""
+    project_id = await _project(request)
+    body = await json_object(
+        request, services_of(request).settings.max_body_bytes, RescheduleRequest
+    )
+    run = await services_of(request).runs.reschedule(
+        project_id, request.path_params["run_id"], body.delay
+    )
+    return await _retrieved(request, project_id, run)
+
+
+def trigger_dev_routes() -> list[BaseRoute]:
+    """The routes under ``/trigger.dev``: outside the gateway's own OpenAPI
+    document, as they speak another API's dialect."""
+    return [
+        Mount(
+            PREFIX,
+            routes=[
+                Route("/api/v1/tasks/{task}/trigger", trigger, methods=["POST"]),
+                Route("/api/v3/runs/{run_id}", retrieve_run, methods=["GET"]),
+                Route("/api/v1/runs", list_runs, methods=["GET"]),
+                Route("/api/v2/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
+                Route("/api/v1/runs/{run_id}/replay", replay_run, methods=["POST"]),
+                Route("/api/v1/runs/{run_id}/reschedule", reschedule_run, methods=["POST"]),
+            ],
+        )
+    ]
