@@ -501,6 +501,9 @@ class Schedule(SQLModel, table=True):
     __table_args__ = (
         sa.Index("ix_schedules_project_created", "project_id", "created_at"),
         sa.Index("ix_schedules_enabled_next", "enabled", "next_run_at"),
+        sa.UniqueConstraint(
+            "project_id", "deduplication_key", name="uq_schedules_deduplication_key"
+        ),
     )
 
     id: str = Field(primary_key=True, max_length=40)
@@ -518,6 +521,10 @@ class Schedule(SQLModel, table=True):
     next_run_at: dt.datetime | None = _ts()
     last_run_at: dt.datetime | None = _ts()
     last_run_id: str | None = Field(default=None, max_length=40)
+    #: The caller's own name for what the schedule is for (a user's ID).
+    external_id: str | None = Field(default=None, max_length=200)
+    #: The same key (per project) updates this schedule instead of making another.
+    deduplication_key: str | None = Field(default=None, max_length=200)
     created_at: dt.datetime = Field(
         default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False)
     )

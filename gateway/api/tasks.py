@@ -114,6 +114,14 @@ async def batch_trigger(request: Request, project_id: str) -> Response:
     )
 
 
+async def reset_idempotency_key(request: Request, project_id: str) -> Response:
+    services = services_of(request)
+    task = request.path_params["task"]
+    _definition(services, task)
+    await services.runs.reset_idempotency_key(project_id, task, request.path_params["key"])
+    return Response(status_code=204)
+
+
 routes = [
     # Before "/api/v1/tasks/{task}/trigger", which would not match it anyway.
     ApiRoute(
@@ -149,5 +157,20 @@ routes = [
         "/api/v1/tasks",
         list_tasks,
         Operation("List the tasks and their payload schemas", "tasks", {200: views.TaskList}),
+    ),
+    ApiRoute(
+        "DELETE",
+        "/api/v1/tasks/{task}/idempotency-keys/{key}",
+        reset_idempotency_key,
+        Operation(
+            "Forget an idempotency key: the next trigger with it makes a new run",
+            "runs",
+            {204: "no body"},
+            params=(
+                Param("task", "path", "the task's name", required=True),
+                Param("key", "path", "the idempotency key", required=True),
+            ),
+            errors=(404,),
+        ),
     ),
 ]

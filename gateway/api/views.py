@@ -369,12 +369,21 @@ class ScheduleView(_View):
     next_run_at: str | None
     last_run_at: str | None
     last_run_id: str | None
+    #: Your own name for what it is for, and the key that deduplicates it.
+    external_id: str | None
+    deduplication_key: str | None
     created_at: str
     updated_at: str
 
 
 class ScheduleList(_View):
     data: list[ScheduleView]
+
+
+class WaitpointList(_View):
+    data: list[WaitpointView]
+    #: The next page's ``cursor``, or ``null`` on the last.
+    next_cursor: str | None
 
 
 class WaitpointView(_View):

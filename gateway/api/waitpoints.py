@@ -7,8 +7,9 @@ from starlette.responses import Response
 
 from gateway.api import views
 from gateway.api.bodies import json_object, parse_json, read_body, require_json
-from gateway.api.routing import ApiRoute, Operation, Param
-from gateway.api.views import WaitpointView, shaped
+from gateway.api.routing import PAGE, ApiRoute, Operation, Param, id_cursor, page_limit
+from gateway.api.views import WaitpointList, WaitpointView, shaped
+from gateway.errors import ValidationFailed
 from gateway.runs.requests import WaitpointComplete, WaitpointCreate
 from gateway.services import services_of
 from gateway.waitpoints.waitpoints import WaitpointNotFound
@@ -27,6 +28,28 @@ async def create_waitpoint(request: Request, project_id: str) -> Response:
         status_code=200 if cached else 201,
         headers={"location": f"/api/v1/waitpoints/{view['id']}"},
     )
+
+
+async def list_waitpoints(request: Request, project_id: str) -> Response:
+    services = services_of(request)
+    statuses = tuple(
+        s for raw in request.query_params.getlist("status") for s in raw.upper().split(",") if s
+    )
+    unknown = [s for s in statuses if s not in ("WAITING", "COMPLETED", "TIMED_OUT", "CANCELED")]
+    if unknown:
+        raise ValidationFailed(
+            details=[
+                {"path": "query.status", "type": "enum", "message": f"unknown status {s!r}"}
+                for s in unknown
+            ]
+        )
+    page = await services.waitpoints.list_waitpoints(
+        project_id,
+        limit=page_limit(request),
+        cursor=id_cursor(request, "wp"),
+        statuses=statuses,
+    )
+    return shaped(WaitpointList, page)
 
 
 async def get_waitpoint(request: Request, project_id: str) -> Response:
@@ -64,6 +87,21 @@ async def waitpoint_callback(request: Request) -> Response:
 WAITPOINT_ID = Param("waitpoint_id", "path", "a waitpoint's ID (wp_…)", required=True)
 
 routes = [
+    ApiRoute(
+        "GET",
+        "/api/v1/waitpoints",
+        list_waitpoints,
+        Operation(
+            "List waitpoints, newest first",
+            "waitpoints",
+            {200: views.WaitpointList},
+            params=(
+                Param("status", "query", "one or more statuses, comma-separated"),
+                *PAGE,
+            ),
+            errors=(422,),
+        ),
+    ),
     ApiRoute(
         "POST",
         "/api/v1/waitpoints",

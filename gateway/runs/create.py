@@ -38,6 +38,7 @@ __all__ = [
     "new_run",
     "replay_from_node",
     "replay_row",
+    "reset_idempotency_key",
 ]
 
 idempotency_keys = IdempotencyKey.__table__  # type: ignore[attr-defined]
@@ -87,6 +88,19 @@ def _claim_key(conn: sa.Connection, row: Mapping[str, Any], key: str, ttl: float
     if moved.rowcount != 1:
         raise LostRace(row["id"])
     return None
+
+
+def reset_idempotency_key(conn: sa.Connection, project_id: str, task: str, key: str) -> bool:
+    """Forget an idempotency key of the project's task, so the next trigger
+    with it makes a new run; ``False`` if there was no such key."""
+    forgotten = conn.execute(
+        idempotency_keys.delete().where(
+            idempotency_keys.c.project_id == project_id,
+            idempotency_keys.c.task == task,
+            idempotency_keys.c.key == key,
+        )
+    )
+    return bool(forgotten.rowcount)
 
 
 @dataclasses.dataclass(frozen=True)

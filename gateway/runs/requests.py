@@ -294,6 +294,11 @@ class ScheduleCreate(BaseModel):
     #: the tick is the run's time and its identity).
     options: TriggerOptions = Field(default_factory=TriggerOptions)
     enabled: bool = True
+    #: Your own name for what the schedule is for (a user's ID), kept with it.
+    external_id: str | None = Field(default=None, min_length=1, max_length=200)
+    #: The same key (per project) changes the schedule that has it instead of
+    #: making another, so a deploy that creates its schedules again is safe.
+    deduplication_key: str | None = Field(default=None, min_length=1, max_length=200)
 
 
 class ScheduleUpdate(BaseModel):
@@ -306,6 +311,7 @@ class ScheduleUpdate(BaseModel):
     payload: Any = None
     options: TriggerOptions | None = None
     enabled: bool | None = None
+    external_id: str | None = Field(default=None, min_length=1, max_length=200)
 
     def changes(self) -> dict[str, Any]:
         given = {k: getattr(self, k) for k in self.model_fields_set}

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
 from db.engine import savepoint
@@ -27,6 +29,7 @@ from db.types import isoformat
 from gateway.errors import NotFound, ValidationFailed
 from gateway.runs.create import NewRun, create_runs, new_run
 from gateway.runs.effects import Effects
+from gateway.runs.errors import LostRace
 from gateway.runs.requests import TriggerOptions
 from gateway.schedules.cron import CronError, check, next_tick, previous_tick, zone
 
@@ -99,6 +102,8 @@ def _view(row: Mapping[str, Any]) -> dict[str, Any]:
         "next_run_at": isoformat(row["next_run_at"]),
         "last_run_at": isoformat(row["last_run_at"]),
         "last_run_id": row["last_run_id"],
+        "external_id": row.get("external_id"),
+        "deduplication_key": row.get("deduplication_key"),
         "created_at": isoformat(row["created_at"]),
         "updated_at": isoformat(row["updated_at"]),
     }
@@ -118,7 +123,33 @@ def create_schedule(
     options: TriggerOptions,
     enabled: bool,
     now: dt.datetime,
+    *,
+    external_id: str | None = None,
+    deduplication_key: str | None = None,
 ) -> dict[str, Any]:
+    """A new schedule; or, when the project has one with ``deduplication_key``,
+    that one changed to what is given (its ID stays).
+
+    :raises LostRace: another process made one with that key meanwhile
+    """
+    if deduplication_key is not None:
+        found = conn.execute(
+            sa.select(schedules.c.id).where(
+                schedules.c.project_id == project_id,
+                schedules.c.deduplication_key == deduplication_key,
+            )
+        ).scalar()
+        if found is not None:
+            changes = {
+                "task": task,
+                "cron": cron,
+                "timezone": timezone,
+                "payload": payload,
+                "options": options,
+                "enabled": enabled,
+                "external_id": external_id,
+            }
+            return update_schedule(conn, project_id, found, changes, now)
     row = {
         "id": new_id("sched"),
         "project_id": project_id,
@@ -131,10 +162,14 @@ def create_schedule(
         "next_run_at": next_tick(cron, timezone, now) if enabled else None,
         "last_run_at": None,
         "last_run_id": None,
+        "external_id": external_id,
+        "deduplication_key": deduplication_key,
         "created_at": now,
         "updated_at": now,
     }
-    conn.execute(schedules.insert(), row)
+    insert = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(schedules)
+    if conn.execute(insert.values(**row).on_conflict_do_nothing()).rowcount != 1:
+        raise LostRace(row["id"])
     return _view(row)
 
 

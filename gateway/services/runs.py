@@ -25,7 +25,14 @@ from gateway.auth.tokens import WaitpointTokens
 from gateway.errors import APIError, NotFound
 from gateway.runlogs.logs import append_logs, list_logs
 from gateway.runs.cancel import cancel_run
-from gateway.runs.create import NewRun, create_runs, new_run, replay_from_node, replay_row
+from gateway.runs.create import (
+    NewRun,
+    create_runs,
+    new_run,
+    replay_from_node,
+    replay_row,
+    reset_idempotency_key,
+)
 from gateway.runs.effects import Effects
 from gateway.runs.errors import LostRace, RunNotFound
 from gateway.runs.events import EventAnswer, apply_event, apply_events
@@ -180,6 +187,17 @@ class RunService:
         run_at = delay if isinstance(delay, dt.datetime) else now + dt.timedelta(seconds=delay)
         await self.db.write(reschedule, project_id, run_id, max(run_at, now))
         return await self.get(project_id, run_id)
+
+    async def reset_idempotency_key(self, project_id: str, task: str, key: str) -> None:
+        """Forget the key: the next trigger of ``task`` with it makes a new run.
+
+        :raises NotFound: the project's task has no such key (``idempotency_key_not_found``)
+        """
+        if not await self.db.write(reset_idempotency_key, project_id, task, key):
+            raise NotFound(
+                f"task {task!r} has no idempotency key {key!r}",
+                code="idempotency_key_not_found",
+            )
 
     async def find(self, project_id: str, query: RunQuery) -> dict[str, Any]:
         return await self.db.read(list_runs, project_id, query)

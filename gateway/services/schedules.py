@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from db.types import utcnow
@@ -38,8 +39,12 @@ class ScheduleService:
             body.options.callback_url = self.webhooks.check_url(
                 body.options.callback_url, "options.callback_url"
             )
-        return await self.db.write(
-            create_schedule,
+        return await self.units.write_until_settled(
+            functools.partial(
+                create_schedule,
+                external_id=body.external_id,
+                deduplication_key=body.deduplication_key,
+            ),
             project_id,
             body.task,
             body.cron,

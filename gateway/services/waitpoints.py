@@ -12,6 +12,7 @@ from gateway.waitpoints.waitpoints import (
     complete_waitpoint,
     create_waitpoint,
     due_waitpoints,
+    list_waitpoints,
     load_waitpoint,
 )
 
@@ -42,6 +43,19 @@ class WaitpointService:
             create_waitpoint, project_id, body.timeout, body.idempotency_key, body.tags, utcnow()
         )
         return self._with_url(view), cached
+
+    async def list_waitpoints(
+        self,
+        project_id: str,
+        *,
+        limit: int,
+        cursor: str | None = None,
+        statuses: tuple[str, ...] = (),
+    ) -> dict[str, Any]:
+        """A page of the project's waitpoints, newest first, with their URLs."""
+        page = await self.db.read(list_waitpoints, project_id, limit, cursor, statuses)
+        page["data"] = [self._with_url(view) for view in page["data"]]
+        return page
 
     async def waitpoint(self, project_id: str, waitpoint_id: str) -> dict[str, Any]:
         return self._with_url(await self.db.read(load_waitpoint, project_id, waitpoint_id))

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route
 
-from gateway.api.bodies import json_object, parse_json, read_body, require_json, validate
+from gateway.api.bodies import json_object, validate
 from gateway.api.routing import run_reader
 from gateway.api.tasks import check_task_payload
 from gateway.api.views import JSON
@@ -26,6 +26,12 @@ from gateway.runs.read import RunQuery
 from gateway.runs.requests import RescheduleRequest, TriggerRequest
 from gateway.services import services_of
 from gateway.trigger_dev import wire
+from gateway.trigger_dev.batches import routes as batch_routes
+from gateway.trigger_dev.common import json_body, project_of
+from gateway.trigger_dev.queues import routes as queue_routes
+from gateway.trigger_dev.realtime import routes as realtime_routes
+from gateway.trigger_dev.schedules import routes as schedule_routes
+from gateway.trigger_dev.tokens import routes as token_routes
 
 __all__ = ["trigger_dev_routes"]
 
@@ -33,34 +39,13 @@ __all__ = ["trigger_dev_routes"]
 PREFIX = "/trigger.dev"
 
 
-async def _project(request: Request) -> str:
-    services = services_of(request)
-    await services.schema.require()
-    return (await services.auth.authenticate(request)).project_id
-
-
-async def _body(request: Request) -> dict[str, Any]:
-    services = services_of(request)
-    raw = await read_body(request, services.settings.max_body_bytes)
-    if not raw.strip():
-        return {}
-    require_json(request)
-    data = parse_json(raw)
-    if not isinstance(data, dict):
-        raise ValidationFailed(
-            "the request body must be a JSON object",
-            details=[{"path": "", "message": "expected an object", "type": "dict_type"}],
-        )
-    return data
-
-
 async def trigger(request: Request) -> Response:
     """``tasks.trigger``: ``{id, isCached}``, and the run's public access
     token in ``x-trigger-jwt`` (the SDK hands it out as ``publicAccessToken``)."""
-    project_id = await _project(request)
+    project_id = await project_of(request)
     services = services_of(request)
     task = request.path_params["task"]
-    body = validate(TriggerRequest, wire.trigger_request(await _body(request)))
+    body = validate(TriggerRequest, wire.trigger_request(await json_body(request)))
     check_task_payload(services, task, body.payload)
     run, cached = await services.runs.trigger(project_id, task, body)
     return JSON(
@@ -125,7 +110,7 @@ def _instant(request: Request, name: str) -> dt.datetime | None:
 async def list_runs(request: Request) -> Response:
     """``runs.list`` with its filters; ``pagination.next`` pages to older runs
     (the SDK's auto-pagination follows it)."""
-    project_id = await _project(request)
+    project_id = await project_of(request)
     services = services_of(request)
     statuses = _listed(request, "filter[status]")
     unknown = [s for s in statuses if s not in _STATUS_FILTER]
@@ -161,7 +146,7 @@ async def list_runs(request: Request) -> Response:
 
 async def cancel_run(request: Request) -> Response:
     """``runs.cancel``: ``{id}``; a run that is final already stays as it is."""
-    project_id = await _project(request)
+    project_id = await project_of(request)
     run_id = request.path_params["run_id"]
     try:
         await services_of(request).runs.cancel(project_id, run_id)
@@ -172,7 +157,7 @@ async def cancel_run(request: Request) -> Response:
 
 async def replay_run(request: Request) -> Response:
     """``runs.replay``: the new run's ``{id}``."""
-    project_id = await _project(request)
+    project_id = await project_of(request)
     run = await services_of(request).runs.replay(project_id, request.path_params["run_id"])
     return JSON({"id": run["id"]})
 
@@ -180,7 +165,7 @@ async def replay_run(request: Request) -> Response:
 async def reschedule_run(request: Request) -> Response:
     """``runs.reschedule``: a DELAYED run's new ``delay`` (a duration or a
     time); the run as ``runs.retrieve`` shows it."""
-    project_id = await _project(request)
+    project_id = await project_of(request)
     body = await json_object(
         request, services_of(request).settings.max_body_bytes, RescheduleRequest
     )
@@ -188,6 +173,20 @@ async def reschedule_run(request: Request) -> Response:
         project_id, request.path_params["run_id"], body.delay
     )
     return await _retrieved(request, project_id, run)
+
+
+async def reset_idempotency_key(request: Request) -> Response:
+    """``idempotencyKeys.reset``: ``{id}`` (the key, as the SDK hashed it)."""
+    project_id = await project_of(request)
+    services = services_of(request)
+    task = (await json_body(request)).get("taskIdentifier")
+    if not isinstance(task, str) or not task:
+        raise ValidationFailed(
+            details=[{"path": "taskIdentifier", "type": "missing", "message": "a task's name"}]
+        )
+    key = request.path_params["key"]
+    await services.runs.reset_idempotency_key(project_id, task, key)
+    return JSON({"id": key})
 
 
 def trigger_dev_routes() -> list[BaseRoute]:
@@ -203,6 +202,14 @@ def trigger_dev_routes() -> list[BaseRoute]:
                 Route("/api/v2/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
                 Route("/api/v1/runs/{run_id}/replay", replay_run, methods=["POST"]),
                 Route("/api/v1/runs/{run_id}/reschedule", reschedule_run, methods=["POST"]),
+                Route(
+                    "/api/v1/idempotencyKeys/{key}/reset", reset_idempotency_key, methods=["POST"]
+                ),
+                *batch_routes,
+                *token_routes,
+                *queue_routes,
+                *realtime_routes,
+                *schedule_routes,
             ],
         )
     ]

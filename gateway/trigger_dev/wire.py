@@ -220,6 +220,12 @@ def retrieved_run(
     if schedule:
         answer["schedule"] = {
             "id": schedule["id"],
+            **({"externalId": schedule["external_id"]} if schedule.get("external_id") else {}),
+            **(
+                {"deduplicationKey": schedule["deduplication_key"]}
+                if schedule.get("deduplication_key")
+                else {}
+            ),
             "generator": {
                 "type": "CRON",
                 "expression": schedule["cron"],

@@ -203,3 +203,28 @@ def due_waitpoints(conn: sa.Connection, now: dt.datetime, limit: int = 200) -> E
         else:
             done.add(_end(conn, row, "TIMED_OUT", None, now))
     return done
+
+
+def list_waitpoints(
+    conn: sa.Connection,
+    project_id: str,
+    limit: int,
+    cursor: str | None,
+    statuses: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """A page of the project's waitpoints, newest first (IDs sort by time),
+    optionally of some statuses; ``next_cursor`` is the last one's ID."""
+    where = [waitpoints.c.project_id == project_id]
+    if statuses:
+        where.append(waitpoints.c.status.in_(statuses))
+    if cursor:
+        where.append(waitpoints.c.id < cursor)
+    rows = (
+        conn.execute(
+            sa.select(waitpoints).where(*where).order_by(waitpoints.c.id.desc()).limit(limit + 1)
+        )
+        .mappings()
+        .all()
+    )
+    page = [waitpoint_view(dict(r)) for r in rows[:limit]]
+    return {"data": page, "next_cursor": page[-1]["id"] if len(rows) > limit else None}
