@@ -145,13 +145,33 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 CORSMiddleware,
                 allow_origins=list(settings.cors_origins),
                 allow_methods=["GET", "POST", "PATCH", "DELETE"],
-                allow_headers=["authorization", "content-type", "idempotency-key"],
+                allow_headers=[
+                    "authorization",
+                    "content-type",
+                    "idempotency-key",
+                    # What Trigger.dev's SDK sends from a browser (useRealtimeRun).
+                    "trigger-version",
+                    "x-trigger-source",
+                    "x-trigger-client",
+                    "x-trigger-branch",
+                    "x-trigger-api-version",
+                    "x-trigger-realtime-streams-version",
+                    "x-trigger-electric-version",
+                    "x-trigger-request-idempotency-key",
+                ],
                 expose_headers=[
                     "location",
                     "retry-after",
                     "x-ratelimit-limit",
                     "x-ratelimit-remaining",
                     "x-ratelimit-reset",
+                    # What the SDK reads: a run's token, and a shape's position.
+                    "x-trigger-jwt",
+                    "electric-handle",
+                    "electric-offset",
+                    "electric-schema",
+                    "electric-cursor",
+                    "electric-up-to-date",
                 ],
             )
         )

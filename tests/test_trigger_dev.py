@@ -522,3 +522,67 @@ def test_schedules_made_with_the_sdk_tick_and_deduplicate(node: NodeSDK, stack: 
     assert gone["error"]["status"] == 404
     bad = sdk(node, stack, "schedules", key=key, actions=[["create", {**made, "cron": "nope"}]])
     assert bad["error"]["status"] == 422
+
+
+def test_a_browser_on_an_allowed_origin_may_follow_a_run_as_the_sdk_does(stack: Stack) -> None:
+    """``useRealtimeRun`` in a browser: its headers pass CORS, and the shape's
+    headers are readable from script."""
+    url = f"{stack.base_url}/trigger.dev/realtime/v1/runs/run_x"
+    asked = "authorization, trigger-version, x-trigger-api-version, x-trigger-electric-version"
+    preflight = httpx.options(
+        url,
+        headers={
+            "origin": "http://app.example",
+            "access-control-request-method": "GET",
+            "access-control-request-headers": asked,
+        },
+    )
+    assert preflight.status_code == 200, preflight.text
+    run_id = stack.run("echo", {})["id"]
+    with stack.client() as client:
+        shape = client.get(
+            f"/trigger.dev/realtime/v1/runs/{run_id}",
+            params={"offset": "-1"},
+            headers={"origin": "http://app.example"},
+        )
+    exposed = shape.headers["access-control-expose-headers"].lower()
+    assert "electric-offset" in exposed and "electric-handle" in exposed
+
+
+def test_tags_and_metadata_as_a_task_of_the_sdk_would_send_them(
+    node: NodeSDK, stack: Stack
+) -> None:
+    key = stack.new_key("sdk-annotate")
+    handle = sdk(node, stack, "trigger", key=key, task="echo", payload={}, options={"tags": ["a"]})
+    done = sdk(
+        node,
+        stack,
+        "annotate",
+        key=key,
+        id=handle["id"],
+        tags=["b", "a"],
+        metadata={"progress": 0, "steps": ["start"]},
+        operations=[
+            {"type": "increment", "key": "progress", "value": 0.5},
+            {"type": "append", "key": "steps", "value": "crop"},
+            {"type": "set", "key": "stage", "value": "cropping"},
+        ],
+    )
+    expected = {"progress": 0.5, "steps": ["start", "crop"], "stage": "cropping"}
+    assert done["updated"]["metadata"] == expected and done["read"]["metadata"] == expected
+    assert done["tags"] == ["a", "b"] and done["runMetadata"] == expected
+    too_many = sdk(
+        node,
+        stack,
+        "annotate",
+        key=key,
+        id=handle["id"],
+        tags=[f"t{n}" for n in range(10)],
+        metadata=None,
+        operations=[],
+    )
+    assert too_many["error"]["status"] == 422
+    stranger = sdk(
+        node, stack, "annotate", id=handle["id"], tags=["x"], metadata=None, operations=[]
+    )
+    assert stranger["error"]["status"] == 404

@@ -30,7 +30,7 @@ from gateway.api.views import RunLogPage, RunPage, RunView, shaped
 from gateway.errors import APIError, ValidationFailed
 from gateway.runlogs.logs import logs_since
 from gateway.runs.read import RunQuery, transitions_since
-from gateway.runs.requests import ReplayRequest, RescheduleRequest
+from gateway.runs.requests import MetadataUpdate, ReplayRequest, RescheduleRequest, TagsAdd
 from gateway.services import services_of
 
 __all__ = ["routes"]
@@ -180,6 +180,22 @@ async def reschedule_run(request: Request, project_id: str) -> Response:
         RunView,
         await services.runs.reschedule(project_id, request.path_params["run_id"], body.delay),
     )
+
+
+async def add_run_tags(request: Request, project_id: str) -> Response:
+    services = services_of(request)
+    body = await json_object(request, services.settings.max_body_bytes, TagsAdd)
+    tags = await services.runs.add_tags(project_id, request.path_params["run_id"], body.tags)
+    return shaped(views.RunTags, {"tags": tags})
+
+
+async def update_run_metadata(request: Request, project_id: str) -> Response:
+    services = services_of(request)
+    body = await json_object(request, services.settings.max_body_bytes, MetadataUpdate)
+    metadata = await services.runs.update_metadata(
+        project_id, request.path_params["run_id"], body.metadata, body.operations
+    )
+    return shaped(views.RunMetadata, {"metadata": metadata})
 
 
 def _time_param(request: Request, name: str) -> dt.datetime | None:
@@ -347,6 +363,33 @@ routes = [
             RescheduleRequest,
             params=(RUN_ID,),
             errors=(404, 409, 422),
+        ),
+    ),
+    ApiRoute(
+        "POST",
+        "/api/v1/runs/{run_id}/tags",
+        add_run_tags,
+        Operation(
+            "Add tags to a run (at most 10 in all)",
+            "runs",
+            {200: views.RunTags},
+            TagsAdd,
+            params=(RUN_ID,),
+            errors=(404, 422),
+        ),
+    ),
+    ApiRoute(
+        "PUT",
+        "/api/v1/runs/{run_id}/metadata",
+        update_run_metadata,
+        Operation(
+            "Replace a run's metadata and change it by operations (set, delete, append, "
+            "remove, increment, update)",
+            "runs",
+            {200: views.RunMetadata},
+            MetadataUpdate,
+            params=(RUN_ID,),
+            errors=(404, 422),
         ),
     ),
 ]

@@ -376,6 +376,14 @@ class ScheduleView(_View):
     updated_at: str
 
 
+class RunTags(_View):
+    tags: list[str]
+
+
+class RunMetadata(_View):
+    metadata: dict[str, Any]
+
+
 class ScheduleList(_View):
     data: list[ScheduleView]
 

@@ -21,7 +21,7 @@ from db.models import BulkAction
 from db.rows import owned_row
 from db.types import isoformat
 from gateway.errors import NotFound
-from gateway.runs.cancel import cancel_open_run
+from gateway.runs.control import cancel_open_run
 from gateway.runs.create import NewRun, create_runs, replay_row
 from gateway.runs.effects import Effects
 from gateway.runs.errors import LostRace

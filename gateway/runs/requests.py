@@ -318,6 +318,24 @@ class ScheduleUpdate(BaseModel):
         return {k: v for k, v in given.items() if v is not None or k == "payload"}
 
 
+class TagsAdd(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: Added to the run's (each once); a run has at most 10.
+    tags: list[Tag] = Field(min_length=1, max_length=10)
+
+
+class MetadataUpdate(BaseModel):
+    """A run's metadata replaced (``metadata``), then changed by each operation
+    in order: ``{"type": "set"|"delete"|"append"|"remove"|"increment", "key",
+    "value"}`` or ``{"type": "update", "value": {...}}`` (merged)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    metadata: dict[str, Any] | None = None
+    operations: list[dict[str, Any]] = Field(default_factory=list, max_length=1000)
+
+
 class ReplayRequest(BaseModel):
     """``POST /api/v1/runs/{id}/replay``: an empty body replays the whole run."""
 

@@ -24,7 +24,7 @@ from db.types import utcnow
 from gateway.auth.tokens import WaitpointTokens
 from gateway.errors import APIError, NotFound
 from gateway.runlogs.logs import append_logs, list_logs
-from gateway.runs.cancel import cancel_run
+from gateway.runs.control import add_tags, cancel_run, update_metadata
 from gateway.runs.create import (
     NewRun,
     create_runs,
@@ -187,6 +187,20 @@ class RunService:
         run_at = delay if isinstance(delay, dt.datetime) else now + dt.timedelta(seconds=delay)
         await self.db.write(reschedule, project_id, run_id, max(run_at, now))
         return await self.get(project_id, run_id)
+
+    async def add_tags(self, project_id: str, run_id: str, tags: list[str]) -> list[str]:
+        """Add tags to a run (each once); its tags after."""
+        return await self.db.write(add_tags, project_id, run_id, tags)
+
+    async def update_metadata(
+        self,
+        project_id: str,
+        run_id: str,
+        replace: dict[str, Any] | None,
+        operations: list[dict[str, Any]],
+    ) -> dict[str, Any]:
+        """Replace and change a run's metadata; the metadata after."""
+        return await self.db.write(update_metadata, project_id, run_id, replace, operations)
 
     async def reset_idempotency_key(self, project_id: str, task: str, key: str) -> None:
         """Forget the key: the next trigger of ``task`` with it makes a new run.

@@ -23,7 +23,7 @@ from gateway.api.views import JSON
 from gateway.errors import ValidationFailed
 from gateway.runs.errors import RunAlreadyFinal
 from gateway.runs.read import RunQuery
-from gateway.runs.requests import RescheduleRequest, TriggerRequest
+from gateway.runs.requests import MetadataUpdate, RescheduleRequest, TagsAdd, TriggerRequest
 from gateway.services import services_of
 from gateway.trigger_dev import wire
 from gateway.trigger_dev.batches import routes as batch_routes
@@ -175,6 +175,33 @@ async def reschedule_run(request: Request) -> Response:
     return await _retrieved(request, project_id, run)
 
 
+async def add_tags(request: Request) -> Response:
+    """``tags.add`` (a Trigger.dev task's call): ``{message}``."""
+    project_id = await project_of(request)
+    services = services_of(request)
+    tags = (await json_body(request)).get("tags")
+    body = validate(TagsAdd, {"tags": [tags] if isinstance(tags, str) else tags})
+    await services.runs.add_tags(project_id, request.path_params["run_id"], body.tags)
+    return JSON({"message": f"tags added to {request.path_params['run_id']}"})
+
+
+async def update_metadata(request: Request) -> Response:
+    """``metadata.*`` flushed (``FlushedRunMetadata``): ``{metadata}``."""
+    project_id = await project_of(request)
+    services = services_of(request)
+    body = validate(MetadataUpdate, await json_body(request))
+    metadata = await services.runs.update_metadata(
+        project_id, request.path_params["run_id"], body.metadata, body.operations
+    )
+    return JSON({"metadata": metadata})
+
+
+async def get_metadata(request: Request) -> Response:
+    project_id = await project_of(request)
+    run = await services_of(request).runs.get(project_id, request.path_params["run_id"])
+    return JSON({"metadata": run.get("metadata") or {}})
+
+
 async def reset_idempotency_key(request: Request) -> Response:
     """``idempotencyKeys.reset``: ``{id}`` (the key, as the SDK hashed it)."""
     project_id = await project_of(request)
@@ -205,6 +232,9 @@ def trigger_dev_routes() -> list[BaseRoute]:
                 Route(
                     "/api/v1/idempotencyKeys/{key}/reset", reset_idempotency_key, methods=["POST"]
                 ),
+                Route("/api/v1/runs/{run_id}/tags", add_tags, methods=["POST"]),
+                Route("/api/v1/runs/{run_id}/metadata", update_metadata, methods=["PUT"]),
+                Route("/api/v1/runs/{run_id}/metadata", get_metadata, methods=["GET"]),
                 *batch_routes,
                 *token_routes,
                 *queue_routes,

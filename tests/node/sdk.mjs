@@ -5,6 +5,7 @@
 // and prints one JSON line per request: {"result": ...} or {"error": {...}}.
 // `node sdk.mjs '<request>'` runs one request and exits.
 import readline from "node:readline";
+import { apiClientManager } from "@trigger.dev/core/v3";
 import { tasks, runs, batch, wait, queues, idempotencyKeys, schedules, configure } from "@trigger.dev/sdk";
 
 function revive(value) {
@@ -67,6 +68,17 @@ const ops = {
       results.push(method === "list" ? { data: result.data, count: result.pagination?.count } : result);
     }
     return results;
+  },
+  async annotate({ id, tags, metadata, operations }) {
+    // What tags.add() and metadata.flush() send from inside a Trigger.dev
+    // task, through the SDK's own client (outside a task the SDK does not
+    // call them).
+    const client = apiClientManager.clientOrThrow();
+    const tagged = await client.addTags(id, { tags });
+    const updated = await client.updateRunMetadata(id, { metadata, operations });
+    const read = await client.getRunMetadata(id);
+    const run = await runs.retrieve(id);
+    return { tagged, updated, read, tags: run.tags, runMetadata: run.metadata };
   },
   async resetKey({ task, idempotency, options }) {
     return await idempotencyKeys.reset(task, idempotency, options);

@@ -81,3 +81,57 @@ def test_waitpoints_list_newest_first_by_status_in_pages(unit: Unit) -> None:
     assert [w["id"] for w in done["data"]] == [made[1]]
     assert done["data"][0]["output"] == {"ok": True}
     assert unit(list_waitpoints, "proj_nobody", 10, None)["data"] == []
+
+
+def test_tags_are_added_once_each_up_to_ten(unit: Unit) -> None:
+    import pytest
+
+    from gateway.errors import ValidationFailed
+    from gateway.runs.control import add_tags
+    from gateway.runs.errors import RunNotFound
+
+    run_id = create(unit, tags=["a"])
+    assert unit(add_tags, PROJECT, run_id, ["b", "a", "c"]) == ["a", "b", "c"]
+    with pytest.raises(ValidationFailed):
+        unit(add_tags, PROJECT, run_id, [f"t{n}" for n in range(8)])
+    with pytest.raises(RunNotFound):
+        unit(add_tags, "proj_other", run_id, ["x"])
+
+
+def test_metadata_is_replaced_then_changed_by_each_operation_in_order(unit: Unit) -> None:
+    import pytest
+
+    from gateway.errors import ValidationFailed
+    from gateway.runs.control import update_metadata
+
+    run_id = create(unit, metadata={"kept": True, "gone": 1})
+    after = unit(
+        update_metadata,
+        PROJECT,
+        run_id,
+        None,
+        [
+            {"type": "delete", "key": "gone"},
+            {"type": "set", "key": "n", "value": 1},
+            {"type": "increment", "key": "n", "value": 2},
+            {"type": "append", "key": "log", "value": "a"},
+            {"type": "append", "key": "log", "value": "b"},
+            {"type": "remove", "key": "log", "value": "a"},
+            {"type": "update", "value": {"merged": [1]}},
+        ],
+    )
+    assert after == {"kept": True, "n": 3, "log": ["b"], "merged": [1]}
+    assert unit(update_metadata, PROJECT, run_id, {"fresh": 1}, []) == {"fresh": 1}
+    with pytest.raises(ValidationFailed) as bad:
+        unit(
+            update_metadata,
+            PROJECT,
+            run_id,
+            None,
+            [
+                {"type": "set", "key": "s", "value": "x"},
+                {"type": "increment", "key": "s", "value": 1},
+            ],
+        )
+    assert bad.value.details[0]["path"] == "operations.1"
+    assert unit(update_metadata, PROJECT, run_id, None, []) == {"fresh": 1}  # nothing half-done

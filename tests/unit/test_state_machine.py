@@ -18,7 +18,7 @@ from db.ids import new_id
 from db.models import RunStatus, WebhookEndpoint
 from db.types import utcnow
 from gateway.errors import InvalidEvent
-from gateway.runs.cancel import cancel_run
+from gateway.runs.control import cancel_run
 from gateway.runs.create import NewRun, create_runs
 from gateway.runs.errors import LostRace, RunAlreadyFinal, RunNotDelayed, RunNotFound
 from gateway.runs.events import apply_event
