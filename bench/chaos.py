@@ -62,12 +62,19 @@ class Summary:
     #: processes), and as the database logged them since the gateway's restart.
     metrics_completed: float = 0.0
     completed_since_restart: int = 0
+    #: Seconds spent triggering (through the faults), until every run was
+    #: final, and until every callback had arrived.
+    trigger_seconds: float = 0.0
+    final_seconds: float = 0.0
+    callback_seconds: float = 0.0
 
     def line(self) -> str:
         return (
             f"runs {self.runs}, final {self.final}, lost {self.lost}, "
             f"double-final {self.double_final}, callbacks expected "
-            f"{self.callbacks_expected}, received {self.callbacks_received}"
+            f"{self.callbacks_expected}, received {self.callbacks_received} "
+            f"(triggered in {self.trigger_seconds} s, all final {self.final_seconds} s "
+            f"later, all called back {self.callback_seconds} s after that)"
         )
 
 
@@ -220,7 +227,9 @@ def run_chaos(
             count * 6 // 10: lambda: stack.restart_gateway(2.0),
             count * 7 // 10: receiver_outage,
         }
+        started = time.monotonic()
         ids = _trigger_all(stack, key, count, faults)
+        triggered = time.monotonic()
 
         deadline = time.monotonic() + settle
         final = 0
@@ -234,6 +243,8 @@ def run_chaos(
                 break
             time.sleep(0.25)
 
+        all_final = time.monotonic()
+
         def called_back() -> set[str]:
             return {
                 c.json()["data"]["id"]
@@ -245,6 +256,7 @@ def run_chaos(
 
         while time.monotonic() < deadline and not set(ids) <= called_back():
             time.sleep(0.25)
+        all_called = time.monotonic()
         double = db_query(
             database_url,
             """
@@ -278,6 +290,9 @@ def run_chaos(
             callbacks_expected=len(ids),
             callbacks_received=len(received),
             unstable_ids=sum(1 for v in message_ids.values() if len(v) > 1),
+            trigger_seconds=round(triggered - started, 1),
+            final_seconds=round(all_final - triggered, 1),
+            callback_seconds=round(all_called - all_final, 1),
         )
     finally:
         receiver.stop()

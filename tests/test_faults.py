@@ -171,6 +171,7 @@ def test_chaos_every_run_final_once_and_called_back(
     finally:
         if database_url and server:
             drop_database(server, database_url)
+    print(summary.line())  # where the time went, for -s and failure reports
     assert (summary.lost, summary.double_final, summary.unstable_ids) == (0, 0, 0), summary
     assert summary.final == summary.runs == 200
     assert summary.callbacks_received == summary.callbacks_expected == 200

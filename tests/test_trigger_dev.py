@@ -246,6 +246,9 @@ def test_list_cancel_replay_and_reschedule(node: NodeSDK, stack: Stack) -> None:
     assert [r["id"] for r in sdk(node, stack, "list", key=key, filters={"status": "DELAYED"})] == [
         delayed["id"]
     ]
+    tagged = sdk(node, stack, "list", key=key, filters={"tag": ["l", "nope"], "period": "1h"})
+    assert sorted(r["id"] for r in tagged) == sorted(h["id"] for h in made)
+    assert sdk(node, stack, "list", key=key, filters={"taskIdentifier": "sleep"}) == []
 
     moved = sdk(node, stack, "reschedule", key=key, id=delayed["id"], delay="2h")
     assert moved["status"] == "DELAYED" and moved["isQueued"]
@@ -315,6 +318,8 @@ def test_batch_trigger_makes_every_run_once_in_one_batch(node: NodeSDK, stack: S
             for run_id in summary["run_ids"]
         )
     assert outputs == [0, 1, 2]
+    in_batch = sdk(node, stack, "list", key=key, filters={"batch": handle["batchId"]})
+    assert sorted(r["id"] for r in in_batch) == sorted(summary["run_ids"])
     # The same idempotency key gives back the same batch, and no new runs.
     again = sdk(
         node,
@@ -496,6 +501,8 @@ def test_schedules_made_with_the_sdk_tick_and_deduplicate(node: NodeSDK, stack: 
             ],
             what="a tick of the schedule",
         )
+    of_schedule = sdk(node, stack, "list", key=key, filters={"schedule": first["id"]})
+    assert ticked[-1]["id"] in [r["id"] for r in of_schedule]
     run = sdk(node, stack, "poll", key=key, id=ticked[-1]["id"])
     assert run["status"] == "COMPLETED" and run["schedule"]["id"] == first["id"]
     assert run["schedule"]["externalId"] == "u-1"

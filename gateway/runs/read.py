@@ -240,6 +240,11 @@ class RunQuery:
     limit: int = 25
     #: The ID of the last run of the previous page.
     cursor: str | None = None
+    #: Runs with any of these tags, in any of these queues.
+    any_tags: tuple[str, ...] = ()
+    queues: tuple[str, ...] = ()
+    batch_id: str | None = None
+    schedule_id: str | None = None
 
 
 def _has_tag(conn: sa.Connection, tag: str) -> Any:
@@ -260,6 +265,14 @@ def query_conditions(conn: sa.Connection, project_id: str, query: RunQuery) -> l
         where.append(_has_tag(conn, query.tag))
     if query.queue:
         where.append(runs.c.queue == query.queue)
+    if query.any_tags:
+        where.append(sa.or_(*(_has_tag(conn, tag) for tag in query.any_tags)))
+    if query.queues:
+        where.append(runs.c.queue.in_(query.queues))
+    if query.batch_id:
+        where.append(runs.c.batch_id == query.batch_id)
+    if query.schedule_id:
+        where.append(runs.c.schedule_id == query.schedule_id)
     if query.created_after:
         where.append(runs.c.created_at > query.created_after)
     if query.created_before:

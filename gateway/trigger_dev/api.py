@@ -12,10 +12,12 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route
 
+from db.types import utcnow
 from gateway.api.bodies import json_object, validate
 from gateway.api.routing import run_reader
 from gateway.api.tasks import check_task_payload
@@ -23,7 +25,13 @@ from gateway.api.views import JSON
 from gateway.errors import ValidationFailed
 from gateway.runs.errors import RunAlreadyFinal
 from gateway.runs.read import RunQuery
-from gateway.runs.requests import MetadataUpdate, RescheduleRequest, TagsAdd, TriggerRequest
+from gateway.runs.requests import (
+    Duration,
+    MetadataUpdate,
+    RescheduleRequest,
+    TagsAdd,
+    TriggerRequest,
+)
 from gateway.services import services_of
 from gateway.trigger_dev import wire
 from gateway.trigger_dev.batches import routes as batch_routes
@@ -107,13 +115,17 @@ def _instant(request: Request, name: str) -> dt.datetime | None:
         ) from None
 
 
+class _Period(BaseModel):
+    #: ``filter[createdAt][period]``: a duration back from now (``"1d"``).
+    period: Duration
+
+
 async def list_runs(request: Request) -> Response:
     """``runs.list`` with its filters; ``pagination.next`` pages to older runs
     (the SDK's auto-pagination follows it)."""
     project_id = await project_of(request)
     services = services_of(request)
     statuses = _listed(request, "filter[status]")
-    unknown = [s for s in statuses if s not in _STATUS_FILTER]
     wanted = tuple(g for s in statuses if s in _STATUS_FILTER for g in _STATUS_FILTER[s])
     size = request.query_params.get("page[size]") or "25"
     if not (size.isdigit() and 1 <= int(size) <= 100):
@@ -122,15 +134,19 @@ async def list_runs(request: Request) -> Response:
         )
     if statuses and not wanted:  # only statuses no run here has (CRASHED, …)
         return JSON({"data": [], "pagination": {}})
-    del unknown
-    tags = _listed(request, "filter[tag]")
-    queues = _listed(request, "filter[queue]")
+    period = request.query_params.get("filter[createdAt][period]")
+    since = _instant(request, "filter[createdAt][from]")
+    if period:
+        seconds = validate(_Period, {"period": period}).period
+        since = max(filter(None, [since, utcnow() - dt.timedelta(seconds=seconds)]))
     query = RunQuery(
         statuses=wanted,
         tasks=_listed(request, "filter[taskIdentifier]"),
-        tag=tags[0] if tags else None,
-        queue=queues[0] if queues else None,
-        created_after=_instant(request, "filter[createdAt][from]"),
+        any_tags=_listed(request, "filter[tag]"),
+        queues=_listed(request, "filter[queue]"),
+        batch_id=request.query_params.get("filter[batch]") or None,
+        schedule_id=request.query_params.get("filter[schedule]") or None,
+        created_after=since,
         created_before=_instant(request, "filter[createdAt][to]"),
         limit=int(size),
         cursor=request.query_params.get("page[after]") or None,

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from starlette.requests import Request
+from starlette.responses import Response
 
 from gateway.api.bodies import parse_json, read_body, require_json
+from gateway.api.views import JSON
 from gateway.errors import ValidationFailed
 from gateway.services import services_of
 
-__all__ = ["json_body", "project_of"]
+__all__ = ["json_body", "offset_page", "project_of"]
 
 
 async def project_of(request: Request) -> str:
@@ -32,3 +36,33 @@ async def json_body(request: Request) -> dict[str, Any]:
             details=[{"path": "", "message": "expected an object", "type": "dict_type"}],
         )
     return data
+
+
+def offset_page(
+    request: Request, every: Sequence[Any], render: Callable[[Any], dict[str, Any]]
+) -> Response:
+    """One page of ``every`` as the SDK's offset pages are:
+    ``{data, pagination: {currentPage, totalPages, count}}`` (``page`` from 1,
+    ``perPage`` 1 to 100)."""
+    raw_page = request.query_params.get("page") or "1"
+    raw_size = request.query_params.get("perPage") or "25"
+    if not (raw_page.isdigit() and raw_size.isdigit()) or int(raw_page) < 1:
+        raise ValidationFailed(
+            details=[{"path": "query.page", "type": "value_error", "message": "a page from 1"}]
+        )
+    page, per_page = int(raw_page), int(raw_size)
+    if not 1 <= per_page <= 100:
+        raise ValidationFailed(
+            details=[{"path": "query.perPage", "type": "value_error", "message": "1 to 100"}]
+        )
+    shown = every[(page - 1) * per_page : page * per_page]
+    return JSON(
+        {
+            "data": [render(item) for item in shown],
+            "pagination": {
+                "currentPage": page,
+                "totalPages": max(1, math.ceil(len(every) / per_page)),
+                "count": len(every),
+            },
+        }
+    )

@@ -9,7 +9,6 @@ or none.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from starlette.requests import Request
@@ -19,7 +18,7 @@ from starlette.routing import Route
 from gateway.api.views import JSON
 from gateway.errors import ValidationFailed
 from gateway.services import Services, services_of
-from gateway.trigger_dev.common import json_body, project_of
+from gateway.trigger_dev.common import json_body, offset_page, project_of
 
 __all__ = ["routes"]
 
@@ -61,24 +60,8 @@ async def list_queues(request: Request) -> Response:
     """``{data, pagination: {currentPage, totalPages, count}}`` (offset pages)."""
     project_id = await project_of(request)
     services = services_of(request)
-    page = int(request.query_params.get("page") or 1)
-    per_page = int(request.query_params.get("perPage") or 25)
-    if page < 1 or not 1 <= per_page <= 100:
-        raise ValidationFailed(
-            details=[{"path": "query.perPage", "type": "value_error", "message": "1 to 100"}]
-        )
     every = (await services.flow.queues(project_id))["data"]
-    shown = every[(page - 1) * per_page : page * per_page]
-    return JSON(
-        {
-            "data": [_item(services, q) for q in shown],
-            "pagination": {
-                "currentPage": page,
-                "totalPages": max(1, math.ceil(len(every) / per_page)),
-                "count": len(every),
-            },
-        }
-    )
+    return offset_page(request, every, lambda queue: _item(services, queue))
 
 
 async def retrieve_queue(request: Request) -> Response:

@@ -8,7 +8,6 @@ the tick's time is the run's ``scheduled_at``.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from starlette.requests import Request
@@ -21,7 +20,7 @@ from gateway.api.views import JSON
 from gateway.errors import ValidationFailed
 from gateway.runs.requests import ScheduleCreate, ScheduleUpdate
 from gateway.services import services_of
-from gateway.trigger_dev.common import json_body, project_of
+from gateway.trigger_dev.common import json_body, offset_page, project_of
 
 __all__ = ["routes", "schedule_object"]
 
@@ -76,27 +75,8 @@ async def list_schedules(request: Request) -> Response:
     """Offset pages: ``{data, pagination: {currentPage, totalPages, count}}``."""
     project_id = await project_of(request)
     services = services_of(request)
-    raw_page, raw_size = (
-        request.query_params.get("page") or "1",
-        request.query_params.get("perPage") or "25",
-    )
-    if not (raw_page.isdigit() and raw_size.isdigit() and int(raw_page) >= 1):
-        raise ValidationFailed(
-            details=[{"path": "query.page", "type": "value_error", "message": "a page from 1"}]
-        )
-    page, per_page = int(raw_page), max(1, min(100, int(raw_size)))
     every = await services.schedules.schedules(project_id)
-    shown = every[(page - 1) * per_page : page * per_page]
-    return JSON(
-        {
-            "data": [schedule_object(s, project_id) for s in shown],
-            "pagination": {
-                "currentPage": page,
-                "totalPages": max(1, math.ceil(len(every) / per_page)),
-                "count": len(every),
-            },
-        }
-    )
+    return offset_page(request, every, lambda schedule: schedule_object(schedule, project_id))
 
 
 async def retrieve_schedule(request: Request) -> Response:
