@@ -593,3 +593,59 @@ def test_tags_and_metadata_as_a_task_of_the_sdk_would_send_them(
         node, stack, "annotate", id=handle["id"], tags=["x"], metadata=None, operations=[]
     )
     assert stranger["error"]["status"] == 404
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("POST", "/api/v1/tasks/echo/trigger", b"{not json", 400),
+        ("POST", "/api/v1/tasks/echo/trigger", b"[1, 2]", 422),
+        ("POST", "/api/v1/tasks/echo/trigger", b'{"options": "fast"}', 422),
+        ("POST", "/api/v1/tasks/echo/trigger", b'{"options": {"delay": {"at": 1}}}', 422),
+        (
+            "POST",
+            "/api/v1/tasks/echo/trigger",
+            b'{"payload": "{\\"json\\": 1, \\"meta\\": {\\"values\\": {\\"a.b\\": [\\"Date\\"]}}}",'
+            b' "options": {"payloadType": "application/super+json"}}',
+            422,
+        ),
+        (
+            "POST",
+            "/api/v1/tasks/echo/trigger",
+            b'{"payload": "nope", "options": {"payloadType": "application/json"}}',
+            400,
+        ),
+        ("GET", "/api/v1/runs?page[size]=0", b"", 422),
+        ("GET", "/api/v1/runs?filter[createdAt][from]=yesterday", b"", 422),
+        ("GET", "/api/v1/runs?filter[createdAt][period]=forever", b"", 422),
+        ("GET", "/api/v1/runs?page[after]=not-a-run", b"", 400),
+        ("GET", "/realtime/v1/runs/run_x?offset=abc", b"", 400),
+        ("POST", "/api/v3/batches", b'{"runCount": 0}', 422),
+        ("POST", "/api/v3/batches/batch_none/items", b'{"index": 0, "task": "echo"}\n', 404),
+        ("POST", "/api/v1/waitpoints/tokens", b'{"timeout": "soon"}', 422),
+        ("POST", "/api/v1/queues/echo/pause", b'{"action": "stop"}', 422),
+        ("POST", "/api/v1/queues/echo/concurrency/override", b'{"concurrencyLimit": true}', 422),
+        ("GET", "/api/v1/queues?page=x", b"", 422),
+        ("GET", "/api/v1/schedules?perPage=1000", b"", 422),
+        (
+            "POST",
+            "/api/v1/schedules",
+            b'{"task": "echo", "cron": "0 0 31 2 *", "deduplicationKey": "k"}',
+            422,
+        ),
+        ("PUT", "/api/v1/runs/run_x/metadata", b'{"operations": [{"type": "explode"}]}', 404),
+        ("POST", "/api/v1/idempotencyKeys/k/reset", b"{}", 422),
+    ],
+)
+def test_bad_requests_to_the_room_are_clear_errors(
+    stack: Stack, method: str, path: str, body: bytes, status: int
+) -> None:
+    with stack.client() as client:
+        answer = client.request(
+            method,
+            "/trigger.dev" + path,
+            content=body or None,
+            headers={"content-type": "application/json"} if body else {},
+        )
+    assert answer.status_code == status, answer.text
+    assert answer.json()["error"]["code"], answer.text

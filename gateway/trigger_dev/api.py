@@ -35,7 +35,7 @@ from gateway.runs.requests import (
 from gateway.services import services_of
 from gateway.trigger_dev import wire
 from gateway.trigger_dev.batches import routes as batch_routes
-from gateway.trigger_dev.common import json_body, project_of
+from gateway.trigger_dev.common import after_cursor, json_body, project_of
 from gateway.trigger_dev.queues import routes as queue_routes
 from gateway.trigger_dev.realtime import routes as realtime_routes
 from gateway.trigger_dev.schedules import routes as schedule_routes
@@ -149,7 +149,7 @@ async def list_runs(request: Request) -> Response:
         created_after=since,
         created_before=_instant(request, "filter[createdAt][to]"),
         limit=int(size),
-        cursor=request.query_params.get("page[after]") or None,
+        cursor=after_cursor(request, "run"),
     )
     page = await services.runs.find(project_id, query)
     return JSON(

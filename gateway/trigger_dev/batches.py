@@ -101,7 +101,9 @@ async def stream_items(request: Request) -> Response:
                     {"path": f"items.{len(items)}", "type": "dict_type", "message": "no task"}
                 ],
             )
-        index = item.get("index", len(items))
+        index = item.get("index")
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            index = len(items) + len(details)
         try:
             request_body = validate(
                 TriggerRequest, wire.trigger_request(item), prefix=("items", str(index))
@@ -111,7 +113,9 @@ async def stream_items(request: Request) -> Response:
             for detail in exc.details or [{"message": exc.message}]:
                 path = str(detail.get("path", ""))
                 prefix = f"items.{index}"
-                details.append({**detail, "path": path if path.startswith(prefix) else prefix})
+                if not path.startswith(prefix):
+                    path = f"{prefix}.{path}" if path else prefix
+                details.append({**detail, "path": path})
             continue
         items.append((int(index), item["task"], request_body))
     if details:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -10,11 +11,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.api.bodies import parse_json, read_body, require_json
+from gateway.api.routing import invalid_cursor
 from gateway.api.views import JSON
 from gateway.errors import ValidationFailed
 from gateway.services import services_of
 
-__all__ = ["json_body", "offset_page", "project_of"]
+__all__ = ["after_cursor", "json_body", "offset_page", "project_of"]
 
 
 async def project_of(request: Request) -> str:
@@ -66,3 +68,15 @@ def offset_page(
             },
         }
     )
+
+
+_ID = re.compile(r"^[a-z]+_[0-9a-hjkmnp-tv-z]{26}$")
+
+
+def after_cursor(request: Request, prefix: str) -> str | None:
+    """``page[after]``: the ID of the last item of the page before (``prefix_…``),
+    or a 400 ``invalid_cursor``."""
+    raw = request.query_params.get("page[after]") or None
+    if raw is not None and not (raw.startswith(prefix + "_") and _ID.match(raw)):
+        raise invalid_cursor(raw)
+    return raw

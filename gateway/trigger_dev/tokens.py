@@ -17,7 +17,7 @@ from gateway.api.bodies import validate
 from gateway.api.views import JSON
 from gateway.runs.requests import WaitpointCreate
 from gateway.services import services_of
-from gateway.trigger_dev.common import json_body, project_of
+from gateway.trigger_dev.common import after_cursor, json_body, project_of
 
 __all__ = ["routes", "token_item"]
 
@@ -107,7 +107,7 @@ async def list_tokens(request: Request) -> Response:
     page = await services.waitpoints.list_waitpoints(
         project_id,
         limit=min(100, int(size)) if size.isdigit() and int(size) > 0 else 25,
-        cursor=request.query_params.get("page[after]") or None,
+        cursor=after_cursor(request, "wp"),
         statuses=tuple(statuses),
     )
     tokens = services.waitpoints.tokens
