@@ -23,6 +23,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import queue
+import random
 import socket
 import threading
 import time
@@ -166,7 +167,10 @@ class Database:
 
 
 #: Times a unit runs again after PostgreSQL failed it to break a deadlock.
-LOCK_CONFLICT_RETRIES = 3
+#: How long a unit PostgreSQL failed to break a deadlock (or a serialization
+#: conflict) is run again, after a short random pause each time: under heavy
+#: contention one unit can lose several times in a row.
+LOCK_CONFLICT_SECONDS = 10.0
 #: deadlock_detected, serialization_failure
 _LOCK_CONFLICTS = frozenset({"40P01", "40001"})
 
@@ -430,7 +434,7 @@ class _AsyncGroupCommit:
     async def _commit(
         self,
         group: list[tuple[Callable[[sa.Connection], Any], Any]],
-        retries: int = 0,
+        conflicts_until: float | None = None,
         pauses: Iterator[float | None] | None = None,
     ) -> None:
         self.units += len(group)
@@ -455,16 +459,21 @@ class _AsyncGroupCommit:
                 if pause is not None:
                     await asyncio.sleep(pause)
                     self.units -= len(group)
-                    await self._commit(group, retries, pauses)
+                    await self._commit(group, conflicts_until, pauses)
                     return
             # One at a time only when a unit may be at fault: a server that
             # does not answer fails the whole group at once (run unit by unit,
             # each would wait out its own connect timeout).
-            if len(group) == 1 and _is_lock_conflict(exc) and retries < LOCK_CONFLICT_RETRIES:
+            if len(group) == 1 and _is_lock_conflict(exc):
                 # PostgreSQL broke a deadlock (or a serialization conflict)
-                # by failing this transaction: it did nothing, so it runs again.
-                await self._commit(group, retries + 1)
-                return
+                # by failing this transaction: it did nothing, so it runs
+                # again, after a random pause that lets the other one finish.
+                until = conflicts_until or time.monotonic() + LOCK_CONFLICT_SECONDS
+                if time.monotonic() < until:
+                    await asyncio.sleep(random.uniform(0.01, 0.2))
+                    self.units -= len(group)
+                    await self._commit(group, until)
+                    return
             if len(group) == 1 or cancelled or _is_transient(exc):
                 for _, future in group:
                     if not future.done():

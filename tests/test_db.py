@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 
 import pytest
 import sqlalchemy as sa
@@ -168,6 +169,54 @@ def test_postgres_writes_commit_in_groups_and_a_failing_unit_leaves_nothing(
         else:
             assert isinstance(result, ValueError) and result.args == (n,)
     assert commits < 300  # some units shared a transaction
+
+
+def test_postgres_units_that_deadlock_over_and_over_all_commit_once(
+    databases: Databases,
+) -> None:
+    """Units that lock the same rows in opposite orders, many at once: PostgreSQL
+    breaks each deadlock by failing one transaction, and the writer runs that
+    unit again (after a short random pause) until it commits, so no caller
+    sees a deadlock and every unit counts once."""
+    if databases.backend != "postgresql":
+        pytest.skip("PostgreSQL only: SQLite has one writer and no deadlocks")
+    url = databases.new("deadlocks")
+
+    orders = list(itertools.permutations(range(1, 5), 3))
+
+    def unit(conn: sa.Connection, n: int) -> int:
+        # Deadlocks found fast, so that many happen (the default waits 1 s).
+        conn.exec_driver_sql("SET LOCAL deadlock_timeout = '10ms'")
+        for row in orders[n % len(orders)]:
+            conn.exec_driver_sql(f"UPDATE t SET hits = hits + 1 WHERE n = {row}")
+            conn.exec_driver_sql("SELECT pg_sleep(0.01)")  # each holds what it locked
+        return n
+
+    async def main() -> tuple[list[object], list[int]]:
+        db = Database(url)
+        try:
+            await db.write(
+                lambda c: c.exec_driver_sql(
+                    "CREATE TABLE t (n INTEGER PRIMARY KEY, hits INTEGER NOT NULL)"
+                )
+            )
+            await db.write(
+                lambda c: c.exec_driver_sql("INSERT INTO t VALUES (1, 0), (2, 0), (3, 0), (4, 0)")
+            )
+            results = await asyncio.gather(
+                *(db.write(unit, n) for n in range(96)), return_exceptions=True
+            )
+            hits = await db.read(
+                lambda c: [r[0] for r in c.exec_driver_sql("SELECT hits FROM t ORDER BY n")]
+            )
+            return results, hits
+        finally:
+            await db.dispose()
+
+    results, hits = asyncio.run(main())
+    assert results == list(range(96)), [r for r in results if not isinstance(r, int)][:3]
+    # Each unit updated three of the four rows, once: 96 * 3 updates in all.
+    assert sum(hits) == 96 * 3 and hits == [72, 72, 72, 72]
 
 
 def test_postgres_connections_lost_while_idle_cost_no_request(databases: Databases) -> None:

@@ -88,16 +88,22 @@ def apply_events(
     to run again). Refusals are rare; a savepoint costs two round trips to
     PostgreSQL per report.
     """
-    if not isolated:
-        return [apply_event(conn, event) for event in events]
-    out: list[EventAnswer | APIError | LostRace] = []
-    for event in events:
+    # Runs are locked in ID order, whatever order the reports came in, so two
+    # batches that touch the same runs wait for each other instead of
+    # deadlocking (PostgreSQL would fail one; the writer runs it again). The
+    # answers keep the reports' order.
+    order = sorted(range(len(events)), key=lambda i: events[i].run_id)
+    out: list[EventAnswer | APIError | LostRace | None] = [None] * len(events)
+    for i in order:
+        if not isolated:
+            out[i] = apply_event(conn, events[i])
+            continue
         try:
             with savepoint(conn):
-                out.append(apply_event(conn, event))
+                out[i] = apply_event(conn, events[i])
         except (APIError, LostRace) as exc:
-            out.append(exc)
-    return out
+            out[i] = exc
+    return [answer for answer in out if answer is not None]
 
 
 def _apply_started(

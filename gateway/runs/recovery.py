@@ -53,7 +53,9 @@ def recover_lost(
         .scalars()
         .all()
     )
-    for run_id in [*executing, *taken]:
+    # Locked in ID order, as every unit that locks several runs does, so two
+    # such units wait for each other instead of deadlocking.
+    for run_id in sorted({*executing, *taken}):
         run = select_run(conn, run_id, lock=True)
         if run is None or run["status"] not in ACTIVE:
             continue
