@@ -23,6 +23,7 @@ from jobs.protocol import SIGNATURE_HEADER, JSONRefused, SignatureError, loads, 
 
 __all__ = [
     "RefuseNul",
+    "json_dict",
     "json_object",
     "parse_json",
     "read_body",
@@ -118,8 +119,8 @@ def require_json(request: Request) -> None:
     )
 
 
-async def json_object(request: Request, max_bytes: int, model: type[M]) -> M:
-    """The body as ``model``; an empty body counts as ``{}``.
+async def json_dict(request: Request, max_bytes: int) -> dict[str, Any]:
+    """The body as a JSON object; an empty body counts as ``{}``.
 
     :raises UnsupportedMediaType: a body declared as something else than JSON
     """
@@ -132,7 +133,15 @@ async def json_object(request: Request, max_bytes: int, model: type[M]) -> M:
             "the request body must be a JSON object",
             details=[{"path": "", "message": "expected an object", "type": "dict_type"}],
         )
-    return validate(model, data)
+    return data
+
+
+async def json_object(request: Request, max_bytes: int, model: type[M]) -> M:
+    """The body as ``model``; an empty body counts as ``{}``.
+
+    :raises UnsupportedMediaType: a body declared as something else than JSON
+    """
+    return validate(model, await json_dict(request, max_bytes))
 
 
 def _route_path(request: Request) -> str:

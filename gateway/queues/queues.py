@@ -29,6 +29,7 @@ __all__ = [
     "create_queue",
     "get_queue",
     "list_queues",
+    "task_queues",
     "update_queue",
 ]
 
@@ -81,7 +82,7 @@ def _view(
     }
 
 
-def _task_queues() -> dict[str, int | None]:
+def task_queues() -> dict[str, int | None]:
     """Every registered task's own queue, with its declared limit."""
     declared: dict[str, int | None] = {}
     for task in registry.names():
@@ -101,7 +102,7 @@ def list_queues(
         for r in conn.execute(sa.select(queues).where(queues.c.project_id == project_id)).mappings()
     }
     counts = _counts(conn, project_id)
-    declared = _task_queues()
+    declared = task_queues()
     names = sorted(n for n in {*rows, *counts, *declared} if after is None or n > after)
     page = names[:limit]
     return {
@@ -114,7 +115,7 @@ def get_queue(conn: sa.Connection, project_id: str, name: str) -> dict[str, Any]
     """:raises QueueNotFound: not configured, no run in it, and no task's own"""
     row = conn.execute(select_queue, {"project_id": project_id, "name": name}).mappings().first()
     counts = _counts(conn, project_id, name).get(name)
-    declared = _task_queues()
+    declared = task_queues()
     if row is None and counts is None and name not in declared:
         raise QueueNotFound(name)
     return _view(name, dict(row) if row is not None else None, counts, declared.get(name))
@@ -159,7 +160,7 @@ def update_queue(
             {
                 "project_id": project_id,
                 "name": name,
-                "concurrency_limit": _task_queues().get(name),
+                "concurrency_limit": task_queues().get(name),
                 "paused": False,
                 "created_at": now,
                 "updated_at": now,

@@ -123,7 +123,6 @@ def create_schedule(
     options: TriggerOptions,
     enabled: bool,
     now: dt.datetime,
-    *,
     external_id: str | None = None,
     deduplication_key: str | None = None,
 ) -> dict[str, Any]:

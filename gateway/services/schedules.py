@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from db.types import utcnow
@@ -40,11 +39,7 @@ class ScheduleService:
                 body.options.callback_url, "options.callback_url"
             )
         return await self.units.write_until_settled(
-            functools.partial(
-                create_schedule,
-                external_id=body.external_id,
-                deduplication_key=body.deduplication_key,
-            ),
+            create_schedule,
             project_id,
             body.task,
             body.cron,
@@ -53,6 +48,8 @@ class ScheduleService:
             body.options,
             body.enabled,
             utcnow(),
+            body.external_id,
+            body.deduplication_key,
         )
 
     async def schedules(self, project_id: str) -> list[dict[str, Any]]:

@@ -134,7 +134,4 @@ class UnitRunner:
                 return await self.write(fn, *args)
             except LostRace:
                 continue
-        name = getattr(fn, "__name__", None) or getattr(
-            getattr(fn, "func", None), "__name__", "a unit"
-        )
-        raise RuntimeError(f"{name} lost the race {tries} times in a row")
+        raise RuntimeError(f"{fn.__name__} lost the race {tries} times in a row")

@@ -10,7 +10,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.api.bodies import parse_json, read_body, require_json
+from gateway.api.bodies import json_dict
 from gateway.api.routing import invalid_cursor
 from gateway.api.views import JSON
 from gateway.errors import ValidationFailed
@@ -26,18 +26,8 @@ async def project_of(request: Request) -> str:
 
 
 async def json_body(request: Request) -> dict[str, Any]:
-    services = services_of(request)
-    raw = await read_body(request, services.settings.max_body_bytes)
-    if not raw.strip():
-        return {}
-    require_json(request)
-    data = parse_json(raw)
-    if not isinstance(data, dict):
-        raise ValidationFailed(
-            "the request body must be a JSON object",
-            details=[{"path": "", "message": "expected an object", "type": "dict_type"}],
-        )
-    return data
+    """The body as a JSON object, within the gateway's body limit."""
+    return await json_dict(request, services_of(request).settings.max_body_bytes)
 
 
 def offset_page(

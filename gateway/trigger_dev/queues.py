@@ -17,37 +17,27 @@ from starlette.routing import Route
 
 from gateway.api.views import JSON
 from gateway.errors import ValidationFailed
-from gateway.services import Services, services_of
+from gateway.queues.queues import task_queues
+from gateway.queues.slots import default_queue
+from gateway.services import services_of
 from gateway.trigger_dev.common import json_body, offset_page, project_of
 
 __all__ = ["routes"]
 
 
-def _declared(services: Services) -> dict[str, int | None]:
-    """Each task's own queue, with the limit the tasks declare for it."""
-    found: dict[str, int | None] = {}
-    for task in services.registry.describe():
-        if found.get(task["queue"]) is None:
-            found[task["queue"]] = task["concurrency_limit"]
-    return found
-
-
-def _queue_name(services: Services, name: str, kind: Any) -> str:
+def _queue_name(name: str, kind: Any) -> str:
     """The queue a request names: by a task's name (``type: "task"``: that
     task's queue) or by its own (``custom``, ``id``)."""
-    if kind == "task":
-        for task in services.registry.describe():
-            if task["name"] == name:
-                return str(task["queue"])
-    return name
+    return default_queue(name)[0] if kind == "task" else name
 
 
-def _item(services: Services, queue: dict[str, Any]) -> dict[str, Any]:
-    """``QueueItem`` (its ``V2`` form) of a queue view."""
+def _item(queue: dict[str, Any], declared: dict[str, int | None]) -> dict[str, Any]:
+    """``QueueItem`` (its ``V2`` form) of a queue view; ``declared``: the
+    tasks' own queues (``gateway.queues.queues.task_queues``)."""
     return {
         "id": queue["name"],
         "name": queue["name"],
-        "type": "task" if queue["name"] in _declared(services) else "custom",
+        "type": "task" if queue["name"] in declared else "custom",
         "running": queue["running"],
         "queued": queue["queued"],
         "paused": queue["paused"],
@@ -61,15 +51,16 @@ async def list_queues(request: Request) -> Response:
     project_id = await project_of(request)
     services = services_of(request)
     every = (await services.flow.queues(project_id))["data"]
-    return offset_page(request, every, lambda queue: _item(services, queue))
+    declared = task_queues()
+    return offset_page(request, every, lambda queue: _item(queue, declared))
 
 
 async def retrieve_queue(request: Request) -> Response:
     project_id = await project_of(request)
     services = services_of(request)
-    name = _queue_name(services, request.path_params["name"], request.query_params.get("type"))
+    name = _queue_name(request.path_params["name"], request.query_params.get("type"))
     queue = await services.flow.queue(project_id, name)
-    return JSON(_item(services, queue))
+    return JSON(_item(queue, task_queues()))
 
 
 async def pause_queue(request: Request) -> Response:
@@ -82,9 +73,9 @@ async def pause_queue(request: Request) -> Response:
         raise ValidationFailed(
             details=[{"path": "action", "type": "enum", "message": "pause or resume"}]
         )
-    name = _queue_name(services, request.path_params["name"], body.get("type"))
+    name = _queue_name(request.path_params["name"], body.get("type"))
     queue = await services.flow.update_queue(project_id, name, {"paused": action == "pause"})
-    return JSON(_item(services, queue))
+    return JSON(_item(queue, task_queues()))
 
 
 async def override_limit(request: Request) -> Response:
@@ -96,20 +87,20 @@ async def override_limit(request: Request) -> Response:
         raise ValidationFailed(
             details=[{"path": "concurrencyLimit", "type": "value_error", "message": "1 to 100000"}]
         )
-    name = _queue_name(services, request.path_params["name"], body.get("type"))
+    name = _queue_name(request.path_params["name"], body.get("type"))
     queue = await services.flow.update_queue(project_id, name, {"concurrency_limit": limit})
-    return JSON(_item(services, queue))
+    return JSON(_item(queue, task_queues()))
 
 
 async def reset_limit(request: Request) -> Response:
     project_id = await project_of(request)
     services = services_of(request)
     body = await json_body(request)
-    name = _queue_name(services, request.path_params["name"], body.get("type"))
+    name = _queue_name(request.path_params["name"], body.get("type"))
     queue = await services.flow.update_queue(
-        project_id, name, {"concurrency_limit": _declared(services).get(name)}
+        project_id, name, {"concurrency_limit": task_queues().get(name)}
     )
-    return JSON(_item(services, queue))
+    return JSON(_item(queue, task_queues()))
 
 
 routes = [

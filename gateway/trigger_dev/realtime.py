@@ -144,9 +144,9 @@ async def subscribe_run(request: Request) -> Response:
         return int(steps[-1]["id"]) if steps else max(seen, 0)
 
     if not live:
-        # The offset first, then the row: a change between the two reads is
-        # sent again on the next poll, never skipped.
-        run = await services.runs.get(project_id, run_id)  # 404 before anything
+        # The offset first, then the row (404 for another project's run): a
+        # change between the two reads is sent again on the next poll, never
+        # skipped.
         at = await position()
         run = await services.runs.get(project_id, run_id)
         change = {"key": run_id, "value": raw_row(run), "headers": {"operation": "insert"}}
