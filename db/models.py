@@ -395,7 +395,8 @@ class DeliveryAttempt(SQLModel, table=True):
 
 
 class RunNode(SQLModel, table=True):
-    """One node of a workflow run's graph, as far as the workflow has got."""
+    """One node of a workflow run's graph, or one step of a durable task, as far as
+    the run has got."""
 
     __tablename__ = "run_nodes"
     __table_args__ = (sa.UniqueConstraint("parent_id", "node_id", name="uq_run_nodes_node"),)
@@ -404,16 +405,29 @@ class RunNode(SQLModel, table=True):
     parent_id: str = Field(foreign_key="runs.id", max_length=40)
     node_id: str = Field(max_length=200)
     #: ``running`` (its child run is not final), ``waiting`` (on its
-    #: waitpoint), ``completed``, ``failed`` or ``skipped``.
+    #: waitpoint), ``completed``, ``failed``, ``canceled`` or ``skipped``.
     status: str = Field(max_length=16)
     run_id: str | None = Field(default=None, max_length=40)
-    #: A ``wait`` or ``delay`` node's waitpoint.
+    #: A ``wait`` or ``delay`` node's waitpoint (a ``sleep`` or ``token`` step's).
     waitpoint_id: str | None = Field(default=None, max_length=40)
     output: Any = Field(default=None, sa_column=sa.Column(JSONColumn, nullable=True))
     error_code: str | None = Field(default=None, max_length=100)
     error_message: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
     updated_at: dt.datetime = Field(
         default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False)
+    )
+    #: A durable task's step (``node_id`` is its key): ``step``, ``child``,
+    #: ``batch``, ``sleep``, ``waitpoint`` or ``token``; ``None`` for a
+    #: workflow's node and a batch's child.
+    kind: str | None = Field(default=None, max_length=16)
+    #: Its place in the task's sequence of steps (0, 1, …), checked on every
+    #: execution (``nondeterministic_step``).
+    position: int | None = None
+    started_at: dt.datetime | None = Field(
+        default=None, sa_column=sa.Column(UTCDateTime(), nullable=True)
+    )
+    finished_at: dt.datetime | None = Field(
+        default=None, sa_column=sa.Column(UTCDateTime(), nullable=True)
     )
 
 

@@ -44,7 +44,9 @@ __all__ = [
     "REDIS_DOWN",
     "RUN_LOGS",
     "SIGNATURE_HEADER",
+    "STEP_KINDS",
     "TIMED_OUT_CODE",
+    "WAITPOINTS_PATH",
     "WORKFLOW_TASK",
     "ChildRun",
     "JSONRefused",
@@ -52,6 +54,7 @@ __all__ = [
     "RedisOutage",
     "RunLogs",
     "SignatureError",
+    "StepRecord",
     "WaitNode",
     "WorkerError",
     "WorkerEvent",
@@ -75,6 +78,7 @@ EVENTS_PATH = "/internal/v1/events"
 PREPARE_PATH = "/internal/v1/deliveries/prepare"
 ARTIFACTS_PATH = "/internal/v1/artifacts"
 ARTIFACT_FETCH_PATH = "/internal/v1/artifacts/fetch"
+WAITPOINTS_PATH = "/internal/v1/waitpoints"
 
 #: The task that runs a workflow graph: its runs wait (WAITING) for children.
 WORKFLOW_TASK = "execute-workflow"
@@ -93,25 +97,49 @@ class WorkerError(BaseModel):
 
 
 class ChildRun(BaseModel):
-    """A node of a workflow that a step starts as a child run."""
+    """A node of a workflow that a step starts as a child run, or a durable
+    task's child (``trigger_and_wait``: ``node_id`` is the step's key)."""
 
     node_id: str = Field(min_length=1, max_length=200)
     task: str = Field(min_length=1, max_length=200)
     payload: Any = None
+    #: A durable task's child: the trigger options it gives (the gateway
+    #: checks them as a trigger's); ``None`` for a workflow's node.
+    options: dict[str, Any] | None = None
 
 
 class WaitNode(BaseModel):
-    """A node of a workflow that a step sets waiting on a waitpoint: ``wait``
-    (completed by a POST, or failed after ``timeout`` seconds) or ``delay``
-    (completed after ``seconds``, or at ``until``)."""
+    """What a run waits on: a workflow's ``wait`` node (completed by a POST,
+    or failed after ``timeout`` seconds), a ``delay`` node or a durable
+    ``sleep`` (completed after ``seconds``, or at ``until``), or a durable
+    task's ``token`` step (the waitpoint ``waitpoint_id``)."""
 
     node_id: str = Field(min_length=1, max_length=200)
-    kind: Literal["wait", "delay"]
+    kind: Literal["wait", "delay", "token"]
     timeout: float | None = Field(default=None, gt=0, le=365 * 24 * 3600)
     seconds: float | None = Field(default=None, ge=0, le=365 * 24 * 3600)
     until: str | None = Field(default=None, max_length=64)
     #: What the node's input edge gave it, for a ``delay`` to pass on.
     value: Any = None
+    waitpoint_id: str | None = Field(default=None, max_length=40)
+
+
+#: What a durable task's step is (``jobs.durable``).
+STEP_KINDS = ("step", "child", "batch", "sleep", "waitpoint", "token")
+
+
+class StepRecord(BaseModel):
+    """A durable task's step as an execution left it (``jobs.durable``): the
+    gateway keeps it with the run, and the next execution gets it back."""
+
+    key: str = Field(min_length=1, max_length=200)
+    kind: Literal["step", "child", "batch", "sleep", "waitpoint", "token"]
+    position: int = Field(ge=0, le=100_000)
+    status: Literal["running", "waiting", "completed", "failed"]
+    output: Any = None
+    error: WorkerError | None = None
+    started_at: str | None = Field(default=None, max_length=64)
+    finished_at: str | None = Field(default=None, max_length=64)
 
 
 class WorkerEvent(BaseModel):
@@ -131,6 +159,9 @@ class WorkerEvent(BaseModel):
     nodes: dict[str, dict[str, Any]] = Field(default_factory=dict)
     #: ``waiting`` only: the wait and delay nodes to set waiting.
     waits: list[WaitNode] = Field(default_factory=list, max_length=200)
+    #: A durable task's steps that this execution did or began (any closing
+    #: report: ``waiting``, ``completed``, ``failed``).
+    steps: list[StepRecord] = Field(default_factory=list, max_length=1000)
 
 
 #: The ``type`` of a batch item that carries a run's log lines.

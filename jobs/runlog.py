@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import datetime as dt
 import json
 import logging
@@ -36,7 +37,7 @@ from typing import Any
 
 from jobs.protocol import MAX_LOG_MESSAGE, RUN_LOGS, clean_text, dumps
 
-__all__ = ["RunLog", "RunLogger"]
+__all__ = ["CURRENT_STEP", "RunLog", "RunLogger"]
 
 log = logging.getLogger("jobs.runlog")
 
@@ -49,6 +50,11 @@ MAX_FIELDS_BYTES = 8 * 1024
 #: Lines waiting to leave, and batches out at once, at most; more is dropped.
 MAX_WAITING_BYTES = 4 * 1024 * 1024
 MAX_SENDING = 4
+#: The key of the durable step running now (``jobs.durable``): a line logged
+#: inside it says so in its ``step`` field.
+CURRENT_STEP: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "current_step", default=None
+)
 #: An attempt's lines, when not told otherwise (``RUN_LOG_MAX_LINES``).
 DEFAULT_MAX_LINES = 5000
 #: Tries of one batch before it is dropped.
@@ -319,6 +325,9 @@ class RunLogger(logging.LoggerAdapter[logging.Logger]):
                 message += "\n" + "".join(traceback.format_exception(exc_info)).rstrip()
         extra = kwargs.get("extra") or {}
         fields = {k: v for k, v in extra.items() if k not in _RESERVED}
+        step = CURRENT_STEP.get()
+        if step is not None:
+            fields.setdefault("step", step)
         self.run_log.add(level, message, fields)
         # The run keeps every field; the worker's own log gets those that do
         # not clash with a LogRecord's attributes (``thread``, ``name``, …),

@@ -26,11 +26,13 @@ from pydantic import ValidationError
 
 from jobs.contract import DeliverReport, DeliverWebhook, RunTask
 from jobs.deliver import deliver_webhook
+from jobs.durable import Steps, Suspend
 from jobs.heartbeat import Heartbeats
 from jobs.media import Media
 from jobs.protocol import (
     REDIS_DOWN,
     TIMED_OUT_CODE,
+    WORKFLOW_TASK,
     JSONRefused,
     RedisOutage,
     clean_text,
@@ -144,6 +146,13 @@ async def _execute(
             "type": "failed",
             "error": _error("invalid_payload", f"payload does not fit task {task!r}: {exc}"),
         }
+    steps = Steps(
+        state if task != WORKFLOW_TASK else None,
+        run_id=run_id,
+        reporter=ctx["reporter"],
+        tasks=ctx["registry"],
+        max_output_bytes=settings.max_output_bytes,
+    )
     task_ctx = TaskContext(
         run_id=run_id,
         task=task,
@@ -163,10 +172,27 @@ async def _execute(
             max_bytes=settings.image_max_bytes,
             timeout=settings.image_download_timeout,
         ),
-        workflow=state,
+        workflow=state if task == WORKFLOW_TASK else None,
+        steps=steps,
     )
+    result = await _call(ctx, definition.fn, parsed, task_ctx, run_log)
+    if steps.suspended is not None:  # also if the task swallowed the Suspend
+        return steps.waiting()
+    if steps.records:
+        result["steps"] = steps.records
+    return result
+
+
+async def _call(
+    ctx: dict[str, Any], fn: Any, parsed: Any, task_ctx: TaskContext, run_log: RunLog
+) -> dict[str, Any]:
+    """Call the task; the fields of its final event."""
+    settings: Settings = ctx["settings"]
+    run_id, task = task_ctx.run_id, task_ctx.task
     try:
-        output = await definition.fn(parsed, task_ctx)
+        output = await fn(parsed, task_ctx)
+    except Suspend:
+        return {"type": "waiting"}
     except WorkflowFailed as exc:
         return {
             "type": "failed",

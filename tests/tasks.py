@@ -130,3 +130,96 @@ async def log_escapes(payload: Any, ctx: TaskContext) -> None:
     a hyperlink, a right-to-left override) and an ``extra`` field."""
     ctx.logger.info("\x1b]0;pwned\x07title \x1b[2J\x1b[Hcleared", extra={"who": "tests"})
     ctx.logger.info("\x1b]8;;http://evil.example\x1b\\link\x1b]8;;\x1b\\ and \u202eesrever")
+
+
+# -- durable steps (jobs.durable) ----------------------------------------------------
+
+
+def _tally(path: str, what: str) -> int:
+    """Append ``what`` to the file at ``path``; how many lines it holds now
+    (the test reads the file to count how often a step's function ran)."""
+    with open(path, "a", encoding="utf-8") as file:
+        file.write(what + "\n")
+    with open(path, encoding="utf-8") as file:
+        return sum(1 for _ in file)
+
+
+@task("tests.durable-review")
+async def durable_review(payload: Any, ctx: TaskContext) -> dict[str, Any]:
+    """Crop an image, ask the model about the crop, then wait for a person:
+    each wait gives the worker's slot back."""
+    crop = (await ctx.trigger_and_wait("crop-image", payload["crop"])).unwrap()
+    ask = await ctx.trigger_and_wait(
+        "llm",
+        {"user_message": payload["question"], "images": [{"artifact_id": crop["artifact_id"]}]},
+    )
+    wp = await ctx.create_waitpoint(timeout=float(payload.get("timeout", 600)))
+    await ctx.step("hand out the link", _tally, payload["tally"], wp.url)
+    decision = await ctx.wait_for_token(wp)
+    return {
+        "crop": crop["artifact_id"],
+        "answer": ask.unwrap()["text"],
+        "approved": decision.ok and bool(decision.output.get("approved")),
+        "token": decision.ok,
+    }
+
+
+@task("tests.durable-fanout")
+async def durable_fanout(payload: Any, ctx: TaskContext) -> dict[str, Any]:
+    """Three children side by side (``items``), then one more that may fail."""
+    results = await ctx.batch_trigger_and_wait(payload["items"])
+    single = await ctx.trigger_and_wait(payload["then"]["task"], payload["then"]["payload"])
+    return {
+        "batch": [{"ok": r.ok, "id": r.id, "output": r.output, "error": r.error} for r in results],
+        "then": {"ok": single.ok, "id": single.id, "error": single.error},
+    }
+
+
+@task("tests.durable-sleep")
+async def durable_sleep(payload: Any, ctx: TaskContext) -> dict[str, Any]:
+    """Count, sleep, count again: each count is a step, so the counts in the
+    tally files say how often each ran."""
+    ctx.logger.info("before the steps")
+    before = await ctx.step("count before", _tally, payload["before"], "before")
+    await ctx.sleep(float(payload["seconds"]))
+    after = await ctx.step("count after", _tally, payload["after"], "after")
+    return {"before": before, "after": after}
+
+
+@task("tests.durable-edited")
+async def durable_edited(payload: Any, ctx: TaskContext) -> str:
+    """A task whose code changes between executions: once the file at
+    ``edited`` exists, it takes its steps in another order (as a deploy that
+    reordered them would)."""
+    import os
+
+    first, second = ("a", "b") if not os.path.exists(payload["edited"]) else ("b", "a")
+    await ctx.step(first, lambda: first)
+    await ctx.wait_for_token(payload["waitpoint"])
+    await ctx.step(second, lambda: second)
+    return "done"
+
+
+@task("tests.durable-retry")
+async def durable_retry(payload: Any, ctx: TaskContext) -> dict[str, Any]:
+    """A kept step, then one that fails on the first attempt: the second
+    attempt gets the first step's result back without running it."""
+
+    def flaky() -> int:
+        ctx.logger.info("the flaky step, attempt %d", ctx.attempt)
+        if ctx.attempt < 2:
+            raise TaskError("not_yet", "the first attempt fails", retryable=True)
+        return ctx.attempt
+
+    counted = await ctx.step("count", _tally, payload["tally"], "count")
+    attempt = await ctx.step("flaky", flaky)
+    return {"counted": counted, "attempt": attempt}
+
+
+@task("tests.durable-parent")
+async def durable_parent(payload: Any, ctx: TaskContext) -> None:
+    """Wait on a child that takes long, or sleep: the test cancels it meanwhile."""
+    if payload.get("child"):
+        await ctx.trigger_and_wait("sleep", {"seconds": payload["child"]})
+    await ctx.sleep(float(payload.get("sleep", 0)))
+    await ctx.step("after", _tally, payload["tally"], "after")

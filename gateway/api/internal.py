@@ -12,6 +12,7 @@ import asyncio
 from typing import Any
 
 from pydantic import BaseModel, Field
+from pydantic import ValidationError as PydanticValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -19,6 +20,8 @@ from starlette.routing import Route
 from gateway.api.bodies import parse_json, signed_body, validate
 from gateway.api.views import JSON
 from gateway.errors import APIError, BadRequest, PayloadTooLarge, ValidationFailed
+from gateway.runs.durable import CHILD_OPTIONS_REFUSED
+from gateway.runs.requests import Duration, Tag, TriggerOptions
 from gateway.services import Services, services_of
 from jobs.protocol import (
     ARTIFACT_FETCH_PATH,
@@ -26,6 +29,7 @@ from jobs.protocol import (
     EVENTS_PATH,
     PREPARE_PATH,
     RUN_LOGS,
+    WAITPOINTS_PATH,
     RunLogs,
     WorkerEvent,
     dumps,
@@ -52,6 +56,35 @@ def _check_meaning(services: Services, event: WorkerEvent, body_size: int) -> No
     ]
     if unknown:
         raise ValidationFailed("the event names tasks this gateway does not know", details=unknown)
+    details: list[dict[str, Any]] = []
+    for i, child in enumerate(event.spawn):
+        if child.options is None:
+            continue  # a workflow's node: its payload is the planner's
+        definition = services.registry.get(child.task)
+        assert definition is not None
+        details.extend(definition.payload_errors(child.payload, f"spawn.{i}.payload"))
+        details.extend(
+            {
+                "path": f"spawn.{i}.options.{name}",
+                "type": "not_allowed",
+                "message": f"a durable task's child takes no {name}",
+            }
+            for name in CHILD_OPTIONS_REFUSED
+            if name in child.options
+        )
+        try:
+            TriggerOptions.model_validate(child.options)
+        except PydanticValidationError as exc:
+            details.extend(
+                {
+                    "path": f"spawn.{i}.options." + ".".join(str(p) for p in err["loc"]),
+                    "type": err["type"],
+                    "message": err["msg"],
+                }
+                for err in exc.errors(include_url=False, include_input=False)
+            )
+    if details:
+        raise ValidationFailed("the event's child runs do not fit their tasks", details=details)
 
 
 async def _record(services: Services, report: DeliveryAttemptReport) -> dict[str, Any]:
@@ -186,9 +219,30 @@ async def fetch_artifact(request: Request) -> Response:
     return await store.response(row)
 
 
+class _WaitpointRequest(BaseModel):
+    run_id: str = Field(max_length=40)
+    #: The ``create_waitpoint`` step's key: one waitpoint per run and key.
+    key: str = Field(min_length=1, max_length=200)
+    timeout: Duration | None = Field(default=None, gt=0)
+    tags: list[Tag] = Field(default_factory=list, max_length=10)
+
+
+async def create_waitpoint(request: Request) -> Response:
+    """A durable task's waitpoint (``ctx.create_waitpoint``), made once per
+    run and step however often the step asks; its ID and signed URL."""
+    services = services_of(request)
+    body = await signed_body(request, services.settings, 64 * 1024)
+    asked = validate(_WaitpointRequest, parse_json(body))
+    made = await services.waitpoints.create_run_waitpoint(
+        asked.run_id, asked.key, asked.timeout, asked.tags
+    )
+    return JSON(made, status_code=201)
+
+
 routes = [
     Route(EVENTS_PATH, worker_event, methods=["POST"]),
     Route(PREPARE_PATH, prepare_delivery, methods=["POST"]),
     Route(ARTIFACTS_PATH, upload_artifact, methods=["POST"]),
     Route(ARTIFACT_FETCH_PATH, fetch_artifact, methods=["POST"]),
+    Route(WAITPOINTS_PATH, create_waitpoint, methods=["POST"]),
 ]

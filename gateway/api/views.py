@@ -100,6 +100,28 @@ class NodeView(_View):
     waitpoint: NodeWaitpoint | None = None
 
 
+class StepView(_View):
+    """A durable task's step (``ctx.step``, ``ctx.trigger_and_wait``, ``ctx.sleep``…)."""
+
+    #: Its key: the name the code gave it (``name:2`` for the second of that name).
+    name: str
+    kind: Literal["step", "child", "batch", "sleep", "waitpoint", "token"]
+    #: ``COMPLETED``, ``FAILED``, ``RUNNING`` (its children), ``WAITING`` (its
+    #: waitpoint) or ``CANCELED``.
+    status: str
+    started_at: str | None
+    finished_at: str | None
+    duration_ms: int | None
+    #: Its kept result: what the step returned, a child's output, the body
+    #: posted to a token's waitpoint.
+    output: Any
+    error: RunError | None
+    #: ``child`` and ``batch``: the child runs, in the order they were asked for.
+    runs: list[str] | None = None
+    #: ``sleep`` and ``token``: the waitpoint it waits on.
+    waitpoint: str | None = None
+
+
 class WaitingFor(_View):
     kind: Literal[
         "delay",
@@ -107,6 +129,8 @@ class WaitingFor(_View):
         "retry",
         "children",
         "waitpoint",
+        "sleep",
+        "token",
         "worker",
         "paused",
         "queue_concurrency",
@@ -120,6 +144,10 @@ class WaitingFor(_View):
     #: ``waitpoint``: the workflow's node that waits, and its waitpoint.
     node: str | None = None
     waitpoint: str | None = None
+    #: A durable task: the step its code waits at (``children``, ``sleep``,
+    #: ``token``), and the child runs it waits for.
+    step: str | None = None
+    runs: list[str] | None = None
 
 
 class RunView(_View):
@@ -148,9 +176,11 @@ class RunView(_View):
     #: Why a run that has not started waits (one run's page only): ``delay``,
     #: ``debounce``, ``retry`` (with ``until``), ``queue_concurrency``,
     #: ``concurrency_key`` (with ``queue``, ``running``, ``limit``), ``paused``,
-    #: ``children`` (a workflow), ``waitpoint`` (a workflow's wait or delay
-    #: node, with ``node`` and ``waitpoint``), ``worker`` (handed to arq, not
-    #: yet started).
+    #: ``children`` (a workflow, or a durable task with ``step`` and
+    #: ``runs``), ``waitpoint`` (a workflow's wait or delay node, with
+    #: ``node`` and ``waitpoint``), ``sleep`` and ``token`` (a durable task's,
+    #: with ``step``, ``waitpoint`` and ``until``), ``worker`` (handed to arq,
+    #: not yet started).
     waiting_for: WaitingFor | None = None
     created_at: str
     updated_at: str
@@ -159,6 +189,8 @@ class RunView(_View):
     duration_ms: int | None
     #: Workflows only: every node of the graph.
     nodes: dict[str, NodeView] | None = None
+    #: Every other task (one run's page only): its durable steps, in order.
+    steps: list[StepView] | None = None
     #: The schedule whose tick made the run, and the tick.
     schedule_id: str | None = None
     scheduled_at: str | None = None

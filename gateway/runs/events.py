@@ -18,6 +18,7 @@ from db.engine import savepoint
 from db.models import RunStatus
 from db.types import utcnow
 from gateway.errors import APIError
+from gateway.runs.durable import apply_suspend, record_steps
 from gateway.runs.effects import Effects
 from gateway.runs.errors import LostRace, RunNotFound
 from gateway.runs.read import view_of
@@ -33,7 +34,7 @@ from gateway.runs.runs_table import (
 )
 from gateway.runs.timers import backoff, expire, expired
 from gateway.runs.workflow import apply_waiting, child_finished
-from jobs.protocol import TIMED_OUT_CODE, WorkerEvent
+from jobs.protocol import TIMED_OUT_CODE, WORKFLOW_TASK, WorkerEvent
 from webhooks.outbox import FINAL_EVENTS, create_run_deliveries
 
 __all__ = ["EventAnswer", "apply_event", "apply_events", "apply_final"]
@@ -69,7 +70,8 @@ def apply_event(conn: sa.Connection, event: WorkerEvent) -> EventAnswer:
     if event.type == "started":
         return _apply_started(conn, event, run, now)
     if event.type == "waiting":
-        applied, status, effects = apply_waiting(conn, event, run, now)
+        wait = apply_waiting if run["task"] == WORKFLOW_TASK else apply_suspend
+        applied, status, effects = wait(conn, event, run, now)
         return EventAnswer(applied, status.value, False, effects)
     if event.type == "heartbeat":
         return _apply_heartbeat(conn, event, run, now)
@@ -154,6 +156,8 @@ def apply_final(
     status = RunStatus(run["status"])
     if not (is_current(run, event) and status in ACTIVE):
         return EventAnswer(False, status.value, False)
+    if run["task"] != WORKFLOW_TASK:
+        record_steps(conn, run["id"], event.steps, now)
     values: dict[str, Any] = {"output": event.output}
     error = event.error
     if event.type == "completed":

@@ -10,7 +10,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from db.models import Batch, RunStatus
+from db.models import Batch, RunStatus, Waitpoint
 from db.types import isoformat
 from gateway.queues.slots import waiting_for
 from gateway.runs.effects import Job, job_of
@@ -36,11 +36,13 @@ __all__ = [
     "run_job",
     "run_view",
     "status_of",
+    "step_views",
     "transitions_since",
     "view_of",
 ]
 
 batches = Batch.__table__  # type: ignore[attr-defined]
+waitpoints = Waitpoint.__table__  # type: ignore[attr-defined]
 
 
 def node_states(conn: sa.Connection, parent_id: str) -> dict[str, Any]:
@@ -54,6 +56,8 @@ def node_states(conn: sa.Connection, parent_id: str) -> dict[str, Any]:
             state["output"] = r["output"]
         if r["error_code"] is not None:
             state["error"] = {"code": r["error_code"], "message": r["error_message"]}
+        if r["kind"] is not None:  # a durable task's step
+            state.update(kind=r["kind"], position=r["position"])
         states[r["node_id"]] = state
     return states
 
@@ -74,9 +78,11 @@ JOB_COLUMNS = (
 def run_job(conn: sa.Connection, run: Mapping[str, Any]) -> Job:
     """The job of ``run``'s current attempt and step, as every path that queues a
     run builds it (its limits and priority included); a workflow's job takes its
-    nodes' states (a replay's first step already has some)."""
-    workflow = bool(run.get("step")) or run["task"] == WORKFLOW_TASK
-    return job_of(run, state=node_states(conn, run["id"]) if workflow else None)
+    nodes' states (a replay's first step already has some), and a durable
+    task's its kept steps (after a wait, or when an attempt that kept some
+    runs again)."""
+    kept = bool(run.get("step")) or run.get("attempt", 1) > 1 or run["task"] == WORKFLOW_TASK
+    return job_of(run, state=node_states(conn, run["id"]) if kept else None)
 
 
 def error_view(code: str | None, message: str | None) -> dict[str, Any] | None:
@@ -184,6 +190,65 @@ def _node_views(conn: sa.Connection, row: Mapping[str, Any]) -> dict[str, Any]:
     return views
 
 
+def _duration_ms(started: dt.datetime | None, finished: dt.datetime | None) -> int | None:
+    if started is None or finished is None:
+        return None
+    return max(0, round((finished - started).total_seconds() * 1000))
+
+
+def step_views(conn: sa.Connection, run_id: str) -> list[dict[str, Any]]:
+    """A durable task's steps in the order its code took them: name, kind,
+    status, times, output or error, and the child runs or waitpoint of a wait."""
+    rows = [
+        dict(r)
+        for r in conn.execute(
+            sa.select(run_nodes).where(run_nodes.c.parent_id == run_id).order_by(run_nodes.c.id)
+        ).mappings()
+    ]
+    children = {r["node_id"]: r["run_id"] for r in rows if r["kind"] is None}
+    views = []
+    for r in sorted((r for r in rows if r["position"] is not None), key=lambda r: r["position"]):
+        view: dict[str, Any] = {
+            "name": r["node_id"],
+            "kind": r["kind"],
+            "status": r["status"].upper(),
+            "started_at": isoformat(r["started_at"]),
+            "finished_at": isoformat(r["finished_at"]),
+            "duration_ms": _duration_ms(r["started_at"], r["finished_at"]),
+            "output": r["output"],
+            "error": error_view(r["error_code"], r["error_message"]),
+        }
+        if r["kind"] == "child":
+            view["runs"] = [r["run_id"]] if r["run_id"] else []
+        elif r["kind"] == "batch":
+            view["runs"] = [
+                children[f"{r['node_id']}[{i}]"]
+                for i in range(len(children))
+                if f"{r['node_id']}[{i}]" in children
+            ]
+        if r["waitpoint_id"] is not None:
+            view["waitpoint"] = r["waitpoint_id"]
+        views.append(view)
+    return views
+
+
+def _durable_wait(conn: sa.Connection, run_id: str, steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a WAITING durable task waits on: the step its code stopped at."""
+    waiting = next((s for s in reversed(steps) if s["status"] in ("RUNNING", "WAITING")), None)
+    if waiting is None:
+        return {"kind": "children"}
+    if waiting["kind"] in ("child", "batch"):
+        return {"kind": "children", "step": waiting["name"], "runs": waiting.get("runs", [])}
+    found: dict[str, Any] = {"kind": waiting["kind"], "step": waiting["name"]}
+    if waiting.get("waitpoint"):
+        found["waitpoint"] = waiting["waitpoint"]
+        until = conn.scalar(
+            sa.select(waitpoints.c.timeout_at).where(waitpoints.c.id == waiting["waitpoint"])
+        )
+        found["until"] = isoformat(until)
+    return found
+
+
 def load_run(conn: sa.Connection, project_id: str | None, run_id: str) -> dict[str, Any] | None:
     """The run's view, or ``None``; ``project_id=None`` skips the owner check."""
     if project_id is None:
@@ -194,9 +259,17 @@ def load_run(conn: sa.Connection, project_id: str | None, run_id: str) -> dict[s
     if row is None:
         return None
     attempts = conn.execute(LOAD_ATTEMPTS, {"run_id": run_id}).mappings()
-    nodes = _node_views(conn, dict(row)) if row["task"] == WORKFLOW_TASK else None
+    workflow = row["task"] == WORKFLOW_TASK
+    nodes = _node_views(conn, dict(row)) if workflow else None
     view = run_view(dict(row), [dict(a) for a in attempts], nodes)
-    view["waiting_for"] = waiting_for(conn, dict(row))
+    if workflow:
+        view["waiting_for"] = waiting_for(conn, dict(row))
+        return view
+    view["steps"] = step_views(conn, run_id)
+    if row["status"] == RunStatus.WAITING.value:
+        view["waiting_for"] = _durable_wait(conn, run_id, view["steps"])
+    else:
+        view["waiting_for"] = waiting_for(conn, dict(row))
     return view
 
 

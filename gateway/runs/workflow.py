@@ -38,13 +38,20 @@ __all__ = [
     "apply_waiting",
     "child_finished",
     "downstream_of",
+    "next_step",
     "node_finished",
     "node_states",
+    "pending_nodes",
     "seed_nodes",
+    "set_waiting",
+    "upsert_node",
 ]
 
+#: A node (or a durable step) that something outside the run will end.
+PENDING = ("running", "waiting")
 
-def _upsert_node(
+
+def upsert_node(
     conn: sa.Connection, parent_id: str, node_id: str, now: dt.datetime, **values: Any
 ) -> None:
     updated = conn.execute(
@@ -59,11 +66,41 @@ def _upsert_node(
         )
 
 
-def _next_step(conn: sa.Connection, parent: dict[str, Any], now: dt.datetime) -> Job:
-    """Move the workflow to QUEUED for its next step; the job that runs it."""
+def next_step(conn: sa.Connection, parent: dict[str, Any], now: dt.datetime) -> Job:
+    """Move the workflow (or durable task) to QUEUED for its next step; the
+    job that runs it."""
     step = parent["step"] + 1
     transition(conn, parent, RunStatus.QUEUED, now, {"step": step, "step_pending": False})
     return run_job(conn, {**parent, "step": step})
+
+
+def pending_nodes(conn: sa.Connection, parent_id: str) -> int:
+    """How many of the run's nodes (or steps) wait on a child or a waitpoint
+    (a batch's own step waits on its children's, which count)."""
+    return int(
+        conn.scalar(
+            sa.select(sa.func.count()).where(
+                run_nodes.c.parent_id == parent_id,
+                run_nodes.c.status.in_(PENDING),
+                sa.or_(run_nodes.c.run_id.is_not(None), run_nodes.c.waitpoint_id.is_not(None)),
+            )
+        )
+        or 0
+    )
+
+
+def _move_on(conn: sa.Connection, parent: dict[str, Any], now: dt.datetime, done: Effects) -> None:
+    """A node of ``parent`` ended: a waiting workflow's next step is queued
+    (it starts what the node unblocked); a durable task runs again once
+    nothing it waits on is left (docs/architecture.md, "Durable steps"). If
+    a step is in flight, one more is asked for after it."""
+    status = RunStatus(parent["status"])
+    if parent["task"] != WORKFLOW_TASK and pending_nodes(conn, parent["id"]):
+        return
+    if status == RunStatus.WAITING:
+        done.jobs.append(next_step(conn, parent, now))
+    elif status in ACTIVE:
+        conn.execute(runs.update().where(runs.c.id == parent["id"]).values(step_pending=True))
 
 
 def child_finished(
@@ -82,7 +119,7 @@ def child_finished(
     if parent is None:
         return Effects(changed=[child["id"]])
     completed = to == RunStatus.COMPLETED
-    _upsert_node(
+    upsert_node(
         conn,
         parent["id"],
         child["node_id"],
@@ -92,13 +129,10 @@ def child_finished(
         output=output if completed else None,
         error_code=None if completed else error_code,
         error_message=None if completed else error_message,
+        finished_at=now,
     )
     done = Effects(changed=[child["id"], parent["id"]])
-    status = RunStatus(parent["status"])
-    if status == RunStatus.WAITING:
-        done.jobs.append(_next_step(conn, parent, now))
-    elif status in ACTIVE:
-        conn.execute(runs.update().where(runs.c.id == parent["id"]).values(step_pending=True))
+    _move_on(conn, parent, now, done)
     return done
 
 
@@ -113,12 +147,13 @@ def node_finished(
     error_code: str | None = None,
     error_message: str | None = None,
 ) -> Effects:
-    """A ``wait`` or ``delay`` node's waitpoint ended: record it on the node
-    and move the workflow on, as a child's end does."""
+    """A ``wait`` or ``delay`` node's waitpoint (a ``sleep`` or ``token``
+    step's) ended: record it on the node and move the run on, as a child's
+    end does."""
     parent = select_run(conn, parent_id, lock=True)
     if parent is None or RunStatus(parent["status"]).is_final:
         return Effects()
-    _upsert_node(
+    upsert_node(
         conn,
         parent_id,
         node_id,
@@ -127,20 +162,16 @@ def node_finished(
         output=output if completed else None,
         error_code=None if completed else error_code,
         error_message=None if completed else error_message,
+        finished_at=now,
     )
     done = Effects(changed=[parent_id])
-    status = RunStatus(parent["status"])
-    if status == RunStatus.WAITING:
-        done.jobs.append(_next_step(conn, parent, now))
-    elif status in ACTIVE:
-        conn.execute(runs.update().where(runs.c.id == parent_id).values(step_pending=True))
+    _move_on(conn, parent, now, done)
     return done
 
 
-def _set_waiting(
-    conn: sa.Connection, run: dict[str, Any], spec: WaitNode, now: dt.datetime
-) -> None:
-    """Set a ``wait`` or ``delay`` node waiting on a waitpoint of its own."""
+def set_waiting(conn: sa.Connection, run: dict[str, Any], spec: WaitNode, now: dt.datetime) -> None:
+    """Set a ``wait`` or ``delay`` node (a durable ``sleep``) waiting on a
+    waitpoint of its own."""
     if spec.kind == "wait":
         kind = "manual"
         at = now + dt.timedelta(seconds=spec.timeout) if spec.timeout else None
@@ -171,7 +202,7 @@ def _set_waiting(
             "completed_at": None,
         },
     )
-    _upsert_node(conn, run["id"], spec.node_id, now, status="waiting", waitpoint_id=waitpoint_id)
+    upsert_node(conn, run["id"], spec.node_id, now, status="waiting", waitpoint_id=waitpoint_id)
 
 
 def apply_waiting(
@@ -179,12 +210,10 @@ def apply_waiting(
 ) -> tuple[bool, RunStatus, Effects]:
     """A workflow step is done: start its children, then wait for them (or, if
     a child ended meanwhile, go straight on to the next step). Whether it
-    applied, the run's status, and the effects.
-
-    :raises InvalidEvent: the run is not a workflow
-    """
-    if run["task"] != WORKFLOW_TASK:
-        raise InvalidEvent(f"run {run['id']} is not a workflow; only a workflow step waits")
+    applied, the run's status, and the effects. (A durable task's ``waiting``
+    report is ``gateway.runs.durable.apply_suspend``'s.)"""
+    if any(wait.kind == "token" for wait in event.waits):
+        raise InvalidEvent("a workflow's nodes wait on waitpoints of their own, not on tokens")
     status = RunStatus(run["status"])
     if not (is_current(run, event) and status == RunStatus.EXECUTING):
         return False, status, Effects()
@@ -194,7 +223,7 @@ def apply_waiting(
             # What the gateway recorded wins; running nodes get a child below,
             # waiting ones a waitpoint.
             continue
-        _upsert_node(
+        upsert_node(
             conn,
             run["id"],
             node_id,
@@ -234,16 +263,16 @@ def apply_waiting(
         }
         starts = admit(conn, child, rules)
         insert_run(conn, child)
-        _upsert_node(conn, run["id"], spec.node_id, now, status="running", run_id=child_id)
+        upsert_node(conn, run["id"], spec.node_id, now, status="running", run_id=child_id)
         if starts:
             done.jobs.append(run_job(conn, child))
     for wait in event.waits:
         if wait.node_id not in existing:
-            _set_waiting(conn, run, wait, now)
+            set_waiting(conn, run, wait, now)
     fresh = select_run(conn, run["id"])
     assert fresh is not None
     if fresh["step_pending"]:
-        done.jobs.append(_next_step(conn, fresh, now))
+        done.jobs.append(next_step(conn, fresh, now))
         return True, RunStatus.QUEUED, done
     transition(conn, fresh, RunStatus.WAITING, now)
     return True, RunStatus.WAITING, done
@@ -271,7 +300,7 @@ def seed_nodes(
     """Give a new workflow run the completed nodes it reuses (state and the
     child run that made each), so it starts no child run for them."""
     for node_id, state in reused.items():
-        _upsert_node(
+        upsert_node(
             conn,
             parent_id,
             node_id,

@@ -10,6 +10,7 @@ from gateway.runs.requests import WaitpointCreate
 from gateway.services.units import UnitRunner
 from gateway.waitpoints.waitpoints import (
     complete_waitpoint,
+    create_run_waitpoint,
     create_waitpoint,
     due_waitpoints,
     list_waitpoints,
@@ -43,6 +44,17 @@ class WaitpointService:
             create_waitpoint, project_id, body.timeout, body.idempotency_key, body.tags, utcnow()
         )
         return self._with_url(view), cached
+
+    async def create_run_waitpoint(
+        self,
+        run_id: str,
+        key: str,
+        timeout: float | None,  # noqa: ASYNC109 (the waitpoint's, not this call's)
+        tags: list[str],
+    ) -> dict[str, Any]:
+        """A durable task's waitpoint (``ctx.create_waitpoint``), with its URL."""
+        view = await self.db.write(create_run_waitpoint, run_id, key, timeout, tags, utcnow())
+        return self._with_url(view)
 
     async def list_waitpoints(
         self,

@@ -13,6 +13,7 @@ want it.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,7 +23,10 @@ from db.ids import new_id
 from db.rows import owned_row
 from db.types import isoformat
 from gateway.errors import Conflict, NotFound
+from gateway.runs.durable import WAITPOINT_TIMED_OUT
 from gateway.runs.effects import Effects
+from gateway.runs.errors import RunNotFound
+from gateway.runs.runs_table import runs
 from gateway.runs.workflow import node_finished, waitpoints
 from webhooks.outbox import create_event_deliveries
 
@@ -31,13 +35,14 @@ __all__ = [
     "WaitpointAlreadyCompleted",
     "WaitpointNotFound",
     "complete_waitpoint",
+    "create_run_waitpoint",
     "create_waitpoint",
     "due_waitpoints",
     "load_waitpoint",
 ]
 
-#: The error code of a ``wait`` node whose waitpoint timed out.
-TIMED_OUT_CODE = "waitpoint_timed_out"
+#: The error code of a ``wait`` node (or ``token`` step) whose waitpoint timed out.
+TIMED_OUT_CODE = WAITPOINT_TIMED_OUT
 
 
 class WaitpointNotFound(NotFound):
@@ -97,8 +102,11 @@ def create_waitpoint(
     idempotency_key: str | None,
     tags: list[str],
     now: dt.datetime,
+    run_id: str | None = None,
 ) -> tuple[dict[str, Any], bool]:
-    """A new waitpoint, or the one its idempotency key made before (``True``)."""
+    """A new waitpoint, or the one its idempotency key made before (``True``);
+    ``run_id``: the durable task that made it (``ctx.create_waitpoint``), whose
+    cancel cancels it."""
     if idempotency_key is not None:
         found = (
             conn.execute(
@@ -121,13 +129,36 @@ def create_waitpoint(
         "idempotency_key": idempotency_key,
         "tags": tags,
         "timeout_at": now + dt.timedelta(seconds=timeout) if timeout else None,
-        "run_id": None,
+        "run_id": run_id,
         "node_id": None,
         "created_at": now,
         "completed_at": None,
     }
     conn.execute(waitpoints.insert(), row)
     return waitpoint_view(row), False
+
+
+def create_run_waitpoint(
+    conn: sa.Connection,
+    run_id: str,
+    key: str,
+    timeout: float | None,
+    tags: list[str],
+    now: dt.datetime,
+) -> dict[str, Any]:
+    """The waitpoint of a durable task's ``create_waitpoint`` step ``key``:
+    made once per run and step, whichever execution asks.
+
+    :raises RunNotFound: no such run
+    """
+    project_id = conn.scalar(sa.select(runs.c.project_id).where(runs.c.id == run_id))
+    if project_id is None:
+        raise RunNotFound(run_id)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    view, _ = create_waitpoint(
+        conn, project_id, timeout, f"run:{run_id}:{digest}", tags, now, run_id=run_id
+    )
+    return view
 
 
 def _end(

@@ -33,6 +33,10 @@ from pydantic import BaseModel, ValidationError
 from jobs.settings import ConfigError
 
 if TYPE_CHECKING:
+    import datetime as dt
+    from collections.abc import Mapping, Sequence
+
+    from jobs.durable import ChildResult, Steps, Token, TokenResult
     from jobs.media import Media
     from jobs.settings import Settings
 
@@ -84,6 +88,71 @@ class TaskContext:
     media: Media
     #: For a workflow step: the states of its nodes so far.
     workflow: dict[str, Any] | None = None
+    #: This execution's durable steps (``jobs.durable``): what the run kept.
+    steps: Steps | None = None
+
+    # -- durable steps (jobs.durable: replay with memoization) -----------------
+
+    def _steps(self) -> Steps:
+        if self.steps is None:
+            raise TaskError("durable_unavailable", "this task context has no durable steps")
+        return self.steps
+
+    async def step(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` (awaited if it gives an awaitable) once
+        for this run and keep its JSON result: every later execution gets the
+        kept result back without calling ``fn``. If ``fn`` raises, the error is
+        recorded on the step and the attempt fails (retried by the run's retry
+        policy; a later attempt runs the step again)."""
+        return await self._steps().step(name, fn, *args, **kwargs)
+
+    async def trigger_and_wait(
+        self, task: str, payload: Any = None, *, name: str | None = None, **options: Any
+    ) -> ChildResult:
+        """Start a child run of ``task`` (``parent_id`` is this run) and wait
+        for its end without holding a slot. A failed child gives a result with
+        its ``error``, not an exception (``.unwrap()`` raises one). ``options``
+        are a trigger's: ``tags``, ``metadata``, ``queue``, ``concurrency_key``,
+        ``priority``, ``max_attempts``, ``retry``, ``max_duration``, ``delay``,
+        ``ttl``."""
+        return await self._steps().trigger_and_wait(task, payload, name=name, **options)
+
+    async def batch_trigger_and_wait(
+        self, items: Sequence[Mapping[str, Any] | tuple[str, Any]], *, name: str | None = None
+    ) -> list[ChildResult]:
+        """Start a child run per item (``{"task", "payload", "options"}`` or
+        ``(task, payload)``), side by side, and wait for all; their results
+        in the items' order."""
+        return await self._steps().batch_trigger_and_wait(items, name=name)
+
+    async def sleep(self, seconds: float, *, name: str | None = None) -> None:
+        """Wait ``seconds`` (up to a year) without holding a slot; survives
+        worker and gateway restarts."""
+        await self._steps().sleep(seconds, name=name)
+
+    async def sleep_until(self, when: dt.datetime | str, *, name: str | None = None) -> None:
+        """Wait until ``when`` (a datetime with a zone, or ISO 8601)."""
+        await self._steps().sleep_until(when, name=name)
+
+    async def create_waitpoint(
+        self,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 (the waitpoint's, not this call's)
+        tags: Sequence[str] = (),
+        name: str | None = None,
+    ) -> Token:
+        """A waitpoint to hand out (``.id``, ``.url``: a POST of any JSON to
+        the URL completes it), made once: every execution gets the same one.
+        Past ``timeout`` seconds it ends timed out."""
+        return await self._steps().create_waitpoint(timeout=timeout, tags=tags, name=name)
+
+    async def wait_for_token(
+        self, token: Token | str | Mapping[str, Any], *, name: str | None = None
+    ) -> TokenResult:
+        """Wait for a waitpoint (this run's ``Token``, or the ID of one made
+        through the API) without holding a slot: ``.ok`` and ``.output`` (the
+        JSON posted to it), or not ``.ok`` and ``.error`` (it timed out)."""
+        return await self._steps().wait_for_token(token, name=name)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
