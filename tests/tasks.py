@@ -186,14 +186,18 @@ async def durable_sleep(payload: Any, ctx: TaskContext) -> dict[str, Any]:
     return {"before": before, "after": after}
 
 
+def _edited(path: str) -> bool:
+    import os
+
+    return os.path.exists(path)
+
+
 @task("tests.durable-edited")
 async def durable_edited(payload: Any, ctx: TaskContext) -> str:
     """A task whose code changes between executions: once the file at
     ``edited`` exists, it takes its steps in another order (as a deploy that
     reordered them would)."""
-    import os
-
-    first, second = ("a", "b") if not os.path.exists(payload["edited"]) else ("b", "a")
+    first, second = ("b", "a") if _edited(payload["edited"]) else ("a", "b")
     await ctx.step(first, lambda: first)
     await ctx.wait_for_token(payload["waitpoint"])
     await ctx.step(second, lambda: second)

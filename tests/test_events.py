@@ -250,9 +250,38 @@ def test_events_are_checked_for_meaning(stack: Stack) -> None:
     run_id = insert_queued_run(stack)  # an echo run, not a workflow
     started = event(run_id, "started")
     assert post(stack, started, signed(started)).json()["applied"] is True
-    waiting = event(run_id, "waiting", spawn=[{"node_id": "n", "task": "echo", "payload": {}}])
-    answer = post(stack, waiting, signed(waiting))
-    assert answer.status_code == 422 and answer.json()["error"]["code"] == "invalid_event"
+    # A durable task's wait that names nothing to wait on, a child of no
+    # known task, a child whose payload does not fit its task, a child with
+    # options a durable child may not have: each refused, nothing changed.
+    for waiting, code in [
+        (event(run_id, "waiting"), "invalid_event"),
+        (
+            event(run_id, "waiting", spawn=[{"node_id": "n", "task": "nope", "options": {}}]),
+            "validation_error",
+        ),
+        (
+            event(
+                run_id,
+                "waiting",
+                spawn=[
+                    {"node_id": "n", "task": "sleep", "payload": {"seconds": -1}, "options": {}}
+                ],
+            ),
+            "validation_error",
+        ),
+        (
+            event(
+                run_id,
+                "waiting",
+                spawn=[
+                    {"node_id": "n", "task": "echo", "options": {"callback_url": "http://x.test"}}
+                ],
+            ),
+            "validation_error",
+        ),
+    ]:
+        answer = post(stack, waiting, signed(waiting))
+        assert answer.status_code == 422 and answer.json()["error"]["code"] == code, answer.text
     huge = event(run_id, "completed", output="x" * 70_000)  # MAX_OUTPUT_BYTES is 65536 here
     answer = post(stack, huge, signed(huge))
     assert answer.status_code == 413 and answer.json()["error"]["code"] == "output_too_large"
