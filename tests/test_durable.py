@@ -16,7 +16,7 @@ import pytest
 from gateway.cli.embedded_redis import EmbeddedRedis
 from tests.conftest import Databases, Stack, _redis_db, launch_stack
 from tests.gemini import GeminiStandIn
-from tests.helpers import wait_until
+from tests.helpers import dashboard_session, wait_until
 from tests.test_tasks import RED, colors, data_uri, quadrants, unique
 
 
@@ -186,6 +186,13 @@ def test_a_kept_step_is_not_run_again_by_the_next_attempt(stack: Stack, tmp_path
         logs = client.get(f"/api/v1/runs/{run['id']}/logs").json()["data"]
     flaky = [line for line in logs if line["message"].startswith("the flaky step")]
     assert [line["fields"].get("step") for line in flaky] == ["flaky", "flaky"]
+    browser = dashboard_session(stack.base_url, stack.api_key)
+    try:
+        page = browser.get(f"/dashboard/runs/{run['id']}")
+    finally:
+        browser.close()
+    assert page.status_code == 200
+    assert page.text.index('data-step="count"') < page.text.index('data-step="flaky"')
 
 
 def test_a_reordered_step_fails_the_run_as_nondeterministic(stack: Stack, tmp_path: Path) -> None:

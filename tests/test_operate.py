@@ -28,11 +28,11 @@ GATEWAY = str(Path(sys.executable).parent / "gateway")
 
 
 def readme_tasks() -> str:
-    """The task module the README shows under "A task of your own", as it is."""
+    """The task module the README shows under "Writing tasks", as it is."""
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## A task of your own") :]
+    section = text[text.index("## Writing tasks") :]
     found = re.search(r"```python\n(.*?)```", section, re.S)
-    assert found, "no python block under 'A task of your own'"
+    assert found, "no python block under 'Writing tasks'"
     docs = (ROOT / "docs" / "tasks.md").read_text()
     assert found.group(1) in docs, "docs/tasks.md shows another task module than the README"
     return found.group(1)

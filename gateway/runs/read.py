@@ -85,6 +85,12 @@ def run_job(conn: sa.Connection, run: Mapping[str, Any]) -> Job:
     return job_of(run, state=node_states(conn, run["id"]) if kept else None)
 
 
+def _duration_ms(started: dt.datetime | None, finished: dt.datetime | None) -> int | None:
+    if started is None or finished is None:
+        return None
+    return max(0, round((finished - started).total_seconds() * 1000))
+
+
 def error_view(code: str | None, message: str | None) -> dict[str, Any] | None:
     if code is None:
         return None
@@ -99,9 +105,6 @@ def run_view(
     """A run as the API shows it."""
     status = RunStatus(row["status"])
     started, finished = row["started_at"], row["finished_at"]
-    duration_ms = None
-    if started is not None and finished is not None:
-        duration_ms = max(0, round((finished - started).total_seconds() * 1000))
     view = {
         "id": row["id"],
         "task": row["task"],
@@ -136,7 +139,7 @@ def run_view(
         "updated_at": isoformat(row["updated_at"]),
         "started_at": isoformat(started),
         "finished_at": isoformat(finished),
-        "duration_ms": duration_ms,
+        "duration_ms": _duration_ms(started, finished),
     }
     if nodes is not None:
         view["nodes"] = nodes
@@ -188,12 +191,6 @@ def _node_views(conn: sa.Connection, row: Mapping[str, Any]) -> dict[str, Any]:
             # The service adds its signed URL.
             views[node_id]["waitpoint"] = {"id": r["waitpoint_id"]}
     return views
-
-
-def _duration_ms(started: dt.datetime | None, finished: dt.datetime | None) -> int | None:
-    if started is None or finished is None:
-        return None
-    return max(0, round((finished - started).total_seconds() * 1000))
 
 
 def step_views(conn: sa.Connection, run_id: str) -> list[dict[str, Any]]:
