@@ -20,16 +20,16 @@ lets each backend run it the fastest way it can:
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
-import queue
 import random
 import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
 import asyncpg
 import sqlalchemy as sa
@@ -42,6 +42,7 @@ __all__ = ["Database", "savepoint"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
+U = TypeVar("U")
 
 Work = Callable[Concatenate[sa.Connection, P], T]
 
@@ -121,12 +122,20 @@ class Database:
 
     async def write(self, fn: Work[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``fn(conn, ...)`` in a write transaction, committed if it returns."""
+        return await self._write(FIRST, lambda conn: fn(conn, *args, **kwargs))
+
+    async def write_behind(self, fn: Work[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """:meth:`write`, for work that can wait (workers' reports): a write of
+        the other kind queued meanwhile goes first, and never commits in one
+        group with these, so an application's trigger never waits behind a
+        batch of reports (docs/architecture.md, "Writes and reports")."""
+        return await self._write(BEHIND, lambda conn: fn(conn, *args, **kwargs))
+
+    async def _write(self, lane: int, unit: Callable[[sa.Connection], T]) -> T:
         if self._sync_engine is not None:
-            return await asyncio.wrap_future(
-                self._writer.submit(lambda conn: fn(conn, *args, **kwargs))
-            )
+            return await asyncio.wrap_future(self._writer.submit(unit, lane))
         with _unreachable_as_operational():
-            return await self._async_writer.submit(lambda conn: fn(conn, *args, **kwargs))
+            return await self._async_writer.submit(unit, lane)
 
     async def read(self, fn: Work[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``fn(conn, ...)`` in a read transaction."""
@@ -283,6 +292,43 @@ def _unreachable_as_operational() -> Iterator[None]:
         raise sa.exc.OperationalError("(reaching the database)", None, exc) from exc
 
 
+#: The write lanes: an application's writes go first; workers' reports go
+#: behind them, in groups of at most ``max_group // BEHIND_SHARE`` units (a
+#: report unit is itself a batch of reports). While both lanes wait, their
+#: groups take turns, so a write that comes in while reports commit waits for
+#: one short group at most, and reports never starve.
+FIRST, BEHIND = 0, 1
+BEHIND_SHARE = 8
+
+
+class _Lanes(Generic[U]):
+    """The units waiting to be written, in two lanes; :meth:`take` gives the
+    next group (not thread-safe: the caller holds its own lock)."""
+
+    def __init__(self, max_group: int) -> None:
+        self.queues: tuple[collections.deque[U], collections.deque[U]] = (
+            collections.deque(),
+            collections.deque(),
+        )
+        self.limits = (max_group, max(1, max_group // BEHIND_SHARE))
+        self._last = BEHIND
+
+    def __len__(self) -> int:
+        return len(self.queues[FIRST]) + len(self.queues[BEHIND])
+
+    def put(self, lane: int, unit: U) -> None:
+        self.queues[lane].append(unit)
+
+    def take(self) -> list[U]:
+        first, behind = self.queues
+        lane = FIRST if first and not (self._last == FIRST and behind) else BEHIND
+        if not self.queues[lane]:
+            return []
+        self._last = lane
+        chosen = self.queues[lane]
+        return [chosen.popleft() for _ in range(min(len(chosen), self.limits[lane]))]
+
+
 class _GroupCommit:
     """SQLite's one writer: a thread that runs write units in order, and commits
     the units that queued up meanwhile in one transaction.
@@ -300,38 +346,36 @@ class _GroupCommit:
         #: Transactions committed, and units run (a group is one transaction).
         self.commits = 0
         self.units = 0
-        self._queue: queue.SimpleQueue[_Unit | None] = queue.SimpleQueue()
+        self._lanes: _Lanes[_Unit] = _Lanes(max_group)
+        self._ready = threading.Condition()
+        self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="db-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[[sa.Connection], T]) -> concurrent.futures.Future[T]:
+    def submit(
+        self, fn: Callable[[sa.Connection], T], lane: int = FIRST
+    ) -> concurrent.futures.Future[T]:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._queue.put((fn, future))
+        with self._ready:
+            self._lanes.put(lane, (fn, future))
+            self._ready.notify()
         return future
 
     def stop(self) -> None:
-        self._queue.put(None)
+        with self._ready:
+            self._stopping = True
+            self._ready.notify()
         self._thread.join()
 
     def _loop(self) -> None:
         while True:
-            first = self._queue.get()
-            if first is None:
+            with self._ready:
+                while not self._lanes and not self._stopping:
+                    self._ready.wait()
+                group = self._lanes.take()
+            if not group:  # stopping, and everything before is written
                 return
-            group = [first]
-            stopping = False
-            while len(group) < self.max_group:
-                try:
-                    unit = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if unit is None:
-                    stopping = True
-                    break
-                group.append(unit)
             self._commit([u for u in group if u[1].set_running_or_notify_cancel()])
-            if stopping:
-                return
 
     def _commit(self, group: list[_Unit]) -> None:
         outcomes: list[tuple[concurrent.futures.Future[Any], Any, BaseException | None]] = []
@@ -402,18 +446,21 @@ class _AsyncGroupCommit:
         self.writers = writers
         self.commits = 0
         self.units = 0
-        self._queue: asyncio.Queue[tuple[Callable[[sa.Connection], Any], asyncio.Future[Any]]]
-        self._queue = asyncio.Queue()
+        self._lanes: _Lanes[tuple[Callable[[sa.Connection], Any], asyncio.Future[Any]]]
+        self._lanes = _Lanes(max_group)
+        #: Counts the units in the lanes: a writer waits on it for work.
+        self._waiting = asyncio.Semaphore(0)
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def submit(self, fn: Callable[[sa.Connection], T]) -> T:
+    async def submit(self, fn: Callable[[sa.Connection], T], lane: int = FIRST) -> T:
         if not self._tasks:  # made on first use, on the loop that uses them
             self._tasks = [
                 asyncio.create_task(self._loop(), name=f"db-writer-{n}")
                 for n in range(self.writers)
             ]
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((fn, future))
+        self._lanes.put(lane, (fn, future))
+        self._waiting.release()
         return await future
 
     async def stop(self) -> None:
@@ -424,9 +471,10 @@ class _AsyncGroupCommit:
 
     async def _loop(self) -> None:
         while True:
-            group = [await self._queue.get()]
-            while len(group) < self.max_group and not self._queue.empty():
-                group.append(self._queue.get_nowait())
+            await self._waiting.acquire()
+            group = self._lanes.take()
+            for _ in group[1:]:  # there are as many: this never waits
+                await self._waiting.acquire()
             group = [u for u in group if not u[1].cancelled()]
             if group:
                 await self._commit(group)

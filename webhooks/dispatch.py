@@ -221,7 +221,7 @@ class DeliveryDispatcher:
         """
         policy = self._policy()
         try:
-            outcome = await self.db.write(record_attempt, policy, report, utcnow())
+            outcome = await self.db.write_behind(record_attempt, policy, report, utcnow())
         except (sa.exc.DataError, sa.exc.StatementError, ValueError) as exc:
             if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
                 raise  # the database is away: the worker retries the report
@@ -233,7 +233,7 @@ class DeliveryDispatcher:
                     "error": clean_text(f"the answer could not be stored: {exc}", 2000),
                 }
             )
-            outcome = await self.db.write(record_attempt, policy, plain, utcnow())
+            outcome = await self.db.write_behind(record_attempt, policy, plain, utcnow())
         if outcome["recorded"]:
             DELIVERY_ATTEMPTS.labels(outcome=outcome_of(report)).inc()
         await self._after_record(report.delivery_id, outcome)

@@ -262,7 +262,7 @@ def load_run(conn: sa.Connection, project_id: str | None, run_id: str) -> dict[s
     if workflow:
         view["waiting_for"] = waiting_for(conn, dict(row))
         return view
-    view["steps"] = step_views(conn, run_id)
+    view["steps"] = step_views(conn, run_id) if row["has_nodes"] else []
     if row["status"] == RunStatus.WAITING.value:
         view["waiting_for"] = _durable_wait(conn, run_id, view["steps"])
     else:

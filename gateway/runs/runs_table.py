@@ -95,7 +95,12 @@ _RUN_FIELDS = (
 )
 _SELECT_RUN = sa.select(*(runs.c[f] for f in _RUN_FIELDS)).where(runs.c.id == _P("run_id"))
 _SELECT_RUN_LOCKED = _SELECT_RUN.with_for_update()
-LOAD_RUN = sa.select(runs).where(runs.c.id == _P("run_id"))
+#: A run, and whether it has nodes (a workflow's, or a durable task's steps),
+#: in one round trip: most runs have none, and their view asks for no more.
+LOAD_RUN = sa.select(
+    runs,
+    sa.exists().where(run_nodes.c.parent_id == runs.c.id).correlate(runs).label("has_nodes"),
+).where(runs.c.id == _P("run_id"))
 LOAD_OWN_RUN = LOAD_RUN.where(runs.c.project_id == _P("project_id"))
 LOAD_ATTEMPTS = (
     sa.select(run_attempts)

@@ -236,12 +236,12 @@ class RunService:
         cap = self.settings.run_log_max_lines
         answers: list[APIError | None] = [None] * len(batches)
         try:
-            changed = await self.db.write(append_logs, batches, cap, utcnow())
+            changed = await self.db.write_behind(append_logs, batches, cap, utcnow())
         except APIError:
             changed = []
             for i, batch in enumerate(batches):
                 try:
-                    changed += await self.db.write(append_logs, [batch], cap, utcnow())
+                    changed += await self.db.write_behind(append_logs, [batch], cap, utcnow())
                 except APIError as exc:
                     answers[i] = exc
         for run_id in dict.fromkeys(changed):
@@ -295,9 +295,9 @@ class RunService:
         self, events: Sequence[WorkerEvent]
     ) -> list[EventAnswer | APIError | LostRace]:
         try:
-            return await self.units.write(apply_events, events)
+            return await self.units.write_behind(apply_events, events)
         except (APIError, LostRace):  # rare: again, each report in a savepoint
-            return await self.units.write(apply_events, events, isolated=True)
+            return await self.units.write_behind(apply_events, events, isolated=True)
 
     async def apply_events(self, events: Sequence[WorkerEvent]) -> list[EventAnswer | APIError]:
         """Apply a batch of verified worker events, then do what they set in

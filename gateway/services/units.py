@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from arq import ArqRedis
@@ -22,7 +22,7 @@ from db.engine import Database
 from gateway.metrics import observe_transition
 from gateway.notify import RunNotifier
 from gateway.queue import QueuedJob, enqueue_jobs
-from gateway.queues.admission import flowing
+from gateway.queues.admission import Flowed, flowing
 from gateway.runs.effects import Effects, Job
 from gateway.runs.errors import LostRace
 from gateway.settings import Settings
@@ -119,7 +119,21 @@ class UnitRunner:
     async def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``db.write(fn, …)``, then queue the runs that the queue pumps at the
         end of the unit handed out (``gateway.queues.admission.flowing``)."""
-        flowed = await self.db.write(flowing(fn), *args, **kwargs)
+        return await self._write(self.db.write, fn, *args, **kwargs)
+
+    async def write_behind(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """:meth:`write` in the lane behind the application's writes
+        (``db.write_behind``): workers' reports."""
+        return await self._write(self.db.write_behind, fn, *args, **kwargs)
+
+    async def _write(
+        self,
+        write: Callable[..., Awaitable[Flowed[T]]],
+        fn: Callable[..., T],
+        *args: Any,
+        **kwargs: Any,
+    ) -> T:
+        flowed = await write(flowing(fn), *args, **kwargs)
         for observed in flowed.observed:  # committed: counted once
             observe_transition(*observed)
         if flowed.jobs:
