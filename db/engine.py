@@ -448,8 +448,8 @@ class _AsyncGroupCommit:
         self.units = 0
         self._lanes: _Lanes[tuple[Callable[[sa.Connection], Any], asyncio.Future[Any]]]
         self._lanes = _Lanes(max_group)
-        #: Counts the units in the lanes: a writer waits on it for work.
-        self._waiting = asyncio.Semaphore(0)
+        #: Set while the lanes hold units: idle writers wait on it.
+        self._ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def submit(self, fn: Callable[[sa.Connection], T], lane: int = FIRST) -> T:
@@ -460,7 +460,7 @@ class _AsyncGroupCommit:
             ]
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._lanes.put(lane, (fn, future))
-        self._waiting.release()
+        self._ready.set()
         return await future
 
     async def stop(self) -> None:
@@ -471,11 +471,10 @@ class _AsyncGroupCommit:
 
     async def _loop(self) -> None:
         while True:
-            await self._waiting.acquire()
-            group = self._lanes.take()
-            for _ in group[1:]:  # there are as many: this never waits
-                await self._waiting.acquire()
-            group = [u for u in group if not u[1].cancelled()]
+            while not self._lanes:  # one loop: nothing comes between check and clear
+                self._ready.clear()
+                await self._ready.wait()
+            group = [u for u in self._lanes.take() if not u[1].cancelled()]
             if group:
                 await self._commit(group)
 

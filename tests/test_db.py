@@ -129,6 +129,52 @@ def test_sqlite_writes_commit_in_groups_and_a_failing_unit_leaves_nothing(
     assert units == 201 and commits < units  # some units shared a transaction
 
 
+def test_writes_behind_yield_to_the_applications_and_none_waits_for_company(
+    database_url: str,
+) -> None:
+    """Workers' reports go in the lane behind (``Database.write_behind``): a
+    write of the application's queued after 200 of them runs within the first
+    short group, and a lone write in either lane commits at once, with no
+    other to wake the writer."""
+    table = f"lanes_{new_id('t')[-8:]}"
+    ran: list[str] = []
+
+    def unit(conn: sa.Connection, name: str) -> str:
+        ran.append(name)
+        conn.exec_driver_sql(f"INSERT INTO {table} VALUES ('{name}')")
+        return name
+
+    async def main() -> int:
+        db = Database(database_url)
+        try:
+            await db.write(lambda c: c.exec_driver_sql(f"CREATE TABLE {table} (n TEXT)"))
+            for n in range(20):  # alone, then in twos and threes: none waits for more
+                await asyncio.wait_for(db.write(unit, f"alone{n}"), 10)
+                await asyncio.wait_for(db.write_behind(unit, f"alone-behind{n}"), 10)
+                await asyncio.wait_for(
+                    asyncio.gather(
+                        db.write_behind(unit, f"pair{n}a"), db.write_behind(unit, f"pair{n}b")
+                    ),
+                    10,
+                )
+                await asyncio.wait_for(
+                    asyncio.gather(*(db.write(unit, f"three{n}{x}") for x in "abc")), 10
+                )
+            ran.clear()
+            behind = [db.write_behind(unit, f"report{n}") for n in range(200)]
+            await asyncio.wait_for(asyncio.gather(*behind, db.write(unit, "trigger")), 30)
+            count = await db.read(
+                lambda c: c.exec_driver_sql(f"SELECT COUNT(*) FROM {table}").scalar()
+            )
+            await db.write(lambda c: c.exec_driver_sql(f"DROP TABLE {table}"))
+            return int(count)
+        finally:
+            await db.dispose()
+
+    assert asyncio.run(main()) == 341
+    assert len(ran) == 201 and ran.index("trigger") <= 8, ran.index("trigger")
+
+
 def test_postgres_writes_commit_in_groups_and_a_failing_unit_leaves_nothing(
     databases: Databases,
 ) -> None:
