@@ -287,14 +287,12 @@ class Steps:
             if inspect.isawaitable(result):
                 result = await result
             output = self._keepable(key, result)
-        except TaskError as exc:
-            error = _error(exc.code, exc.message, exc.retryable)
-            self._record(
-                key, "step", position, "failed", error=error, started_at=started, finished_at=_now()
-            )
-            raise
         except Exception as exc:
-            error = _error("task_exception", f"{type(exc).__name__}: {exc}", True)
+            error = (
+                _error(exc.code, exc.message, exc.retryable)
+                if isinstance(exc, TaskError)
+                else _error("task_exception", f"{type(exc).__name__}: {exc}", True)
+            )
             self._record(
                 key, "step", position, "failed", error=error, started_at=started, finished_at=_now()
             )

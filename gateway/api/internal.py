@@ -19,7 +19,13 @@ from starlette.routing import Route
 
 from gateway.api.bodies import parse_json, signed_body, validate
 from gateway.api.views import JSON
-from gateway.errors import APIError, BadRequest, PayloadTooLarge, ValidationFailed
+from gateway.errors import (
+    APIError,
+    BadRequest,
+    PayloadTooLarge,
+    ValidationFailed,
+    validation_details,
+)
 from gateway.runs.durable import CHILD_OPTIONS_REFUSED
 from gateway.runs.requests import Duration, Tag, TriggerOptions
 from gateway.services import Services, services_of
@@ -75,14 +81,7 @@ def _check_meaning(services: Services, event: WorkerEvent, body_size: int) -> No
         try:
             TriggerOptions.model_validate(child.options)
         except PydanticValidationError as exc:
-            details.extend(
-                {
-                    "path": f"spawn.{i}.options." + ".".join(str(p) for p in err["loc"]),
-                    "type": err["type"],
-                    "message": err["msg"],
-                }
-                for err in exc.errors(include_url=False, include_input=False)
-            )
+            details.extend(validation_details(exc, ("spawn", i, "options")))
     if details:
         raise ValidationFailed("the event's child runs do not fit their tasks", details=details)
 
