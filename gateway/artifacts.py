@@ -96,7 +96,7 @@ class ArtifactStore:
         self.storage = settings.artifact_store or "local"
         self.ttl = settings.artifact_url_ttl
         self.public_url = settings.public_url
-        self.signer = URLSafeTimedSerializer(settings.require_secret(), salt="gateway.artifact")
+        self.signer = URLSafeTimedSerializer(settings.secret_keys(), salt="gateway.artifact")
 
     def url(self, artifact_id: str) -> str:
         return self.public_url + self.path(artifact_id)

@@ -26,7 +26,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import orjson
@@ -326,7 +326,7 @@ def sign_request(secret: str, method: str, path: str, query: str, body: bytes) -
 
 
 def verify_request(
-    secret: str,
+    secret: str | Sequence[str],
     signature: str | None,
     method: str,
     path: str,
@@ -336,7 +336,8 @@ def verify_request(
     max_age: int,
 ) -> None:
     """Raise :class:`SignatureError` unless ``signature`` signs exactly this
-    request with ``secret`` and is at most ``max_age`` seconds old."""
+    request with ``secret`` (or one of a list of keys: the current one and
+    those it replaced) and is at most ``max_age`` seconds old."""
     if not signature:
         raise SignatureError("invalid_signature", f"missing {SIGNATURE_HEADER} header")
     try:

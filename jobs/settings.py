@@ -50,9 +50,17 @@ def _networks(value: Any) -> Any:
     return value
 
 
+def _keys(value: Any) -> Any:
+    value = comma_list(value)
+    if any(len(key) < 16 for key in value):
+        raise ValueError("each is a whole earlier GATEWAY_SECRET_KEY (16+ characters)")
+    return value
+
+
 #: Comma-separated in the environment, a tuple in the code.
 Names = Annotated[tuple[str, ...], NoDecode, BeforeValidator(comma_list)]
 Networks = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_networks)]
+Keys = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_keys)]
 
 
 class _MappingSource(EnvSettingsSource):
@@ -93,6 +101,11 @@ class Settings(BaseSettings):
     """Shared by the gateway and its workers (16+ characters): it signs the worker →
     gateway requests, links, waitpoint URLs, public tokens and sessions.
     ``gateway up`` generates one into ``$DATA_DIR/secret-key``."""
+    previous_secret_keys: Keys = Field(default=(), validation_alias="GATEWAY_PREVIOUS_SECRET_KEYS")
+    """Earlier values of ``GATEWAY_SECRET_KEY``, comma-separated: still accepted for
+    everything signed with them (links, waitpoint URLs, public tokens, sessions,
+    worker requests) while ``GATEWAY_SECRET_KEY`` signs everything new. Rotating
+    the key: docs/operations.md#rotating-the-secret-key."""
     max_output_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     """The largest task output a worker reports. A larger one fails the run with
     ``output_too_large``."""
@@ -205,6 +218,13 @@ class Settings(BaseSettings):
                 "its workers, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`",
             )
         return self.secret_key
+
+    def secret_keys(self) -> list[str]:
+        """Every key a signature may have been made with, oldest first and the
+        signing key last (the order itsdangerous takes a list in: it signs with
+        the last and tries each, newest first, when it checks)."""
+        current = self.require_secret()
+        return [*(k for k in self.previous_secret_keys if k != current), current]
 
     @property
     def delivery_queue_name(self) -> str:

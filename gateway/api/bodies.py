@@ -158,7 +158,7 @@ async def signed_body(request: Request, settings: Settings, max_bytes: int) -> b
     body = await read_body(request, max_bytes)
     try:
         verify_request(
-            settings.secret_key,
+            settings.secret_keys(),
             request.headers.get(SIGNATURE_HEADER),
             request.method,
             _route_path(request),

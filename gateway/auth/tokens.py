@@ -21,7 +21,7 @@ class PublicTokens:
     def __init__(self, settings: Settings) -> None:
         self.ttl = settings.public_token_ttl
         self._serializer = URLSafeTimedSerializer(
-            settings.require_secret(), salt="gateway.public-run"
+            settings.secret_keys(), salt="gateway.public-run"
         )
 
     def issue(self, run_id: str) -> str:
@@ -54,7 +54,7 @@ class WaitpointTokens:
     def __init__(self, settings: Settings) -> None:
         self.public_url = settings.public_url
         self._serializer = URLSafeTimedSerializer(
-            settings.require_secret(), salt="gateway.waitpoint-callback"
+            settings.secret_keys(), salt="gateway.waitpoint-callback"
         )
 
     def url_of(self, waitpoint_id: str) -> str:

@@ -20,10 +20,12 @@ import secrets
 import urllib.parse
 from typing import Any
 
+import itsdangerous
 import sqlalchemy as sa
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
+from starlette.types import ASGIApp
 
 from db.models import ApiKey, DashboardSession, Project
 from db.types import utcnow
@@ -76,19 +78,45 @@ class Viewer:
     key_prefix: str
 
 
+class _RotatingSessions(SessionMiddleware):
+    """Starlette's session cookie, checked against every key the gateway's
+    secret has had (``GATEWAY_PREVIOUS_SECRET_KEYS``) and signed with the
+    current one, so a key rotation signs nobody out."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        secret_keys: list[str],
+        session_cookie: str,
+        max_age: int,
+        path: str,
+        https_only: bool,
+    ) -> None:
+        super().__init__(
+            app,
+            secret_key=secret_keys[-1],
+            session_cookie=session_cookie,
+            max_age=max_age,
+            path=path,
+            same_site="strict",
+            https_only=https_only,
+        )
+        self.signer = itsdangerous.TimestampSigner(secret_keys)
+
+
 def session_middleware(settings: Settings) -> Middleware:
     # A key of its own, derived from the gateway's secret, so a session
     # cookie can never pass for any other signed value.
-    key = hmac.new(
-        settings.require_secret().encode(), b"gateway.dashboard.session", hashlib.sha256
-    ).hexdigest()
+    keys = [
+        hmac.new(key.encode(), b"gateway.dashboard.session", hashlib.sha256).hexdigest()
+        for key in settings.secret_keys()
+    ]
     return Middleware(
-        SessionMiddleware,
-        secret_key=key,
+        _RotatingSessions,
+        secret_keys=keys,
         session_cookie=SESSION_COOKIE,
         max_age=settings.dashboard_session_max_age,
         path=PREFIX,
-        same_site="strict",
         https_only=settings.public_url.startswith("https://"),
     )
 

@@ -43,6 +43,10 @@ def test_database_urls_map_onto_async_drivers(given: str, expected: str) -> None
         ({"MAX_BODY_BYTES": "10"}, "MAX_BODY_BYTES"),
         ({"WORKER_POLL_DELAY": "soon"}, "WORKER_POLL_DELAY"),
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        (
+            {"GATEWAY_PREVIOUS_SECRET_KEYS": "a-whole-old-key-1234, short"},
+            "GATEWAY_PREVIOUS_SECRET_KEYS",
+        ),
     ],
 )
 def test_bad_values_name_their_variable(env: dict[str, str], name: str) -> None:
@@ -54,3 +58,19 @@ def test_bad_values_name_their_variable(env: dict[str, str], name: str) -> None:
 def test_short_secret_is_refused() -> None:
     with pytest.raises(ConfigError, match="GATEWAY_SECRET_KEY"):
         Settings.from_env({"GATEWAY_SECRET_KEY": "short"}).require_secret()
+
+
+def test_previous_keys_are_accepted_and_the_current_one_signs() -> None:
+    from itsdangerous import BadSignature, URLSafeTimedSerializer
+
+    old, new = "the-old-key-0123456789", "the-new-key-0123456789"
+    settings = Settings.from_env(
+        {"GATEWAY_SECRET_KEY": new, "GATEWAY_PREVIOUS_SECRET_KEYS": f" {old}, {new} ,"}
+    )
+    assert settings.secret_keys() == [old, new]
+    made_before = URLSafeTimedSerializer(old, salt="s").dumps("x")
+    both = URLSafeTimedSerializer(settings.secret_keys(), salt="s")
+    assert both.loads(made_before) == "x"
+    assert URLSafeTimedSerializer(new, salt="s").loads(both.dumps("y")) == "y"
+    with pytest.raises(BadSignature):
+        URLSafeTimedSerializer(new, salt="s").loads(made_before)
