@@ -33,6 +33,7 @@ from gateway.services.units import UnitRunner
 from gateway.services.waitpoints import WaitpointService
 from gateway.settings import ConfigError, Settings
 from gateway.trigger_dev import trigger_dev_routes
+from gateway.workers import WorkerDirectory
 from jobs.tasks.registry import load_tasks
 from webhooks.dispatch import DeliveryDispatcher
 from webhooks.service import WebhookService
@@ -107,6 +108,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             schedules=ScheduleService(units, webhooks=webhooks),
             waitpoints=WaitpointService(units, tokens=waitpoint_tokens),
             schema=schema,
+            workers=WorkerDirectory(db=db, redis=redis, settings=settings),
         )
         services = app.state.services
         reconciler = Reconciler(

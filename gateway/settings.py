@@ -132,6 +132,9 @@ class Settings(worker_settings.Settings):
     """Seconds an attempt's heartbeats may be silent before it is failed as
     ``worker_lost`` and retried (judged every fifth of it: a killed worker's runs
     start again within about 12 s)."""
+    worker_forget_after: float = Field(default=3600.0, ge=0)
+    """Seconds a lost or stopped worker stays in ``GET /api/v1/workers`` and the
+    dashboard's workers page."""
     scheduler_interval: float = Field(default=0.2, ge=0.01)
     """Seconds between scheduler passes (starts due DELAYED and RETRYING runs,
     expires runs past their TTL, makes schedules' runs)."""

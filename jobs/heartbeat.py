@@ -8,17 +8,23 @@ task holds the loop (an ``async def`` that computes or logs without awaiting),
 and a busy but live worker would lose its runs. So one thread beats for every
 attempt in hand, in one signed request per ``HEARTBEAT_INTERVAL``, with a
 client of its own: it depends on nothing but the process being alive.
+
+The same thread says the worker is there (:class:`jobs.protocol.WorkerPresence`,
+what ``GET /api/v1/workers`` lists) on every beat, in attempts or not, and
+once more when it stops.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 
-from jobs.protocol import EVENTS_PATH, SIGNATURE_HEADER, dumps, sign_request
+from jobs.protocol import EVENTS_PATH, SIGNATURE_HEADER, WORKERS_PATH, dumps, sign_request
 from jobs.report import make_event
 
 __all__ = ["Heartbeats"]
@@ -37,17 +43,30 @@ class Heartbeats:
     :param secret: the shared secret reports are signed with
     """
 
-    def __init__(self, gateway_url: str, secret: str, *, interval: float, worker_id: str) -> None:
-        self.url = gateway_url.rstrip("/") + EVENTS_PATH
+    #: What the worker says of itself, given the runs it holds and its state
+    #: (``running`` or ``stopped``): a :class:`jobs.protocol.WorkerPresence`.
+    Presence = Callable[[list[str], str], dict[str, Any]]
+
+    def __init__(
+        self,
+        gateway_url: str,
+        secret: str,
+        *,
+        interval: float,
+        worker_id: str,
+        presence: Presence | None = None,
+    ) -> None:
+        self.base = gateway_url.rstrip("/")
         self.secret = secret
         self.interval = interval
         self.worker_id = worker_id
+        self.presence = presence
+        #: ``time.monotonic()`` of the last request the gateway answered.
+        self.answered_at: float | None = None
         self._lock = threading.Lock()
         self._attempts: dict[tuple[str, int, int], None] = {}
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="heartbeats", daemon=True)
-        #: Requests sent, for tests and logs.
-        self.sent = 0
 
     def add(self, run_id: str, attempt: int, step: int) -> None:
         with self._lock:
@@ -65,14 +84,31 @@ class Heartbeats:
         if self._thread.is_alive():
             self._thread.join(timeout=5)
 
+    @property
+    def in_hand(self) -> int:
+        """Attempts held now (the slots in use)."""
+        with self._lock:
+            return len(self._attempts)
+
     def _loop(self) -> None:
         timeout = httpx.Timeout(max(1.0, self.interval * 2), connect=2.0)
         with httpx.Client(timeout=timeout) as client:
-            while not self._stopped.wait(self.interval):
+            stopped = False
+            while not stopped:
                 with self._lock:
                     attempts = list(self._attempts)
+                self._announce(client, attempts, "running")
                 for start in range(0, len(attempts), MAX_BEATS):
                     self._beat(client, attempts[start : start + MAX_BEATS])
+                stopped = self._stopped.wait(self.interval)
+            self._announce(client, [], "stopped")
+
+    def _announce(
+        self, client: httpx.Client, attempts: list[tuple[str, int, int]], state: str
+    ) -> None:
+        if self.presence is not None:
+            runs = list(dict.fromkeys(run_id for run_id, _, _ in attempts))
+            self._post(client, WORKERS_PATH, dumps(self.presence(runs, state)))
 
     def _beat(self, client: httpx.Client, attempts: list[tuple[str, int, int]]) -> None:
         events: list[dict[str, Any]] = [
@@ -81,16 +117,19 @@ class Heartbeats:
             )
             for run_id, attempt, step in attempts
         ]
-        body = dumps({"events": events})
-        signature = sign_request(self.secret, "POST", EVENTS_PATH, "", body)
+        self._post(client, EVENTS_PATH, dumps({"events": events}))
+
+    def _post(self, client: httpx.Client, path: str, body: bytes) -> None:
+        signature = sign_request(self.secret, "POST", path, "", body)
         try:
             response = client.post(
-                self.url,
+                self.base + path,
                 content=body,
                 headers={"content-type": "application/json", SIGNATURE_HEADER: signature},
             )
-            self.sent += 1
             if response.status_code >= 400:
-                log.debug("heartbeats answered %d: %s", response.status_code, response.text[:200])
+                log.debug("%s answered %d: %s", path, response.status_code, response.text[:200])
+            else:
+                self.answered_at = time.monotonic()
         except httpx.HTTPError as exc:  # a missed beat is fine; the next may get through
-            log.debug("heartbeats not delivered: %s", exc)
+            log.debug("%s not delivered: %s", path, exc)

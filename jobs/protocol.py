@@ -47,6 +47,7 @@ __all__ = [
     "STEP_KINDS",
     "TIMED_OUT_CODE",
     "WAITPOINTS_PATH",
+    "WORKERS_PATH",
     "WORKFLOW_TASK",
     "ChildRun",
     "JSONRefused",
@@ -58,6 +59,7 @@ __all__ = [
     "WaitNode",
     "WorkerError",
     "WorkerEvent",
+    "WorkerPresence",
     "clean_text",
     "delivery_job_id",
     "dumps",
@@ -79,6 +81,7 @@ PREPARE_PATH = "/internal/v1/deliveries/prepare"
 ARTIFACTS_PATH = "/internal/v1/artifacts"
 ARTIFACT_FETCH_PATH = "/internal/v1/artifacts/fetch"
 WAITPOINTS_PATH = "/internal/v1/waitpoints"
+WORKERS_PATH = "/internal/v1/workers"
 
 #: The task that runs a workflow graph: its runs wait (WAITING) for children.
 WORKFLOW_TASK = "execute-workflow"
@@ -162,6 +165,25 @@ class WorkerEvent(BaseModel):
     #: A durable task's steps that this execution did or began (any closing
     #: report: ``waiting``, ``completed``, ``failed``).
     steps: list[StepRecord] = Field(default_factory=list, max_length=1000)
+
+
+class WorkerPresence(BaseModel):
+    """A worker process saying it is there, every ``HEARTBEAT_INTERVAL``
+    (``jobs.heartbeat``), and once more when it stops: what
+    ``GET /api/v1/workers`` lists."""
+
+    id: str = Field(min_length=1, max_length=200)
+    host: str = Field(max_length=255)
+    pid: int = Field(ge=0)
+    version: str = Field(max_length=64)
+    queue: str = Field(max_length=200)
+    tasks: list[str] = Field(default_factory=list, max_length=10_000)
+    slots: int = Field(ge=0)
+    slots_in_use: int = Field(ge=0)
+    #: The runs it holds an attempt of.
+    runs: list[str] = Field(default_factory=list, max_length=10_000)
+    started_at: str = Field(max_length=64)
+    state: Literal["running", "stopped"] = "running"
 
 
 #: The ``type`` of a batch item that carries a run's log lines.

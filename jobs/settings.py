@@ -156,6 +156,15 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(default=2.0, ge=0.05)
     """Seconds between two heartbeats of a worker's attempts, sent from a thread of
     its own so a busy event loop delays no beat."""
+    worker_health_port: int | None = Field(default=None, ge=0, le=65535)
+    """A port on which each worker answers ``GET /healthz`` for an orchestrator's
+    liveness check (200 while its event loop turns, 503 once it has been stuck
+    ``WORKER_HEALTH_STALL`` seconds). Unset: no port."""
+    worker_health_host: str = "0.0.0.0"
+    """The address ``WORKER_HEALTH_PORT`` listens on."""
+    worker_health_stall: float = Field(default=60.0, gt=0)
+    """Seconds the worker's event loop may go without a turn before its
+    ``/healthz`` answers 503 (a task blocking the loop, a wedged process)."""
     worker_shutdown_grace: int = Field(default=30, ge=0)
     """Seconds a stopping worker lets running jobs finish before arq re-queues
     them."""

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import time
 import traceback
 from typing import Any
 
@@ -29,6 +30,7 @@ from jobs.deliver import deliver_webhook
 from jobs.durable import Steps, Suspend
 from jobs.heartbeat import Heartbeats
 from jobs.media import Media
+from jobs.presence import HealthPort, LoopTicker, presence_of
 from jobs.protocol import (
     REDIS_DOWN,
     TIMED_OUT_CODE,
@@ -79,13 +81,21 @@ async def startup(ctx: dict[str, Any]) -> None:
     # Only the task worker runs attempts, so only it beats (one thread per
     # process: the delivery worker beside it in `gateway worker` has none).
     if ctx.get("runs_tasks"):
-        ctx["heartbeats"] = Heartbeats(
+        heartbeats = ctx["heartbeats"] = Heartbeats(
             settings.gateway_url,
             secret,
             interval=settings.heartbeat_interval,
             worker_id=ctx["worker_id"],
+            presence=presence_of(
+                ctx["worker_id"],
+                queue=settings.queue_name,
+                tasks=ctx["registry"].names(),
+                slots=settings.worker_concurrency,
+            ),
         )
-        ctx["heartbeats"].start()
+        heartbeats.start()
+        if settings.worker_health_port is not None:
+            ctx["health"] = _health_port(settings, ctx["worker_id"], heartbeats)
     # Callbacks go to strangers: no proxies from the environment, no redirects,
     # and a pool of its own so a slow receiver never holds up reports.
     ctx["webhook_http"] = httpx.AsyncClient(
@@ -101,7 +111,38 @@ async def startup(ctx: dict[str, Any]) -> None:
     )
 
 
+def _health_port(settings: Settings, worker_id: str, heartbeats: Heartbeats) -> HealthPort:
+    ticker = LoopTicker()
+    ticker.start()
+
+    def status() -> dict[str, Any]:
+        answered = heartbeats.answered_at
+        return {
+            "worker_id": worker_id,
+            "slots": settings.worker_concurrency,
+            "slots_in_use": heartbeats.in_hand,
+            "gateway_answered_seconds_ago": (
+                None if answered is None else round(time.monotonic() - answered, 3)
+            ),
+        }
+
+    assert settings.worker_health_port is not None
+    health = HealthPort(
+        settings.worker_health_host,
+        settings.worker_health_port,
+        ticker,
+        stall=settings.worker_health_stall,
+        status=status,
+    )
+    health.start()
+    return health
+
+
 async def shutdown(ctx: dict[str, Any]) -> None:
+    health: HealthPort | None = ctx.get("health")
+    if health is not None:
+        await health.ticker.stop()
+        await asyncio.to_thread(health.stop)
     heartbeats: Heartbeats | None = ctx.get("heartbeats")
     if heartbeats is not None:
         await asyncio.to_thread(heartbeats.stop)

@@ -69,6 +69,13 @@ def blocking(payload: Any, ctx: TaskContext) -> dict[str, Any]:
     return {"thread": threading.current_thread().name, "spins": spins}
 
 
+@task("tests.hog-loop")
+async def hog_loop(payload: Any, ctx: TaskContext) -> None:
+    """The mistake a health port is for: an ``async def`` that blocks the
+    event loop (a blocking call not awaited) for ``seconds``."""
+    time.sleep(float(payload.get("seconds", 1.0)))  # noqa: ASYNC251 (on purpose)
+
+
 @task("tests.limited", queue="tests-limited", concurrency_limit=1)
 async def limited(payload: Any, ctx: TaskContext) -> None:
     """Sleep ``seconds``; one run at a time across every worker (its queue's limit)."""

@@ -1,7 +1,7 @@
 """The HTTP API: one module per resource, and what they share.
 
 ``tasks`` (trigger, batch), ``runs``, ``bulk``, ``queues``, ``schedules``,
-``waitpoints``, ``batches``, ``webhooks``, ``artifacts``, ``health`` and
+``waitpoints``, ``batches``, ``webhooks``, ``artifacts``, ``workers``, ``health`` and
 ``openapi`` are the public API; ``internal`` is what workers call.
 ``routing`` ties each route to its documented operation and auth mode (who
 calls is ``gateway.auth``'s to say); ``bodies`` reads requests into the models
@@ -31,6 +31,7 @@ def api_routes() -> list[BaseRoute]:
         tasks,
         waitpoints,
         webhooks,
+        workers,
     )
 
     return [
@@ -43,6 +44,7 @@ def api_routes() -> list[BaseRoute]:
         *batches.routes,
         *webhooks.routes,
         *artifacts.routes,
+        *workers.routes,
         *internal.routes,
         *health.routes,
         *openapi.routes,

@@ -36,8 +36,10 @@ from jobs.protocol import (
     PREPARE_PATH,
     RUN_LOGS,
     WAITPOINTS_PATH,
+    WORKERS_PATH,
     RunLogs,
     WorkerEvent,
+    WorkerPresence,
     dumps,
 )
 from webhooks.models import DeliveryAttemptReport
@@ -226,6 +228,14 @@ class _WaitpointRequest(BaseModel):
     tags: list[Tag] = Field(default_factory=list, max_length=10)
 
 
+async def worker_presence(request: Request) -> Response:
+    """A worker says it is there (``jobs.heartbeat``): kept for ``GET /api/v1/workers``."""
+    services = services_of(request)
+    body = await signed_body(request, services.settings, 1024 * 1024)
+    await services.workers.record(validate(WorkerPresence, parse_json(body)))
+    return JSON({"recorded": True})
+
+
 async def create_waitpoint(request: Request) -> Response:
     """A durable task's waitpoint (``ctx.create_waitpoint``), made once per
     run and step however often the step asks; its ID and signed URL."""
@@ -244,4 +254,5 @@ routes = [
     Route(ARTIFACTS_PATH, upload_artifact, methods=["POST"]),
     Route(ARTIFACT_FETCH_PATH, fetch_artifact, methods=["POST"]),
     Route(WAITPOINTS_PATH, create_waitpoint, methods=["POST"]),
+    Route(WORKERS_PATH, worker_presence, methods=["POST"]),
 ]

@@ -363,6 +363,35 @@ class QueueList(_View):
     next_cursor: str | None
 
 
+class WorkerView(_View):
+    """A worker process, as it last said of itself (``gateway.workers``)."""
+
+    #: ``host:pid``: the ``worker_id`` its runs' attempts carry.
+    id: str
+    host: str
+    pid: int
+    #: The gateway package's version it runs.
+    version: str
+    #: The arq queue it takes runs from.
+    queue: str
+    #: The tasks it can run.
+    tasks: list[str]
+    #: Runs it runs at once at most (``WORKER_CONCURRENCY``), and those in use.
+    slots: int
+    slots_in_use: int
+    #: ``online`` (heard from within ``HEARTBEAT_TIMEOUT``), ``lost`` (silent
+    #: longer: its runs end ``worker_lost`` and run again) or ``stopped``.
+    status: Literal["online", "lost", "stopped"]
+    started_at: str
+    last_heartbeat_at: str
+    #: The runs of your project it holds an attempt of.
+    runs: list[str]
+
+
+class WorkerList(_View):
+    data: list[WorkerView]
+
+
 class BulkView(_View):
     """A bulk action and how far it has got."""
 

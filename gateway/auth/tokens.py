@@ -20,9 +20,7 @@ PREFIX = "pat_"
 class PublicTokens:
     def __init__(self, settings: Settings) -> None:
         self.ttl = settings.public_token_ttl
-        self._serializer = URLSafeTimedSerializer(
-            settings.secret_keys(), salt="gateway.public-run"
-        )
+        self._serializer = URLSafeTimedSerializer(settings.secret_keys(), salt="gateway.public-run")
 
     def issue(self, run_id: str) -> str:
         return PREFIX + self._serializer.dumps({"run": run_id})

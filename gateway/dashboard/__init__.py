@@ -90,6 +90,7 @@ def dashboard_routes(settings: Settings) -> list[BaseRoute]:
         Route("/endpoints", _html(actions.create_endpoint), methods=post),
         Route("/endpoints/{endpoint_id}", _html(pages.endpoint_page), methods=get),
         Route("/endpoints/{endpoint_id}/{action}", _html(actions.endpoint_action), methods=post),
+        Route("/workers", _html(pages.workers_page), methods=get),
         Route("/stream", live_feed, methods=get),
         Mount("/static", app=StaticFiles(directory=STATIC), name="dashboard-static"),
     ]

@@ -36,6 +36,7 @@ __all__ = [
     "schedules_page",
     "trigger_form",
     "trigger_page",
+    "workers_page",
 ]
 
 RUNS_PER_PAGE = 25
@@ -314,3 +315,18 @@ async def trigger_page(request: Request) -> Response:
         payload=json.dumps(payload, indent=2, ensure_ascii=False),
         tags=tags,
     )
+
+
+async def workers_page(request: Request) -> Response:
+    """The worker processes: online, lost and lately stopped, their slots and
+    the project's runs each holds."""
+    viewer = await viewer_of(request)
+    services = services_of(request)
+    common = await _common(request, viewer, "workers")
+    workers = await services.workers.list(viewer.project_id)
+    context = {
+        **common,
+        "workers": workers,
+        "heartbeat_timeout": services.settings.heartbeat_timeout,
+    }
+    return render(request, "workers", context)

@@ -18,6 +18,7 @@ from gateway.services.runs import RunService
 from gateway.services.schedules import ScheduleService
 from gateway.services.waitpoints import WaitpointService
 from gateway.settings import Settings
+from gateway.workers import WorkerDirectory
 from jobs.tasks.registry import TaskRegistry
 from webhooks.dispatch import DeliveryDispatcher
 from webhooks.service import WebhookService
@@ -44,6 +45,8 @@ class Services:
     waitpoints: WaitpointService
     #: Whether the database is at this code's schema (API calls wait on it).
     schema: SchemaGate
+    #: The workers that are there (``GET /api/v1/workers``).
+    workers: WorkerDirectory
 
 
 def services_of(request: Request) -> Services:
