@@ -1,7 +1,6 @@
-"""The ``gateway`` command: ``up``, ``web``, ``worker``, ``migrate`` and ``keys`` run
-the gateway; ``trigger``, ``runs``, ``queues``, ``schedules``, ``waitpoints`` and
-``webhooks`` talk to one
-(``gateway.client.cli``).
+"""The ``gateway`` command: ``up``, ``web``, ``worker``, ``migrate``, ``keys``,
+``backup`` and ``restore`` run the gateway; ``trigger``, ``runs``, ``queues``,
+``schedules``, ``waitpoints`` and ``webhooks`` talk to one (``gateway.client.cli``).
 
 The client's commands need only the client (httpx): the server's are loaded
 when one of them runs, and say which extra to install when they cannot be.
@@ -136,6 +135,25 @@ def _worker(settings: Settings) -> int:
     return 0
 
 
+def _backup_or_restore(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+    import subprocess
+    from pathlib import Path
+
+    from gateway.cli.backup import backup, restore
+
+    try:
+        if args.command == "backup":
+            result = backup(settings, Path(args.path))
+        else:
+            result = restore(settings, Path(args.path), force=args.force)
+    except subprocess.CalledProcessError as exc:  # pg_dump / pg_restore said why
+        print(f"gateway: {Path(exc.cmd[0]).name} failed (exit {exc.returncode})", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
+    return 0
+
+
 def _up(settings: Settings) -> int:
     from gateway.cli.supervisor import up
 
@@ -204,6 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("worker", help="run an arq worker")
     sub.add_parser("migrate", help="bring the database schema up to date")
     _add_keys(sub)
+    saved = sub.add_parser(
+        "backup", help="copy the database and the artifacts into a new folder, while running"
+    )
+    saved.add_argument("path", help="the folder to create (it must not exist or be empty)")
+    put_back = sub.add_parser(
+        "restore", help="put a backup into DATABASE_URL and ARTIFACT_DIR, then migrate"
+    )
+    put_back.add_argument("path", help="a folder made by `gateway backup`")
+    put_back.add_argument(
+        "--force", action="store_true", help="replace a database that already has tables"
+    )
     add_commands(sub)
     return parser
 
@@ -256,6 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _worker(settings)
         if args.command == "migrate":
             return _migrate(settings)
+        if args.command in ("backup", "restore"):
+            return _backup_or_restore(settings, args)
         if args.command == "keys":
             from gateway.cli.keys import keys_command
 
