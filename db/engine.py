@@ -25,8 +25,10 @@ import concurrent.futures
 import contextlib
 import random
 import socket
+import ssl
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
@@ -38,7 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from db.types import exact_loads, json_text
 
-__all__ = ["Database", "savepoint"]
+__all__ = ["Database", "postgres_connection", "savepoint"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -50,6 +52,47 @@ Work = Callable[Concatenate[sa.Connection, P], T]
 def _sync_sqlite_url(url: str) -> str:
     parsed = sa.make_url(url)
     return parsed.set(drivername="sqlite").render_as_string(hide_password=False)
+
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+def postgres_connection(url: str) -> tuple[sa.URL, dict[str, Any]]:
+    """The URL asyncpg is given and its ``connect_args``, from a
+    ``DATABASE_URL`` as platforms hand them out:
+
+    - libpq's ``sslmode=`` (``require``, ``verify-ca``, ``verify-full``, …)
+      becomes asyncpg's ``ssl`` (which takes the same names), and libpq's
+      ``sslrootcert=`` (a CA of your own) a TLS context that trusts it, so
+      ``?sslmode=verify-full&sslrootcert=ca.pem`` works as it does with psql;
+    - ``pgbouncer=true`` (Prisma's flag) is for PgBouncer in transaction
+      pooling: consecutive transactions may run on different server
+      connections, so no statement is prepared for later (asyncpg's and
+      SQLAlchemy's statement caches off) and each one prepared for a single
+      execution gets a name of its own (two clients' ``__asyncpg_stmt_1__``
+      would meet on one server connection otherwise).
+    """
+    made = sa.make_url(url)
+    query = dict(made.query)
+    connect_args: dict[str, Any] = {}
+    sslmode = str(query.pop("sslmode", "")) or None
+    sslrootcert = str(query.pop("sslrootcert", "")) or None
+    if sslrootcert and sslmode in ("require", "verify-ca", "verify-full"):
+        # As libpq: a root certificate given makes `require` check the CA too.
+        context = ssl.create_default_context(cafile=sslrootcert)
+        context.check_hostname = sslmode == "verify-full"
+        connect_args["ssl"] = context
+    elif sslmode is not None:
+        connect_args["ssl"] = sslmode
+    if str(query.pop("pgbouncer", "")).lower() in _TRUE:
+        connect_args["statement_cache_size"] = 0
+        connect_args["prepared_statement_name_func"] = _statement_name
+        query["prepared_statement_cache_size"] = "0"
+    return made.set(query=query), connect_args
+
+
+def _statement_name() -> str:
+    return f"__gw_{uuid.uuid4().hex}__"
 
 
 @contextlib.contextmanager
@@ -99,11 +142,12 @@ class Database:
             self._writer = _GroupCommit(self._sync_engine)
             self._readers = concurrent.futures.ThreadPoolExecutor(read_threads, "db-reader")
         else:
+            engine_url, connect_args = postgres_connection(url)
             self._async_engine = create_async_engine(
-                url,
+                engine_url,
                 # A server that does not take the connection in 10 s is down
                 # for now (asyncpg's own default waits a minute).
-                connect_args={"timeout": CONNECT_TIMEOUT},
+                connect_args={"timeout": CONNECT_TIMEOUT, **connect_args},
                 pool_size=10,
                 max_overflow=20,
                 pool_recycle=1800,

@@ -20,16 +20,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import re
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import orjson
+from arq.connections import RedisSettings
 from itsdangerous import BadSignature, SignatureExpired, TimestampSigner
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
@@ -69,6 +72,7 @@ __all__ = [
     "loads",
     "nudge_channel",
     "parse_run_job_id",
+    "redis_settings",
     "run_job_id",
     "sign_request",
     "verify_request",
@@ -253,6 +257,30 @@ def nudge_channel(queue_name: str) -> str:
 
 #: What a lost Redis raises (redis-py's errors, or the socket's own).
 REDIS_DOWN = (RedisError, OSError)
+
+
+#: ``REDIS_URL`` query parameters for TLS (``rediss://``), as redis-py names them.
+_TLS_PARAMETERS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
+
+
+def redis_settings(url: str) -> RedisSettings:
+    """arq's settings for ``REDIS_URL``, the gateway's and the workers' alike.
+
+    ``rediss://`` is TLS, and its query may name what redis-py's own URLs do:
+    ``ssl_ca_certs`` (a CA of your own), ``ssl_certfile`` and ``ssl_keyfile``
+    (a client certificate), ``ssl_cert_reqs`` (``required``, the default, or
+    ``none``) and ``ssl_check_hostname`` (``true``, the default on ``rediss``,
+    or ``false``). arq's ``from_dsn`` reads none of them.
+    """
+    settings = RedisSettings.from_dsn(url)
+    query = {k: v[-1] for k, v in urllib.parse.parse_qs(urllib.parse.urlsplit(url).query).items()}
+    if not settings.ssl:
+        return settings
+    tls: dict[str, Any] = {name: query[name] for name in _TLS_PARAMETERS if name in query}
+    tls["ssl_check_hostname"] = query.get("ssl_check_hostname", "true").lower() in ("1", "true")
+    if tls.get("ssl_cert_reqs") == "none":
+        tls["ssl_check_hostname"] = False
+    return dataclasses.replace(settings, **tls)
 
 
 class RedisOutage:

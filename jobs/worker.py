@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 from arq import ArqRedis, func
-from arq.connections import RedisSettings, create_pool
+from arq.connections import create_pool
 from arq.worker import Worker
 from pydantic import ValidationError
 
@@ -42,6 +42,7 @@ from jobs.protocol import (
     listen_forever,
     nudge_channel,
     parse_run_job_id,
+    redis_settings,
 )
 from jobs.report import Reporter, ReportRejected, deliver_report, make_event, refused_fallback
 from jobs.runlog import FLUSH_BYTES, RunLog, RunLogger
@@ -384,7 +385,7 @@ async def _run_attempt(
 
 def _common_options(settings: Settings) -> dict[str, Any]:
     return {
-        "redis_settings": RedisSettings.from_dsn(settings.redis_url or "redis://127.0.0.1:6379"),
+        "redis_settings": redis_settings(settings.redis_url or "redis://127.0.0.1:6379"),
         "on_startup": startup,
         "on_shutdown": shutdown,
         "poll_delay": settings.worker_poll_delay,

@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlmodel import SQLModel
 
 import db.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from db.engine import postgres_connection
 
 config = context.config
 target_metadata = SQLModel.metadata
@@ -41,7 +42,8 @@ def _run(connection: Connection) -> None:
 
 
 async def _run_async() -> None:
-    engine = create_async_engine(_url(), poolclass=pool.NullPool)
+    url, connect_args = postgres_connection(_url())
+    engine = create_async_engine(url, poolclass=pool.NullPool, connect_args=connect_args)
     async with engine.connect() as conn:
         if conn.dialect.name == "sqlite":
             # WAL is a property of the file: set once, it stays.

@@ -57,8 +57,11 @@ def _sqlite_path(url: str) -> Path:
 
 
 def _libpq_url(url: str) -> str:
-    """The URL as pg_dump and pg_restore take it (no SQLAlchemy driver)."""
-    return sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    """The URL as pg_dump and pg_restore take it: no SQLAlchemy driver, no
+    ``pgbouncer`` flag (libpq's own ``sslmode`` stays)."""
+    made = sa.make_url(url)
+    query = {k: v for k, v in made.query.items() if k != "pgbouncer"}
+    return made.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
 
 
 def _tool(name: str) -> str:

@@ -74,3 +74,43 @@ def test_previous_keys_are_accepted_and_the_current_one_signs() -> None:
     assert URLSafeTimedSerializer(new, salt="s").loads(both.dumps("y")) == "y"
     with pytest.raises(BadSignature):
         URLSafeTimedSerializer(new, salt="s").loads(made_before)
+
+
+def test_database_urls_take_libpq_tls_and_pgbouncer_parameters(tmp_path: Path) -> None:
+    import ssl
+
+    from db.engine import postgres_connection
+
+    url, args = postgres_connection("postgresql+asyncpg://u@h/db?sslmode=require&pgbouncer=true")
+    assert dict(url.query) == {"prepared_statement_cache_size": "0"}
+    assert args["ssl"] == "require" and args["statement_cache_size"] == 0
+    assert args["prepared_statement_name_func"]() != args["prepared_statement_name_func"]()
+    plain, none = postgres_connection("postgresql+asyncpg://u@h/db")
+    assert not plain.query and none == {}
+    from tests.certs import Certs
+
+    certs = Certs(tmp_path)
+    _, verify = postgres_connection(
+        f"postgresql+asyncpg://u@h/db?sslmode=verify-ca&sslrootcert={certs.ca}"
+    )
+    assert isinstance(verify["ssl"], ssl.SSLContext) and not verify["ssl"].check_hostname
+    assert verify["ssl"].verify_mode == ssl.CERT_REQUIRED
+
+
+def test_rediss_urls_carry_their_tls_parameters() -> None:
+    from jobs.protocol import redis_settings
+
+    plain = redis_settings("redis://h:7/3")
+    assert (plain.host, plain.port, plain.database, plain.ssl) == ("h", 7, 3, False)
+    tls = redis_settings(
+        "rediss://:pw@h:7/1?ssl_ca_certs=/ca.pem&ssl_certfile=/c.pem&ssl_keyfile=/k"
+    )
+    assert (tls.ssl, tls.ssl_ca_certs, tls.ssl_certfile, tls.ssl_keyfile) == (
+        True,
+        "/ca.pem",
+        "/c.pem",
+        "/k",
+    )
+    assert tls.ssl_check_hostname and tls.password == "pw"
+    loose = redis_settings("rediss://h/0?ssl_cert_reqs=none")
+    assert loose.ssl_cert_reqs == "none" and not loose.ssl_check_hostname
