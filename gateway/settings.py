@@ -68,7 +68,9 @@ class Settings(worker_settings.Settings):
     the dev key and the generated secret."""
     database_url: str = ""
     """SQLite (WAL) or PostgreSQL (``postgresql://…``, run on asyncpg); the same
-    migrations serve both. Default: ``sqlite:///$DATA_DIR/gateway.db``."""
+    migrations serve both. Default: ``sqlite:///$DATA_DIR/gateway.db``. Takes libpq's
+    ``sslmode`` and ``sslrootcert``, and ``pgbouncer=true`` behind PgBouncer in
+    transaction pooling (docs/operations.md#connections)."""
     host: str = "127.0.0.1"
     """The interface ``gateway web`` listens on (``--host`` too). A platform or a
     container needs ``0.0.0.0``, as the Procfile and the image set."""

