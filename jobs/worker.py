@@ -23,7 +23,7 @@ import httpx
 from arq import ArqRedis, func
 from arq.connections import create_pool
 from arq.worker import Worker
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from jobs.contract import DeliverReport, DeliverWebhook, RunTask
 from jobs.deliver import deliver_webhook
@@ -262,6 +262,8 @@ async def _call(
             "nodes": output.nodes,
             "waits": output.waits,
         }
+    if isinstance(output, BaseModel):  # a task's typed output (``@task(output=...)``)
+        output = output.model_dump(mode="json")
     try:
         size = len(dumps(output))
     except JSONRefused as exc:

@@ -74,6 +74,11 @@ def test_schemathesis_finds_no_server_error_and_no_schema_break(
             # no run ever is.
             "--exclude-path",
             "/api/v1/runs/{run_id}/events",
+            # Each task's own trigger operation is the generic one's handler
+            # with a typed body: the generic one and crop-image's stand for
+            # all of them.
+            "--exclude-path-regex",
+            r"^/api/v1/tasks/(?!crop-image/)[^{/]+/trigger$",
         ],
         cwd=ROOT,
         capture_output=True,

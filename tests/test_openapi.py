@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,6 +18,7 @@ from starlette.routing import Mount, Route
 from gateway.app import create_app
 from gateway.settings import Settings
 from tests.conftest import Stack
+from tests.helpers import ROOT
 from tests.receiver import Receiver
 
 
@@ -41,9 +47,56 @@ def public_routes() -> set[tuple[str, str]]:
     return found
 
 
+def _task_paths(document: dict[str, Any]) -> set[str]:
+    """The per-task trigger operations: one route, documented once per task."""
+    generic = "/api/v1/tasks/{task}/trigger"
+    return {
+        p
+        for p in document["paths"]
+        if p != generic and re.fullmatch(r"/api/v1/tasks/[^{/]+/trigger", p)
+    }
+
+
 def test_every_public_route_is_in_the_document(document: dict[str, Any]) -> None:
-    documented = {(m.upper(), p) for p, ops in document["paths"].items() for m in ops}
+    tasks = _task_paths(document)
+    documented = {
+        (m.upper(), p) for p, ops in document["paths"].items() for m in ops if p not in tasks
+    }
     assert public_routes() == documented
+    # Each registered task has its operation, typed by its own schemas.
+    names = {p.split("/")[4] for p in tasks}
+    assert {"echo", "crop-image", "llm", "sleep", "execute-workflow", "tests.durable-fanout"} <= names
+    crop = document["paths"]["/api/v1/tasks/crop-image/trigger"]["post"]
+    body = crop["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    trigger = document["components"]["schemas"][body.rsplit("/", 1)[1]]
+    assert trigger["properties"]["payload"]["$ref"].endswith("/CropPayload")
+    assert trigger["required"] == []  # CropPayload has no required field
+    answer = crop["responses"]["202"]["content"]["application/json"]["schema"]["$ref"]
+    run = document["components"]["schemas"][answer.rsplit("/", 1)[1]]
+    assert run["allOf"][1]["properties"]["output"]["anyOf"][0]["$ref"].endswith("/CropOutput")
+
+
+def test_optional_fields_carry_no_default_and_every_event_is_a_webhook(
+    document: dict[str, Any], stack: Stack
+) -> None:
+    options = document["components"]["schemas"]["TriggerOptions"]
+    assert not options.get("required")
+    assert all("default" not in field for field in options["properties"].values())
+    assert "Default: 86400." in options["properties"]["idempotency_key_ttl"]["description"]
+    from webhooks.outbox import EVENT_TYPES, TEST_EVENT
+
+    assert set(document["webhooks"]) == {*EVENT_TYPES, TEST_EVENT}
+    with stack.client() as client:
+        listed = client.get("/api/v1/event-types")
+    assert listed.status_code == 200
+    check(document, "GET", "/api/v1/event-types", listed)
+    catalogue = {e["name"]: e for e in listed.json()["data"]}
+    assert set(catalogue) == set(document["webhooks"])
+    assert not catalogue["run.started"]["in_wildcard"] and catalogue["run.failed"]["in_wildcard"]
+    schema = catalogue["run.completed"]["schema"]
+    body = {"type": "run.completed", "timestamp": "t", "data": {"id": "x"}}
+    assert list(Draft202012Validator(schema).iter_errors(body))  # data is no whole run
+    assert list(Draft202012Validator(schema).iter_errors({**body, "type": "run.failed"}))
 
 
 def check(document: dict[str, Any], method: str, path: str, answer: httpx.Response) -> None:
@@ -165,6 +218,61 @@ def test_real_answers_fit_the_document(
             "/api/v1/artifacts/{artifact_id}/link",
             f"/api/v1/artifacts/{crop['output']['artifact_id']}/link",
         )
+    # Every callback that came fits its event's schema in the webhooks section.
+    calls = receiver.calls_to("/openapi")
+    assert any(c.json()["type"] == "webhook.test" for c in calls)
+    for c in calls:
+        body = c.json()
+        operation = document["webhooks"][body["type"]]["post"]
+        schema = {
+            **operation["requestBody"]["content"]["application/json"]["schema"],
+            "components": document["components"],
+        }
+        errors = list(Draft202012Validator(schema).iter_errors(body))
+        assert not errors, (body["type"], [e.message for e in errors[:3]])
     for path in ("/healthz", "/readyz"):
         check(document, "GET", path, httpx.get(stack.base_url + path))
     check(document, "GET", "/api/v1/runs", httpx.get(stack.base_url + "/api/v1/runs"))
+
+
+def test_typescript_types_generated_from_the_document_compile_an_app(
+    document: dict[str, Any], tmp_path: Path
+) -> None:
+    """openapi-typescript with its default flags, then tsc --strict over
+    tests/node/typed-app.ts, whose ``@ts-expect-error`` lines must fail."""
+    bin_dir = ROOT / "tests" / "node" / "node_modules" / ".bin"
+    missing = None
+    if shutil.which("node") is None:
+        missing = "no node on PATH"
+    elif not (bin_dir / "openapi-typescript").exists() or not (bin_dir / "tsc").exists():
+        missing = "tests/node has no node_modules: `make test` runs npm ci there"
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI runs the TypeScript check, and cannot here: {missing}")
+        pytest.skip(missing)
+    (tmp_path / "openapi.json").write_text(json.dumps(document))
+    generated = subprocess.run(
+        [str(bin_dir / "openapi-typescript"), "openapi.json", "-o", "api.d.ts"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert generated.returncode == 0, generated.stdout + generated.stderr
+    shutil.copy(ROOT / "tests" / "node" / "typed-app.ts", tmp_path / "typed-app.ts")
+    compiled = subprocess.run(
+        [
+            str(bin_dir / "tsc"),
+            "--strict",
+            "--noEmit",
+            "--target", "es2022",
+            "--module", "esnext",
+            "--moduleResolution", "bundler",
+            "typed-app.ts",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )  # fmt: skip
+    assert compiled.returncode == 0, compiled.stdout + compiled.stderr

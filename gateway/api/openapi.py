@@ -5,13 +5,27 @@ answers, body, parameters, auth mode); the schemas come from the pydantic
 models the API validates requests with (``gateway.runs.requests``,
 ``webhooks.models``) and shapes answers with (``gateway.api.views``). There
 is no second table to keep in line: a route is documented because it exists.
+
+Three things make it a typed contract for other languages:
+
+- **Per-task operations.** Each registered task gets its own
+  ``POST /api/v1/tasks/<name>/trigger`` beside the generic one, whose body has
+  the task's payload schema and whose answer has its output schema
+  (``@task(payload=..., output=...)``).
+- **Webhooks.** The OpenAPI 3.1 ``webhooks`` section has each callback event
+  (``gateway.api.event_types``), its body typed, ``type`` pinned to its name.
+- **Optional is optional.** A field with a default is not in ``required``, and
+  its default goes into its description rather than ``default``: generators
+  such as openapi-typescript make a property with a ``default`` non-optional
+  by default, which would make every trigger option mandatory.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
@@ -20,7 +34,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 
 from gateway.api import views
+from gateway.api.event_types import EVENTS, body_schema
 from gateway.api.routing import ApiRoute, Operation
+from gateway.runs.requests import TriggerOptions
+from gateway.services import services_of
+
+if TYPE_CHECKING:
+    from jobs.tasks.registry import TaskDefinition, TaskRegistry
 
 __all__ = ["build_document", "routes"]
 
@@ -49,15 +69,45 @@ def _operation_id(method: str, path: str) -> str:
     )
 
 
-def build_document(app_routes: Iterable[BaseRoute]) -> dict[str, Any]:
-    """The document of every :class:`ApiRoute` in ``app_routes``."""
+def _move_defaults(node: Any) -> None:
+    """Every ``default`` into its schema's description, in place (see above)."""
+    if isinstance(node, dict):
+        if "default" in node and not isinstance(node["default"], dict | list):
+            default = node.pop("default")
+            said = node.get("description", "").rstrip()
+            node["description"] = f"{said} Default: {json.dumps(default)}.".strip()
+        elif "default" in node:
+            node.pop("default")
+        for value in node.values():
+            _move_defaults(value)
+    elif isinstance(node, list):
+        for value in node:
+            _move_defaults(value)
+
+
+def _component(task: str) -> str:
+    """A task's name as a component name: ``crop-image`` → ``CropImage``."""
+    return "".join(part[:1].upper() + part[1:] for part in re.split(r"[^A-Za-z0-9]+", task))
+
+
+def build_document(
+    app_routes: Iterable[BaseRoute], registry: TaskRegistry | None = None
+) -> dict[str, Any]:
+    """The document of every :class:`ApiRoute` in ``app_routes``, with an
+    operation per task of ``registry``."""
     api = [r for r in app_routes if isinstance(r, ApiRoute)]
-    models: list[type[BaseModel]] = [views.ErrorBody]
+    models: list[type[BaseModel]] = [views.ErrorBody, TriggerOptions]
     for route in api:
         op: Operation = route.operation
         if op.body is not None:
             models.append(op.body)
         models.extend(a for a in op.answers.values() if not isinstance(a, str))
+    models.extend(event.body for event in EVENTS)
+    tasks: list[TaskDefinition] = []
+    if registry is not None:
+        tasks = [d for name in registry.names() if (d := registry.get(name)) is not None]
+    for task in tasks:
+        models.extend(m for m in (task.payload_model, task.output_model) if m is not None)
     keyed, defs = models_json_schema(
         [(m, "validation") for m in dict.fromkeys(models)],
         ref_template="#/components/schemas/{model}",
@@ -119,7 +169,99 @@ def build_document(app_routes: Iterable[BaseRoute]) -> dict[str, Any]:
                 "content": {"application/json": {"schema": ref(op.body)}},
             }
         paths.setdefault(path, {})[route.method.lower()] = operation
-    return {
+    schemas: dict[str, Any] = dict(defs.get("$defs", {}))
+    generic = paths.get("/api/v1/tasks/{task}/trigger", {}).get("post")
+    for task in tasks if generic is not None else []:
+        assert generic is not None
+        name = _component(task.name)
+        payload = ref(task.payload_model) if task.payload_model else {"description": "any JSON"}
+        required = bool(
+            task.payload_model and task.payload_model.model_json_schema().get("required")
+        )
+        schemas[f"{name}Trigger"] = {
+            "type": "object",
+            "title": f"{name}Trigger",
+            "description": f"A trigger of `{task.name}`.",
+            "properties": {"payload": payload, "options": ref(TriggerOptions)},
+            "required": ["payload"] if required else [],
+            "additionalProperties": False,
+        }
+        output = ref(task.output_model) if task.output_model else {}
+        schemas[f"{name}Run"] = {
+            "title": f"{name}Run",
+            "description": f"A run of `{task.name}`.",
+            "allOf": [
+                ref(views.RunView),
+                {
+                    "type": "object",
+                    "properties": {
+                        "task": {"const": task.name},
+                        "output": {"anyOf": [output, {"type": "null"}]} if output else {},
+                    },
+                },
+            ],
+        }
+        run_ref = {"$ref": f"#/components/schemas/{name}Run"}
+        responses = {
+            code: (
+                {**answer, "content": {"application/json": {"schema": run_ref}}}
+                if code in ("200", "202")
+                else answer
+            )
+            for code, answer in generic["responses"].items()
+        }
+        paths[f"/api/v1/tasks/{task.name}/trigger"] = {
+            "post": {
+                **generic,
+                "summary": f"Trigger `{task.name}`"
+                + (f": {task.description}" if task.description else ""),
+                "operationId": _operation_id("post", f"/api/v1/tasks/{task.name}/trigger"),
+                "parameters": [p for p in generic["parameters"] if p["name"] != "task"],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": f"#/components/schemas/{name}Trigger"}
+                        }
+                    },
+                },
+                "responses": responses,
+            }
+        }
+    webhooks = {
+        event.name: {
+            "post": {
+                "summary": event.description,
+                "operationId": "webhook_" + event.name.replace(".", "_"),
+                "parameters": [
+                    {
+                        "name": header,
+                        "in": "header",
+                        "required": True,
+                        "description": meaning,
+                        "schema": {"type": "string"},
+                    }
+                    for header, meaning in (
+                        ("webhook-id", "the message's ID: the same on every attempt"),
+                        ("webhook-timestamp", "seconds since the epoch, when signed"),
+                        ("webhook-signature", "`v1,<base64 HMAC-SHA256>`, space-separated"),
+                    )
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": body_schema(event, ref(event.body))}
+                    },
+                },
+                "responses": {
+                    "2XX": {"description": "Received; any other answer is retried"},
+                    "410": {"description": "Gone: disables the endpoint"},
+                },
+            }
+        }
+        for event in EVENTS
+    }
+    document = {
         "openapi": "3.1.0",
         "info": {
             "title": "webhook-job-gateway",
@@ -127,8 +269,9 @@ def build_document(app_routes: Iterable[BaseRoute]) -> dict[str, Any]:
             "description": "Trigger runs over HTTP, follow them, and get signed callbacks.",
         },
         "paths": paths,
+        "webhooks": webhooks,
         "components": {
-            "schemas": dict(defs.get("$defs", {})),
+            "schemas": schemas,
             "securitySchemes": {
                 "apiKey": {
                     "type": "http",
@@ -143,12 +286,15 @@ def build_document(app_routes: Iterable[BaseRoute]) -> dict[str, Any]:
             },
         },
     }
+    _move_defaults(document)
+    return document
 
 
 async def openapi(request: Request) -> Response:
     document = getattr(request.app.state, "openapi", None)
     if document is None:  # built once per process, from the routes it serves
-        document = request.app.state.openapi = build_document(request.app.routes)
+        registry = services_of(request).registry
+        document = request.app.state.openapi = build_document(request.app.routes, registry)
     return JSONResponse(document)
 
 

@@ -241,6 +241,8 @@ class TaskInfo(_View):
     name: str
     description: str
     payload_schema: dict[str, Any]
+    #: What it returns (``{}``: any JSON), from ``@task(output=...)``.
+    output_schema: dict[str, Any]
     #: The queue its runs go to by default, and the limit the task declares.
     queue: str
     concurrency_limit: int | None
@@ -487,6 +489,56 @@ class ArtifactLink(_View):
     width: int | None
     height: int | None
     run_id: str | None
+
+
+class RunEventBody(_View):
+    """A callback about a run (Standard Webhooks: ``webhook-id``,
+    ``webhook-timestamp`` and ``webhook-signature`` headers sign it)."""
+
+    type: Literal[
+        "run.started", "run.completed", "run.failed", "run.canceled", "run.expired", "run.timed_out"
+    ]
+    #: When the event happened (ISO 8601, UTC).
+    timestamp: str
+    #: The run as ``GET /api/v1/runs/{id}`` shows it at that moment.
+    data: RunView
+
+
+class WaitpointEventBody(_View):
+    """A callback about a waitpoint that completed."""
+
+    type: Literal["waitpoint.completed"]
+    timestamp: str
+    data: WaitpointView
+
+
+class TestEventData(_View):
+    endpoint_id: str
+    message: str
+
+
+class TestEventBody(_View):
+    """What ``POST /api/v1/webhooks/{id}/test`` sends."""
+
+    type: Literal["webhook.test"]
+    timestamp: str
+    data: TestEventData
+
+
+class EventType(_View):
+    """One kind of callback (as Svix's event-type catalogue has them)."""
+
+    name: str
+    description: str
+    #: Whether an endpoint subscribed to ``*`` gets it (``run.started`` must
+    #: be named; ``webhook.test`` goes to the endpoint tested alone).
+    in_wildcard: bool
+    #: The JSON Schema of the body.
+    schema_: dict[str, Any] = Field(alias="schema", serialization_alias="schema")
+
+
+class EventTypeList(_View):
+    data: list[EventType]
 
 
 class JSON(JSONResponse):

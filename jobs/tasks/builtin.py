@@ -22,7 +22,12 @@ class SleepPayload(BaseModel):
     seconds: float = Field(default=1.0, ge=0, le=3600, description="How long to wait.")
 
 
-@task("sleep", payload=SleepPayload)
+class SleepOutput(BaseModel):
+    #: Seconds it waited.
+    slept: float
+
+
+@task("sleep", payload=SleepPayload, output=SleepOutput)
 async def sleep(payload: SleepPayload, ctx: TaskContext) -> dict[str, float]:
     """Wait ``seconds``, then return how long it waited."""
     await asyncio.sleep(payload.seconds)

@@ -20,6 +20,21 @@ _CONTENT_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"
 Percent = Field(default=None, ge=0, le=100)
 
 
+class CropOutput(BaseModel):
+    """The cropped image, kept as an artifact."""
+
+    artifact_id: str
+    #: A signed link to it (``ARTIFACT_URL_TTL``; ``GET /api/v1/artifacts/{id}/link``
+    #: gives a fresh one).
+    url: str
+    width: int
+    height: int
+    format: str
+    content_type: str
+    bytes: int
+    sha256: str
+
+
 class CropPayload(BaseModel):
     """Where the image comes from (one of four ways) and the box to keep."""
 
@@ -141,7 +156,7 @@ def crop_bytes(
     return out.getvalue(), target, cropped.width, cropped.height
 
 
-@task("crop-image", payload=CropPayload)
+@task("crop-image", payload=CropPayload, output=CropOutput)
 async def crop_image(payload: CropPayload, ctx: TaskContext) -> dict[str, Any]:
     """Crop an image (a box in percent or pixels) and store it as an artifact."""
     media = ctx.media

@@ -11,7 +11,24 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.tasks.registry import TaskContext, TaskError, task
 
-__all__ = ["LlmPayload", "llm"]
+__all__ = ["LlmOutput", "LlmPayload", "llm"]
+
+
+class LlmUsage(BaseModel):
+    prompt_tokens: int | None
+    output_tokens: int | None
+    total_tokens: int | None
+
+
+class LlmOutput(BaseModel):
+    """The model's answer."""
+
+    text: str
+    #: The model version that answered.
+    model: str
+    #: Why it stopped (``STOP``, ``MAX_TOKENS``, ``SAFETY``, …).
+    finish_reason: str | None
+    usage: LlmUsage
 
 
 class LlmPayload(BaseModel):
@@ -53,7 +70,7 @@ def _client(ctx: TaskContext) -> Any:
     return genai.Client(api_key=settings.gemini_api_key, http_options=options)
 
 
-@task("llm", payload=LlmPayload)
+@task("llm", payload=LlmPayload, output=LlmOutput)
 async def llm(payload: LlmPayload, ctx: TaskContext) -> dict[str, Any]:
     """Ask Gemini, with optional images; returns the text, finish reason and usage."""
     from google.genai import errors, types

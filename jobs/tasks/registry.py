@@ -25,6 +25,7 @@ import importlib
 import inspect
 import logging
 import re
+import typing
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -160,6 +161,9 @@ class TaskDefinition:
     name: str
     fn: TaskFunction
     payload_model: type[BaseModel] | None = None
+    #: What the task returns, for the contract (``/openapi.json``, ``GET
+    #: /api/v1/tasks``); ``None``: any JSON.
+    output_model: type[BaseModel] | None = None
     description: str = ""
     #: Checks beyond the model's; returns 422 details with paths in the payload.
     check: Callable[[Any], list[dict[str, str]]] | None = None
@@ -202,6 +206,12 @@ class TaskDefinition:
         """The JSON Schema of the payload (``{}``: anything goes)."""
         return self.payload_model.model_json_schema() if self.payload_model else {}
 
+    def output_schema(self) -> dict[str, Any]:
+        """The JSON Schema of the output (``{}``: any JSON)."""
+        if self.output_model is None:
+            return {}
+        return self.output_model.model_json_schema(mode="serialization")
+
 
 class TaskRegistry:
     """Task definitions by name."""
@@ -239,6 +249,7 @@ class TaskRegistry:
                 "name": name,
                 "description": self._tasks[name].description,
                 "payload_schema": self._tasks[name].payload_schema(),
+                "output_schema": self._tasks[name].output_schema(),
                 "queue": self._tasks[name].queue or name,
                 "concurrency_limit": self._tasks[name].concurrency_limit,
             }
@@ -253,6 +264,16 @@ class TaskRegistry:
 registry = TaskRegistry()
 
 
+def _returned_model(fn: AnyTaskFunction) -> type[BaseModel] | None:
+    try:
+        returned = typing.get_type_hints(fn).get("return")
+    except Exception:  # an annotation that does not resolve documents nothing
+        return None
+    if isinstance(returned, type) and issubclass(returned, BaseModel):
+        return returned
+    return None
+
+
 def _in_thread(fn: AnyTaskFunction) -> TaskFunction:
     @functools.wraps(fn)
     async def run(payload: Any, ctx: TaskContext) -> Any:
@@ -265,12 +286,19 @@ def task(
     name: str,
     *,
     payload: type[BaseModel] | None = None,
+    output: type[BaseModel] | None = None,
     description: str = "",
     check: Callable[[Any], list[dict[str, str]]] | None = None,
     queue: str | None = None,
     concurrency_limit: int | None = None,
 ) -> Callable[[AnyTaskFunction], AnyTaskFunction]:
     """Register the decorated function as the task ``name``.
+
+    ``payload`` validates what a trigger sends (the function gets the model);
+    ``output`` documents what it returns (it may return the model or a dict
+    of its shape), so ``/openapi.json`` types both for other languages. When
+    ``output`` is not given and the function's return annotation is a
+    pydantic model, that is the output model.
 
     An ``async def`` runs on the worker's event loop; a plain ``def`` runs in
     a thread, so CPU-bound or blocking work never stalls the worker's other
@@ -285,6 +313,7 @@ def task(
                 name=name,
                 fn=fn if inspect.iscoroutinefunction(fn) else _in_thread(fn),
                 payload_model=payload,
+                output_model=output or _returned_model(fn),
                 description=description or (fn.__doc__ or "").strip().split("\n")[0],
                 check=check,
                 queue=queue,
