@@ -65,7 +65,14 @@ def test_every_public_route_is_in_the_document(document: dict[str, Any]) -> None
     assert public_routes() == documented
     # Each registered task has its operation, typed by its own schemas.
     names = {p.split("/")[4] for p in tasks}
-    assert {"echo", "crop-image", "llm", "sleep", "execute-workflow", "tests.durable-fanout"} <= names
+    assert {
+        "echo",
+        "crop-image",
+        "llm",
+        "sleep",
+        "execute-workflow",
+        "tests.durable-fanout",
+    } <= names
     crop = document["paths"]["/api/v1/tasks/crop-image/trigger"]["post"]
     body = crop["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     trigger = document["components"]["schemas"][body.rsplit("/", 1)[1]]
