@@ -224,6 +224,9 @@ class Run(SQLModel, table=True):
     #: The schedule whose tick made the run, and the tick.
     schedule_id: str | None = Field(default=None, max_length=40)
     scheduled_at: dt.datetime | None = _ts()
+    #: The W3C ``traceparent`` of the span that made the run: every span of the
+    #: run (attempts, reports, callbacks) is in its trace (``jobs.tracing``).
+    traceparent: str | None = Field(default=None, max_length=64)
 
 
 class RunAttempt(SQLModel, table=True):

@@ -33,6 +33,7 @@ from gateway.services.waitpoints import WaitpointService
 from gateway.settings import ConfigError, Settings
 from gateway.trigger_dev import trigger_dev_routes
 from gateway.workers import WorkerDirectory
+from jobs import tracing
 from jobs.protocol import redis_settings
 from jobs.tasks.registry import load_tasks
 from webhooks.dispatch import DeliveryDispatcher
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
     configure_logging(settings)
     settings.require_secret()
+    tracing.setup("gateway-web", settings.tracing_env())
     if not settings.redis_url:
         raise ConfigError("REDIS_URL", "the web process needs a Redis URL (`gateway up` sets one)")
     redis_url = settings.redis_url
@@ -137,6 +139,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await notifier.stop()
             await redis.aclose()
             await db.dispose()
+            tracing.shutdown()
 
     middleware = [Middleware(RefuseNul)]
     if settings.cors_origins:

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 from arq import Retry
 
+from jobs import tracing
 from jobs.protocol import PREPARE_PATH
 from jobs.report import Reporter, ReportRejected, retry_delay
 from webhooks.sender import send_webhook
@@ -57,14 +58,28 @@ async def deliver_webhook(
             raise Retry(defer=retry_delay(ctx["job_try"])) from exc
     if not prepared.get("send"):
         return f"skipped: {prepared.get('reason')}"
-    result = await send_webhook(
-        ctx["webhook_http"],
-        url=prepared["url"],
-        headers=prepared["headers"],
-        body=prepared["body"],
-        timeout_seconds=float(prepared["timeout"]),
-        allowed=parse_networks(prepared.get("allowed_networks", ())),
-    )
+    with tracing.span(
+        f"callback {prepared.get('event_type') or 'event'}",
+        parent=prepared.get("traceparent"),
+        kind="client",
+        attributes={"gateway.delivery_id": delivery_id, "url.full": prepared["url"]},
+    ) as span:
+        headers = dict(prepared["headers"])
+        tracing.inject(headers)  # the receiver may go on with the run's trace
+        result = await send_webhook(
+            ctx["webhook_http"],
+            url=prepared["url"],
+            headers=headers,
+            body=prepared["body"],
+            timeout_seconds=float(prepared["timeout"]),
+            allowed=parse_networks(prepared.get("allowed_networks", ())),
+        )
+        if span is not None and result.status_code is not None:
+            span.set_attribute("http.response.status_code", result.status_code)
+        if not result.succeeded:
+            tracing.error(
+                span, result.error_code or f"http_{result.status_code}", result.error or ""
+            )
     event = {
         "type": "delivery.attempt",
         "delivery_id": delivery_id,

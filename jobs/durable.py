@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from jobs import tracing
 from jobs.protocol import WAITPOINTS_PATH, JSONRefused, clean_text, dumps, loads
 from jobs.report import Reporter, ReportRejected
 from jobs.runlog import CURRENT_STEP
@@ -283,10 +284,15 @@ class Steps:
         started = _now()
         token = CURRENT_STEP.set(key)
         try:
-            result = fn(*args, **kwargs)
-            if inspect.isawaitable(result):
-                result = await result
-            output = self._keepable(key, result)
+            with tracing.span(f"step {key}", attributes={"gateway.step": key}) as span:
+                try:
+                    result = fn(*args, **kwargs)
+                    if inspect.isawaitable(result):
+                        result = await result
+                    output = self._keepable(key, result)
+                except TaskError as exc:
+                    tracing.error(span, exc.code, exc.message)
+                    raise
         except Exception as exc:
             error = (
                 _error(exc.code, exc.message, exc.retryable)

@@ -158,6 +158,8 @@ class WorkerEvent(BaseModel):
     #: A workflow's step; 0 for every other run.
     step: int = Field(default=0, ge=0)
     worker_id: str | None = Field(default=None, max_length=200)
+    #: The attempt's span (``jobs.tracing``), when traces are on.
+    traceparent: str | None = Field(default=None, max_length=64)
     occurred_at: str | None = None
     output: Any = None
     error: WorkerError | None = None

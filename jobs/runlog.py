@@ -328,6 +328,9 @@ class RunLogger(logging.LoggerAdapter[logging.Logger]):
         step = CURRENT_STEP.get()
         if step is not None:
             fields.setdefault("step", step)
+        trace_id = (self.extra or {}).get("trace_id")
+        if trace_id is not None:
+            fields.setdefault("trace_id", trace_id)
         self.run_log.add(level, message, fields)
         # The run keeps every field; the worker's own log gets those that do
         # not clash with a LogRecord's attributes (``thread``, ``name``, …),

@@ -173,6 +173,31 @@ class Settings(BaseSettings):
     run_log_max_lines: int = Field(default=5000, ge=1)
     """Log lines a run keeps (``ctx.logger``); past it, one line counts the rest.
     A worker ships no more than this of an attempt's lines."""
+    otel_exporter_otlp_endpoint: str | None = Field(
+        default=None, validation_alias="OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    """Where OpenTelemetry traces go over OTLP/HTTP (``http://collector:4318``). Set,
+    or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` set, turns traces on; the SDK reads
+    the other standard ``OTEL_*`` variables itself (docs/operations.md#traces)."""
+    otel_exporter_otlp_traces_endpoint: str | None = Field(
+        default=None, validation_alias="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    )
+    """The traces' own OTLP/HTTP URL (``…/v1/traces``), instead of the endpoint's."""
+    otel_service_name: str | None = Field(default=None, validation_alias="OTEL_SERVICE_NAME")
+    """The ``service.name`` of this process's spans. Default: ``gateway-web`` or
+    ``gateway-worker``."""
+    otel_sdk_disabled: bool = Field(default=False, validation_alias="OTEL_SDK_DISABLED")
+    """``true`` turns traces off whatever else is set."""
+
+    def tracing_env(self) -> dict[str, str]:
+        """The variables ``jobs.tracing.setup`` decides by."""
+        return {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": self.otel_exporter_otlp_endpoint or "",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": self.otel_exporter_otlp_traces_endpoint or "",
+            "OTEL_SERVICE_NAME": self.otel_service_name or "",
+            "OTEL_SDK_DISABLED": "true" if self.otel_sdk_disabled else "",
+        }
+
     log_format: Literal["text", "json"] = "text"
     """``text`` (readable lines) or ``json`` (one object per line, with ``run_id``,
     ``task`` and ``attempt`` on a run's lines)."""

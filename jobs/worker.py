@@ -25,6 +25,7 @@ from arq.connections import create_pool
 from arq.worker import Worker
 from pydantic import BaseModel, ValidationError
 
+from jobs import tracing
 from jobs.contract import DeliverReport, DeliverWebhook, RunTask
 from jobs.deliver import deliver_webhook
 from jobs.durable import Steps, Suspend
@@ -72,6 +73,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx.get("settings") or Settings.from_env()
     ctx["settings"] = settings
     secret = settings.require_secret()
+    tracing.setup("gateway-worker", settings.tracing_env())
     ctx["registry"] = load_tasks(settings.task_modules)
     ctx["worker_id"] = _worker_id()
     ctx["http"] = httpx.AsyncClient(
@@ -171,6 +173,8 @@ async def _execute(
     attempt: int,
     state: dict[str, Any] | None,
     run_log: RunLog,
+    *,
+    trace_id: str | None = None,
 ) -> dict[str, Any]:
     """Run the task; return the fields of the final event (never raises for
     the task's own failures, so one bad run never takes the worker down)."""
@@ -202,7 +206,9 @@ async def _execute(
         worker_id=ctx["worker_id"],
         logger=RunLogger(
             logging.getLogger(f"jobs.task.{task}"),
-            {"run_id": run_id, "task": task, "attempt": attempt},
+            # The trace ID goes into each line's fields (and the worker's own log).
+            {"run_id": run_id, "task": task, "attempt": attempt}
+            | ({"trace_id": trace_id} if trace_id else {}),
             run_log,
         ),
         settings=settings,
@@ -302,7 +308,24 @@ async def run_task(
     heartbeats: Heartbeats = ctx["heartbeats"]
     heartbeats.add(run_id, attempt, step)
     try:
-        return await _run_attempt(ctx, run_id, task, payload, attempt, step, state, options)
+        with tracing.span(
+            f"run {task}",
+            parent=(options or {}).get("traceparent"),
+            kind="consumer",
+            attributes={
+                "gateway.run_id": run_id,
+                "gateway.task": task,
+                "gateway.attempt": attempt,
+                "gateway.step": step or None,
+                "gateway.worker_id": ctx["worker_id"],
+            },
+        ) as span:
+            outcome = await _run_attempt(
+                ctx, run_id, task, payload, attempt, step, state, options, span
+            )
+            if span is not None:
+                span.set_attribute("gateway.outcome", outcome)
+            return outcome
     finally:
         heartbeats.discard(run_id, attempt, step)
 
@@ -316,9 +339,18 @@ async def _run_attempt(
     step: int,
     state: dict[str, Any] | None,
     options: dict[str, Any] | None,
+    span: Any = None,
 ) -> str:
     reporter: Reporter = ctx["reporter"]
-    ids = {"run_id": run_id, "attempt": attempt, "step": step, "worker_id": ctx["worker_id"]}
+    ids: dict[str, Any] = {
+        "run_id": run_id,
+        "attempt": attempt,
+        "step": step,
+        "worker_id": ctx["worker_id"],
+    }
+    traceparent = tracing.traceparent_of(span)
+    if traceparent is not None:  # the gateway's span of a report hangs under this attempt's
+        ids["traceparent"] = traceparent
     try:
         ack = await reporter.report(make_event("started", **ids), ctx["redis"])
     except ReportRejected as exc:
@@ -344,7 +376,16 @@ async def _run_attempt(
     )
     try:
         async with asyncio.timeout(max_duration):
-            result = await _execute(ctx, run_id, task, payload, attempt, state, run_log)
+            result = await _execute(
+                ctx,
+                run_id,
+                task,
+                payload,
+                attempt,
+                state,
+                run_log,
+                trace_id=tracing.trace_id_of((options or {}).get("traceparent")),
+            )
     except TimeoutError:
         result = {
             "type": "failed",
@@ -357,6 +398,8 @@ async def _run_attempt(
     await run_log.close()  # its lines are in before the run is final
     event_type = result.pop("type")
     error = result.get("error") or {}
+    if error:
+        tracing.error(span, error.get("code", ""), error.get("message", ""))
     log.info(
         "run %s %s%s",
         run_id,
@@ -618,6 +661,7 @@ def run_workers(settings: Settings) -> None:
         for worker in workers:
             loop.run_until_complete(worker.close())
         loop.close()
+        tracing.shutdown()  # what the spans' batch still holds
 
 
 def _settings_class(options: dict[str, Any], doc: str) -> type:

@@ -234,3 +234,15 @@ async def durable_parent(payload: Any, ctx: TaskContext) -> None:
         await ctx.trigger_and_wait("sleep", {"seconds": payload["child"]})
     await ctx.sleep(float(payload.get("sleep", 0)))
     await ctx.step("after", _tally, payload["tally"], "after")
+
+
+@task("tests.traced")
+async def traced(payload: Any, ctx: TaskContext) -> dict[str, Any]:
+    """A durable step and a log line: what a run's trace shows."""
+
+    def prepare() -> int:
+        ctx.logger.info("preparing")
+        return 41
+
+    prepared = await ctx.step("prepare", prepare)
+    return {"answer": prepared + 1}

@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 
 from db.engine import Database
 from db.ids import new_id
-from db.models import Delivery, DeliveryStatus, WebhookEndpoint
+from db.models import Delivery, DeliveryStatus, Run, WebhookEndpoint
 from db.types import utcnow
 from gateway.metrics import DELIVERY_ATTEMPTS
 from gateway.queue import QueuedJob, enqueue_jobs
@@ -38,6 +38,7 @@ log = logging.getLogger("webhooks.dispatch")
 
 endpoints = WebhookEndpoint.__table__  # type: ignore[attr-defined]
 deliveries = Delivery.__table__  # type: ignore[attr-defined]
+runs = Run.__table__  # type: ignore[attr-defined]
 
 
 class DeliveryDispatcher:
@@ -57,6 +58,8 @@ class DeliveryDispatcher:
             "timeout": self.settings.webhook_timeout,
             "allowed_networks": list(self.settings.webhook_allowed_networks),
             "prepared_at": utcnow().timestamp(),
+            "event_type": outgoing.event_type,
+            "traceparent": outgoing.traceparent,
         }
 
     def first_attempts(self, outgoing: Sequence[Outgoing]) -> list[QueuedJob]:
@@ -193,7 +196,19 @@ class DeliveryDispatcher:
                 conn.execute(
                     deliveries.update().where(deliveries.c.id == delivery_id).values(leased_at=now)
                 )
-            return Outgoing(delivery_id, url, encode_body(row["payload"]), secrets_)
+            traceparent = (
+                conn.scalar(sa.select(runs.c.traceparent).where(runs.c.id == row["run_id"]))
+                if row["run_id"]
+                else None
+            )
+            return Outgoing(
+                delivery_id,
+                url,
+                encode_body(row["payload"]),
+                secrets_,
+                event_type=row["event_type"],
+                traceparent=traceparent,
+            )
 
         result = await self.db.write(lease)
         if isinstance(result, Outgoing):

@@ -80,6 +80,9 @@ class Outgoing:
     #: Who receives it (an endpoint, or a run's callback URL): whose turns
     #: its attempts take on the deliveries queue.
     receiver: str | None = None
+    #: The event, and the trace of the run it is about (``jobs.tracing``).
+    event_type: str | None = None
+    traceparent: str | None = None
 
 
 # Built once: the hot path (every final event of every run) runs these.
@@ -207,7 +210,15 @@ def create_run_deliveries(
             now=now,
         )
         out.append(
-            Outgoing(delivery_id, row.url, body, tuple(active_secrets(conn, row.id, now)), row.id)
+            Outgoing(
+                delivery_id,
+                row.url,
+                body,
+                tuple(active_secrets(conn, row.id, now)),
+                row.id,
+                event_type,
+                run.get("traceparent"),
+            )
         )
     if callback_url:
         delivery_id = insert_delivery(
@@ -221,7 +232,17 @@ def create_run_deliveries(
             now=now,
         )
         secret = project_secret(conn, run["project_id"])
-        out.append(Outgoing(delivery_id, callback_url, body, (secret,), callback_url))
+        out.append(
+            Outgoing(
+                delivery_id,
+                callback_url,
+                body,
+                (secret,),
+                callback_url,
+                event_type,
+                run.get("traceparent"),
+            )
+        )
     return out
 
 

@@ -9,6 +9,7 @@ not in the OpenAPI document, which is for applications.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -29,6 +30,7 @@ from gateway.errors import (
 from gateway.runs.durable import CHILD_OPTIONS_REFUSED
 from gateway.runs.requests import Duration, Tag, TriggerOptions
 from gateway.services import Services, services_of
+from jobs import tracing
 from jobs.protocol import (
     ARTIFACT_FETCH_PATH,
     ARTIFACTS_PATH,
@@ -124,9 +126,22 @@ async def _apply_batch(services: Services, items: list[Any], body_size: int) -> 
         except APIError as exc:
             answers[index] = _refusal(exc)
     if events:
-        applied = await services.runs.apply_events([event for _, event in events])
-        for (index, _), answer in zip(events, applied, strict=True):
-            answers[index] = _refusal(answer) if isinstance(answer, APIError) else answer.to_dict()
+        reports = [
+            (
+                f"report {event.type}",
+                event.traceparent,
+                {"gateway.run_id": event.run_id, "gateway.attempt": event.attempt},
+            )
+            for _, event in events
+        ]
+        with tracing.spans(reports) as spans:
+            applied = await services.runs.apply_events([event for _, event in events])
+            for (index, _), answer, span in zip(events, applied, spans, strict=True):
+                if isinstance(answer, APIError):
+                    answers[index] = _refusal(answer)
+                    tracing.error(span, answer.code, answer.message)
+                else:
+                    answers[index] = answer.to_dict()
     if logs:
         kept = await services.runs.append_logs([batch for _, batch in logs])
         for (index, _), refused in zip(logs, kept, strict=True):
@@ -159,7 +174,16 @@ async def worker_event(request: Request) -> Response:
         return JSON(await _record(services, validate(DeliveryAttemptReport, data)))
     event = validate(WorkerEvent, data)
     _check_meaning(services, event, len(body))
-    answer = await services.runs.apply_event(event)
+    with (
+        tracing.span(
+            f"report {event.type}",
+            parent=event.traceparent,
+            attributes={"gateway.run_id": event.run_id},
+        )
+        if event.traceparent
+        else contextlib.nullcontext()
+    ):
+        answer = await services.runs.apply_event(event)
     return JSON(answer.to_dict())
 
 

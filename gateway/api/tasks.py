@@ -15,6 +15,7 @@ from gateway.api.views import BatchCreated, RunView, TaskList, shaped
 from gateway.errors import NotFound, ValidationFailed
 from gateway.runs.requests import BatchRequest, TriggerRequest
 from gateway.services import Services, services_of
+from jobs import tracing
 from jobs.tasks.registry import TaskDefinition
 
 __all__ = ["check_task_payload", "routes"]
@@ -66,7 +67,18 @@ async def trigger(request: Request, project_id: str) -> Response:
                 ]
             )
         body.options.idempotency_key = header_key
-    run, cached = await services.runs.trigger(project_id, task, body)
+    with tracing.span(
+        f"trigger {task}",
+        parent=request.headers.get(tracing.HEADER),
+        kind="server",
+        attributes={"gateway.task": task, "gateway.project_id": project_id},
+    ) as span:
+        run, cached = await services.runs.trigger(
+            project_id, task, body, traceparent=tracing.traceparent_of(span)
+        )
+        if span is not None:
+            span.set_attribute("gateway.run_id", run["id"])
+            span.set_attribute("gateway.cached", cached)
     run["public_access_token"] = services.tokens.issue(run["id"])
     return shaped(
         RunView,

@@ -194,6 +194,8 @@ class RunView(_View):
     #: The schedule whose tick made the run, and the tick.
     schedule_id: str | None = None
     scheduled_at: str | None = None
+    #: The OpenTelemetry trace of the run (32 hex digits), when traces are on.
+    trace_id: str | None = None
     #: Trigger answers only: an earlier run given back for its idempotency
     #: key, or a DELAYED run that a debounce key pushed back.
     is_cached: bool | None = None

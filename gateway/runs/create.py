@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -28,6 +28,7 @@ from gateway.runs.read import load_run, node_states, run_view
 from gateway.runs.requests import TriggerOptions
 from gateway.runs.runs_table import insert_run, run_transitions, runs
 from gateway.runs.workflow import downstream_of, seed_nodes
+from jobs import tracing
 from jobs.protocol import WORKFLOW_TASK
 
 __all__ = [
@@ -244,6 +245,9 @@ def replay_row(original: Mapping[str, Any], now: dt.datetime) -> dict[str, Any]:
         "max_duration": original["max_duration"],
         "idempotency_key": None,
         "replayed_from": original["id"],
+        "traceparent": tracing.mint(
+            f"new run {original['task']}", links=[original.get("traceparent")]
+        ),
         "batch_id": None,
         "queue": original["queue"],
         "concurrency_key": original["concurrency_key"],
@@ -262,9 +266,13 @@ def new_run(
     callback_url: str | None,
     field: str = "options",
     replayed_from: str | None = None,
+    traceparent: str | None = None,
+    links: Sequence[str | None] = (),
 ) -> NewRun:
     """The row of a new run from a trigger's options (``callback_url`` checked
-    already), due now, after its delay, or debounced.
+    already), due now, after its delay, or debounced. ``traceparent``: the
+    span that made it (a trigger request's); else a root span is made here,
+    linked to ``links`` (a parent run's), when tracing is on (``jobs.tracing``).
 
     :raises ValidationFailed: options that do not go together
     """
@@ -324,6 +332,7 @@ def new_run(
         "concurrency_key": options.concurrency_key,
         "priority": options.priority,
         "order_at": now - dt.timedelta(seconds=options.priority),
+        "traceparent": traceparent or tracing.mint(f"new run {task}", links=links),
         "debounce_key": debounce.key if debounce else None,
         "debounce_until": (
             now + dt.timedelta(seconds=max(debounce.max_delay, debounce.delay))

@@ -200,6 +200,7 @@ def _start_child(
         TriggerOptions.model_validate(options),
         now=now,
         callback_url=None,
+        links=[run.get("traceparent")],
     ).row
     row.update(parent_id=run["id"], node_id=node_id)
     starts = row["status"] == RunStatus.QUEUED.value and admit(conn, row, rules)

@@ -31,7 +31,11 @@ class Job:
 
 def job_of(run: Mapping[str, Any], *, state: dict[str, Any] | None = None) -> Job:
     """The job that runs ``run``'s current attempt (and step)."""
-    options = {"max_duration": run["max_duration"]} if run.get("max_duration") else None
+    options: dict[str, Any] = {}
+    if run.get("max_duration"):
+        options["max_duration"] = run["max_duration"]
+    if run.get("traceparent"):
+        options["traceparent"] = run["traceparent"]
     return Job(
         run["id"],
         run["task"],
@@ -39,7 +43,7 @@ def job_of(run: Mapping[str, Any], *, state: dict[str, Any] | None = None) -> Jo
         run["attempt"],
         run.get("step", 0),
         state,
-        options,
+        options or None,
         run.get("priority") or 0,
         run.get("project_id"),
     )

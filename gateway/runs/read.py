@@ -22,6 +22,7 @@ from gateway.runs.runs_table import (
     run_transitions,
     runs,
 )
+from jobs import tracing
 from jobs.protocol import WORKFLOW_TASK
 
 __all__ = [
@@ -72,6 +73,7 @@ JOB_COLUMNS = (
     runs.c.step,
     runs.c.max_duration,
     runs.c.priority,
+    runs.c.traceparent,
 )
 
 
@@ -135,6 +137,7 @@ def run_view(
         "priority": row.get("priority") or 0,
         "schedule_id": row.get("schedule_id"),
         "scheduled_at": isoformat(row.get("scheduled_at")),
+        "trace_id": tracing.trace_id_of(row.get("traceparent")),
         "created_at": isoformat(row["created_at"]),
         "updated_at": isoformat(row["updated_at"]),
         "started_at": isoformat(started),

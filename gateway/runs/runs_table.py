@@ -92,6 +92,7 @@ _RUN_FIELDS = (
     "priority",
     "gated",
     "held",
+    "traceparent",
 )
 _SELECT_RUN = sa.select(*(runs.c[f] for f in _RUN_FIELDS)).where(runs.c.id == _P("run_id"))
 _SELECT_RUN_LOCKED = _SELECT_RUN.with_for_update()

@@ -30,6 +30,7 @@ from gateway.runs.runs_table import (
     select_run,
     transition,
 )
+from jobs import tracing
 from jobs.protocol import WORKFLOW_TASK, WaitNode, WorkerEvent
 
 waitpoints = Waitpoint.__table__  # type: ignore[attr-defined]
@@ -260,6 +261,7 @@ def apply_waiting(
             "parent_id": run["id"],
             "node_id": spec.node_id,
             "queue": queue,
+            "traceparent": tracing.mint(f"new run {spec.task}", links=[run.get("traceparent")]),
         }
         starts = admit(conn, child, rules)
         insert_run(conn, child)

@@ -86,6 +86,7 @@ class RunService:
         *,
         field: str = "options",
         replayed_from: str | None = None,
+        traceparent: str | None = None,
     ) -> NewRun:
         """The row of a new run, from a trigger's options (checked here)."""
         callback_url = options.callback_url
@@ -100,6 +101,7 @@ class RunService:
             callback_url=callback_url,
             field=field,
             replayed_from=replayed_from,
+            traceparent=traceparent,
         )
 
     async def create(
@@ -118,11 +120,21 @@ class RunService:
         return created.runs
 
     async def trigger(
-        self, project_id: str, task: str, request: TriggerRequest
+        self,
+        project_id: str,
+        task: str,
+        request: TriggerRequest,
+        *,
+        traceparent: str | None = None,
     ) -> tuple[dict[str, Any], bool]:
-        """One run: its view, and whether an idempotency key gave back an earlier one."""
+        """One run: its view, and whether an idempotency key gave back an
+        earlier one. ``traceparent``: the trigger request's span."""
         [(view, cached)] = await self.create(
-            [self.new_row(project_id, task, request.payload, request.options)]
+            [
+                self.new_row(
+                    project_id, task, request.payload, request.options, traceparent=traceparent
+                )
+            ]
         )
         return view, cached
 
