@@ -121,6 +121,7 @@ class Load:
                 else:
                     raise AssertionError(f"trigger {n}: no gateway answered")
                 n += 1
+                self._stop.wait(0.02)  # a steady stream, not a flood to drain
 
     def __enter__(self) -> Load:
         self._thread.start()
@@ -214,9 +215,27 @@ def _rotate(
             for run_id in load.run_ids
         ]
     assert {run["status"] for run in finals} == {"COMPLETED"}
-    calls = receiver.wait_for(
-        lambda calls: {c.json()["data"]["id"] for c in calls} >= set(load.run_ids), path, 60
-    )
+    # 120 s: a callback job the stopped worker had just taken (arq's
+    # in-progress key set, the job not begun) waits for that key to expire
+    # (the job's timeout) before another worker may take it; late, not lost.
+    try:
+        calls = receiver.wait_for(
+            lambda calls: {c.json()["data"]["id"] for c in calls} >= set(load.run_ids), path, 120
+        )
+    except AssertionError:
+        got = {c.json()["data"]["id"] for c in receiver.calls_to(path)}
+        missing = sorted(set(load.run_ids) - got)
+        rows = stack.query(
+            "SELECT id, run_id, status, attempts, last_error, next_attempt_at, leased_at"
+            " FROM deliveries WHERE run_id IN :ids",
+            ids=tuple(missing[:20]),
+        )
+        said = []
+        for log_file in sorted(pair.logs.glob("*.log")):
+            for line in log_file.read_text(errors="replace").splitlines():
+                if any(row[0] in line or row[1] in line for row in rows):
+                    said.append(f"{log_file.name}: {line[:300]}")
+        raise AssertionError(f"{len(missing)} callbacks missing: {rows}\n" + "\n".join(said))
     assert {c.json()["data"]["id"] for c in calls} == set(load.run_ids)
 
     # What was handed out under the old key still works, at either gateway.
