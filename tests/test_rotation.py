@@ -235,7 +235,9 @@ def _rotate(
             for line in log_file.read_text(errors="replace").splitlines():
                 if any(row[0] in line or row[1] in line for row in rows):
                     said.append(f"{log_file.name}: {line[:300]}")
-        raise AssertionError(f"{len(missing)} callbacks missing: {rows}\n" + "\n".join(said))
+        raise AssertionError(
+            f"{len(missing)} callbacks missing: {rows}\n" + "\n".join(said)
+        ) from None
     assert {c.json()["data"]["id"] for c in calls} == set(load.run_ids)
 
     # What was handed out under the old key still works, at either gateway.
