@@ -495,7 +495,16 @@ class NudgedWorker(Worker):
     listens on the queue's nudge channel (:func:`jobs.protocol.nudge_channel`)
     and polls at once when a job is announced. Polling goes on as before, for
     deferred jobs, for jobs queued by anyone else, and when the channel is down.
+
+    On SIGTERM it also waits for a poll that is starting jobs (see
+    :meth:`_sleep_until_tasks_complete`).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Clear while a poll is in :meth:`start_jobs`.
+        self._started = asyncio.Event()
+        self._started.set()
 
     async def _connect(self, outage: RedisOutage) -> ArqRedis:
         """arq's pool, tried until Redis answers (arq itself gives up after
@@ -579,27 +588,38 @@ class NudgedWorker(Worker):
         # its own paths: a Redis error in between would keep the slot for
         # good. One job at a time, so a failed one gives its slot back.
         heartbeats: Heartbeats | None = self.ctx.get("heartbeats")
-        for raw in job_ids:
-            job_id = raw.decode()
-            before = self.tasks.get(job_id)
-            try:
-                await super().start_jobs([raw])
-            except REDIS_DOWN:
-                if self.tasks.get(job_id) is before:
-                    self.job_counter -= 1
-                    self.sem.release()
-                raise
-            taken = self.tasks.get(job_id)
-            attempt = parse_run_job_id(job_id)
-            if heartbeats is not None and taken is not before and taken and attempt:
-                # Beats from the moment the job is taken, before its task
-                # gets the loop to report its start.
-                heartbeats.add(*attempt)
-                taken.add_done_callback(functools.partial(_forget, heartbeats, attempt))
+        self._started.clear()
+        try:
+            for raw in job_ids:
+                job_id = raw.decode()
+                before = self.tasks.get(job_id)
+                try:
+                    await super().start_jobs([raw])
+                except REDIS_DOWN:
+                    if self.tasks.get(job_id) is before:
+                        self.job_counter -= 1
+                        self.sem.release()
+                    raise
+                taken = self.tasks.get(job_id)
+                attempt = parse_run_job_id(job_id)
+                if heartbeats is not None and taken is not before and taken and attempt:
+                    # Beats from the moment the job is taken, before its task
+                    # gets the loop to report its start.
+                    heartbeats.add(*attempt)
+                    taken.add_done_callback(functools.partial(_forget, heartbeats, attempt))
+        finally:
+            self._started.set()
 
     async def _sleep_until_tasks_complete(self) -> None:
         # arq counts a finished job as running until its next poll removes it;
         # with a long poll delay, a stopping worker would wait for nothing.
+        # And a poll that is starting jobs as the signal comes may have set a
+        # job's in-progress key with no task made for it yet: cancelled
+        # there, it would leave the key behind, and no worker would take that
+        # job until the key expired (its timeout: a callback 72 s late). So
+        # the poll is waited for too; it takes no new job after the signal
+        # (``allow_pick_jobs``).
+        await self._started.wait()
         running = [task for task in self.tasks.values() if not task.done()]
         if running:
             await asyncio.wait(running)

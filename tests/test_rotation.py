@@ -215,12 +215,9 @@ def _rotate(
             for run_id in load.run_ids
         ]
     assert {run["status"] for run in finals} == {"COMPLETED"}
-    # 120 s: a callback job the stopped worker had just taken (arq's
-    # in-progress key set, the job not begun) waits for that key to expire
-    # (the job's timeout) before another worker may take it; late, not lost.
     try:
         calls = receiver.wait_for(
-            lambda calls: {c.json()["data"]["id"] for c in calls} >= set(load.run_ids), path, 120
+            lambda calls: {c.json()["data"]["id"] for c in calls} >= set(load.run_ids), path, 60
         )
     except AssertionError:
         got = {c.json()["data"]["id"] for c in receiver.calls_to(path)}
