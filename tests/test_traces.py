@@ -155,3 +155,17 @@ def test_a_failed_attempt_marks_its_span_and_a_child_run_is_linked(
 def test_without_an_endpoint_runs_carry_no_trace(stack: Stack) -> None:
     run: dict[str, Any] = stack.run("echo", {"untraced": True})
     assert run["status"] == "COMPLETED" and run["trace_id"] is None
+
+
+def test_a_trigger_through_trigger_dev_s_api_takes_the_callers_trace(traced: Stack) -> None:
+    stack = traced
+    trace_id = secrets.token_hex(16)
+    with stack.client() as client:
+        accepted = client.post(
+            "/trigger.dev/api/v1/tasks/echo/trigger",
+            json={"payload": {"from": "sdk"}},
+            headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"},
+        )
+        assert accepted.status_code == 200, accepted.text
+        run = client.get(f"/api/v1/runs/{accepted.json()['id']}", params={"wait": 30}).json()
+    assert run["status"] == "COMPLETED" and run["trace_id"] == trace_id

@@ -18,7 +18,7 @@ from gateway.services import Services, services_of
 from jobs import tracing
 from jobs.tasks.registry import TaskDefinition
 
-__all__ = ["check_task_payload", "routes"]
+__all__ = ["check_task_payload", "routes", "traced_trigger"]
 
 
 def _definition(services: Services, task: str) -> TaskDefinition:
@@ -48,6 +48,26 @@ async def list_tasks(request: Request, project_id: str) -> Response:
     return shaped(TaskList, {"data": services_of(request).registry.describe()})
 
 
+async def traced_trigger(
+    request: Request, project_id: str, task: str, body: TriggerRequest
+) -> tuple[dict[str, Any], bool]:
+    """A trigger in its ``trigger <task>`` span, a child of the request's
+    ``traceparent`` (``jobs.tracing``); the run, and whether it was cached."""
+    with tracing.span(
+        f"trigger {task}",
+        parent=request.headers.get(tracing.HEADER),
+        kind="server",
+        attributes={"gateway.task": task, "gateway.project_id": project_id},
+    ) as span:
+        run, cached = await services_of(request).runs.trigger(
+            project_id, task, body, traceparent=tracing.traceparent_of(span)
+        )
+        if span is not None:
+            span.set_attribute("gateway.run_id", run["id"])
+            span.set_attribute("gateway.cached", cached)
+    return run, cached
+
+
 async def trigger(request: Request, project_id: str) -> Response:
     services = services_of(request)
     task = request.path_params["task"]
@@ -67,18 +87,7 @@ async def trigger(request: Request, project_id: str) -> Response:
                 ]
             )
         body.options.idempotency_key = header_key
-    with tracing.span(
-        f"trigger {task}",
-        parent=request.headers.get(tracing.HEADER),
-        kind="server",
-        attributes={"gateway.task": task, "gateway.project_id": project_id},
-    ) as span:
-        run, cached = await services.runs.trigger(
-            project_id, task, body, traceparent=tracing.traceparent_of(span)
-        )
-        if span is not None:
-            span.set_attribute("gateway.run_id", run["id"])
-            span.set_attribute("gateway.cached", cached)
+    run, cached = await traced_trigger(request, project_id, task, body)
     run["public_access_token"] = services.tokens.issue(run["id"])
     return shaped(
         RunView,

@@ -20,7 +20,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from db.types import utcnow
 from gateway.api.bodies import json_object, validate
 from gateway.api.routing import run_reader
-from gateway.api.tasks import check_task_payload
+from gateway.api.tasks import check_task_payload, traced_trigger
 from gateway.api.views import JSON
 from gateway.errors import ValidationFailed
 from gateway.runs.errors import RunAlreadyFinal
@@ -55,7 +55,7 @@ async def trigger(request: Request) -> Response:
     task = request.path_params["task"]
     body = validate(TriggerRequest, wire.trigger_request(await json_body(request)))
     check_task_payload(services, task, body.payload)
-    run, cached = await services.runs.trigger(project_id, task, body)
+    run, cached = await traced_trigger(request, project_id, task, body)
     return JSON(
         {"id": run["id"], "isCached": cached},
         headers={"x-trigger-jwt": services.tokens.issue(run["id"])},
