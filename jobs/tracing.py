@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "HEADER",
     "enabled",
+    "error",
     "inject",
     "mint",
     "setup",
@@ -126,9 +127,6 @@ def _links(traceparents: Sequence[str | None]) -> list[Any]:
 def _traceparent(span: Span) -> str:
     context = span.get_span_context()
     return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
-
-
-_KINDS = ("internal", "server", "client", "consumer", "producer")
 
 
 @contextlib.contextmanager

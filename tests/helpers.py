@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import pytest
 import sqlalchemy as sa
 
 from db.engine import Database
@@ -126,6 +127,28 @@ def db_query(url: str, sql: str, params: Mapping[str, Any] | None = None) -> lis
         *(sa.bindparam(k, expanding=True) for k, v in values.items() if isinstance(v, tuple))
     )
     return db_call(url, lambda conn: list(conn.execute(statement, values)))
+
+
+def need(missing: str | None) -> None:
+    """Skip the test for what this machine lacks (``missing``), except under
+    CI=true, where every test must run: there it fails, saying what is missing."""
+    if missing is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI must run this test: {missing}")
+    pytest.skip(missing)
+
+
+def gateway_cmd(*args: str, env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+    """``python -m gateway ARGS`` to its end, its output kept."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        env=dict(env),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def child_env(**overrides: str) -> dict[str, str]:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,7 @@ import pytest
 
 from gateway.cli.embedded_redis import EmbeddedRedis
 from tests.conftest import Databases, Stack, _redis_db, launch_stack
-from tests.helpers import ROOT, wait_until
+from tests.helpers import gateway_cmd, wait_until
 from tests.test_tasks import data_uri, download, quadrants
 
 FINAL = ("COMPLETED", "FAILED", "CANCELED", "EXPIRED", "TIMED_OUT")
@@ -42,17 +40,6 @@ def source(
         tmp_path_factory.mktemp("logs-backup"),
     ) as stack:
         yield stack
-
-
-def _gateway(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 class Crops:
@@ -110,7 +97,7 @@ def test_a_backup_taken_while_runs_flow_restores_into_a_fresh_gateway(
     with Crops(source) as crops:
         wait_until(lambda: len(_final_runs(source)) >= 10, what="ten crops done")
         final_before = _final_runs(source)
-        made = _gateway(source.env, "backup", str(folder))
+        made = gateway_cmd("backup", str(folder), env=source.env)
         assert made.returncode == 0, made.stderr
         wait_until(lambda: len(crops.run_ids) > len(final_before) + 20, what="runs after it")
     manifest = json.loads(made.stdout)
@@ -119,7 +106,7 @@ def test_a_backup_taken_while_runs_flow_restores_into_a_fresh_gateway(
     if manifest["artifact_store"] == "local":
         assert manifest["artifact_files"] >= len(final_before)
     # Into a folder that is not empty: refused, nothing written.
-    again = _gateway(source.env, "backup", str(folder))
+    again = gateway_cmd("backup", str(folder), env=source.env)
     assert again.returncode == 2 and "not empty" in again.stderr
 
     restored_url = databases.empty("restored")
@@ -128,9 +115,9 @@ def test_a_backup_taken_while_runs_flow_restores_into_a_fresh_gateway(
         "DATABASE_URL": restored_url,
         "ARTIFACT_DIR": str(tmp_path / "restored-artifacts"),
     }
-    put_back = _gateway(target, "restore", str(folder))
+    put_back = gateway_cmd("restore", str(folder), env=target)
     assert put_back.returncode == 0, put_back.stderr
-    refused = _gateway(target, "restore", str(folder))
+    refused = gateway_cmd("restore", str(folder), env=target)
     assert refused.returncode == 2 and "--force" in refused.stderr
 
     (tmp_path / "logs").mkdir()

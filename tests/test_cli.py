@@ -15,19 +15,8 @@ import httpx
 
 from gateway.cli.embedded_redis import free_port
 from tests.conftest import Stack
-from tests.helpers import ROOT, child_env, wait_until
+from tests.helpers import ROOT, child_env, gateway_cmd, wait_until
 from tests.receiver import Receiver
-
-
-def gateway_cmd(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_keys_create_prints_the_key_alone_on_the_last_line(stack: Stack) -> None:

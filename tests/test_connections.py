@@ -16,7 +16,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,18 +30,10 @@ from gateway.cli.embedded_redis import EmbeddedRedis, free_port
 from jobs.protocol import redis_settings
 from tests.certs import Certs
 from tests.conftest import Databases, Stack, _backend_of, _redis_db, launch_stack
-from tests.helpers import ROOT, wait_until
+from tests.helpers import gateway_cmd, need, wait_until
 from tests.postgres import Postgres
 from tests.postgres import missing as postgres_missing
 from tests.receiver import Receiver
-
-
-def _need(reason: str | None) -> None:
-    if reason is None:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI must run this test: {reason}")
-    pytest.skip(reason)
 
 
 def _postgres_only(database_url: str) -> None:
@@ -81,17 +72,6 @@ def _exercise(stack: Stack, receiver: Receiver, label: str) -> None:
     fanout = stack.run("tests.durable-fanout", {"items": items, "then": then})
     assert fanout["status"] == "COMPLETED", fanout["error"]
     assert [b["output"] for b in fanout["output"]["batch"]] == [{"n": n} for n in range(3)]
-
-
-def _gateway(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 # -- PgBouncer ----------------------------------------------------------------------
@@ -183,7 +163,7 @@ def test_pgbouncer_in_transaction_pooling_runs_the_whole_loop(
     tmp_path: Path,
 ) -> None:
     _postgres_only(database_url)
-    _need(_pgbouncer_missing())
+    need(_pgbouncer_missing())
     from sqlalchemy import make_url
 
     name = make_url(databases.empty("bouncer")).database
@@ -215,7 +195,7 @@ def test_pgbouncer_in_transaction_pooling_runs_the_whole_loop(
         assert asyncio.run(reads(bouncer.url(name))) == [7] * 100
 
         url = bouncer.url(name)
-        migrated = _gateway({**os.environ, "DATABASE_URL": url}, "migrate")
+        migrated = gateway_cmd("migrate", env={**os.environ, "DATABASE_URL": url})
         assert migrated.returncode == 0, migrated.stderr
         with launch_stack(
             "bouncer",
@@ -242,7 +222,7 @@ def test_postgresql_with_sslmode_require_and_verify_full(
     tmp_path: Path,
 ) -> None:
     _postgres_only(database_url)
-    _need(postgres_missing())
+    need(postgres_missing())
     server = Postgres()
     try:
         cert, key = certs.copy_to(server.home, "postgres")
@@ -255,10 +235,10 @@ def test_postgresql_with_sslmode_require_and_verify_full(
         )
         server.start()
         plain = server.async_url + "?sslmode=disable"
-        refused = _gateway({**os.environ, "DATABASE_URL": plain}, "migrate")
+        refused = gateway_cmd("migrate", env={**os.environ, "DATABASE_URL": plain})
         assert refused.returncode != 0 and "no encryption" in refused.stderr, refused.stderr
         required = server.async_url + "?sslmode=require"
-        migrated = _gateway({**os.environ, "DATABASE_URL": required}, "migrate")
+        migrated = gateway_cmd("migrate", env={**os.environ, "DATABASE_URL": required})
         assert migrated.returncode == 0, migrated.stderr
         # verify-full: the server's certificate checked against our CA and its name.
         verified = server.async_url + f"?sslmode=verify-full&sslrootcert={certs.ca}"
@@ -291,7 +271,7 @@ def _tls_redis_missing() -> str | None:
 
 @pytest.fixture
 def tls_redis(certs: Certs, tmp_path: Path) -> Iterator[int]:
-    _need(_tls_redis_missing())
+    need(_tls_redis_missing())
     port = free_port()
     binary = shutil.which("redis-server")
     assert binary
@@ -328,7 +308,7 @@ def tls_redis(certs: Certs, tmp_path: Path) -> Iterator[int]:
         def up() -> bool:
             if process.poll() is not None:
                 said = (tmp_path / "redis.log").read_text()
-                _need(f"this redis-server does not serve TLS: {said[-300:]}")
+                need(f"this redis-server does not serve TLS: {said[-300:]}")
             return asyncio.run(ping())
 
         wait_until(up, what="TLS Redis up")

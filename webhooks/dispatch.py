@@ -25,6 +25,7 @@ from db.types import utcnow
 from gateway.metrics import DELIVERY_ATTEMPTS
 from gateway.queue import QueuedJob, enqueue_jobs
 from gateway.settings import Settings
+from jobs import tracing
 from jobs.contract import DeliverWebhook
 from jobs.protocol import clean_text, delivery_job_id
 from webhooks.deliveries import RetryPolicy, delivery_row, lost_attempt, outcome_of, record_attempt
@@ -196,9 +197,9 @@ class DeliveryDispatcher:
                 conn.execute(
                     deliveries.update().where(deliveries.c.id == delivery_id).values(leased_at=now)
                 )
-            traceparent = (
+            traceparent = (  # read only when there are traces to join
                 conn.scalar(sa.select(runs.c.traceparent).where(runs.c.id == row["run_id"]))
-                if row["run_id"]
+                if row["run_id"] and tracing.enabled()
                 else None
             )
             return Outgoing(
