@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 from arq import ArqRedis, func
 from arq.connections import create_pool
+from arq.constants import in_progress_key_prefix
 from arq.worker import Worker
 
 from jobs import tracing
@@ -213,7 +214,8 @@ class NudgedWorker(Worker):
     deferred jobs, for jobs queued by anyone else, and when the channel is down.
 
     On SIGTERM it also waits for a poll that is starting jobs (see
-    :meth:`_sleep_until_tasks_complete`).
+    :meth:`_sleep_until_tasks_complete`). And a job that Redis failed before
+    it could finish is given back at once (:meth:`run_job`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -221,6 +223,8 @@ class NudgedWorker(Worker):
         #: Clear while a poll is in :meth:`start_jobs`.
         self._started = asyncio.Event()
         self._started.set()
+        #: Jobs whose in-progress mark is still to be taken off (Redis failed).
+        self._unfinished: set[str] = set()
 
     async def _connect(self, outage: RedisOutage) -> ArqRedis:
         """arq's pool, tried until Redis answers (arq itself gives up after
@@ -325,6 +329,41 @@ class NudgedWorker(Worker):
                     taken.add_done_callback(functools.partial(_forget, heartbeats, attempt))
         finally:
             self._started.set()
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        # arq marks a job in progress before this reads it, and takes the mark
+        # off as it finishes it. A Redis error in between (the read, the
+        # finish: a connection refused or timed out on a loaded host) ends
+        # the task with the mark still on, and no worker would take the job
+        # again until the mark expired (its timeout and 10 s: 72 s for a
+        # callback, hours for a long task). The mark is this worker's own
+        # (set by the poll that made this task), so it is taken off here, or
+        # at the next poll if Redis is still failing, and the job, still in
+        # the queue, runs again at once (arq's jobs are at least once).
+        try:
+            await super().run_job(job_id, score)
+        except REDIS_DOWN as exc:
+            log.warning(
+                "job %s: Redis failed before it finished (%s); it is given back to the queue",
+                job_id,
+                exc,
+            )
+            self._unfinished.add(job_id)
+            await self._give_back()
+
+    async def _give_back(self) -> None:
+        """Take the in-progress marks of unfinished jobs off, where Redis lets us."""
+        for job_id in list(self._unfinished):
+            try:
+                await self.pool.delete(in_progress_key_prefix + job_id)
+            except REDIS_DOWN:
+                return  # the next poll tries again
+            self._unfinished.discard(job_id)
+
+    async def _poll_iteration(self) -> None:
+        if self._unfinished:
+            await self._give_back()
+        await super()._poll_iteration()
 
     async def _sleep_until_tasks_complete(self) -> None:
         # arq counts a finished job as running until its next poll removes it;

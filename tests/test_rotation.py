@@ -20,8 +20,11 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
+from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
 
 from gateway.cli.embedded_redis import EmbeddedRedis, free_port
+from jobs.protocol import delivery_job_id
 from tests.conftest import TEST_SECRET, Databases, Stack, _redis_db, launch_stack
 from tests.helpers import Process, dashboard_session, wait_http_ok
 from tests.receiver import Receiver
@@ -175,6 +178,24 @@ def test_rotating_the_secret_key_under_load_loses_nothing(pair: Pair, receiver: 
         session.close()
 
 
+def _in_redis(stack: Stack, delivery_ids: list[str]) -> list[str]:
+    """What Redis holds of each delivery's first attempt: its job, its
+    in-progress mark (with the milliseconds it has left), its result and its
+    place in the queue, for a diagnosis."""
+    queue = f"{stack.env.get('QUEUE_NAME', 'gateway:queue')}:deliveries"
+    said = []
+    with redis.Redis.from_url(stack.redis_url) as client:
+        for delivery_id in delivery_ids:
+            job = delivery_job_id(delivery_id, 0)
+            said.append(
+                f"redis: {job}: job={client.exists(job_key_prefix + job)}"
+                f" in_progress_pttl={client.pttl(in_progress_key_prefix + job)}"
+                f" result={client.exists(result_key_prefix + job)}"
+                f" score={client.zscore(queue, job)}"
+            )
+    return said
+
+
 def _rotate(
     pair: Pair,
     receiver: Receiver,
@@ -227,10 +248,12 @@ def _rotate(
             " FROM deliveries WHERE run_id IN :ids",
             ids=tuple(missing[:20]),
         )
-        said = []
+        said = _in_redis(stack, [row[0] for row in rows])
         for log_file in sorted(pair.logs.glob("*.log")):
             for line in log_file.read_text(errors="replace").splitlines():
-                if any(row[0] in line or row[1] in line for row in rows):
+                if any(row[0] in line or row[1] in line for row in rows) or (
+                    " WARNING " in line or " ERROR " in line
+                ):
                     said.append(f"{log_file.name}: {line[:300]}")
         raise AssertionError(
             f"{len(missing)} callbacks missing: {rows}\n" + "\n".join(said)

@@ -30,6 +30,9 @@ COPIED = {
     "close": "5bcc9cb356680829",
     # Overridden to give a slot back when Redis fails half-way through a start.
     "start_jobs": "b45797cfa40bed7f",
+    # Wrapped to take a job's in-progress mark off when Redis fails before the
+    # job finishes: the mark is set by start_jobs, and taken off by finish_job.
+    "run_job": "589a19059ff84ee7",
 }
 
 #: Attributes of a Worker instance that NudgedWorker and run_workers read.

@@ -1,0 +1,116 @@
+"""A worker whose Redis fails in the middle of a job gives the job back at once.
+
+arq marks a job in progress before it reads it and takes the mark off as it
+finishes it; a Redis error in between used to leave the mark on, and no worker
+took the job again until it expired (a callback 72 s late). Here a real Redis
+refuses one command of arq's read to the first worker (an ACL without
+``INCRBY``), as a dropped or timed-out connection would fail it: the job goes
+back to the queue, the worker keeps polling, and a second worker runs the job
+long before its mark would have expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from typing import Any
+
+import redis
+from arq import ArqRedis, func
+from arq.connections import create_pool
+from arq.constants import in_progress_key_prefix
+
+from gateway.cli.embedded_redis import EmbeddedRedis
+from gateway.queue import QueuedJob, enqueue_jobs
+from jobs.protocol import redis_settings
+from jobs.worker import NudgedWorker
+
+#: A database no stack of the suite uses (theirs count from 1: ``_redis_db``).
+DB = 0
+#: The job's timeout, so its in-progress mark would last 10 minutes and 10 s.
+TIMEOUT = 600
+
+
+class Watched(NudgedWorker):
+    """Our worker, with an event for each job it has tried."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tried = asyncio.Event()
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        try:
+            await super().run_job(job_id, score)
+        finally:
+            self.tried.set()
+
+
+async def _scenario(url: str) -> None:
+    queue = f"test-give-back-{secrets.token_hex(4)}"
+    ran = asyncio.Event()
+
+    async def job(ctx: dict[str, Any], value: str) -> str:
+        ran.set()
+        return value
+
+    def worker(user_url: str) -> Watched:
+        return Watched(
+            functions=[func(job, name="job", timeout=TIMEOUT)],
+            queue_name=queue,
+            redis_settings=redis_settings(user_url),
+            handle_signals=False,
+            poll_delay=0.05,
+        )
+
+    pool: ArqRedis = await create_pool(redis_settings(f"{url}/{DB}"))
+    user = f"no-incr-{secrets.token_hex(4)}"
+    password = secrets.token_hex(8)
+    host = url.removeprefix("redis://")
+    await pool.execute_command(
+        "ACL", "SETUSER", user, "on", f">{password}", "~*", "&*", "+@all", "-incrby"
+    )
+    first = worker(f"redis://{user}:{password}@{host}/{DB}")
+    second = worker(f"{url}/{DB}")
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        [queued] = await enqueue_jobs(
+            pool, [QueuedJob("job", ("given back",), "job-1", queue, kwargs={})]
+        )
+        assert queued
+        tasks.append(asyncio.create_task(first.main()))
+        await asyncio.wait_for(first.tried.wait(), 10)
+        # The read failed, and the mark is off: the job waits in the queue.
+        assert not ran.is_set()
+        assert not await pool.exists(in_progress_key_prefix + "job-1")
+        assert await pool.zscore(queue, "job-1") is not None
+        # The worker is still polling (it takes the job again, and fails again).
+        first.tried.clear()
+        await asyncio.wait_for(first.tried.wait(), 10)
+        assert not tasks[0].done()
+        # Stopped as a signal stops it: no new job, the one in hand ended.
+        first.allow_pick_jobs = False
+        await asyncio.wait_for(first._sleep_until_tasks_complete(), 10)
+        tasks[0].cancel()
+        await asyncio.gather(tasks[0], return_exceptions=True)
+        assert not await pool.exists(in_progress_key_prefix + "job-1")
+        # Another worker runs it now, not when a mark would have expired.
+        tasks.append(asyncio.create_task(second.main()))
+        await asyncio.wait_for(ran.wait(), 10)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for w in (first, second):
+            if w._pool is not None:
+                await w._pool.aclose()
+        await pool.execute_command("ACL", "DELUSER", user)
+        await pool.delete(queue)
+        await pool.aclose()
+
+
+def test_a_job_whose_redis_failed_mid_way_runs_again_at_once(
+    redis_server: EmbeddedRedis,
+) -> None:
+    asyncio.run(_scenario(redis_server.url))
+    with redis.Redis.from_url(f"{redis_server.url}/{DB}") as client:
+        assert client.get("arq:result:job-1") is not None
