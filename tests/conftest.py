@@ -266,7 +266,8 @@ def _redis_db(database_url: str, offset: int) -> int:
     # Each backend and each stack gets its own Redis database: queues never mix.
     # Offsets: 0 main, 1 single-slot, 2 faults, 3 fuzz, 4 queue, 5 strict, 6 web2,
     # 7 operate, 8 artifacts, 9 flow, 10 faults (2nd), 11 webhooks, 12 durable,
-    # 13 rotation, 14 workers, 15 backup, 16 restored backup (64 databases: 31 at most).
+    # 13 rotation, 14 workers, 15 backup, 16 restored backup, 17-18 connections, 19 traces,
+    # 20 dispatcher (64 databases: 30 at most).
     return 1 + offset * 2 + _backends().index(_backend_of(database_url))
 
 

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from arq import ArqRedis
 from redis.exceptions import RedisError
@@ -33,13 +34,189 @@ from webhooks.models import DeliveryAttemptReport
 from webhooks.outbox import Outgoing, active_secrets, encode_body, project_secret
 from webhooks.signing import webhook_headers
 
-__all__ = ["DeliveryDispatcher"]
+__all__ = [
+    "DeliveryDispatcher",
+    "claim_first_attempts",
+    "handover_key",
+    "lease_delivery",
+    "lease_due",
+    "release_leases",
+]
 
 log = logging.getLogger("webhooks.dispatch")
 
 endpoints = WebhookEndpoint.__table__  # type: ignore[attr-defined]
 deliveries = Delivery.__table__  # type: ignore[attr-defined]
 runs = Run.__table__  # type: ignore[attr-defined]
+
+
+def handover_key(settings: Settings) -> str:
+    """The Redis list the gateway hands first attempts to ``gateway dispatch`` on."""
+    return f"{settings.queue_name}:callbacks"
+
+
+def lease_delivery(
+    conn: sa.Connection,
+    delivery_id: str,
+    policy: RetryPolicy,
+    lease_seconds: float,
+    now: dt.datetime,
+    *,
+    trigger: str = "schedule",
+    retried: bool = False,
+) -> dict[str, Any] | Outgoing:
+    """What to send for ``delivery_id`` now (an :class:`Outgoing`, leased to
+    the caller when scheduled), or why nothing goes out (a dict).
+
+    A scheduled attempt whose predecessor went out (``retried``) and was never
+    reported first records that one as ``attempt_lost``."""
+    row = delivery_row(conn, delivery_id)
+    if row["status"] != DeliveryStatus.PENDING.value:
+        return {"send": False, "reason": f"the delivery is {row['status']}"}
+    leased = row["leased_at"]
+    if (
+        trigger == "schedule"
+        and retried
+        and leased is not None
+        and leased < now - dt.timedelta(seconds=lease_seconds)
+    ):
+        outcome = record_attempt(conn, policy, lost_attempt(row), now)
+        return {"send": False, "reason": "the last attempt was lost", **outcome}
+    if row["endpoint_id"] is None:
+        secrets_: tuple[str, ...] = (project_secret(conn, row["project_id"]),)
+        url = row["url"]
+    else:
+        endpoint = (
+            conn.execute(sa.select(endpoints).where(endpoints.c.id == row["endpoint_id"]))
+            .mappings()
+            .one()
+        )
+        if not endpoint["enabled"] or endpoint["deleted_at"] is not None:
+            reason = (
+                "endpoint deleted"
+                if endpoint["deleted_at"] is not None
+                else f"endpoint disabled: {endpoint['disabled_reason']}"
+            )
+            conn.execute(
+                deliveries.update()
+                .where(deliveries.c.id == delivery_id)
+                .values(
+                    status=DeliveryStatus.FAILED.value,
+                    next_attempt_at=None,
+                    leased_at=None,
+                    last_error=reason,
+                    updated_at=now,
+                )
+            )
+            return {"send": False, "reason": reason}
+        secrets_ = (*active_secrets(conn, endpoint["id"], now),)
+        url = endpoint["url"]
+    if trigger == "schedule":
+        conn.execute(
+            deliveries.update().where(deliveries.c.id == delivery_id).values(leased_at=now)
+        )
+    traceparent = (  # read only when there are traces to join
+        conn.scalar(sa.select(runs.c.traceparent).where(runs.c.id == row["run_id"]))
+        if row["run_id"] and tracing.enabled()
+        else None
+    )
+    return Outgoing(
+        delivery_id,
+        url,
+        encode_body(row["payload"]),
+        secrets_,
+        receiver=row["endpoint_id"] or url,
+        event_type=row["event_type"],
+        traceparent=traceparent,
+    )
+
+
+def claim_first_attempts(conn: sa.Connection, ids: Sequence[str], now: dt.datetime) -> set[str]:
+    """The deliveries among ``ids`` whose first attempt nobody has taken yet,
+    now leased to the caller (``gateway dispatch``, from the hand-over list).
+
+    A delivery is written leased at its creation (``outbox.insert_delivery``),
+    for the attempt handed over with the commit; a lease still equal to
+    ``created_at`` is that one, untaken. One the dispatcher's scan took first
+    (the hand-over waited past its lease) is not taken twice."""
+    if not ids:
+        return set()
+    taken = conn.execute(
+        deliveries.update()
+        .where(
+            deliveries.c.id.in_(ids),
+            deliveries.c.status == DeliveryStatus.PENDING.value,
+            deliveries.c.attempts == 0,
+            deliveries.c.leased_at == deliveries.c.created_at,
+        )
+        .values(leased_at=now)
+        .returning(deliveries.c.id)
+    )
+    return set(taken.scalars())
+
+
+def release_leases(
+    conn: sa.Connection, ids: Sequence[str], due_at: dt.datetime | None = None
+) -> None:
+    """Give back the leases of attempts taken and not sent (a dispatcher
+    stopping, or one with more of a receiver's callbacks than it holds): a
+    first attempt looks untaken again, a retry is due again (at ``due_at``,
+    when given)."""
+    if not ids:
+        return
+    values: dict[str, Any] = {
+        "leased_at": sa.case((deliveries.c.attempts == 0, deliveries.c.created_at), else_=sa.null())
+    }
+    if due_at is not None:
+        values["next_attempt_at"] = due_at
+    conn.execute(
+        deliveries.update()
+        .where(deliveries.c.id.in_(ids), deliveries.c.status == DeliveryStatus.PENDING.value)
+        .values(**values)
+    )
+
+
+def lease_due(
+    conn: sa.Connection,
+    policy: RetryPolicy,
+    lease_seconds: float,
+    now: dt.datetime,
+    limit: int,
+) -> list[Outgoing | dict[str, Any]]:
+    """Due attempts that no one holds, leased to the caller (``gateway
+    dispatch``): retries whose time came, and attempts whose lease ran out
+    (their sender stopped, or the hand-over was lost with Redis). On
+    PostgreSQL, rows another dispatcher is leasing are skipped, not waited for.
+
+    Each is an :class:`Outgoing` to send, or what was done instead (a lost
+    attempt recorded, a delivery of a disabled endpoint failed)."""
+    expired = now - dt.timedelta(seconds=lease_seconds)
+    query = (
+        sa.select(
+            deliveries.c.id,
+            deliveries.c.attempts,
+            deliveries.c.leased_at,
+            deliveries.c.created_at,
+        )
+        .where(
+            deliveries.c.status == DeliveryStatus.PENDING.value,
+            deliveries.c.next_attempt_at <= now,
+            sa.or_(deliveries.c.leased_at.is_(None), deliveries.c.leased_at < expired),
+        )
+        .order_by(deliveries.c.next_attempt_at)
+        .limit(limit)
+    )
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    out: list[Outgoing | dict[str, Any]] = []
+    for row in conn.execute(query).all():
+        # An attempt went out under the lease that ran out, unless it was the
+        # first one's, handed over and never taken (its lease is its creation).
+        went_out = row.leased_at is not None and not (
+            row.attempts == 0 and row.leased_at == row.created_at
+        )
+        out.append(lease_delivery(conn, row.id, policy, lease_seconds, now, retried=went_out))
+    return out
 
 
 class DeliveryDispatcher:
@@ -50,7 +227,8 @@ class DeliveryDispatcher:
         self.redis = redis
         self.settings = settings
 
-    def _prepared(self, outgoing: Outgoing) -> dict[str, Any]:
+    def prepared(self, outgoing: Outgoing) -> dict[str, Any]:
+        """What a sender needs for ``outgoing``: its request, signed now."""
         return {
             "send": True,
             "url": outgoing.url,
@@ -64,14 +242,17 @@ class DeliveryDispatcher:
         }
 
     def first_attempts(self, outgoing: Sequence[Outgoing]) -> list[QueuedJob]:
-        """The jobs of freshly committed deliveries' first attempts.
+        """The jobs of freshly committed deliveries' first attempts (none when
+        ``gateway dispatch`` sends them: :meth:`hand_over`).
 
         Each carries headers signed now, which saves the worker a round trip
         for the first attempt; later attempts ask :meth:`prepare` again.
         """
+        if self.settings.webhook_dispatcher:
+            return []
         return [
             QueuedJob.of(
-                DeliverWebhook(item.id, "schedule", self._prepared(item)),
+                DeliverWebhook(item.id, "schedule", self.prepared(item)),
                 job_id=delivery_job_id(item.id, 0),
                 queue_name=self.settings.delivery_queue_name,
                 # Turns by receiver: one slow endpoint's backlog never keeps
@@ -85,10 +266,29 @@ class DeliveryDispatcher:
         """Queue the first attempts of freshly committed deliveries."""
         try:
             await enqueue_jobs(self.redis, self.first_attempts(outgoing))
+            await self.hand_over(outgoing)
         except (RedisError, OSError) as exc:
             log.warning(
                 "could not queue %d delivery(ies) (the reconciler will): %s", len(outgoing), exc
             )
+
+    async def hand_over(self, outgoing: Sequence[Outgoing]) -> None:
+        """With ``WEBHOOK_DISPATCHER``: the first attempts of freshly committed
+        deliveries, signed now, to ``gateway dispatch`` (one round trip). One
+        that Redis loses is still due in the database, where the dispatcher
+        finds it once its lease is over.
+
+        :raises redis.exceptions.RedisError: Redis did not take them
+        """
+        if not self.settings.webhook_dispatcher or not outgoing:
+            return
+        await self.redis.rpush(  # type: ignore[misc]
+            handover_key(self.settings),
+            *(
+                orjson.dumps({"id": item.id, "receiver": item.receiver, **self.prepared(item)})
+                for item in outgoing
+            ),
+        )
 
     async def _enqueue(
         self,
@@ -147,79 +347,23 @@ class DeliveryDispatcher:
         first time may have waited its turn in a long queue (a slow receiver's
         backlog) past its lease, and that is no lost attempt.
         """
-        policy = self._policy()
+        policy = self.retry_policy()
         lease_seconds = self.lease_seconds
 
         def lease(conn: sa.Connection) -> dict[str, Any] | Outgoing:
-            row = delivery_row(conn, delivery_id)
-            if row["status"] != DeliveryStatus.PENDING.value:
-                return {"send": False, "reason": f"the delivery is {row['status']}"}
-            now = utcnow()
-            leased = row["leased_at"]
-            if (
-                trigger == "schedule"
-                and retried
-                and leased is not None
-                and leased < now - dt.timedelta(seconds=lease_seconds)
-            ):
-                outcome = record_attempt(conn, policy, lost_attempt(row), now)
-                return {"send": False, "reason": "the last attempt was lost", **outcome}
-            if row["endpoint_id"] is None:
-                secrets_: tuple[str, ...] = (project_secret(conn, row["project_id"]),)
-                url = row["url"]
-            else:
-                endpoint = (
-                    conn.execute(sa.select(endpoints).where(endpoints.c.id == row["endpoint_id"]))
-                    .mappings()
-                    .one()
-                )
-                if not endpoint["enabled"] or endpoint["deleted_at"] is not None:
-                    reason = (
-                        "endpoint deleted"
-                        if endpoint["deleted_at"] is not None
-                        else f"endpoint disabled: {endpoint['disabled_reason']}"
-                    )
-                    conn.execute(
-                        deliveries.update()
-                        .where(deliveries.c.id == delivery_id)
-                        .values(
-                            status=DeliveryStatus.FAILED.value,
-                            next_attempt_at=None,
-                            leased_at=None,
-                            last_error=reason,
-                            updated_at=now,
-                        )
-                    )
-                    return {"send": False, "reason": reason}
-                secrets_ = (*active_secrets(conn, endpoint["id"], now),)
-                url = endpoint["url"]
-            if trigger == "schedule":
-                conn.execute(
-                    deliveries.update().where(deliveries.c.id == delivery_id).values(leased_at=now)
-                )
-            traceparent = (  # read only when there are traces to join
-                conn.scalar(sa.select(runs.c.traceparent).where(runs.c.id == row["run_id"]))
-                if row["run_id"] and tracing.enabled()
-                else None
-            )
-            return Outgoing(
-                delivery_id,
-                url,
-                encode_body(row["payload"]),
-                secrets_,
-                event_type=row["event_type"],
-                traceparent=traceparent,
+            return lease_delivery(
+                conn, delivery_id, policy, lease_seconds, utcnow(), trigger=trigger, retried=retried
             )
 
         result = await self.db.write(lease)
         if isinstance(result, Outgoing):
-            return self._prepared(result)
+            return self.prepared(result)
         if result.get("recorded"):
             DELIVERY_ATTEMPTS.labels(outcome="attempt_lost").inc()
             await self._after_record(delivery_id, result)
         return {"send": False, "reason": result["reason"]}
 
-    def _policy(self) -> RetryPolicy:
+    def retry_policy(self) -> RetryPolicy:
         settings = self.settings
         return RetryPolicy(
             schedule=settings.webhook_retry_schedule,
@@ -235,7 +379,7 @@ class DeliveryDispatcher:
         stored without its excerpt, as ``record_failed``: the attempt is never
         lost, and the delivery moves on.
         """
-        policy = self._policy()
+        policy = self.retry_policy()
         try:
             outcome = await self.db.write_behind(record_attempt, policy, report, utcnow())
         except (sa.exc.DataError, sa.exc.StatementError, ValueError) as exc:
@@ -256,7 +400,8 @@ class DeliveryDispatcher:
         return {"recorded": outcome["recorded"], "next_attempt_in": outcome["next_attempt_in"]}
 
     async def _after_record(self, delivery_id: str, outcome: Mapping[str, Any]) -> None:
-        if outcome["next_attempt_in"] is not None:
+        # ``gateway dispatch`` reads due retries from the database itself.
+        if outcome["next_attempt_in"] is not None and not self.settings.webhook_dispatcher:
             await self._enqueue(
                 delivery_id,
                 trigger="schedule",

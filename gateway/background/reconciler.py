@@ -134,10 +134,14 @@ class Reconciler(Periodic):
             # delivery on (arq keeps a result even for a job whose data
             # vanished): queue it again, with the stale result out of the way.
             now = utcnow()
-            pending = await self.db.read(
-                due_deliveries,
-                before,
-                now - dt.timedelta(seconds=self.dispatcher.lease_seconds),
+            pending = (
+                []  # ``gateway dispatch`` reads what is due from the database itself
+                if self.dispatcher.settings.webhook_dispatcher
+                else await self.db.read(
+                    due_deliveries,
+                    before,
+                    now - dt.timedelta(seconds=self.dispatcher.lease_seconds),
+                )
             )
             job_ids = [delivery_job_id(d["id"], d["schedule_step"]) for d in pending]
             gone_flags = await self._missing(job_ids, results_count=False)

@@ -121,6 +121,18 @@ def _web(settings: Settings) -> int:
     return 0
 
 
+def _dispatch(settings: Settings) -> int:
+    from gateway.background.dispatcher import run_dispatcher
+    from gateway.logs import configure_logging
+    from jobs.settings import ConfigError
+
+    configure_logging(settings)
+    if not settings.redis_url:
+        raise ConfigError("REDIS_URL", "the dispatcher needs the Redis URL the gateway uses")
+    run_dispatcher(settings)
+    return 0
+
+
 def _worker(settings: Settings) -> int:
     from gateway.logs import configure_logging
     from jobs.settings import ConfigError
@@ -215,11 +227,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="A webhook-driven async job gateway. Settings come from the environment.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("up", help="migrate, start Redis if REDIS_URL is unset, run web + worker")
+    sub.add_parser(
+        "up",
+        help="migrate, start Redis if REDIS_URL is unset, run web + worker (+ dispatch)",
+    )
     web = sub.add_parser("web", help="serve the HTTP API on HOST:PORT")
     web.add_argument("--host", help="the interface to listen on (default: HOST, 127.0.0.1)")
     web.add_argument("--port", type=int, help="the port (default: PORT, 8000)")
     sub.add_parser("worker", help="run an arq worker")
+    sub.add_parser(
+        "dispatch", help="send callbacks from the database (with WEBHOOK_DISPATCHER=true)"
+    )
     sub.add_parser("migrate", help="bring the database schema up to date")
     _add_keys(sub)
     saved = sub.add_parser(
@@ -273,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 os.environ[name] = str(value)
     try:
         settings = _server_settings()
-        if args.command in ("web", "worker"):
+        if args.command in ("web", "worker", "dispatch"):
             from gateway.cli.supervisor import watch_supervisor
 
             watch_supervisor()  # under `gateway up`: stop when it is gone
@@ -283,6 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _web(settings)
         if args.command == "worker":
             return _worker(settings)
+        if args.command == "dispatch":
+            return _dispatch(settings)
         if args.command == "migrate":
             return _migrate(settings)
         if args.command in ("backup", "restore"):

@@ -395,6 +395,10 @@ def _up(settings: Settings) -> int:
         worker = Child("worker", [*command, "worker"], env, watch_read)
         children.append(worker)
         worker.start()
+        if settings.webhook_dispatcher:
+            dispatcher = Child("dispatch", [*command, "dispatch"], env, watch_read)
+            children.append(dispatcher)
+            dispatcher.start()
         print(_banner(public_url, redis_url, redis, settings.database_url, key), flush=True)
         if loopback_allowed:
             print(

@@ -94,6 +94,7 @@ class UnitRunner:
         queued += self.dispatcher.first_attempts(effects.outgoing)
         try:
             await enqueue_jobs(self.redis, queued)
+            await self.dispatcher.hand_over(effects.outgoing)
         except (RedisError, OSError) as exc:
             # Committed already: the reconciler queues them again (arq dedupes).
             log.warning("could not queue %d job(s) (the reconciler will): %s", len(queued), exc)

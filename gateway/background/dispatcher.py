@@ -1,0 +1,347 @@
+"""``gateway dispatch``: callbacks sent by a process that holds the database.
+
+With ``WEBHOOK_DISPATCHER`` on, a committed delivery's first attempt is not an
+arq job: the gateway hands it over, signed, on a Redis list
+(``webhooks.dispatch.handover_key``). This process takes what is handed over,
+claims each in the database (a delivery is sent once, whoever finds it first),
+sends it with one pooled HTTP client and records the attempt itself, in the
+group commits of its own database lanes: no job, no worker, no report back to
+the web process per callback (docs/architecture.md, "Callbacks").
+
+The database stays the record. Every ``SCHEDULER_INTERVAL`` the dispatcher
+also leases what is due there and held by no one (``webhooks.dispatch.lease_due``):
+retries whose time came, and attempts whose lease ran out (a dispatcher that
+stopped mid-attempt, a hand-over Redis lost). On PostgreSQL several
+dispatchers run side by side (the lease skips locked rows); on SQLite, one.
+
+Every guarantee of the worker path holds: the same signatures, attempt log,
+retry schedule, ``410``, auto-disable and SSRF guard (``webhooks.sender``),
+and slow receivers never delay task runs (another process, other slots). At
+most ``WEBHOOK_CONCURRENCY`` attempts are in flight, and at most
+``WEBHOOK_RECEIVER_CONCURRENCY`` to one receiver: the rest of a slow
+receiver's callbacks wait their turn while others go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import datetime as dt
+import logging
+import secrets
+import signal
+import time
+from typing import Any
+
+import httpx
+import orjson
+import sqlalchemy as sa
+from arq import ArqRedis, create_pool
+from redis.exceptions import RedisError
+
+from db.engine import Database
+from db.types import utcnow
+from gateway.settings import Settings
+from jobs import tracing
+from jobs.protocol import REDIS_DOWN, RedisOutage, redis_settings
+from webhooks.dispatch import (
+    DeliveryDispatcher,
+    claim_first_attempts,
+    handover_key,
+    lease_due,
+    release_leases,
+)
+from webhooks.models import DeliveryAttemptReport
+from webhooks.outbox import Outgoing
+from webhooks.sender import send_webhook
+from webhooks.ssrf import parse_networks
+
+__all__ = ["CallbackDispatcher", "run_dispatcher"]
+
+log = logging.getLogger("gateway.dispatch")
+
+#: Attempts taken from the hand-over list at once, at most.
+TAKE = 200
+#: Seconds before a callback given back (its receiver's backlog is full) is due again.
+DEFER = 1.0
+
+
+class CallbackDispatcher:
+    """Takes due attempts (handed over, or found due in the database), sends
+    them within the concurrency limits, and records each."""
+
+    def __init__(
+        self, *, settings: Settings, db: Database, redis: ArqRedis, http: httpx.AsyncClient
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.redis = redis
+        self.http = http
+        self.deliveries = DeliveryDispatcher(db=db, redis=redis, settings=settings)
+        self.key = handover_key(settings)
+        self.slots = asyncio.Semaphore(settings.webhook_concurrency)
+        self.per_receiver = settings.webhook_receiver_concurrency
+        #: What is taken and not yet recorded, at most: the slots, and many
+        #: more waiting their receiver's turn, so that one receiver's backlog
+        #: never keeps the next receiver's callback in the list. A receiver
+        #: with more than a quarter of it waiting gets the rest given back,
+        #: due again a second later (``DEFER``).
+        self.limit = max(100, 20 * settings.webhook_concurrency)
+        self.wait_limit = self.limit // 4
+        self.allowed = parse_networks(settings.webhook_allowed_networks)
+        self._in_flight: collections.Counter[str] = collections.Counter()
+        self._waiting: dict[str, collections.deque[dict[str, Any]]] = {}
+        self._held = 0
+        self._room = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.sent = 0
+
+    # -- taking ------------------------------------------------------------------
+
+    async def take_handed_over(self, wait: float) -> int:
+        """Take what the gateway handed over (waiting up to ``wait`` seconds
+        for the first), claim it, and start it; how many were taken."""
+        room = self.limit - self._held
+        if room <= 0:
+            self._room.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._room.wait(), wait)
+            return 0
+        raw = await self.redis.lpop(self.key, min(room, TAKE))  # type: ignore[misc]
+        if not raw and wait:
+            popped = await self.redis.blpop([self.key], timeout=max(1, round(wait)))  # type: ignore[misc]
+            raw = [popped[1]] if popped else []
+        if not raw:
+            return 0
+        items = [orjson.loads(value) for value in raw]
+        claimed = await self.db.write(claim_first_attempts, [i["id"] for i in items], utcnow())
+        await self._start_all([item for item in items if item["id"] in claimed])
+        return len(items)
+
+    async def take_due(self) -> int:
+        """Lease what is due in the database and held by no one, and start it."""
+        room = self.limit - self._held
+        if room <= 0:
+            return 0
+        leased = await self.db.write(
+            lease_due,
+            self.deliveries.retry_policy(),
+            self.deliveries.lease_seconds,
+            utcnow(),
+            room,
+        )
+        await self._start_all(
+            [
+                {"id": item.id, "receiver": item.receiver, **self.deliveries.prepared(item)}
+                for item in leased
+                if isinstance(item, Outgoing)
+            ]
+        )
+        return len(leased)
+
+    # -- sending -----------------------------------------------------------------
+
+    async def _start_all(self, items: list[dict[str, Any]]) -> None:
+        deferred = [item["id"] for item in items if not self._start(item)]
+        if deferred:
+            due = utcnow() + dt.timedelta(seconds=DEFER)
+            await self.db.write(release_leases, deferred, due)
+
+    def _start(self, item: dict[str, Any]) -> bool:
+        """Send ``item`` now, or when its receiver has a slot; ``False`` if
+        its receiver has too many waiting already (the caller gives it back)."""
+        receiver = item.get("receiver") or item["url"]
+        if self._in_flight[receiver] >= self.per_receiver:
+            waiting = self._waiting.setdefault(receiver, collections.deque())
+            if len(waiting) >= self.wait_limit:
+                return False
+            waiting.append(item)
+            self._held += 1
+            return True
+        self._held += 1
+        self._launch(receiver, item)
+        return True
+
+    def _launch(self, receiver: str, item: dict[str, Any]) -> None:
+        self._in_flight[receiver] += 1
+        task = asyncio.create_task(self._attempt(item), name=f"callback {item['id']}")
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: self._done(t, receiver))
+
+    def _done(self, task: asyncio.Task[None], receiver: str) -> None:
+        self._tasks.discard(task)
+        self._held -= 1
+        self._room.set()
+        self._in_flight[receiver] -= 1
+        waiting = self._waiting.get(receiver)
+        if waiting:
+            self._launch(receiver, waiting.popleft())
+            if not waiting:
+                del self._waiting[receiver]
+        elif not self._in_flight[receiver]:
+            del self._in_flight[receiver]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("callback %s: %s", task.get_name(), task.exception())
+
+    async def _attempt(self, item: dict[str, Any]) -> None:
+        delivery_id = item["id"]
+        async with self.slots:
+            with tracing.span(
+                f"callback {item.get('event_type') or 'event'}",
+                parent=item.get("traceparent"),
+                kind="client",
+                attributes={"gateway.delivery_id": delivery_id, "url.full": item["url"]},
+            ) as span:
+                headers = dict(item["headers"])
+                tracing.inject(headers)
+                result = await send_webhook(
+                    self.http,
+                    url=item["url"],
+                    headers=headers,
+                    body=item["body"],
+                    timeout_seconds=float(item["timeout"]),
+                    allowed=self.allowed,
+                )
+                if span is not None and result.status_code is not None:
+                    span.set_attribute("http.response.status_code", result.status_code)
+                if not result.succeeded:
+                    tracing.error(
+                        span, result.error_code or f"http_{result.status_code}", result.error or ""
+                    )
+        report = DeliveryAttemptReport(
+            type="delivery.attempt",
+            delivery_id=delivery_id,
+            key=secrets.token_hex(16),
+            trigger="schedule",
+            **result.to_dict(),
+        )
+        # Recorded until the database takes it: the attempt went out, and its
+        # lease would otherwise count it lost.
+        pause = 0.1
+        while True:
+            try:
+                await self.deliveries.record_attempt(report)
+                break
+            except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+                log.warning("attempt of %s not recorded yet (the database): %s", delivery_id, exc)
+                await asyncio.sleep(pause)
+                pause = min(5.0, pause * 2)
+        self.sent += 1
+
+    # -- the process -------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Until ``stop`` is set; then the attempts in flight end and are
+        recorded (up to ``WORKER_SHUTDOWN_GRACE``)."""
+        taker = asyncio.create_task(self._take_loop(), name="dispatch-handed-over")
+        scanner = asyncio.create_task(self._scan_loop(), name="dispatch-due")
+        await stop.wait()
+        for task in (taker, scanner):
+            task.cancel()
+        await asyncio.gather(taker, scanner, return_exceptions=True)
+        # What waits its receiver's turn was taken and never sent: given back.
+        unsent = [item["id"] for waiting in self._waiting.values() for item in waiting]
+        self._waiting.clear()
+        if unsent:
+            try:
+                await self.db.write(release_leases, unsent)
+            except Exception as exc:  # their leases run out: sent then, as lost first
+                log.warning("could not give back %d callback(s): %s", len(unsent), exc)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=self.settings.worker_shutdown_grace)
+        for task in self._tasks:  # past the grace: their leases run out
+            task.cancel()
+
+    async def _take_loop(self) -> None:
+        outage = RedisOutage("dispatcher's hand-over list")
+        while True:
+            try:
+                await self.take_handed_over(wait=1.0)
+            except REDIS_DOWN as exc:
+                await outage.wait(exc)
+                continue
+            except Exception:
+                log.exception("taking handed-over callbacks failed; trying again")
+                await asyncio.sleep(1.0)
+                continue
+            outage.over()
+
+    async def _scan_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.scheduler_interval)
+            try:
+                await self.take_due()
+            except (RedisError, OSError) as exc:
+                log.warning("looking for due callbacks: %s", exc)
+            except Exception:
+                log.exception("looking for due callbacks failed; trying again")
+
+
+async def _serve(settings: Settings, stop: asyncio.Event) -> None:
+    redis_url = settings.redis_url
+    if not redis_url:
+        raise SystemExit("gateway dispatch: REDIS_URL is not set")
+    db = Database(settings.database_url)
+    outage = RedisOutage("dispatcher")
+    while True:
+        try:
+            redis = await create_pool(redis_settings(redis_url))
+            break
+        except REDIS_DOWN as exc:
+            await outage.wait(exc)
+    # Callbacks go to strangers: no proxies from the environment, no redirects.
+    http = httpx.AsyncClient(
+        trust_env=False,
+        follow_redirects=False,
+        limits=httpx.Limits(
+            max_connections=settings.webhook_concurrency,
+            max_keepalive_connections=settings.webhook_concurrency,
+        ),
+    )
+    dispatcher = CallbackDispatcher(settings=settings, db=db, redis=redis, http=http)
+    started = time.monotonic()
+    log.info(
+        "dispatching callbacks from %s: %d slots, %d per receiver",
+        dispatcher.key,
+        settings.webhook_concurrency,
+        settings.webhook_receiver_concurrency,
+    )
+    try:
+        await dispatcher.run(stop)
+    finally:
+        log.info(
+            "dispatcher stopped: %d attempt(s) sent in %.0f s",
+            dispatcher.sent,
+            time.monotonic() - started,
+        )
+        await http.aclose()
+        with contextlib.suppress(Exception):
+            await redis.aclose()
+        await db.dispose()
+
+
+def run_dispatcher(settings: Settings) -> None:
+    """``gateway dispatch``: until SIGINT or SIGTERM."""
+    if not settings.webhook_dispatcher:
+        raise SystemExit(
+            "gateway dispatch: WEBHOOK_DISPATCHER is off, so callbacks leave from the "
+            "workers; set WEBHOOK_DISPATCHER=true for the gateway and this process"
+        )
+    tracing.setup("gateway-dispatch", settings.tracing_env())
+    loop: asyncio.AbstractEventLoop
+    try:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    except ImportError:
+        loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        loop.run_until_complete(_serve(settings, stop))
+    finally:
+        loop.close()
+        tracing.shutdown()

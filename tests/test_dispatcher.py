@@ -1,0 +1,236 @@
+"""Callbacks from ``gateway dispatch`` (``WEBHOOK_DISPATCHER=true``).
+
+The callback suite of ``tests/test_webhooks.py`` runs here unchanged against
+a stack whose callbacks leave from the dispatcher process (its test functions
+are imported, and take this module's ``app``). Then what only the dispatcher
+has: a slow receiver holds at most ``WEBHOOK_RECEIVER_CONCURRENCY`` slots; a
+dispatcher killed mid-attempt leaves nothing unsent (the attempts it had out
+are recorded ``attempt_lost``, then sent again); hand-overs that Redis lost are
+found due in the database and sent once; a dispatcher stopped with callbacks
+waiting gives them back, and they go out with no lost attempt.
+"""
+
+from __future__ import annotations
+
+import secrets
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from gateway.cli.embedded_redis import EmbeddedRedis
+from tests.conftest import Databases, Stack, _redis_db, launch_stack
+from tests.helpers import Process, wait_until
+from tests.receiver import Answer, Receiver
+from tests.test_webhooks import (  # noqa: F401  (collected here, on the dispatcher's stack)
+    App,
+    register,
+    test_410_gone_disables_the_endpoint_until_patched,
+    test_500s_then_200_with_the_same_webhook_id_and_every_attempt_logged,
+    test_a_runs_callback_arrives_signed_and_verifiable,
+    test_a_timeout_and_a_redirect_are_failures_and_redirects_are_not_followed,
+    test_an_endpoint_failing_longer_than_the_span_is_disabled,
+    test_callback_url_of_one_run_is_signed_with_the_project_secret,
+    test_event_and_task_filters,
+    test_private_addresses_are_refused_at_registration_and_at_send_time,
+    test_receiver_down_for_a_while_then_up_gets_the_message,
+    test_recover_sends_pending_deliveries_now_when_asked,
+    test_resend_and_recover,
+    test_retry_after_is_honoured_within_bounds,
+    test_rotation_signs_with_both_secrets_then_only_the_new_one,
+)
+
+HANDOVER = "gateway:queue:callbacks"
+
+
+class Dispatched:
+    """A gateway and a worker, and callbacks from a dispatcher process."""
+
+    def __init__(self, stack: Stack, logs: Path) -> None:
+        self.stack = stack
+        self.logs = logs
+        self.dispatcher = self.start()
+
+    def start(self) -> Process:
+        return Process("dispatch", ["-m", "gateway", "dispatch"], self.stack.env, self.logs).start()
+
+    def restart(self) -> None:
+        self.dispatcher.stop()
+        self.dispatcher = self.start()
+
+
+@pytest.fixture(scope="module")
+def dispatched(
+    databases: Databases,
+    database_url: str,
+    redis_server: EmbeddedRedis,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Dispatched]:
+    logs = tmp_path_factory.mktemp("logs-dispatch")
+    with launch_stack(
+        "dispatch",
+        databases.new("dispatch"),
+        f"{redis_server.url}/{_redis_db(database_url, 20)}",
+        logs,
+        WEBHOOK_DISPATCHER="true",
+        WEBHOOK_CONCURRENCY="4",
+        WEBHOOK_RECEIVER_CONCURRENCY="1",
+    ) as stack:
+        dispatched = Dispatched(stack, logs)
+        try:
+            yield dispatched
+        finally:
+            dispatched.dispatcher.stop()
+
+
+@pytest.fixture
+def app(dispatched: Dispatched) -> App:
+    return App(dispatched.stack)
+
+
+def _deliveries(stack: Stack, project_id: str) -> list[tuple[str, str, int]]:
+    return [
+        (row[0], row[1], row[2])
+        for row in stack.query(
+            "SELECT id, status, attempts FROM deliveries WHERE project_id = :p ORDER BY id",
+            p=project_id,
+        )
+    ]
+
+
+def _codes(stack: Stack, delivery_id: str) -> list[str | None]:
+    return [
+        row[0]
+        for row in stack.query(
+            "SELECT error_code FROM delivery_attempts WHERE delivery_id = :d ORDER BY number",
+            d=delivery_id,
+        )
+    ]
+
+
+def _all_delivered(stack: Stack, project_id: str, count: int) -> list[tuple[str, str, int]]:
+    def settled() -> list[tuple[str, str, int]] | None:
+        rows = _deliveries(stack, project_id)
+        done = len(rows) == count and all(status == "delivered" for _, status, _ in rows)
+        return rows if done else None
+
+    return wait_until(settled, timeout=60, what=f"{count} deliveries delivered")
+
+
+def _trigger(app: App, count: int) -> None:
+    with app.client() as client:
+        for n in range(count):
+            answer = client.post("/api/v1/tasks/echo/trigger", json={"payload": {"n": n}})
+            assert answer.status_code == 202, answer.text
+
+
+def test_a_slow_receiver_holds_one_slot_and_others_go_by(
+    dispatched: Dispatched, receiver: Receiver
+) -> None:
+    """``WEBHOOK_RECEIVER_CONCURRENCY=1`` of 4 slots: three slow receivers'
+    backlogs take three, and another receiver's callback goes out at once in
+    the fourth; every slow one is delivered on its first attempt."""
+    slow_app, fast_app = App(dispatched.stack), App(dispatched.stack)
+    slow = [f"/slow-{secrets.token_hex(3)}-{n}" for n in range(3)]
+    fast = f"/fast-{secrets.token_hex(3)}"
+    for path in slow:
+        receiver.default(path, Answer(delay=0.3))
+        register(slow_app, receiver, path, events=["run.completed"])
+    register(fast_app, receiver, fast, events=["run.completed"])
+    _trigger(slow_app, 10)
+    wait_until(
+        lambda: sum(len(receiver.calls_to(p)) for p in slow) >= 3,
+        what="the slow backlog to be under way",
+    )
+    before = sum(len(receiver.calls_to(p)) for p in slow)
+    _trigger(fast_app, 1)
+    receiver.wait_calls(fast, 1, timeout=5)
+    overtaking = sum(len(receiver.calls_to(p)) for p in slow) - before
+    # One slot each: each slow receiver had one call in flight at most.
+    assert overtaking <= 3, overtaking
+    rows = _all_delivered(dispatched.stack, slow_app.project_id, 30)
+    assert {attempts for _, _, attempts in rows} == {1}, rows
+
+
+def test_a_killed_dispatcher_leaves_nothing_unsent(
+    dispatched: Dispatched, receiver: Receiver
+) -> None:
+    """SIGKILL with attempts out: when their leases run out a new dispatcher
+    records each as ``attempt_lost`` and sends it again; every one arrives."""
+    app = App(dispatched.stack)
+    path = f"/killed-{secrets.token_hex(3)}"
+    receiver.default(path, Answer(delay=1.0))
+    register(app, receiver, path, events=["run.completed"])
+    _trigger(app, 4)
+    receiver.wait_calls(path, 1)
+    dispatched.dispatcher.stop(signal.SIGKILL)
+    dispatched.dispatcher = dispatched.start()
+    receiver.default(path, Answer())
+    rows = _all_delivered(dispatched.stack, app.project_id, 4)
+    lost = [d for d, _, _ in rows if "attempt_lost" in _codes(dispatched.stack, d)]
+    # The one out when the process died (more, if a second had started).
+    assert lost, rows
+    for delivery_id in lost:
+        assert _codes(dispatched.stack, delivery_id)[0] == "attempt_lost"
+    received = {c.headers["webhook-id"] for c in receiver.calls_to(path)}
+    assert received == {d for d, _, _ in rows}
+
+
+def test_handovers_that_redis_lost_are_sent_once_from_the_database(
+    dispatched: Dispatched, receiver: Receiver
+) -> None:
+    """The dispatcher away, its hand-over list gone (a flush, a Redis without
+    its AOF): the deliveries are found due once their lease is over, and each
+    goes out once, with one attempt and none lost."""
+    app = App(dispatched.stack)
+    path = f"/lost-{secrets.token_hex(3)}"
+    register(app, receiver, path, events=["run.completed"])
+    dispatched.dispatcher.stop()
+    try:
+        _trigger(app, 5)
+        wait_until(
+            lambda: len(_deliveries(dispatched.stack, app.project_id)) == 5,
+            what="five deliveries written",
+        )
+        with redis.Redis.from_url(dispatched.stack.redis_url) as client:
+            assert client.llen(HANDOVER) >= 5
+            client.delete(HANDOVER)
+    finally:
+        dispatched.dispatcher = dispatched.start()
+    rows = _all_delivered(dispatched.stack, app.project_id, 5)
+    assert {attempts for _, _, attempts in rows} == {1}, rows
+    assert len(receiver.calls_to(path)) == 5
+
+
+def test_a_stopped_dispatcher_gives_back_what_waited_its_turn(
+    dispatched: Dispatched, receiver: Receiver
+) -> None:
+    """SIGTERM while a slow receiver's callbacks wait for its one slot: the
+    one out ends and is recorded, the waiting ones are given back, and the
+    next dispatcher sends each on its first attempt (none counted lost)."""
+    app = App(dispatched.stack)
+    path = f"/stopped-{secrets.token_hex(3)}"
+    receiver.default(path, Answer(delay=0.5))
+    register(app, receiver, path, events=["run.completed"])
+    _trigger(app, 6)
+    receiver.wait_calls(path, 1)
+    dispatched.restart()
+    rows = _all_delivered(dispatched.stack, app.project_id, 6)
+    assert {attempts for _, _, attempts in rows} == {1}, rows
+    assert len(receiver.calls_to(path)) == 6
+
+
+def test_dispatch_refuses_to_start_when_the_gateway_sends_from_workers(
+    dispatched: Dispatched, tmp_path: Path
+) -> None:
+    process = Process(
+        "dispatch-off",
+        ["-m", "gateway", "dispatch"],
+        {**dispatched.stack.env, "WEBHOOK_DISPATCHER": "false"},
+        tmp_path,
+    ).start()
+    assert process.popen is not None
+    assert process.popen.wait(30) != 0
+    assert "WEBHOOK_DISPATCHER is off" in process.log_tail()
