@@ -376,11 +376,17 @@ def measure(backend: str, args: argparse.Namespace) -> dict[str, Any]:
                 else {}
             ),
             DATA_DIR=str(tmp_path / "data"),
+            WEBHOOK_DISPATCHER="true" if args.dispatcher else "false",
         )
         logs = args.logs or tmp_path
         logs.mkdir(parents=True, exist_ok=True)
         gateway = Process("gateway", ["-m", "gateway", "web"], env, logs).start()
         worker = Process("worker", ["-m", "gateway", "worker"], env, logs).start()
+        dispatcher = (
+            Process("dispatch", ["-m", "gateway", "dispatch"], env, logs).start()
+            if args.dispatcher
+            else None
+        )
         try:
             wait_http_ok(f"http://127.0.0.1:{port}/healthz", gateway)
 
@@ -416,7 +422,15 @@ def measure(backend: str, args: argparse.Namespace) -> dict[str, Any]:
                     port,
                     plain,
                     hooked,
-                    {"web": gateway.popen.pid, "worker": worker.popen.pid},
+                    {
+                        "web": gateway.popen.pid,
+                        "worker": worker.popen.pid,
+                        **(
+                            {"dispatch": dispatcher.popen.pid}
+                            if dispatcher is not None and dispatcher.popen is not None
+                            else {}
+                        ),
+                    },
                     Database(database_url),
                 )
                 out = []
@@ -446,6 +460,8 @@ def measure(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         finally:
             gateway.stop()
             worker.stop()
+            if dispatcher is not None:
+                dispatcher.stop()
             redis.stop()
             if backend == "postgresql":
                 drop_database(server, database_url)
@@ -459,6 +475,7 @@ def _brief(f: dict[str, Any]) -> str:
         f"e2e {f['e2e_rate']:.0f}/s, e2e+callback {f['cb_rate']:.0f}/s "
         f"({f['cb_rate'] / f['raw_drain']:.2f}x), callback p50 {f['cb_p50']:.1f} ms; "
         f"CPU/run with callback: web {f['cb_cpu_web']:.1f} ms, worker {f['cb_cpu_worker']:.1f} ms"
+        + (f", dispatch {f['cb_cpu_dispatch']:.1f} ms" if "cb_cpu_dispatch" in f else "")
     )
 
 
@@ -693,6 +710,11 @@ def main() -> None:
         "--worker-concurrency", type=int, default=0, help="WORKER_CONCURRENCY (0: its default)"
     )
     parser.add_argument("--only", choices=["sqlite", "postgresql"], default=None)
+    parser.add_argument(
+        "--dispatcher",
+        action="store_true",
+        help="callbacks from `gateway dispatch` (WEBHOOK_DISPATCHER=true), not the workers",
+    )
     parser.add_argument(
         "--plot",
         type=lambda v: Path(v) if v else None,

@@ -52,7 +52,7 @@ DELIVERY_ATTEMPTS = Counter(
 RECONCILER_ACTIONS = Counter(
     "gateway_reconciler_actions_total",
     "What the reconciler and the scheduler did (requeued_run, requeued_delivery, "
-    "lost_attempt, released, expired)",
+    "released_delivery, pumped_run, lost_attempt, released_or_expired)",
     ["action"],
 )
 

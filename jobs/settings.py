@@ -268,6 +268,13 @@ class Settings(BaseSettings):
         receivers never hold up task runs, nor a burst of runs the callbacks."""
         return f"{self.queue_name}:deliveries"
 
+    @property
+    def delivery_job_timeout(self) -> float:
+        """Seconds a ``deliver_webhook`` job may take: the attempt's own
+        ``WEBHOOK_TIMEOUT``, and the gateway's two calls (prepare, report)
+        around it. arq marks such a job in progress for this and 10 s more."""
+        return self.webhook_timeout + 60
+
     def replace(self, **changes: Any) -> Self:
         """A copy with ``changes`` (checked as the environment's values are)."""
         return type(self).model_validate({**self.model_dump(), **changes})

@@ -178,9 +178,7 @@ def worker_options(settings: Settings) -> dict[str, Any]:
 def delivery_worker_options(settings: Settings) -> dict[str, Any]:
     """Keyword arguments of :class:`arq.worker.Worker` for callback attempts:
     their own queue and ``WEBHOOK_CONCURRENCY`` slots."""
-    # An attempt takes WEBHOOK_TIMEOUT at most; the rest is the gateway's
-    # two calls (prepare, report) around it.
-    timeout = settings.webhook_timeout + 60
+    timeout = settings.delivery_job_timeout
     return {
         **_common_options(settings),
         "functions": [
@@ -350,6 +348,13 @@ class NudgedWorker(Worker):
             )
             self._unfinished.add(job_id)
             await self._give_back()
+        except asyncio.CancelledError:
+            # Cancelled (a stop past its grace) before arq's own handling of a
+            # cancelled job could run: while it read the job, or as it finished.
+            log.warning("job %s: stopped before it finished; it is given back to the queue", job_id)
+            self._unfinished.add(job_id)
+            await asyncio.shield(self._give_back())
+            raise
 
     async def _give_back(self) -> None:
         """Take the in-progress marks of unfinished jobs off, where Redis lets us."""

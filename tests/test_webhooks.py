@@ -779,3 +779,73 @@ def test_only_a_retried_job_records_its_predecessor_lost(stack: Stack, receiver:
         )
     ]
     assert codes[-1] == "attempt_lost" and codes.count("attempt_lost") == 1
+
+
+def test_a_callback_job_a_dead_worker_marked_in_progress_goes_out_soon(
+    stack: Stack, receiver: Receiver
+) -> None:
+    """A worker killed between taking a callback job and finishing it leaves
+    arq's in-progress mark on for the job's timeout and 10 s (72 s here): no
+    worker takes the job meanwhile. Once the mark is older than the attempt's
+    lease, the reconciler takes it off, and the queued job runs at once."""
+    import asyncio
+
+    import redis
+    from arq.connections import create_pool
+
+    from db.ids import new_id
+    from db.models import Delivery
+    from gateway.queue import QueuedJob, enqueue_jobs
+    from jobs.contract import DeliverWebhook
+    from jobs.protocol import delivery_job_id, redis_settings
+
+    deliveries = Delivery.__table__  # type: ignore[attr-defined]
+    path = f"/marked-{secrets.token_hex(3)}"
+    delivery_id = new_id("msg")
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    db_call(
+        stack.database_url,
+        lambda conn: conn.execute(
+            deliveries.insert().values(
+                id=delivery_id,
+                project_id=stack.project_id,
+                url=receiver.url(path),
+                event_type="run.completed",
+                payload={"type": "run.completed", "data": {"id": "run_marked"}},
+                status="pending",
+                attempts=0,
+                schedule_step=0,
+                next_attempt_at=long_ago,
+                leased_at=long_ago,
+                created_at=long_ago,
+                updated_at=long_ago,
+            )
+        ),
+        write=True,
+    )
+    job_id = delivery_job_id(delivery_id, 0)
+    # The mark as arq sets it (WEBHOOK_TIMEOUT 2 + 60 + 10 s), 5 s ago: older
+    # than the lease (WEBHOOK_TIMEOUT + RECONCILE_GRACE, 4 s), so no attempt
+    # can still be out under it.
+    with redis.Redis.from_url(stack.redis_url) as client:
+        client.set(f"arq:in-progress:{job_id}", b"1", px=(72 - 5) * 1000)
+
+    async def enqueue() -> None:
+        pool = await create_pool(redis_settings(stack.redis_url))
+        try:
+            job = DeliverWebhook(delivery_id, "schedule", None, False)
+            queued = QueuedJob.of(job, job_id=job_id, queue_name="gateway:queue:deliveries")
+            assert await enqueue_jobs(pool, [queued]) == [True]
+        finally:
+            await pool.aclose()
+
+    asyncio.run(enqueue())
+    [call] = receiver.wait_calls(path, 1, timeout=20)
+    assert call.headers["webhook-id"] == delivery_id
+    wait_until(
+        lambda: (
+            stack.query("SELECT status FROM deliveries WHERE id = :d", d=delivery_id)[0][0]
+            == "delivered"
+        ),
+        what="the delivery to be recorded delivered",
+    )

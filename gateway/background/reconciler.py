@@ -48,6 +48,8 @@ runs = Run.__table__  # type: ignore[attr-defined]
 deliveries = Delivery.__table__  # type: ignore[attr-defined]
 
 BATCH = 500
+#: What arq adds to a job's timeout for its in-progress mark's TTL.
+IN_PROGRESS_EXTRA = 10.0
 
 
 def due_runs(conn: sa.Connection, before: dt.datetime) -> list[Job]:
@@ -102,6 +104,7 @@ class Reconciler(Periodic):
         self.runs = runs
         self.flow = flow
         self.dispatcher = dispatcher
+        self.settings = settings
         self.grace = settings.reconcile_grace
 
     async def _missing(self, job_ids: Sequence[str], *, results_count: bool = True) -> list[bool]:
@@ -115,6 +118,38 @@ class Reconciler(Periodic):
                 pipe.exists(*keys)
             counts = await pipe.execute()
         return [count == 0 for count in counts]
+
+    async def _release_stale(self, job_ids: Sequence[str]) -> int:
+        """Take off the in-progress marks of callback jobs that no worker can
+        still be running: a worker killed (or cut off from Redis) between
+        taking a job and finishing it leaves arq's mark on for the job's
+        timeout and 10 s (75 s with the defaults), and no worker takes the
+        job until then. A mark set longer ago than the attempt's lease
+        (``WEBHOOK_TIMEOUT`` + ``RECONCILE_GRACE``) is such a one: taken off,
+        the job, still queued, runs at once, and records the attempt it may
+        have sent as lost first (``prepare``). The deliveries given here are
+        past their lease already; a mark's age is read off its TTL."""
+        if not job_ids:
+            return 0
+        marked_for = self.settings.delivery_job_timeout + IN_PROGRESS_EXTRA
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.pttl(in_progress_key_prefix + job_id)
+            ttls = await pipe.execute()
+        stale = [
+            in_progress_key_prefix + job_id
+            for job_id, ttl in zip(job_ids, ttls, strict=True)
+            if ttl > 0 and marked_for - ttl / 1000 > self.dispatcher.lease_seconds
+        ]
+        if stale:
+            await self.redis.delete(*stale)
+            log.warning(
+                "reconciler took the in-progress marks off %d callback job(s) that no "
+                "worker finished: %s",
+                len(stale),
+                ", ".join(key.removeprefix(in_progress_key_prefix) for key in stale[:5]),
+            )
+        return len(stale)
 
     async def run_once(self) -> dict[str, int]:
         """One pass; returns how many runs and deliveries it queued again."""
@@ -150,6 +185,9 @@ class Reconciler(Periodic):
                     await self.redis.delete(result_key_prefix + job)
                     await self.dispatcher.requeue(delivery["id"], step=delivery["schedule_step"])
                     requeued_deliveries += 1
+            released = await self._release_stale(
+                [job for job, gone in zip(job_ids, gone_flags, strict=True) if not gone]
+            )
             # Held runs whose queue has room (a pump that a crash kept from
             # running, a slot freed by a run of a queue gated after it
             # started), and bulk actions whose process went away.
@@ -157,10 +195,11 @@ class Reconciler(Periodic):
             await self.flow.resume_bulks(self.grace)
         except (RedisError, OSError) as exc:
             log.warning("reconciler cannot reach Redis: %s", exc)
-            pumped = 0
+            pumped = released = 0
         for action, count in (
             ("requeued_run", requeued_runs),
             ("requeued_delivery", requeued_deliveries),
+            ("released_delivery", released),
             ("pumped_run", pumped),
         ):
             if count:
