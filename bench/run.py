@@ -2,6 +2,7 @@
 
     make bench        # or: .venv/bin/python bench/run.py [--rounds 3] [--runs 2000]
                       #       [--latency-runs 200] [--clients 64] [--web-concurrency 1]
+                      #       [--dispatcher]
 
 Starts its own stack (an embedded Redis, a gateway and a worker as processes) on
 SQLite, and on PostgreSQL too when ``BENCH_DATABASE_URL`` names a server (a
@@ -10,6 +11,10 @@ no-op ``echo`` task:
 
 - raw arq on the same Redis: ``enqueue_job`` from one process with ``--clients``
   tasks, and a worker draining no-op jobs (``max_jobs=10``);
+- Celery 5, the baseline most Python users would pick instead, on the same
+  Redis: a worker of ``bench/celery_app.py`` (prefork, 2 processes, Redis
+  result backend) running ``--runs`` no-op tasks sent while it drains, until
+  every result is stored;
 - trigger → final, and trigger → callback received, one run at a time;
 - triggers accepted with the worker paused (as raw ``enqueue_job`` is measured,
   with no worker draining), then the worker's drain of them, each with the
@@ -62,7 +67,7 @@ from gateway.auth.keys import create_api_key  # noqa: E402
 from gateway.cli.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
 from tests.helpers import Process, child_env, wait_http_ok  # noqa: E402
 
-PHASES = ("raw", "latency", "accept", "e2e", "callbacks", "queue")
+PHASES = ("raw", "celery", "latency", "accept", "e2e", "callbacks", "queue")
 #: The queue the "queue" phase runs in: gated by a limit it never reaches, so
 #: what it measures is what flow control costs (admission, the pump per start
 #: and per end), not waiting for slots.
@@ -144,6 +149,67 @@ async def raw_arq(redis_url: str, runs: int, clients: int) -> tuple[float, float
     await worker.close()
     await pool.aclose()
     return enqueue_rate, drain_rate
+
+
+# -- Celery ----------------------------------------------------------------------------------
+
+
+def celery(redis_url: str, runs: int, logs: Path) -> tuple[float, float]:
+    """(send rate, end-to-end rate) of Celery 5 for a no-op task: a worker of
+    ``bench/celery_app.py`` (prefork, 2 processes, Redis broker and result
+    backend) is started and ready; then ``runs`` tasks are sent from this
+    process while it drains them, until every result is stored."""
+    import redis
+
+    broker, backend = f"{redis_url}/2", f"{redis_url}/3"
+    env = child_env(BENCH_CELERY_BROKER=broker, BENCH_CELERY_BACKEND=backend)
+    os.environ.update(BENCH_CELERY_BROKER=broker, BENCH_CELERY_BACKEND=backend)
+    from bench.celery_app import app
+
+    app.conf.update(broker_url=broker, result_backend=backend)
+    with redis.Redis.from_url(broker) as r:
+        r.flushdb()
+    results = redis.Redis.from_url(backend)
+    results.flushdb()
+    worker = Process(
+        "celery",
+        [
+            "-m",
+            "celery",
+            "-A",
+            "bench.celery_app",
+            "worker",
+            "--pool",
+            "prefork",
+            "--concurrency",
+            "2",
+            "-Q",
+            "bench",
+            "--without-heartbeat",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel",
+            "WARNING",
+        ],
+        env,
+        logs,
+    ).start()
+    try:
+        deadline = time.monotonic() + 60
+        while not app.control.ping(timeout=0.5):
+            if time.monotonic() > deadline or not worker.alive:
+                raise RuntimeError("the Celery worker did not answer: " + worker.log_tail())
+        start = time.perf_counter()
+        for n in range(runs):
+            app.send_task("bench.noop", (n,), queue="bench")
+        sent = time.perf_counter() - start
+        while results.dbsize() < runs:
+            time.sleep(0.002)
+        drained = time.perf_counter() - start
+    finally:
+        worker.stop()
+        results.close()
+    return runs / sent, runs / drained
 
 
 # -- the gateway ---------------------------------------------------------------------------
@@ -319,6 +385,10 @@ async def one_round(
         figures["raw_enqueue"], figures["raw_drain"] = await raw_arq(
             redis_url, args.runs, args.clients
         )
+    if "celery" in args.phases:
+        figures["celery_send"], figures["celery_e2e"] = await asyncio.to_thread(
+            celery, redis_url.rsplit("/", 1)[0], args.runs, args.logs or Path(tempfile.gettempdir())
+        )
     if "latency" in args.phases:
         finals = await bench.final_latency(args.latency_runs)
         callbacks = await bench.callback_latency(receiver, args.latency_runs)
@@ -468,12 +538,14 @@ def measure(backend: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _brief(f: dict[str, Any]) -> str:
-    if not {"accept_rate", "raw_enqueue", "cb_rate", "cb_p50"} <= set(f):
+    if not {"accept_rate", "raw_enqueue", "cb_rate", "cb_p50", "celery_e2e"} <= set(f):
         return "(some phases only)"
     return (
         f"accepted {f['accept_rate']:.0f}/s ({f['accept_rate'] / f['raw_enqueue']:.2f}x), "
         f"e2e {f['e2e_rate']:.0f}/s, e2e+callback {f['cb_rate']:.0f}/s "
-        f"({f['cb_rate'] / f['raw_drain']:.2f}x), callback p50 {f['cb_p50']:.1f} ms; "
+        f"({f['cb_rate'] / f['raw_drain']:.2f}x raw arq, "
+        f"{f['cb_rate'] / f['celery_e2e']:.2f}x Celery's {f['celery_e2e']:.0f}/s), "
+        f"trigger p99 {f['trigger_p99_ms']:.0f} ms, callback p50 {f['cb_p50']:.1f} ms; "
         f"CPU/run with callback: web {f['cb_cpu_web']:.1f} ms, worker {f['cb_cpu_worker']:.1f} ms"
         + (f", dispatch {f['cb_cpu_dispatch']:.1f} ms" if "cb_cpu_dispatch" in f else "")
     )
@@ -521,6 +593,15 @@ def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
         + " |",
         f"| end to end with a registered callback, {args.clients} clients | "
         + cells(lambda r, _: ratio(r, "cb_rate", "raw_drain"))
+        + " |",
+        "| the same, against Celery 5 running no-op tasks (prefork, 2 processes, Redis "
+        "result backend), sent and drained | "
+        + cells(
+            lambda r, _: (
+                f"{median(r, 'cb_rate') / median(r, 'celery_e2e'):.2f} of Celery's "
+                f"{median(r, 'celery_e2e'):.0f}/s"
+            )
+        )
         + " |",
         "| end to end in a queue with a limit it never reaches (what flow control costs) | "
         + cells(
@@ -588,6 +669,12 @@ TARGETS: tuple[tuple[str, str | None, Any, Any], ...] = (
         None,
         lambda r: median(r, "cb_rate") / median(r, "raw_drain"),
         lambda v: v >= 0.3,
+    ),
+    (
+        "end to end with a callback ≥ 1.0 of Celery's no-op tasks",
+        None,
+        lambda r: median(r, "cb_rate") / median(r, "celery_e2e"),
+        lambda v: v >= 1.0,
     ),
     (
         "trigger p99 ≤ 100 ms while the worker drains",
