@@ -451,7 +451,23 @@ def measure(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         logs = args.logs or tmp_path
         logs.mkdir(parents=True, exist_ok=True)
         gateway = Process("gateway", ["-m", "gateway", "web"], env, logs).start()
-        worker = Process("worker", ["-m", "gateway", "worker"], env, logs).start()
+        # With --split-web, the workers report to a web process of their own:
+        # the public API's never runs a report.
+        reports_port = free_port()
+        reports = (
+            Process(
+                "gateway-reports",
+                ["-m", "gateway", "web"],
+                {**env, "PORT": str(reports_port)},
+                logs,
+            ).start()
+            if args.split_web
+            else None
+        )
+        worker_env = (
+            {**env, "GATEWAY_URL": f"http://127.0.0.1:{reports_port}"} if args.split_web else env
+        )
+        worker = Process("worker", ["-m", "gateway", "worker"], worker_env, logs).start()
         dispatcher = (
             Process("dispatch", ["-m", "gateway", "dispatch"], env, logs).start()
             if args.dispatcher
@@ -459,6 +475,8 @@ def measure(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         )
         try:
             wait_http_ok(f"http://127.0.0.1:{port}/healthz", gateway)
+            if reports is not None:
+                wait_http_ok(f"http://127.0.0.1:{reports_port}/healthz", reports)
 
             async def key(name: str) -> str:
                 db = Database(database_url)
@@ -500,6 +518,11 @@ def measure(backend: str, args: argparse.Namespace) -> dict[str, Any]:
                             if dispatcher is not None and dispatcher.popen is not None
                             else {}
                         ),
+                        **(
+                            {"reports": reports.popen.pid}
+                            if reports is not None and reports.popen is not None
+                            else {}
+                        ),
                     },
                     Database(database_url),
                 )
@@ -532,6 +555,8 @@ def measure(backend: str, args: argparse.Namespace) -> dict[str, Any]:
             worker.stop()
             if dispatcher is not None:
                 dispatcher.stop()
+            if reports is not None:
+                reports.stop()
             redis.stop()
             if backend == "postgresql":
                 drop_database(server, database_url)
@@ -548,6 +573,7 @@ def _brief(f: dict[str, Any]) -> str:
         f"trigger p99 {f['trigger_p99_ms']:.0f} ms, callback p50 {f['cb_p50']:.1f} ms; "
         f"CPU/run with callback: web {f['cb_cpu_web']:.1f} ms, worker {f['cb_cpu_worker']:.1f} ms"
         + (f", dispatch {f['cb_cpu_dispatch']:.1f} ms" if "cb_cpu_dispatch" in f else "")
+        + (f", reports web {f['cb_cpu_reports']:.1f} ms" if "cb_cpu_reports" in f else "")
     )
 
 
@@ -797,6 +823,11 @@ def main() -> None:
         "--worker-concurrency", type=int, default=0, help="WORKER_CONCURRENCY (0: its default)"
     )
     parser.add_argument("--only", choices=["sqlite", "postgresql"], default=None)
+    parser.add_argument(
+        "--split-web",
+        action="store_true",
+        help="the workers report to a second web process, apart from the public API's",
+    )
     parser.add_argument(
         "--dispatcher",
         action="store_true",

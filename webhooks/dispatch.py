@@ -159,14 +159,12 @@ def release_leases(
     conn: sa.Connection, ids: Sequence[str], due_at: dt.datetime | None = None
 ) -> None:
     """Give back the leases of attempts taken and not sent (a dispatcher
-    stopping, or one with more of a receiver's callbacks than it holds): a
-    first attempt looks untaken again, a retry is due again (at ``due_at``,
-    when given)."""
+    stopping, or one with more of a receiver's callbacks than it holds): due
+    again for the next scan (at ``due_at``, when given), with no attempt
+    counted lost (``lease_due`` leases a row with no lease as new)."""
     if not ids:
         return
-    values: dict[str, Any] = {
-        "leased_at": sa.case((deliveries.c.attempts == 0, deliveries.c.created_at), else_=sa.null())
-    }
+    values: dict[str, Any] = {"leased_at": None}
     if due_at is not None:
         values["next_attempt_at"] = due_at
     conn.execute(

@@ -87,7 +87,7 @@ class CallbackDispatcher:
         #: never keeps the next receiver's callback in the list. A receiver
         #: with more than a quarter of it waiting gets the rest given back,
         #: due again a second later (``DEFER``).
-        self.limit = max(100, 20 * settings.webhook_concurrency)
+        self.limit = max(1000, 20 * settings.webhook_concurrency)
         self.wait_limit = self.limit // 4
         self.allowed = parse_networks(settings.webhook_allowed_networks)
         self._in_flight: collections.Counter[str] = collections.Counter()
@@ -165,14 +165,13 @@ class CallbackDispatcher:
 
     def _launch(self, receiver: str, item: dict[str, Any]) -> None:
         self._in_flight[receiver] += 1
-        task = asyncio.create_task(self._attempt(item), name=f"callback {item['id']}")
+        task = asyncio.create_task(self._attempt(receiver, item), name=f"callback {item['id']}")
         self._tasks.add(task)
-        task.add_done_callback(lambda t: self._done(t, receiver))
+        task.add_done_callback(self._done)
 
-    def _done(self, task: asyncio.Task[None], receiver: str) -> None:
-        self._tasks.discard(task)
-        self._held -= 1
-        self._room.set()
+    def _sent(self, receiver: str) -> None:
+        """The receiver has answered (or not): its next callback may go,
+        while this one's attempt is still being recorded."""
         self._in_flight[receiver] -= 1
         waiting = self._waiting.get(receiver)
         if waiting:
@@ -181,34 +180,44 @@ class CallbackDispatcher:
                 del self._waiting[receiver]
         elif not self._in_flight[receiver]:
             del self._in_flight[receiver]
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._held -= 1
+        self._room.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("callback %s: %s", task.get_name(), task.exception())
 
-    async def _attempt(self, item: dict[str, Any]) -> None:
+    async def _attempt(self, receiver: str, item: dict[str, Any]) -> None:
         delivery_id = item["id"]
-        async with self.slots:
-            with tracing.span(
-                f"callback {item.get('event_type') or 'event'}",
-                parent=item.get("traceparent"),
-                kind="client",
-                attributes={"gateway.delivery_id": delivery_id, "url.full": item["url"]},
-            ) as span:
-                headers = dict(item["headers"])
-                tracing.inject(headers)
-                result = await send_webhook(
-                    self.http,
-                    url=item["url"],
-                    headers=headers,
-                    body=item["body"],
-                    timeout_seconds=float(item["timeout"]),
-                    allowed=self.allowed,
-                )
-                if span is not None and result.status_code is not None:
-                    span.set_attribute("http.response.status_code", result.status_code)
-                if not result.succeeded:
-                    tracing.error(
-                        span, result.error_code or f"http_{result.status_code}", result.error or ""
+        try:
+            async with self.slots:
+                with tracing.span(
+                    f"callback {item.get('event_type') or 'event'}",
+                    parent=item.get("traceparent"),
+                    kind="client",
+                    attributes={"gateway.delivery_id": delivery_id, "url.full": item["url"]},
+                ) as span:
+                    headers = dict(item["headers"])
+                    tracing.inject(headers)
+                    result = await send_webhook(
+                        self.http,
+                        url=item["url"],
+                        headers=headers,
+                        body=item["body"],
+                        timeout_seconds=float(item["timeout"]),
+                        allowed=self.allowed,
                     )
+                    if span is not None and result.status_code is not None:
+                        span.set_attribute("http.response.status_code", result.status_code)
+                    if not result.succeeded:
+                        tracing.error(
+                            span,
+                            result.error_code or f"http_{result.status_code}",
+                            result.error or "",
+                        )
+        finally:
+            self._sent(receiver)
         report = DeliveryAttemptReport(
             type="delivery.attempt",
             delivery_id=delivery_id,
