@@ -242,12 +242,14 @@ class CallbackDispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Until ``stop`` is set; then the attempts in flight end and are
-        recorded (up to ``WORKER_SHUTDOWN_GRACE``)."""
-        taker = asyncio.create_task(self._take_loop(), name="dispatch-handed-over")
-        scanner = asyncio.create_task(self._scan_loop(), name="dispatch-due")
+        recorded (up to ``WORKER_SHUTDOWN_GRACE``).
+
+        Taking stops at its next safe point, never half-way: a batch claimed
+        in the database and then dropped would wait out its lease and count
+        as lost attempts."""
+        taker = asyncio.create_task(self._take_loop(stop), name="dispatch-handed-over")
+        scanner = asyncio.create_task(self._scan_loop(stop), name="dispatch-due")
         await stop.wait()
-        for task in (taker, scanner):
-            task.cancel()
         await asyncio.gather(taker, scanner, return_exceptions=True)
         # What waits its receiver's turn was taken and never sent: given back.
         unsent = [item["id"] for waiting in self._waiting.values() for item in waiting]
@@ -262,9 +264,9 @@ class CallbackDispatcher:
         for task in self._tasks:  # past the grace: their leases run out
             task.cancel()
 
-    async def _take_loop(self) -> None:
+    async def _take_loop(self, stop: asyncio.Event) -> None:
         outage = RedisOutage("dispatcher's hand-over list")
-        while True:
+        while not stop.is_set():  # each take waits 1 s at most for the list
             try:
                 await self.take_handed_over(wait=1.0)
             except REDIS_DOWN as exc:
@@ -276,9 +278,12 @@ class CallbackDispatcher:
                 continue
             outage.over()
 
-    async def _scan_loop(self) -> None:
+    async def _scan_loop(self, stop: asyncio.Event) -> None:
         while True:
-            await asyncio.sleep(self.settings.scheduler_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.settings.scheduler_interval)
+            if stop.is_set():
+                return
             try:
                 await self.take_due()
             except (RedisError, OSError) as exc:
