@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -19,16 +20,50 @@ from arq import Retry
 from jobs import tracing
 from jobs.protocol import PREPARE_PATH
 from jobs.report import Reporter, ReportRejected, retry_delay
-from webhooks.sender import send_webhook
-from webhooks.ssrf import parse_networks
+from webhooks.sender import AttemptResult, send_webhook
+from webhooks.ssrf import IPNetwork, parse_networks
 
-__all__ = ["deliver_webhook"]
+__all__ = ["deliver_webhook", "send_attempt"]
 
 log = logging.getLogger("jobs.deliver")
 
 #: A first attempt's headers are used only this fresh; after that the job
 #: asks for new ones (receivers refuse timestamps more than 5 minutes off).
 _PREPARED_MAX_AGE = 60.0
+
+
+async def send_attempt(
+    http: httpx.AsyncClient,
+    delivery_id: str,
+    prepared: dict[str, Any],
+    allowed: Sequence[IPNetwork],
+) -> AttemptResult:
+    """Send one prepared attempt (``webhooks.sender``) in its ``callback``
+    span, whose ``traceparent`` goes to the receiver too; the job's and
+    ``gateway dispatch``'s one way out."""
+    with tracing.span(
+        f"callback {prepared.get('event_type') or 'event'}",
+        parent=prepared.get("traceparent"),
+        kind="client",
+        attributes={"gateway.delivery_id": delivery_id, "url.full": prepared["url"]},
+    ) as span:
+        headers = dict(prepared["headers"])
+        tracing.inject(headers)  # the receiver may go on with the run's trace
+        result = await send_webhook(
+            http,
+            url=prepared["url"],
+            headers=headers,
+            body=prepared["body"],
+            timeout_seconds=float(prepared["timeout"]),
+            allowed=allowed,
+        )
+        if span is not None and result.status_code is not None:
+            span.set_attribute("http.response.status_code", result.status_code)
+        if not result.succeeded:
+            tracing.error(
+                span, result.error_code or f"http_{result.status_code}", result.error or ""
+            )
+    return result
 
 
 async def deliver_webhook(
@@ -58,28 +93,12 @@ async def deliver_webhook(
             raise Retry(defer=retry_delay(ctx["job_try"])) from exc
     if not prepared.get("send"):
         return f"skipped: {prepared.get('reason')}"
-    with tracing.span(
-        f"callback {prepared.get('event_type') or 'event'}",
-        parent=prepared.get("traceparent"),
-        kind="client",
-        attributes={"gateway.delivery_id": delivery_id, "url.full": prepared["url"]},
-    ) as span:
-        headers = dict(prepared["headers"])
-        tracing.inject(headers)  # the receiver may go on with the run's trace
-        result = await send_webhook(
-            ctx["webhook_http"],
-            url=prepared["url"],
-            headers=headers,
-            body=prepared["body"],
-            timeout_seconds=float(prepared["timeout"]),
-            allowed=parse_networks(prepared.get("allowed_networks", ())),
-        )
-        if span is not None and result.status_code is not None:
-            span.set_attribute("http.response.status_code", result.status_code)
-        if not result.succeeded:
-            tracing.error(
-                span, result.error_code or f"http_{result.status_code}", result.error or ""
-            )
+    result = await send_attempt(
+        ctx["webhook_http"],
+        delivery_id,
+        prepared,
+        parse_networks(prepared.get("allowed_networks", ())),
+    )
     event = {
         "type": "delivery.attempt",
         "delivery_id": delivery_id,

@@ -49,6 +49,7 @@ __all__ = [
     "WorkerSettings",
     "build_delivery_worker",
     "build_worker",
+    "new_event_loop",
     "run_workers",
 ]
 
@@ -403,7 +404,7 @@ def build_delivery_worker(settings: Settings, **overrides: Any) -> Worker:
     return NudgedWorker(**{**delivery_worker_options(settings), **overrides})
 
 
-def _new_event_loop() -> asyncio.AbstractEventLoop:
+def new_event_loop() -> asyncio.AbstractEventLoop:
     """uvloop's loop where it is installed (uvicorn's ``standard`` extra brings
     it): a worker's time goes mostly to sockets (Redis, reports, callbacks),
     which uvloop serves at a fraction of the CPU."""
@@ -418,7 +419,7 @@ def run_workers(settings: Settings) -> None:
     """``gateway worker``: the task worker and the delivery worker in one
     process, on one event loop, until SIGINT or SIGTERM (then each finishes
     its running jobs, up to ``WORKER_SHUTDOWN_GRACE``)."""
-    loop = _new_event_loop()
+    loop = new_event_loop()
     asyncio.set_event_loop(loop)
     workers = [
         build_worker(settings, handle_signals=False),

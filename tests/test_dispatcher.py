@@ -154,17 +154,26 @@ def test_a_slow_receiver_holds_one_slot_and_others_go_by(
     assert {attempts for _, _, attempts in rows} == {1}, rows
 
 
+def _backlog(
+    dispatched: Dispatched, receiver: Receiver, name: str, delay: float, count: int
+) -> tuple[App, str]:
+    """``count`` callbacks to one receiver answering after ``delay`` s, the
+    first of them arrived."""
+    app = App(dispatched.stack)
+    path = f"/{name}-{secrets.token_hex(3)}"
+    receiver.default(path, Answer(delay=delay))
+    register(app, receiver, path, events=["run.completed"])
+    _trigger(app, count)
+    receiver.wait_calls(path, 1)
+    return app, path
+
+
 def test_a_killed_dispatcher_leaves_nothing_unsent(
     dispatched: Dispatched, receiver: Receiver
 ) -> None:
     """SIGKILL with attempts out: when their leases run out a new dispatcher
     records each as ``attempt_lost`` and sends it again; every one arrives."""
-    app = App(dispatched.stack)
-    path = f"/killed-{secrets.token_hex(3)}"
-    receiver.default(path, Answer(delay=1.0))
-    register(app, receiver, path, events=["run.completed"])
-    _trigger(app, 4)
-    receiver.wait_calls(path, 1)
+    app, path = _backlog(dispatched, receiver, "killed", 1.0, 4)
     dispatched.dispatcher.stop(signal.SIGKILL)
     dispatched.dispatcher = dispatched.start()
     receiver.default(path, Answer())
@@ -210,12 +219,7 @@ def test_a_stopped_dispatcher_gives_back_what_waited_its_turn(
     """SIGTERM while a slow receiver's callbacks wait for its one slot: the
     one out ends and is recorded, the waiting ones are given back, and the
     next dispatcher sends each on its first attempt (none counted lost)."""
-    app = App(dispatched.stack)
-    path = f"/stopped-{secrets.token_hex(3)}"
-    receiver.default(path, Answer(delay=0.5))
-    register(app, receiver, path, events=["run.completed"])
-    _trigger(app, 6)
-    receiver.wait_calls(path, 1)
+    app, path = _backlog(dispatched, receiver, "stopped", 0.5, 6)
     dispatched.restart()
     rows = _all_delivered(dispatched.stack, app.project_id, 6)
     assert {attempts for _, _, attempts in rows} == {1}, [

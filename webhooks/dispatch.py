@@ -225,6 +225,11 @@ class DeliveryDispatcher:
         self.redis = redis
         self.settings = settings
 
+    def handed_over(self, outgoing: Outgoing) -> dict[str, Any]:
+        """What ``gateway dispatch`` takes: the delivery, its receiver, and
+        its request signed now."""
+        return {"id": outgoing.id, "receiver": outgoing.receiver, **self.prepared(outgoing)}
+
     def prepared(self, outgoing: Outgoing) -> dict[str, Any]:
         """What a sender needs for ``outgoing``: its request, signed now."""
         return {
@@ -282,10 +287,7 @@ class DeliveryDispatcher:
             return
         await self.redis.rpush(  # type: ignore[misc]
             handover_key(self.settings),
-            *(
-                orjson.dumps({"id": item.id, "receiver": item.receiver, **self.prepared(item)})
-                for item in outgoing
-            ),
+            *(orjson.dumps(self.handed_over(item)) for item in outgoing),
         )
 
     async def _enqueue(

@@ -44,7 +44,9 @@ from db.engine import Database
 from db.types import utcnow
 from gateway.settings import Settings
 from jobs import tracing
+from jobs.deliver import send_attempt
 from jobs.protocol import REDIS_DOWN, RedisOutage, redis_settings
+from jobs.worker import new_event_loop
 from webhooks.dispatch import (
     DeliveryDispatcher,
     claim_first_attempts,
@@ -54,7 +56,6 @@ from webhooks.dispatch import (
 )
 from webhooks.models import DeliveryAttemptReport
 from webhooks.outbox import Outgoing
-from webhooks.sender import send_webhook
 from webhooks.ssrf import parse_networks
 
 __all__ = ["CallbackDispatcher", "run_dispatcher"]
@@ -132,11 +133,7 @@ class CallbackDispatcher:
             room,
         )
         await self._start_all(
-            [
-                {"id": item.id, "receiver": item.receiver, **self.deliveries.prepared(item)}
-                for item in leased
-                if isinstance(item, Outgoing)
-            ]
+            [self.deliveries.handed_over(item) for item in leased if isinstance(item, Outgoing)]
         )
         return len(leased)
 
@@ -192,30 +189,7 @@ class CallbackDispatcher:
         delivery_id = item["id"]
         try:
             async with self.slots:
-                with tracing.span(
-                    f"callback {item.get('event_type') or 'event'}",
-                    parent=item.get("traceparent"),
-                    kind="client",
-                    attributes={"gateway.delivery_id": delivery_id, "url.full": item["url"]},
-                ) as span:
-                    headers = dict(item["headers"])
-                    tracing.inject(headers)
-                    result = await send_webhook(
-                        self.http,
-                        url=item["url"],
-                        headers=headers,
-                        body=item["body"],
-                        timeout_seconds=float(item["timeout"]),
-                        allowed=self.allowed,
-                    )
-                    if span is not None and result.status_code is not None:
-                        span.set_attribute("http.response.status_code", result.status_code)
-                    if not result.succeeded:
-                        tracing.error(
-                            span,
-                            result.error_code or f"http_{result.status_code}",
-                            result.error or "",
-                        )
+                result = await send_attempt(self.http, delivery_id, item, self.allowed)
         finally:
             self._sent(receiver)
         report = DeliveryAttemptReport(
@@ -343,13 +317,7 @@ def run_dispatcher(settings: Settings) -> None:
             "workers; set WEBHOOK_DISPATCHER=true for the gateway and this process"
         )
     tracing.setup("gateway-dispatch", settings.tracing_env())
-    loop: asyncio.AbstractEventLoop
-    try:
-        import uvloop
-
-        loop = uvloop.new_event_loop()
-    except ImportError:
-        loop = asyncio.new_event_loop()
+    loop = new_event_loop()
     asyncio.set_event_loop(loop)
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
