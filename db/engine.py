@@ -23,6 +23,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import contextvars
 import random
 import socket
 import ssl
@@ -498,8 +499,12 @@ class _AsyncGroupCommit:
 
     async def submit(self, fn: Callable[[sa.Connection], T], lane: int = FIRST) -> T:
         if not self._tasks:  # made on first use, on the loop that uses them
+            # Each in a context of its own: not the first caller's, whose
+            # current span and log fields would otherwise be every unit's.
             self._tasks = [
-                asyncio.create_task(self._loop(), name=f"db-writer-{n}")
+                asyncio.create_task(
+                    self._loop(), name=f"db-writer-{n}", context=contextvars.Context()
+                )
                 for n in range(self.writers)
             ]
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()

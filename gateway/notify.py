@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import logging
 from collections.abc import Iterator
@@ -80,7 +81,10 @@ class RunNotifier:
         self._wake(run_id, final)
         self._outbox.append(run_id + _FINAL if final else run_id)
         if self._sender is None or self._sender.done():
-            self._sender = asyncio.create_task(self._send(), name="run-notifier-send")
+            # its own context: not that of the request that first wrote
+            self._sender = asyncio.create_task(
+                self._send(), name="run-notifier-send", context=contextvars.Context()
+            )
 
     async def _send(self) -> None:
         await asyncio.sleep(0)  # let the rest of this turn's changes join

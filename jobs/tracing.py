@@ -102,11 +102,14 @@ def shutdown() -> None:
         flush()
 
 
-def _context(traceparent: str | None) -> Any:
+def _context(traceparent: str | None, *, root: bool = False) -> Any:
+    """The context a span starts in: ``traceparent``'s, else the current one
+    (``None``), or with ``root`` none at all (a new trace)."""
+    from opentelemetry.context import Context
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     if not traceparent:
-        return None
+        return Context() if root else None
     return TraceContextTextMapPropagator().extract({HEADER: traceparent})
 
 
@@ -137,10 +140,12 @@ def span(
     kind: str = "internal",
     attributes: Mapping[str, Any] | None = None,
     links: Sequence[str | None] = (),
+    root: bool = False,
 ) -> Iterator[Span | None]:
     """A span, current while the block runs: a child of ``parent`` (a
-    ``traceparent``) if given, else of the current span. ``None`` when
-    tracing is off. An exception out of the block marks it an error."""
+    ``traceparent``) if given, else of the current span, or with ``root`` of
+    none. ``None`` when tracing is off. An exception out of the block marks
+    it an error."""
     if _tracer is None:
         yield None
         return
@@ -148,7 +153,7 @@ def span(
 
     with _tracer.start_as_current_span(
         name,
-        context=_context(parent),
+        context=_context(parent, root=root),
         kind=getattr(trace.SpanKind, kind.upper()),
         attributes={k: v for k, v in (attributes or {}).items() if v is not None},
         links=_links(links),
@@ -190,11 +195,13 @@ def traceparent_of(current: Span | None) -> str | None:
 
 
 def mint(name: str, *, parent: str | None = None, links: Sequence[str | None] = ()) -> str | None:
-    """The ``traceparent`` of a new run's root span ``name``, made and ended
-    now (``None`` when tracing is off)."""
+    """The ``traceparent`` of a new run's span ``name``, made and ended now
+    (``None`` when tracing is off): a child of ``parent`` if given, else the
+    root of a new trace, whatever span is current where it is made (a
+    database writer's, say)."""
     if _tracer is None:
         return None
-    with span(name, parent=parent, links=links) as made:
+    with span(name, parent=parent, links=links, root=True) as made:
         return traceparent_of(made)
 
 

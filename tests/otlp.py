@@ -1,6 +1,11 @@
 """A real OTLP/HTTP receiver for the trace tests: it takes what the
 OpenTelemetry SDK's exporter posts to ``/v1/traces`` (protobuf), decodes it
-with ``opentelemetry-proto``, and keeps every span."""
+with ``opentelemetry-proto``, and keeps every span once.
+
+An exporter may send a batch again when it took the first answer for lost
+(its timeout ran out under load, or the connection broke after the body
+went): OTLP receivers see the same span twice, and backends keep it once by
+its IDs. So does this one, counting the repeats in ``repeated``."""
 
 from __future__ import annotations
 
@@ -45,6 +50,8 @@ class OtlpReceiver:
     def __init__(self) -> None:
         self.port = free_port()
         self.spans: list[Span] = []
+        self.repeated = 0
+        self._seen: set[tuple[str, str]] = set()
         self._changed = threading.Condition()
         receiver = self
 
@@ -100,7 +107,12 @@ class OtlpReceiver:
                         )
                     )
         with self._changed:
-            self.spans.extend(found)
+            for span in found:
+                if (span.trace_id, span.span_id) in self._seen:
+                    self.repeated += 1
+                    continue
+                self._seen.add((span.trace_id, span.span_id))
+                self.spans.append(span)
             self._changed.notify_all()
 
     def wait_for(

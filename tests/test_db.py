@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import datetime as dt
 import itertools
 
@@ -34,6 +35,30 @@ def test_migrations_create_exactly_the_models(database_url: str) -> None:
             await database.dispose()
 
     assert asyncio.run(diff()) == []
+
+
+_CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("caller", default=None)
+
+
+def test_units_are_written_in_no_callers_context(database_url: str) -> None:
+    """A writer does not keep the context of the call that started it: its
+    current span and log fields would be every later unit's (a child run's
+    trace joined an unrelated run's on PostgreSQL)."""
+
+    def unit(conn: sa.Connection) -> str | None:
+        return _CALLER.get()
+
+    async def write() -> list[str | None]:
+        database = Database(database_url)
+        try:
+            _CALLER.set("the first caller")
+            first = await database.write(unit)
+            later = await asyncio.create_task(database.write(unit), context=contextvars.Context())
+            return [first, later]
+        finally:
+            await database.dispose()
+
+    assert asyncio.run(write()) == [None, None]
 
 
 def test_is_final_holds_for_exactly_the_five_final_statuses() -> None:
