@@ -33,6 +33,7 @@ __all__ = [
     "FINAL_EVENTS",
     "TEST_EVENT",
     "Outgoing",
+    "RunDeliveries",
     "active_secrets",
     "create_event_deliveries",
     "create_run_deliveries",
@@ -142,25 +143,38 @@ def insert_delivery(
     delivery_id = new_id("msg")
     conn.execute(
         _INSERT_DELIVERY,
-        {
-            "id": delivery_id,
-            "project_id": project_id,
-            "endpoint_id": endpoint_id,
-            "run_id": run_id,
-            "url": url,
-            "event_type": event_type,
-            "payload": payload,
-            "status": DeliveryStatus.PENDING.value,
-            "attempts": 0,
-            "schedule_step": 0,
-            "next_attempt_at": now,
-            # The first attempt goes out as soon as the transaction commits.
-            "leased_at": now,
-            "created_at": now,
-            "updated_at": now,
-        },
+        _delivery_row(delivery_id, project_id, endpoint_id, run_id, url, event_type, payload, now),
     )
     return delivery_id
+
+
+def _delivery_row(
+    delivery_id: str,
+    project_id: str,
+    endpoint_id: str | None,
+    run_id: str | None,
+    url: str,
+    event_type: str,
+    payload: dict[str, Any],
+    now: dt.datetime,
+) -> dict[str, Any]:
+    return {
+        "id": delivery_id,
+        "project_id": project_id,
+        "endpoint_id": endpoint_id,
+        "run_id": run_id,
+        "url": url,
+        "event_type": event_type,
+        "payload": payload,
+        "status": DeliveryStatus.PENDING.value,
+        "attempts": 0,
+        "schedule_step": 0,
+        "next_attempt_at": now,
+        # The first attempt goes out as soon as the transaction commits.
+        "leased_at": now,
+        "created_at": now,
+        "updated_at": now,
+    }
 
 
 def encode_body(payload: Mapping[str, Any]) -> str:
@@ -177,6 +191,97 @@ _ENABLED_ENDPOINTS = sa.select(
 )
 
 
+class RunDeliveries:
+    """The deliveries that runs' events cause, written together inside the
+    transaction of their transitions (the outbox): each project's endpoints,
+    each endpoint's secrets and each project's secret are read once, and every
+    delivery goes in one INSERT at :meth:`write`."""
+
+    def __init__(self, conn: sa.Connection, now: dt.datetime) -> None:
+        self.conn = conn
+        self.now = now
+        self._endpoints: dict[str, Sequence[Any]] = {}
+        self._secrets: dict[str, tuple[str, ...]] = {}
+        self._rows: list[dict[str, Any]] = []
+
+    def _enabled(self, project_id: str) -> Sequence[Any]:
+        found = self._endpoints.get(project_id)
+        if found is None:
+            found = self.conn.execute(_ENABLED_ENDPOINTS, {"project_id": project_id}).all()
+            self._endpoints[project_id] = found
+        return found
+
+    def receivers(self, run: Mapping[str, Any], event_type: str) -> list[tuple[str | None, str]]:
+        """``(endpoint ID, URL)`` of each receiver of the run's ``event_type``;
+        ``None`` for the run's own callback URL. Empty: no delivery, and no
+        need of the run's view."""
+        found: list[tuple[str | None, str]] = [
+            (row.id, row.url)
+            for row in self._enabled(run["project_id"])
+            if wants(row.events, event_type) and (not row.tasks or run["task"] in row.tasks)
+        ]
+        callback_url = run.get("callback_url") if event_type != "run.started" else None
+        if callback_url:
+            found.append((None, callback_url))
+        return found
+
+    def _signing(self, project_id: str, endpoint_id: str | None) -> tuple[str, ...]:
+        key = endpoint_id or f"project:{project_id}"
+        secrets = self._secrets.get(key)
+        if secrets is None:
+            if endpoint_id is None:
+                secrets = (project_secret(self.conn, project_id),)
+            else:
+                secrets = tuple(active_secrets(self.conn, endpoint_id, self.now))
+            self._secrets[key] = secrets
+        return secrets
+
+    def add(
+        self,
+        run: Mapping[str, Any],
+        event_type: str,
+        view: Mapping[str, Any],
+        receivers: Sequence[tuple[str | None, str]],
+    ) -> list[Outgoing]:
+        """The deliveries of the run's ``event_type`` to ``receivers`` (from
+        :meth:`receivers`), whose body is ``view``; written at :meth:`write`."""
+        payload = event_body(event_type, dict(view), self.now)
+        body = encode_body(payload)
+        out: list[Outgoing] = []
+        for endpoint_id, url in receivers:
+            delivery_id = new_id("msg")
+            self._rows.append(
+                _delivery_row(
+                    delivery_id,
+                    run["project_id"],
+                    endpoint_id,
+                    run["id"],
+                    url,
+                    event_type,
+                    payload,
+                    self.now,
+                )
+            )
+            out.append(
+                Outgoing(
+                    delivery_id,
+                    url,
+                    body,
+                    self._signing(run["project_id"], endpoint_id),
+                    endpoint_id or url,
+                    event_type,
+                    run.get("traceparent"),
+                )
+            )
+        return out
+
+    def write(self) -> None:
+        """Insert the deliveries added so far."""
+        if self._rows:
+            self.conn.execute(_INSERT_DELIVERY, self._rows)
+            self._rows = []
+
+
 def create_run_deliveries(
     conn: sa.Connection,
     run: Mapping[str, Any],
@@ -185,64 +290,14 @@ def create_run_deliveries(
     now: dt.datetime,
 ) -> list[Outgoing]:
     """Write the deliveries a run's ``event_type`` causes; call it inside the
-    transaction of the transition (the outbox)."""
-    rows = conn.execute(_ENABLED_ENDPOINTS, {"project_id": run["project_id"]}).all()
-    wanted = [
-        row
-        for row in rows
-        if wants(row.events, event_type) and (not row.tasks or run["task"] in row.tasks)
-    ]
-    callback_url = run.get("callback_url") if event_type != "run.started" else None
-    if not wanted and not callback_url:
+    transaction of the transition (the outbox). ``view`` is called only if
+    someone receives it."""
+    batch = RunDeliveries(conn, now)
+    receivers = batch.receivers(run, event_type)
+    if not receivers:
         return []
-    payload = event_body(event_type, dict(view()), now)
-    body = encode_body(payload)
-    out: list[Outgoing] = []
-    for row in wanted:
-        delivery_id = insert_delivery(
-            conn,
-            project_id=run["project_id"],
-            endpoint_id=row.id,
-            run_id=run["id"],
-            url=row.url,
-            event_type=event_type,
-            payload=payload,
-            now=now,
-        )
-        out.append(
-            Outgoing(
-                delivery_id,
-                row.url,
-                body,
-                tuple(active_secrets(conn, row.id, now)),
-                row.id,
-                event_type,
-                run.get("traceparent"),
-            )
-        )
-    if callback_url:
-        delivery_id = insert_delivery(
-            conn,
-            project_id=run["project_id"],
-            endpoint_id=None,
-            run_id=run["id"],
-            url=callback_url,
-            event_type=event_type,
-            payload=payload,
-            now=now,
-        )
-        secret = project_secret(conn, run["project_id"])
-        out.append(
-            Outgoing(
-                delivery_id,
-                callback_url,
-                body,
-                (secret,),
-                callback_url,
-                event_type,
-                run.get("traceparent"),
-            )
-        )
+    out = batch.add(run, event_type, view(), receivers)
+    batch.write()
     return out
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from webhooks.outbox import Outgoing
 
-__all__ = ["Effects", "Job", "job_of"]
+__all__ = ["Effects", "EventAnswer", "Job", "job_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,3 +76,20 @@ class Effects:
 
     def __bool__(self) -> bool:
         return bool(self.jobs or self.outgoing or self.changed or self.abort)
+
+
+@dataclasses.dataclass(frozen=True)
+class EventAnswer:
+    """The gateway's answer to a worker's report, and what the report set in motion.
+
+    ``applied`` says whether it changed the run; ``proceed`` tells a worker
+    that reported ``started`` whether to execute the task at all.
+    """
+
+    applied: bool
+    status: str
+    proceed: bool
+    effects: Effects = dataclasses.field(default_factory=Effects)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"applied": self.applied, "status": self.status, "proceed": self.proceed}

@@ -7,7 +7,6 @@ answer, so workers retry reports freely (docs/architecture.md, invariant 3).
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 from collections.abc import Sequence
 from typing import Any
@@ -19,8 +18,9 @@ from db.models import RunStatus
 from db.types import utcnow
 from gateway.errors import APIError
 from gateway.runs.durable import apply_suspend, record_steps
-from gateway.runs.effects import Effects
+from gateway.runs.effects import Effects, EventAnswer
 from gateway.runs.errors import LostRace, RunNotFound
+from gateway.runs.event_sets import apply_in_sets
 from gateway.runs.read import view_of
 from gateway.runs.runs_table import (
     ACTIVE,
@@ -38,23 +38,6 @@ from jobs.protocol import TIMED_OUT_CODE, WORKFLOW_TASK, WorkerEvent
 from webhooks.outbox import FINAL_EVENTS, create_run_deliveries
 
 __all__ = ["EventAnswer", "apply_event", "apply_events", "apply_final"]
-
-
-@dataclasses.dataclass(frozen=True)
-class EventAnswer:
-    """The gateway's answer to a worker's report, and what the report set in motion.
-
-    ``applied`` says whether it changed the run; ``proceed`` tells a worker
-    that reported ``started`` whether to execute the task at all.
-    """
-
-    applied: bool
-    status: str
-    proceed: bool
-    effects: Effects = dataclasses.field(default_factory=Effects)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"applied": self.applied, "status": self.status, "proceed": self.proceed}
 
 
 def apply_event(conn: sa.Connection, event: WorkerEvent) -> EventAnswer:
@@ -90,6 +73,9 @@ def apply_events(
     to run again). Refusals are rare; a savepoint costs two round trips to
     PostgreSQL per report.
     """
+    if not isolated and conn.dialect.name == "postgresql":
+        # Round trips are what a report costs there: the common ones as sets.
+        return list(apply_in_sets(conn, events, apply_event))
     # Runs are locked in ID order, whatever order the reports came in, so two
     # batches that touch the same runs wait for each other instead of
     # deadlocking (PostgreSQL would fail one; the writer runs it again). The

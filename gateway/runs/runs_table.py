@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from db.models import Run, RunAttempt, RunNode, RunStatus, RunTransition
 from gateway.runs.errors import LostRace
@@ -34,6 +35,7 @@ __all__ = [
     "runs",
     "select_run",
     "transition",
+    "transitioned",
 ]
 
 runs = Run.__table__  # type: ignore[attr-defined]
@@ -108,6 +110,19 @@ LOAD_ATTEMPTS = (
     .where(run_attempts.c.run_id == _P("run_id"))
     .order_by(run_attempts.c.number)
 )
+#: The same for many runs at once (PostgreSQL: ``= ANY`` of one array, one
+#: prepared statement whatever their number).
+_IDS = _P("run_ids", type_=ARRAY(sa.String()))
+LOAD_RUNS = sa.select(
+    runs,
+    sa.exists().where(run_nodes.c.parent_id == runs.c.id).correlate(runs).label("has_nodes"),
+).where(runs.c.id == sa.any_(_IDS))
+LOAD_RUNS_ATTEMPTS = (
+    sa.select(run_attempts)
+    .where(run_attempts.c.run_id == sa.any_(_IDS))
+    .order_by(run_attempts.c.run_id, run_attempts.c.number)
+)
+SELECT_RUNS = sa.select(*(runs.c[f] for f in _RUN_FIELDS)).where(runs.c.id == sa.any_(_IDS))
 INSERT_RUN = runs.insert()
 INSERT_TRANSITION = run_transitions.insert()
 INSERT_ATTEMPT = run_attempts.insert()
@@ -181,20 +196,25 @@ def transition(
     result = conn.execute(_cas_update(tuple(changes), first), params)
     if result.rowcount != 1:
         raise LostRace(run["id"])
+    conn.execute(INSERT_TRANSITION, transitioned(conn, run, to, now))
+
+
+def transitioned(
+    conn: sa.Connection, run: Mapping[str, Any], to: RunStatus, now: dt.datetime
+) -> dict[str, Any]:
+    """What follows a compare-and-set that moved ``run`` to ``to``: the slot
+    it frees handed on, the change counted; its ``run_transitions`` row."""
     if run.get("gated") and run["status"] in _HOLDING and to.value not in _HOLDING:
         # A slot of its queue frees: hand it on before this unit commits.
         conn.info.setdefault(PUMPS, set()).add((run["project_id"], run["queue"]))
     _observe(conn, run, to, now)
-    conn.execute(
-        INSERT_TRANSITION,
-        {
-            "run_id": run["id"],
-            "from_status": run["status"],
-            "to_status": to.value,
-            "attempt": run["attempt"],
-            "at": now,
-        },
-    )
+    return {
+        "run_id": run["id"],
+        "from_status": run["status"],
+        "to_status": to.value,
+        "attempt": run["attempt"],
+        "at": now,
+    }
 
 
 def select_run(conn: sa.Connection, run_id: str, *, lock: bool = False) -> dict[str, Any] | None:

@@ -1,0 +1,293 @@
+"""A batch of worker reports applied as sets, on PostgreSQL.
+
+The common reports (an attempt started; a run with no parent, no steps and no
+retry left ended) are applied kind by kind: one compare-and-set UPDATE for all
+the runs of a kind (``UPDATE … FROM unnest(…)``), one INSERT of all their
+transitions, one of their attempts, one read of their views and one INSERT of
+their deliveries. One by one, a report costs five to eight round trips; here a
+batch costs about ten. Every other report, and a second report about a run
+already in the batch, goes one by one after them (``events.apply_event``).
+
+What each writes is what ``events.apply_event`` writes for it: the same
+compare-and-set on status, attempt and step, the same transition row, the same
+attempt, the same deliveries in the same transaction. A run that moved in the
+meantime raises :class:`LostRace`, and the caller applies the batch again one
+report at a time (docs/architecture.md, invariant 3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from db.models import RunStatus
+from db.types import UTCDateTime, json_text, utcnow
+from gateway.runs.effects import Effects, EventAnswer
+from gateway.runs.errors import LostRace
+from gateway.runs.read import load_views
+from gateway.runs.runs_table import (
+    ACTIVE,
+    INSERT_ATTEMPT,
+    INSERT_TRANSITION,
+    SELECT_RUNS,
+    is_current,
+    transitioned,
+)
+from gateway.runs.timers import expired
+from jobs.protocol import TIMED_OUT_CODE, WORKFLOW_TASK, WorkerEvent
+from webhooks.outbox import FINAL_EVENTS, RunDeliveries
+
+__all__ = ["apply_in_sets"]
+
+_NOW = sa.bindparam("now", type_=UTCDateTime())
+
+_START = sa.text(
+    """
+    UPDATE runs SET status = 'EXECUTING', updated_at = :now,
+        started_at = COALESCE(runs.started_at, :now), heartbeat_at = :now
+    FROM unnest(CAST(:ids AS varchar[]), CAST(:attempts AS integer[])) AS v(id, attempt)
+    WHERE runs.id = v.id AND runs.status = 'QUEUED' AND runs.attempt = v.attempt
+        AND runs.step = 0
+    RETURNING runs.id
+    """
+).bindparams(_NOW)
+
+# A run that completes keeps the error of an earlier attempt's failure, as
+# ``transition`` leaves columns it is not given.
+_FINISH = sa.text(
+    """
+    UPDATE runs SET status = v.status, updated_at = :now, output = CAST(v.output AS jsonb),
+        error_code = CASE WHEN v.status = 'COMPLETED' THEN runs.error_code
+            ELSE v.error_code END,
+        error_message = CASE WHEN v.status = 'COMPLETED' THEN runs.error_message
+            ELSE v.error_message END,
+        started_at = COALESCE(runs.started_at, :now), finished_at = :now
+    FROM unnest(
+        CAST(:ids AS varchar[]), CAST(:froms AS varchar[]), CAST(:attempts AS integer[]),
+        CAST(:tos AS varchar[]), CAST(:outputs AS text[]), CAST(:codes AS text[]),
+        CAST(:messages AS text[])
+    ) AS v(id, w_status, attempt, status, output, error_code, error_message)
+    WHERE runs.id = v.id AND runs.status = v.w_status AND runs.attempt = v.attempt
+        AND runs.step = 0
+    RETURNING runs.id
+    """
+).bindparams(_NOW)
+
+_FINISH_ATTEMPTS = sa.text(
+    """
+    UPDATE run_attempts SET status = v.status, finished_at = :now,
+        error_code = v.error_code, error_message = v.error_message
+    FROM unnest(
+        CAST(:ids AS varchar[]), CAST(:numbers AS integer[]), CAST(:tos AS varchar[]),
+        CAST(:codes AS text[]), CAST(:messages AS text[])
+    ) AS v(run_id, number, status, error_code, error_message)
+    WHERE run_attempts.run_id = v.run_id AND run_attempts.number = v.number
+    RETURNING run_attempts.run_id
+    """
+).bindparams(_NOW)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Final:
+    index: int
+    run: dict[str, Any]
+    event: WorkerEvent
+    to: RunStatus
+    code: str | None
+    message: str | None
+
+
+def _final(index: int, run: dict[str, Any], event: WorkerEvent) -> _Final | None:
+    """The end of a plain run that ``events.apply_final`` would make, if the
+    report is one a set takes; ``None`` for one that goes one by one."""
+    if not (
+        event.type in ("completed", "failed")
+        and run["task"] != WORKFLOW_TASK
+        and run["parent_id"] is None
+        and run["step"] == 0
+        and not event.steps
+        and is_current(run, event)
+        and RunStatus(run["status"]) in ACTIVE
+    ):
+        return None
+    if event.type == "completed":
+        return _Final(index, run, event, RunStatus.COMPLETED, None, None)
+    error = event.error
+    if error is not None and error.retryable and run["attempt"] < run["max_attempts"]:
+        return None  # a retry: one by one
+    code = error.code if error else "unknown_error"
+    message = error.message if error else "the worker reported a failure without details"
+    to = RunStatus.TIMED_OUT if code == TIMED_OUT_CODE else RunStatus.FAILED
+    return _Final(index, run, event, to, code, message)
+
+
+def _starts(run: dict[str, Any], event: WorkerEvent, now: dt.datetime) -> bool:
+    """Whether the report starts an attempt as ``events._apply_started`` would
+    (a first step, not held, not expired)."""
+    return (
+        event.type == "started"
+        and run["status"] == RunStatus.QUEUED.value
+        and run["step"] == 0
+        and is_current(run, event)
+        and not run["held"]
+        and not expired(run, now)
+    )
+
+
+def _applied(conn: sa.Connection, statement: sa.TextClause, params: dict[str, Any]) -> None:
+    """Run a compare-and-set over a set; :class:`LostRace` if a run moved."""
+    moved = {row[0] for row in conn.execute(statement, params)}
+    for run_id in params["ids"]:
+        if run_id not in moved:
+            raise LostRace(run_id)
+
+
+def apply_in_sets(
+    conn: sa.Connection,
+    events: Sequence[WorkerEvent],
+    one_by_one: Callable[[sa.Connection, WorkerEvent], EventAnswer],
+) -> list[EventAnswer]:
+    """Apply a batch of reports in this transaction, the common ones as sets
+    and the rest with ``one_by_one``; their answers, in the batch's order.
+
+    :raises LostRace: a run moved while the batch was applied (the unit is
+        undone, and applied again one report at a time)
+    :raises APIError: ``one_by_one`` refused a report (likewise)
+    """
+    now = utcnow()
+    ids = sorted({event.run_id for event in events})
+    found = {row["id"]: dict(row) for row in conn.execute(SELECT_RUNS, {"run_ids": ids}).mappings()}
+    started: list[tuple[int, dict[str, Any], WorkerEvent]] = []
+    finals: list[_Final] = []
+    rest: list[int] = []
+    taken: set[str] = set()
+    for index, event in enumerate(events):
+        run = found.get(event.run_id)
+        final = None
+        if run is None or event.run_id in taken:
+            rest.append(index)
+        elif _starts(run, event, now):
+            started.append((index, run, event))
+        elif (final := _final(index, run, event)) is not None:
+            finals.append(final)
+        else:
+            rest.append(index)
+        taken.add(event.run_id)
+
+    if started:
+        _applied(
+            conn,
+            _START,
+            {
+                "now": now,
+                "ids": [run["id"] for _, run, _ in started],
+                "attempts": [event.attempt for _, _, event in started],
+            },
+        )
+    if finals:
+        _applied(
+            conn,
+            _FINISH,
+            {
+                "now": now,
+                "ids": [f.run["id"] for f in finals],
+                "froms": [f.run["status"] for f in finals],
+                "attempts": [f.event.attempt for f in finals],
+                "tos": [f.to.value for f in finals],
+                "outputs": [json_text(f.event.output) for f in finals],
+                "codes": [f.code for f in finals],
+                "messages": [f.message for f in finals],
+            },
+        )
+    moves = [transitioned(conn, run, RunStatus.EXECUTING, now) for _, run, _ in started]
+    moves += [transitioned(conn, f.run, f.to, now) for f in finals]
+    if moves:
+        conn.execute(INSERT_TRANSITION, moves)
+    _record_attempts(conn, started, finals, now)
+
+    answers: list[EventAnswer | None] = [None] * len(events)
+    deliveries = RunDeliveries(conn, now)
+    wanted = {}
+    for _, run, _ in started:
+        wanted[run["id"]] = (run, "run.started", deliveries.receivers(run, "run.started"))
+    for f in finals:
+        event_type = FINAL_EVENTS[f.to]
+        wanted[f.run["id"]] = (f.run, event_type, deliveries.receivers(f.run, event_type))
+    viewed = [run_id for run_id, (_, _, receivers) in wanted.items() if receivers]
+    views = load_views(conn, viewed) if viewed else {}
+    outgoing = {
+        run_id: deliveries.add(run, event_type, views[run_id], receivers)
+        for run_id, (run, event_type, receivers) in wanted.items()
+        if receivers
+    }
+    deliveries.write()
+    for index, run, _ in started:
+        effects = Effects(outgoing=outgoing.get(run["id"], []), changed=[run["id"]])
+        answers[index] = EventAnswer(True, RunStatus.EXECUTING.value, True, effects)
+    for f in finals:
+        run_id = f.run["id"]
+        effects = Effects(outgoing=outgoing.get(run_id, []), finished=[run_id], changed=[run_id])
+        answers[f.index] = EventAnswer(True, f.to.value, False, effects)
+
+    # The rest in run ID order, as ``events.apply_events`` locks them.
+    for index in sorted(rest, key=lambda i: (events[i].run_id, i)):
+        answers[index] = one_by_one(conn, events[index])
+    return [answer for answer in answers if answer is not None]
+
+
+def _record_attempts(
+    conn: sa.Connection,
+    started: list[tuple[int, dict[str, Any], WorkerEvent]],
+    finals: list[_Final],
+    now: dt.datetime,
+) -> None:
+    """Attempts begun, and attempts ended (begun here if their ``started``
+    report has not arrived)."""
+    rows = [
+        {
+            "run_id": run["id"],
+            "number": event.attempt,
+            "status": RunStatus.EXECUTING.value,
+            "worker_id": event.worker_id,
+            "started_at": now,
+            "finished_at": None,
+            "error_code": None,
+            "error_message": None,
+        }
+        for _, run, event in started
+    ]
+    if finals:
+        ended = {
+            row[0]
+            for row in conn.execute(
+                _FINISH_ATTEMPTS,
+                {
+                    "now": now,
+                    "ids": [f.run["id"] for f in finals],
+                    "numbers": [f.event.attempt for f in finals],
+                    "tos": [f.to.value for f in finals],
+                    "codes": [f.code for f in finals],
+                    "messages": [f.message for f in finals],
+                },
+            )
+        }
+        rows += [
+            {
+                "run_id": f.run["id"],
+                "number": f.event.attempt,
+                "worker_id": f.event.worker_id,
+                "started_at": now,
+                "status": f.to.value,
+                "finished_at": now,
+                "error_code": f.code,
+                "error_message": f.message,
+            }
+            for f in finals
+            if f.run["id"] not in ended
+        ]
+    if rows:
+        conn.execute(INSERT_ATTEMPT, rows)
