@@ -1,8 +1,9 @@
-"""A batch of worker reports applied as sets on PostgreSQL
-(``gateway.runs.event_sets``) writes exactly what the same reports write one
-by one: the runs, their attempts, their transitions and their deliveries, and
-the same answers. Two twin sets of runs in one real database get the same
-reports, one set through each path, and every row is compared."""
+"""Worker reports applied as sets on PostgreSQL write exactly what the same
+reports write one by one, with the same answers: run reports
+(``gateway.runs.event_sets``: runs, attempts, transitions, deliveries) and
+callback attempts (``webhooks.deliveries.record_attempts``: deliveries and
+their attempts). Twin rows in one real database get the same reports, one
+twin through each path, and every row is compared, in far fewer statements."""
 
 from __future__ import annotations
 
@@ -18,11 +19,14 @@ import sqlalchemy as sa
 from db.engine import Database
 from db.ids import new_id
 from db.types import utcnow
+from gateway.errors import NotFound
 from gateway.runs.effects import EventAnswer
 from gateway.runs.events import apply_events
 from gateway.runs.runs_table import run_attempts, run_transitions, runs
 from jobs.protocol import TIMED_OUT_CODE, WorkerEvent
 from tests.conftest import Databases
+from webhooks.deliveries import RetryPolicy, delivery_attempts, record_attempt, record_attempts
+from webhooks.models import DeliveryAttemptReport
 from webhooks.outbox import deliveries, endpoints, projects
 
 #: Each case: the run's columns, and the reports it gets, in the batch's order.
@@ -149,10 +153,87 @@ def _same(rows: list[dict[str, Any]], names: dict[str, str]) -> list[dict[str, A
     return sorted(({k: plain(v) for k, v in row.items() if k != "id"} for row in rows), key=repr)
 
 
-def test_a_batch_applied_as_sets_writes_what_one_by_one_writes(databases: Databases) -> None:
+def _call(url: str, fn: Callable[[Database], Any]) -> Any:
+    async def main() -> Any:
+        database = Database(url)
+        try:
+            return await fn(database)
+        finally:
+            await database.dispose()
+
+    return asyncio.run(main())
+
+
+def _counted(statements: list[int], which: int, fn: Callable[[sa.Connection], Any]) -> Any:
+    """``fn`` as a unit of work that counts the statements it sends."""
+
+    def unit(conn: sa.Connection) -> Any:
+        def count(*_: Any) -> None:
+            statements[which] += 1
+
+        sa.event.listen(conn, "before_cursor_execute", count)
+        try:
+            return fn(conn)
+        finally:
+            sa.event.remove(conn, "before_cursor_execute", count)
+
+    return unit
+
+
+def _rows(url: str, tables: dict[str, tuple[sa.Table, sa.Column]], ids: list[str]) -> dict:
+    def all_of(conn: sa.Connection) -> dict[str, list[dict[str, Any]]]:
+        return {
+            name: [
+                dict(row)
+                for row in conn.execute(sa.select(table).where(column.in_(ids))).mappings()
+            ]
+            for name, (table, column) in tables.items()
+        }
+
+    return _call(url, lambda db: db.read(all_of))
+
+
+def _seed_project(conn: sa.Connection, project_id: str, now: dt.datetime) -> str:
+    conn.execute(
+        projects.insert(),
+        {
+            "id": project_id,
+            "name": project_id,
+            "signing_secret": "whsec_" + "A" * 32,
+            "created_at": now,
+        },
+    )
+    return _seed_endpoint(conn, project_id, now)
+
+
+def _seed_endpoint(conn: sa.Connection, project_id: str, now: dt.datetime) -> str:
+    endpoint_id = new_id("ep")
+    conn.execute(
+        endpoints.insert(),
+        {
+            "id": endpoint_id,
+            "project_id": project_id,
+            "url": "http://127.0.0.1:9/all",
+            "description": "",
+            "events": ["*", "run.started"],
+            "tasks": [],
+            "enabled": True,
+            "created_at": now,
+            "updated_at": now,
+        },
+    )
+    return endpoint_id
+
+
+@pytest.fixture
+def postgres_url(databases: Databases) -> str:
     if databases.backend != "postgresql":
         pytest.skip("the sets are PostgreSQL's; SQLite applies reports one by one")
-    url = databases.new("event_sets")
+    return databases.new("event_sets")
+
+
+def test_a_batch_applied_as_sets_writes_what_one_by_one_writes(postgres_url: str) -> None:
+    url = postgres_url
     project_id = new_id("proj")
     now = utcnow()
     twins: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -164,29 +245,7 @@ def test_a_batch_applied_as_sets_writes_what_one_by_one_writes(databases: Databa
     }
 
     def seed(conn: sa.Connection) -> None:
-        conn.execute(
-            projects.insert(),
-            {
-                "id": project_id,
-                "name": project_id,
-                "signing_secret": "whsec_" + "A" * 32,
-                "created_at": now,
-            },
-        )
-        conn.execute(
-            endpoints.insert(),
-            {
-                "id": new_id("ep"),
-                "project_id": project_id,
-                "url": "http://127.0.0.1:9/all",
-                "description": "",
-                "events": ["*", "run.started"],
-                "tasks": [],
-                "enabled": True,
-                "created_at": now,
-                "updated_at": now,
-            },
-        )
+        _seed_project(conn, project_id, now)
         conn.execute(runs.insert(), [row for pair in twins.values() for row in pair])
 
     def batch(which: int) -> list[WorkerEvent]:
@@ -199,50 +258,17 @@ def test_a_batch_applied_as_sets_writes_what_one_by_one_writes(databases: Databa
         ]
 
     statements = [0, 0]
-
-    def apply(which: int, isolated: bool) -> Callable[[sa.Connection], list[Any]]:
-        def unit(conn: sa.Connection) -> list[Any]:
-            def count(*_: Any) -> None:
-                statements[which] += 1
-
-            sa.event.listen(conn, "before_cursor_execute", count)
-            try:
-                return apply_events(conn, batch(which), isolated=isolated)
-            finally:
-                sa.event.remove(conn, "before_cursor_execute", count)
-
-        return unit
-
-    def read(which: int) -> dict[str, list[dict[str, Any]]]:
-        ids = [pair[which]["id"] for pair in twins.values()]
-
-        def rows(conn: sa.Connection, table: sa.Table, column: sa.Column) -> list[dict]:
-            found = conn.execute(sa.select(table).where(column.in_(ids))).mappings()
-            return [dict(row) for row in found]
-
-        def all_of(conn: sa.Connection) -> dict[str, list[dict[str, Any]]]:
-            return {
-                "runs": rows(conn, runs, runs.c.id),
-                "attempts": rows(conn, run_attempts, run_attempts.c.run_id),
-                "transitions": rows(conn, run_transitions, run_transitions.c.run_id),
-                "deliveries": rows(conn, deliveries, deliveries.c.run_id),
-            }
-
-        return database_call(lambda db: db.read(all_of))
-
-    def database_call(fn: Callable[[Database], Any]) -> Any:
-        async def main() -> Any:
-            database = Database(url)
-            try:
-                return await fn(database)
-            finally:
-                await database.dispose()
-
-        return asyncio.run(main())
-
-    database_call(lambda db: db.write(seed))
-    as_sets: list[EventAnswer] = database_call(lambda db: db.write(apply(0, False)))
-    one_by_one: list[EventAnswer] = database_call(lambda db: db.write(apply(1, True)))
+    _call(url, lambda db: db.write(seed))
+    as_sets: list[EventAnswer] = _call(
+        url,
+        lambda db: db.write(_counted(statements, 0, lambda conn: apply_events(conn, batch(0)))),
+    )
+    one_by_one: list[EventAnswer] = _call(
+        url,
+        lambda db: db.write(
+            _counted(statements, 1, lambda conn: apply_events(conn, batch(1), isolated=True))
+        ),
+    )
 
     def answers(got: list[EventAnswer]) -> list[tuple[Any, ...]]:
         return [
@@ -254,7 +280,162 @@ def test_a_batch_applied_as_sets_writes_what_one_by_one_writes(databases: Databa
     assert sum(len(a.effects.outgoing) for a in as_sets) >= 15
     # The sets took far fewer round trips (savepoints aside: two per report).
     assert statements[0] < (statements[1] - 2 * len(batch(1))) / 2, statements
-    labels = [{pair[i]["id"]: label for label, pair in twins.items()} for i in (0, 1)]
-    got = [read(0), read(1)]
-    for table in ("runs", "attempts", "transitions", "deliveries"):
-        assert _same(got[0][table], labels[0]) == _same(got[1][table], labels[1]), table
+    tables = {
+        "runs": (runs, runs.c.id),
+        "attempts": (run_attempts, run_attempts.c.run_id),
+        "transitions": (run_transitions, run_transitions.c.run_id),
+        "deliveries": (deliveries, deliveries.c.run_id),
+    }
+    first: dict[str, Any] = {}
+    for which in (0, 1):
+        labels = {pair[which]["id"]: label for label, pair in twins.items()}
+        got = _rows(url, tables, list(labels))
+        if which == 0:
+            first = {name: _same(rows, labels) for name, rows in got.items()}
+        else:
+            for name, rows in got.items():
+                assert first[name] == _same(rows, labels), name
+
+
+#: Each case: the delivery's columns, and the attempts reported on it.
+ATTEMPT_CASES: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
+    "first attempt answered": ({}, [{"status_code": 200}]),
+    "callback answered": ({"endpoint_id": None}, [{"status_code": 204}]),
+    "retry answered": ({"attempts": 2, "schedule_step": 2}, [{"status_code": 200}]),
+    "resend answered": (
+        {"status": "failed", "attempts": 5, "last_error": "HTTP 500"},
+        [{"status_code": 200, "trigger": "resend"}],
+    ),
+    "answered again": ({"status": "delivered", "attempts": 1}, [{"status_code": 200}]),
+    "refused": ({}, [{"status_code": 500, "response_body": "no"}]),
+    "unreachable": ({}, [{"error": "connection refused", "error_code": "connection_error"}]),
+    "gone": ({}, [{"status_code": 410}]),
+    "reported twice": (
+        {},
+        [{"status_code": 200, "key": "same"}, {"status_code": 200, "key": "same"}],
+    ),
+    "two attempts": ({}, [{"status_code": 503}, {"status_code": 200}]),
+}
+
+
+def test_callback_attempts_recorded_as_sets_write_what_one_by_one_writes(
+    postgres_url: str,
+) -> None:
+    url = postgres_url
+    project_id = new_id("proj")
+    now = utcnow()
+    policy = RetryPolicy(
+        schedule=(5.0, 30.0, 60.0), jitter=0.0, retry_after_max=60.0, disable_after=3600.0
+    )
+
+    def delivery(label: str, columns: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": new_id("msg"),
+            "project_id": project_id,
+            "run_id": None,
+            "url": "http://127.0.0.1:9/all",
+            "event_type": "run.completed",
+            "payload": {"case": label},
+            "status": "pending",
+            "attempts": 0,
+            "schedule_step": 0,
+            "next_attempt_at": now,
+            "leased_at": now,
+            "last_error": None,
+            "created_at": now,
+            "updated_at": now,
+            **columns,
+        }
+
+    twins: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+    endpoint_ids: list[str] = []
+
+    def seed(conn: sa.Connection) -> None:
+        # Each twin its own endpoint: a 410 disables the endpoint it answers for.
+        first = _seed_project(conn, project_id, now)
+        second = _seed_endpoint(conn, project_id, now)
+        for label, (columns, _) in ATTEMPT_CASES.items():
+            twins[label] = (
+                delivery(label, {"endpoint_id": first, **columns}),
+                delivery(label, {"endpoint_id": second, **columns}),
+            )
+        endpoint_ids.extend((first, second))
+        conn.execute(deliveries.insert(), [row for pair in twins.values() for row in pair])
+
+    _call(url, lambda db: db.write(seed))
+
+    def batch(which: int) -> list[DeliveryAttemptReport]:
+        reports = []
+        for label, (_, attempts) in ATTEMPT_CASES.items():
+            delivery_id = twins[label][which]["id"]
+            for n, attempt in enumerate(attempts):
+                key = attempt.get("key", str(n))
+                fields = {k: v for k, v in attempt.items() if k != "key"}
+                reports.append(
+                    DeliveryAttemptReport.model_validate(
+                        {
+                            "type": "delivery.attempt",
+                            "delivery_id": delivery_id,
+                            "key": f"{delivery_id}:{key}",
+                            "trigger": "schedule",
+                            "latency_ms": 3,
+                            **fields,
+                        }
+                    )
+                )
+        missing = DeliveryAttemptReport(
+            type="delivery.attempt",
+            delivery_id="msg_missing",
+            key=f"missing-{which}",
+            trigger="schedule",
+            status_code=200,
+        )
+        return [*reports, missing]
+
+    def one_by_one(conn: sa.Connection) -> list[Any]:
+        out: list[Any] = []
+        for report in batch(1):
+            try:
+                out.append(record_attempt(conn, policy, report, utcnow()))
+            except NotFound as exc:
+                out.append(exc)
+        return out
+
+    statements = [0, 0]
+    as_sets = _call(
+        url,
+        lambda db: db.write(
+            _counted(statements, 0, lambda conn: record_attempts(conn, policy, batch(0), utcnow()))
+        ),
+    )
+    singly = _call(url, lambda db: db.write(_counted(statements, 1, one_by_one)))
+
+    def outcomes(got: list[Any]) -> list[Any]:
+        return [
+            type(o).__name__
+            if isinstance(o, Exception)
+            else (o["recorded"], o["next_attempt_in"] is not None, o["step"])
+            for o in got
+        ]
+
+    assert outcomes(as_sets) == outcomes(singly)
+    # Five successes as sets: about five statements in all, against four each.
+    assert statements[0] + 10 < statements[1], statements
+    tables = {
+        "deliveries": (deliveries, deliveries.c.id),
+        "attempts": (delivery_attempts, delivery_attempts.c.delivery_id),
+    }
+    first: dict[str, Any] = {}
+    for which in (0, 1):
+        labels = {pair[which]["id"]: label for label, pair in twins.items()}
+        got = _rows(url, tables, list(labels))
+        got["endpoint"] = _rows(
+            url, {"endpoint": (endpoints, endpoints.c.id)}, [endpoint_ids[which]]
+        )["endpoint"]
+        labels[endpoint_ids[which]] = "the endpoint"
+        got["attempts"] = [{k: v for k, v in row.items() if k != "key"} for row in got["attempts"]]
+        if which == 0:
+            first = {name: _same(rows, labels) for name, rows in got.items()}
+        else:
+            for name, rows in got.items():
+                assert first[name] == _same(rows, labels), name

@@ -9,6 +9,7 @@ afresh: the gateway keeps the secrets), sends it, and reports the attempt
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 from collections.abc import Mapping, Sequence
@@ -23,13 +24,21 @@ from db.engine import Database
 from db.ids import new_id
 from db.models import Delivery, DeliveryStatus, Run, WebhookEndpoint
 from db.types import utcnow
+from gateway.errors import APIError
 from gateway.metrics import DELIVERY_ATTEMPTS
 from gateway.queue import QueuedJob, enqueue_jobs
 from gateway.settings import Settings
 from jobs import tracing
 from jobs.contract import DeliverWebhook
 from jobs.protocol import clean_text, delivery_job_id
-from webhooks.deliveries import RetryPolicy, delivery_row, lost_attempt, outcome_of, record_attempt
+from webhooks.deliveries import (
+    RetryPolicy,
+    delivery_row,
+    lost_attempt,
+    outcome_of,
+    record_attempt,
+    record_attempts,
+)
 from webhooks.models import DeliveryAttemptReport
 from webhooks.outbox import Outgoing, active_secrets, encode_body, project_secret
 from webhooks.signing import webhook_headers
@@ -398,6 +407,43 @@ class DeliveryDispatcher:
             DELIVERY_ATTEMPTS.labels(outcome=outcome_of(report)).inc()
         await self._after_record(report.delivery_id, outcome)
         return {"recorded": outcome["recorded"], "next_attempt_in": outcome["next_attempt_in"]}
+
+    async def record_attempts(
+        self, reports: Sequence[DeliveryAttemptReport]
+    ) -> list[dict[str, Any] | APIError]:
+        """Record many attempts in one unit (:func:`record_attempts`: sets on
+        PostgreSQL) and decide what comes next for each; an attempt refused
+        (its delivery is not there) gets its error. A unit that fails on what
+        a report holds goes again one report at a time, as
+        :meth:`record_attempt` stores each."""
+        if len(reports) < 2:
+            return list(await asyncio.gather(*(self._one(r) for r in reports)))
+        try:
+            outcomes = await self.db.write_behind(
+                record_attempts, self.retry_policy(), reports, utcnow()
+            )
+        except (sa.exc.DataError, sa.exc.StatementError, ValueError) as exc:
+            if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
+                raise
+            return list(await asyncio.gather(*(self._one(r) for r in reports)))
+        answers: list[dict[str, Any] | APIError] = []
+        for report, outcome in zip(reports, outcomes, strict=True):
+            if isinstance(outcome, APIError):
+                answers.append(outcome)
+                continue
+            if outcome["recorded"]:
+                DELIVERY_ATTEMPTS.labels(outcome=outcome_of(report)).inc()
+            await self._after_record(report.delivery_id, outcome)
+            answers.append(
+                {"recorded": outcome["recorded"], "next_attempt_in": outcome["next_attempt_in"]}
+            )
+        return answers
+
+    async def _one(self, report: DeliveryAttemptReport) -> dict[str, Any] | APIError:
+        try:
+            return await self.record_attempt(report)
+        except APIError as exc:
+            return exc
 
     async def _after_record(self, delivery_id: str, outcome: Mapping[str, Any]) -> None:
         # ``gateway dispatch`` reads due retries from the database itself.

@@ -8,7 +8,6 @@ not in the OpenAPI document, which is for applications.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from typing import Any
 
@@ -146,16 +145,16 @@ async def _apply_batch(services: Services, items: list[Any], body_size: int) -> 
         kept = await services.runs.append_logs([batch for _, batch in logs])
         for (index, _), refused in zip(logs, kept, strict=True):
             answers[index] = _refusal(refused) if refused is not None else {"kept": True}
-    recorded = await asyncio.gather(
-        *(_record(services, report) for _, report in attempts), return_exceptions=True
-    )
-    for (index, _), outcome in zip(attempts, recorded, strict=True):
-        if isinstance(outcome, APIError):
-            answers[index] = _refusal(outcome)
-        elif isinstance(outcome, BaseException):
-            raise outcome
-        else:
+    if attempts:
+        recorded = await services.dispatcher.record_attempts([report for _, report in attempts])
+        for (index, report), outcome in zip(attempts, recorded, strict=True):
+            if isinstance(outcome, APIError):
+                answers[index] = _refusal(outcome)
+                continue
             answers[index] = outcome
+            if outcome["recorded"]:
+                # Wakes the dashboard's live feed; no run waits on a delivery.
+                await services.notifier.publish(f"delivery:{report.delivery_id}")
     return answers
 
 
