@@ -163,10 +163,11 @@ def celery(redis_url: str, runs: int, logs: Path) -> tuple[float, float]:
 
     broker, backend = f"{redis_url}/2", f"{redis_url}/3"
     env = child_env(BENCH_CELERY_BROKER=broker, BENCH_CELERY_BACKEND=backend)
-    os.environ.update(BENCH_CELERY_BROKER=broker, BENCH_CELERY_BACKEND=backend)
-    from bench.celery_app import app
+    from celery import Celery
 
-    app.conf.update(broker_url=broker, result_backend=backend)
+    # A client app of its own for each run: an app keeps the broker connections
+    # it made first, and the next backend's run has a Redis of its own.
+    app = Celery("bench-client", broker=broker, backend=backend)
     with redis.Redis.from_url(broker) as r:
         r.flushdb()
     results = redis.Redis.from_url(backend)
@@ -209,6 +210,7 @@ def celery(redis_url: str, runs: int, logs: Path) -> tuple[float, float]:
     finally:
         worker.stop()
         results.close()
+        app.close()
     return runs / sent, runs / drained
 
 
