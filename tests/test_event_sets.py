@@ -1,7 +1,7 @@
-"""Worker reports applied as sets on PostgreSQL write exactly what the same
-reports write one by one, with the same answers: run reports
-(``gateway.runs.event_sets``: runs, attempts, transitions, deliveries) and
-callback attempts (``webhooks.deliveries.record_attempts``: deliveries and
+"""Worker reports applied as sets write exactly what the same reports write
+one by one, with the same answers: run reports (``gateway.runs.event_sets``,
+both databases: runs, attempts, transitions, deliveries) and callback
+attempts (``webhooks.deliveries.record_attempts``, PostgreSQL: deliveries and
 their attempts). Twin rows in one real database get the same reports, one
 twin through each path, and every row is compared, in far fewer statements."""
 
@@ -228,12 +228,12 @@ def _seed_endpoint(conn: sa.Connection, project_id: str, now: dt.datetime) -> st
 @pytest.fixture
 def postgres_url(databases: Databases) -> str:
     if databases.backend != "postgresql":
-        pytest.skip("the sets are PostgreSQL's; SQLite applies reports one by one")
+        pytest.skip("attempts go as sets on PostgreSQL; SQLite records them one by one")
     return databases.new("event_sets")
 
 
-def test_a_batch_applied_as_sets_writes_what_one_by_one_writes(postgres_url: str) -> None:
-    url = postgres_url
+def test_a_batch_applied_as_sets_writes_what_one_by_one_writes(databases: Databases) -> None:
+    url = databases.new("event_sets")
     project_id = new_id("proj")
     now = utcnow()
     twins: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {

@@ -1,12 +1,14 @@
-"""A batch of worker reports applied as sets, on PostgreSQL.
+"""A batch of worker reports applied as sets.
 
 The common reports (an attempt started; a run with no parent, no steps and no
-retry left ended) are applied kind by kind: one compare-and-set UPDATE for all
-the runs of a kind (``UPDATE … FROM unnest(…)``), one INSERT of all their
-transitions, one of their attempts, one read of their views and one INSERT of
-their deliveries. One by one, a report costs five to eight round trips; here a
-batch costs about ten. Every other report, and a second report about a run
-already in the batch, goes one by one after them (``events.apply_event``).
+retry left ended) are applied kind by kind. On PostgreSQL, one compare-and-set
+UPDATE for all the runs of a kind (``UPDATE … FROM unnest(…)``); on SQLite,
+one ``executemany`` of the compare-and-set per kind, checked by its row count.
+Then one INSERT of all their transitions, one of their attempts, one read of
+their views and one INSERT of their deliveries. One by one, a report costs five
+to eight statements; here a batch costs about ten. Every other report, and a
+second report about a run already in the batch, goes one by one after them
+(``events.apply_event``).
 
 What each writes is what ``events.apply_event`` writes for it: the same
 compare-and-set on status, attempt and step, the same transition row, the same
@@ -31,10 +33,13 @@ from gateway.runs.errors import LostRace
 from gateway.runs.read import load_views
 from gateway.runs.runs_table import (
     ACTIVE,
+    FINISH_ATTEMPT,
     INSERT_ATTEMPT,
     INSERT_TRANSITION,
     SELECT_RUNS,
+    KeepFirst,
     is_current,
+    transition_all,
     transitioned,
 )
 from gateway.runs.timers import expired
@@ -160,7 +165,10 @@ def apply_in_sets(
     """
     now = utcnow()
     ids = sorted({event.run_id for event in events})
-    found = {row["id"]: dict(row) for row in conn.execute(SELECT_RUNS, {"run_ids": ids}).mappings()}
+    found = {
+        row["id"]: dict(row)
+        for row in conn.execute(SELECT_RUNS[conn.dialect.name], {"run_ids": ids}).mappings()
+    }
     started: list[tuple[int, dict[str, Any], WorkerEvent]] = []
     finals: list[_Final] = []
     rest: list[int] = []
@@ -178,35 +186,18 @@ def apply_in_sets(
             rest.append(index)
         taken.add(event.run_id)
 
-    if started:
-        _applied(
+    if conn.dialect.name == "postgresql":
+        _move_as_sets(conn, started, finals, now)
+    else:
+        transition_all(
             conn,
-            _START,
-            {
-                "now": now,
-                "ids": [run["id"] for _, run, _ in started],
-                "attempts": [event.attempt for _, _, event in started],
-            },
+            [
+                (run, RunStatus.EXECUTING, {"started_at": KeepFirst(now), "heartbeat_at": now})
+                for _, run, _ in started
+            ]
+            + [(f.run, f.to, _final_values(f, now)) for f in finals],
+            now,
         )
-    if finals:
-        _applied(
-            conn,
-            _FINISH,
-            {
-                "now": now,
-                "ids": [f.run["id"] for f in finals],
-                "froms": [f.run["status"] for f in finals],
-                "attempts": [f.event.attempt for f in finals],
-                "tos": [f.to.value for f in finals],
-                "outputs": [json_text(f.event.output) for f in finals],
-                "codes": [f.code for f in finals],
-                "messages": [f.message for f in finals],
-            },
-        )
-    moves = [transitioned(conn, run, RunStatus.EXECUTING, now) for _, run, _ in started]
-    moves += [transitioned(conn, f.run, f.to, now) for f in finals]
-    if moves:
-        conn.execute(INSERT_TRANSITION, moves)
     _record_attempts(conn, started, finals, now)
 
     answers: list[EventAnswer | None] = [None] * len(events)
@@ -239,6 +230,53 @@ def apply_in_sets(
     return [answer for answer in answers if answer is not None]
 
 
+def _final_values(final: _Final, now: dt.datetime) -> dict[str, Any]:
+    """What ``events.apply_final`` sets on a run that ends."""
+    values: dict[str, Any] = {"output": final.event.output}
+    if final.to != RunStatus.COMPLETED:
+        values.update(error_code=final.code, error_message=final.message)
+    values.update(started_at=KeepFirst(now), finished_at=now)
+    return values
+
+
+def _move_as_sets(
+    conn: sa.Connection,
+    started: list[tuple[int, dict[str, Any], WorkerEvent]],
+    finals: list[_Final],
+    now: dt.datetime,
+) -> None:
+    """The compare-and-sets of PostgreSQL: one ``UPDATE … FROM unnest`` per kind."""
+    if started:
+        _applied(
+            conn,
+            _START,
+            {
+                "now": now,
+                "ids": [run["id"] for _, run, _ in started],
+                "attempts": [event.attempt for _, _, event in started],
+            },
+        )
+    if finals:
+        _applied(
+            conn,
+            _FINISH,
+            {
+                "now": now,
+                "ids": [f.run["id"] for f in finals],
+                "froms": [f.run["status"] for f in finals],
+                "attempts": [f.event.attempt for f in finals],
+                "tos": [f.to.value for f in finals],
+                "outputs": [json_text(f.event.output) for f in finals],
+                "codes": [f.code for f in finals],
+                "messages": [f.message for f in finals],
+            },
+        )
+    moves = [transitioned(conn, run, RunStatus.EXECUTING, now) for _, run, _ in started]
+    moves += [transitioned(conn, f.run, f.to, now) for f in finals]
+    if moves:
+        conn.execute(INSERT_TRANSITION, moves)
+
+
 def _record_attempts(
     conn: sa.Connection,
     started: list[tuple[int, dict[str, Any], WorkerEvent]],
@@ -260,7 +298,10 @@ def _record_attempts(
         }
         for _, run, event in started
     ]
-    if finals:
+    ended: set[str] = set()
+    if finals and conn.dialect.name != "postgresql":
+        ended = _finish_attempts(conn, finals, now)
+    elif finals:
         ended = {
             row[0]
             for row in conn.execute(
@@ -275,6 +316,7 @@ def _record_attempts(
                 },
             )
         }
+    if finals:
         rows += [
             {
                 "run_id": f.run["id"],
@@ -291,3 +333,22 @@ def _record_attempts(
         ]
     if rows:
         conn.execute(INSERT_ATTEMPT, rows)
+
+
+def _finish_attempts(conn: sa.Connection, finals: list[_Final], now: dt.datetime) -> set[str]:
+    """The runs whose attempt was there to end (SQLite: one ``executemany``,
+    and one by one only if some attempt was not there)."""
+    params = [
+        {
+            "w_run_id": f.run["id"],
+            "w_number": f.event.attempt,
+            "status": f.to.value,
+            "finished_at": now,
+            "error_code": f.code,
+            "error_message": f.message,
+        }
+        for f in finals
+    ]
+    if conn.execute(FINISH_ATTEMPT, params).rowcount == len(params):
+        return {f.run["id"] for f in finals}
+    return {p["w_run_id"] for p in params if conn.execute(FINISH_ATTEMPT, p).rowcount}

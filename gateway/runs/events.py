@@ -66,15 +66,15 @@ def apply_events(
 ) -> list[EventAnswer | APIError | LostRace]:
     """Apply a batch of reports in one transaction.
 
-    Not ``isolated``, a refused report (an :class:`APIError`) or one that lost
-    a race (:class:`LostRace`) fails the whole unit, undone, and the caller
+    Not ``isolated``, the common reports go as sets (``event_sets``), and a
+    refused report (an :class:`APIError`) or one that lost a race
+    (:class:`LostRace`) fails the whole unit, undone, and the caller
     runs it again ``isolated``: each report in a savepoint of its own, so one
     refused or lost leaves the others applied (and a lost one is handed back
     to run again). Refusals are rare; a savepoint costs two round trips to
     PostgreSQL per report.
     """
-    if not isolated and conn.dialect.name == "postgresql":
-        # Round trips are what a report costs there: the common ones as sets.
+    if not isolated:  # the common reports as sets (``event_sets``)
         return list(apply_in_sets(conn, events, apply_event))
     # Runs are locked in ID order, whatever order the reports came in, so two
     # batches that touch the same runs wait for each other instead of
@@ -83,9 +83,6 @@ def apply_events(
     order = sorted(range(len(events)), key=lambda i: events[i].run_id)
     out: list[EventAnswer | APIError | LostRace | None] = [None] * len(events)
     for i in order:
-        if not isolated:
-            out[i] = apply_event(conn, events[i])
-            continue
         try:
             with savepoint(conn):
                 out[i] = apply_event(conn, events[i])

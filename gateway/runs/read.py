@@ -266,11 +266,12 @@ def load_run(conn: sa.Connection, project_id: str | None, run_id: str) -> dict[s
 
 
 def load_views(conn: sa.Connection, run_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """The views of many runs, by ID, in two round trips for all (PostgreSQL)
-    and a few more for each that has steps or nodes; missing runs are left out."""
-    rows = conn.execute(LOAD_RUNS, {"run_ids": list(run_ids)}).mappings().all()
+    """The views of many runs, by ID: two reads for all, and a few more for
+    each that has steps or nodes; missing runs are left out."""
+    dialect, ids = conn.dialect.name, {"run_ids": list(run_ids)}
+    rows = conn.execute(LOAD_RUNS[dialect], ids).mappings().all()
     attempts: dict[str, list[dict[str, Any]]] = {}
-    for attempt in conn.execute(LOAD_RUNS_ATTEMPTS, {"run_ids": list(run_ids)}).mappings():
+    for attempt in conn.execute(LOAD_RUNS_ATTEMPTS[dialect], ids).mappings():
         attempts.setdefault(attempt["run_id"], []).append(dict(attempt))
     return {row["id"]: _view(conn, dict(row), attempts.get(row["id"], [])) for row in rows}
 

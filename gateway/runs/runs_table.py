@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -35,6 +35,7 @@ __all__ = [
     "runs",
     "select_run",
     "transition",
+    "transition_all",
     "transitioned",
 ]
 
@@ -100,29 +101,40 @@ _SELECT_RUN = sa.select(*(runs.c[f] for f in _RUN_FIELDS)).where(runs.c.id == _P
 _SELECT_RUN_LOCKED = _SELECT_RUN.with_for_update()
 #: A run, and whether it has nodes (a workflow's, or a durable task's steps),
 #: in one round trip: most runs have none, and their view asks for no more.
-LOAD_RUN = sa.select(
-    runs,
-    sa.exists().where(run_nodes.c.parent_id == runs.c.id).correlate(runs).label("has_nodes"),
-).where(runs.c.id == _P("run_id"))
+_HAS_NODES = (
+    sa.exists().where(run_nodes.c.parent_id == runs.c.id).correlate(runs).label("has_nodes")
+)
+LOAD_RUN = sa.select(runs, _HAS_NODES).where(runs.c.id == _P("run_id"))
 LOAD_OWN_RUN = LOAD_RUN.where(runs.c.project_id == _P("project_id"))
 LOAD_ATTEMPTS = (
     sa.select(run_attempts)
     .where(run_attempts.c.run_id == _P("run_id"))
     .order_by(run_attempts.c.number)
 )
-#: The same for many runs at once (PostgreSQL: ``= ANY`` of one array, one
-#: prepared statement whatever their number).
-_IDS = _P("run_ids", type_=ARRAY(sa.String()))
-LOAD_RUNS = sa.select(
-    runs,
-    sa.exists().where(run_nodes.c.parent_id == runs.c.id).correlate(runs).label("has_nodes"),
-).where(runs.c.id == sa.any_(_IDS))
-LOAD_RUNS_ATTEMPTS = (
-    sa.select(run_attempts)
-    .where(run_attempts.c.run_id == sa.any_(_IDS))
+
+
+def _many(column: sa.ColumnElement[Any], dialect: str) -> sa.ColumnElement[bool]:
+    """``column`` in the bound list ``run_ids``: on PostgreSQL ``= ANY`` of one
+    array, one prepared statement whatever the list's length."""
+    if dialect == "postgresql":
+        return column == sa.any_(_P("run_ids", type_=ARRAY(sa.String())))
+    return column.in_(_P("run_ids", expanding=True))
+
+
+#: The same reads for many runs at once, by dialect.
+LOAD_RUNS = {
+    d: sa.select(runs, _HAS_NODES).where(_many(runs.c.id, d)) for d in ("postgresql", "sqlite")
+}
+LOAD_RUNS_ATTEMPTS = {
+    d: sa.select(run_attempts)
+    .where(_many(run_attempts.c.run_id, d))
     .order_by(run_attempts.c.run_id, run_attempts.c.number)
-)
-SELECT_RUNS = sa.select(*(runs.c[f] for f in _RUN_FIELDS)).where(runs.c.id == sa.any_(_IDS))
+    for d in ("postgresql", "sqlite")
+}
+SELECT_RUNS = {
+    d: sa.select(*(runs.c[f] for f in _RUN_FIELDS)).where(_many(runs.c.id, d))
+    for d in ("postgresql", "sqlite")
+}
 INSERT_RUN = runs.insert()
 INSERT_TRANSITION = run_transitions.insert()
 INSERT_ATTEMPT = run_attempts.insert()
@@ -197,6 +209,31 @@ def transition(
     if result.rowcount != 1:
         raise LostRace(run["id"])
     conn.execute(INSERT_TRANSITION, transitioned(conn, run, to, now))
+
+
+def transition_all(
+    conn: sa.Connection,
+    moves: Sequence[tuple[Mapping[str, Any], RunStatus, Mapping[str, Any]]],
+    now: dt.datetime,
+) -> None:
+    """:func:`transition` for many runs, each ``(run, to, values)``: one
+    compare-and-set per shape of change sent as one ``executemany``, and one
+    INSERT of all their transitions; :class:`LostRace` if any run moved."""
+    shapes: dict[tuple[tuple[str, ...], frozenset[str]], list[dict[str, Any]]] = {}
+    for run, to, values in moves:
+        changes = {"status": to.value, "updated_at": now, **values}
+        first = frozenset(k for k, v in changes.items() if isinstance(v, KeepFirst))
+        params = {f"v_{k}": v.value if isinstance(v, KeepFirst) else v for k, v in changes.items()}
+        params.update(
+            w_id=run["id"], w_status=run["status"], w_attempt=run["attempt"], w_step=run["step"]
+        )
+        shapes.setdefault((tuple(changes), first), []).append(params)
+    for (names, first), params_list in shapes.items():
+        result = conn.execute(_cas_update(names, first), params_list)
+        if result.rowcount != len(params_list):
+            raise LostRace(params_list[0]["w_id"])
+    if moves:
+        conn.execute(INSERT_TRANSITION, [transitioned(conn, run, to, now) for run, to, _ in moves])
 
 
 def transitioned(

@@ -55,8 +55,8 @@ runs = Run.__table__  # type: ignore[attr-defined]
 T = TypeVar("T")
 
 #: Reports of a batch applied in one transaction; the chunks commit side by
-#: side. On PostgreSQL a chunk's common reports go as sets
-#: (``gateway.runs.event_sets``), so a larger chunk costs few more round trips.
+#: side. A chunk's common reports go as sets (``gateway.runs.event_sets``), so
+#: on PostgreSQL a larger chunk costs few more round trips.
 EVENT_CHUNK = {"sqlite": 8, "postgresql": 32}
 
 
