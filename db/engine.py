@@ -41,7 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from db.types import exact_loads, json_text
 
-__all__ = ["SHARED", "Database", "postgres_connection", "savepoint", "shared"]
+__all__ = ["Database", "postgres_connection", "savepoint"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -94,20 +94,6 @@ def postgres_connection(url: str) -> tuple[sa.URL, dict[str, Any]]:
 
 def _statement_name() -> str:
     return f"__gw_{uuid.uuid4().hex}__"
-
-
-#: ``conn.info`` key of what the units of one write transaction (a group
-#: commit) may share: facts they read in it, each under a name of its own, kept
-#: until the transaction ends. A unit that changes such a fact forgets it, and
-#: a unit undone alone forgets them all.
-SHARED = "db.shared"
-
-
-def shared(conn: sa.Connection, name: str) -> dict[Any, Any] | None:
-    """The facts named ``name`` that this write transaction's units share
-    (``None`` outside a write transaction)."""
-    found: dict[str, dict[Any, Any]] | None = conn.info.get(SHARED)
-    return None if found is None else found.setdefault(name, {})
 
 
 @contextlib.contextmanager
@@ -442,35 +428,30 @@ class _GroupCommit:
         try:
             with self.engine.connect() as conn:
                 conn = conn.execution_options(sqlite_begin="IMMEDIATE")
-                conn.info[SHARED] = {}
-                try:
-                    with conn.begin():
-                        if len(group) == 1:  # alone: no savepoint needed
-                            fn, future = group[0]
+                with conn.begin():
+                    if len(group) == 1:  # alone: no savepoint needed
+                        fn, future = group[0]
+                        try:
+                            outcomes.append((future, fn(conn), None))
+                        except BaseException as exc:
+                            outcomes.append((future, None, exc))
+                            raise
+                    else:
+                        # Straight on the driver: SQLAlchemy's own savepoints
+                        # cost more than the units they wrap.
+                        driver = conn.connection.dbapi_connection
+                        assert driver is not None
+                        for fn, future in group:
+                            driver.execute("SAVEPOINT unit")
                             try:
-                                outcomes.append((future, fn(conn), None))
+                                result = fn(conn)
                             except BaseException as exc:
+                                driver.execute("ROLLBACK TO unit")
+                                driver.execute("RELEASE unit")
                                 outcomes.append((future, None, exc))
-                                raise
-                        else:
-                            # Straight on the driver: SQLAlchemy's own savepoints
-                            # cost more than the units they wrap.
-                            driver = conn.connection.dbapi_connection
-                            assert driver is not None
-                            for fn, future in group:
-                                driver.execute("SAVEPOINT unit")
-                                try:
-                                    result = fn(conn)
-                                except BaseException as exc:
-                                    driver.execute("ROLLBACK TO unit")
-                                    driver.execute("RELEASE unit")
-                                    conn.info[SHARED] = {}  # it may have read its own writes
-                                    outcomes.append((future, None, exc))
-                                else:
-                                    driver.execute("RELEASE unit")
-                                    outcomes.append((future, result, None))
-                finally:
-                    conn.info.pop(SHARED, None)
+                            else:
+                                driver.execute("RELEASE unit")
+                                outcomes.append((future, result, None))
         except BaseException as exc:
             # BEGIN or COMMIT failed (or a lone unit raised): no unit of the
             # group is in the database; each learns why.
@@ -555,11 +536,7 @@ class _AsyncGroupCommit:
         self.units += len(group)
 
         def run_all(conn: sa.Connection) -> list[Any]:
-            conn.info[SHARED] = {}
-            try:
-                return [fn(conn) for fn, _ in group]
-            finally:
-                conn.info.pop(SHARED, None)
+            return [fn(conn) for fn, _ in group]
 
         committing = False
         try:

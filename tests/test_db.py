@@ -14,7 +14,7 @@ from alembic.migration import MigrationContext
 from sqlmodel import SQLModel
 
 import db.models  # noqa: F401
-from db.engine import BEHIND_SHARE, Database, shared
+from db.engine import BEHIND_SHARE, Database
 from db.ids import new_id
 from db.models import FINAL_STATUSES, RunStatus
 from tests.conftest import Databases, _admin
@@ -59,31 +59,6 @@ def test_units_are_written_in_no_callers_context(database_url: str) -> None:
             await database.dispose()
 
     assert asyncio.run(write()) == [None, None]
-
-
-def test_a_write_transactions_units_share_what_they_read_and_reads_do_not(
-    database_url: str,
-) -> None:
-    """``db.engine.shared``: the units of one write transaction see one dict
-    per name; a read, or the next transaction, starts with none of it."""
-
-    def put(conn: sa.Connection) -> object:
-        found = shared(conn, "test")
-        assert found is not None and "x" not in found  # nothing left from before
-        found["x"] = 1
-        return found
-
-    async def main() -> tuple[list[object], object]:
-        database = Database(database_url)
-        try:
-            written = [await database.write(put) for _ in range(2)]
-            read = await database.read(lambda conn: shared(conn, "test"))
-            return written, read
-        finally:
-            await database.dispose()
-
-    written, read = asyncio.run(main())
-    assert written == [{"x": 1}, {"x": 1}] and read is None
 
 
 def test_is_final_holds_for_exactly_the_five_final_statuses() -> None:

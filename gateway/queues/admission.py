@@ -25,10 +25,8 @@ from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
 
-from db.engine import shared
 from db.models import RunStatus
 from gateway.queues.slots import (
-    RULES_READ,
     QueueRule,
     default_queue,
     in_queue,
@@ -66,16 +64,11 @@ def queue_rule(
     key = (project_id, name)
     if cache is not None and key in cache:
         return cache[key]
-    read: MutableMapping[tuple[str, str], QueueRule] | None = shared(conn, RULES_READ)
-    if read is not None and key in read:
-        return read[key]
     row = conn.execute(select_queue, {"project_id": project_id, "name": name}).mappings().first()
-    made = False
     if row is None and task is not None:
         own, limit = default_queue(task)
         if own == name and limit is not None:
             now = dt.datetime.now(dt.UTC)
-            made = True
             insert_queue(
                 conn,
                 {
@@ -99,8 +92,6 @@ def queue_rule(
     rule = QueueRule() if row is None else QueueRule(row["concurrency_limit"], row["paused"])
     if cache is not None:
         cache[key] = rule
-    if read is not None and not made:  # a row this unit made is undone with it
-        read[key] = rule
     return rule
 
 

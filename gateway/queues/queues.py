@@ -19,13 +19,7 @@ from db.models import RunStatus
 from db.types import isoformat
 from gateway.errors import Conflict, NotFound
 from gateway.queues.admission import request_pump
-from gateway.queues.slots import (
-    default_queue,
-    forget_rules,
-    insert_queue,
-    queues,
-    select_queue,
-)
+from gateway.queues.slots import default_queue, insert_queue, queues, select_queue
 from gateway.runs.runs_table import runs
 from jobs.tasks.registry import registry
 
@@ -178,6 +172,5 @@ def update_queue(
         .where(queues.c.project_id == project_id, queues.c.name == name)
         .values(updated_at=now, **values)
     )
-    forget_rules(conn)
     request_pump(conn, project_id, name)
     return get_queue(conn, project_id, name)

@@ -11,17 +11,14 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from db.engine import shared
 from db.models import Queue, RunStatus
 from db.types import isoformat
 from gateway.runs.runs_table import run_nodes, runs
 from jobs.tasks.registry import registry
 
 __all__ = [
-    "RULES_READ",
     "QueueRule",
     "default_queue",
-    "forget_rules",
     "holding_slot",
     "in_queue",
     "insert_queue",
@@ -65,24 +62,10 @@ select_queue = sa.select(queues).where(
 )
 
 
-#: The queue rules read in a write transaction, shared by its units
-#: (``db.engine.shared``): a group of triggers reads each queue's rule once.
-RULES_READ = "gateway.queues.rules"
-
-
-def forget_rules(conn: sa.Connection) -> None:
-    """This unit changes queue rows: no unit after it in this transaction
-    takes a rule read before."""
-    read = shared(conn, RULES_READ)
-    if read is not None:
-        read.clear()
-
-
 def insert_queue(conn: sa.Connection, values: Mapping[str, Any]) -> None:
     """Insert a queue's row unless one is there (another process made it first)."""
     insert = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(queues)
     conn.execute(insert.values(**values).on_conflict_do_nothing())
-    forget_rules(conn)
 
 
 def read_rule(conn: sa.Connection, project_id: str, name: str) -> QueueRule:

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from db.engine import SHARED
 from db.types import utcnow
 from gateway.queues.admission import flowing, pump_held
 from gateway.queues.bulk import PAGE, bulk_page, create_bulk, load_bulk
@@ -254,35 +253,3 @@ def test_a_bulk_actions_count_ends_as_the_runs_it_went_through(unit: Unit) -> No
     done = unit(load_bulk, PROJECT, bulk["id"])
     assert page.done and done["status"] == "completed"
     assert done["count"] == done["processed"] == 4
-
-
-def test_a_transactions_units_read_a_queue_rule_once_until_one_changes_it(
-    engine: sa.Engine,
-) -> None:
-    """As a group commit runs them (``db.engine.SHARED``): the triggers of one
-    transaction read their queue's rule once; a unit that gives the queue a
-    limit makes the next trigger read it again, and hold its run."""
-    reads: list[str] = []
-
-    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        if "FROM queues" in statement:
-            reads.append(statement)
-
-    with engine.connect() as conn:
-        conn.info[SHARED] = {}
-        sa.event.listen(conn, "before_cursor_execute", count)
-        with conn.begin():
-            flowing(create_runs)(conn, [NewRun(row())])
-            flowing(update_queue)(conn, PROJECT, "echo", {"paused": False})  # its row
-            reads.clear()
-            first = [flowing(create_runs)(conn, [NewRun(row())]) for _ in range(3)]
-            assert all(created.result.effects.jobs for created in first)
-            assert len(reads) == 1
-            flowing(update_queue)(conn, PROJECT, "echo", {"concurrency_limit": 1})
-            later = flowing(create_runs)(conn, [NewRun(row())]).result
-        conn.info.pop(SHARED)
-    [(view, _)] = later.runs
-    assert not later.effects.jobs
-    with engine.connect() as conn:
-        found = select_run(conn, view["id"])
-    assert found is not None and found["held"]
