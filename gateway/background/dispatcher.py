@@ -4,9 +4,10 @@ With ``WEBHOOK_DISPATCHER`` on, a committed delivery's first attempt is not an
 arq job: the gateway hands it over, signed, on a Redis list
 (``webhooks.dispatch.handover_key``). This process takes what is handed over,
 claims each in the database (a delivery is sent once, whoever finds it first),
-sends it with one pooled HTTP client and records the attempt itself, in the
-group commits of its own database lanes: no job, no worker, no report back to
-the web process per callback (docs/architecture.md, "Callbacks").
+sends it with one pooled HTTP client and records the attempt itself, with the
+other attempts that ended meanwhile in one unit of work (as sets on
+PostgreSQL): no job, no worker, no report back to the web process per
+callback (docs/architecture.md, "Callbacks").
 
 The database stays the record. Every ``SCHEDULER_INTERVAL`` the dispatcher
 also leases what is due there and held by no one (``webhooks.dispatch.lease_due``):
@@ -42,6 +43,7 @@ from redis.exceptions import RedisError
 
 from db.engine import Database
 from db.types import utcnow
+from gateway.errors import APIError
 from gateway.settings import Settings
 from jobs import tracing
 from jobs.deliver import send_attempt
@@ -66,6 +68,8 @@ log = logging.getLogger("gateway.dispatch")
 TAKE = 200
 #: Seconds before a callback given back (its receiver's backlog is full) is due again.
 DEFER = 1.0
+#: Attempts recorded in one unit of work, at most.
+RECORD = 64
 
 
 class CallbackDispatcher:
@@ -96,6 +100,11 @@ class CallbackDispatcher:
         self._held = 0
         self._room = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Attempts that ended and wait for the recorder, with their outcome.
+        self._unrecorded: list[
+            tuple[DeliveryAttemptReport, asyncio.Future[dict[str, Any] | APIError]]
+        ] = []
+        self._recorder: asyncio.Task[None] | None = None
         self.sent = 0
 
     # -- taking ------------------------------------------------------------------
@@ -204,13 +213,41 @@ class CallbackDispatcher:
         pause = 0.1
         while True:
             try:
-                await self.deliveries.record_attempt(report)
+                outcome = await self._record(report)
                 break
             except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
                 log.warning("attempt of %s not recorded yet (the database): %s", delivery_id, exc)
                 await asyncio.sleep(pause)
                 pause = min(5.0, pause * 2)
+        if isinstance(outcome, APIError):
+            log.error("attempt of %s not recorded: %s", delivery_id, outcome.message)
         self.sent += 1
+
+    async def _record(self, report: DeliveryAttemptReport) -> dict[str, Any] | APIError:
+        """Record the attempt with the others that ended meanwhile, in one
+        unit of work (``DeliveryDispatcher.record_attempts``: sets on
+        PostgreSQL); its outcome once that unit has committed."""
+        done: asyncio.Future[dict[str, Any] | APIError] = asyncio.get_running_loop().create_future()
+        self._unrecorded.append((report, done))
+        if self._recorder is None or self._recorder.done():
+            self._recorder = asyncio.create_task(self._record_all(), name="dispatch-record")
+        return await done
+
+    async def _record_all(self) -> None:
+        await asyncio.sleep(0)  # the attempts that end in this turn join
+        while self._unrecorded:
+            batch = self._unrecorded[:RECORD]
+            del self._unrecorded[:RECORD]
+            try:
+                outcomes = await self.deliveries.record_attempts([r for r, _ in batch])
+            except Exception as exc:  # each attempt learns it, and tries again
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            for (_, done), outcome in zip(batch, outcomes, strict=True):
+                if not done.done():
+                    done.set_result(outcome)
 
     # -- the process -------------------------------------------------------------
 
