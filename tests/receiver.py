@@ -27,6 +27,8 @@ class Call:
     body: bytes
     #: The secrets (of those registered for the path) that verify this call.
     verified_by: list[str]
+    #: When it arrived (``time.monotonic()``).
+    at: float = dataclasses.field(default_factory=time.monotonic)
 
     def json(self) -> Any:
         return json.loads(self.body)

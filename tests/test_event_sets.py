@@ -1,8 +1,8 @@
 """Worker reports applied as sets write exactly what the same reports write
-one by one, with the same answers: run reports (``gateway.runs.event_sets``,
-both databases: runs, attempts, transitions, deliveries) and callback
-attempts (``webhooks.deliveries.record_attempts``, PostgreSQL: deliveries and
-their attempts). Twin rows in one real database get the same reports, one
+one by one, with the same answers: run reports (``gateway.runs.event_sets``:
+runs, attempts, transitions, deliveries) and callback attempts
+(``webhooks.deliveries.record_attempts``: deliveries and their attempts), on
+both databases. Twin rows in one real database get the same reports, one
 twin through each path, and every row is compared, in far fewer statements."""
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 
 from db.engine import Database
@@ -225,13 +224,6 @@ def _seed_endpoint(conn: sa.Connection, project_id: str, now: dt.datetime) -> st
     return endpoint_id
 
 
-@pytest.fixture
-def postgres_url(databases: Databases) -> str:
-    if databases.backend != "postgresql":
-        pytest.skip("attempts go as sets on PostgreSQL; SQLite records them one by one")
-    return databases.new("event_sets")
-
-
 def test_a_batch_applied_as_sets_writes_what_one_by_one_writes(databases: Databases) -> None:
     url = databases.new("event_sets")
     project_id = new_id("proj")
@@ -319,9 +311,9 @@ ATTEMPT_CASES: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
 
 
 def test_callback_attempts_recorded_as_sets_write_what_one_by_one_writes(
-    postgres_url: str,
+    databases: Databases,
 ) -> None:
-    url = postgres_url
+    url = databases.new("attempt_sets")
     project_id = new_id("proj")
     now = utcnow()
     policy = RetryPolicy(

@@ -257,17 +257,46 @@ def record_attempt(
     return {"recorded": True, "next_attempt_in": next_in, "step": step}
 
 
-_IDS = sa.bindparam("ids", type_=ARRAY(sa.String()))
-_RECORDED_KEYS = sa.select(delivery_attempts.c.key).where(
-    delivery_attempts.c.key == sa.any_(sa.bindparam("keys", type_=ARRAY(sa.String())))
+def _many(column: sa.ColumnElement[Any], name: str, dialect: str) -> sa.ColumnElement[bool]:
+    """``column`` in the bound list ``name``: ``= ANY`` of one array on
+    PostgreSQL (one prepared statement for every length), ``IN`` on SQLite."""
+    if dialect == "postgresql":
+        return column == sa.any_(sa.bindparam(name, type_=ARRAY(sa.String())))
+    return column.in_(sa.bindparam(name, expanding=True))
+
+
+_DIALECTS = ("postgresql", "sqlite")
+_RECORDED_KEYS = {
+    d: sa.select(delivery_attempts.c.key).where(_many(delivery_attempts.c.key, "keys", d))
+    for d in _DIALECTS
+}
+_DELIVERIES_OF = {
+    d: sa.select(
+        deliveries.c.id,
+        deliveries.c.status,
+        deliveries.c.attempts,
+        deliveries.c.schedule_step,
+        deliveries.c.endpoint_id,
+    ).where(_many(deliveries.c.id, "ids", d))
+    for d in _DIALECTS
+}
+_NOW = sa.bindparam("now", type_=UTCDateTime())
+#: SQLite's: one row per parameter set, sent as one ``executemany``.
+_DELIVERED_ONE = (
+    deliveries.update()
+    .where(deliveries.c.id == sa.bindparam("w_id"))
+    .values(
+        status=DeliveryStatus.DELIVERED.value,
+        attempts=sa.bindparam("v_attempts"),
+        last_status_code=sa.bindparam("v_status_code"),
+        last_error=None,
+        updated_at=_NOW,
+        schedule_step=sa.bindparam("v_step"),
+        leased_at=None,
+        delivered_at=_NOW,
+        next_attempt_at=None,
+    )
 )
-_DELIVERIES_OF = sa.select(
-    deliveries.c.id,
-    deliveries.c.status,
-    deliveries.c.attempts,
-    deliveries.c.schedule_step,
-    deliveries.c.endpoint_id,
-).where(deliveries.c.id == sa.any_(_IDS))
 _DELIVERED = sa.text(
     """
     UPDATE deliveries SET status = :delivered, attempts = v.attempts,
@@ -280,10 +309,7 @@ _DELIVERED = sa.text(
     ) AS v(id, attempts, status_code, step)
     WHERE deliveries.id = v.id
     """
-).bindparams(
-    sa.bindparam("now", type_=UTCDateTime()),
-    sa.bindparam("delivered", DeliveryStatus.DELIVERED.value),
-)
+).bindparams(_NOW, sa.bindparam("delivered", DeliveryStatus.DELIVERED.value))
 
 
 def record_attempts(
@@ -296,19 +322,22 @@ def record_attempts(
     does one; each one's outcome, or :class:`NotFound` for a delivery that is
     not there.
 
-    On PostgreSQL the successes of deliveries not yet delivered, the common
-    case, go as sets: their attempts in one INSERT, their deliveries in one
-    UPDATE, instead of four statements each. The rest go one by one.
+    The successes of deliveries not yet delivered, the common case, go as
+    sets: their attempts in one INSERT, their deliveries in one UPDATE (one
+    ``UPDATE … FROM unnest`` on PostgreSQL, one ``executemany`` on SQLite),
+    instead of four statements each. The rest go one by one.
     """
     out: list[dict[str, Any] | NotFound | None] = [None] * len(reports)
     rest = list(range(len(reports)))
-    if conn.dialect.name == "postgresql" and len(reports) > 1:
+    if len(reports) > 1:
         rest = []
-        recorded = set(conn.scalars(_RECORDED_KEYS, {"keys": [r.key for r in reports]}))
+        dialect = conn.dialect.name
+        keys = {"keys": [r.key for r in reports]}
+        recorded = set(conn.scalars(_RECORDED_KEYS[dialect], keys))
         rows = {
             row["id"]: dict(row)
             for row in conn.execute(
-                _DELIVERIES_OF, {"ids": sorted({r.delivery_id for r in reports})}
+                _DELIVERIES_OF[dialect], {"ids": sorted({r.delivery_id for r in reports})}
             ).mappings()
         }
         delivered: list[tuple[int, DeliveryAttemptReport, Mapping[str, Any], int]] = []
@@ -367,6 +396,21 @@ def _record_delivered(
     endpoint_ids = sorted({row["endpoint_id"] for _, _, row, _ in delivered} - {None})
     if endpoint_ids:
         conn.execute(_ENDPOINT_SUCCEEDED, [{"endpoint_id": e, "now": now} for e in endpoint_ids])
+    if conn.dialect.name != "postgresql":
+        conn.execute(
+            _DELIVERED_ONE,
+            [
+                {
+                    "w_id": row["id"],
+                    "v_attempts": row["attempts"] + 1,
+                    "v_status_code": report.status_code,
+                    "v_step": step,
+                    "now": now,
+                }
+                for _, report, row, step in delivered
+            ],
+        )
+        return
     conn.execute(
         _DELIVERED,
         {
