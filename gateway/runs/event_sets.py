@@ -185,6 +185,12 @@ def apply_in_sets(
         else:
             rest.append(index)
         taken.add(event.run_id)
+    # In run ID order, as ``events.apply_events`` takes them one by one, so
+    # that batches touching the same runs tend to lock them in one order.
+    # PostgreSQL does not promise a join's order: a deadlock it breaks fails
+    # the unit, and the writer runs it again.
+    started.sort(key=lambda item: item[1]["id"])
+    finals.sort(key=lambda final: final.run["id"])
 
     if conn.dialect.name == "postgresql":
         _move_as_sets(conn, started, finals, now)
