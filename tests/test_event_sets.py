@@ -192,6 +192,16 @@ def _rows(url: str, tables: dict[str, tuple[sa.Table, sa.Column]], ids: list[str
     return _call(url, lambda db: db.read(all_of))
 
 
+def _assert_twins_alike(
+    rows_of: Callable[[int], tuple[dict[str, list[dict[str, Any]]], dict[str, str]]],
+) -> None:
+    """Twin 0's rows of each table are twin 1's, each twin's IDs read as the
+    labels ``rows_of`` gives them."""
+    (first, first_labels), (second, second_labels) = rows_of(0), rows_of(1)
+    for name, rows in first.items():
+        assert _same(rows, first_labels) == _same(second[name], second_labels), name
+
+
 def _seed_project(conn: sa.Connection, project_id: str, now: dt.datetime) -> str:
     conn.execute(
         projects.insert(),
@@ -278,15 +288,12 @@ def test_a_batch_applied_as_sets_writes_what_one_by_one_writes(databases: Databa
         "transitions": (run_transitions, run_transitions.c.run_id),
         "deliveries": (deliveries, deliveries.c.run_id),
     }
-    first: dict[str, Any] = {}
-    for which in (0, 1):
+
+    def rows_of(which: int) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
         labels = {pair[which]["id"]: label for label, pair in twins.items()}
-        got = _rows(url, tables, list(labels))
-        if which == 0:
-            first = {name: _same(rows, labels) for name, rows in got.items()}
-        else:
-            for name, rows in got.items():
-                assert first[name] == _same(rows, labels), name
+        return _rows(url, tables, list(labels)), labels
+
+    _assert_twins_alike(rows_of)
 
 
 #: Each case: the delivery's columns, and the attempts reported on it.
@@ -417,8 +424,8 @@ def test_callback_attempts_recorded_as_sets_write_what_one_by_one_writes(
         "deliveries": (deliveries, deliveries.c.id),
         "attempts": (delivery_attempts, delivery_attempts.c.delivery_id),
     }
-    first: dict[str, Any] = {}
-    for which in (0, 1):
+
+    def rows_of(which: int) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
         labels = {pair[which]["id"]: label for label, pair in twins.items()}
         got = _rows(url, tables, list(labels))
         got["endpoint"] = _rows(
@@ -426,8 +433,6 @@ def test_callback_attempts_recorded_as_sets_write_what_one_by_one_writes(
         )["endpoint"]
         labels[endpoint_ids[which]] = "the endpoint"
         got["attempts"] = [{k: v for k, v in row.items() if k != "key"} for row in got["attempts"]]
-        if which == 0:
-            first = {name: _same(rows, labels) for name, rows in got.items()}
-        else:
-            for name, rows in got.items():
-                assert first[name] == _same(rows, labels), name
+        return got, labels
+
+    _assert_twins_alike(rows_of)
