@@ -1,5 +1,5 @@
 """Worker reports applied as sets write exactly what the same reports write
-one by one, with the same answers: run reports (``gateway.runs.event_sets``:
+one by one, with the same answers: run reports (``gateway.runs.reports.as_sets``:
 runs, attempts, transitions, deliveries) and callback attempts
 (``webhooks.deliveries.record_attempts``: deliveries and their attempts), on
 both databases. Twin rows in one real database get the same reports, one
@@ -20,7 +20,7 @@ from db.ids import new_id
 from db.types import utcnow
 from gateway.errors import NotFound
 from gateway.runs.effects import EventAnswer
-from gateway.runs.events import apply_events
+from gateway.runs.reports.one_by_one import apply_events
 from gateway.runs.runs_table import run_attempts, run_transitions, runs
 from jobs.protocol import TIMED_OUT_CODE, WorkerEvent
 from tests.conftest import Databases

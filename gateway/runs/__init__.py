@@ -10,8 +10,8 @@ committed (docs/architecture.md, invariants 1, 3 and 4).
 - ``runs_table``: the compare-and-set and the statements built once
 - ``read``: runs as the API shows them, lists, pages and counts
 - ``create``: new runs and idempotency keys
-- ``events``: a worker's reports (started, completed, failed, heartbeat)
-- ``event_sets``: a batch of them on PostgreSQL, the common ones as sets
+- ``reports``: a worker's reports (started, completed, failed, waiting,
+  heartbeat), one by one and, the common ones of a batch, as sets
 - ``workflow``: a workflow's steps, nodes and children
 - ``timers``: delays, retries with backoff, TTLs, rescheduling
 - ``recovery``: attempts whose worker went away

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from db.models import RunStatus
 from gateway.runs.effects import Effects
-from gateway.runs.events import apply_final
+from gateway.runs.reports.one_by_one import apply_final
 from gateway.runs.runs_table import ACTIVE, runs, select_run
 from jobs.protocol import WorkerError, WorkerEvent, run_job_id
 

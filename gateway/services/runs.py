@@ -35,9 +35,9 @@ from gateway.runs.create import (
 )
 from gateway.runs.effects import Effects
 from gateway.runs.errors import LostRace, RunNotFound
-from gateway.runs.events import EventAnswer, apply_event, apply_events
 from gateway.runs.read import RunQuery, batch_summary, list_runs, load_run, status_of
 from gateway.runs.recovery import queued_before, recover_lost
+from gateway.runs.reports.one_by_one import EventAnswer, apply_event, apply_events
 from gateway.runs.requests import (
     TriggerOptions,
     TriggerRequest,
@@ -55,7 +55,7 @@ runs = Run.__table__  # type: ignore[attr-defined]
 T = TypeVar("T")
 
 #: Reports of a batch applied in one transaction; the chunks commit side by
-#: side. A chunk's common reports go as sets (``gateway.runs.event_sets``), so
+#: side. A chunk's common reports go as sets (``gateway.runs.reports.as_sets``), so
 #: on PostgreSQL a larger chunk costs few more round trips.
 EVENT_CHUNK = {"sqlite": 8, "postgresql": 32}
 

@@ -29,7 +29,7 @@ from gateway.metrics import RUN_TRANSITIONS
 from gateway.notify import RunNotifier
 from gateway.runs.create import NewRun, create_runs
 from gateway.runs.errors import LostRace
-from gateway.runs.events import apply_event
+from gateway.runs.reports.one_by_one import apply_event
 from gateway.services.units import UnitRunner
 from gateway.settings import Settings
 from jobs.protocol import EVENTS_PATH, SIGNATURE_HEADER, verify_request

@@ -15,7 +15,7 @@ from gateway.queues.admission import flowing, pump_held
 from gateway.queues.bulk import PAGE, bulk_page, create_bulk, load_bulk
 from gateway.queues.queues import QueueExists, QueueNotFound, create_queue, get_queue, update_queue
 from gateway.runs.create import Debounce, NewRun, create_runs
-from gateway.runs.events import apply_event
+from gateway.runs.reports.one_by_one import apply_event
 from gateway.runs.runs_table import runs, select_run
 from gateway.runs.timers import release_due
 from tests.unit.conftest import PROJECT

@@ -21,9 +21,9 @@ from gateway.errors import InvalidEvent
 from gateway.runs.control import cancel_run
 from gateway.runs.create import NewRun, create_runs
 from gateway.runs.errors import LostRace, RunAlreadyFinal, RunNotDelayed, RunNotFound
-from gateway.runs.events import apply_event
 from gateway.runs.read import load_run
 from gateway.runs.recovery import LOST_CODE, recover_lost
+from gateway.runs.reports.one_by_one import apply_event
 from gateway.runs.runs_table import KeepFirst, runs, select_run, transition
 from gateway.runs.timers import release_due, reschedule
 from jobs.protocol import TIMED_OUT_CODE, WORKFLOW_TASK, WorkerEvent, run_job_id

@@ -13,7 +13,7 @@ from db.ids import new_id
 from db.models import Delivery, Project
 from db.types import utcnow
 from gateway.errors import NotFound
-from gateway.runs.events import apply_event
+from gateway.runs.reports.one_by_one import apply_event
 from tests.unit.conftest import PROJECT
 from tests.unit.test_state_machine import create, event
 from webhooks import units

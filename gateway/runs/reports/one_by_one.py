@@ -20,8 +20,8 @@ from gateway.errors import APIError
 from gateway.runs.durable import apply_suspend, record_steps
 from gateway.runs.effects import Effects, EventAnswer
 from gateway.runs.errors import LostRace, RunNotFound
-from gateway.runs.event_sets import apply_in_sets
 from gateway.runs.read import view_of
+from gateway.runs.reports.as_sets import apply_in_sets
 from gateway.runs.runs_table import (
     ACTIVE,
     FINISH_ATTEMPT,
@@ -66,7 +66,7 @@ def apply_events(
 ) -> list[EventAnswer | APIError | LostRace]:
     """Apply a batch of reports in one transaction.
 
-    Not ``isolated``, the common reports go as sets (``event_sets``), and a
+    Not ``isolated``, the common reports go as sets (``as_sets``), and a
     refused report (an :class:`APIError`) or one that lost a race
     (:class:`LostRace`) fails the whole unit, undone, and the caller
     runs it again ``isolated``: each report in a savepoint of its own, so one
@@ -74,7 +74,7 @@ def apply_events(
     to run again). Refusals are rare; a savepoint costs two round trips to
     PostgreSQL per report.
     """
-    if not isolated:  # the common reports as sets (``event_sets``)
+    if not isolated:  # the common reports as sets (``as_sets``)
         return list(apply_in_sets(conn, events, apply_event))
     # Runs are locked in ID order, whatever order the reports came in, so two
     # batches that touch the same runs wait for each other instead of

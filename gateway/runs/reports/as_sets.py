@@ -8,9 +8,9 @@ Then one INSERT of all their transitions, one of their attempts, one read of
 their views and one INSERT of their deliveries. One by one, a report costs five
 to eight statements; here a batch costs about ten. Every other report, and a
 second report about a run already in the batch, goes one by one after them
-(``events.apply_event``).
+(``one_by_one.apply_event``).
 
-What each writes is what ``events.apply_event`` writes for it: the same
+What each writes is what ``one_by_one.apply_event`` writes for it: the same
 compare-and-set on status, attempt and step, the same transition row, the same
 attempt, the same deliveries in the same transaction. A run that moved in the
 meantime raises :class:`LostRace`, and the caller applies the batch again one
@@ -107,7 +107,7 @@ class _Final:
 
 
 def _final(index: int, run: dict[str, Any], event: WorkerEvent) -> _Final | None:
-    """The end of a plain run that ``events.apply_final`` would make, if the
+    """The end of a plain run that ``one_by_one.apply_final`` would make, if the
     report is one a set takes; ``None`` for one that goes one by one."""
     if not (
         event.type in ("completed", "failed")
@@ -131,7 +131,7 @@ def _final(index: int, run: dict[str, Any], event: WorkerEvent) -> _Final | None
 
 
 def _starts(run: dict[str, Any], event: WorkerEvent, now: dt.datetime) -> bool:
-    """Whether the report starts an attempt as ``events._apply_started`` would
+    """Whether the report starts an attempt as ``one_by_one._apply_started`` would
     (a first step, not held, not expired)."""
     return (
         event.type == "started"
@@ -185,7 +185,7 @@ def apply_in_sets(
         else:
             rest.append(index)
         taken.add(event.run_id)
-    # In run ID order, as ``events.apply_events`` takes them one by one, so
+    # In run ID order, as ``one_by_one.apply_events`` takes them one by one, so
     # that batches touching the same runs tend to lock them in one order.
     # PostgreSQL does not promise a join's order: a deadlock it breaks fails
     # the unit, and the writer runs it again.
@@ -230,14 +230,14 @@ def apply_in_sets(
         effects = Effects(outgoing=outgoing.get(run_id, []), finished=[run_id], changed=[run_id])
         answers[f.index] = EventAnswer(True, f.to.value, False, effects)
 
-    # The rest in run ID order, as ``events.apply_events`` locks them.
+    # The rest in run ID order, as ``one_by_one.apply_events`` locks them.
     for index in sorted(rest, key=lambda i: (events[i].run_id, i)):
         answers[index] = one_by_one(conn, events[index])
     return [answer for answer in answers if answer is not None]
 
 
 def _final_values(final: _Final, now: dt.datetime) -> dict[str, Any]:
-    """What ``events.apply_final`` sets on a run that ends."""
+    """What ``one_by_one.apply_final`` sets on a run that ends."""
     values: dict[str, Any] = {"output": final.event.output}
     if final.to != RunStatus.COMPLETED:
         values.update(error_code=final.code, error_message=final.message)
