@@ -6,14 +6,15 @@ receiver each fail once, mid-stream. Prints one line:
     .venv/bin/python bench/chaos.py 1000 [--postgres postgresql://root@127.0.0.1:5432/test]
 
 Every process is real (redis-server, two gateway processes, a worker, a
-receiver on loopback).
+callback dispatcher, a receiver on loopback).
 The faults, in order, each while runs are in flight:
 
 1. the worker is killed (SIGKILL) and a new one started;
-2. Redis loses every key (FLUSHDB): queued jobs, retries, pending deliveries;
-3. the gateway is stopped for two seconds (clients retry their triggers with
+2. the dispatcher is killed (SIGKILL) and a new one started;
+3. Redis loses every key (FLUSHDB): queued jobs, retries, handed-over callbacks;
+4. the gateway is stopped for two seconds (clients retry their triggers with
    the same idempotency key; workers retry their reports);
-4. the receiver refuses connections for three seconds.
+5. the receiver refuses connections for three seconds.
 
 Then it waits for every run to be final and every final status to be called
 back, and checks the database: no run may have two final transitions.
@@ -108,6 +109,7 @@ class Stack:
         self.restarted_at = dt.datetime.now(dt.UTC)
         self.gateway = self._process("gateway", "web")
         self.worker = self._process("worker", "worker")
+        self.dispatcher = self._process("dispatch", "dispatch")
         wait_http_ok(self.base_url + "/healthz", self.gateway)
 
     def _process(self, name: str, command: str) -> Process:
@@ -116,6 +118,10 @@ class Stack:
     def restart_worker_hard(self) -> None:
         self.worker.stop(signal.SIGKILL)
         self.worker = self._process("worker", "worker")
+
+    def restart_dispatcher_hard(self) -> None:
+        self.dispatcher.stop(signal.SIGKILL)
+        self.dispatcher = self._process("dispatch", "dispatch")
 
     def flush_redis(self) -> None:
         import redis
@@ -136,6 +142,7 @@ class Stack:
     def stop(self) -> None:
         self.gateway.stop()
         self.worker.stop()
+        self.dispatcher.stop()
         self.redis.stop()
 
 
@@ -223,6 +230,7 @@ def run_chaos(
 
         faults = {
             count * 2 // 10: stack.restart_worker_hard,
+            count * 3 // 10: stack.restart_dispatcher_hard,
             count * 4 // 10: stack.flush_redis,
             count * 6 // 10: lambda: stack.restart_gateway(2.0),
             count * 7 // 10: receiver_outage,

@@ -2,9 +2,10 @@
 
     make bench        # or: .venv/bin/python bench/run.py [--rounds 3] [--runs 2000]
                       #       [--latency-runs 200] [--clients 64] [--web-concurrency 1]
-                      #       [--dispatcher]
+                      #       [--workers-send]
 
-Starts its own stack (an embedded Redis, a gateway and a worker as processes) on
+Starts its own stack (an embedded Redis, a gateway, a worker and a callback
+dispatcher as processes; `--workers-send`: no dispatcher, the workers send) on
 SQLite, and on PostgreSQL too when ``BENCH_DATABASE_URL`` names a server (a
 fresh database is made there and dropped after). Each round measures, with a
 no-op ``echo`` task:
@@ -448,7 +449,7 @@ def measure(backend: str, args: argparse.Namespace) -> dict[str, Any]:
                 else {}
             ),
             DATA_DIR=str(tmp_path / "data"),
-            WEBHOOK_DISPATCHER="true" if args.dispatcher else "false",
+            WEBHOOK_DISPATCHER="false" if args.workers_send else "true",
         )
         logs = args.logs or tmp_path
         logs.mkdir(parents=True, exist_ok=True)
@@ -472,7 +473,7 @@ def measure(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         worker = Process("worker", ["-m", "gateway", "worker"], worker_env, logs).start()
         dispatcher = (
             Process("dispatch", ["-m", "gateway", "dispatch"], env, logs).start()
-            if args.dispatcher
+            if not args.workers_send
             else None
         )
         try:
@@ -831,9 +832,9 @@ def main() -> None:
         help="the workers report to a second web process, apart from the public API's",
     )
     parser.add_argument(
-        "--dispatcher",
+        "--workers-send",
         action="store_true",
-        help="callbacks from `gateway dispatch` (WEBHOOK_DISPATCHER=true), not the workers",
+        help="callbacks sent by the workers (WEBHOOK_DISPATCHER=false), not `gateway dispatch`",
     )
     parser.add_argument(
         "--plot",

@@ -1,11 +1,13 @@
 """Prometheus metrics: the counters and histograms, kept where the events happen.
 
-Transitions, delivery attempts and reconciler passes count here. With
+Transitions and reconciler passes count here. With
 ``PROMETHEUS_MULTIPROC_DIR`` set (``gateway web`` sets it when
 ``WEB_CONCURRENCY`` > 1), every uvicorn worker writes its own files and a
 scrape sums them, so any process answers for all. ``GET /metrics`` is served
-by ``gateway.api.health``, which also reads the queue depth and the runs in
-flight when scraped.
+by ``gateway.api.health``, which also reads the queue depth, the runs in
+flight, the callbacks waiting for a dispatcher and the callback attempts by
+outcome (counted in Redis by whichever process records them:
+``webhooks.dispatch.attempt_counts_key``) when scraped.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from prometheus_client import (
 from db.models import Run, RunStatus
 
 __all__ = [
-    "DELIVERY_ATTEMPTS",
     "RECONCILER_ACTIONS",
     "observe_transition",
 ]
@@ -45,9 +46,6 @@ TASK_DURATION = Histogram(
     "From the first start to a final status",
     ["task"],
     buckets=_LATENCY_BUCKETS,
-)
-DELIVERY_ATTEMPTS = Counter(
-    "gateway_delivery_attempts_total", "Callback attempts by outcome", ["outcome"]
 )
 RECONCILER_ACTIONS = Counter(
     "gateway_reconciler_actions_total",

@@ -98,12 +98,13 @@ class Settings(worker_settings.Settings):
     webhook_disable_after: float = Field(default=5 * 24 * 3600.0, ge=0)
     """Seconds an endpoint may fail without a single success before it is disabled
     (5 days)."""
-    webhook_dispatcher: bool = False
+    webhook_dispatcher: bool = True
     """Callbacks leave from ``gateway dispatch``, a process that holds the database
     (as Svix's dispatcher does): the gateway hands each first attempt over in
     Redis, the dispatcher sends it and records it in batches, and retries are
-    read from the database when due. Off: each attempt is an arq job on the
-    workers' deliveries queue, reported back to the gateway."""
+    read from the database when due. ``gateway up`` starts one. Off: each
+    attempt is an arq job on the workers' deliveries queue, reported back to the
+    gateway (no dispatcher process to run)."""
     webhook_receiver_concurrency: int = Field(default=10, ge=1)
     """``gateway dispatch``: attempts in flight to one receiver (an endpoint, or a
     callback URL) at most, so a slow one never takes every slot of

@@ -141,7 +141,8 @@ def database_url(databases: Databases) -> str:
 
 @dataclasses.dataclass
 class Stack:
-    """A gateway and a worker, as separate processes, over one Redis and one database."""
+    """A gateway, a worker and (unless ``WEBHOOK_DISPATCHER`` is off) a
+    callback dispatcher, as separate processes, over one Redis and one database."""
 
     database_url: str
     redis_url: str
@@ -151,6 +152,7 @@ class Stack:
     worker: Process
     api_key: str
     project_id: str
+    dispatcher: Process | None = None
 
     def client(self, key: str | None = None) -> httpx.Client:
         headers = {"authorization": f"Bearer {key or self.api_key}"}
@@ -177,6 +179,18 @@ class Stack:
             "worker", ["-m", "gateway", "worker"], self.env, self.worker.log_path.parent
         ).start()
 
+    def start_dispatcher(self) -> None:
+        """Start ``gateway dispatch``, when callbacks leave from one."""
+        if dispatches(self.env):
+            self.dispatcher = Process(
+                "dispatch", ["-m", "gateway", "dispatch"], self.env, self.worker.log_path.parent
+            ).start()
+
+    def stop(self) -> None:
+        for process in (self.gateway, self.worker, self.dispatcher):
+            if process is not None:
+                process.stop()
+
     def run(
         self, task: str, payload: Any = None, *, key: str | None = None, **options: Any
     ) -> dict[str, Any]:
@@ -190,6 +204,12 @@ class Stack:
             final = client.get(f"/api/v1/runs/{run_id}", params={"wait": 30}).json()
         assert final["is_final"], final
         return dict(final)
+
+
+def dispatches(env: dict[str, str]) -> bool:
+    """Whether callbacks leave from ``gateway dispatch`` with these settings
+    (``WEBHOOK_DISPATCHER``, on unless set off)."""
+    return env.get("WEBHOOK_DISPATCHER", "true").strip().lower() not in ("false", "0", "no", "off")
 
 
 @contextlib.contextmanager
@@ -244,14 +264,14 @@ def launch_stack(
         project_id="",
     )
     try:
+        stack.start_dispatcher()
         wait_http_ok(stack.base_url + "/healthz", gateway)
         project = f"tests-{name}-{secrets.token_hex(3)}"
         stack.api_key = stack.new_key(project)
         stack.project_id = stack.query("SELECT id FROM projects WHERE name = :n", n=project)[0][0]
         yield stack
     finally:
-        stack.gateway.stop()
-        stack.worker.stop()
+        stack.stop()
 
 
 @pytest.fixture(scope="session")
@@ -267,7 +287,7 @@ def _redis_db(database_url: str, offset: int) -> int:
     # Offsets: 0 main, 1 single-slot, 2 faults, 3 fuzz, 4 queue, 5 strict, 6 web2,
     # 7 operate, 8 artifacts, 9 flow, 10 faults (2nd), 11 webhooks, 12 durable,
     # 13 rotation, 14 workers, 15 backup, 16 restored backup, 17-18 connections, 19 traces,
-    # 20 dispatcher (64 databases: 30 at most).
+    # 20 dispatcher, 21 callbacks from workers (64 databases: 30 at most).
     return 1 + offset * 2 + _backends().index(_backend_of(database_url))
 
 

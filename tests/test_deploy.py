@@ -72,7 +72,8 @@ def test_the_procfile_runs_gateway_commands_and_web_listens_for_a_platform() -> 
     processes = dict(
         line.split(":", 1) for line in (ROOT / "Procfile").read_text().splitlines() if line
     )
-    assert set(processes) == {"release", "web", "worker"}
+    # Callbacks leave from a dispatcher by default: the Procfile runs one.
+    assert set(processes) == {"release", "web", "worker", "dispatch"}
     for command in processes.values():
         takes(shlex.split(command))
     web = build_parser().parse_args(shlex.split(processes["web"])[1:])
@@ -111,7 +112,7 @@ def test_the_image_is_small_non_root_and_on_a_supported_python() -> None:
 
 def test_compose_runs_gateway_commands_with_settings_only() -> None:
     services = our_services()
-    assert {"migrate", "gateway-1", "gateway-2", "worker"} <= set(services)
+    assert {"migrate", "gateway-1", "gateway-2", "worker", "dispatch"} <= set(services)
     names = setting_names()
     for name, service in services.items():
         takes(service["command"])
@@ -125,6 +126,10 @@ def test_compose_runs_gateway_commands_with_settings_only() -> None:
         probe = " ".join(services[web]["healthcheck"]["test"])
         assert "/readyz" in probe
     assert services["worker"]["deploy"]["replicas"] >= 2
+    # Callbacks leave from dispatchers (the setting's default), side by side.
+    assert services["dispatch"]["command"] == ["gateway", "dispatch"]
+    assert services["dispatch"]["deploy"]["replicas"] >= 2
+    assert "WEBHOOK_DISPATCHER" not in services["dispatch"]["environment"]
     env = services["gateway-1"]["environment"]
     # Several gateway hosts: artifacts in the database every one of them reads.
     assert env["ARTIFACT_STORE"] == "database"

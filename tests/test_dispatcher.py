@@ -1,9 +1,9 @@
-"""Callbacks from ``gateway dispatch`` (``WEBHOOK_DISPATCHER=true``).
+"""Callbacks from ``gateway dispatch`` (``WEBHOOK_DISPATCHER``, on by default).
 
-The callback suite of ``tests/test_webhooks.py`` runs here unchanged against
-a stack whose callbacks leave from the dispatcher process (its test functions
-are imported, and take this module's ``app``). Then what only the dispatcher
-has: a slow receiver holds at most ``WEBHOOK_RECEIVER_CONCURRENCY`` slots; a
+The callback suite of ``tests/test_webhooks.py`` runs on the shared stack,
+whose callbacks leave from its dispatcher; ``tests/test_worker_callbacks.py``
+runs it again with them sent by the workers. Here is what only the
+dispatcher has: a slow receiver holds at most ``WEBHOOK_RECEIVER_CONCURRENCY`` slots; a
 dispatcher killed mid-attempt leaves nothing unsent (the attempts it had out
 are recorded ``attempt_lost``, then sent again); hand-overs that Redis lost are
 found due in the database and sent once; a dispatcher stopped with callbacks
@@ -18,6 +18,7 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
@@ -25,41 +26,28 @@ from gateway.cli.embedded_redis import EmbeddedRedis
 from tests.conftest import Databases, Stack, _redis_db, launch_stack
 from tests.helpers import Process, wait_until
 from tests.receiver import Answer, Receiver
-from tests.test_webhooks import (  # noqa: F401  (collected here, on the dispatcher's stack)
-    App,
-    register,
-    test_410_gone_disables_the_endpoint_until_patched,
-    test_500s_then_200_with_the_same_webhook_id_and_every_attempt_logged,
-    test_a_runs_callback_arrives_signed_and_verifiable,
-    test_a_timeout_and_a_redirect_are_failures_and_redirects_are_not_followed,
-    test_an_endpoint_failing_longer_than_the_span_is_disabled,
-    test_callback_url_of_one_run_is_signed_with_the_project_secret,
-    test_event_and_task_filters,
-    test_private_addresses_are_refused_at_registration_and_at_send_time,
-    test_receiver_down_for_a_while_then_up_gets_the_message,
-    test_recover_sends_pending_deliveries_now_when_asked,
-    test_resend_and_recover,
-    test_retry_after_is_honoured_within_bounds,
-    test_rotation_signs_with_both_secrets_then_only_the_new_one,
-)
+from tests.test_webhooks import App, register
 
 HANDOVER = "gateway:queue:callbacks"
 
 
 class Dispatched:
-    """A gateway and a worker, and callbacks from a dispatcher process."""
+    """A stack whose dispatcher the tests stop, kill and start again."""
 
-    def __init__(self, stack: Stack, logs: Path) -> None:
+    def __init__(self, stack: Stack) -> None:
         self.stack = stack
-        self.logs = logs
-        self.dispatcher = self.start()
 
-    def start(self) -> Process:
-        return Process("dispatch", ["-m", "gateway", "dispatch"], self.stack.env, self.logs).start()
+    @property
+    def dispatcher(self) -> Process:
+        assert self.stack.dispatcher is not None
+        return self.stack.dispatcher
+
+    def start(self) -> None:
+        self.stack.start_dispatcher()
 
     def restart(self) -> None:
         self.dispatcher.stop()
-        self.dispatcher = self.start()
+        self.start()
 
 
 @pytest.fixture(scope="module")
@@ -75,15 +63,10 @@ def dispatched(
         databases.new("dispatch"),
         f"{redis_server.url}/{_redis_db(database_url, 20)}",
         logs,
-        WEBHOOK_DISPATCHER="true",
         WEBHOOK_CONCURRENCY="4",
         WEBHOOK_RECEIVER_CONCURRENCY="1",
     ) as stack:
-        dispatched = Dispatched(stack, logs)
-        try:
-            yield dispatched
-        finally:
-            dispatched.dispatcher.stop()
+        yield Dispatched(stack)
 
 
 @pytest.fixture
@@ -182,7 +165,7 @@ def test_a_killed_dispatcher_leaves_nothing_unsent(
     records each as ``attempt_lost`` and sends it again; every one arrives."""
     app, path = _backlog(dispatched, receiver, "killed", 1.0, 4)
     dispatched.dispatcher.stop(signal.SIGKILL)
-    dispatched.dispatcher = dispatched.start()
+    dispatched.start()
     receiver.default(path, Answer())
     rows = _all_delivered(dispatched.stack, app.project_id, 4)
     lost = [d for d, _, _ in rows if "attempt_lost" in _codes(dispatched.stack, d)]
@@ -214,10 +197,58 @@ def test_handovers_that_redis_lost_are_sent_once_from_the_database(
             assert client.llen(HANDOVER) >= 5
             client.delete(HANDOVER)
     finally:
-        dispatched.dispatcher = dispatched.start()
+        dispatched.start()
     rows = _all_delivered(dispatched.stack, app.project_id, 5)
     assert {attempts for _, _, attempts in rows} == {1}, rows
     assert len(receiver.calls_to(path)) == 5
+
+
+def _metric(stack: Stack, name: str) -> float:
+    text = httpx.get(stack.base_url + "/metrics", timeout=10).text
+    [line] = [line for line in text.splitlines() if line.startswith(name + " ")]
+    return float(line.split()[1])
+
+
+def _warnings(stack: Stack) -> int:
+    """How many times the gateway has said that no dispatcher takes callbacks."""
+    return stack.gateway.log_path.read_text(errors="replace").count("wait for a dispatcher")
+
+
+def test_callbacks_no_dispatcher_takes_are_told_and_go_once_one_runs(
+    dispatched: Dispatched, receiver: Receiver
+) -> None:
+    """No dispatcher running: the hand-overs wait, ``/metrics`` shows how
+    many and for how long, and once the oldest has waited past an attempt's
+    lease (4 s here) the gateway's log says no dispatcher takes them. A
+    dispatcher started then sends each once."""
+    app = App(dispatched.stack)
+    path = f"/nobody-{secrets.token_hex(3)}"
+    register(app, receiver, path, events=["run.completed"])
+    dispatched.dispatcher.stop()
+    try:
+        assert _metric(dispatched.stack, "gateway_callbacks_handed_over") == 0
+        warned = _warnings(dispatched.stack)
+        _trigger(app, 3)
+        wait_until(
+            lambda: _metric(dispatched.stack, "gateway_callbacks_handed_over") == 3,
+            what="three callbacks handed over",
+        )
+        wait_until(
+            lambda: _metric(dispatched.stack, "gateway_callbacks_waiting_seconds") > 4,
+            what="the oldest to wait past an attempt's lease",
+        )
+        wait_until(
+            lambda: _warnings(dispatched.stack) > warned,
+            what="the gateway to warn that no dispatcher takes callbacks",
+        )
+        assert receiver.calls_to(path) == []
+    finally:
+        dispatched.start()
+    rows = _all_delivered(dispatched.stack, app.project_id, 3)
+    assert {attempts for _, _, attempts in rows} == {1}, rows
+    assert len(receiver.calls_to(path)) == 3
+    assert _metric(dispatched.stack, "gateway_callbacks_handed_over") == 0
+    assert _metric(dispatched.stack, "gateway_callbacks_waiting_seconds") == 0
 
 
 def test_a_stopped_dispatcher_gives_back_what_waited_its_turn(

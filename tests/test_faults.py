@@ -155,8 +155,9 @@ def test_json_logs_carry_the_run(fault_stack: Stack) -> None:
 def test_chaos_every_run_final_once_and_called_back(
     backend: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """A few hundred runs with callbacks through a killed worker, a flushed
-    Redis, a stopped gateway and a receiver that is down (bench/chaos.py)."""
+    """A few hundred runs with callbacks through a killed worker, a killed
+    dispatcher, a flushed Redis, a stopped gateway and a receiver that is
+    down (bench/chaos.py)."""
     import os
 
     from bench.chaos import run_chaos

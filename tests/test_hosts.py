@@ -2,7 +2,8 @@
 workers and a client app, each in a network namespace of its own on one switch
 (tests/netns.py), with addresses that exist only inside them.
 
-The gateways run the Procfile's commands (``release``, then ``web``). Through
+The hosts run the Procfile's commands (``release``, then ``web`` on the
+gateway hosts, ``worker`` and ``dispatch`` on the worker hosts). Through
 them: a crop stored through one gateway is fetched through the other; a worker
 host is cut off mid-run and comes back; a gateway host is cut off while the
 other serves; the PostgreSQL host is cut off for ten seconds; the PostgreSQL
@@ -156,6 +157,15 @@ class Deployment:
         for name in ("wk1", "wk2"):
             self.processes[name] = lab.popen(
                 name, procfile["worker"], env=self.env, log=logs / f"{name}.log", cwd=ROOT
+            )
+            # A callback dispatcher beside each worker: two side by side on
+            # PostgreSQL, each delivery sent by one.
+            self.processes[f"{name}-dispatch"] = lab.popen(
+                name,
+                procfile["dispatch"],
+                env=self.env,
+                log=logs / f"{name}-dispatch.log",
+                cwd=ROOT,
             )
         # No keep-alive: each call takes the balancer afresh, as a new client would.
         self.http = httpx.Client(

@@ -1,6 +1,6 @@
 """OpenTelemetry traces, received by a real OTLP/HTTP receiver (tests/otlp.py):
-one connected trace per run across the gateway and the worker, from the
-caller's ``traceparent`` to the callback's; a child run in a trace of its own,
+one connected trace per run across the gateway, the worker and the callback
+dispatcher, from the caller's ``traceparent`` to the callback's; a child run in a trace of its own,
 linked to its parent's; the run and its log lines carry the trace ID. With no
 ``OTEL_*`` endpoint, runs carry none."""
 
@@ -104,8 +104,9 @@ def test_a_run_is_one_trace_across_gateway_worker_and_callback(
     assert step.parent_id == attempt.span_id and step.service == "gateway-worker"
     for report in (started, completed):
         assert (report.service, report.parent_id) == ("gateway-web", attempt.span_id)
+    # The callback left from the dispatcher (``WEBHOOK_DISPATCHER``'s default).
     assert (callback.service, callback.kind, callback.parent_id) == (
-        "gateway-worker",
+        "gateway-dispatch",
         CLIENT,
         trigger.span_id,
     )

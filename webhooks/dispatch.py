@@ -10,6 +10,7 @@ afresh: the gateway keeps the secrets), sends it, and reports the attempt
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import logging
 from collections.abc import Mapping, Sequence
@@ -25,7 +26,6 @@ from db.ids import new_id
 from db.models import Delivery, DeliveryStatus, Run, WebhookEndpoint
 from db.types import utcnow
 from gateway.errors import APIError
-from gateway.metrics import DELIVERY_ATTEMPTS
 from gateway.queue import QueuedJob, enqueue_jobs
 from gateway.settings import Settings
 from jobs import tracing
@@ -62,6 +62,13 @@ runs = Run.__table__  # type: ignore[attr-defined]
 def handover_key(settings: Settings) -> str:
     """The Redis list the gateway hands first attempts to ``gateway dispatch`` on."""
     return f"{settings.queue_name}:callbacks"
+
+
+def attempt_counts_key(settings: Settings) -> str:
+    """The Redis hash of attempts recorded, by outcome, by every process that
+    records them (web processes, dispatchers): ``/metrics`` reads it as
+    ``gateway_delivery_attempts_total``, so any web process answers for all."""
+    return f"{settings.queue_name}:metrics:delivery_attempts"
 
 
 def lease_delivery(
@@ -334,6 +341,21 @@ class DeliveryDispatcher:
         """Queue an extra attempt of a delivery, outside its schedule (same ``webhook-id``)."""
         await self._enqueue(delivery_id, trigger="resend")
 
+    async def handover_backlog(self) -> tuple[int, float]:
+        """What waits for ``gateway dispatch`` in the hand-over list: how many,
+        and how long the oldest has waited in seconds (0 when none does)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.llen(handover_key(self.settings))
+            pipe.lindex(handover_key(self.settings), 0)
+            count, oldest = await pipe.execute()
+        if not oldest:
+            return 0, 0.0
+        try:
+            since = float(orjson.loads(oldest)["prepared_at"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return int(count), 0.0
+        return int(count), max(0.0, utcnow().timestamp() - since)
+
     async def requeue(self, delivery_id: str, *, step: int) -> None:
         """Queue the due attempt of a delivery whose job was lost (reconciler)."""
         await self._enqueue(delivery_id, trigger="schedule", step=step, retried=True)
@@ -368,7 +390,7 @@ class DeliveryDispatcher:
         if isinstance(result, Outgoing):
             return self.prepared(result)
         if result.get("recorded"):
-            DELIVERY_ATTEMPTS.labels(outcome="attempt_lost").inc()
+            await self.count_attempts(["attempt_lost"])
             await self._after_record(delivery_id, result)
         return {"send": False, "reason": result["reason"]}
 
@@ -404,7 +426,7 @@ class DeliveryDispatcher:
             )
             outcome = await self.db.write_behind(record_attempt, policy, plain, utcnow())
         if outcome["recorded"]:
-            DELIVERY_ATTEMPTS.labels(outcome=outcome_of(report)).inc()
+            await self.count_attempts([outcome_of(report)])
         await self._after_record(report.delivery_id, outcome)
         return {"recorded": outcome["recorded"], "next_attempt_in": outcome["next_attempt_in"]}
 
@@ -427,17 +449,35 @@ class DeliveryDispatcher:
                 raise
             return list(await asyncio.gather(*(self._one(r) for r in reports)))
         answers: list[dict[str, Any] | APIError] = []
+        await self.count_attempts(
+            [
+                outcome_of(report)
+                for report, outcome in zip(reports, outcomes, strict=True)
+                if not isinstance(outcome, APIError) and outcome["recorded"]
+            ]
+        )
         for report, outcome in zip(reports, outcomes, strict=True):
             if isinstance(outcome, APIError):
                 answers.append(outcome)
                 continue
-            if outcome["recorded"]:
-                DELIVERY_ATTEMPTS.labels(outcome=outcome_of(report)).inc()
             await self._after_record(report.delivery_id, outcome)
             answers.append(
                 {"recorded": outcome["recorded"], "next_attempt_in": outcome["next_attempt_in"]}
             )
         return answers
+
+    async def count_attempts(self, outcomes: Sequence[str]) -> None:
+        """Count recorded attempts by outcome in Redis (:func:`attempt_counts_key`),
+        in one round trip. A count Redis misses is lost, never the attempt."""
+        if not outcomes:
+            return
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for outcome, count in collections.Counter(outcomes).items():
+                    pipe.hincrby(attempt_counts_key(self.settings), outcome, count)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.warning("could not count %d attempt(s) in Redis: %s", len(outcomes), exc)
 
     async def _one(self, report: DeliveryAttemptReport) -> dict[str, Any] | APIError:
         try:

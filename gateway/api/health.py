@@ -12,7 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client import multiprocess as prometheus_multiprocess
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -20,7 +20,8 @@ from db.models import Run, RunStatus
 from gateway.api import views
 from gateway.api.routing import ApiRoute, Operation
 from gateway.errors import Unauthorized, error_response
-from gateway.services import services_of
+from gateway.services import Services, services_of
+from webhooks.dispatch import attempt_counts_key
 
 __all__ = ["routes"]
 
@@ -91,6 +92,15 @@ class _LiveState:
             self._read("redis", "queue", services.redis.zcard(services.settings.queue_name)),
             self._read("database", "live", services.db.read(by_status)),
         )
+        if self.up.get("redis"):
+            await self._read("redis", "attempts", self._attempts(services))
+        if services.settings.webhook_dispatcher and self.up.get("redis"):
+            await self._read("redis", "handover", services.dispatcher.handover_backlog())
+
+    @staticmethod
+    async def _attempts(services: Services) -> dict[str, int]:
+        counts = await services.redis.hgetall(attempt_counts_key(services.settings))  # type: ignore[misc]
+        return {k.decode(): int(v) for k, v in counts.items()}
 
     def collect(self) -> Any:
         for source in ("redis", "database"):
@@ -103,6 +113,29 @@ class _LiveState:
             queue = GaugeMetricFamily("gateway_queue_depth", "Jobs waiting in the arq queue")
             queue.add_metric([], self.values["queue"])
             yield queue
+        if "attempts" in self.values:
+            attempts = CounterMetricFamily(
+                "gateway_delivery_attempts",
+                "Callback attempts by outcome, recorded by any process",
+                labels=["outcome"],
+            )
+            for outcome, count in sorted(self.values["attempts"].items()):
+                attempts.add_metric([outcome], count)
+            yield attempts
+        if "handover" in self.values:
+            count, waited = self.values["handover"]
+            waiting = GaugeMetricFamily(
+                "gateway_callbacks_handed_over",
+                "First callback attempts handed over to `gateway dispatch`, not yet taken",
+            )
+            waiting.add_metric([], count)
+            yield waiting
+            oldest = GaugeMetricFamily(
+                "gateway_callbacks_waiting_seconds",
+                "How long the oldest of them has waited (0: none waits)",
+            )
+            oldest.add_metric([], waited)
+            yield oldest
         if "live" in self.values:
             live = GaugeMetricFamily(
                 "gateway_runs_in_flight",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,6 +51,8 @@ deliveries = Delivery.__table__  # type: ignore[attr-defined]
 BATCH = 500
 #: What arq adds to a job's timeout for its in-progress mark's TTL.
 IN_PROGRESS_EXTRA = 10.0
+#: Seconds between two warnings that no dispatcher takes the callbacks.
+UNSENT_WARNING_EVERY = 60.0
 
 
 def due_runs(conn: sa.Connection, before: dt.datetime) -> list[Job]:
@@ -106,6 +109,8 @@ class Reconciler(Periodic):
         self.dispatcher = dispatcher
         self.settings = settings
         self.grace = settings.reconcile_grace
+        #: When the last warning that no dispatcher takes callbacks was logged.
+        self._unsent_warned_at = 0.0
 
     async def _missing(self, job_ids: Sequence[str], *, results_count: bool = True) -> list[bool]:
         """For each job ID: is there no job, no running job (and, unless
@@ -193,6 +198,8 @@ class Reconciler(Periodic):
             # started), and bulk actions whose process went away.
             pumped = await self.flow.pump_queues()
             await self.flow.resume_bulks(self.grace)
+            if self.settings.webhook_dispatcher:
+                await self._warn_if_no_dispatcher()
         except (RedisError, OSError) as exc:
             log.warning("reconciler cannot reach Redis: %s", exc)
             pumped = released = 0
@@ -211,6 +218,26 @@ class Reconciler(Periodic):
                 requeued_deliveries,
             )
         return {"runs": requeued_runs, "deliveries": requeued_deliveries}
+
+    async def _warn_if_no_dispatcher(self) -> None:
+        """Callbacks handed over longer ago than an attempt's lease: no
+        ``gateway dispatch`` is taking them (none started, or all down). Said
+        once a minute while it lasts; they go out once one runs."""
+        count, waited = await self.dispatcher.handover_backlog()
+        if waited <= self.dispatcher.lease_seconds:
+            self._unsent_warned_at = 0.0  # taken again: a new wait warns at once
+            return
+        now = time.monotonic()
+        if now - self._unsent_warned_at < UNSENT_WARNING_EVERY:
+            return
+        self._unsent_warned_at = now
+        log.warning(
+            "%d callback(s) wait for a dispatcher, the oldest for %.0f s: is `gateway "
+            "dispatch` running? (or set WEBHOOK_DISPATCHER=false for the gateway and the "
+            "workers, and the workers send them)",
+            count,
+            waited,
+        )
 
 
 class LostWorkers(Periodic):

@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser(
         "up",
-        help="migrate, start Redis if REDIS_URL is unset, run web + worker (+ dispatch)",
+        help="migrate, start Redis if REDIS_URL is unset, run web + worker + dispatch",
     )
     web = sub.add_parser("web", help="serve the HTTP API on HOST:PORT")
     web.add_argument("--host", help="the interface to listen on (default: HOST, 127.0.0.1)")
