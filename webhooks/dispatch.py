@@ -45,6 +45,8 @@ from webhooks.signing import webhook_headers
 
 __all__ = [
     "DeliveryDispatcher",
+    "any_due",
+    "attempt_counts_key",
     "claim_first_attempts",
     "handover_key",
     "lease_delivery",
@@ -190,6 +192,24 @@ def release_leases(
     )
 
 
+def _due(lease_seconds: float, now: dt.datetime) -> tuple[sa.ColumnElement[bool], ...]:
+    """Pending, due, and held by no one (never leased, or its lease ran out)."""
+    expired = now - dt.timedelta(seconds=lease_seconds)
+    return (
+        deliveries.c.status == DeliveryStatus.PENDING.value,
+        deliveries.c.next_attempt_at <= now,
+        sa.or_(deliveries.c.leased_at.is_(None), deliveries.c.leased_at < expired),
+    )
+
+
+def any_due(conn: sa.Connection, lease_seconds: float, now: dt.datetime) -> bool:
+    """Whether :func:`lease_due` would find anything: a read, which on SQLite
+    takes no write lock, so an idle dispatcher's scans never stand in the
+    way of the gateway's writes."""
+    query = sa.select(deliveries.c.id).where(*_due(lease_seconds, now)).limit(1)
+    return conn.execute(query).first() is not None
+
+
 def lease_due(
     conn: sa.Connection,
     policy: RetryPolicy,
@@ -204,7 +224,6 @@ def lease_due(
 
     Each is an :class:`Outgoing` to send, or what was done instead (a lost
     attempt recorded, a delivery of a disabled endpoint failed)."""
-    expired = now - dt.timedelta(seconds=lease_seconds)
     query = (
         sa.select(
             deliveries.c.id,
@@ -212,11 +231,7 @@ def lease_due(
             deliveries.c.leased_at,
             deliveries.c.created_at,
         )
-        .where(
-            deliveries.c.status == DeliveryStatus.PENDING.value,
-            deliveries.c.next_attempt_at <= now,
-            sa.or_(deliveries.c.leased_at.is_(None), deliveries.c.leased_at < expired),
-        )
+        .where(*_due(lease_seconds, now))
         .order_by(deliveries.c.next_attempt_at)
         .limit(limit)
     )

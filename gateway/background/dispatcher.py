@@ -51,6 +51,7 @@ from jobs.protocol import REDIS_DOWN, RedisOutage, redis_settings
 from jobs.worker import new_event_loop
 from webhooks.dispatch import (
     DeliveryDispatcher,
+    any_due,
     claim_first_attempts,
     handover_key,
     lease_due,
@@ -134,11 +135,14 @@ class CallbackDispatcher:
         room = self.limit - self._held
         if room <= 0:
             return 0
+        now = utcnow()
+        if not await self.db.read(any_due, self.deliveries.lease_seconds, now):
+            return 0
         leased = await self.db.write(
             lease_due,
             self.deliveries.retry_policy(),
             self.deliveries.lease_seconds,
-            utcnow(),
+            now,
             room,
         )
         await self._start_all(

@@ -172,12 +172,45 @@ def _observe(conn: sa.Connection, run: Mapping[str, Any], to: RunStatus, now: dt
     conn.info.setdefault(OBSERVED, []).append((fields, to, now))
 
 
+@functools.cache
+def _insert_run_logged(columns: frozenset[str]) -> sa.Insert:
+    """PostgreSQL: the run's INSERT and its first transition's in one
+    statement (a data-modifying CTE), so a trigger costs one round trip less."""
+    new = (
+        runs.insert()
+        .values({name: sa.bindparam(name, type_=runs.c[name].type) for name in sorted(columns)})
+        .returning(runs.c.id, runs.c.status, runs.c.attempt, runs.c.created_at)
+        .cte("new_run")
+    )
+    logged: sa.Insert = run_transitions.insert().from_select(
+        ["run_id", "from_status", "to_status", "attempt", "at"],
+        sa.select(
+            new.c.id,
+            sa.null().label("from_status"),
+            new.c.status,
+            new.c.attempt,
+            new.c.created_at,
+        ),
+    )
+    return logged
+
+
 def insert_run(conn: sa.Connection, row: Mapping[str, Any]) -> None:
+    """Insert a new run and log its first status (one statement on PostgreSQL)."""
     values = {"queue": row["task"], "priority": 0, **row}
     if values.get("order_at") is None:
         values["order_at"] = values["created_at"] - dt.timedelta(seconds=values["priority"])
-    conn.execute(INSERT_RUN, values)
+    if conn.dialect.name == "postgresql":
+        conn.execute(_insert_run_logged(frozenset(values)), values)
+    else:
+        _insert_run_then_log(conn, values)
     _observe(conn, row, RunStatus(row["status"]), row["created_at"])
+
+
+def _insert_run_then_log(conn: sa.Connection, row: Mapping[str, Any]) -> None:
+    """SQLite (where a statement is a function call, not a round trip): the
+    run's INSERT, then its first transition's."""
+    conn.execute(INSERT_RUN, row)
     conn.execute(
         INSERT_TRANSITION,
         {
