@@ -169,6 +169,9 @@ def test_gateway_up_runs_everything_and_stops_cleanly_on_ctrl_c(tmp_path: Path) 
             assert run["output"] == {"hi": 1}
             [call] = receiver.wait_calls("/up", 1)
             assert call.verified_by and call.json()["data"]["id"] == run["id"]
+            # It came from the dispatcher `gateway up` started (the default).
+            dispatcher, _ = up.pid_of("dispatch")
+            assert _alive(dispatcher)
         finally:
             receiver.stop()
         assert key
