@@ -1,7 +1,7 @@
 """The workers that are there: what each last said of itself.
 
 Every worker's heartbeat thread posts a :class:`jobs.protocol.WorkerPresence`
-each ``HEARTBEAT_INTERVAL`` (``jobs.heartbeat``); the gateway keeps the last one
+each ``HEARTBEAT_INTERVAL`` (``jobs.liveness.heartbeat``); the gateway keeps the last one
 of each worker in one Redis hash (``<QUEUE_NAME>:workers``), with the time it
 came. Nothing of it goes to the database: it is a view of the moment, as the
 queues are, and a worker forgotten by a Redis restart says itself again within

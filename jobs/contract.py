@@ -32,7 +32,7 @@ class Job:
 
 @dataclasses.dataclass(frozen=True)
 class RunTask(Job):
-    """One attempt of one run, or one step of a workflow (``jobs.attempt.run_task``)."""
+    """One attempt of one run, or one step of a workflow (``jobs.runs.attempt.run_task``)."""
 
     name: ClassVar[str] = "run_task"
 

@@ -131,12 +131,12 @@ class WaitNode(BaseModel):
     waitpoint_id: str | None = Field(default=None, max_length=40)
 
 
-#: What a durable task's step is (``jobs.durable``).
+#: What a durable task's step is (``jobs.runs.durable``).
 STEP_KINDS = ("step", "child", "batch", "sleep", "waitpoint", "token")
 
 
 class StepRecord(BaseModel):
-    """A durable task's step as an execution left it (``jobs.durable``): the
+    """A durable task's step as an execution left it (``jobs.runs.durable``): the
     gateway keeps it with the run, and the next execution gets it back."""
 
     key: str = Field(min_length=1, max_length=200)
@@ -175,7 +175,7 @@ class WorkerEvent(BaseModel):
 
 class WorkerPresence(BaseModel):
     """A worker process saying it is there, every ``HEARTBEAT_INTERVAL``
-    (``jobs.heartbeat``), and once more when it stops: what
+    (``jobs.liveness.heartbeat``), and once more when it stops: what
     ``GET /api/v1/workers`` lists."""
 
     id: str = Field(min_length=1, max_length=200)
@@ -209,7 +209,7 @@ class LogLine(BaseModel):
 
 class RunLogs(BaseModel):
     """Log lines of one run's attempt, shipped in a batch of reports
-    (:class:`jobs.runlog.RunLog`); ``batch`` and each line's place in it make
+    (:class:`jobs.runs.runlog.RunLog`); ``batch`` and each line's place in it make
     a key, so a batch sent twice is kept once."""
 
     type: Literal["run.logs"]

@@ -1,4 +1,4 @@
-"""The arq worker process: runs tasks (``jobs.attempt``) and callback attempts
+"""The arq worker process: runs tasks (``jobs.runs.attempt``) and callback attempts
 (``jobs.deliver``), each on its own queue, and reports to the gateway.
 
 Start it with ``gateway worker`` or ``arq jobs.worker.WorkerSettings``. It needs
@@ -26,11 +26,10 @@ from arq.constants import in_progress_key_prefix
 from arq.worker import Worker
 
 from jobs import tracing
-from jobs.attempt import run_task
 from jobs.contract import DeliverReport, DeliverWebhook, RunTask
 from jobs.deliver import deliver_webhook
-from jobs.heartbeat import Heartbeats
-from jobs.presence import HealthPort, LoopTicker, presence_of
+from jobs.liveness.heartbeat import Heartbeats
+from jobs.liveness.presence import HealthPort, LoopTicker, presence_of
 from jobs.protocol import (
     REDIS_DOWN,
     RedisOutage,
@@ -40,6 +39,7 @@ from jobs.protocol import (
     redis_settings,
 )
 from jobs.report import Reporter, deliver_report
+from jobs.runs.attempt import run_task
 from jobs.settings import Settings
 from jobs.tasks.registry import load_tasks
 

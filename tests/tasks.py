@@ -139,7 +139,7 @@ async def log_escapes(payload: Any, ctx: TaskContext) -> None:
     ctx.logger.info("\x1b]8;;http://evil.example\x1b\\link\x1b]8;;\x1b\\ and \u202eesrever")
 
 
-# -- durable steps (jobs.durable) ----------------------------------------------------
+# -- durable steps (jobs.runs.durable) ----------------------------------------------------
 
 
 def _tally(path: str, what: str) -> int:

@@ -1,4 +1,4 @@
-"""Durable steps inside a task (``jobs.durable``): children, batches, sleeps and
+"""Durable steps inside a task (``jobs.runs.durable``): children, batches, sleeps and
 tokens that give the worker's slot back, kept results that never run twice,
 the determinism check, and cancel; over real processes, on both databases."""
 

@@ -252,7 +252,7 @@ class _WaitpointRequest(BaseModel):
 
 
 async def worker_presence(request: Request) -> Response:
-    """A worker says it is there (``jobs.heartbeat``): kept for ``GET /api/v1/workers``."""
+    """A worker says it is there (``jobs.liveness.heartbeat``): kept for ``GET /api/v1/workers``."""
     services = services_of(request)
     body = await signed_body(request, services.settings, 1024 * 1024)
     await services.workers.record(validate(WorkerPresence, parse_json(body)))

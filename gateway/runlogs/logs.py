@@ -1,4 +1,4 @@
-"""A run's log lines (``ctx.logger``, shipped by ``jobs.runlog``): kept, capped, read back.
+"""A run's log lines (``ctx.logger``, shipped by ``jobs.runs.runlog``): kept, capped, read back.
 
 Lines are kept in the order they arrive (their ``id``), each with its attempt.
 A run keeps ``RUN_LOG_MAX_LINES`` lines; past that, one ``dropped`` line says

@@ -37,8 +37,8 @@ if TYPE_CHECKING:
     import datetime as dt
     from collections.abc import Mapping, Sequence
 
-    from jobs.durable import ChildResult, Steps, Token, TokenResult
-    from jobs.media import Media
+    from jobs.runs.durable import ChildResult, Steps, Token, TokenResult
+    from jobs.runs.media import Media
     from jobs.settings import Settings
 
 __all__ = [
@@ -85,14 +85,14 @@ class TaskContext:
     #: Logs with ``run_id``, ``task`` and ``attempt`` on every line.
     logger: logging.LoggerAdapter[logging.Logger]
     settings: Settings
-    #: Image input and artifact output (see ``jobs.media``).
+    #: Image input and artifact output (see ``jobs.runs.media``).
     media: Media
     #: For a workflow step: the states of its nodes so far.
     workflow: dict[str, Any] | None = None
-    #: This execution's durable steps (``jobs.durable``): what the run kept.
+    #: This execution's durable steps (``jobs.runs.durable``): what the run kept.
     steps: Steps | None = None
 
-    # -- durable steps (jobs.durable: replay with memoization) -----------------
+    # -- durable steps (jobs.runs.durable: replay with memoization) -----------------
 
     def _steps(self) -> Steps:
         if self.steps is None:

@@ -8,10 +8,10 @@ import re
 
 import pytest
 
-from jobs.attempt import run_task
 from jobs.contract import DeliverReport, DeliverWebhook, Job, RunTask
 from jobs.deliver import deliver_webhook
 from jobs.report import deliver_report
+from jobs.runs.attempt import run_task
 from jobs.settings import Settings
 from jobs.worker import delivery_worker_options, worker_options
 

@@ -1,4 +1,4 @@
-"""The worker's side of durable steps (``jobs.durable.Steps``), with no
+"""The worker's side of durable steps (``jobs.runs.durable.Steps``), with no
 processes: keys, kept results, the determinism check and what a wait reports."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from jobs.durable import NondeterministicStep, Steps, Suspend
-from jobs.runlog import CURRENT_STEP
+from jobs.runs.durable import NondeterministicStep, Steps, Suspend
+from jobs.runs.runlog import CURRENT_STEP
 from jobs.tasks.registry import TaskError, load_tasks
 
 

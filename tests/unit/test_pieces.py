@@ -16,7 +16,7 @@ from gateway.dashboard.queries import Cursor
 from gateway.schedules.cron import _instant
 from gateway.settings import _site_url
 from jobs.protocol import RedisOutage, parse_run_job_id, run_job_id
-from jobs.runlog import MAX_FIELDS_BYTES, _jsonable
+from jobs.runs.runlog import MAX_FIELDS_BYTES, _jsonable
 
 
 @pytest.mark.parametrize(("attempt", "step"), [(1, 0), (2, 0), (1, 3), (7, 12)])

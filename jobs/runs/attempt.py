@@ -17,9 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from jobs import tracing
-from jobs.durable import Steps, Suspend
-from jobs.heartbeat import Heartbeats
-from jobs.media import Media
+from jobs.liveness.heartbeat import Heartbeats
 from jobs.protocol import (
     TIMED_OUT_CODE,
     WORKFLOW_TASK,
@@ -28,7 +26,9 @@ from jobs.protocol import (
     dumps,
 )
 from jobs.report import Reporter, ReportRejected, make_event, refused_fallback
-from jobs.runlog import FLUSH_BYTES, RunLog, RunLogger
+from jobs.runs.durable import Steps, Suspend
+from jobs.runs.media import Media
+from jobs.runs.runlog import FLUSH_BYTES, RunLog, RunLogger
 from jobs.settings import Settings
 from jobs.tasks.registry import TaskContext, TaskError
 from jobs.tasks.workflow import Waiting, WorkflowFailed

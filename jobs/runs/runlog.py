@@ -50,7 +50,7 @@ MAX_FIELDS_BYTES = 8 * 1024
 #: Lines waiting to leave, and batches out at once, at most; more is dropped.
 MAX_WAITING_BYTES = 4 * 1024 * 1024
 MAX_SENDING = 4
-#: The key of the durable step running now (``jobs.durable``): a line logged
+#: The key of the durable step running now (``jobs.runs.durable``): a line logged
 #: inside it says so in its ``step`` field.
 CURRENT_STEP: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "current_step", default=None

@@ -1,6 +1,6 @@
 """What a worker says of itself, and its optional health port.
 
-Every beat of :class:`jobs.heartbeat.Heartbeats` carries a
+Every beat of :class:`jobs.liveness.heartbeat.Heartbeats` carries a
 :class:`jobs.protocol.WorkerPresence` made here: which worker, on which host,
 which tasks, how many slots and how many in use, which runs. The gateway keeps
 the last one of each worker in Redis (``GET /api/v1/workers``).
@@ -46,7 +46,7 @@ def worker_version() -> str:
 def presence_of(
     worker_id: str, *, queue: str, tasks: Sequence[str], slots: int
 ) -> Callable[[list[str], str], dict[str, Any]]:
-    """The :class:`jobs.heartbeat.Heartbeats` ``presence`` of this process."""
+    """The :class:`jobs.liveness.heartbeat.Heartbeats` ``presence`` of this process."""
     started_at = dt.datetime.now(dt.UTC).isoformat()
     fixed = {
         "id": worker_id,

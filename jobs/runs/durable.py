@@ -42,7 +42,7 @@ import httpx
 from jobs import tracing
 from jobs.protocol import WAITPOINTS_PATH, JSONRefused, clean_text, dumps, loads
 from jobs.report import Reporter, ReportRejected
-from jobs.runlog import CURRENT_STEP
+from jobs.runs.runlog import CURRENT_STEP
 from jobs.tasks.registry import TaskError
 
 if TYPE_CHECKING:
