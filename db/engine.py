@@ -149,8 +149,12 @@ class Database:
                 # A server that does not take the connection in 10 s is down
                 # for now (asyncpg's own default waits a minute).
                 connect_args={"timeout": CONNECT_TIMEOUT, **connect_args},
-                pool_size=10,
-                max_overflow=20,
+                # Enough for every writer and every read at once (see
+                # READ_CONNECTIONS), so in steady use no connection is opened
+                # and closed again; the overflow is for the rest (the health
+                # check, the notifier's own).
+                pool_size=POOL_SIZE,
+                max_overflow=10,
                 pool_recycle=1800,
                 json_serializer=json_text,
                 json_deserializer=exact_loads,
@@ -159,7 +163,8 @@ class Database:
                 self._async_engine.sync_engine,
                 IDLE_PING_SECONDS if idle_ping is None else idle_ping,
             )
-            self._async_writer = _AsyncGroupCommit(self._async_engine)
+            self._async_writer = _AsyncGroupCommit(self._async_engine, writers=WRITERS)
+            self._read_slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
 
     @property
     def dialect(self) -> str:
@@ -198,7 +203,7 @@ class Database:
         with _unreachable_as_operational():
             for pause in _pauses(deadline):
                 try:
-                    async with _connection(async_engine) as conn:
+                    async with self._read_slot(), _connection(async_engine) as conn:
                         return await conn.run_sync(lambda c: fn(c, *args, **kwargs))
                 except Exception as exc:
                     # A read changes nothing: it is always safe to run again.
@@ -206,6 +211,16 @@ class Database:
                         raise
                 await asyncio.sleep(pause)
         raise AssertionError("unreachable")  # _pauses ends on None, which raised
+
+    def _read_slot(self) -> asyncio.Semaphore:
+        """One of ``READ_CONNECTIONS``: beyond them, a read waits its turn
+        for a pooled connection instead of opening one of its own (a
+        connection, its TLS offer and its prepared statements cost more than
+        the wait: 64 long-polls waking together once churned the pool)."""
+        loop = asyncio.get_running_loop()
+        if self._read_slots is None or self._read_slots[0] is not loop:
+            self._read_slots = (loop, asyncio.Semaphore(READ_CONNECTIONS))
+        return self._read_slots[1]
 
     async def ping(self) -> None:
         await self.read(lambda conn: conn.execute(sa.text("SELECT 1")).scalar())
@@ -220,7 +235,12 @@ class Database:
             await self._async_engine.dispose()
 
 
-#: Times a unit runs again after PostgreSQL failed it to break a deadlock.
+#: PostgreSQL: the writers that commit groups side by side, the reads that
+#: hold a connection at once, and the pool that keeps them all.
+WRITERS = 8
+READ_CONNECTIONS = 12
+POOL_SIZE = WRITERS + READ_CONNECTIONS
+
 #: How long a unit PostgreSQL failed to break a deadlock (or a serialization
 #: conflict) is run again, after a short random pause each time: under heavy
 #: contention one unit can lose several times in a row.

@@ -25,6 +25,7 @@ from db.models import Run, RunStatus
 
 __all__ = [
     "RECONCILER_ACTIONS",
+    "TRIGGER_GROUPS",
     "observe_transition",
 ]
 
@@ -46,6 +47,11 @@ TASK_DURATION = Histogram(
     "From the first start to a final status",
     ["task"],
     buckets=_LATENCY_BUCKETS,
+)
+TRIGGER_GROUPS = Histogram(
+    "gateway_trigger_group_size",
+    "Triggers created together in one unit of work (gateway.services.coalesce)",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
 )
 RECONCILER_ACTIONS = Counter(
     "gateway_reconciler_actions_total",

@@ -14,7 +14,7 @@ from alembic.migration import MigrationContext
 from sqlmodel import SQLModel
 
 import db.models  # noqa: F401
-from db.engine import BEHIND_SHARE, Database
+from db.engine import BEHIND_SHARE, POOL_SIZE, READ_CONNECTIONS, Database
 from db.ids import new_id
 from db.models import FINAL_STATUSES, RunStatus
 from tests.conftest import Databases, _admin
@@ -262,6 +262,60 @@ def test_postgres_writes_commit_in_groups_and_a_failing_unit_leaves_nothing(
         else:
             assert isinstance(result, ValueError) and result.args == (n,)
     assert commits < 300  # some units shared a transaction
+
+
+def test_postgres_reads_beyond_their_share_wait_for_a_kept_connection(
+    databases: Databases,
+) -> None:
+    """Many reads at once (long-polls waking together) hold at most
+    ``READ_CONNECTIONS`` connections, each answered; writes meanwhile still
+    commit, and the pool never opens a connection beyond the ones it keeps."""
+    if databases.backend != "postgresql":
+        pytest.skip("PostgreSQL only: SQLite reads on a few threads of its own")
+    url = databases.new("read_slots")
+
+    async def main() -> tuple[list[int], int, int, list[int]]:
+        db = Database(url)
+        inside = 0
+        most = 0
+
+        def read(conn: sa.Connection, n: int) -> int:
+            nonlocal inside, most
+            inside += 1
+            most = max(most, inside)
+            try:
+                return int(conn.exec_driver_sql(f"SELECT {n} FROM pg_sleep(0.02)").scalar_one())
+            finally:
+                inside -= 1
+
+        try:
+            await db.write(lambda c: c.exec_driver_sql("CREATE TABLE t (n INTEGER PRIMARY KEY)"))
+            engine = db._async_engine
+            assert engine is not None
+            opened = 0
+
+            def count(*_: object) -> None:
+                nonlocal opened
+                opened += 1
+
+            sa.event.listen(engine.sync_engine, "connect", count)
+            answers = await asyncio.gather(
+                *(db.read(read, n) for n in range(80)),
+                *(
+                    db.write(lambda c, n=n: c.exec_driver_sql(f"INSERT INTO t VALUES ({n})"))
+                    for n in range(40)
+                ),
+            )
+            kept = await db.read(lambda c: [r[0] for r in c.exec_driver_sql("SELECT n FROM t")])
+            return [a for a in answers[:80]], most, opened, sorted(kept)
+        finally:
+            await db.dispose()
+
+    answers, most, opened, kept = asyncio.run(main())
+    assert answers == list(range(80))
+    assert most == READ_CONNECTIONS
+    assert kept == list(range(40))
+    assert opened <= POOL_SIZE
 
 
 def test_postgres_units_that_deadlock_over_and_over_all_commit_once(

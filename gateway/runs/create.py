@@ -26,7 +26,7 @@ from gateway.runs.effects import Effects, job_of
 from gateway.runs.errors import LostRace, RunNotFound
 from gateway.runs.read import load_run, node_states, run_view
 from gateway.runs.requests import TriggerOptions
-from gateway.runs.runs_table import insert_run, run_transitions, runs
+from gateway.runs.runs_table import insert_run, insert_runs, run_transitions, runs
 from gateway.runs.workflow import downstream_of, seed_nodes
 from jobs import tracing
 from jobs.protocol import WORKFLOW_TASK
@@ -172,6 +172,8 @@ def create_runs(conn: sa.Connection, new: list[NewRun], batch_id: str | None = N
     out: list[tuple[dict[str, Any], bool]] = []
     effects = Effects()
     rules: dict[tuple[str, str], QueueRule] = {}
+    #: Runs with no key to claim: inserted together, as sets (``insert_runs``).
+    plain: list[dict[str, Any]] = []
     if batch_id is not None:
         conn.execute(
             batches.insert(),
@@ -190,15 +192,17 @@ def create_runs(conn: sa.Connection, new: list[NewRun], batch_id: str | None = N
                 out.append((view, True))
                 continue
         starts = row["status"] == RunStatus.QUEUED.value and admit(conn, row, rules)
+        key = row.get("idempotency_key")
         if item.debounce is not None:
             try:
                 with savepoint(conn):
                     insert_run(conn, row)
             except IntegrityError:  # another trigger made the key's run this instant
                 raise LostRace(row["id"]) from None
-        else:
+        elif key:
             insert_run(conn, row)
-        key = row.get("idempotency_key")
+        else:  # nothing to look up: inserted with the others below
+            plain.append(row)
         if key:
             cached = _claim_key(conn, row, key, item.idempotency_ttl)
             if cached is not None:
@@ -211,6 +215,7 @@ def create_runs(conn: sa.Connection, new: list[NewRun], batch_id: str | None = N
         if starts:
             effects.jobs.append(job_of(row))
         out.append((run_view(row, [], {} if row["task"] == WORKFLOW_TASK else None), False))
+    insert_runs(conn, plain)
     return Created(out, effects)
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "PUMPS",
     "KeepFirst",
     "insert_run",
+    "insert_runs",
     "is_current",
     "run_attempts",
     "run_nodes",
@@ -197,9 +198,7 @@ def _insert_run_logged(columns: frozenset[str]) -> sa.Insert:
 
 def insert_run(conn: sa.Connection, row: Mapping[str, Any]) -> None:
     """Insert a new run and log its first status (one statement on PostgreSQL)."""
-    values = {"queue": row["task"], "priority": 0, **row}
-    if values.get("order_at") is None:
-        values["order_at"] = values["created_at"] - dt.timedelta(seconds=values["priority"])
+    values = _run_values(row)
     if conn.dialect.name == "postgresql":
         conn.execute(_insert_run_logged(frozenset(values)), values)
     else:
@@ -207,20 +206,52 @@ def insert_run(conn: sa.Connection, row: Mapping[str, Any]) -> None:
     _observe(conn, row, RunStatus(row["status"]), row["created_at"])
 
 
+def insert_runs(conn: sa.Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+    """:func:`insert_run` for many runs: the rows of each set of columns in
+    one ``executemany`` (on PostgreSQL the statement that logs the first
+    transition too, the set sent in one round trip), so a group of triggers
+    costs a few statements, not two per run."""
+    if len(rows) <= 1:
+        for row in rows:
+            insert_run(conn, row)
+        return
+    shapes: dict[frozenset[str], list[dict[str, Any]]] = {}
+    for row in rows:
+        values = _run_values(row)
+        shapes.setdefault(frozenset(values), []).append(values)
+    postgresql = conn.dialect.name == "postgresql"
+    for columns, shaped in shapes.items():
+        if postgresql:
+            conn.execute(_insert_run_logged(columns), shaped)
+            continue
+        conn.execute(INSERT_RUN, shaped)
+        conn.execute(INSERT_TRANSITION, [_first_transition(v) for v in shaped])
+    for row in rows:
+        _observe(conn, row, RunStatus(row["status"]), row["created_at"])
+
+
+def _run_values(row: Mapping[str, Any]) -> dict[str, Any]:
+    values = {"queue": row["task"], "priority": 0, **row}
+    if values.get("order_at") is None:
+        values["order_at"] = values["created_at"] - dt.timedelta(seconds=values["priority"])
+    return values
+
+
+def _first_transition(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "run_id": row["id"],
+        "from_status": None,
+        "to_status": row["status"],
+        "attempt": row["attempt"],
+        "at": row["created_at"],
+    }
+
+
 def _insert_run_then_log(conn: sa.Connection, row: Mapping[str, Any]) -> None:
     """SQLite (where a statement is a function call, not a round trip): the
     run's INSERT, then its first transition's."""
     conn.execute(INSERT_RUN, row)
-    conn.execute(
-        INSERT_TRANSITION,
-        {
-            "run_id": row["id"],
-            "from_status": None,
-            "to_status": row["status"],
-            "attempt": row["attempt"],
-            "at": row["created_at"],
-        },
-    )
+    conn.execute(INSERT_TRANSITION, _first_transition(row))
 
 
 def transition(

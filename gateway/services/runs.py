@@ -23,6 +23,7 @@ from db.rows import owned_row
 from db.types import utcnow
 from gateway.auth.tokens import WaitpointTokens
 from gateway.errors import APIError, NotFound
+from gateway.metrics import TRIGGER_GROUPS
 from gateway.runlogs.logs import append_logs, list_logs
 from gateway.runs.control import add_tags, cancel_run, update_metadata
 from gateway.runs.create import (
@@ -43,6 +44,7 @@ from gateway.runs.requests import (
     TriggerRequest,
 )
 from gateway.runs.timers import release_due, reschedule
+from gateway.services.coalesce import Coalescer
 from gateway.services.units import UnitRunner
 from jobs.protocol import RunLogs, WorkerEvent
 from webhooks.service import WebhookService
@@ -58,6 +60,10 @@ T = TypeVar("T")
 #: side. A chunk's common reports go as sets (``gateway.runs.reports.as_sets``), so
 #: on PostgreSQL a larger chunk costs few more round trips.
 EVENT_CHUNK = {"sqlite": 8, "postgresql": 32}
+#: Groups of triggers in flight at once (``gateway.services.coalesce``): on
+#: SQLite one commits while the last one's jobs go to Redis; PostgreSQL
+#: commits several side by side.
+TRIGGER_LANES = {"sqlite": 2, "postgresql": 4}
 
 
 class RunService:
@@ -78,6 +84,10 @@ class RunService:
         self.webhooks = webhooks
         self.waitpoint_tokens = waitpoint_tokens
         self._born = time.monotonic()
+        #: Triggers with no key to claim, created together when they arrive together.
+        self.triggers: Coalescer[NewRun, tuple[dict[str, Any], bool]] = Coalescer(
+            self.create, lanes=TRIGGER_LANES[self.db.dialect], observe=TRIGGER_GROUPS.observe
+        )
 
     def new_row(
         self,
@@ -131,14 +141,13 @@ class RunService:
     ) -> tuple[dict[str, Any], bool]:
         """One run: its view, and whether an idempotency key gave back an
         earlier one. ``traceparent``: the trigger request's span."""
-        [(view, cached)] = await self.create(
-            [
-                self.new_row(
-                    project_id, task, request.payload, request.options, traceparent=traceparent
-                )
-            ]
+        new = self.new_row(
+            project_id, task, request.payload, request.options, traceparent=traceparent
         )
-        return view, cached
+        if new.row.get("idempotency_key") or new.debounce is not None:
+            [(view, cached)] = await self.create([new])
+            return view, cached
+        return await self.triggers.submit(new)
 
     async def get(self, project_id: str | None, run_id: str) -> dict[str, Any]:
         """The run, or :class:`NotFound` (also for another project's run)."""
