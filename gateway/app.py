@@ -33,7 +33,7 @@ from gateway.services.waitpoints import WaitpointService
 from gateway.settings import ConfigError, Settings
 from gateway.trigger_dev import trigger_dev_routes
 from gateway.workers import WorkerDirectory
-from jobs import tracing
+from jobs import heap, tracing
 from jobs.protocol import redis_settings
 from jobs.tasks.registry import load_tasks
 from webhooks.dispatch import DeliveryDispatcher
@@ -130,6 +130,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         await reconciler.start()
         await scheduler.start()
         await lost_workers.start()
+        heap.settle()
         try:
             yield
         finally:

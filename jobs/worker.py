@@ -25,7 +25,7 @@ from arq.connections import create_pool
 from arq.constants import in_progress_key_prefix
 from arq.worker import Worker
 
-from jobs import tracing
+from jobs import heap, tracing
 from jobs.contract import DeliverReport, DeliverWebhook, RunTask
 from jobs.deliver import deliver_webhook
 from jobs.liveness.heartbeat import Heartbeats
@@ -97,6 +97,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         follow_redirects=False,
         limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
     )
+    heap.settle()
     log.info(
         "worker %s reporting to %s; tasks: %s",
         ctx["worker_id"],

@@ -78,3 +78,21 @@ def test_delivery_attempts_are_counted_by_outcome(stack: Stack, receiver: Receiv
     assert value(after, "gateway_delivery_attempts_total", outcome="http_error") > value(
         before, "gateway_delivery_attempts_total", outcome="http_error"
     )
+
+
+def test_every_process_settles_its_start_up_objects_out_of_the_collector(stack: Stack) -> None:
+    """The web process, the worker and the dispatcher each freeze what they
+    made at start-up (``jobs.heap.settle``), so a full collection no longer
+    walks it while requests wait; each says how much it froze."""
+    # The worker settles once its first arq worker has started: a run proves it.
+    assert stack.run("echo", {"settled": True})["status"] == "COMPLETED"
+    processes = {"web": stack.gateway, "worker": stack.worker, "dispatch": stack.dispatcher}
+    for name, process in processes.items():
+        assert process is not None, name
+        counts = [
+            int(line.split(" objects settled")[0].rsplit(" ", 1)[-1])
+            for line in process.log_path.read_text(errors="replace").splitlines()
+            if "objects settled at start-up" in line
+        ]
+        assert counts, f"{name} did not settle: {process.log_tail()}"
+        assert min(counts) > 10_000, (name, counts)  # the libraries, the app: not a handful

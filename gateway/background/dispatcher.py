@@ -45,7 +45,7 @@ from db.engine import Database
 from db.types import utcnow
 from gateway.errors import APIError
 from gateway.settings import Settings
-from jobs import tracing
+from jobs import heap, tracing
 from jobs.deliver import send_attempt
 from jobs.protocol import REDIS_DOWN, RedisOutage, redis_settings
 from jobs.worker import new_event_loop
@@ -329,6 +329,7 @@ async def _serve(settings: Settings, stop: asyncio.Event) -> None:
         ),
     )
     dispatcher = CallbackDispatcher(settings=settings, db=db, redis=redis, http=http)
+    heap.settle()
     started = time.monotonic()
     log.info(
         "dispatching callbacks from %s: %d slots, %d per receiver",
