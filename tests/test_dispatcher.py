@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import httpx
 import pytest
 import redis
 
+from db.ids import id_time
 from gateway.cli.embedded_redis import EmbeddedRedis
 from tests.conftest import Databases, Stack, _redis_db, launch_stack
 from tests.helpers import Process, wait_until
@@ -29,6 +31,7 @@ from tests.receiver import Answer, Receiver
 from tests.test_webhooks import App, register
 
 HANDOVER = "gateway:queue:callbacks"
+TAKEN = "gateway:queue:callbacks:taken"
 
 
 class Dispatched:
@@ -156,6 +159,67 @@ def _backlog(
     _trigger(app, count)
     receiver.wait_calls(path, 1)
     return app, path
+
+
+def _lease_and_mark(stack: Stack, project_id: str) -> tuple[str, bool, bool]:
+    """The project's one delivery: its ID, whether its lease is still the one
+    it was created with, and whether a dispatcher has it marked taken."""
+    [(delivery_id, leased_at, created_at)] = stack.query(
+        "SELECT id, leased_at, created_at FROM deliveries WHERE project_id = :p", p=project_id
+    )
+    with redis.Redis.from_url(stack.redis_url) as client:
+        marked = client.zscore(TAKEN, delivery_id) is not None
+    return delivery_id, leased_at == created_at, marked
+
+
+def test_a_fresh_handover_goes_with_a_mark_in_redis_and_no_claim_in_the_database(
+    dispatched: Dispatched, receiver: Receiver
+) -> None:
+    """A hand-over taken within a quarter of ``RECONCILE_GRACE`` of its
+    creation goes out under the lease it was created with, marked taken in
+    Redis (no write to the database before it goes); once its attempt is
+    recorded the mark is gone. One taken later is claimed in the database
+    first, and carries no mark."""
+    app = App(dispatched.stack)
+    path = f"/fresh-{secrets.token_hex(3)}"
+    receiver.default(path, Answer(delay=1.0))
+    register(app, receiver, path, events=["run.completed"])
+    _trigger(app, 1)
+    receiver.wait_calls(path, 1)  # out now, answered in a second
+    delivery_id, unclaimed, marked = _lease_and_mark(dispatched.stack, app.project_id)
+    assert (unclaimed, marked) == (True, True)
+    [(_, status, attempts)] = _all_delivered(dispatched.stack, app.project_id, 1)
+    assert (status, attempts) == ("delivered", 1)
+    assert _codes(dispatched.stack, delivery_id) == [None]
+    wait_until(
+        lambda: _lease_and_mark(dispatched.stack, app.project_id)[2] is False,
+        what="the mark dropped once the attempt is recorded",
+    )
+
+    # Handed over while no dispatcher runs; taken a second later (past a
+    # quarter of the 2 s grace, within its 4 s lease): claimed first.
+    late = App(dispatched.stack)
+    late_path = f"/late-{secrets.token_hex(3)}"
+    receiver.default(late_path, Answer(delay=1.0))
+    register(late, receiver, late_path, events=["run.completed"])
+    dispatched.dispatcher.stop()
+    try:
+        _trigger(late, 1)
+        wait_until(
+            lambda: len(_deliveries(dispatched.stack, late.project_id)) == 1,
+            what="the delivery written",
+        )
+        [(late_id, _, _)] = _deliveries(dispatched.stack, late.project_id)
+        wait_until(
+            lambda: time.time() - id_time(late_id) > 1.0, interval=0.05, what="a second to pass"
+        )
+    finally:
+        dispatched.start()
+    receiver.wait_calls(late_path, 1)
+    _, unclaimed, marked = _lease_and_mark(dispatched.stack, late.project_id)
+    assert (unclaimed, marked) == (False, False)
+    _all_delivered(dispatched.stack, late.project_id, 1)
+    assert _codes(dispatched.stack, late_id) == [None]
 
 
 def test_a_killed_dispatcher_leaves_nothing_unsent(

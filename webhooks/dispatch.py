@@ -13,7 +13,7 @@ import asyncio
 import collections
 import datetime as dt
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -52,6 +52,7 @@ __all__ = [
     "lease_delivery",
     "lease_due",
     "release_leases",
+    "taken_key",
 ]
 
 log = logging.getLogger("webhooks.dispatch")
@@ -64,6 +65,14 @@ runs = Run.__table__  # type: ignore[attr-defined]
 def handover_key(settings: Settings) -> str:
     """The Redis list the gateway hands first attempts to ``gateway dispatch`` on."""
     return f"{settings.queue_name}:callbacks"
+
+
+def taken_key(settings: Settings) -> str:
+    """The Redis sorted set of first attempts ``gateway dispatch`` took from
+    the hand-over list and sent without a claim in the database (members:
+    delivery IDs; scores: when taken), until each is recorded. A scan that
+    finds one of them due knows its attempt went out (:func:`lease_due`)."""
+    return f"{settings.queue_name}:callbacks:taken"
 
 
 def attempt_counts_key(settings: Settings) -> str:
@@ -216,11 +225,17 @@ def lease_due(
     lease_seconds: float,
     now: dt.datetime,
     limit: int,
+    taken: Collection[str] | None = (),
 ) -> list[Outgoing | dict[str, Any]]:
     """Due attempts that no one holds, leased to the caller (``gateway
     dispatch``): retries whose time came, and attempts whose lease ran out
     (their sender stopped, or the hand-over was lost with Redis). On
     PostgreSQL, rows another dispatcher is leasing are skipped, not waited for.
+
+    ``taken``: the first attempts a dispatcher took from the hand-over list
+    without a claim (:func:`taken_key`); ``None`` when that is not known now
+    (Redis does not answer), and then first attempts that look untaken wait
+    for a scan that knows.
 
     Each is an :class:`Outgoing` to send, or what was done instead (a lost
     attempt recorded, a delivery of a disabled endpoint failed)."""
@@ -240,10 +255,12 @@ def lease_due(
     out: list[Outgoing | dict[str, Any]] = []
     for row in conn.execute(query).all():
         # An attempt went out under the lease that ran out, unless it was the
-        # first one's, handed over and never taken (its lease is its creation).
-        went_out = row.leased_at is not None and not (
-            row.attempts == 0 and row.leased_at == row.created_at
-        )
+        # first one's, handed over and never taken (its lease is its creation,
+        # and no dispatcher marked it taken).
+        first = row.attempts == 0 and row.leased_at == row.created_at
+        if first and taken is None:
+            continue
+        went_out = row.leased_at is not None and not (first and row.id not in (taken or ()))
         out.append(lease_delivery(conn, row.id, policy, lease_seconds, now, retried=went_out))
     return out
 

@@ -140,7 +140,8 @@ def insert_delivery(
     payload: dict[str, Any],
     now: dt.datetime,
 ) -> str:
-    delivery_id = new_id("msg")
+    # Its time is its lease's start (``leased_at``): gateway dispatch reads it.
+    delivery_id = new_id("msg", at=now)
     conn.execute(
         _INSERT_DELIVERY,
         _delivery_row(delivery_id, project_id, endpoint_id, run_id, url, event_type, payload, now),
@@ -249,7 +250,7 @@ class RunDeliveries:
         body = encode_body(payload)
         out: list[Outgoing] = []
         for endpoint_id, url in receivers:
-            delivery_id = new_id("msg")
+            delivery_id = new_id("msg", at=self.now)  # as in insert_delivery
             self._rows.append(
                 _delivery_row(
                     delivery_id,

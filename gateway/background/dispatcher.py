@@ -33,6 +33,7 @@ import logging
 import secrets
 import signal
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -42,6 +43,7 @@ from arq import ArqRedis, create_pool
 from redis.exceptions import RedisError
 
 from db.engine import Database
+from db.ids import id_time
 from db.types import utcnow
 from gateway.errors import APIError
 from gateway.settings import Settings
@@ -56,6 +58,7 @@ from webhooks.dispatch import (
     handover_key,
     lease_due,
     release_leases,
+    taken_key,
 )
 from webhooks.models import DeliveryAttemptReport
 from webhooks.outbox import Outgoing
@@ -96,6 +99,13 @@ class CallbackDispatcher:
         self.limit = max(1000, 20 * settings.webhook_concurrency)
         self.wait_limit = self.limit // 4
         self.allowed = parse_networks(settings.webhook_allowed_networks)
+        #: A hand-over younger than this is sent without a claim: its lease
+        #: (``WEBHOOK_TIMEOUT`` + ``RECONCILE_GRACE`` from its creation) still
+        #: holds its whole attempt and three quarters of the grace to record it.
+        self.fresh_for = settings.reconcile_grace / 4
+        self.taken_key = taken_key(settings)
+        #: The first attempts this process took without a claim, not yet recorded.
+        self._taken: set[str] = set()
         self._in_flight: collections.Counter[str] = collections.Counter()
         self._waiting: dict[str, collections.deque[dict[str, Any]]] = {}
         self._held = 0
@@ -126,9 +136,25 @@ class CallbackDispatcher:
         if not raw:
             return 0
         items = [orjson.loads(value) for value in raw]
-        claimed = await self.db.write(claim_first_attempts, [i["id"] for i in items], utcnow())
-        await self._start_all([item for item in items if item["id"] in claimed])
+        fresh = [item for item in items if self._fresh(item["id"])]
+        stale = [item["id"] for item in items if not self._fresh(item["id"])]
+        if fresh:  # marked before they go: a scan after a crash counts them lost
+            await self.redis.zadd(self.taken_key, {item["id"]: time.time() for item in fresh})
+            self._taken.update(item["id"] for item in fresh)
+        claimed = await self.db.write(claim_first_attempts, stale, utcnow()) if stale else set()
+        await self._start_all(fresh + [item for item in items if item["id"] in claimed])
         return len(items)
+
+    def _fresh(self, delivery_id: str) -> bool:
+        """Whether the hand-over's own lease (from the delivery's creation, the
+        time in its ID) has most of its grace left: then no scan can have
+        taken it, nor can take it before its attempt is recorded, and it goes
+        without a claim in the database (docs/architecture.md, "Callbacks")."""
+        try:
+            age = time.time() - id_time(delivery_id)
+        except ValueError:
+            return False
+        return age < self.fresh_for
 
     async def take_due(self) -> int:
         """Lease what is due in the database and held by no one, and start it."""
@@ -144,11 +170,41 @@ class CallbackDispatcher:
             self.deliveries.lease_seconds,
             now,
             room,
+            await self._taken_by_anyone(),
         )
         await self._start_all(
             [self.deliveries.handed_over(item) for item in leased if isinstance(item, Outgoing)]
         )
         return len(leased)
+
+    async def _taken_by_anyone(self) -> set[str] | None:
+        """The first attempts any dispatcher took without a claim and has not
+        recorded yet (``webhooks.dispatch.taken_key``); ``None`` if Redis does
+        not answer. Marks older than two leases (a dispatcher that died
+        before recording, its attempt long since counted lost) are dropped."""
+        now = time.time()
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zremrangebyscore(
+                    self.taken_key, "-inf", now - 2 * self.deliveries.lease_seconds
+                )
+                pipe.zrangebyscore(self.taken_key, now - 2 * self.deliveries.lease_seconds, "+inf")
+                _, members = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.warning("reading the callbacks taken (first attempts wait): %s", exc)
+            return None
+        return {m.decode() if isinstance(m, bytes) else str(m) for m in members}
+
+    async def _untake(self, ids: Sequence[str]) -> None:
+        """Drop the marks of ``ids`` (recorded, or given back unsent)."""
+        done = [i for i in ids if i in self._taken]
+        if not done:
+            return
+        self._taken.difference_update(done)
+        try:
+            await self.redis.zrem(self.taken_key, *done)
+        except (RedisError, OSError) as exc:  # the scan drops it after two leases
+            log.warning("could not drop %d taken mark(s): %s", len(done), exc)
 
     # -- sending -----------------------------------------------------------------
 
@@ -157,6 +213,7 @@ class CallbackDispatcher:
         if deferred:
             due = utcnow() + dt.timedelta(seconds=DEFER)
             await self.db.write(release_leases, deferred, due)
+            await self._untake(deferred)
 
     def _start(self, item: dict[str, Any]) -> bool:
         """Send ``item`` now, or when its receiver has a slot; ``False`` if
@@ -249,6 +306,7 @@ class CallbackDispatcher:
                     if not done.done():
                         done.set_exception(exc)
                 continue
+            await self._untake([report.delivery_id for report, _ in batch])
             for (_, done), outcome in zip(batch, outcomes, strict=True):
                 if not done.done():
                     done.set_result(outcome)
@@ -272,6 +330,7 @@ class CallbackDispatcher:
         if unsent:
             try:
                 await self.db.write(release_leases, unsent)
+                await self._untake(unsent)
             except Exception as exc:  # their leases run out: sent then, as lost first
                 log.warning("could not give back %d callback(s): %s", len(unsent), exc)
         if self._tasks:

@@ -203,3 +203,54 @@ def test_a_test_event_is_written_to_the_outbox_with_the_secrets_that_sign(unit: 
     assert view["event_type"] == "webhook.test" and view["status"] == "pending"
     assert outgoing.id == view["id"] and outgoing.secrets == (secret,)
     assert delivery_ids(unit, endpoint_id) == [view["id"]]
+
+
+@pytest.mark.parametrize(
+    ("marks", "lost"),
+    [
+        pytest.param("unmarked", False, id="handed over, never taken"),
+        pytest.param("marked", True, id="taken without a claim, never recorded"),
+        pytest.param("unknown", None, id="Redis does not answer"),
+    ],
+)
+def test_a_scan_counts_a_first_attempt_lost_only_when_a_dispatcher_marked_it_taken(
+    unit: Unit, marks: str, lost: bool | None
+) -> None:
+    """A first attempt whose lease (from its creation) ran out: sent as a
+    first attempt when no dispatcher took it; recorded ``attempt_lost`` (the
+    next attempt then follows the retry schedule) when one marked it taken
+    (``webhooks.dispatch.taken_key``) and died; left for a later scan while
+    the marks cannot be read."""
+    from webhooks.deliveries import RetryPolicy
+    from webhooks.dispatch import lease_due
+    from webhooks.outbox import Outgoing
+
+    endpoint_id = new_endpoint(unit)
+    completed_run(unit)
+    [delivery_id] = delivery_ids(unit, endpoint_id)
+    long_ago = utcnow() - dt.timedelta(minutes=5)
+    set_delivery(
+        unit, delivery_id, created_at=long_ago, leased_at=long_ago, next_attempt_at=long_ago
+    )
+    taken = {"unmarked": set(), "marked": {delivery_id}, "unknown": None}[marks]
+    policy = RetryPolicy(schedule=(1.0, 5.0), jitter=0.0, retry_after_max=60.0, disable_after=3600)
+    leased = unit(lease_due, policy, 4.0, utcnow(), 10, taken)
+    codes = unit(
+        lambda conn: [
+            row.error_code
+            for row in conn.execute(
+                sa.text("SELECT error_code FROM delivery_attempts WHERE delivery_id = :d"),
+                {"d": delivery_id},
+            )
+        ]
+    )
+    if lost is None:
+        assert (leased, codes) == ([], [])
+        return
+    [outcome] = leased
+    if lost:  # recorded, and the next attempt waits its turn in the schedule
+        assert isinstance(outcome, dict) and outcome["reason"] == "the last attempt was lost"
+        assert codes == ["attempt_lost"]
+    else:
+        assert isinstance(outcome, Outgoing) and outcome.id == delivery_id
+        assert codes == []
