@@ -122,8 +122,8 @@ def test_a_slow_receivers_backlog_delays_no_other_receiver_and_loses_no_attempt(
         # At most the slots in flight, and those taken already, went first.
         assert overtaking <= 8, overtaking
 
-        # Every slow delivery ends delivered on its first attempt: waiting in
-        # the queue past the lease is no lost attempt.
+        # Every slow delivery ends delivered, and none with an attempt recorded
+        # lost: waiting in the queue past the lease is no lost attempt.
         def all_delivered() -> list[dict[str, Any]] | None:
             rows = stack.query(
                 "SELECT d.status, d.attempts FROM deliveries d JOIN api_keys k "
@@ -133,8 +133,18 @@ def test_a_slow_receivers_backlog_delays_no_other_receiver_and_loses_no_attempt(
             done = len(rows) == 60 and all(r[0] == "delivered" for r in rows)
             return [{"status": r[0], "attempts": r[1]} for r in rows] if done else None
 
-        rows = wait_until(all_delivered, timeout=60, what="every slow delivery")
-        assert {r["attempts"] for r in rows} == {1}, rows
+        wait_until(all_delivered, timeout=60, what="every slow delivery")
+        # None recorded lost. (A first attempt that timed out on a machine
+        # under load, the receiver's 0.4 s answer past WEBHOOK_TIMEOUT, is
+        # retried as any would be, and is not what this checks.)
+        codes = stack.query(
+            "SELECT a.error_code FROM delivery_attempts a JOIN deliveries d "
+            "ON d.id = a.delivery_id JOIN api_keys k ON k.project_id = d.project_id "
+            "WHERE k.key_hash = :h",
+            h=hash_api_key(flooder),
+        )
+        assert "attempt_lost" not in {c[0] for c in codes}, codes
+        assert sum(1 for c in codes if c[0] is None) == 60, codes
 
 
 def test_only_a_retried_job_records_its_predecessor_lost(
