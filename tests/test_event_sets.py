@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
 from db.engine import Database
@@ -73,6 +74,10 @@ CASES: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
     "stale": ({"status": "EXECUTING", "attempt": 2}, [{"type": "completed", "output": 1}]),
     "already final": ({"status": "COMPLETED"}, [{"type": "failed"}]),
     "started then heartbeat": ({}, [{"type": "started"}, {"type": "heartbeat"}]),
+    "heartbeat": ({"status": "EXECUTING", "started_at": True}, [{"type": "heartbeat"}]),
+    "heartbeat before its start report": ({}, [{"type": "heartbeat"}]),
+    "stale heartbeat": ({"status": "EXECUTING", "attempt": 2}, [{"type": "heartbeat"}]),
+    "heartbeat of a final run": ({"status": "COMPLETED"}, [{"type": "heartbeat"}]),
     "twice started": ({}, [{"type": "started"}, {"type": "started"}]),
     "with steps": (
         {"status": "EXECUTING"},
@@ -436,3 +441,57 @@ def test_callback_attempts_recorded_as_sets_write_what_one_by_one_writes(
         return got, labels
 
     _assert_twins_alike(rows_of)
+
+
+def test_heartbeats_skip_a_run_another_transaction_holds(databases: Databases) -> None:
+    """A batch of heartbeats does not wait for a run whose row another
+    transaction holds (a report finishing it): the others' heartbeats are
+    recorded at once, that one's is left, and every one is answered."""
+    if databases.backend != "postgresql":
+        pytest.skip("PostgreSQL only: SQLite has one writer, so no row is held by another")
+    url = databases.new("beats_skip")
+    project_id = new_id("proj")
+    now = utcnow()
+    rows = [
+        _run_row(project_id, f"beat-{n}", {"status": "EXECUTING", "started_at": True}, now)
+        for n in range(3)
+    ]
+    held = rows[1]["id"]
+
+    def seed(conn: sa.Connection) -> None:
+        _seed_project(conn, project_id, now)
+        conn.execute(runs.insert(), rows)
+
+    beats = [
+        WorkerEvent.model_validate(
+            {"run_id": row["id"], "attempt": 1, "worker_id": "w", "type": "heartbeat"}
+        )
+        for row in rows
+    ]
+
+    async def main(db: Database) -> tuple[list[EventAnswer], dict[str, Any]]:
+        await db.write(seed)
+        engine = db._async_engine
+        assert engine is not None
+        async with engine.connect() as holder, holder.begin():
+            await holder.execute(sa.select(runs.c.id).where(runs.c.id == held).with_for_update())
+            answers = await asyncio.wait_for(
+                db.write(lambda conn: apply_events(conn, beats)), timeout=10
+            )
+        beaten = await db.read(
+            lambda conn: dict(
+                conn.execute(
+                    sa.select(runs.c.id, runs.c.heartbeat_at).where(
+                        runs.c.id.in_([row["id"] for row in rows])
+                    )
+                ).all()
+            )
+        )
+        return answers, beaten
+
+    answers, beaten = _call(url, main)
+    assert [(a.applied, a.status, a.proceed) for a in answers] == [(False, "EXECUTING", True)] * 3
+    assert {run_id for run_id, at in beaten.items() if at is not None} == {
+        rows[0]["id"],
+        rows[2]["id"],
+    }

@@ -1,7 +1,7 @@
 """A batch of worker reports applied as sets.
 
 The common reports (an attempt started; a run with no parent, no steps and no
-retry left ended) are applied kind by kind. On PostgreSQL, one compare-and-set
+retry left ended; a running attempt's heartbeat) are applied kind by kind. On PostgreSQL, one compare-and-set
 UPDATE for all the runs of a kind (``UPDATE … FROM unnest(…)``); on SQLite,
 one ``executemany`` of the compare-and-set per kind, checked by its row count.
 Then one INSERT of all their transitions, one of their attempts, one read of
@@ -96,6 +96,33 @@ _FINISH_ATTEMPTS = sa.text(
 ).bindparams(_NOW)
 
 
+# Heartbeats of running attempts. A run whose row another transaction holds (a
+# report finishing it, in a batch of its own) is skipped rather than waited
+# for: its heartbeat is moot, and waiting held every other run of this batch
+# locked meanwhile (docs/architecture.md, "Writes and reports").
+_BEAT = sa.text(
+    """
+    UPDATE runs SET heartbeat_at = :now
+    FROM unnest(
+        CAST(:ids AS varchar[]), CAST(:attempts AS integer[]), CAST(:steps AS integer[])
+    ) AS v(id, attempt, step)
+    WHERE runs.id = v.id AND runs.attempt = v.attempt AND runs.step = v.step
+        AND runs.status IN ('QUEUED', 'EXECUTING')
+        AND runs.id IN (
+            SELECT id FROM runs WHERE id = ANY(CAST(:ids AS varchar[]))
+            ORDER BY id FOR UPDATE SKIP LOCKED
+        )
+    """
+).bindparams(_NOW)
+_BEAT_ONE = sa.text(
+    """
+    UPDATE runs SET heartbeat_at = :now
+    WHERE id = :id AND attempt = :attempt AND step = :step
+        AND status IN ('QUEUED', 'EXECUTING')
+    """
+).bindparams(_NOW)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Final:
     index: int
@@ -171,6 +198,7 @@ def apply_in_sets(
     }
     started: list[tuple[int, dict[str, Any], WorkerEvent]] = []
     finals: list[_Final] = []
+    beats: list[tuple[int, dict[str, Any], WorkerEvent]] = []
     rest: list[int] = []
     taken: set[str] = set()
     for index, event in enumerate(events):
@@ -178,6 +206,8 @@ def apply_in_sets(
         final = None
         if run is None or event.run_id in taken:
             rest.append(index)
+        elif event.type == "heartbeat":
+            beats.append((index, run, event))
         elif _starts(run, event, now):
             started.append((index, run, event))
         elif (final := _final(index, run, event)) is not None:
@@ -230,10 +260,44 @@ def apply_in_sets(
         effects = Effects(outgoing=outgoing.get(run_id, []), finished=[run_id], changed=[run_id])
         answers[f.index] = EventAnswer(True, f.to.value, False, effects)
 
+    for index, run, event in _beat(conn, beats, now):
+        alive = is_current(run, event) and RunStatus(run["status"]) in ACTIVE
+        answers[index] = EventAnswer(False, run["status"], alive)
+
     # The rest in run ID order, as ``one_by_one.apply_events`` locks them.
     for index in sorted(rest, key=lambda i: (events[i].run_id, i)):
         answers[index] = one_by_one(conn, events[index])
     return [answer for answer in answers if answer is not None]
+
+
+def _beat(
+    conn: sa.Connection, beats: list[tuple[int, dict[str, Any], WorkerEvent]], now: dt.datetime
+) -> list[tuple[int, dict[str, Any], WorkerEvent]]:
+    """Record the heartbeats of the attempts still running, in one statement;
+    each is answered from the run as this batch read it (``proceed`` while it
+    is current and not final, as ``one_by_one`` answers)."""
+    alive = [
+        (run, event)
+        for _, run, event in beats
+        if is_current(run, event) and RunStatus(run["status"]) in ACTIVE
+    ]
+    if not alive:
+        return beats
+    if conn.dialect.name == "postgresql":
+        params = {
+            "ids": [run["id"] for run, _ in alive],
+            "attempts": [event.attempt for _, event in alive],
+            "steps": [event.step for _, event in alive],
+            "now": now,
+        }
+        conn.execute(_BEAT, params)
+    else:
+        rows = [
+            {"id": run["id"], "attempt": event.attempt, "step": event.step, "now": now}
+            for run, event in alive
+        ]
+        conn.execute(_BEAT_ONE, rows)
+    return beats
 
 
 def _final_values(final: _Final, now: dt.datetime) -> dict[str, Any]:
