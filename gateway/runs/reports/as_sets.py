@@ -1,9 +1,10 @@
 """A batch of worker reports applied as sets.
 
 The common reports (an attempt started; a run with no parent, no steps and no
-retry left ended; a running attempt's heartbeat) are applied kind by kind. On PostgreSQL, one compare-and-set
-UPDATE for all the runs of a kind (``UPDATE … FROM unnest(…)``); on SQLite,
-one ``executemany`` of the compare-and-set per kind, checked by its row count.
+retry left ended; a running attempt's heartbeat) are applied kind by kind. On
+PostgreSQL, one compare-and-set UPDATE for all the runs of a kind (``UPDATE …
+FROM unnest(…)``); on SQLite, one ``executemany`` of the compare-and-set per
+kind, checked by its row count.
 Then one INSERT of all their transitions, one of their attempts, one read of
 their views and one INSERT of their deliveries. One by one, a report costs five
 to eight statements; here a batch costs about ten. Every other report, and a
