@@ -136,8 +136,13 @@ class CallbackDispatcher:
         if not raw:
             return 0
         items = [orjson.loads(value) for value in raw]
-        fresh = [item for item in items if self._fresh(item["id"])]
-        stale = [item["id"] for item in items if not self._fresh(item["id"])]
+        fresh: list[dict[str, Any]] = []
+        stale: list[str] = []
+        for item in items:
+            if self._fresh(item["id"]):
+                fresh.append(item)
+            else:
+                stale.append(item["id"])
         if fresh:  # marked before they go: a scan after a crash counts them lost
             await self.redis.zadd(self.taken_key, {item["id"]: time.time() for item in fresh})
             self._taken.update(item["id"] for item in fresh)
@@ -182,13 +187,11 @@ class CallbackDispatcher:
         recorded yet (``webhooks.dispatch.taken_key``); ``None`` if Redis does
         not answer. Marks older than two leases (a dispatcher that died
         before recording, its attempt long since counted lost) are dropped."""
-        now = time.time()
+        oldest = time.time() - 2 * self.deliveries.lease_seconds
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.zremrangebyscore(
-                    self.taken_key, "-inf", now - 2 * self.deliveries.lease_seconds
-                )
-                pipe.zrangebyscore(self.taken_key, now - 2 * self.deliveries.lease_seconds, "+inf")
+                pipe.zremrangebyscore(self.taken_key, "-inf", oldest)
+                pipe.zrangebyscore(self.taken_key, oldest, "+inf")
                 _, members = await pipe.execute()
         except (RedisError, OSError) as exc:
             log.warning("reading the callbacks taken (first attempts wait): %s", exc)

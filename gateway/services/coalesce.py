@@ -93,11 +93,11 @@ class Coalescer(Generic[I, R]):
             for unit in group:
                 await self._run([unit])
             return
-        except BaseException as exc:  # cancelled: the callers hear it too
+        except BaseException:  # cancelled: the callers hear it too
             for _, future in group:
                 if not future.done():
                     future.cancel()
-            raise exc
+            raise
         for (_, future), result in zip(group, results, strict=True):
             if not future.done():
                 future.set_result(result)

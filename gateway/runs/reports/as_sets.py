@@ -261,9 +261,10 @@ def apply_in_sets(
         effects = Effects(outgoing=outgoing.get(run_id, []), finished=[run_id], changed=[run_id])
         answers[f.index] = EventAnswer(True, f.to.value, False, effects)
 
-    for index, run, event in _beat(conn, beats, now):
-        alive = is_current(run, event) and RunStatus(run["status"]) in ACTIVE
-        answers[index] = EventAnswer(False, run["status"], alive)
+    # Each heartbeat is answered from the run as this batch read it.
+    _beat(conn, [(run, event) for _, run, event in beats if _alive(run, event)], now)
+    for index, run, event in beats:
+        answers[index] = EventAnswer(False, run["status"], _alive(run, event))
 
     # The rest in run ID order, as ``one_by_one.apply_events`` locks them.
     for index in sorted(rest, key=lambda i: (events[i].run_id, i)):
@@ -271,19 +272,18 @@ def apply_in_sets(
     return [answer for answer in answers if answer is not None]
 
 
+def _alive(run: dict[str, Any], event: WorkerEvent) -> bool:
+    """A heartbeat's ``proceed``: its attempt is current and not final (as
+    ``one_by_one`` answers)."""
+    return is_current(run, event) and RunStatus(run["status"]) in ACTIVE
+
+
 def _beat(
-    conn: sa.Connection, beats: list[tuple[int, dict[str, Any], WorkerEvent]], now: dt.datetime
-) -> list[tuple[int, dict[str, Any], WorkerEvent]]:
-    """Record the heartbeats of the attempts still running, in one statement;
-    each is answered from the run as this batch read it (``proceed`` while it
-    is current and not final, as ``one_by_one`` answers)."""
-    alive = [
-        (run, event)
-        for _, run, event in beats
-        if is_current(run, event) and RunStatus(run["status"]) in ACTIVE
-    ]
+    conn: sa.Connection, alive: list[tuple[dict[str, Any], WorkerEvent]], now: dt.datetime
+) -> None:
+    """Record the heartbeats of the attempts still running, in one statement."""
     if not alive:
-        return beats
+        return
     if conn.dialect.name == "postgresql":
         params = {
             "ids": [run["id"] for run, _ in alive],
@@ -298,7 +298,6 @@ def _beat(
             for run, event in alive
         ]
         conn.execute(_BEAT_ONE, rows)
-    return beats
 
 
 def _final_values(final: _Final, now: dt.datetime) -> dict[str, Any]:
