@@ -269,17 +269,52 @@ class Bench:
                     out.append((time.perf_counter() - start) * 1000)
         return out
 
-    async def callback_latency(self, receiver: FastReceiver, runs: int) -> list[float]:
-        """Milliseconds from sending a trigger to the receiver having the callback."""
+    async def callback_latency(
+        self, receiver: FastReceiver, runs: int
+    ) -> tuple[list[float], dict[str, float]]:
+        """Milliseconds from sending a trigger to the receiver having the callback;
+        and the p50 of each stage on the way (``stages``)."""
         out = []
+        sent: dict[str, float] = {}
         async with Connection("127.0.0.1", self.port) as conn:
             for n in range(20 + runs):
                 start = time.monotonic()
                 accepted = await conn.request(self.trigger(self.hooked_key, n))
-                arrived = await receiver.wait_for(accepted.json()["id"])
+                run_id = accepted.json()["id"]
+                arrived = await receiver.wait_for(run_id)
                 if n >= 20:
                     out.append((arrived - start) * 1000)
-        return out
+                    sent[run_id] = start
+        return out, await self.stages(receiver, sent)
+
+    async def stages(self, receiver: FastReceiver, sent: dict[str, float]) -> dict[str, float]:
+        """Where one run's trigger → callback time goes, p50 of each stage in ms,
+        read off the gateway's timestamps (same host, same clock): the trigger
+        until its row was written (``accept``), until the started report was
+        applied (``pickup``), until the final report was applied (``task``), and
+        until the receiver had the callback (``out``)."""
+        import sqlalchemy as sa
+
+        from db.models import Run
+
+        runs = Run.__table__  # type: ignore[attr-defined]
+        query = sa.select(
+            runs.c.id, runs.c.created_at, runs.c.started_at, runs.c.finished_at
+        ).where(runs.c.id.in_(list(sent)))
+        rows = await self.db.read(lambda conn: conn.execute(query).all())
+        wall = time.time() - time.monotonic()  # monotonic + wall = epoch seconds
+        spans: dict[str, list[float]] = {"accept": [], "pickup": [], "task": [], "out": []}
+        for run_id, created, started, finished in rows:
+            marks = [
+                sent[run_id] + wall,
+                created.timestamp(),
+                started.timestamp(),
+                finished.timestamp(),
+                receiver.arrived[run_id] + wall,
+            ]
+            for name, a, b in zip(spans, marks, marks[1:], strict=False):
+                spans[name].append((b - a) * 1000)
+        return {name: pct(values, 50) for name, values in spans.items() if values}
 
     def cpu(self) -> dict[str, float]:
         return {name: cpu_seconds(pid) for name, pid in self.pids.items()}
@@ -394,13 +429,14 @@ async def one_round(
         )
     if "latency" in args.phases:
         finals = await bench.final_latency(args.latency_runs)
-        callbacks = await bench.callback_latency(receiver, args.latency_runs)
+        callbacks, stages = await bench.callback_latency(receiver, args.latency_runs)
         figures.update(
             final_p50=pct(finals, 50),
             final_p99=pct(finals, 99),
             cb_p50=pct(callbacks, 50),
             cb_p99=pct(callbacks, 99),
             callbacks=callbacks,
+            **{f"cb_stage_{name}": ms for name, ms in stages.items()},
         )
     if "accept" in args.phases:
         figures.update(await bench.accept_then_drain(args.runs, args.clients))
