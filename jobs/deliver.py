@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import aiohttp
 import httpx
 from arq import Retry
 
@@ -33,7 +34,7 @@ _PREPARED_MAX_AGE = 60.0
 
 
 async def send_attempt(
-    http: httpx.AsyncClient,
+    http: aiohttp.ClientSession,
     delivery_id: str,
     prepared: dict[str, Any],
     allowed: Sequence[IPNetwork],
@@ -94,7 +95,7 @@ async def deliver_webhook(
     if not prepared.get("send"):
         return f"skipped: {prepared.get('reason')}"
     result = await send_attempt(
-        ctx["webhook_http"],
+        ctx["callback_http"],
         delivery_id,
         prepared,
         parse_networks(prepared.get("allowed_networks", ())),

@@ -19,6 +19,7 @@ import socket
 import time
 from typing import Any
 
+import aiohttp
 import httpx
 from arq import ArqRedis, func
 from arq.connections import create_pool
@@ -42,6 +43,7 @@ from jobs.report import Reporter, deliver_report
 from jobs.runs.attempt import run_task
 from jobs.settings import Settings
 from jobs.tasks.registry import load_tasks
+from webhooks.sender import callback_session
 
 __all__ = [
     "DeliveryWorkerSettings",
@@ -97,6 +99,9 @@ async def startup(ctx: dict[str, Any]) -> None:
         follow_redirects=False,
         limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
     )
+    # Callbacks, when workers send them (WEBHOOK_DISPATCHER=false): the same
+    # pool `gateway dispatch` sends through.
+    ctx["callback_http"] = callback_session(200)
     heap.settle()
     log.info(
         "worker %s reporting to %s; tasks: %s",
@@ -145,6 +150,9 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         client: httpx.AsyncClient | None = ctx.get(name)
         if client is not None:
             await client.aclose()
+    session: aiohttp.ClientSession | None = ctx.get("callback_http")
+    if session is not None:
+        await session.close()
 
 
 def _common_options(settings: Settings) -> dict[str, Any]:

@@ -36,7 +36,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 import sqlalchemy as sa
 from arq import ArqRedis, create_pool
@@ -62,6 +62,7 @@ from webhooks.dispatch import (
 )
 from webhooks.models import DeliveryAttemptReport
 from webhooks.outbox import Outgoing
+from webhooks.sender import callback_session
 from webhooks.ssrf import parse_networks
 
 __all__ = ["CallbackDispatcher", "run_dispatcher"]
@@ -81,7 +82,7 @@ class CallbackDispatcher:
     them within the concurrency limits, and records each."""
 
     def __init__(
-        self, *, settings: Settings, db: Database, redis: ArqRedis, http: httpx.AsyncClient
+        self, *, settings: Settings, db: Database, redis: ArqRedis, http: aiohttp.ClientSession
     ) -> None:
         self.settings = settings
         self.db = db
@@ -381,15 +382,7 @@ async def _serve(settings: Settings, stop: asyncio.Event) -> None:
             break
         except REDIS_DOWN as exc:
             await outage.wait(exc)
-    # Callbacks go to strangers: no proxies from the environment, no redirects.
-    http = httpx.AsyncClient(
-        trust_env=False,
-        follow_redirects=False,
-        limits=httpx.Limits(
-            max_connections=settings.webhook_concurrency,
-            max_keepalive_connections=settings.webhook_concurrency,
-        ),
-    )
+    http = callback_session(settings.webhook_concurrency)
     dispatcher = CallbackDispatcher(settings=settings, db=db, redis=redis, http=http)
     heap.settle()
     started = time.monotonic()
@@ -407,7 +400,7 @@ async def _serve(settings: Settings, stop: asyncio.Event) -> None:
             dispatcher.sent,
             time.monotonic() - started,
         )
-        await http.aclose()
+        await http.close()
         with contextlib.suppress(Exception):
             await redis.aclose()
         await db.dispose()
