@@ -24,7 +24,9 @@ import httpx
 from arq import ArqRedis, func
 from arq.connections import create_pool
 from arq.constants import in_progress_key_prefix
+from arq.utils import timestamp_ms
 from arq.worker import Worker
+from redis.commands.core import AsyncScript
 
 from jobs import heap, tracing
 from jobs.contract import DeliverReport, DeliverWebhook, RunTask
@@ -212,6 +214,31 @@ def _forget(
     heartbeats.discard(*attempt)
 
 
+#: Marks in progress the jobs of ``ARGV[4:]`` that are due (their score in
+#: the queue ``KEYS[1]`` at most ``ARGV[1]``, in ms) and not in progress
+#: already (their mark, ``KEYS[i + 1]``), for ``ARGV[2]`` ms, at most
+#: ``ARGV[3]`` of them; answers ``[id, score, id, score, ...]``. arq's own
+#: check, per job, with WATCH and MULTI (``arq.worker.Worker.start_jobs``),
+#: done for all of a poll's jobs in one atomic step.
+CLAIM = """
+local now, ttl, room = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local taken = {}
+for i = 4, #ARGV do
+  if #taken >= 2 * room then break end
+  local mark = KEYS[i - 2]
+  if redis.call('EXISTS', mark) == 0 then
+    local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+    if score and tonumber(score) <= now then
+      redis.call('PSETEX', mark, ttl, '1')
+      taken[#taken + 1] = ARGV[i]
+      taken[#taken + 1] = score
+    end
+  end
+end
+return taken
+"""
+
+
 class NudgedWorker(Worker):
     """arq's worker, woken as soon as the gateway queues a job that is due.
 
@@ -233,6 +260,7 @@ class NudgedWorker(Worker):
         self._started.set()
         #: Jobs whose in-progress mark is still to be taken off (Redis failed).
         self._unfinished: set[str] = set()
+        self._claim_script: AsyncScript | None = None
 
     async def _connect(self, outage: RedisOutage) -> ArqRedis:
         """arq's pool, tried until Redis answers (arq itself gives up after
@@ -312,31 +340,46 @@ class NudgedWorker(Worker):
             wake.cancel()
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        # arq takes a slot before it reads a job and gives it back only on
-        # its own paths: a Redis error in between would keep the slot for
-        # good. One job at a time, so a failed one gives its slot back.
+        # arq starts a job in four round trips (WATCH the in-progress mark,
+        # EXISTS, ZSCORE, then MULTI/PSETEX/EXEC), one job at a time, and
+        # spends three of them on each job it finds running already: every
+        # job of its own that is still in the queue, so most of a busy
+        # worker's poll. Here one script (``CLAIM``) does the same checks for
+        # all the jobs the poll read, as one atomic step on the server, and
+        # marks in progress as many as there are free slots.
         heartbeats: Heartbeats | None = self.ctx.get("heartbeats")
         self._started.clear()
         try:
-            for raw in job_ids:
-                job_id = raw.decode()
-                before = self.tasks.get(job_id)
-                try:
-                    await super().start_jobs([raw])
-                except REDIS_DOWN:
-                    if self.tasks.get(job_id) is before:
-                        self.job_counter -= 1
-                        self.sem.release()
-                    raise
-                taken = self.tasks.get(job_id)
+            free = self.max_jobs - self.job_counter
+            if free <= 0 or not job_ids:
+                return
+            ids = [raw.decode() for raw in job_ids]
+            claimed = await self._claim(
+                keys=[self.queue_name, *(in_progress_key_prefix + i for i in ids)],
+                args=[timestamp_ms(), int(self.in_progress_timeout_s * 1000), free, *ids],
+            )
+            # No slot is taken before the claim answers, so a Redis error
+            # there keeps none; slots only came free meanwhile.
+            for job_id, score in zip(claimed[::2], claimed[1::2], strict=True):
+                job_id = job_id.decode() if isinstance(job_id, bytes) else str(job_id)
+                await self.sem.acquire()
+                self.job_counter += 1
+                task = self.loop.create_task(self.run_job(job_id, int(float(score))))
+                task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+                self.tasks[job_id] = task
                 attempt = parse_run_job_id(job_id)
-                if heartbeats is not None and taken is not before and taken and attempt:
+                if heartbeats is not None and attempt:
                     # Beats from the moment the job is taken, before its task
                     # gets the loop to report its start.
                     heartbeats.add(*attempt)
-                    taken.add_done_callback(functools.partial(_forget, heartbeats, attempt))
+                    task.add_done_callback(functools.partial(_forget, heartbeats, attempt))
         finally:
             self._started.set()
+
+    async def _claim(self, keys: list[str], args: list[Any]) -> list[Any]:
+        if self._claim_script is None:
+            self._claim_script = self.pool.register_script(CLAIM)
+        return await self._claim_script(keys=keys, args=args)  # type: ignore[no-any-return]
 
     async def run_job(self, job_id: str, score: int) -> None:
         # arq marks a job in progress before this reads it, and takes the mark

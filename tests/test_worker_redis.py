@@ -114,3 +114,71 @@ def test_a_job_whose_redis_failed_mid_way_runs_again_at_once(
     asyncio.run(_scenario(redis_server.url))
     with redis.Redis.from_url(f"{redis_server.url}/{DB}") as client:
         assert client.get("arq:result:job-1") is not None
+
+
+async def _race(url: str) -> None:
+    """Three workers of two slots each on one queue of 60 jobs, and one job
+    deferred: every due job starts once, the deferred one not before its time."""
+    tag = secrets.token_hex(4)
+    queue = f"test-claim-{tag}"
+    runs: dict[str, int] = {}
+    running: set[str] = set()
+    overlaps: list[str] = []
+    done = asyncio.Event()
+    total = 60
+
+    async def job(ctx: dict[str, Any], value: str) -> str:
+        if value in running:
+            overlaps.append(value)
+        running.add(value)
+        runs[value] = runs.get(value, 0) + 1
+        await asyncio.sleep(0)  # another job of the same worker may start meanwhile
+        running.discard(value)
+        if sum(runs.get(f"{tag}-{n}", 0) for n in range(total)) >= total:
+            done.set()
+        return value
+
+    workers = [
+        NudgedWorker(
+            functions=[func(job, name="job", timeout=TIMEOUT)],
+            queue_name=queue,
+            redis_settings=redis_settings(f"{url}/{DB}"),
+            handle_signals=False,
+            poll_delay=0.01,
+            max_jobs=2,
+        )
+        for _ in range(3)
+    ]
+    pool: ArqRedis = await create_pool(redis_settings(f"{url}/{DB}"))
+    tasks = [asyncio.create_task(w.main()) for w in workers]
+    try:
+        jobs = [
+            QueuedJob("job", (f"{tag}-{n}",), f"{tag}-{n}", queue, kwargs={}) for n in range(total)
+        ]
+        later = QueuedJob(
+            "job", (f"{tag}-later",), f"{tag}-later", queue, kwargs={}, defer_seconds=3600
+        )
+        assert all(await enqueue_jobs(pool, [*jobs, later]))
+        await asyncio.wait_for(done.wait(), 30)
+        # Every worker's next polls read the deferred job too, and leave it.
+        for w in workers:
+            await asyncio.wait_for(w._started.wait(), 10)
+        assert runs == {f"{tag}-{n}": 1 for n in range(total)}
+        assert not overlaps
+        assert await pool.zscore(queue, f"{tag}-later") is not None
+        assert not await pool.exists(in_progress_key_prefix + f"{tag}-later")
+        # Each worker took some: the claim shares a poll's jobs, it does not hoard them.
+        assert all(w.jobs_complete + len(w.tasks) > 0 for w in workers)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for w in workers:
+            if w._pool is not None:
+                await w._pool.aclose()
+        await pool.delete(queue, f"arq:job:{tag}-later")
+        await pool.aclose()
+
+
+def test_workers_racing_for_a_queue_start_each_due_job_once(redis_server: EmbeddedRedis) -> None:
+    asyncio.run(_race(redis_server.url))
