@@ -214,29 +214,38 @@ def _forget(
     heartbeats.discard(*attempt)
 
 
-#: Marks in progress the jobs of ``ARGV[4:]`` that are due (their score in
-#: the queue ``KEYS[1]`` at most ``ARGV[1]``, in ms) and not in progress
-#: already (their mark, ``KEYS[i + 1]``), for ``ARGV[2]`` ms, at most
-#: ``ARGV[3]`` of them; answers ``[id, score, id, score, ...]``. arq's own
-#: check, per job, with WATCH and MULTI (``arq.worker.Worker.start_jobs``),
-#: done for all of a poll's jobs in one atomic step.
+#: Of the jobs ``ARGV[4:]``, those due (their score in the queue ``KEYS[1]``
+#: at most ``ARGV[1]``, in ms) and not in progress (no mark
+#: ``in_progress_key_prefix + id``) are free: marks in progress, for ``ARGV[2]`` ms,
+#: the first half of them (at least one), at most ``ARGV[3]``. Answers
+#: ``[the index of the last job looked at, id, score, id, score, ...]``, or
+#: ``[]``. arq's own check (``arq.worker.Worker.start_jobs``: WATCH, EXISTS,
+#: ZSCORE, MULTI/PSETEX/EXEC) in one atomic step, past any number of jobs
+#: running already. Half, so that workers polling together share a short
+#: queue as arq's do; the caller asks again for the rest.
 CLAIM = """
+local PREFIX = ARGV_PREFIX
 local now, ttl, room = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local taken = {}
+local free, scores = {}, {}
 for i = 4, #ARGV do
-  if #taken >= 2 * room then break end
-  local mark = KEYS[i - 2]
-  if redis.call('EXISTS', mark) == 0 then
+  if redis.call('EXISTS', PREFIX .. ARGV[i]) == 0 then
     local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
     if score and tonumber(score) <= now then
-      redis.call('PSETEX', mark, ttl, '1')
-      taken[#taken + 1] = ARGV[i]
-      taken[#taken + 1] = score
+      free[#free + 1] = i
+      scores[#scores + 1] = score
     end
   end
 end
+local take = math.min(room, math.ceil(#free / 2))
+if take == 0 then return {} end
+local taken = {free[take] - 4}
+for n = 1, take do
+  redis.call('PSETEX', PREFIX .. ARGV[free[n]], ttl, '1')
+  taken[#taken + 1] = ARGV[free[n]]
+  taken[#taken + 1] = scores[n]
+end
 return taken
-"""
+""".replace("ARGV_PREFIX", repr(in_progress_key_prefix))
 
 
 class NudgedWorker(Worker):
@@ -341,40 +350,45 @@ class NudgedWorker(Worker):
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         # arq starts a job in four round trips (WATCH the in-progress mark,
-        # EXISTS, ZSCORE, then MULTI/PSETEX/EXEC), one job at a time, and
-        # spends three of them on each job it finds running already: every
-        # job of its own that is still in the queue, so most of a busy
-        # worker's poll. Here one script (``CLAIM``) does the same checks for
-        # all the jobs the poll read, as one atomic step on the server, and
-        # marks in progress as many as there are free slots.
+        # EXISTS, ZSCORE, then MULTI/PSETEX/EXEC) and spends three on each job
+        # it finds running already: every job of its own still in the queue,
+        # so most of a busy worker's poll. Here one script (``CLAIM``) takes
+        # half of the free jobs, past all those, in one round trip, and is
+        # asked again for the rest: workers polling together share a short
+        # queue (as arq's do) and a long one takes a few round trips.
         heartbeats: Heartbeats | None = self.ctx.get("heartbeats")
         self._started.clear()
         try:
-            free = self.max_jobs - self.job_counter
-            if free <= 0 or not job_ids:
-                return
             ids = [raw.decode() for raw in job_ids]
-            claimed = await self._claim(
-                keys=[self.queue_name, *(in_progress_key_prefix + i for i in ids)],
-                args=[timestamp_ms(), int(self.in_progress_timeout_s * 1000), free, *ids],
-            )
-            # No slot is taken before the claim answers, so a Redis error
-            # there keeps none; slots only came free meanwhile.
-            for job_id, score in zip(claimed[::2], claimed[1::2], strict=True):
-                job_id = job_id.decode() if isinstance(job_id, bytes) else str(job_id)
-                await self.sem.acquire()
-                self.job_counter += 1
-                task = self.loop.create_task(self.run_job(job_id, int(float(score))))
-                task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
-                self.tasks[job_id] = task
-                attempt = parse_run_job_id(job_id)
-                if heartbeats is not None and attempt:
-                    # Beats from the moment the job is taken, before its task
-                    # gets the loop to report its start.
-                    heartbeats.add(*attempt)
-                    task.add_done_callback(functools.partial(_forget, heartbeats, attempt))
+            ttl = int(self.in_progress_timeout_s * 1000)
+            while ids and self.job_counter < self.max_jobs and self.allow_pick_jobs:
+                room = self.max_jobs - self.job_counter
+                found = await self._claim(
+                    keys=[self.queue_name], args=[timestamp_ms(), ttl, room, *ids]
+                )
+                if not found:
+                    return
+                # No slot is taken before the claim answers, so a Redis error
+                # there keeps none; and slots only came free meanwhile.
+                ids = ids[int(found[0]) + 1 :]
+                for raw, score in zip(found[1::2], found[2::2], strict=True):
+                    await self.sem.acquire()  # one is free: it does not wait
+                    self._start_claimed(raw.decode(), int(float(score)), heartbeats)
         finally:
             self._started.set()
+
+    def _start_claimed(self, job_id: str, score: int, heartbeats: Heartbeats | None) -> None:
+        """arq's start of a job marked in progress, its slot taken: its task."""
+        self.job_counter += 1
+        task = self.loop.create_task(self.run_job(job_id, score))
+        task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+        self.tasks[job_id] = task
+        attempt = parse_run_job_id(job_id)
+        if heartbeats is not None and attempt:
+            # Beats from the moment the job is taken, before its task gets
+            # the loop to report its start.
+            heartbeats.add(*attempt)
+            task.add_done_callback(functools.partial(_forget, heartbeats, attempt))
 
     async def _claim(self, keys: list[str], args: list[Any]) -> list[Any]:
         if self._claim_script is None:

@@ -19,13 +19,15 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+import redis
 import sqlalchemy as sa
 
 from db.migrate import upgrade
 from gateway.cli.embedded_redis import EmbeddedRedis, free_port
 from gateway.settings import normalize_database_url
+from jobs.protocol import nudge_channel
 from tests.gemini import GeminiStandIn
-from tests.helpers import Process, child_env, db_call, db_query, wait_http_ok
+from tests.helpers import Process, child_env, db_call, db_query, wait_http_ok, wait_until
 from tests.receiver import Receiver
 
 T = TypeVar("T")
@@ -358,6 +360,14 @@ def flow(
             for i in (2, 3)
         ]
         try:
+            # All three take jobs from the first trigger on: each listens for
+            # the queue's nudges once it is ready to poll.
+            with redis.Redis.from_url(stack.redis_url) as client:
+                wait_until(
+                    lambda: client.pubsub_numsub(nudge_channel("gateway:queue"))[0][1] >= 3,
+                    timeout=60,
+                    what="three workers listening",
+                )
             yield stack
         finally:
             for worker in more:
