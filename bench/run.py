@@ -16,7 +16,10 @@ no-op ``echo`` task:
   Redis: a worker of ``bench/celery_app.py`` (prefork, 2 processes, Redis
   result backend) running ``--runs`` no-op tasks sent while it drains, until
   every result is stored;
-- trigger → final, and trigger → callback received, one run at a time;
+- trigger → final, and trigger → callback received, one run at a time, with
+  where the callback's p50 goes (from the gateway's timestamps: the trigger
+  written, the job taken and its start applied, the task and its final
+  report applied, the callback received);
 - triggers accepted with the worker paused (as raw ``enqueue_job`` is measured,
   with no worker draining), then the worker's drain of them, each with the
   CPU milliseconds per run of the web and worker processes;
@@ -652,6 +655,20 @@ def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
         + " |",
         "| trigger → callback received, one at a time, p50 / p99 | "
         + cells(lambda r, _: f"{median(r, 'cb_p50'):.1f} / {median(r, 'cb_p99'):.1f} ms")
+        + " |",
+        "| where that p50 goes: trigger written, job taken and started, task and final "
+        "report, callback out | "
+        + cells(
+            lambda r, _: (
+                " + ".join(
+                    f"{median(r, f'cb_stage_{name}'):.1f}"
+                    for name in ("accept", "pickup", "task", "out")
+                )
+                + " ms"
+                if "cb_stage_out" in r[0]
+                else "(not measured)"
+            )
+        )
         + " |",
         "| end to end, no callback | "
         + cells(lambda r, _: ratio(r, "e2e_rate", "raw_drain"))
