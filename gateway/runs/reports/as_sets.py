@@ -36,7 +36,6 @@ from gateway.runs.runs_table import (
     ACTIVE,
     FINISH_ATTEMPT,
     INSERT_ATTEMPT,
-    INSERT_TRANSITION,
     SELECT_RUNS,
     KeepFirst,
     is_current,
@@ -51,14 +50,22 @@ __all__ = ["apply_in_sets"]
 
 _NOW = sa.bindparam("now", type_=UTCDateTime())
 
+# Each compare-and-set writes the transitions of the runs it moved in the
+# same statement (``logged``), as ``transition_all`` does in a second one.
 _START = sa.text(
     """
-    UPDATE runs SET status = 'EXECUTING', updated_at = :now,
-        started_at = COALESCE(runs.started_at, :now), heartbeat_at = :now
-    FROM unnest(CAST(:ids AS varchar[]), CAST(:attempts AS integer[])) AS v(id, attempt)
-    WHERE runs.id = v.id AND runs.status = 'QUEUED' AND runs.attempt = v.attempt
-        AND runs.step = 0
-    RETURNING runs.id
+    WITH moved AS (
+        UPDATE runs SET status = 'EXECUTING', updated_at = :now,
+            started_at = COALESCE(runs.started_at, :now), heartbeat_at = :now
+        FROM unnest(CAST(:ids AS varchar[]), CAST(:attempts AS integer[])) AS v(id, attempt)
+        WHERE runs.id = v.id AND runs.status = 'QUEUED' AND runs.attempt = v.attempt
+            AND runs.step = 0
+        RETURNING runs.id, runs.attempt
+    ), logged AS (
+        INSERT INTO run_transitions (run_id, from_status, to_status, attempt, at)
+        SELECT id, 'QUEUED', 'EXECUTING', attempt, :now FROM moved
+    )
+    SELECT id FROM moved
     """
 ).bindparams(_NOW)
 
@@ -66,20 +73,27 @@ _START = sa.text(
 # ``transition`` leaves columns it is not given.
 _FINISH = sa.text(
     """
-    UPDATE runs SET status = v.status, updated_at = :now, output = CAST(v.output AS jsonb),
-        error_code = CASE WHEN v.status = 'COMPLETED' THEN runs.error_code
-            ELSE v.error_code END,
-        error_message = CASE WHEN v.status = 'COMPLETED' THEN runs.error_message
-            ELSE v.error_message END,
-        started_at = COALESCE(runs.started_at, :now), finished_at = :now
-    FROM unnest(
-        CAST(:ids AS varchar[]), CAST(:froms AS varchar[]), CAST(:attempts AS integer[]),
-        CAST(:tos AS varchar[]), CAST(:outputs AS text[]), CAST(:codes AS text[]),
-        CAST(:messages AS text[])
-    ) AS v(id, w_status, attempt, status, output, error_code, error_message)
-    WHERE runs.id = v.id AND runs.status = v.w_status AND runs.attempt = v.attempt
-        AND runs.step = 0
-    RETURNING runs.id
+    WITH moved AS (
+        UPDATE runs SET status = v.status, updated_at = :now,
+            output = CAST(v.output AS jsonb),
+            error_code = CASE WHEN v.status = 'COMPLETED' THEN runs.error_code
+                ELSE v.error_code END,
+            error_message = CASE WHEN v.status = 'COMPLETED' THEN runs.error_message
+                ELSE v.error_message END,
+            started_at = COALESCE(runs.started_at, :now), finished_at = :now
+        FROM unnest(
+            CAST(:ids AS varchar[]), CAST(:froms AS varchar[]), CAST(:attempts AS integer[]),
+            CAST(:tos AS varchar[]), CAST(:outputs AS text[]), CAST(:codes AS text[]),
+            CAST(:messages AS text[])
+        ) AS v(id, w_status, attempt, status, output, error_code, error_message)
+        WHERE runs.id = v.id AND runs.status = v.w_status AND runs.attempt = v.attempt
+            AND runs.step = 0
+        RETURNING runs.id, v.w_status, v.status, runs.attempt
+    ), logged AS (
+        INSERT INTO run_transitions (run_id, from_status, to_status, attempt, at)
+        SELECT id, w_status, status, attempt, :now FROM moved
+    )
+    SELECT id FROM moved
     """
 ).bindparams(_NOW)
 
@@ -315,7 +329,8 @@ def _move_as_sets(
     finals: list[_Final],
     now: dt.datetime,
 ) -> None:
-    """The compare-and-sets of PostgreSQL: one ``UPDATE … FROM unnest`` per kind."""
+    """The compare-and-sets of PostgreSQL: one ``UPDATE … FROM unnest`` per
+    kind, with the moved runs' transitions in the same statement."""
     if started:
         _applied(
             conn,
@@ -341,10 +356,12 @@ def _move_as_sets(
                 "messages": [f.message for f in finals],
             },
         )
-    moves = [transitioned(conn, run, RunStatus.EXECUTING, now) for _, run, _ in started]
-    moves += [transitioned(conn, f.run, f.to, now) for f in finals]
-    if moves:
-        conn.execute(INSERT_TRANSITION, moves)
+    # Their transitions are written (``logged``); what else follows a move
+    # (a queue's slot handed on, the change counted) happens here.
+    for _, run, _ in started:
+        transitioned(conn, run, RunStatus.EXECUTING, now)
+    for f in finals:
+        transitioned(conn, f.run, f.to, now)
 
 
 def _record_attempts(
