@@ -192,11 +192,42 @@ _ENABLED_ENDPOINTS = sa.select(
 )
 
 
+#: The same, with each endpoint's secrets that sign now (newest first): one
+#: row per endpoint and secret, so that a run's final event reads both at once.
+_ENDPOINTS_SIGNING = (
+    sa.select(
+        endpoints.c.id,
+        endpoints.c.url,
+        endpoints.c.events,
+        endpoints.c.tasks,
+        endpoint_secrets.c.secret,
+    )
+    .select_from(
+        endpoints.outerjoin(
+            endpoint_secrets,
+            sa.and_(
+                endpoint_secrets.c.endpoint_id == endpoints.c.id,
+                sa.or_(
+                    endpoint_secrets.c.expires_at.is_(None),
+                    endpoint_secrets.c.expires_at > sa.bindparam("now", type_=UTCDateTime()),
+                ),
+            ),
+        )
+    )
+    .where(
+        endpoints.c.project_id == sa.bindparam("project_id"),
+        endpoints.c.enabled.is_(True),
+        endpoints.c.deleted_at.is_(None),
+    )
+    .order_by(endpoints.c.id, endpoint_secrets.c.id.desc())
+)
+
+
 class RunDeliveries:
     """The deliveries that runs' events cause, written together inside the
-    transaction of their transitions (the outbox): each project's endpoints,
-    each endpoint's secrets and each project's secret are read once, and every
-    delivery goes in one INSERT at :meth:`write`."""
+    transaction of their transitions (the outbox): each project's endpoints
+    with their secrets (one read) and each project's secret are read once,
+    and every delivery goes in one INSERT at :meth:`write`."""
 
     def __init__(self, conn: sa.Connection, now: dt.datetime) -> None:
         self.conn = conn
@@ -206,10 +237,23 @@ class RunDeliveries:
         self._rows: list[dict[str, Any]] = []
 
     def _enabled(self, project_id: str) -> Sequence[Any]:
-        found = self._endpoints.get(project_id)
-        if found is None:
-            found = self.conn.execute(_ENABLED_ENDPOINTS, {"project_id": project_id}).all()
-            self._endpoints[project_id] = found
+        """The project's enabled endpoints; their secrets are read with them."""
+        known = self._endpoints.get(project_id)
+        if known is not None:
+            return known
+        rows = self.conn.execute(
+            _ENDPOINTS_SIGNING, {"project_id": project_id, "now": self.now}
+        ).all()
+        found: list[Any] = []
+        signing: dict[str, list[str]] = {}
+        for row in rows:
+            if row.id not in signing:
+                found.append(row)
+                signing[row.id] = []
+            if row.secret is not None:
+                signing[row.id].append(row.secret)
+        self._secrets.update((key, tuple(value)) for key, value in signing.items())
+        self._endpoints[project_id] = found
         return found
 
     def receivers(self, run: Mapping[str, Any], event_type: str) -> list[tuple[str | None, str]]:
