@@ -87,15 +87,14 @@ class Outgoing:
 
 
 # Built once: the hot path (every final event of every run) runs these.
+#: A secret that signs now: none past its ``expires_at`` (a rotation's old one).
+_SIGNS_NOW = sa.or_(
+    endpoint_secrets.c.expires_at.is_(None),
+    endpoint_secrets.c.expires_at > sa.bindparam("now", type_=UTCDateTime()),
+)
 _ACTIVE_SECRETS = (
     sa.select(endpoint_secrets.c.secret)
-    .where(
-        endpoint_secrets.c.endpoint_id == sa.bindparam("endpoint_id"),
-        sa.or_(
-            endpoint_secrets.c.expires_at.is_(None),
-            endpoint_secrets.c.expires_at > sa.bindparam("now", type_=UTCDateTime()),
-        ),
-    )
+    .where(endpoint_secrets.c.endpoint_id == sa.bindparam("endpoint_id"), _SIGNS_NOW)
     .order_by(endpoint_secrets.c.id.desc())
 )
 _PROJECT_SECRET = sa.select(projects.c.signing_secret).where(
@@ -183,41 +182,25 @@ def encode_body(payload: Mapping[str, Any]) -> str:
 
 
 #: Built once: every final event of every run reads it (the hot path).
-_ENABLED_ENDPOINTS = sa.select(
-    endpoints.c.id, endpoints.c.url, endpoints.c.events, endpoints.c.tasks
-).where(
+_ENABLED = (
     endpoints.c.project_id == sa.bindparam("project_id"),
     endpoints.c.enabled.is_(True),
     endpoints.c.deleted_at.is_(None),
 )
+_ENABLED_ENDPOINTS = sa.select(
+    endpoints.c.id, endpoints.c.url, endpoints.c.events, endpoints.c.tasks
+).where(*_ENABLED)
 
 
 #: The same, with each endpoint's secrets that sign now (newest first): one
 #: row per endpoint and secret, so that a run's final event reads both at once.
 _ENDPOINTS_SIGNING = (
-    sa.select(
-        endpoints.c.id,
-        endpoints.c.url,
-        endpoints.c.events,
-        endpoints.c.tasks,
-        endpoint_secrets.c.secret,
-    )
+    _ENABLED_ENDPOINTS.add_columns(endpoint_secrets.c.secret)
     .select_from(
         endpoints.outerjoin(
             endpoint_secrets,
-            sa.and_(
-                endpoint_secrets.c.endpoint_id == endpoints.c.id,
-                sa.or_(
-                    endpoint_secrets.c.expires_at.is_(None),
-                    endpoint_secrets.c.expires_at > sa.bindparam("now", type_=UTCDateTime()),
-                ),
-            ),
+            sa.and_(endpoint_secrets.c.endpoint_id == endpoints.c.id, _SIGNS_NOW),
         )
-    )
-    .where(
-        endpoints.c.project_id == sa.bindparam("project_id"),
-        endpoints.c.enabled.is_(True),
-        endpoints.c.deleted_at.is_(None),
     )
     .order_by(endpoints.c.id, endpoint_secrets.c.id.desc())
 )
