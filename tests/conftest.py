@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import os
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -180,6 +181,17 @@ class Stack:
         self.worker = Process(
             "worker", ["-m", "gateway", "worker"], self.env, self.worker.log_path.parent
         ).start()
+
+    def workers_listening(self, count: int = 1) -> float:
+        """Wait until ``count`` workers listen for the queue's nudges (each
+        subscribes once it is ready to poll); when that was (``time.time()``)."""
+        with redis.Redis.from_url(self.redis_url) as client:
+            wait_until(
+                lambda: client.pubsub_numsub(nudge_channel("gateway:queue"))[0][1] >= count,
+                timeout=60,
+                what=f"{count} worker(s) listening",
+            )
+        return time.time()
 
     def start_dispatcher(self) -> None:
         """Start ``gateway dispatch``, when callbacks leave from one."""
@@ -362,12 +374,7 @@ def flow(
         try:
             # All three take jobs from the first trigger on: each listens for
             # the queue's nudges once it is ready to poll.
-            with redis.Redis.from_url(stack.redis_url) as client:
-                wait_until(
-                    lambda: client.pubsub_numsub(nudge_channel("gateway:queue"))[0][1] >= 3,
-                    timeout=60,
-                    what="three workers listening",
-                )
+            stack.workers_listening(3)
             yield stack
         finally:
             for worker in more:

@@ -46,6 +46,9 @@ class Answer:
     #: Seconds to wait before answering (to test timeouts); the call is
     #: recorded at once, so a test can wait on its arrival.
     delay: float = 0.0
+    #: Called in the receiver's thread as the call arrives, before the answer
+    #: (to act while the sender is certain to be waiting for it).
+    arrived: Callable[[], None] | None = None
 
 
 class Receiver:
@@ -139,6 +142,8 @@ class Receiver:
                         pass
                 answer = receiver._answer(self.path)
                 receiver._record(Call(self.path, headers, body, verified))
+                if answer.arrived is not None:
+                    answer.arrived()
                 if answer.delay:
                     receiver._release.wait(answer.delay)
                 self.send_response(answer.status)

@@ -87,13 +87,18 @@ async def limited(payload: Any, ctx: TaskContext) -> None:
 @task("tests.logs")
 async def logs(payload: Any, ctx: TaskContext) -> dict[str, int]:
     """Log ``lines`` lines through ``ctx.logger`` (with ``extra``), then
-    raise if ``raise`` is set."""
+    raise if ``raise`` is set. With ``gate`` (a path), wait after the first
+    line until that file exists, so a test sees the run mid-way for certain."""
+    import asyncio
+    from pathlib import Path
+
     ctx.logger.debug("starting with %s", payload)
     for n in range(int(payload.get("lines", 3))):
         ctx.logger.info("line %d of attempt %d", n, ctx.attempt, extra={"n": n, "who": "tests"})
+        if n == 0 and payload.get("gate"):
+            while not Path(payload["gate"]).exists():
+                await asyncio.sleep(0.02)
         if payload.get("every"):
-            import asyncio
-
             await asyncio.sleep(float(payload["every"]))
     ctx.logger.warning("almost done")
     if payload.get("raise"):

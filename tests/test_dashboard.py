@@ -11,6 +11,7 @@ import os
 import re
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -319,9 +320,12 @@ def test_the_queues_page_pauses_limits_and_a_run_says_why_it_waits(
         assert not client.get(f"/api/v1/queues/{queue}-x").json()["paused"]
 
 
-def test_a_runs_log_lines_appear_on_its_page_as_they_come(stack: Stack, dashboards: Any) -> None:
+def test_a_runs_log_lines_appear_on_its_page_as_they_come(
+    stack: Stack, dashboards: Any, tmp_path: Path
+) -> None:
     key = project(stack, "logs")
-    run_id = trigger(stack, key, "tests.logs", {"lines": 4, "every": 0.5})
+    gate = tmp_path / "gate"
+    run_id = trigger(stack, key, "tests.logs", {"lines": 4, "every": 0.1, "gate": str(gate)})
     dash = dashboards()
     dash.sign_in(key)
     page = dash.open(f"/runs/{run_id}")
@@ -329,7 +333,8 @@ def test_a_runs_log_lines_appear_on_its_page_as_they_come(stack: Stack, dashboar
     page.evaluate("window.notReloaded = true")
     rows = page.locator("#logs tr[data-log-id]")
     expect(rows.nth(1)).to_contain_text("line 0 of attempt 1")
-    assert page.locator("#run-status .badge").inner_text() != "COMPLETED"  # still running
+    assert page.locator("#run-status .badge").inner_text() != "COMPLETED"  # held at the gate
+    gate.touch()
     expect(page.locator("#run-status .badge")).to_have_text("COMPLETED")
     expect(rows).to_have_count(6)
     expect(rows.last).to_contain_text("almost done")

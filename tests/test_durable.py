@@ -273,6 +273,7 @@ def test_a_sleep_survives_a_killed_worker_and_a_restarted_gateway(
     stack.gateway.stop()
     stack.start_gateway()
     stack.start_worker()
+    ready = dt.datetime.fromtimestamp(stack.workers_listening(), dt.timezone.utc)
     done = _final(stack, run_id)
     assert done["status"] == "COMPLETED", done["error"]
     assert done["output"] == {"before": 1, "after": 1}
@@ -280,8 +281,9 @@ def test_a_sleep_survives_a_killed_worker_and_a_restarted_gateway(
     sleep_step = done["steps"][1]
     assert (sleep_step["kind"], sleep_step["status"]) == ("sleep", "COMPLETED")
     woke = dt.datetime.fromisoformat(done["steps"][2]["started_at"].replace("Z", "+00:00"))
-    # Never early; late by a reconciler pass and a worker's start at most.
-    assert until <= woke < until + dt.timedelta(seconds=15), (until, woke)
+    # Never early; late by a reconciler pass at most once a worker is ready
+    # (on a loaded machine the new worker may be ready after ``until``).
+    assert until <= woke < max(until, ready) + dt.timedelta(seconds=10), (until, ready, woke)
     statuses = [
         r[0]
         for r in stack.query(

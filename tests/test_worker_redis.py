@@ -174,6 +174,9 @@ async def _race(url: str) -> None:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for w in workers:
+            # Jobs still finishing use the pool: done before it closes, or a
+            # connection one opens as it closes is left unclosed.
+            await asyncio.gather(*w.tasks.values(), return_exceptions=True)
             if w._pool is not None:
                 await w._pool.aclose()
         await pool.delete(queue, f"arq:job:{tag}-later")

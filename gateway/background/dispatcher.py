@@ -75,6 +75,13 @@ TAKE = 200
 DEFER = 1.0
 #: Attempts recorded in one unit of work, at most.
 RECORD = 64
+#: Seconds a taken mark is kept at least. Marks are dropped when their attempt
+#: is recorded; one outlives that only when its dispatcher died between the
+#: record and the drop, and then the row is no longer a first attempt and the
+#: mark says nothing. A mark dropped sooner, while its dispatcher is dead and
+#: before a scan ran (no dispatcher up for a while), would lose the
+#: ``attempt_lost`` record of an attempt that went out.
+MARKS_KEPT = 24 * 3600.0
 
 
 class CallbackDispatcher:
@@ -186,9 +193,8 @@ class CallbackDispatcher:
     async def _taken_by_anyone(self) -> set[str] | None:
         """The first attempts any dispatcher took without a claim and has not
         recorded yet (``webhooks.dispatch.taken_key``); ``None`` if Redis does
-        not answer. Marks older than two leases (a dispatcher that died
-        before recording, its attempt long since counted lost) are dropped."""
-        oldest = time.time() - 2 * self.deliveries.lease_seconds
+        not answer. Marks older than a day (``MARKS_KEPT``) are dropped."""
+        oldest = time.time() - max(MARKS_KEPT, 2 * self.deliveries.lease_seconds)
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.zremrangebyscore(self.taken_key, "-inf", oldest)
@@ -207,7 +213,7 @@ class CallbackDispatcher:
         self._taken.difference_update(done)
         try:
             await self.redis.zrem(self.taken_key, *done)
-        except (RedisError, OSError) as exc:  # the scan drops it after two leases
+        except (RedisError, OSError) as exc:  # the scan drops it after a day (MARKS_KEPT)
             log.warning("could not drop %d taken mark(s): %s", len(done), exc)
 
     # -- sending -----------------------------------------------------------------
