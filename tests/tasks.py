@@ -96,7 +96,8 @@ async def logs(payload: Any, ctx: TaskContext) -> dict[str, int]:
     for n in range(int(payload.get("lines", 3))):
         ctx.logger.info("line %d of attempt %d", n, ctx.attempt, extra={"n": n, "who": "tests"})
         if n == 0 and payload.get("gate"):
-            while not Path(payload["gate"]).exists():
+            # The test process opens the gate: a file is the signal both see.
+            while not Path(payload["gate"]).exists():  # noqa: ASYNC110, ASYNC240
                 await asyncio.sleep(0.02)
         if payload.get("every"):
             await asyncio.sleep(float(payload["every"]))

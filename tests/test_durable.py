@@ -273,7 +273,7 @@ def test_a_sleep_survives_a_killed_worker_and_a_restarted_gateway(
     stack.gateway.stop()
     stack.start_gateway()
     stack.start_worker()
-    ready = dt.datetime.fromtimestamp(stack.workers_listening(), dt.timezone.utc)
+    ready = dt.datetime.fromtimestamp(stack.workers_listening(), dt.UTC)
     done = _final(stack, run_id)
     assert done["status"] == "COMPLETED", done["error"]
     assert done["output"] == {"before": 1, "after": 1}
