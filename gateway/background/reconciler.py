@@ -28,16 +28,19 @@ from redis.exceptions import RedisError
 
 from db.engine import Database
 from db.models import Delivery, DeliveryStatus, Run, RunStatus
-from db.types import utcnow
+from db.types import UTCDateTime, utcnow
 from gateway.background.periodic import Periodic
 from gateway.metrics import RECONCILER_ACTIONS
+from gateway.runs import timers
 from gateway.runs.effects import Job
 from gateway.runs.read import JOB_COLUMNS, run_job
+from gateway.schedules import schedules as schedule_table
 from gateway.services.queues import FlowService
 from gateway.services.runs import RunService
 from gateway.services.schedules import ScheduleService
 from gateway.services.waitpoints import WaitpointService
 from gateway.settings import Settings
+from gateway.waitpoints import waitpoints as waitpoint_table
 from jobs.protocol import delivery_job_id, run_job_id
 from webhooks.dispatch import DeliveryDispatcher
 
@@ -87,6 +90,18 @@ def due_deliveries(
         .limit(BATCH)
     ).mappings()
     return [dict(r) for r in rows]
+
+
+_NOW = sa.bindparam("now", type_=UTCDateTime())
+_ANYTHING_DUE = sa.select(
+    sa.or_(timers.due_now(_NOW), schedule_table.due_now(_NOW), waitpoint_table.due_now(_NOW))
+)
+
+
+def anything_due(conn: sa.Connection, now: dt.datetime) -> bool:
+    """Whether the scheduler's pass has anything to do at ``now``: a run to
+    release or expire, a schedule to fire, a waitpoint to end (one read)."""
+    return bool(conn.scalar(_ANYTHING_DUE, {"now": now}))
 
 
 class Reconciler(Periodic):
@@ -286,6 +301,10 @@ class Scheduler(Periodic):
         self.waitpoints = waitpoints
 
     async def run_once(self) -> int:
+        # One read first: an idle pass opens no write transaction (on SQLite
+        # each would take the one write lock, every SCHEDULER_INTERVAL).
+        if not await self.runs.db.read(anything_due, utcnow()):
+            return 0
         done = (
             await self.runs.release_due()
             + await self.schedules.fire_schedules()

@@ -39,7 +39,16 @@ from gateway.runs.effects import Job
 from gateway.runs.read import JOB_COLUMNS, run_job
 from gateway.runs.runs_table import OBSERVED, PUMPS, runs
 
-__all__ = ["Flowed", "admit", "flowing", "pump", "pump_held", "queue_rule", "request_pump"]
+__all__ = [
+    "Flowed",
+    "admit",
+    "any_held",
+    "flowing",
+    "pump",
+    "pump_held",
+    "queue_rule",
+    "request_pump",
+]
 
 T = TypeVar("T")
 
@@ -221,6 +230,15 @@ def flowing(fn: Callable[..., T]) -> Callable[..., Flowed[T]]:
             conn.info.pop(OBSERVED, None)
 
     return unit
+
+
+_ANY_HELD = sa.select(sa.exists().where(runs.c.status == _QUEUED, runs.c.held.is_(True)))
+
+
+def any_held(conn: sa.Connection) -> bool:
+    """Whether some queue holds runs (a read): the reconciler's pass pumps
+    only then, so an idle gateway opens no write transaction for it."""
+    return bool(conn.scalar(_ANY_HELD))
 
 
 def pump_held(conn: sa.Connection, now: dt.datetime, limit: int = 100) -> list[Job]:

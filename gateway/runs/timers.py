@@ -20,7 +20,7 @@ from gateway.runs.runs_table import runs, select_run, transition
 from jobs.protocol import run_job_id
 from webhooks.outbox import Outgoing, create_run_deliveries
 
-__all__ = ["backoff", "expire", "expired", "release_due", "reschedule"]
+__all__ = ["backoff", "due_now", "expire", "expired", "release_due", "reschedule"]
 
 
 def backoff(retry: Mapping[str, Any] | None, attempt: int) -> float:
@@ -56,11 +56,24 @@ def _due(conn: sa.Connection, condition: Any, limit: int) -> list[str]:
     return list(conn.execute(sa.select(runs.c.id).where(condition).limit(limit)).scalars())
 
 
+_WAITING = (RunStatus.QUEUED.value, RunStatus.DELAYED.value)
+_LATER = (RunStatus.DELAYED.value, RunStatus.RETRYING.value)
+
+
+def due_now(now: dt.datetime | sa.BindParameter[Any]) -> sa.ColumnElement[bool]:
+    """Whether :func:`release_due` has anything to do at ``now`` (for a read
+    that looks before a write unit is opened)."""
+    return sa.or_(
+        sa.exists().where(runs.c.status.in_(_WAITING), runs.c.expire_at <= now),
+        sa.exists().where(runs.c.status.in_(_LATER), runs.c.run_at <= now),
+    )
+
+
 def release_due(conn: sa.Connection, now: dt.datetime, limit: int = 200) -> Effects:
     """Move DELAYED and RETRYING runs whose time has come to QUEUED, and end
     QUEUED or DELAYED runs whose TTL ran out as EXPIRED."""
     done = Effects()
-    waiting = (RunStatus.QUEUED.value, RunStatus.DELAYED.value)
+    waiting = _WAITING
     for run_id in _due(conn, sa.and_(runs.c.status.in_(waiting), runs.c.expire_at <= now), limit):
         run = select_run(conn, run_id, lock=True)
         if run is None or run["status"] not in waiting:
@@ -69,7 +82,7 @@ def release_due(conn: sa.Connection, now: dt.datetime, limit: int = 200) -> Effe
         done.abort.append(run_job_id(run["id"], run["attempt"], run["step"]))
         done.changed.append(run["id"])
         done.finished.append(run["id"])
-    later = (RunStatus.DELAYED.value, RunStatus.RETRYING.value)
+    later = _LATER
     rules: dict[tuple[str, str], QueueRule] = {}
     for run_id in _due(conn, sa.and_(runs.c.status.in_(later), runs.c.run_at <= now), limit):
         run = select_run(conn, run_id, lock=True)

@@ -39,6 +39,7 @@ __all__ = [
     "check_schedule",
     "create_schedule",
     "delete_schedule",
+    "due_now",
     "fire_due",
     "get_schedule",
     "list_schedules",
@@ -230,6 +231,11 @@ def _latest_tick(row: Mapping[str, Any], now: dt.datetime) -> dt.datetime:
     tick: dt.datetime = row["next_run_at"]
     latest = previous_tick(row["cron"], row["timezone"], now)
     return latest if latest is not None and latest > tick else tick
+
+
+def due_now(now: dt.datetime | sa.BindParameter[Any]) -> sa.ColumnElement[bool]:
+    """Whether :func:`fire_due` has a schedule to fire at ``now``."""
+    return sa.exists().where(schedules.c.enabled.is_(True), schedules.c.next_run_at <= now)
 
 
 def fire_due(conn: sa.Connection, now: dt.datetime, limit: int = 100) -> Effects:

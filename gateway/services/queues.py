@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from db.types import utcnow
-from gateway.queues.admission import pump_held
+from gateway.queues.admission import any_held, pump_held
 from gateway.queues.bulk import bulk_page, create_bulk, load_bulk, unfinished_bulks
 from gateway.queues.queues import create_queue, get_queue, list_queues, update_queue
 from gateway.runs.effects import Effects
@@ -58,6 +58,8 @@ class FlowService:
     async def pump_queues(self) -> int:
         """Hand out what every queue with held runs has room for (the
         reconciler's pass; each unit that frees a slot does it too)."""
+        if not await self.db.read(any_held):
+            return 0
         jobs = await self.db.write(pump_held, utcnow())
         if jobs:
             await self.units.enqueue_all(Effects(jobs=jobs))

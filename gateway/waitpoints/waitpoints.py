@@ -37,6 +37,7 @@ __all__ = [
     "complete_waitpoint",
     "create_run_waitpoint",
     "create_waitpoint",
+    "due_now",
     "due_waitpoints",
     "load_waitpoint",
 ]
@@ -214,6 +215,11 @@ def complete_waitpoint(
         raise WaitpointAlreadyCompleted(str(row["status"]))
     effects = _end(conn, row, "COMPLETED", output, now)
     return load_waitpoint(conn, None, waitpoint_id), effects
+
+
+def due_now(now: dt.datetime | sa.BindParameter[Any]) -> sa.ColumnElement[bool]:
+    """Whether :func:`due_waitpoints` has a waitpoint to end at ``now``."""
+    return sa.exists().where(waitpoints.c.status == "WAITING", waitpoints.c.timeout_at <= now)
 
 
 def due_waitpoints(conn: sa.Connection, now: dt.datetime, limit: int = 200) -> Effects:
