@@ -52,6 +52,15 @@ CASES: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
         [{"type": "completed", "attempt": 2, "output": [1, 2]}],
     ),
     "completes before its start report": ({}, [{"type": "completed", "output": 1}]),
+    # ``attempt_row``: its attempt was recorded begun (its start report came).
+    "completes after its start report": (
+        {"status": "EXECUTING", "started_at": True, "attempt_row": True},
+        [{"type": "completed", "output": 2}],
+    ),
+    "fails after its start report": (
+        {"status": "EXECUTING", "started_at": True, "attempt_row": True},
+        [{"type": "failed", "error": {"code": "boom", "message": "late"}}],
+    ),
     "fails": (
         {"status": "EXECUTING", "started_at": True},
         [{"type": "failed", "error": {"code": "boom", "message": "it broke"}}],
@@ -121,6 +130,8 @@ def _run_row(project_id: str, label: str, columns: dict[str, Any], now: dt.datet
         "error_message": None,
     }
     for name, value in columns.items():
+        if name == "attempt_row":
+            continue
         if name == "started_at":
             row[name] = now - dt.timedelta(seconds=1)
         elif name == "expire_at":
@@ -254,6 +265,19 @@ def test_a_batch_applied_as_sets_writes_what_one_by_one_writes(databases: Databa
     def seed(conn: sa.Connection) -> None:
         _seed_project(conn, project_id, now)
         conn.execute(runs.insert(), [row for pair in twins.values() for row in pair])
+        begun = [
+            {
+                "run_id": row["id"],
+                "number": row["attempt"],
+                "status": "EXECUTING",
+                "worker_id": "w",
+                "started_at": now - dt.timedelta(seconds=1),
+            }
+            for label, pair in twins.items()
+            if CASES[label][0].get("attempt_row")
+            for row in pair
+        ]
+        conn.execute(run_attempts.insert(), begun)
 
     def batch(which: int) -> list[WorkerEvent]:
         return [

@@ -3,10 +3,11 @@
 The common reports (an attempt started; a run with no parent, no steps and no
 retry left ended; a running attempt's heartbeat) are applied kind by kind. On
 PostgreSQL, one compare-and-set UPDATE for all the runs of a kind (``UPDATE …
-FROM unnest(…)``); on SQLite, one ``executemany`` of the compare-and-set per
-kind, checked by its row count.
-Then one INSERT of all their transitions, one of their attempts, one read of
-their views and one INSERT of their deliveries. One by one, a report costs five
+FROM unnest(…)``), which also writes their transitions and ends their attempts
+(data-modifying CTEs); on SQLite, one ``executemany`` of the compare-and-set per
+kind, checked by its row count, then one INSERT of all their transitions and
+one ``executemany`` ending their attempts. Then one INSERT of the attempts
+begun, one read of their views and one INSERT of their deliveries. One by one, a report costs five
 to eight statements; here a batch costs about ten. Every other report, and a
 second report about a run already in the batch, goes one by one after them
 (``one_by_one.apply_event``).
@@ -70,7 +71,9 @@ _START = sa.text(
 ).bindparams(_NOW)
 
 # A run that completes keeps the error of an earlier attempt's failure, as
-# ``transition`` leaves columns it is not given.
+# ``transition`` leaves columns it is not given. The moved runs' attempts end in
+# the same statement (``ended``); one whose ``started`` report has not come
+# yet has no row to end, and is inserted ended (``_record_attempts``).
 _FINISH = sa.text(
     """
     WITH moved AS (
@@ -88,25 +91,19 @@ _FINISH = sa.text(
         ) AS v(id, w_status, attempt, status, output, error_code, error_message)
         WHERE runs.id = v.id AND runs.status = v.w_status AND runs.attempt = v.attempt
             AND runs.step = 0
-        RETURNING runs.id, v.w_status, v.status, runs.attempt
+        RETURNING runs.id, v.w_status, v.status, runs.attempt,
+            v.error_code AS w_code, v.error_message AS w_message
     ), logged AS (
         INSERT INTO run_transitions (run_id, from_status, to_status, attempt, at)
         SELECT id, w_status, status, attempt, :now FROM moved
+    ), ended AS (
+        UPDATE run_attempts SET status = moved.status, finished_at = :now,
+            error_code = moved.w_code, error_message = moved.w_message
+        FROM moved
+        WHERE run_attempts.run_id = moved.id AND run_attempts.number = moved.attempt
+        RETURNING run_attempts.run_id
     )
-    SELECT id FROM moved
-    """
-).bindparams(_NOW)
-
-_FINISH_ATTEMPTS = sa.text(
-    """
-    UPDATE run_attempts SET status = v.status, finished_at = :now,
-        error_code = v.error_code, error_message = v.error_message
-    FROM unnest(
-        CAST(:ids AS varchar[]), CAST(:numbers AS integer[]), CAST(:tos AS varchar[]),
-        CAST(:codes AS text[]), CAST(:messages AS text[])
-    ) AS v(run_id, number, status, error_code, error_message)
-    WHERE run_attempts.run_id = v.run_id AND run_attempts.number = v.number
-    RETURNING run_attempts.run_id
+    SELECT moved.id, moved.id IN (SELECT run_id FROM ended) AS ended FROM moved
     """
 ).bindparams(_NOW)
 
@@ -185,12 +182,17 @@ def _starts(run: dict[str, Any], event: WorkerEvent, now: dt.datetime) -> bool:
     )
 
 
-def _applied(conn: sa.Connection, statement: sa.TextClause, params: dict[str, Any]) -> None:
-    """Run a compare-and-set over a set; :class:`LostRace` if a run moved."""
-    moved = {row[0] for row in conn.execute(statement, params)}
+def _applied(
+    conn: sa.Connection, statement: sa.TextClause, params: dict[str, Any]
+) -> list[sa.Row[Any]]:
+    """Run a compare-and-set over a set, and return its rows (the first
+    column: a moved run's ID); :class:`LostRace` if a run moved."""
+    rows = list(conn.execute(statement, params))
+    moved = {row[0] for row in rows}
     for run_id in params["ids"]:
         if run_id not in moved:
             raise LostRace(run_id)
+    return rows
 
 
 def apply_in_sets(
@@ -237,8 +239,9 @@ def apply_in_sets(
     started.sort(key=lambda item: item[1]["id"])
     finals.sort(key=lambda final: final.run["id"])
 
+    ended: set[str] | None = None
     if conn.dialect.name == "postgresql":
-        _move_as_sets(conn, started, finals, now)
+        ended = _move_as_sets(conn, started, finals, now)
     else:
         transition_all(
             conn,
@@ -249,7 +252,7 @@ def apply_in_sets(
             + [(f.run, f.to, _final_values(f, now)) for f in finals],
             now,
         )
-    _record_attempts(conn, started, finals, now)
+    _record_attempts(conn, started, finals, now, ended)
 
     answers: list[EventAnswer | None] = [None] * len(events)
     deliveries = RunDeliveries(conn, now)
@@ -328,9 +331,11 @@ def _move_as_sets(
     started: list[tuple[int, dict[str, Any], WorkerEvent]],
     finals: list[_Final],
     now: dt.datetime,
-) -> None:
+) -> set[str]:
     """The compare-and-sets of PostgreSQL: one ``UPDATE … FROM unnest`` per
-    kind, with the moved runs' transitions in the same statement."""
+    kind, with the moved runs' transitions (and the ended runs' attempts) in
+    the same statement; the runs whose attempt row was there to end."""
+    ended: set[str] = set()
     if started:
         _applied(
             conn,
@@ -342,7 +347,7 @@ def _move_as_sets(
             },
         )
     if finals:
-        _applied(
+        rows = _applied(
             conn,
             _FINISH,
             {
@@ -356,12 +361,14 @@ def _move_as_sets(
                 "messages": [f.message for f in finals],
             },
         )
+        ended = {row.id for row in rows if row.ended}
     # Their transitions are written (``logged``); what else follows a move
     # (a queue's slot handed on, the change counted) happens here.
     for _, run, _ in started:
         transitioned(conn, run, RunStatus.EXECUTING, now)
     for f in finals:
         transitioned(conn, f.run, f.to, now)
+    return ended
 
 
 def _record_attempts(
@@ -369,9 +376,12 @@ def _record_attempts(
     started: list[tuple[int, dict[str, Any], WorkerEvent]],
     finals: list[_Final],
     now: dt.datetime,
+    ended: set[str] | None,
 ) -> None:
     """Attempts begun, and attempts ended (begun here if their ``started``
-    report has not arrived)."""
+    report has not arrived). ``ended``: the runs whose attempt the
+    compare-and-set ended already (PostgreSQL's), or ``None`` (SQLite's:
+    ended here)."""
     rows = [
         {
             "run_id": run["id"],
@@ -385,24 +395,8 @@ def _record_attempts(
         }
         for _, run, event in started
     ]
-    ended: set[str] = set()
-    if finals and conn.dialect.name != "postgresql":
-        ended = _finish_attempts(conn, finals, now)
-    elif finals:
-        ended = {
-            row[0]
-            for row in conn.execute(
-                _FINISH_ATTEMPTS,
-                {
-                    "now": now,
-                    "ids": [f.run["id"] for f in finals],
-                    "numbers": [f.event.attempt for f in finals],
-                    "tos": [f.to.value for f in finals],
-                    "codes": [f.code for f in finals],
-                    "messages": [f.message for f in finals],
-                },
-            )
-        }
+    if ended is None:
+        ended = _finish_attempts(conn, finals, now) if finals else set()
     if finals:
         rows += [
             {
