@@ -65,7 +65,7 @@ end
 redis.call('PSETEX', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[3], score, ARGV[4])
 if ARGV[5] ~= '' then
-  redis.call('PUBLISH', ARGV[5], ARGV[4])
+  redis.call('PUBLISH', ARGV[5], ARGV[4] .. ' ' .. string.format('%.0f', score))
 end
 return 1
 """

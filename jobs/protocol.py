@@ -71,6 +71,7 @@ __all__ = [
     "listen_forever",
     "loads",
     "nudge_channel",
+    "nudge_due",
     "parse_run_job_id",
     "redis_settings",
     "run_job_id",
@@ -253,8 +254,20 @@ def delivery_job_id(delivery_id: str, step: int) -> str:
 
 def nudge_channel(queue_name: str) -> str:
     """Where a job queued for now is announced, so an idle worker takes it at
-    once instead of at its next poll (:class:`jobs.worker.NudgedWorker`)."""
+    once instead of at its next poll (:class:`jobs.worker.NudgedWorker`). The
+    message is the job's ID and, after a space, when it is due (its score in
+    the queue, ms): a project's turn can put it a few ms ahead."""
     return f"{queue_name}:nudge"
+
+
+def nudge_due(message: str) -> int | None:
+    """When the job a nudge announces is due (ms since the epoch), or
+    ``None`` if the message does not say (a nudge of an older gateway)."""
+    _, _, due = message.partition(" ")
+    try:
+        return int(due)
+    except ValueError:
+        return None
 
 
 #: What a lost Redis raises (redis-py's errors, or the socket's own).

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import heapq
 import logging
 import os
 import signal
@@ -38,6 +39,7 @@ from jobs.protocol import (
     RedisOutage,
     listen_forever,
     nudge_channel,
+    nudge_due,
     parse_run_job_id,
     redis_settings,
 )
@@ -58,6 +60,11 @@ __all__ = [
 ]
 
 log = logging.getLogger("jobs.worker")
+
+#: Seconds between two polls set for jobs announced ahead of their time.
+NUDGE_SPACING = 0.01
+#: Jobs ahead of their time a worker keeps track of; past that, it polls.
+MAX_AHEAD = 10_000
 
 
 def _worker_id() -> str:
@@ -452,12 +459,52 @@ class NudgedWorker(Worker):
             await asyncio.wait(running)
 
     async def _listen(self, nudged: asyncio.Event) -> None:
-        await listen_forever(
-            self.pool,
-            nudge_channel(self.queue_name),
-            lambda _job_id: nudged.set(),
-            what="worker nudges (polling goes on)",
-        )
+        # A job that a project's turn scored ahead of now (a burst of one
+        # project's runs: a ms apart) is due only then: polled at once it
+        # would not be taken, and the worker would wait for its next poll.
+        # So a poll is also set for when announced jobs come due, at most
+        # one every ``NUDGE_SPACING`` (each poll takes all due by then).
+        loop = asyncio.get_running_loop()
+        ahead: list[int] = []  # when announced jobs come due (ms), a heap
+        wake: asyncio.TimerHandle | None = None
+
+        def arm(due: int) -> None:
+            nonlocal wake
+            at = loop.time() + max((due - timestamp_ms()) / 1000, NUDGE_SPACING)
+            if wake is not None and wake.when() <= at:
+                return
+            if wake is not None:
+                wake.cancel()
+            wake = loop.call_at(at, fire)
+
+        def fire() -> None:
+            nonlocal wake
+            wake = None
+            nudged.set()
+            now = timestamp_ms()
+            while ahead and ahead[0] <= now:
+                heapq.heappop(ahead)
+            if ahead:
+                arm(ahead[0])
+
+        def heard(message: str) -> None:
+            due = nudge_due(message)
+            if due is None or due <= timestamp_ms() or len(ahead) >= MAX_AHEAD:
+                nudged.set()
+                return
+            heapq.heappush(ahead, due)
+            arm(due)
+
+        try:
+            await listen_forever(
+                self.pool,
+                nudge_channel(self.queue_name),
+                heard,
+                what="worker nudges (polling goes on)",
+            )
+        finally:
+            if wake is not None:
+                wake.cancel()
 
 
 def build_worker(settings: Settings, **overrides: Any) -> Worker:

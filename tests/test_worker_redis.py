@@ -19,10 +19,11 @@ import redis
 from arq import ArqRedis, func
 from arq.connections import create_pool
 from arq.constants import in_progress_key_prefix
+from arq.utils import timestamp_ms
 
 from gateway.cli.embedded_redis import EmbeddedRedis
 from gateway.queue import QueuedJob, enqueue_jobs
-from jobs.protocol import redis_settings
+from jobs.protocol import nudge_channel, redis_settings
 from jobs.worker import NudgedWorker
 
 #: A database no stack of the suite uses (theirs count from 1: ``_redis_db``).
@@ -185,3 +186,60 @@ async def _race(url: str) -> None:
 
 def test_workers_racing_for_a_queue_start_each_due_job_once(redis_server: EmbeddedRedis) -> None:
     asyncio.run(_race(redis_server.url))
+
+
+async def _ahead(url: str) -> None:
+    """A burst of one project's jobs, whose turns are taken for the next
+    1.5 s already (it queued a backlog just before): its turns score them a ms
+    apart from there, ahead of now. A worker that polls once a minute still
+    starts each as it comes due, not before: each nudge says when its job is
+    due."""
+    tag = secrets.token_hex(4)
+    queue = f"test-ahead-{tag}"
+    total = 40
+    started: dict[str, float] = {}
+    done = asyncio.Event()
+
+    async def job(ctx: dict[str, Any], value: str) -> None:
+        started[value] = asyncio.get_running_loop().time()
+        if len(started) == total:
+            done.set()
+
+    worker = NudgedWorker(
+        functions=[func(job, name="job", timeout=TIMEOUT)],
+        queue_name=queue,
+        redis_settings=redis_settings(f"{url}/{DB}"),
+        handle_signals=False,
+        poll_delay=60,
+        max_jobs=total,
+    )
+    pool: ArqRedis = await create_pool(redis_settings(f"{url}/{DB}"))
+    task = asyncio.create_task(worker.main())
+    try:
+        channel = nudge_channel(queue)
+        while (await pool.pubsub_numsub(channel))[0][1] < 1:  # noqa: ASYNC110 (in Redis)
+            await asyncio.sleep(0.01)  # the worker subscribes as it starts
+        await asyncio.wait_for(worker._started.wait(), 10)
+        await pool.set(f"{queue}:turn:one-project", timestamp_ms() + 1500)
+        jobs = [
+            QueuedJob("job", (f"{tag}-{n}",), f"{tag}-{n}", queue, fair_key="one-project")
+            for n in range(total)
+        ]
+        queued_at = asyncio.get_running_loop().time()
+        assert all(await enqueue_jobs(pool, jobs))
+        scores = sorted(score for _, score in await pool.zrange(queue, 0, -1, withscores=True))
+        assert scores[0] > timestamp_ms() + 1000 and scores[-1] - scores[0] == total - 1
+        await asyncio.wait_for(done.wait(), 20)  # not at the next poll, a minute on
+        assert min(started.values()) - queued_at >= 1.0  # none before it was due
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+        if worker._pool is not None:
+            await worker._pool.aclose()
+        await pool.delete(queue, f"{queue}:turn", f"{queue}:turn:one-project")
+        await pool.aclose()
+
+
+def test_jobs_announced_ahead_of_their_time_start_when_due(redis_server: EmbeddedRedis) -> None:
+    asyncio.run(_ahead(redis_server.url))
