@@ -102,6 +102,9 @@ async def _scenario(url: str) -> None:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for w in (first, second):
+            # The job still finishing (its result written) uses the pool:
+            # done before it closes, or the connection it opens is left open.
+            await asyncio.gather(*w.tasks.values(), return_exceptions=True)
             if w._pool is not None:
                 await w._pool.aclose()
         await pool.execute_command("ACL", "DELUSER", user)
