@@ -140,6 +140,7 @@ _ATTEMPT_FIELDS = (
 _ATTEMPT_PAIRS: list[sa.ColumnElement[Any]] = []
 for _name in _ATTEMPT_FIELDS:
     _ATTEMPT_PAIRS += [sa.literal_column(f"'{_name}'"), run_attempts.c[_name]]
+del _name
 _ATTEMPTS_JSON = (
     sa.select(
         sa.func.coalesce(
@@ -149,6 +150,7 @@ _ATTEMPTS_JSON = (
                 )
             ),
             sa.literal_column("'[]'::json"),
+            type_=JSON(),
         )
     )
     .where(run_attempts.c.run_id == runs.c.id)
@@ -156,7 +158,6 @@ _ATTEMPTS_JSON = (
     .scalar_subquery()
     .label("attempts_json")
 )
-_ATTEMPTS_JSON.type = JSON()
 LOAD_RUNS_WITH_ATTEMPTS = sa.select(runs, _HAS_NODES, _ATTEMPTS_JSON).where(
     _many(runs.c.id, "postgresql")
 )

@@ -58,35 +58,41 @@ def _due(conn: sa.Connection, condition: Any, limit: int) -> list[str]:
 
 _WAITING = (RunStatus.QUEUED.value, RunStatus.DELAYED.value)
 _LATER = (RunStatus.DELAYED.value, RunStatus.RETRYING.value)
+_When = dt.datetime | sa.BindParameter[Any]
 
 
-def due_now(now: dt.datetime | sa.BindParameter[Any]) -> sa.ColumnElement[bool]:
+def _expiring(now: _When) -> sa.ColumnElement[bool]:
+    """Runs waiting to start whose TTL ran out."""
+    return sa.and_(runs.c.status.in_(_WAITING), runs.c.expire_at <= now)
+
+
+def _starting(now: _When) -> sa.ColumnElement[bool]:
+    """Delayed and retrying runs whose time came."""
+    return sa.and_(runs.c.status.in_(_LATER), runs.c.run_at <= now)
+
+
+def due_now(now: _When) -> sa.ColumnElement[bool]:
     """Whether :func:`release_due` has anything to do at ``now`` (for a read
     that looks before a write unit is opened)."""
-    return sa.or_(
-        sa.exists().where(runs.c.status.in_(_WAITING), runs.c.expire_at <= now),
-        sa.exists().where(runs.c.status.in_(_LATER), runs.c.run_at <= now),
-    )
+    return sa.or_(sa.exists().where(_expiring(now)), sa.exists().where(_starting(now)))
 
 
 def release_due(conn: sa.Connection, now: dt.datetime, limit: int = 200) -> Effects:
     """Move DELAYED and RETRYING runs whose time has come to QUEUED, and end
     QUEUED or DELAYED runs whose TTL ran out as EXPIRED."""
     done = Effects()
-    waiting = _WAITING
-    for run_id in _due(conn, sa.and_(runs.c.status.in_(waiting), runs.c.expire_at <= now), limit):
+    for run_id in _due(conn, _expiring(now), limit):
         run = select_run(conn, run_id, lock=True)
-        if run is None or run["status"] not in waiting:
+        if run is None or run["status"] not in _WAITING:
             continue
         done.outgoing.extend(expire(conn, run, now))
         done.abort.append(run_job_id(run["id"], run["attempt"], run["step"]))
         done.changed.append(run["id"])
         done.finished.append(run["id"])
-    later = _LATER
     rules: dict[tuple[str, str], QueueRule] = {}
-    for run_id in _due(conn, sa.and_(runs.c.status.in_(later), runs.c.run_at <= now), limit):
+    for run_id in _due(conn, _starting(now), limit):
         run = select_run(conn, run_id, lock=True)
-        if run is None or run["status"] not in later:
+        if run is None or run["status"] not in _LATER:
             continue
         gate: dict[str, Any] = {"queue": run["queue"], "project_id": run["project_id"]}
         starts = admit(conn, {**gate, "task": run["task"]}, rules)

@@ -233,9 +233,13 @@ def _latest_tick(row: Mapping[str, Any], now: dt.datetime) -> dt.datetime:
     return latest if latest is not None and latest > tick else tick
 
 
+def _due(now: dt.datetime | sa.BindParameter[Any]) -> sa.ColumnElement[bool]:
+    return sa.and_(schedules.c.enabled.is_(True), schedules.c.next_run_at <= now)
+
+
 def due_now(now: dt.datetime | sa.BindParameter[Any]) -> sa.ColumnElement[bool]:
     """Whether :func:`fire_due` has a schedule to fire at ``now``."""
-    return sa.exists().where(schedules.c.enabled.is_(True), schedules.c.next_run_at <= now)
+    return sa.exists().where(_due(now))
 
 
 def fire_due(conn: sa.Connection, now: dt.datetime, limit: int = 100) -> Effects:
@@ -243,7 +247,7 @@ def fire_due(conn: sa.Connection, now: dt.datetime, limit: int = 100) -> Effects
     move past now. Returns the jobs of the runs that start now."""
     due = conn.execute(
         sa.select(schedules)
-        .where(schedules.c.enabled.is_(True), schedules.c.next_run_at <= now)
+        .where(_due(now))
         .order_by(schedules.c.next_run_at)
         .limit(limit)
         .with_for_update(skip_locked=True)

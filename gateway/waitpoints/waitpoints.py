@@ -217,9 +217,13 @@ def complete_waitpoint(
     return load_waitpoint(conn, None, waitpoint_id), effects
 
 
+def _due(now: dt.datetime | sa.BindParameter[Any]) -> sa.ColumnElement[bool]:
+    return sa.and_(waitpoints.c.status == "WAITING", waitpoints.c.timeout_at <= now)
+
+
 def due_now(now: dt.datetime | sa.BindParameter[Any]) -> sa.ColumnElement[bool]:
     """Whether :func:`due_waitpoints` has a waitpoint to end at ``now``."""
-    return sa.exists().where(waitpoints.c.status == "WAITING", waitpoints.c.timeout_at <= now)
+    return sa.exists().where(_due(now))
 
 
 def due_waitpoints(conn: sa.Connection, now: dt.datetime, limit: int = 200) -> Effects:
@@ -227,7 +231,7 @@ def due_waitpoints(conn: sa.Connection, now: dt.datetime, limit: int = 200) -> E
     their timeout end ``TIMED_OUT`` (their node fails)."""
     rows = conn.execute(
         sa.select(waitpoints)
-        .where(waitpoints.c.status == "WAITING", waitpoints.c.timeout_at <= now)
+        .where(_due(now))
         .order_by(waitpoints.c.timeout_at)
         .limit(limit)
         .with_for_update(skip_locked=True)

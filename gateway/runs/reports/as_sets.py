@@ -7,8 +7,8 @@ FROM unnest(…)``), which also writes their transitions and ends their attempts
 (data-modifying CTEs); on SQLite, one ``executemany`` of the compare-and-set per
 kind, checked by its row count, then one INSERT of all their transitions and
 one ``executemany`` ending their attempts. Then one INSERT of the attempts
-begun, one read of their views and one INSERT of their deliveries. One by one, a report costs five
-to eight statements; here a batch costs about ten. Every other report, and a
+begun, one read of their views and one INSERT of their deliveries. One by one,
+a report costs five to eight statements; here a batch costs about ten. Every other report, and a
 second report about a run already in the batch, goes one by one after them
 (``one_by_one.apply_event``).
 
