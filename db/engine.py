@@ -120,9 +120,18 @@ class Database:
     :param read_threads: SQLite only: threads serving read transactions
     :param idle_ping: PostgreSQL only: seconds a pooled connection may sit
         idle before it is pinged on its next use (default ``IDLE_PING_SECONDS``)
+    :param pool_size: PostgreSQL only: connections kept open (default
+        ``POOL_SIZE``), and ``POOL_OVERFLOW`` more for a burst
     """
 
-    def __init__(self, url: str, *, read_threads: int = 4, idle_ping: float | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        read_threads: int = 4,
+        idle_ping: float | None = None,
+        pool_size: int | None = None,
+    ) -> None:
         self.url = url
         self.is_sqlite = sa.make_url(url).get_backend_name() == "sqlite"
         self._async_engine: AsyncEngine | None = None
@@ -149,12 +158,13 @@ class Database:
                 # A server that does not take the connection in 10 s is down
                 # for now (asyncpg's own default waits a minute).
                 connect_args={"timeout": CONNECT_TIMEOUT, **connect_args},
-                # Enough for every writer and every read at once (see
-                # READ_CONNECTIONS), so in steady use no connection is opened
-                # and closed again; the overflow is for the rest (the health
-                # check, the notifier's own).
-                pool_size=POOL_SIZE,
-                max_overflow=10,
+                # By default enough for every writer and every read at once
+                # (see READ_CONNECTIONS), so in steady use no connection is
+                # opened and closed again; the overflow is for the rest (the
+                # health check, the notifier's own). DATABASE_POOL_SIZE keeps
+                # fewer, and units then wait their turn for one.
+                pool_size=pool_size or POOL_SIZE,
+                max_overflow=POOL_OVERFLOW,
                 pool_recycle=1800,
                 json_serializer=json_text,
                 json_deserializer=exact_loads,
@@ -240,6 +250,8 @@ class Database:
 WRITERS = 8
 READ_CONNECTIONS = 12
 POOL_SIZE = WRITERS + READ_CONNECTIONS
+#: PostgreSQL: connections opened past the pool for a burst, closed after use.
+POOL_OVERFLOW = 10
 
 #: How long a unit PostgreSQL failed to break a deadlock (or a serialization
 #: conflict) is run again, after a short random pause each time: under heavy

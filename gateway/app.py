@@ -68,7 +68,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        db = Database(settings.database_url)
+        db = Database(settings.database_url, pool_size=settings.database_pool_size)
         schema = await _check_schema(db)
         redis = await create_pool(redis_settings(redis_url), default_queue_name=settings.queue_name)
         notifier = RunNotifier(redis)

@@ -71,6 +71,12 @@ class Settings(worker_settings.Settings):
     migrations serve both. Default: ``sqlite:///$DATA_DIR/gateway.db``. Takes libpq's
     ``sslmode`` and ``sslrootcert``, and ``pgbouncer=true`` behind PgBouncer in
     transaction pooling (docs/operations.md#connections)."""
+    database_pool_size: int = Field(default=20, ge=2)
+    """PostgreSQL: connections each web process and each ``gateway dispatch``
+    keeps open, with up to ten more opened for a burst and closed after. The
+    default holds every group-commit writer and every read at once; several
+    hosts on one server, or a small ``max_connections``, take fewer (a unit of
+    work then waits its turn for a connection)."""
     host: str = "127.0.0.1"
     """The interface ``gateway web`` listens on (``--host`` too). A platform or a
     container needs ``0.0.0.0``, as the Procfile and the image set."""

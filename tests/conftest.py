@@ -289,6 +289,9 @@ def launch_stack(
         IMAGE_MAX_PIXELS=str(4_000_000),
         LLM_MAX_RETRIES="2",
         RUN_LOG_MAX_LINES="150",
+        # Three pytest processes run PostgreSQL stacks side by side: each
+        # process keeps few connections, or they would pass max_connections.
+        DATABASE_POOL_SIZE="4",
     )
     env = child_env(**{**settings, **env_overrides})
     gateway = Process("gateway", ["-m", "gateway", "web"], env, logs).start()

@@ -380,7 +380,7 @@ async def _serve(settings: Settings, stop: asyncio.Event) -> None:
     redis_url = settings.redis_url
     if not redis_url:
         raise SystemExit("gateway dispatch: REDIS_URL is not set")
-    db = Database(settings.database_url)
+    db = Database(settings.database_url, pool_size=settings.database_pool_size)
     outage = RedisOutage("dispatcher")
     while True:
         try:
