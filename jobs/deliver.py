@@ -15,12 +15,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
-import httpx
 from arq import Retry
 
 from jobs import tracing
 from jobs.protocol import PREPARE_PATH
-from jobs.report import Reporter, ReportRejected, retry_delay
+from jobs.report import GatewayUnreachable, Reporter, ReportRejected, retry_delay
 from webhooks.sender import AttemptResult, send_webhook
 from webhooks.ssrf import IPNetwork, parse_networks
 
@@ -90,7 +89,7 @@ async def deliver_webhook(
         except ReportRejected as exc:
             log.error("delivery %s cannot be prepared: %s", delivery_id, exc)
             return "refused"
-        except httpx.HTTPError as exc:
+        except GatewayUnreachable as exc:
             raise Retry(defer=retry_delay(ctx["job_try"])) from exc
     if not prepared.get("send"):
         return f"skipped: {prepared.get('reason')}"

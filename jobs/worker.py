@@ -43,7 +43,7 @@ from jobs.protocol import (
     parse_run_job_id,
     redis_settings,
 )
-from jobs.report import Reporter, deliver_report
+from jobs.report import Reporter, deliver_report, gateway_session
 from jobs.runs.attempt import run_task
 from jobs.settings import Settings
 from jobs.tasks.registry import load_tasks
@@ -78,11 +78,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     tracing.setup("gateway-worker", settings.tracing_env())
     ctx["registry"] = load_tasks(settings.task_modules)
     ctx["worker_id"] = _worker_id()
-    ctx["http"] = httpx.AsyncClient(
-        timeout=httpx.Timeout(10.0, connect=2.0),
-        limits=httpx.Limits(max_connections=100, max_keepalive_connections=50),
-    )
-    ctx["reporter"] = Reporter(settings.gateway_url, secret, client=ctx["http"])
+    ctx["gateway_http"] = gateway_session()
+    ctx["reporter"] = Reporter(settings.gateway_url, secret, session=ctx["gateway_http"])
     # Only the task worker runs attempts, so only it beats (one thread per
     # process: the delivery worker beside it in `gateway worker` has none).
     if ctx.get("runs_tasks"):
@@ -155,13 +152,13 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     heartbeats: Heartbeats | None = ctx.get("heartbeats")
     if heartbeats is not None:
         await asyncio.to_thread(heartbeats.stop)
-    for name in ("http", "webhook_http"):
-        client: httpx.AsyncClient | None = ctx.get(name)
-        if client is not None:
-            await client.aclose()
-    session: aiohttp.ClientSession | None = ctx.get("callback_http")
-    if session is not None:
-        await session.close()
+    client: httpx.AsyncClient | None = ctx.get("webhook_http")
+    if client is not None:
+        await client.aclose()
+    for name in ("gateway_http", "callback_http"):
+        session: aiohttp.ClientSession | None = ctx.get(name)
+        if session is not None:
+            await session.close()
 
 
 def _common_options(settings: Settings) -> dict[str, Any]:

@@ -37,11 +37,9 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import httpx
-
 from jobs import tracing
 from jobs.protocol import WAITPOINTS_PATH, JSONRefused, clean_text, dumps, loads
-from jobs.report import Reporter, ReportRejected
+from jobs.report import GatewayUnreachable, Reporter, ReportRejected
 from jobs.runs.runlog import CURRENT_STEP
 from jobs.tasks.registry import TaskError
 
@@ -474,7 +472,7 @@ class Steps:
             )
         except ReportRejected as exc:
             raise TaskError("invalid_waitpoint", f"create_waitpoint: {exc}") from None
-        except (httpx.HTTPError, JSONRefused) as exc:
+        except (GatewayUnreachable, JSONRefused) as exc:
             raise TaskError(
                 "gateway_unavailable", f"create_waitpoint: {exc}", retryable=True
             ) from None

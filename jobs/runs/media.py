@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from jobs.protocol import ARTIFACT_FETCH_PATH, ARTIFACTS_PATH
-from jobs.report import Reporter, ReportRejected
+from jobs.report import GatewayUnreachable, Reporter, ReportRejected
 from jobs.tasks.registry import TaskError
 from webhooks.sender import guarded_stream
 from webhooks.ssrf import AddressRefused, IPNetwork
@@ -144,7 +144,7 @@ class Media:
             )
         except ReportRejected as exc:
             raise TaskError("artifact_not_found", f"artifact {artifact_id}: {exc}") from None
-        except httpx.HTTPError as exc:
+        except GatewayUnreachable as exc:
             raise TaskError(
                 "gateway_unavailable", f"cannot fetch artifact {artifact_id}: {exc}", retryable=True
             ) from None
@@ -161,7 +161,7 @@ class Media:
             response = await self.reporter.post(ARTIFACTS_PATH, data, content_type, params)
         except ReportRejected as exc:
             raise TaskError("artifact_rejected", str(exc)) from None
-        except httpx.HTTPError as exc:
+        except GatewayUnreachable as exc:
             raise TaskError(
                 "gateway_unavailable", f"cannot store the artifact: {exc}", retryable=True
             ) from None

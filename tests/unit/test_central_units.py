@@ -5,15 +5,17 @@ batching (against a recording gateway served in-process over ASGI)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
-from collections.abc import Callable
+import socket
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import sqlalchemy as sa
+import uvicorn
 from sqlmodel import SQLModel
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -33,7 +35,14 @@ from gateway.runs.reports.one_by_one import apply_event
 from gateway.services.units import UnitRunner
 from gateway.settings import Settings
 from jobs.protocol import EVENTS_PATH, SIGNATURE_HEADER, verify_request
-from jobs.report import Reporter, ReportRejected, make_event, refused_fallback
+from jobs.report import (
+    GatewayUnreachable,
+    Reporter,
+    ReportRejected,
+    gateway_session,
+    make_event,
+    refused_fallback,
+)
 from tests.unit.conftest import PROJECT
 from tests.unit.test_state_machine import create, endpoint, event, row, status
 from webhooks.dispatch import DeliveryDispatcher
@@ -345,9 +354,23 @@ class RecordingGateway:
         return JSONResponse({"answers": answers})
 
 
-def reporter(gateway: RecordingGateway) -> Reporter:
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway.app))
-    return Reporter("http://gateway.test", SECRET, client=client)
+@contextlib.asynccontextmanager
+async def reporter(gateway: RecordingGateway) -> AsyncIterator[Reporter]:
+    """A reporter to ``gateway``, served by uvicorn on a loopback port (bound
+    and listening before the server starts, so nothing waits for it)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    config = uvicorn.Config(gateway.app, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    session = gateway_session()
+    try:
+        yield Reporter(f"http://127.0.0.1:{sock.getsockname()[1]}", SECRET, session=session)
+    finally:
+        await session.close()
+        server.should_exit = True
+        await serving
 
 
 def started(run_id: str) -> dict[str, Any]:
@@ -357,7 +380,8 @@ def started(run_id: str) -> dict[str, Any]:
 def test_a_lone_report_leaves_at_once_signed_for_its_path() -> None:
     async def scenario() -> None:
         gateway = RecordingGateway()
-        answer = await reporter(gateway).send_once(started("run_a"))
+        async with reporter(gateway) as sender:
+            answer = await sender.send_once(started("run_a"))
         assert answer == {"ok": True, "run_id": "run_a"}
         assert [[e["run_id"] for e in b] for b in gateway.batches] == [["run_a"]]
 
@@ -368,18 +392,18 @@ def test_reports_made_while_one_is_out_go_together_and_each_gets_its_answer() ->
     async def scenario() -> None:
         gateway = RecordingGateway()
         gateway.release.clear()
-        sender = reporter(gateway)
-        first = asyncio.ensure_future(sender.send_once(started("run_1")))
-        await gateway.arrived.wait()
-        rest = [asyncio.ensure_future(sender.send_once(started(f"run_{n}"))) for n in (2, 3, 4)]
-        await asyncio.sleep(0)  # they queue behind the request that is out
-        gateway.release.set()
-        answers = await asyncio.gather(first, *rest)
-        assert [a["run_id"] for a in answers] == ["run_1", "run_2", "run_3", "run_4"]
-        assert [[e["run_id"] for e in b] for b in gateway.batches] == [
-            ["run_1"],
-            ["run_2", "run_3", "run_4"],
-        ]
+        async with reporter(gateway) as sender:
+            first = asyncio.ensure_future(sender.send_once(started("run_1")))
+            await gateway.arrived.wait()
+            rest = [asyncio.ensure_future(sender.send_once(started(f"run_{n}"))) for n in (2, 3, 4)]
+            await asyncio.sleep(0)  # they queue behind the request that is out
+            gateway.release.set()
+            answers = await asyncio.gather(first, *rest)
+            assert [a["run_id"] for a in answers] == ["run_1", "run_2", "run_3", "run_4"]
+            assert [[e["run_id"] for e in b] for b in gateway.batches] == [
+                ["run_1"],
+                ["run_2", "run_3", "run_4"],
+            ]
 
     asyncio.run(scenario())
 
@@ -389,16 +413,16 @@ def test_a_batch_too_large_for_the_gateway_is_sent_again_one_by_one() -> None:
         gateway = RecordingGateway()
         gateway.release.clear()
         gateway.too_large_above = 1
-        sender = reporter(gateway)
-        first = asyncio.ensure_future(sender.send_once(started("run_1")))
-        await gateway.arrived.wait()
-        rest = [asyncio.ensure_future(sender.send_once(started(f"run_{n}"))) for n in (2, 3)]
-        await asyncio.sleep(0)
-        gateway.release.set()
-        answers = await asyncio.gather(first, *rest)
-        assert [a["run_id"] for a in answers] == ["run_1", "run_2", "run_3"]
-        sizes = [len(b) for b in gateway.batches]
-        assert sizes == [1, 2, 1, 1]
+        async with reporter(gateway) as sender:
+            first = asyncio.ensure_future(sender.send_once(started("run_1")))
+            await gateway.arrived.wait()
+            rest = [asyncio.ensure_future(sender.send_once(started(f"run_{n}"))) for n in (2, 3)]
+            await asyncio.sleep(0)
+            gateway.release.set()
+            answers = await asyncio.gather(first, *rest)
+            assert [a["run_id"] for a in answers] == ["run_1", "run_2", "run_3"]
+            sizes = [len(b) for b in gateway.batches]
+            assert sizes == [1, 2, 1, 1]
 
     asyncio.run(scenario())
 
@@ -408,22 +432,22 @@ def test_a_refused_event_fails_alone_and_a_failed_request_fails_its_whole_batch(
         gateway = RecordingGateway()
         gateway.release.clear()
         gateway.refuse_run = "run_bad"
-        sender = reporter(gateway)
-        first = asyncio.ensure_future(sender.send_once(started("run_1")))
-        await gateway.arrived.wait()
-        good = asyncio.ensure_future(sender.send_once(started("run_good")))
-        bad = asyncio.ensure_future(sender.send_once(started("run_bad")))
-        await asyncio.sleep(0)
-        gateway.release.set()
-        assert (await first)["run_id"] == "run_1"
-        assert (await good)["run_id"] == "run_good"
-        with pytest.raises(ReportRejected) as refused:
-            await bad
-        assert refused.value.status_code == 422
+        async with reporter(gateway) as sender:
+            first = asyncio.ensure_future(sender.send_once(started("run_1")))
+            await gateway.arrived.wait()
+            good = asyncio.ensure_future(sender.send_once(started("run_good")))
+            bad = asyncio.ensure_future(sender.send_once(started("run_bad")))
+            await asyncio.sleep(0)
+            gateway.release.set()
+            assert (await first)["run_id"] == "run_1"
+            assert (await good)["run_id"] == "run_good"
+            with pytest.raises(ReportRejected) as refused:
+                await bad
+            assert refused.value.status_code == 422
 
-        gateway.fail_with = 503
-        with pytest.raises(httpx.HTTPStatusError):
-            await sender.send_once(started("run_2"))
+            gateway.fail_with = 503
+            with pytest.raises(GatewayUnreachable):
+                await sender.send_once(started("run_2"))
 
     asyncio.run(scenario())
 
