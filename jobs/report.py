@@ -26,6 +26,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import yarl
 from arq import ArqRedis, Retry
 
 from jobs.contract import DeliverReport
@@ -226,7 +227,8 @@ class Reporter:
         :raises GatewayUnreachable: the gateway could not be reached, or answered 5xx
         """
         query = urllib.parse.urlencode(sorted((params or {}).items()))
-        url = self.base_url + path + (f"?{query}" if query else "")
+        # Sent as signed: yarl would otherwise requote the query (``%2F`` → ``/``).
+        url = yarl.URL(self.base_url + path + (f"?{query}" if query else ""), encoded=True)
         headers = {
             "content-type": content_type,
             SIGNATURE_HEADER: sign_request(self.secret, "POST", path, query, body),

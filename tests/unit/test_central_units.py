@@ -324,7 +324,26 @@ class RecordingGateway:
         self.too_large_above = 0
         self.refuse_run: str | None = None
         self.fail_with: int | None = None
-        self.app = Starlette(routes=[Route(EVENTS_PATH, self.events, methods=["POST"])])
+        self.app = Starlette(
+            routes=[
+                Route(EVENTS_PATH, self.events, methods=["POST"]),
+                Route("/internal/v1/artifacts", self.artifact, methods=["POST"]),
+            ]
+        )
+
+    async def artifact(self, request: Request) -> Response:
+        """Checks the signature over the query string as it arrived."""
+        body = await request.body()
+        verify_request(
+            SECRET,
+            request.headers.get(SIGNATURE_HEADER),
+            "POST",
+            request.url.path,
+            request.scope["query_string"].decode(),
+            body,
+            max_age=60,
+        )
+        return JSONResponse({"size": len(body), "type": request.query_params["content_type"]})
 
     async def events(self, request: Request) -> Response:
         body = await request.body()
@@ -448,6 +467,16 @@ def test_a_refused_event_fails_alone_and_a_failed_request_fails_its_whole_batch(
             gateway.fail_with = 503
             with pytest.raises(GatewayUnreachable):
                 await sender.send_once(started("run_2"))
+
+    asyncio.run(scenario())
+
+
+def test_a_call_with_a_query_arrives_as_signed() -> None:
+    async def scenario() -> None:
+        async with reporter(RecordingGateway()) as sender:
+            params = {"run_id": "run_1", "content_type": "image/jpeg", "note": "a b&c"}
+            answer = await sender.post("/internal/v1/artifacts", b"xyz", "image/jpeg", params)
+            assert answer.json() == {"size": 3, "type": "image/jpeg"}
 
     asyncio.run(scenario())
 
