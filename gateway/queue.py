@@ -112,6 +112,7 @@ async def enqueue_jobs(redis: ArqRedis, jobs: Sequence[QueuedJob]) -> list[bool]
         script = redis.register_script(_ENQUEUE)
         redis._gateway_enqueue = script  # type: ignore[attr-defined]
     now_ms = timestamp_ms()
+    database = int(redis.connection_pool.connection_kwargs.get("db") or 0)
 
     def call(job: QueuedJob, client: Any) -> Any:
         defer_ms = round(job.defer_seconds * 1000) if job.defer_seconds > 0 else 0
@@ -132,7 +133,7 @@ async def enqueue_jobs(redis: ArqRedis, jobs: Sequence[QueuedJob]) -> list[bool]
                 encoded,
                 now_ms + defer_ms - round(job.head_start * 1000),
                 job.job_id,
-                "" if defer_ms else nudge_channel(job.queue_name),
+                "" if defer_ms else nudge_channel(job.queue_name, database),
                 str(round(job.head_start * 1000)) if fair else "",
                 FAIR_EPOCH,
             ],

@@ -252,12 +252,16 @@ def delivery_job_id(delivery_id: str, step: int) -> str:
 # -- nudges -----------------------------------------------------------------------
 
 
-def nudge_channel(queue_name: str) -> str:
+def nudge_channel(queue_name: str, database: int = 0) -> str:
     """Where a job queued for now is announced, so an idle worker takes it at
     once instead of at its next poll (:class:`jobs.worker.NudgedWorker`). The
     message is the job's ID and, after a space, when it is due (its score in
-    the queue, ms): a project's turn can put it a few ms ahead."""
-    return f"{queue_name}:nudge"
+    the queue, ms): a project's turn can put it a few ms ahead.
+
+    Redis's channels are the server's, not a database's: the channel names
+    the queue's ``database`` (past 0), so gateways on other databases of the
+    same server never wake this queue's workers, nor count as its listeners."""
+    return f"{queue_name}:nudge" if not database else f"{queue_name}:nudge:db{database}"
 
 
 def nudge_due(message: str) -> int | None:

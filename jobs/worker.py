@@ -492,10 +492,11 @@ class NudgedWorker(Worker):
             heapq.heappush(ahead, due)
             arm(due)
 
+        database = self.redis_settings.database if self.redis_settings is not None else 0
         try:
             await listen_forever(
                 self.pool,
-                nudge_channel(self.queue_name),
+                nudge_channel(self.queue_name, database),
                 heard,
                 what="worker nudges (polling goes on)",
             )

@@ -213,8 +213,9 @@ class Stack:
         """Wait until ``count`` workers listen for the queue's nudges (each
         subscribes once it is ready to poll); when that was (``time.time()``)."""
         with redis.Redis.from_url(self.redis_url) as client:
+            channel = nudge_channel("gateway:queue", client.connection_pool.connection_kwargs["db"])
             wait_until(
-                lambda: client.pubsub_numsub(nudge_channel("gateway:queue"))[0][1] >= count,
+                lambda: client.pubsub_numsub(channel)[0][1] >= count,
                 timeout=60,
                 what=f"{count} worker(s) listening",
             )

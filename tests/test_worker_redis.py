@@ -16,6 +16,7 @@ import secrets
 from typing import Any
 
 import redis
+import redis.asyncio
 from arq import ArqRedis, func
 from arq.connections import create_pool
 from arq.constants import in_progress_key_prefix
@@ -219,7 +220,7 @@ async def _ahead(url: str) -> None:
     pool: ArqRedis = await create_pool(redis_settings(f"{url}/{DB}"))
     task = asyncio.create_task(worker.main())
     try:
-        channel = nudge_channel(queue)
+        channel = nudge_channel(queue, DB)
         while (await pool.pubsub_numsub(channel))[0][1] < 1:  # noqa: ASYNC110 (in Redis)
             await asyncio.sleep(0.01)  # the worker subscribes as it starts
         await asyncio.wait_for(worker._started.wait(), 10)
@@ -246,3 +247,34 @@ async def _ahead(url: str) -> None:
 
 def test_jobs_announced_ahead_of_their_time_start_when_due(redis_server: EmbeddedRedis) -> None:
     asyncio.run(_ahead(redis_server.url))
+
+
+def test_a_job_is_announced_on_its_own_databases_channel_only(redis_server: EmbeddedRedis) -> None:
+    """Redis's channels are the server's: a gateway on database 7 must not wake
+    (nor count as listened to by) the workers of database 0's queue."""
+    queue = f"nudges-{secrets.token_hex(3)}"
+    ours, other = nudge_channel(queue, 7), nudge_channel(queue, 0)
+    assert ours != other
+
+    async def scenario() -> None:
+        pool: ArqRedis = await create_pool(redis_settings(f"{redis_server.url}/7"))
+        listener = redis.asyncio.Redis.from_url(redis_server.url)
+        pubsub = listener.pubsub()
+        try:
+            await pubsub.subscribe(ours, other)
+            for _ in range(2):  # the two confirmations
+                assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"
+            assert all(await enqueue_jobs(pool, [QueuedJob("job", ("x",), "job-x", queue)]))
+            await pool.publish(other, "end")  # after the job's nudge, were it sent there
+            heard = [await pubsub.get_message(timeout=5) for _ in range(2)]
+            assert [(m["channel"].decode(), m["data"].decode().split(" ")[0]) for m in heard] == [
+                (ours, "job-x"),
+                (other, "end"),
+            ]
+        finally:
+            await pubsub.aclose()
+            await listener.aclose()
+            await pool.delete(queue, "arq:job:job-x")
+            await pool.aclose()
+
+    asyncio.run(scenario())
