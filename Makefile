@@ -32,16 +32,14 @@ $(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
 	else echo "make: no npm here: the tests of Trigger.dev's SDK will skip"; fi
 
 # First the unit tests (no Redis, no processes: seconds), then the suites over
-# real processes in three pytest processes, a test file's tests on one backend
-# each at a time (the tests mostly wait on processes and sockets, so three fit
-# two cores): each has its own Redis, databases, stacks and browser, so they
-# never share state. Each is handed its SQLite tests before its PostgreSQL ones
-# (tests/conftest.py), so a backend's shared stacks start once per process.
+# real processes in three pytest processes, a test file each at a time (the
+# tests mostly wait on processes and sockets, so three fit two cores): each has
+# its own Redis, databases, stacks and browser, so they never share state.
 # TEST_WORKERS=0 runs those in one process.
 TEST_WORKERS ?= 3
 test: $(STAMP) $(NODE_STAMP)
 	$(BIN)/python -m pytest tests/unit -q
-	$(BIN)/python -m pytest --ignore=tests/unit $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --ignore=tests/unit $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 # The gateway beside raw arq, on SQLite, and on PostgreSQL too when
 # BENCH_DATABASE_URL names a server; prints a table, writes docs/bench.png.

@@ -42,33 +42,6 @@ def _backends() -> list[str]:
     return ["sqlite", "postgresql"] if os.environ.get("TEST_DATABASE_URL") else ["sqlite"]
 
 
-def _backend_param(item: pytest.Item) -> str | None:
-    """The backend a test runs on (the ``databases`` parameter), if it takes one."""
-    callspec = getattr(item, "callspec", None)
-    return callspec.params.get("databases") if callspec is not None else None
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under ``--dist loadgroup`` (``make test``), a file's tests on one backend
-    go to one pytest process together, and every process is handed all its
-    SQLite tests before its PostgreSQL ones: the session's stacks of a backend
-    (``stack``, ``single_slot_stack``, ``flow``) are then started once per
-    process, not again each time the next file goes back to SQLite. Runs
-    before xdist's own hook, which reads the marks."""
-    order = _backends()
-
-    def rank(item: pytest.Item) -> int:
-        backend = _backend_param(item)
-        return -1 if backend is None else order.index(backend)
-
-    for item in items:
-        backend = _backend_param(item)
-        group = item.path.stem if backend is None else f"{item.path.stem}-{backend}"
-        item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=rank)  # stable: each file's own order is kept
-
-
 @pytest.fixture(scope="session")
 def receiver() -> Iterator[Receiver]:
     """A webhook receiver on 127.0.0.1 that verifies calls with `standardwebhooks`."""
