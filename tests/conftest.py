@@ -264,7 +264,7 @@ def launch_stack(
         LLM_MAX_RETRIES="2",
         RUN_LOG_MAX_LINES="150",
         # Three pytest processes run PostgreSQL stacks side by side: each
-        # process keeps few connections, or they would pass max_connections.
+        # keeps few connections, well within a default max_connections (100).
         DATABASE_POOL_SIZE="4",
     )
     env = child_env(**{**settings, **env_overrides})
