@@ -34,7 +34,7 @@ from gateway.runs.errors import LostRace
 from gateway.runs.reports.one_by_one import apply_event
 from gateway.services.units import UnitRunner
 from gateway.settings import Settings
-from jobs.protocol import EVENTS_PATH, SIGNATURE_HEADER, verify_request
+from jobs.protocol import ARTIFACTS_PATH, EVENTS_PATH, SIGNATURE_HEADER, verify_request
 from jobs.report import (
     GatewayUnreachable,
     Reporter,
@@ -327,12 +327,14 @@ class RecordingGateway:
         self.app = Starlette(
             routes=[
                 Route(EVENTS_PATH, self.events, methods=["POST"]),
-                Route("/internal/v1/artifacts", self.artifact, methods=["POST"]),
+                Route(ARTIFACTS_PATH, self.artifact, methods=["POST"]),
             ]
         )
 
-    async def artifact(self, request: Request) -> Response:
-        """Checks the signature over the query string as it arrived."""
+    @staticmethod
+    async def _verified_body(request: Request) -> bytes:
+        """The body, once the signature is checked over the path and the query
+        string as they arrived."""
         body = await request.body()
         verify_request(
             SECRET,
@@ -343,19 +345,14 @@ class RecordingGateway:
             body,
             max_age=60,
         )
+        return body
+
+    async def artifact(self, request: Request) -> Response:
+        body = await self._verified_body(request)
         return JSONResponse({"size": len(body), "type": request.query_params["content_type"]})
 
     async def events(self, request: Request) -> Response:
-        body = await request.body()
-        verify_request(
-            SECRET,
-            request.headers.get(SIGNATURE_HEADER),
-            "POST",
-            EVENTS_PATH,
-            "",
-            body,
-            max_age=60,
-        )
+        body = await self._verified_body(request)
         batch = json.loads(body)["events"]
         self.batches.append(batch)
         self.arrived.set()
@@ -475,7 +472,7 @@ def test_a_call_with_a_query_arrives_as_signed() -> None:
     async def scenario() -> None:
         async with reporter(RecordingGateway()) as sender:
             params = {"run_id": "run_1", "content_type": "image/jpeg", "note": "a b&c"}
-            answer = await sender.post("/internal/v1/artifacts", b"xyz", "image/jpeg", params)
+            answer = await sender.post(ARTIFACTS_PATH, b"xyz", "image/jpeg", params)
             assert answer.json() == {"size": 3, "type": "image/jpeg"}
 
     asyncio.run(scenario())
