@@ -54,12 +54,14 @@ _NOW = sa.bindparam("now", type_=UTCDateTime())
 # Each compare-and-set writes the transitions of the runs it moved in the
 # same statement (``logged``), as ``transition_all`` does in a second one.
 #
-# Each compares a run's status with the one in its row of the set (``v``),
-# never with a constant: ``runs.status = 'QUEUED'`` let the planner read the
-# runs through the status index, which the statistics make look selective
-# while a backlog makes it a scan of every queued run (16 to 25 ms a batch with
-# 8,000 queued, docs/performance.md). Compared through ``v``, the only way in
-# is the primary key.
+# Each reads its runs by primary key (``runs.id = ANY(:ids)``, which the
+# unique index says is at most one row an ID, statistics or not) and compares
+# a run's status with the one in its row of the set (``v``), never with a
+# constant: ``runs.status = 'QUEUED'`` let the planner read the runs through
+# the status index, which the statistics make look selective while a backlog
+# makes it a scan of every queued run (16 to 25 ms a batch with 8,000 queued,
+# docs/performance.md). Without the ``ANY``, a table never analyzed got a
+# nested loop of every run against every row of the set (20 ms for 2,200 runs).
 _START = sa.text(
     """
     WITH moved AS (
@@ -68,7 +70,8 @@ _START = sa.text(
         FROM unnest(
             CAST(:ids AS varchar[]), CAST(:froms AS varchar[]), CAST(:attempts AS integer[])
         ) AS v(id, w_status, attempt)
-        WHERE runs.id = v.id AND runs.status = v.w_status AND runs.attempt = v.attempt
+        WHERE runs.id = ANY(CAST(:ids AS varchar[])) AND runs.id = v.id
+            AND runs.status = v.w_status AND runs.attempt = v.attempt
             AND runs.step = 0
         RETURNING runs.id, runs.attempt
     ), logged AS (
@@ -98,7 +101,8 @@ _FINISH = sa.text(
             CAST(:tos AS varchar[]), CAST(:outputs AS text[]), CAST(:codes AS text[]),
             CAST(:messages AS text[])
         ) AS v(id, w_status, attempt, status, output, error_code, error_message)
-        WHERE runs.id = v.id AND runs.status = v.w_status AND runs.attempt = v.attempt
+        WHERE runs.id = ANY(CAST(:ids AS varchar[])) AND runs.id = v.id
+            AND runs.status = v.w_status AND runs.attempt = v.attempt
             AND runs.step = 0
         RETURNING runs.id, v.w_status, v.status, runs.attempt,
             v.error_code AS w_code, v.error_message AS w_message
@@ -129,8 +133,8 @@ _BEAT = sa.text(
         CAST(:ids AS varchar[]), CAST(:froms AS varchar[]), CAST(:attempts AS integer[]),
         CAST(:steps AS integer[])
     ) AS v(id, w_status, attempt, step)
-    WHERE runs.id = v.id AND runs.status = v.w_status AND runs.attempt = v.attempt
-        AND runs.step = v.step
+    WHERE runs.id = ANY(CAST(:ids AS varchar[])) AND runs.id = v.id
+        AND runs.status = v.w_status AND runs.attempt = v.attempt AND runs.step = v.step
         AND runs.id IN (
             SELECT id FROM runs WHERE id = ANY(CAST(:ids AS varchar[]))
             ORDER BY id FOR UPDATE SKIP LOCKED
