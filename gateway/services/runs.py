@@ -58,8 +58,13 @@ T = TypeVar("T")
 
 #: Reports of a batch applied in one transaction; the chunks commit side by
 #: side. A chunk's common reports go as sets (``gateway.runs.reports.as_sets``), so
-#: on PostgreSQL a larger chunk costs few more round trips.
-EVENT_CHUNK = {"sqlite": 8, "postgresql": 32}
+#: a larger chunk costs few more statements. On SQLite the chunks of a batch
+#: commit in one group anyway (one writer), so a chunk is the whole of a usual
+#: batch: each chunk's ten or so statements cost Python far more than
+#: SQLite (chunks of 8: 1.2 to 1.4 ms of web CPU per run with a callback; of
+#: 64: 0.9, docs/performance.md). On PostgreSQL chunks of 32 go to separate
+#: connections, side by side.
+EVENT_CHUNK = {"sqlite": 64, "postgresql": 32}
 #: Groups of triggers in flight at once (``gateway.services.coalesce``): on
 #: SQLite one commits while the last one's jobs go to Redis; PostgreSQL
 #: commits several side by side.
