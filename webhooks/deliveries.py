@@ -20,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
 
+from db.many import execute_many
 from db.models import (
     Delivery,
     DeliveryAttempt,
@@ -374,7 +375,8 @@ def _record_delivered(
     delivered: Sequence[tuple[int, DeliveryAttemptReport, Mapping[str, Any], int]],
     now: dt.datetime,
 ) -> None:
-    conn.execute(
+    execute_many(
+        conn,
         _INSERT_ATTEMPT,
         [
             {
@@ -395,9 +397,12 @@ def _record_delivered(
     )
     endpoint_ids = sorted({row["endpoint_id"] for _, _, row, _ in delivered} - {None})
     if endpoint_ids:
-        conn.execute(_ENDPOINT_SUCCEEDED, [{"endpoint_id": e, "now": now} for e in endpoint_ids])
+        execute_many(
+            conn, _ENDPOINT_SUCCEEDED, [{"endpoint_id": e, "now": now} for e in endpoint_ids]
+        )
     if conn.dialect.name != "postgresql":
-        conn.execute(
+        execute_many(
+            conn,
             _DELIVERED_ONE,
             [
                 {

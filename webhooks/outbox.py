@@ -17,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from db.ids import new_id
+from db.many import execute_many
 from db.models import (
     Delivery,
     DeliveryStatus,
@@ -306,7 +307,7 @@ class RunDeliveries:
     def write(self) -> None:
         """Insert the deliveries added so far."""
         if self._rows:
-            self.conn.execute(_INSERT_DELIVERY, self._rows)
+            execute_many(self.conn, _INSERT_DELIVERY, self._rows)
             self._rows = []
 
 

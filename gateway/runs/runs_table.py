@@ -18,6 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, JSON, aggregate_order_by
 
+from db.many import execute_many
 from db.models import Run, RunAttempt, RunNode, RunStatus, RunTransition
 from gateway.runs.errors import LostRace
 from jobs.protocol import WorkerEvent
@@ -259,8 +260,8 @@ def insert_runs(conn: sa.Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         if postgresql:
             conn.execute(_insert_run_logged(columns), shaped)
             continue
-        conn.execute(INSERT_RUN, shaped)
-        conn.execute(INSERT_TRANSITION, [_first_transition(v) for v in shaped])
+        execute_many(conn, INSERT_RUN, shaped)
+        execute_many(conn, INSERT_TRANSITION, [_first_transition(v) for v in shaped])
     for row in rows:
         _observe(conn, row, RunStatus(row["status"]), row["created_at"])
 
@@ -328,11 +329,12 @@ def transition_all(
         )
         shapes.setdefault((tuple(changes), first), []).append(params)
     for (names, first), params_list in shapes.items():
-        result = conn.execute(_cas_update(names, first), params_list)
-        if result.rowcount != len(params_list):
+        if execute_many(conn, _cas_update(names, first), params_list) != len(params_list):
             raise LostRace(params_list[0]["w_id"])
     if moves:
-        conn.execute(INSERT_TRANSITION, [transitioned(conn, run, to, now) for run, to, _ in moves])
+        execute_many(
+            conn, INSERT_TRANSITION, [transitioned(conn, run, to, now) for run, to, _ in moves]
+        )
 
 
 def transitioned(

@@ -28,6 +28,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from db.many import execute_many
 from db.models import RunStatus
 from db.types import UTCDateTime, json_text, utcnow
 from gateway.runs.effects import Effects, EventAnswer
@@ -330,7 +331,7 @@ def _beat(
             {"id": run["id"], "attempt": event.attempt, "step": event.step, "now": now}
             for run, event in alive
         ]
-        conn.execute(_BEAT_ONE, rows)
+        execute_many(conn, _BEAT_ONE, rows)
 
 
 def _final_values(final: _Final, now: dt.datetime) -> dict[str, Any]:
@@ -430,7 +431,7 @@ def _record_attempts(
             if f.run["id"] not in ended
         ]
     if rows:
-        conn.execute(INSERT_ATTEMPT, rows)
+        execute_many(conn, INSERT_ATTEMPT, rows)
 
 
 def _finish_attempts(conn: sa.Connection, finals: list[_Final], now: dt.datetime) -> set[str]:
@@ -447,6 +448,6 @@ def _finish_attempts(conn: sa.Connection, finals: list[_Final], now: dt.datetime
         }
         for f in finals
     ]
-    if conn.execute(FINISH_ATTEMPT, params).rowcount == len(params):
+    if execute_many(conn, FINISH_ATTEMPT, params) == len(params):
         return {f.run["id"] for f in finals}
     return {p["w_run_id"] for p in params if conn.execute(FINISH_ATTEMPT, p).rowcount}
