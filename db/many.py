@@ -64,7 +64,11 @@ def execute_many(
     conn: sa.Connection, statement: sa.Executable, rows: Sequence[Mapping[str, Any]]
 ) -> int:
     """Run ``statement`` once for each of ``rows`` (each with the same keys),
-    as ``conn.execute(statement, rows)`` would; the number of rows it matched."""
+    as ``conn.execute(statement, rows)`` would; the number of rows it matched.
+    No rows, no statement (``conn.execute`` would run it once, without
+    parameters)."""
+    if not rows:
+        return 0
     if len(rows) < 2 or conn.dialect.name != "sqlite":
         return int(conn.execute(statement, list(rows)).rowcount)
     plan = _plan(conn.dialect, statement, tuple(rows[0]))

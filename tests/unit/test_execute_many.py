@@ -82,6 +82,7 @@ def test_a_statement_with_a_python_default_goes_through_sqlalchemy(tmp_path: Pat
     assert _plan(engine.dialect, stamped.insert(), ("id",)) is None
     with engine.begin() as conn:
         assert execute_many(conn, stamped.insert(), rows) == 2
+        assert execute_many(conn, stamped.insert(), []) == 0  # no row: nothing runs
     assert _stored(engine, stamped) == [("x", 7), ("y", 7)]
 
 
