@@ -69,9 +69,11 @@ def execute_many(
     parameters)."""
     if not rows:
         return 0
-    if len(rows) < 2 or conn.dialect.name != "sqlite":
-        return int(conn.execute(statement, list(rows)).rowcount)
-    plan = _plan(conn.dialect, statement, tuple(rows[0]))
+    plan = (
+        _plan(conn.dialect, statement, tuple(rows[0]))
+        if len(rows) > 1 and conn.dialect.name == "sqlite"
+        else None
+    )
     if plan is None:
         return int(conn.execute(statement, list(rows)).rowcount)
     sql, order = plan

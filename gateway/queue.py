@@ -35,7 +35,7 @@ from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 
 from jobs.contract import Job
-from jobs.protocol import nudge_channel
+from jobs.protocol import nudge_channel, redis_database
 
 __all__ = ["QueuedJob", "enqueue_job", "enqueue_jobs"]
 
@@ -112,7 +112,7 @@ async def enqueue_jobs(redis: ArqRedis, jobs: Sequence[QueuedJob]) -> list[bool]
         script = redis.register_script(_ENQUEUE)
         redis._gateway_enqueue = script  # type: ignore[attr-defined]
     now_ms = timestamp_ms()
-    database = int(redis.connection_pool.connection_kwargs.get("db") or 0)
+    database = redis_database(redis)
 
     def call(job: QueuedJob, client: Any) -> Any:
         defer_ms = round(job.defer_seconds * 1000) if job.defer_seconds > 0 else 0

@@ -73,6 +73,7 @@ __all__ = [
     "nudge_channel",
     "nudge_due",
     "parse_run_job_id",
+    "redis_database",
     "redis_settings",
     "run_job_id",
     "sign_request",
@@ -262,6 +263,12 @@ def nudge_channel(queue_name: str, database: int = 0) -> str:
     the queue's ``database`` (past 0), so gateways on other databases of the
     same server never wake this queue's workers, nor count as its listeners."""
     return f"{queue_name}:nudge" if not database else f"{queue_name}:nudge:db{database}"
+
+
+def redis_database(redis: Any) -> int:
+    """The database a Redis client (redis-py's, or arq's pool) talks to: the
+    one its queues' nudges name (:func:`nudge_channel`)."""
+    return int(redis.connection_pool.connection_kwargs.get("db") or 0)
 
 
 def nudge_due(message: str) -> int | None:

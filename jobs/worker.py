@@ -41,6 +41,7 @@ from jobs.protocol import (
     nudge_channel,
     nudge_due,
     parse_run_job_id,
+    redis_database,
     redis_settings,
 )
 from jobs.report import Reporter, deliver_report, gateway_session
@@ -504,11 +505,10 @@ class NudgedWorker(Worker):
             heapq.heappush(ahead, due)
             arm(due)
 
-        database = self.redis_settings.database if self.redis_settings is not None else 0
         try:
             await listen_forever(
                 self.pool,
-                nudge_channel(self.queue_name, database),
+                nudge_channel(self.queue_name, redis_database(self.pool)),
                 heard,
                 what="worker nudges (polling goes on)",
             )

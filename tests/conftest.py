@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from db.migrate import upgrade
 from gateway.cli.embedded_redis import EmbeddedRedis, free_port
 from gateway.settings import normalize_database_url
-from jobs.protocol import nudge_channel
+from jobs.protocol import nudge_channel, redis_database
 from tests.gemini import GeminiStandIn
 from tests.helpers import Process, child_env, db_call, db_query, wait_http_ok, wait_until
 from tests.receiver import Receiver
@@ -186,7 +186,7 @@ class Stack:
         """Wait until ``count`` workers listen for the queue's nudges (each
         subscribes once it is ready to poll); when that was (``time.time()``)."""
         with redis.Redis.from_url(self.redis_url) as client:
-            channel = nudge_channel("gateway:queue", client.connection_pool.connection_kwargs["db"])
+            channel = nudge_channel("gateway:queue", redis_database(client))
             wait_until(
                 lambda: client.pubsub_numsub(channel)[0][1] >= count,
                 timeout=60,
