@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import re
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,7 @@ from db.ids import new_id
 from db.types import utcnow
 from gateway.errors import NotFound
 from gateway.runs.effects import EventAnswer
+from gateway.runs.read import load_views
 from gateway.runs.reports.one_by_one import apply_events
 from gateway.runs.runs_table import run_attempts, run_transitions, runs
 from jobs.protocol import TIMED_OUT_CODE, WorkerEvent
@@ -324,6 +326,23 @@ def test_a_batch_applied_as_sets_writes_what_one_by_one_writes(databases: Databa
 
     _assert_twins_alike(rows_of)
 
+    # Each run's last callback carries the run as committed, times and all
+    # (the sets make the view from what they read and wrote, one by one
+    # reads it again): here times are compared, not masked.
+    def sent_and_stored(conn: sa.Connection) -> list[tuple[Any, Any]]:
+        last: dict[str, dict[str, Any]] = {}
+        for answer in [*as_sets, *one_by_one]:
+            for out in answer.effects.outgoing:
+                body = json.loads(out.body)
+                last[body["data"]["id"]] = body["data"]
+        stored = load_views(conn, list(last))
+        return [(sent, stored[run_id]) for run_id, sent in sorted(last.items())]
+
+    pairs = _call(url, lambda db: db.read(sent_and_stored))
+    assert len(pairs) >= 15
+    for sent, stored in pairs:
+        assert sent == stored
+
 
 #: Each case: the delivery's columns, and the attempts reported on it.
 ATTEMPT_CASES: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
@@ -534,7 +553,10 @@ def _index_names(plan: dict[str, Any]) -> set[tuple[str, str]]:
 #: Each compare-and-set over a set of runs (``gateway.runs.reports.as_sets``),
 #: the status its runs are in, and its parameters past ``now`` and ``ids``.
 _SET_STATEMENTS: dict[str, tuple[str, Callable[[int], dict[str, list[Any]]]]] = {
-    "_START": ("QUEUED", lambda n: {"froms": ["QUEUED"] * n, "attempts": [1] * n}),
+    "_START": (
+        "QUEUED",
+        lambda n: {"froms": ["QUEUED"] * n, "attempts": [1] * n, "workers": ["w"] * n},
+    ),
     "_FINISH": (
         "EXECUTING",
         lambda n: {

@@ -34,6 +34,7 @@ __all__ = [
     "batch_summary",
     "count_by_status",
     "list_runs",
+    "load_rows",
     "load_run",
     "load_views",
     "node_states",
@@ -44,6 +45,8 @@ __all__ = [
     "step_views",
     "transitions_since",
     "view_of",
+    "view_of_row",
+    "with_attempts",
 ]
 
 batches = Batch.__table__  # type: ignore[attr-defined]
@@ -270,18 +273,43 @@ def load_views(conn: sa.Connection, run_ids: Sequence[str]) -> dict[str, dict[st
     """The views of many runs, by ID: one read for all on PostgreSQL (two on
     SQLite), and a few more for each that has steps or nodes; missing runs
     are left out."""
+    rows = load_rows(conn, run_ids)
+    if conn.dialect.name != "postgresql":
+        with_attempts(conn, list(rows.values()))
+    return {run_id: view_of_row(conn, row) for run_id, row in rows.items()}
+
+
+def load_rows(conn: sa.Connection, run_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Many runs' whole rows by ID, with ``has_nodes``; on PostgreSQL with
+    their ``attempts`` too, in the same read (on SQLite: :func:`with_attempts`)."""
     dialect, ids = conn.dialect.name, {"run_ids": list(run_ids)}
     if dialect == "postgresql":
-        views = {}
+        rows = {}
         for found in conn.execute(LOAD_RUNS_WITH_ATTEMPTS, ids).mappings():
             row = dict(found)
-            views[row["id"]] = _view(conn, row, [_attempt_of(a) for a in row.pop("attempts_json")])
-        return views
-    rows = conn.execute(LOAD_RUNS[dialect], ids).mappings().all()
-    attempts: dict[str, list[dict[str, Any]]] = {}
-    for attempt in conn.execute(LOAD_RUNS_ATTEMPTS[dialect], ids).mappings():
-        attempts.setdefault(attempt["run_id"], []).append(dict(attempt))
-    return {row["id"]: _view(conn, dict(row), attempts.get(row["id"], [])) for row in rows}
+            row["attempts"] = [_attempt_of(a) for a in row.pop("attempts_json")]
+            rows[row["id"]] = row
+        return rows
+    return {row["id"]: dict(row) for row in conn.execute(LOAD_RUNS[dialect], ids).mappings()}
+
+
+def with_attempts(conn: sa.Connection, rows: Sequence[dict[str, Any]]) -> None:
+    """Read the ``attempts`` of rows that have none yet (SQLite's :func:`load_rows`)."""
+    wanted = {row["id"]: row for row in rows if "attempts" not in row}
+    if not wanted:
+        return
+    for row in wanted.values():
+        row["attempts"] = []
+    query = LOAD_RUNS_ATTEMPTS[conn.dialect.name]
+    for attempt in conn.execute(query, {"run_ids": list(wanted)}).mappings():
+        wanted[attempt["run_id"]]["attempts"].append(dict(attempt))
+
+
+def view_of_row(conn: sa.Connection, row: dict[str, Any]) -> dict[str, Any]:
+    """The view of a run from its whole row, ``has_nodes`` and ``attempts``
+    (:func:`load_rows`), as this transaction has them: a few reads more only
+    for a run with steps or nodes."""
+    return _view(conn, row, row["attempts"])
 
 
 def _attempt_of(found: dict[str, Any]) -> dict[str, Any]:

@@ -3,12 +3,13 @@
 The common reports (an attempt started; a run with no parent, no steps and no
 retry left ended; a running attempt's heartbeat) are applied kind by kind. On
 PostgreSQL, one compare-and-set UPDATE for all the runs of a kind (``UPDATE …
-FROM unnest(…)``), which also writes their transitions and ends their attempts
-(data-modifying CTEs); on SQLite, one ``executemany`` of the compare-and-set per
-kind, checked by its row count, then one INSERT of all their transitions and
-one ``executemany`` ending their attempts. Then one INSERT of the attempts
-begun, one read of their views and one INSERT of their deliveries. One by one,
-a report costs five to eight statements; here a batch costs about ten. Every other report, and a
+FROM unnest(…)``), which also writes their transitions and begins or ends
+their attempts (data-modifying CTEs). On SQLite, one ``executemany`` of the
+compare-and-set per kind, checked by its row count, then one INSERT of all
+their transitions, one ``executemany`` ending their attempts and one INSERT of
+the attempts begun. Then one read of their views and one INSERT of their
+deliveries. One by one, a report costs five to eight statements; here a batch
+costs about six on PostgreSQL and ten on SQLite. Every other report, and a
 second report about a run already in the batch, goes one by one after them
 (``one_by_one.apply_event``).
 
@@ -33,7 +34,7 @@ from db.models import RunStatus
 from db.types import UTCDateTime, json_text, utcnow
 from gateway.runs.effects import Effects, EventAnswer
 from gateway.runs.errors import LostRace
-from gateway.runs.read import load_views
+from gateway.runs.read import load_rows, view_of_row, with_attempts
 from gateway.runs.runs_table import (
     ACTIVE,
     FINISH_ATTEMPT,
@@ -53,7 +54,9 @@ __all__ = ["apply_in_sets"]
 _NOW = sa.bindparam("now", type_=UTCDateTime())
 
 # Each compare-and-set writes the transitions of the runs it moved in the
-# same statement (``logged``), as ``transition_all`` does in a second one.
+# same statement (``logged``), as ``transition_all`` does in a second one,
+# and the attempts it began or ended (``begun``, ``ended``): a statement is a
+# round trip, and a report's answer waits for each.
 #
 # Each reads its runs by primary key (``runs.id = ANY(:ids)``, which the
 # unique index says is at most one row an ID, statistics or not) and compares
@@ -69,15 +72,19 @@ _START = sa.text(
         UPDATE runs SET status = 'EXECUTING', updated_at = :now,
             started_at = COALESCE(runs.started_at, :now), heartbeat_at = :now
         FROM unnest(
-            CAST(:ids AS varchar[]), CAST(:froms AS varchar[]), CAST(:attempts AS integer[])
-        ) AS v(id, w_status, attempt)
+            CAST(:ids AS varchar[]), CAST(:froms AS varchar[]), CAST(:attempts AS integer[]),
+            CAST(:workers AS varchar[])
+        ) AS v(id, w_status, attempt, worker_id)
         WHERE runs.id = ANY(CAST(:ids AS varchar[])) AND runs.id = v.id
             AND runs.status = v.w_status AND runs.attempt = v.attempt
             AND runs.step = 0
-        RETURNING runs.id, runs.attempt
+        RETURNING runs.id, runs.attempt, v.worker_id
     ), logged AS (
         INSERT INTO run_transitions (run_id, from_status, to_status, attempt, at)
         SELECT id, 'QUEUED', 'EXECUTING', attempt, :now FROM moved
+    ), begun AS (
+        INSERT INTO run_attempts (run_id, number, status, worker_id, started_at)
+        SELECT id, attempt, 'EXECUTING', worker_id, :now FROM moved
     )
     SELECT id FROM moved
     """
@@ -225,10 +232,16 @@ def apply_in_sets(
     """
     now = utcnow()
     ids = sorted({event.run_id for event in events})
-    found = {
-        row["id"]: dict(row)
-        for row in conn.execute(SELECT_RUNS[conn.dialect.name], {"run_ids": ids}).mappings()
-    }
+    if all(event.type == "heartbeat" for event in events):
+        found = {
+            row["id"]: dict(row)
+            for row in conn.execute(SELECT_RUNS[conn.dialect.name], {"run_ids": ids}).mappings()
+        }
+    else:
+        # Whole rows (and on PostgreSQL their attempts): the views that
+        # callbacks carry are made from them and what the moves wrote, with
+        # no read of the runs again.
+        found = load_rows(conn, ids)
     started: list[tuple[int, dict[str, Any], WorkerEvent]] = []
     finals: list[_Final] = []
     beats: list[tuple[int, dict[str, Any], WorkerEvent]] = []
@@ -256,18 +269,13 @@ def apply_in_sets(
     finals.sort(key=lambda final: final.run["id"])
 
     ended: set[str] | None = None
+    moves = [(run, RunStatus.EXECUTING, _start_values(now)) for _, run, _ in started] + [
+        (f.run, f.to, _final_values(f, now)) for f in finals
+    ]
     if conn.dialect.name == "postgresql":
         ended = _move_as_sets(conn, started, finals, now)
     else:
-        transition_all(
-            conn,
-            [
-                (run, RunStatus.EXECUTING, {"started_at": KeepFirst(now), "heartbeat_at": now})
-                for _, run, _ in started
-            ]
-            + [(f.run, f.to, _final_values(f, now)) for f in finals],
-            now,
-        )
+        transition_all(conn, moves, now)
     _record_attempts(conn, started, finals, now, ended)
 
     answers: list[EventAnswer | None] = [None] * len(events)
@@ -278,8 +286,12 @@ def apply_in_sets(
     for f in finals:
         event_type = FINAL_EVENTS[f.to]
         wanted[f.run["id"]] = (f.run, event_type, deliveries.receivers(f.run, event_type))
-    viewed = [run_id for run_id, (_, _, receivers) in wanted.items() if receivers]
-    views = load_views(conn, viewed) if viewed else {}
+    views = _views_after(
+        conn,
+        [move for move in moves if wanted[move[0]["id"]][2]],
+        _attempts_after(started, finals, now),
+        now,
+    )
     outgoing = {
         run_id: deliveries.add(run, event_type, views[run_id], receivers)
         for run_id, (run, event_type, receivers) in wanted.items()
@@ -334,6 +346,70 @@ def _beat(
         execute_many(conn, _BEAT_ONE, rows)
 
 
+def _start_values(now: dt.datetime) -> dict[str, Any]:
+    """What ``one_by_one._apply_started`` sets on a run that starts."""
+    return {"started_at": KeepFirst(now), "heartbeat_at": now}
+
+
+def _attempts_after(
+    started: list[tuple[int, dict[str, Any], WorkerEvent]],
+    finals: list[_Final],
+    now: dt.datetime,
+) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """For each moved run, what ``_record_attempts`` wrote of its current
+    attempt: the row it began, and what it set on a row already there."""
+    out: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+    for _, run, event in started:
+        begun = {
+            "number": event.attempt,
+            "status": RunStatus.EXECUTING.value,
+            "worker_id": event.worker_id,
+            "started_at": now,
+            "finished_at": None,
+            "error_code": None,
+            "error_message": None,
+        }
+        out[run["id"]] = (begun, begun)
+    for f in finals:
+        end = {
+            "status": f.to.value,
+            "finished_at": now,
+            "error_code": f.code,
+            "error_message": f.message,
+        }
+        alone = {"number": f.event.attempt, "worker_id": f.event.worker_id, "started_at": now}
+        out[f.run["id"]] = ({**alone, **end}, end)
+    return out
+
+
+def _views_after(
+    conn: sa.Connection,
+    moves: list[tuple[dict[str, Any], RunStatus, dict[str, Any]]],
+    attempts: dict[str, tuple[dict[str, Any], dict[str, Any]]],
+    now: dt.datetime,
+) -> dict[str, dict[str, Any]]:
+    """The views of moved runs, from the rows the batch read and what the
+    moves set: no read of the runs again. On PostgreSQL their attempts came
+    with the rows, and the current one is put as the batch wrote it; SQLite's
+    are read now (one statement, after the writes)."""
+    rows = []
+    for run, to, values in moves:
+        row = {**run, "status": to.value, "updated_at": now}
+        for name, value in values.items():
+            if isinstance(value, KeepFirst):
+                value = run[name] if run[name] is not None else value.value
+            row[name] = value
+        if "attempts" in run:
+            number, (begun, changed) = run["attempt"], attempts[run["id"]]
+            before = [a for a in run["attempts"] if a["number"] == number]
+            current = {**before[-1], **changed} if before else begun
+            others = [a for a in run["attempts"] if a["number"] != number]
+            row["attempts"] = sorted([*others, current], key=lambda a: a["number"])
+        rows.append(row)
+    with_attempts(conn, rows)
+    return {row["id"]: view_of_row(conn, row) for row in rows}
+
+
 def _final_values(final: _Final, now: dt.datetime) -> dict[str, Any]:
     """What ``one_by_one.apply_final`` sets on a run that ends."""
     values: dict[str, Any] = {"output": final.event.output}
@@ -350,8 +426,8 @@ def _move_as_sets(
     now: dt.datetime,
 ) -> set[str]:
     """The compare-and-sets of PostgreSQL: one ``UPDATE … FROM unnest`` per
-    kind, with the moved runs' transitions (and the ended runs' attempts) in
-    the same statement; the runs whose attempt row was there to end."""
+    kind, with the moved runs' transitions (and the attempts begun or ended)
+    in the same statement; the runs whose attempt row was there to end."""
     ended: set[str] = set()
     if started:
         _applied(
@@ -362,6 +438,7 @@ def _move_as_sets(
                 "ids": [run["id"] for _, run, _ in started],
                 "froms": [run["status"] for _, run, _ in started],
                 "attempts": [event.attempt for _, _, event in started],
+                "workers": [event.worker_id for _, _, event in started],
             },
         )
     if finals:
@@ -398,8 +475,8 @@ def _record_attempts(
 ) -> None:
     """Attempts begun, and attempts ended (begun here if their ``started``
     report has not arrived). ``ended``: the runs whose attempt the
-    compare-and-set ended already (PostgreSQL's), or ``None`` (SQLite's:
-    ended here)."""
+    compare-and-set ended already (PostgreSQL's, which began the attempts of
+    ``started`` too), or ``None`` (SQLite's: begun and ended here)."""
     rows = [
         {
             "run_id": run["id"],
@@ -412,6 +489,7 @@ def _record_attempts(
             "error_message": None,
         }
         for _, run, event in started
+        if ended is None
     ]
     if ended is None:
         ended = _finish_attempts(conn, finals, now) if finals else set()
