@@ -29,7 +29,9 @@ from jobs.protocol import TIMED_OUT_CODE, WorkerEvent
 from tests.conftest import Databases
 from webhooks.deliveries import RetryPolicy, delivery_attempts, record_attempt, record_attempts
 from webhooks.models import DeliveryAttemptReport
-from webhooks.outbox import deliveries, endpoints, projects
+from webhooks.outbox import deliveries, endpoint_secrets, endpoints, projects
+
+SIGNING = "whsec_" + "S" * 32
 
 #: Each case: the run's columns, and the reports it gets, in the batch's order.
 CASES: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
@@ -249,6 +251,19 @@ def _seed_endpoint(conn: sa.Connection, project_id: str, now: dt.datetime) -> st
             "updated_at": now,
         },
     )
+    # The one that signs now, and one that stopped (rotated away).
+    conn.execute(
+        endpoint_secrets.insert(),
+        [
+            {"endpoint_id": endpoint_id, "secret": SIGNING, "created_at": now, "expires_at": None},
+            {
+                "endpoint_id": endpoint_id,
+                "secret": "whsec_" + "B" * 32,
+                "created_at": now,
+                "expires_at": now - dt.timedelta(hours=1),
+            },
+        ],
+    )
     return endpoint_id
 
 
@@ -342,6 +357,15 @@ def test_a_batch_applied_as_sets_writes_what_one_by_one_writes(databases: Databa
     assert len(pairs) >= 15
     for sent, stored in pairs:
         assert sent == stored
+    # Each endpoint's delivery is signed with the secret that signs now.
+    signed = [
+        out.secrets
+        for answer in [*as_sets, *one_by_one]
+        for out in answer.effects.outgoing
+        if out.url.endswith("/all")
+    ]
+    assert len(signed) >= 15
+    assert set(signed) == {(SIGNING,)}
 
 
 #: Each case: the delivery's columns, and the attempts reported on it.

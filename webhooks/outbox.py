@@ -12,9 +12,10 @@ import dataclasses
 import datetime as dt
 import json
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSON, aggregate_order_by
 
 from db.ids import new_id
 from db.many import execute_many
@@ -23,6 +24,7 @@ from db.models import (
     DeliveryStatus,
     EndpointSecret,
     Project,
+    Run,
     RunStatus,
     WebhookEndpoint,
 )
@@ -39,6 +41,7 @@ __all__ = [
     "create_event_deliveries",
     "create_run_deliveries",
     "encode_body",
+    "endpoints_of_runs",
     "event_body",
     "insert_delivery",
     "project_secret",
@@ -49,6 +52,7 @@ endpoints = WebhookEndpoint.__table__  # type: ignore[attr-defined]
 endpoint_secrets = EndpointSecret.__table__  # type: ignore[attr-defined]
 deliveries = Delivery.__table__  # type: ignore[attr-defined]
 projects = Project.__table__  # type: ignore[attr-defined]
+runs = Run.__table__  # type: ignore[attr-defined]
 
 #: The event of each final status.
 FINAL_EVENTS = {
@@ -195,16 +199,55 @@ _ENABLED_ENDPOINTS = sa.select(
 
 #: The same, with each endpoint's secrets that sign now (newest first): one
 #: row per endpoint and secret, so that a run's final event reads both at once.
+_SIGNING_JOIN = endpoints.outerjoin(
+    endpoint_secrets, sa.and_(endpoint_secrets.c.endpoint_id == endpoints.c.id, _SIGNS_NOW)
+)
 _ENDPOINTS_SIGNING = (
     _ENABLED_ENDPOINTS.add_columns(endpoint_secrets.c.secret)
-    .select_from(
-        endpoints.outerjoin(
-            endpoint_secrets,
-            sa.and_(endpoint_secrets.c.endpoint_id == endpoints.c.id, _SIGNS_NOW),
-        )
-    )
+    .select_from(_SIGNING_JOIN)
     .order_by(endpoints.c.id, endpoint_secrets.c.id.desc())
 )
+
+
+class _Endpoint(NamedTuple):
+    """A row of ``_ENDPOINTS_SIGNING`` (or of :func:`endpoints_of_runs`'s JSON)."""
+
+    id: str
+    url: str
+    events: list[str]
+    tasks: list[str]
+    secret: str | None
+
+
+def endpoints_of_runs(run_ids: sa.ColumnElement[bool]) -> sa.CTE:
+    """PostgreSQL: the enabled endpoints (with their secrets that sign now) of
+    the projects of the runs that ``run_ids`` picks, as one JSON array a
+    project (``endpoints_json``), for a read of runs to join: their
+    deliveries need no read of their own (:meth:`RunDeliveries.know`)."""
+    pairs: list[Any] = []
+    for column in (*_ENABLED_ENDPOINTS.selected_columns, endpoint_secrets.c.secret):
+        pairs += [sa.literal_column(f"'{column.name}'"), column]
+    projects_of_runs = sa.select(runs.c.project_id).where(run_ids)
+    return (
+        sa.select(
+            endpoints.c.project_id,
+            sa.func.json_agg(
+                aggregate_order_by(
+                    sa.func.json_build_object(*pairs),
+                    endpoints.c.id,
+                    endpoint_secrets.c.id.desc(),
+                ),
+                type_=JSON(),
+            ).label("endpoints_json"),
+        )
+        .select_from(_SIGNING_JOIN)
+        .where(
+            endpoints.c.project_id.in_(projects_of_runs),
+            *_ENABLED[1:],
+        )
+        .group_by(endpoints.c.project_id)
+        .cte("project_endpoints")
+    )
 
 
 class RunDeliveries:
@@ -220,6 +263,12 @@ class RunDeliveries:
         self._secrets: dict[str, tuple[str, ...]] = {}
         self._rows: list[dict[str, Any]] = []
 
+    def know(self, project_id: str, endpoints_json: list[dict[str, Any]] | None) -> None:
+        """Take the project's endpoints as :func:`endpoints_of_runs` read them
+        (``None``: it has none) instead of reading them again."""
+        if project_id not in self._endpoints:
+            self._keep(project_id, [_Endpoint(**row) for row in endpoints_json or ()])
+
     def _enabled(self, project_id: str) -> Sequence[Any]:
         """The project's enabled endpoints; their secrets are read with them."""
         known = self._endpoints.get(project_id)
@@ -228,6 +277,9 @@ class RunDeliveries:
         rows = self.conn.execute(
             _ENDPOINTS_SIGNING, {"project_id": project_id, "now": self.now}
         ).all()
+        return self._keep(project_id, rows)
+
+    def _keep(self, project_id: str, rows: Sequence[Any]) -> Sequence[Any]:
         found: list[Any] = []
         signing: dict[str, list[str]] = {}
         for row in rows:

@@ -279,13 +279,18 @@ def load_views(conn: sa.Connection, run_ids: Sequence[str]) -> dict[str, dict[st
     return {run_id: view_of_row(conn, row) for run_id, row in rows.items()}
 
 
-def load_rows(conn: sa.Connection, run_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+def load_rows(
+    conn: sa.Connection, run_ids: Sequence[str], query: sa.Select[Any] | None = None, **params: Any
+) -> dict[str, dict[str, Any]]:
     """Many runs' whole rows by ID, with ``has_nodes``; on PostgreSQL with
-    their ``attempts`` too, in the same read (on SQLite: :func:`with_attempts`)."""
-    dialect, ids = conn.dialect.name, {"run_ids": list(run_ids)}
+    their ``attempts`` too, in the same read (on SQLite: :func:`with_attempts`).
+    ``query``: PostgreSQL's read with more columns (and their ``params``)."""
+    dialect, ids = conn.dialect.name, {"run_ids": list(run_ids), **params}
     if dialect == "postgresql":
         rows = {}
-        for found in conn.execute(LOAD_RUNS_WITH_ATTEMPTS, ids).mappings():
+        for found in conn.execute(
+            LOAD_RUNS_WITH_ATTEMPTS if query is None else query, ids
+        ).mappings():
             row = dict(found)
             row["attempts"] = [_attempt_of(a) for a in row.pop("attempts_json")]
             rows[row["id"]] = row

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from db.many import execute_many
 from db.models import RunStatus
@@ -39,15 +40,17 @@ from gateway.runs.runs_table import (
     ACTIVE,
     FINISH_ATTEMPT,
     INSERT_ATTEMPT,
+    LOAD_RUNS_WITH_ATTEMPTS,
     SELECT_RUNS,
     KeepFirst,
     is_current,
+    runs,
     transition_all,
     transitioned,
 )
 from gateway.runs.timers import expired
 from jobs.protocol import TIMED_OUT_CODE, WORKFLOW_TASK, WorkerEvent
-from webhooks.outbox import FINAL_EVENTS, RunDeliveries
+from webhooks.outbox import FINAL_EVENTS, RunDeliveries, endpoints_of_runs
 
 __all__ = ["apply_in_sets"]
 
@@ -158,6 +161,16 @@ _BEAT_ONE = sa.text(
 ).bindparams(_NOW)
 
 
+_ENDPOINTS = endpoints_of_runs(
+    runs.c.id == sa.any_(sa.bindparam("run_ids", type_=ARRAY(sa.String())))
+)
+#: PostgreSQL's first read of a batch: ``read.load_rows``'s, and each run's
+#: project's endpoints (``RunDeliveries.know``).
+_LOAD_WITH_ENDPOINTS = LOAD_RUNS_WITH_ATTEMPTS.add_columns(_ENDPOINTS.c.endpoints_json).select_from(
+    runs.outerjoin(_ENDPOINTS, _ENDPOINTS.c.project_id == runs.c.project_id)
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Final:
     index: int
@@ -237,10 +250,12 @@ def apply_in_sets(
             row["id"]: dict(row)
             for row in conn.execute(SELECT_RUNS[conn.dialect.name], {"run_ids": ids}).mappings()
         }
+    elif conn.dialect.name == "postgresql":
+        # Whole rows, their attempts and their projects' endpoints: the
+        # views that callbacks carry are made from them and what the moves
+        # wrote, and their deliveries from the endpoints, with no read again.
+        found = load_rows(conn, ids, _LOAD_WITH_ENDPOINTS, now=now)
     else:
-        # Whole rows (and on PostgreSQL their attempts): the views that
-        # callbacks carry are made from them and what the moves wrote, with
-        # no read of the runs again.
         found = load_rows(conn, ids)
     started: list[tuple[int, dict[str, Any], WorkerEvent]] = []
     finals: list[_Final] = []
@@ -280,6 +295,9 @@ def apply_in_sets(
 
     answers: list[EventAnswer | None] = [None] * len(events)
     deliveries = RunDeliveries(conn, now)
+    for run in found.values():
+        if "endpoints_json" in run:
+            deliveries.know(run["project_id"], run.pop("endpoints_json"))
     wanted = {}
     for _, run, _ in started:
         wanted[run["id"]] = (run, "run.started", deliveries.receivers(run, "run.started"))
