@@ -32,6 +32,7 @@ from webhooks.models import DeliveryAttemptReport
 from webhooks.outbox import deliveries, endpoint_secrets, endpoints, projects
 
 SIGNING = "whsec_" + "S" * 32
+BARE_SIGNING = "whsec_" + "P" * 32
 
 #: Each case: the run's columns, and the reports it gets, in the batch's order.
 CASES: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
@@ -105,6 +106,12 @@ CASES: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
         ],
     ),
     "gated": ({"status": "EXECUTING", "gated": True}, [{"type": "completed", "output": 1}]),
+    # A project with no endpoint: its run's callback URL alone, signed with
+    # the project's secret (the batch's read finds no endpoints for it).
+    "completes, no endpoints": (
+        {"status": "EXECUTING", "project": "bare"},
+        [{"type": "completed", "output": 1}],
+    ),
 }
 
 
@@ -134,7 +141,7 @@ def _run_row(project_id: str, label: str, columns: dict[str, Any], now: dt.datet
         "error_message": None,
     }
     for name, value in columns.items():
-        if name == "attempt_row":
+        if name in ("attempt_row", "project"):
             continue
         if name == "started_at":
             row[name] = now - dt.timedelta(seconds=1)
@@ -269,18 +276,26 @@ def _seed_endpoint(conn: sa.Connection, project_id: str, now: dt.datetime) -> st
 
 def test_a_batch_applied_as_sets_writes_what_one_by_one_writes(databases: Databases) -> None:
     url = databases.new("event_sets")
-    project_id = new_id("proj")
+    project_id, bare_id = new_id("proj"), new_id("proj")
+
+    def owner(columns: dict[str, Any]) -> str:
+        return bare_id if columns.get("project") == "bare" else project_id
+
     now = utcnow()
     twins: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         label: (
-            _run_row(project_id, label, columns, now),
-            _run_row(project_id, label, columns, now),
+            _run_row(owner(columns), label, columns, now),
+            _run_row(owner(columns), label, columns, now),
         )
         for label, (columns, _) in CASES.items()
     }
 
     def seed(conn: sa.Connection) -> None:
         _seed_project(conn, project_id, now)
+        conn.execute(
+            projects.insert(),
+            {"id": bare_id, "name": bare_id, "signing_secret": BARE_SIGNING, "created_at": now},
+        )
         conn.execute(runs.insert(), [row for pair in twins.values() for row in pair])
         begun = [
             {
@@ -366,6 +381,15 @@ def test_a_batch_applied_as_sets_writes_what_one_by_one_writes(databases: Databa
     ]
     assert len(signed) >= 15
     assert set(signed) == {(SIGNING,)}
+    bare = [
+        out.secrets
+        for label in ("completes, no endpoints",)
+        for run in twins[label]
+        for answer in [*as_sets, *one_by_one]
+        for out in answer.effects.outgoing
+        if run["id"] in out.body
+    ]
+    assert bare == [(BARE_SIGNING,)] * 2
 
 
 #: Each case: the delivery's columns, and the attempts reported on it.
