@@ -136,6 +136,7 @@ class Database:
         self.is_sqlite = sa.make_url(url).get_backend_name() == "sqlite"
         self._async_engine: AsyncEngine | None = None
         self._sync_engine: sa.Engine | None = None
+        self._reads_alone = False
         if self.is_sqlite:
             database = sa.make_url(url).database
             if database and database != ":memory:":
@@ -153,6 +154,10 @@ class Database:
             self._readers = concurrent.futures.ThreadPoolExecutor(read_threads, "db-reader")
         else:
             engine_url, connect_args = postgres_connection(url)
+            #: Behind PgBouncer in transaction pooling, a statement outside a
+            #: transaction may be prepared on one server connection and run on
+            #: another: every read keeps its transaction (``read_latest``).
+            self._reads_alone = "prepared_statement_name_func" not in connect_args
             self._async_engine = create_async_engine(
                 engine_url,
                 # A server that does not take the connection in 10 s is down
@@ -199,12 +204,26 @@ class Database:
 
     async def read(self, fn: Work[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``fn(conn, ...)`` in a read transaction."""
+        return await self._read(lambda conn: fn(conn, *args, **kwargs), autocommit=False)
+
+    async def read_latest(self, fn: Work[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """:meth:`read`, for ``fn`` that only reads: on PostgreSQL each of its
+        statements runs alone, with no BEGIN and ROLLBACK around them (two
+        round trips of a one-statement read). Each sees the latest commit,
+        as it would anyway in a READ COMMITTED transaction. Long-polls and
+        ``GET`` of a run read this way (docs/performance.md); behind
+        PgBouncer (``pgbouncer=true``) it is :meth:`read`."""
+        return await self._read(
+            lambda conn: fn(conn, *args, **kwargs), autocommit=self._reads_alone
+        )
+
+    async def _read(self, work: Callable[[sa.Connection], T], *, autocommit: bool) -> T:
         if self._sync_engine is not None:
             engine = self._sync_engine
 
             def run() -> T:
                 with engine.connect() as conn, conn.begin():
-                    return fn(conn, *args, **kwargs)
+                    return work(conn)
 
             return await asyncio.get_running_loop().run_in_executor(self._readers, run)
         async_engine = self._async_engine
@@ -214,7 +233,9 @@ class Database:
             for pause in _pauses(deadline):
                 try:
                     async with self._read_slot(), _connection(async_engine) as conn:
-                        return await conn.run_sync(lambda c: fn(c, *args, **kwargs))
+                        if autocommit:
+                            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                        return await conn.run_sync(work)
                 except Exception as exc:
                     # A read changes nothing: it is always safe to run again.
                     if not _worth_retrying(exc) or pause is None:

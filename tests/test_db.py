@@ -264,6 +264,39 @@ def test_postgres_writes_commit_in_groups_and_a_failing_unit_leaves_nothing(
     assert commits < 300  # some units shared a transaction
 
 
+def test_postgres_latest_reads_run_each_statement_alone_but_not_behind_pgbouncer(
+    databases: Databases,
+) -> None:
+    """``read_latest`` sends a read's statements with no transaction around
+    them (no BEGIN and ROLLBACK round trips): each statement is a
+    transaction of its own. ``read`` keeps one transaction, and so does
+    ``read_latest`` with ``pgbouncer=true``, where a statement outside a
+    transaction could be prepared on one server connection and run on another.
+    A write after them still runs in its transaction."""
+    if databases.backend != "postgresql":
+        pytest.skip("PostgreSQL only: SQLite reads in a transaction of its own thread")
+    url = databases.new("latest_reads")
+
+    def alone(conn: sa.Connection) -> bool:
+        # now() is the start of the statement's transaction.
+        first = conn.exec_driver_sql("SELECT now() FROM pg_sleep(0.02)").scalar_one()
+        second = conn.exec_driver_sql("SELECT now()").scalar_one()
+        return bool(second > first)
+
+    async def main(database_url: str) -> tuple[bool, bool, bool]:
+        db = Database(database_url)
+        try:
+            latest, kept = await db.read_latest(alone), await db.read(alone)
+            written = await db.write(alone)
+            return latest, kept, written
+        finally:
+            await db.dispose()
+
+    assert asyncio.run(main(url)) == (True, False, False)
+    bouncer = str(sa.make_url(url).update_query_dict({"pgbouncer": "true"}))
+    assert asyncio.run(main(bouncer)) == (False, False, False)
+
+
 def test_postgres_reads_beyond_their_share_wait_for_a_kept_connection(
     databases: Databases,
 ) -> None:

@@ -62,8 +62,10 @@ T = TypeVar("T")
 #: commit in one group anyway (one writer), so a chunk is the whole of a usual
 #: batch: each chunk's ten or so statements cost Python far more than
 #: SQLite (chunks of 8: 1.2 to 1.4 ms of web CPU per run with a callback; of
-#: 64: 0.9, docs/performance.md). On PostgreSQL chunks of 32 go to separate
-#: connections, side by side.
+#: 64: 0.9, docs/performance.md). On PostgreSQL, chunks of 32; a writer that
+#: finds a batch's chunks waiting together runs them in one group (spreading
+#: them over idle writers was no faster: they share the event loop,
+#: docs/performance.md).
 EVENT_CHUNK = {"sqlite": 64, "postgresql": 32}
 #: Groups of triggers in flight at once (``gateway.services.coalesce``): on
 #: SQLite one commits while the last one's jobs go to Redis; PostgreSQL
@@ -156,7 +158,7 @@ class RunService:
 
     async def get(self, project_id: str | None, run_id: str) -> dict[str, Any]:
         """The run, or :class:`NotFound` (also for another project's run)."""
-        view = await self.db.read(load_run, project_id, run_id)
+        view = await self.db.read_latest(load_run, project_id, run_id)
         if view is None:
             raise RunNotFound(run_id)
         return self._node_urls(view)
@@ -171,7 +173,7 @@ class RunService:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
         with self.units.notifier.watch(run_id) as watch:
-            status = await self.db.read(status_of, project_id, run_id)
+            status = await self.db.read_latest(status_of, project_id, run_id)
             if status is None:
                 raise RunNotFound(run_id)
             while not RunStatus(status).is_final and not watch.final:
@@ -182,7 +184,7 @@ class RunService:
                 try:
                     await asyncio.wait_for(watch.changed.wait(), timeout=min(remaining, 5.0))
                 except TimeoutError:
-                    status = await self.db.read(status_of, project_id, run_id) or status
+                    status = await self.db.read_latest(status_of, project_id, run_id) or status
             return await self.get(project_id, run_id)
 
     async def cancel(self, project_id: str, run_id: str) -> dict[str, Any]:
@@ -331,7 +333,7 @@ class RunService:
         """Apply a batch of verified worker events, then do what they set in
         motion together (one round trip for all their jobs).
 
-        The batch goes in chunks of ``EVENT_CHUNK``, which commit side by side
+        The batch goes in chunks of ``EVENT_CHUNK``, each a unit of its own
         (on PostgreSQL, a chunk takes a handful of round trips); one
         that lost a race runs again.
         """
