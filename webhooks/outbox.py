@@ -187,21 +187,18 @@ def encode_body(payload: Mapping[str, Any]) -> str:
 
 
 #: Built once: every final event of every run reads it (the hot path).
-_ENABLED = (
-    endpoints.c.project_id == sa.bindparam("project_id"),
-    endpoints.c.enabled.is_(True),
-    endpoints.c.deleted_at.is_(None),
-)
+_IN_USE = (endpoints.c.enabled.is_(True), endpoints.c.deleted_at.is_(None))
+_ENABLED = (endpoints.c.project_id == sa.bindparam("project_id"), *_IN_USE)
 _ENABLED_ENDPOINTS = sa.select(
     endpoints.c.id, endpoints.c.url, endpoints.c.events, endpoints.c.tasks
 ).where(*_ENABLED)
 
 
-#: The same, with each endpoint's secrets that sign now (newest first): one
-#: row per endpoint and secret, so that a run's final event reads both at once.
 _SIGNING_JOIN = endpoints.outerjoin(
     endpoint_secrets, sa.and_(endpoint_secrets.c.endpoint_id == endpoints.c.id, _SIGNS_NOW)
 )
+#: The same, with each endpoint's secrets that sign now (newest first): one
+#: row per endpoint and secret, so that a run's final event reads both at once.
 _ENDPOINTS_SIGNING = (
     _ENABLED_ENDPOINTS.add_columns(endpoint_secrets.c.secret)
     .select_from(_SIGNING_JOIN)
@@ -210,7 +207,8 @@ _ENDPOINTS_SIGNING = (
 
 
 class _Endpoint(NamedTuple):
-    """A row of ``_ENDPOINTS_SIGNING`` (or of :func:`endpoints_of_runs`'s JSON)."""
+    """An entry of :func:`endpoints_of_runs`'s JSON, as ``_ENDPOINTS_SIGNING``
+    gives a row."""
 
     id: str
     url: str
@@ -241,10 +239,7 @@ def endpoints_of_runs(run_ids: sa.ColumnElement[bool]) -> sa.CTE:
             ).label("endpoints_json"),
         )
         .select_from(_SIGNING_JOIN)
-        .where(
-            endpoints.c.project_id.in_(projects_of_runs),
-            *_ENABLED[1:],
-        )
+        .where(endpoints.c.project_id.in_(projects_of_runs), *_IN_USE)
         .group_by(endpoints.c.project_id)
         .cte("project_endpoints")
     )

@@ -291,7 +291,8 @@ def apply_in_sets(
         ended = _move_as_sets(conn, started, finals, now)
     else:
         transition_all(conn, moves, now)
-    _record_attempts(conn, started, finals, now, ended)
+    attempts = _current_attempts(started, finals, now)
+    _record_attempts(conn, started, finals, attempts, ended)
 
     answers: list[EventAnswer | None] = [None] * len(events)
     deliveries = RunDeliveries(conn, now)
@@ -307,7 +308,7 @@ def apply_in_sets(
     views = _views_after(
         conn,
         [move for move in moves if wanted[move[0]["id"]][2]],
-        _attempts_after(started, finals, now),
+        attempts,
         now,
     )
     outgoing = {
@@ -369,13 +370,14 @@ def _start_values(now: dt.datetime) -> dict[str, Any]:
     return {"started_at": KeepFirst(now), "heartbeat_at": now}
 
 
-def _attempts_after(
+def _current_attempts(
     started: list[tuple[int, dict[str, Any], WorkerEvent]],
     finals: list[_Final],
     now: dt.datetime,
 ) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
-    """For each moved run, what ``_record_attempts`` wrote of its current
-    attempt: the row it began, and what it set on a row already there."""
+    """For each moved run, what the batch writes of its current attempt: the
+    row it begins (where there is none), and what it sets on a row already
+    there (``_record_attempts``; the views, ``_views_after``)."""
     out: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
     for _, run, event in started:
         begun = {
@@ -488,60 +490,36 @@ def _record_attempts(
     conn: sa.Connection,
     started: list[tuple[int, dict[str, Any], WorkerEvent]],
     finals: list[_Final],
-    now: dt.datetime,
+    attempts: dict[str, tuple[dict[str, Any], dict[str, Any]]],
     ended: set[str] | None,
 ) -> None:
     """Attempts begun, and attempts ended (begun here if their ``started``
-    report has not arrived). ``ended``: the runs whose attempt the
-    compare-and-set ended already (PostgreSQL's, which began the attempts of
-    ``started`` too), or ``None`` (SQLite's: begun and ended here)."""
-    rows = [
-        {
-            "run_id": run["id"],
-            "number": event.attempt,
-            "status": RunStatus.EXECUTING.value,
-            "worker_id": event.worker_id,
-            "started_at": now,
-            "finished_at": None,
-            "error_code": None,
-            "error_message": None,
-        }
-        for _, run, event in started
-        if ended is None
-    ]
+    report has not arrived), as ``attempts`` (``_current_attempts``) has
+    them. ``ended``: the runs whose attempt the compare-and-set ended
+    already (PostgreSQL's, which began the attempts of ``started`` too), or
+    ``None`` (SQLite's: begun and ended here)."""
+    rows = []
     if ended is None:
-        ended = _finish_attempts(conn, finals, now) if finals else set()
-    if finals:
-        rows += [
-            {
-                "run_id": f.run["id"],
-                "number": f.event.attempt,
-                "worker_id": f.event.worker_id,
-                "started_at": now,
-                "status": f.to.value,
-                "finished_at": now,
-                "error_code": f.code,
-                "error_message": f.message,
-            }
-            for f in finals
-            if f.run["id"] not in ended
-        ]
+        rows = [{"run_id": run["id"], **attempts[run["id"]][0]} for _, run, _ in started]
+        ended = _finish_attempts(conn, finals, attempts) if finals else set()
+    rows += [
+        {"run_id": f.run["id"], **attempts[f.run["id"]][0]}
+        for f in finals
+        if f.run["id"] not in ended
+    ]
     if rows:
         execute_many(conn, INSERT_ATTEMPT, rows)
 
 
-def _finish_attempts(conn: sa.Connection, finals: list[_Final], now: dt.datetime) -> set[str]:
+def _finish_attempts(
+    conn: sa.Connection,
+    finals: list[_Final],
+    attempts: dict[str, tuple[dict[str, Any], dict[str, Any]]],
+) -> set[str]:
     """The runs whose attempt was there to end (SQLite: one ``executemany``,
     and one by one only if some attempt was not there)."""
     params = [
-        {
-            "w_run_id": f.run["id"],
-            "w_number": f.event.attempt,
-            "status": f.to.value,
-            "finished_at": now,
-            "error_code": f.code,
-            "error_message": f.message,
-        }
+        {"w_run_id": f.run["id"], "w_number": f.event.attempt, **attempts[f.run["id"]][1]}
         for f in finals
     ]
     if execute_many(conn, FINISH_ATTEMPT, params) == len(params):
