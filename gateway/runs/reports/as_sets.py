@@ -69,8 +69,7 @@ _NOW = sa.bindparam("now", type_=UTCDateTime())
 # makes it a scan of every queued run (16 to 25 ms a batch with 8,000 queued,
 # docs/performance.md). Without the ``ANY``, a table never analyzed got a
 # nested loop of every run against every row of the set (20 ms for 2,200 runs).
-_START = sa.text(
-    """
+_START_CTES = """
     WITH moved AS (
         UPDATE runs SET status = 'EXECUTING', updated_at = :now,
             started_at = COALESCE(runs.started_at, :now), heartbeat_at = :now
@@ -88,17 +87,16 @@ _START = sa.text(
     ), begun AS (
         INSERT INTO run_attempts (run_id, number, status, worker_id, started_at)
         SELECT id, attempt, 'EXECUTING', worker_id, :now FROM moved
-    )
+    )"""
+_START_SELECT = """
     SELECT id FROM moved
     """
-).bindparams(_NOW)
 
 # A run that completes keeps the error of an earlier attempt's failure, as
 # ``transition`` leaves columns it is not given. The moved runs' attempts end in
 # the same statement (``ended``); one whose ``started`` report has not come
 # yet has no row to end, and is inserted ended (``_record_attempts``).
-_FINISH = sa.text(
-    """
+_FINISH_CTES = """
     WITH moved AS (
         UPDATE runs SET status = v.status, updated_at = :now,
             output = CAST(v.output AS jsonb),
@@ -126,10 +124,58 @@ _FINISH = sa.text(
         FROM moved
         WHERE run_attempts.run_id = moved.id AND run_attempts.number = moved.attempt
         RETURNING run_attempts.run_id
-    )
+    )"""
+_FINISH_SELECT = """
     SELECT moved.id, moved.id IN (SELECT run_id FROM ended) AS ended FROM moved
     """
-).bindparams(_NOW)
+
+# The batch's deliveries (``RunDeliveries.take``), inserted by the last of
+# the compare-and-sets it runs: one round trip fewer than an INSERT of their
+# own. A run that did not move fails the batch (``_applied``), and its
+# transaction with them, so none is left for a run that did not move.
+_DELIVERY_COLUMNS = {
+    "id": "varchar",
+    "project_id": "varchar",
+    "endpoint_id": "varchar",
+    "run_id": "varchar",
+    "url": "text",
+    "event_type": "varchar",
+    "payload": "text",
+    "status": "varchar",
+    "attempts": "integer",
+    "schedule_step": "integer",
+    "next_attempt_at": "timestamptz",
+    "leased_at": "timestamptz",
+    "created_at": "timestamptz",
+    "updated_at": "timestamptz",
+}
+_DELIVERED = """, delivered AS (
+        INSERT INTO deliveries ({names})
+        SELECT {picked}
+        FROM unnest({arrays}) AS d({names})
+    )""".format(
+    names=", ".join(_DELIVERY_COLUMNS),
+    picked=", ".join(
+        f"CAST(d.{name} AS jsonb)" if name == "payload" else f"d.{name}"
+        for name in _DELIVERY_COLUMNS
+    ),
+    arrays=", ".join(f"CAST(:d_{name} AS {kind}[])" for name, kind in _DELIVERY_COLUMNS.items()),
+)
+_START, _START_DELIVERING, _FINISH, _FINISH_DELIVERING = (
+    sa.text(ctes + delivered + select).bindparams(_NOW)
+    for ctes, select in ((_START_CTES, _START_SELECT), (_FINISH_CTES, _FINISH_SELECT))
+    for delivered in ("", _DELIVERED)
+)
+
+
+def _delivery_arrays(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """``_DELIVERED``'s parameters: a column's values in one array."""
+    if rows and set(rows[0]) != set(_DELIVERY_COLUMNS):
+        raise AssertionError(f"a delivery's columns are not _DELIVERY_COLUMNS: {sorted(rows[0])}")
+    return {
+        f"d_{name}": [json_text(row[name]) if name == "payload" else row[name] for row in rows]
+        for name in _DELIVERY_COLUMNS
+    }
 
 
 # Heartbeats of running attempts (QUEUED or EXECUTING, as the batch read them).
@@ -283,17 +329,18 @@ def apply_in_sets(
     started.sort(key=lambda item: item[1]["id"])
     finals.sort(key=lambda final: final.run["id"])
 
-    ended: set[str] | None = None
+    postgresql = conn.dialect.name == "postgresql"
     moves = [(run, RunStatus.EXECUTING, _start_values(now)) for _, run, _ in started] + [
         (f.run, f.to, _final_values(f, now)) for f in finals
     ]
-    if conn.dialect.name == "postgresql":
-        ended = _move_as_sets(conn, started, finals, now)
-    else:
-        transition_all(conn, moves, now)
     attempts = _current_attempts(started, finals, now)
-    _record_attempts(conn, started, finals, attempts, ended)
+    if not postgresql:
+        transition_all(conn, moves, now)
+        _record_attempts(conn, started, finals, attempts, None)
 
+    # On PostgreSQL the views and deliveries are made before the moves, from
+    # the rows read and what the moves will set, so that the deliveries go in
+    # with the moves (``_DELIVERED``); SQLite's views read the attempts written.
     answers: list[EventAnswer | None] = [None] * len(events)
     deliveries = RunDeliveries(conn, now)
     for run in found.values():
@@ -316,6 +363,9 @@ def apply_in_sets(
         for run_id, (run, event_type, receivers) in wanted.items()
         if receivers
     }
+    if postgresql:
+        ended = _move_as_sets(conn, started, finals, now, deliveries.take())
+        _record_attempts(conn, started, finals, attempts, ended)
     deliveries.write()
     for index, run, _ in started:
         effects = Effects(outgoing=outgoing.get(run["id"], []), changed=[run["id"]])
@@ -444,16 +494,20 @@ def _move_as_sets(
     started: list[tuple[int, dict[str, Any], WorkerEvent]],
     finals: list[_Final],
     now: dt.datetime,
+    delivering: list[dict[str, Any]],
 ) -> set[str]:
     """The compare-and-sets of PostgreSQL: one ``UPDATE … FROM unnest`` per
     kind, with the moved runs' transitions (and the attempts begun or ended)
-    in the same statement; the runs whose attempt row was there to end."""
+    in the same statement, and the last of them inserting ``delivering``
+    (``_DELIVERED``); the runs whose attempt row was there to end."""
     ended: set[str] = set()
+    extra = _delivery_arrays(delivering) if delivering else {}
     if started:
         _applied(
             conn,
-            _START,
+            _START_DELIVERING if extra and not finals else _START,
             {
+                **(extra if not finals else {}),
                 "now": now,
                 "ids": [run["id"] for _, run, _ in started],
                 "froms": [run["status"] for _, run, _ in started],
@@ -464,8 +518,9 @@ def _move_as_sets(
     if finals:
         rows = _applied(
             conn,
-            _FINISH,
+            _FINISH_DELIVERING if extra else _FINISH,
             {
+                **extra,
                 "now": now,
                 "ids": [f.run["id"] for f in finals],
                 "froms": [f.run["status"] for f in finals],
