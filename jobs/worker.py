@@ -34,6 +34,7 @@ from jobs.contract import DeliverReport, DeliverWebhook, RunTask
 from jobs.deliver import deliver_webhook
 from jobs.liveness.heartbeat import Heartbeats
 from jobs.liveness.presence import HealthPort, LoopTicker, presence_of
+from jobs.merged import merging
 from jobs.protocol import (
     REDIS_DOWN,
     RedisOutage,
@@ -288,12 +289,16 @@ class NudgedWorker(Worker):
         settings = dataclasses.replace(self.redis_settings, conn_retries=0)
         while True:
             try:
-                pool = await create_pool(
-                    settings,
-                    job_deserializer=self.job_deserializer,
-                    job_serializer=self.job_serializer,
-                    default_queue_name=self.queue_name,
-                    expires_extra_ms=self.expires_extra_ms,
+                # Its transactions of one loop turn in one round trip: arq's
+                # two a job, in the bursts that jobs start and end in.
+                pool = merging(
+                    await create_pool(
+                        settings,
+                        job_deserializer=self.job_deserializer,
+                        job_serializer=self.job_serializer,
+                        default_queue_name=self.queue_name,
+                        expires_extra_ms=self.expires_extra_ms,
+                    )
                 )
             except REDIS_DOWN as exc:
                 await outage.wait(exc)
