@@ -113,12 +113,13 @@ class Settings(BaseSettings):
     ``output_too_large``."""
     queue_name: str = "gateway:queue"
     """The arq queue the gateway queues runs on and the workers read."""
-    worker_concurrency: int = Field(default=100, ge=1)
+    worker_concurrency: int = Field(default=400, ge=1)
     """Task runs one worker process runs at once (arq ``max_jobs``). A slot is an
     asyncio task, held while a run executes and while its reports travel to the
-    gateway, so many are cheap for I/O-bound work (with arq's 10, a worker drained
-    no-op runs at a third of the rate); CPU-bound tasks (a plain ``def``) run in
-    threads. Lower it for heavy tasks."""
+    gateway, so many are cheap for I/O-bound work: with arq's 10, a worker drained
+    no-op runs at a third of the rate of 100, and 400 drained them 1.3 to 2 times
+    as fast as 100 (docs/performance.md). CPU-bound tasks (a plain ``def``) run
+    in threads. Lower it for heavy tasks."""
     webhook_concurrency: int = Field(default=50, ge=1)
     """Callback attempts one worker process sends at once, on a queue of their own
     (``<QUEUE_NAME>:deliveries``), apart from task runs."""
