@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import email.utils
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -106,12 +107,21 @@ class _Guarded:
     sni: str | None  # for https, the name for SNI and the certificate check
 
 
+@functools.lru_cache(maxsize=4096)
+def _valid_url(url: str, allowed: tuple[IPNetwork, ...]) -> str:
+    """``validate_url``, kept: it reads no DNS, so its answer for a URL never
+    changes, and a dispatcher sends to the same few URLs again and again (it
+    was 5% of the dispatcher's CPU, docs/performance.md). A refusal is not
+    kept: it is raised again each time."""
+    return validate_url(url, allowed)
+
+
 async def _guard(url: str, allowed: Sequence[IPNetwork]) -> _Guarded:
     """``url`` in its normal form, its host resolved and checked (``webhooks.ssrf``).
 
     :raises AddressRefused: the URL or an address it resolves to is refused
     """
-    url = validate_url(url, allowed)
+    url = _valid_url(url, tuple(allowed))
     parts = urlsplit(url)
     hostname = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)

@@ -12,6 +12,7 @@ a network in ``WEBHOOK_ALLOWED_NETWORKS`` contains them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import re
 import socket
@@ -98,6 +99,7 @@ def check_address(address: IPAddress, allowed: Sequence[IPNetwork]) -> None:
 _NUMERIC = re.compile(r"^[0-9a-fA-FxX.:]+$")
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of ``host`` (no DNS), asked per callback
 def literal_address(host: str) -> IPAddress | None:
     """``host`` as an IP address, if it is written as one in any spelling
     the system's resolver reads as a number (``2130706433``, ``0x7f000001``,
