@@ -13,13 +13,17 @@ import datetime as dt
 from typing import Any
 
 import httpx
+import pytest
 import sqlalchemy as sa
 
 from db.ids import new_id
 from db.types import utcnow
+from gateway.queues.admission import admit, admitted_by_insert, insert_admitted
+from gateway.queues.slots import queues
 from gateway.runs.create import new_run
 from gateway.runs.requests import TriggerOptions
 from gateway.runs.runs_table import (
+    PUMPS,
     _insert_run_then_log,
     insert_run,
     insert_runs,
@@ -113,6 +117,114 @@ def test_runs_inserted_as_sets_write_what_one_by_one_writes(databases: Databases
     _assert_alike(url, twins)
 
 
+#: Queues of the admission twins: (limit, paused) of the row, or no row.
+QUEUE_ROWS: dict[str, tuple[int | None, bool] | None] = {
+    "no-row": None,
+    "open": (None, False),
+    "limited": (2, False),
+    "paused": (None, True),
+    "limited-and-paused": (5, True),
+}
+
+
+def test_runs_admitted_by_their_insert_write_what_a_read_then_an_insert_write(
+    databases: Databases,
+) -> None:
+    """PostgreSQL: a group of triggers' runs are admitted by their INSERT
+    (``insert_admitted``), joined there to their queues' rows, where the
+    queue's row was read first (``admit``, then ``insert_runs``). Twin runs in
+    each kind of queue, one written each way: the same rows (JSON ``null``
+    told apart from SQL ``NULL``), the same transitions, the same runs to
+    start, the same queues to pump, in one statement instead of a read a
+    queue and an INSERT."""
+    if databases.backend != "postgresql":
+        pytest.skip("PostgreSQL only: SQLite reads the queue, then inserts")
+    url = databases.new("trigger_admission")
+    project_id = new_id("proj")
+    now = utcnow()
+    twins: dict[str, tuple[dict[str, Any], ...]] = {}
+    for queue in QUEUE_ROWS:
+        for kind, options in [("plain", {}), ("keyed, no payload", {"concurrency_key": "k"})]:
+            twins[f"{queue}, {kind}"] = tuple(
+                new_run(
+                    project_id,
+                    "echo",
+                    None if kind.endswith("no payload") else {"kind": kind},
+                    TriggerOptions.model_validate({**options, "queue": queue}),
+                    now=now,
+                    callback_url=None,
+                ).row
+                for _ in range(2)
+            )
+    statements = [0, 0]
+    decided: list[tuple[set[str], set[tuple[str, str]]]] = []
+
+    def seed(conn: sa.Connection) -> None:
+        _seed_project(conn, project_id, now)
+        conn.execute(
+            queues.insert(),
+            [
+                {
+                    "project_id": project_id,
+                    "name": name,
+                    "concurrency_limit": rule[0],
+                    "paused": rule[1],
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for name, rule in QUEUE_ROWS.items()
+                if rule is not None
+            ],
+        )
+
+    def write(which: int) -> Any:
+        def unit(conn: sa.Connection) -> None:
+            rows = [pair[which] for pair in twins.values()]
+            if which == 0:
+                assert all(admitted_by_insert(conn, row) for row in rows)
+                starting = insert_admitted(conn, rows)
+            else:
+                starting = {row["id"] for row in rows if admit(conn, row, {})}
+                insert_runs(conn, rows)
+            labels = {row["id"]: label for label, pair in twins.items() for row in pair}
+            decided.append(({labels[i] for i in starting}, set(conn.info.pop(PUMPS, set()))))
+
+        return _counted(statements, which, unit)
+
+    _call(url, lambda db: db.write(seed))
+    _call(url, lambda db: db.write(write(0)))
+    _call(url, lambda db: db.write(write(1)))
+    assert decided[0] == decided[1]
+    starts, pumps = decided[0]
+    assert starts == {
+        f"{q}, {kind}" for q in ("no-row", "open") for kind in ("plain", "keyed, no payload")
+    }
+    assert pumps == {(project_id, q) for q in ("limited", "paused", "limited-and-paused")}
+    # One statement (one shape of row), against a read of each queue and the INSERT.
+    assert statements == [1, len(QUEUE_ROWS) * 2 + 1], statements
+    _assert_alike(url, twins, count=len(twins))
+
+    def as_text(conn: sa.Connection) -> list[list[tuple[Any, ...]]]:
+        columns = [sa.cast(column, sa.Text) for column in runs.c if column.name != "id"]
+        return [
+            sorted(
+                tuple(r)
+                for r in conn.execute(
+                    sa.select(*columns).where(
+                        runs.c.id.in_([p[which]["id"] for p in twins.values()])
+                    )
+                )
+            )
+            for which in (0, 1)
+        ]
+
+    by_insert, read_first = _call(url, lambda db: db.read(as_text))
+    assert by_insert == read_first
+    assert any(
+        "null" in row for row in by_insert
+    )  # a payload of JSON null, as SQLAlchemy stores it
+
+
 def _twins(project_id: str, now: dt.datetime) -> dict[str, tuple[dict[str, Any], ...]]:
     """Two rows of each kind, alike but for their IDs and keys."""
     twins = {
@@ -138,13 +250,15 @@ def _twins(project_id: str, now: dt.datetime) -> dict[str, tuple[dict[str, Any],
     return twins
 
 
-def _assert_alike(url: str, twins: dict[str, tuple[dict[str, Any], ...]]) -> None:
+def _assert_alike(
+    url: str, twins: dict[str, tuple[dict[str, Any], ...]], count: int = len(KINDS)
+) -> None:
     tables = {"runs": (runs, runs.c.id), "transitions": (run_transitions, run_transitions.c.run_id)}
     written = [
         _rows(url, tables, [pair[which]["id"] for pair in twins.values()]) for which in (0, 1)
     ]
     for name in tables:
-        assert len(written[0][name]) == len(KINDS)
+        assert len(written[0][name]) == count
         one_statement, two_inserts = (
             sorted((_plain(r, twins, which, name) for r in written[which][name]), key=repr)
             for which in (0, 1)

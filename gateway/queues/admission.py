@@ -20,10 +20,13 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
-from collections.abc import Callable, MutableMapping
+import json
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any, Generic, TypeVar
 
+import orjson
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 from db.models import RunStatus
 from gateway.queues.slots import (
@@ -37,13 +40,15 @@ from gateway.queues.slots import (
 )
 from gateway.runs.effects import Job
 from gateway.runs.read import JOB_COLUMNS, run_job
-from gateway.runs.runs_table import OBSERVED, PUMPS, runs
+from gateway.runs.runs_table import OBSERVED, PUMPS, observe_inserted, run_values, runs
 
 __all__ = [
     "Flowed",
     "admit",
+    "admitted_by_insert",
     "any_held",
     "flowing",
+    "insert_admitted",
     "pump",
     "pump_held",
     "queue_rule",
@@ -126,6 +131,105 @@ def admit(
     if rule.gated:
         request_pump(conn, run["project_id"], run["queue"])
     return not rule.gated
+
+
+def admitted_by_insert(conn: sa.Connection, run: MutableMapping[str, Any]) -> bool:
+    """Whether :func:`insert_admitted` can decide for this new run: on
+    PostgreSQL, a QUEUED run whose queue is not its task's own queue with a
+    declared limit (whose missing row :func:`queue_rule` makes first). Sets
+    the run's queue if it has none, as :func:`admit` does."""
+    if conn.dialect.name != "postgresql" or run["status"] != _QUEUED:
+        return False
+    own, limit = default_queue(run["task"])
+    if not run.get("queue"):
+        run["queue"] = own
+    return not (run["queue"] == own and limit is not None)
+
+
+def insert_admitted(conn: sa.Connection, rows: Sequence[MutableMapping[str, Any]]) -> set[str]:
+    """Insert new QUEUED runs (PostgreSQL, :func:`admitted_by_insert`) with
+    their first transitions, each admitted by the INSERT itself: gated and
+    held if its queue's row has a limit or is paused, as :func:`admit`
+    decides from a read of that row. One round trip for the lot, where a
+    read of the queues and the INSERT were two (docs/performance.md). Sets
+    ``gated`` and ``held`` on each row, asks for the pumps of the queues that
+    hold one, and returns the IDs of the runs to start now."""
+    if not rows:
+        return set()
+    shapes: dict[frozenset[str], list[MutableMapping[str, Any]]] = {}
+    for row in rows:
+        shapes.setdefault(frozenset(run_values(row)), []).append(row)
+    held: set[str] = set()
+    for columns, shaped in shapes.items():
+        params = {"rows": _recordset([run_values(row) for row in shaped])}
+        held.update(
+            run_id for run_id, is_held in conn.execute(_insert_admitted(columns), params) if is_held
+        )
+    for row in rows:
+        row["gated"] = row["held"] = row["id"] in held
+        if row["held"]:
+            request_pump(conn, row["project_id"], row["queue"])
+    observe_inserted(conn, rows)
+    return {row["id"] for row in rows if not row["held"]}
+
+
+@functools.cache
+def _insert_admitted(columns: frozenset[str]) -> sa.TextClause:
+    """:func:`insert_admitted`'s statement for rows of ``columns``: the rows
+    as one JSON array (``jsonb_to_recordset``), each joined to its queue's
+    row, inserted with ``gated`` and ``held``, and their transitions logged
+    (a data-modifying CTE, as ``runs_table.insert_run``). A JSON column's
+    ``None`` is stored as JSON ``null``, as SQLAlchemy's JSON type stores it."""
+    names = sorted(columns - {"gated", "held"})
+    pg = postgresql.dialect()  # type: ignore[no-untyped-call]
+
+    def kind(name: str) -> str:
+        column_type = runs.c[name].type
+        return "jsonb" if isinstance(column_type, sa.JSON) else column_type.compile(dialect=pg)
+
+    def picked(name: str) -> str:
+        if isinstance(runs.c[name].type, sa.JSON):
+            return f"COALESCE(v.\"{name}\", 'null'::jsonb)"
+        return f'v."{name}"'
+
+    quoted = ", ".join(f'"{name}"' for name in names)
+    return sa.text(
+        f"""
+        WITH v AS (
+            SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+                AS x({", ".join(f'"{name}" {kind(name)}' for name in names)})
+        ), new_run AS (
+            INSERT INTO runs ({quoted}, gated, held)
+            SELECT {", ".join(picked(name) for name in names)},
+                COALESCE(q.gated, false), COALESCE(q.gated, false)
+            FROM v LEFT JOIN LATERAL (
+                SELECT queues.paused OR queues.concurrency_limit IS NOT NULL AS gated
+                FROM queues
+                WHERE queues.project_id = v.project_id AND queues.name = v.queue
+            ) AS q ON true
+            RETURNING runs.id, runs.status, runs.attempt, runs.created_at, runs.held
+        ), logged AS (
+            INSERT INTO run_transitions (run_id, from_status, to_status, attempt, at)
+            SELECT id, NULL, status, attempt, created_at FROM new_run
+        )
+        SELECT id, held FROM new_run
+        """
+    )
+
+
+def _recordset(rows: list[dict[str, Any]]) -> str:
+    """Rows as the JSON array ``jsonb_to_recordset`` reads: times in ISO 8601,
+    an integer past 64 bits through the standard library."""
+    try:
+        return orjson.dumps(rows).decode()
+    except TypeError:
+        return json.dumps(rows, default=_iso, separators=(",", ":"), ensure_ascii=False)
+
+
+def _iso(value: Any) -> str:
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def pump(conn: sa.Connection, project_id: str, queue: str, now: dt.datetime) -> list[Job]:

@@ -20,7 +20,7 @@ from db.models import Batch, IdempotencyKey, RunStatus
 from db.rows import owned_row
 from db.types import utcnow
 from gateway.errors import ValidationFailed
-from gateway.queues.admission import admit
+from gateway.queues.admission import admit, admitted_by_insert, insert_admitted
 from gateway.queues.slots import QueueRule, default_queue
 from gateway.runs.effects import Effects, job_of
 from gateway.runs.errors import LostRace, RunNotFound
@@ -174,6 +174,8 @@ def create_runs(conn: sa.Connection, new: list[NewRun], batch_id: str | None = N
     rules: dict[tuple[str, str], QueueRule] = {}
     #: Runs with no key to claim: inserted together, as sets (``insert_runs``).
     plain: list[dict[str, Any]] = []
+    #: Those of them that their INSERT admits (PostgreSQL: ``insert_admitted``).
+    admitting: list[dict[str, Any]] = []
     if batch_id is not None:
         conn.execute(
             batches.insert(),
@@ -191,8 +193,12 @@ def create_runs(conn: sa.Connection, new: list[NewRun], batch_id: str | None = N
             if view is not None:
                 out.append((view, True))
                 continue
-        starts = row["status"] == RunStatus.QUEUED.value and admit(conn, row, rules)
         key = row.get("idempotency_key")
+        if item.debounce is None and not key and admitted_by_insert(conn, row):
+            admitting.append(row)
+            out.append((run_view(row, [], {} if row["task"] == WORKFLOW_TASK else None), False))
+            continue
+        starts = row["status"] == RunStatus.QUEUED.value and admit(conn, row, rules)
         if item.debounce is not None:
             try:
                 with savepoint(conn):
@@ -216,6 +222,8 @@ def create_runs(conn: sa.Connection, new: list[NewRun], batch_id: str | None = N
             effects.jobs.append(job_of(row))
         out.append((run_view(row, [], {} if row["task"] == WORKFLOW_TASK else None), False))
     insert_runs(conn, plain)
+    starting = insert_admitted(conn, admitting)
+    effects.jobs += [job_of(row) for row in admitting if row["id"] in starting]
     return Created(out, effects)
 
 

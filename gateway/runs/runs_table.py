@@ -31,9 +31,11 @@ __all__ = [
     "insert_run",
     "insert_runs",
     "is_current",
+    "observe_inserted",
     "run_attempts",
     "run_nodes",
     "run_transitions",
+    "run_values",
     "runs",
     "select_run",
     "transition",
@@ -204,6 +206,12 @@ def _cas_update(names: tuple[str, ...], first: frozenset[str]) -> sa.Update:
     return update.values(values)
 
 
+def observe_inserted(conn: sa.Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Count new runs' first statuses once the unit commits (``OBSERVED``)."""
+    for row in rows:
+        _observe(conn, row, RunStatus(row["status"]), row["created_at"])
+
+
 def _observe(conn: sa.Connection, run: Mapping[str, Any], to: RunStatus, now: dt.datetime) -> None:
     fields = {k: run.get(k) for k in ("task", "created_at", "started_at")}
     conn.info.setdefault(OBSERVED, []).append((fields, to, now))
@@ -234,7 +242,7 @@ def _insert_run_logged(columns: frozenset[str]) -> sa.Insert:
 
 def insert_run(conn: sa.Connection, row: Mapping[str, Any]) -> None:
     """Insert a new run and log its first status (one statement on PostgreSQL)."""
-    values = _run_values(row)
+    values = run_values(row)
     if conn.dialect.name == "postgresql":
         conn.execute(_insert_run_logged(frozenset(values)), values)
     else:
@@ -253,7 +261,7 @@ def insert_runs(conn: sa.Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         return
     shapes: dict[frozenset[str], list[dict[str, Any]]] = {}
     for row in rows:
-        values = _run_values(row)
+        values = run_values(row)
         shapes.setdefault(frozenset(values), []).append(values)
     postgresql = conn.dialect.name == "postgresql"
     for columns, shaped in shapes.items():
@@ -262,11 +270,12 @@ def insert_runs(conn: sa.Connection, rows: Sequence[Mapping[str, Any]]) -> None:
             continue
         execute_many(conn, INSERT_RUN, shaped)
         execute_many(conn, INSERT_TRANSITION, [_first_transition(v) for v in shaped])
-    for row in rows:
-        _observe(conn, row, RunStatus(row["status"]), row["created_at"])
+    observe_inserted(conn, rows)
 
 
-def _run_values(row: Mapping[str, Any]) -> dict[str, Any]:
+def run_values(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The values a new run's row is inserted with (its queue, priority and
+    start order filled in)."""
     values = {"queue": row["task"], "priority": 0, **row}
     if values.get("order_at") is None:
         values["order_at"] = values["created_at"] - dt.timedelta(seconds=values["priority"])
