@@ -7,9 +7,10 @@ FROM unnest(…)``), which also writes their transitions and begins or ends
 their attempts (data-modifying CTEs). On SQLite, one ``executemany`` of the
 compare-and-set per kind, checked by its row count, then one INSERT of all
 their transitions, one ``executemany`` ending their attempts and one INSERT of
-the attempts begun. Then one read of their views and one INSERT of their
-deliveries. One by one, a report costs five to eight statements; here a batch
-costs about six on PostgreSQL and ten on SQLite. Every other report, and a
+the attempts begun. Their deliveries go in with PostgreSQL's last
+compare-and-set (``_DELIVERED``), in one INSERT after SQLite's. One by one, a
+report costs five to eight statements; here a batch costs about four on
+PostgreSQL and ten on SQLite. Every other report, and a
 second report about a run already in the batch, goes one by one after them
 (``one_by_one.apply_event``).
 
