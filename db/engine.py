@@ -217,6 +217,13 @@ class Database:
             lambda conn: fn(conn, *args, **kwargs), autocommit=self._reads_alone
         )
 
+    async def maintain(self, fn: Work[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn(conn, ...)`` outside any unit of work, each statement
+        committed as it runs (PostgreSQL: autocommit): maintenance such as
+        ANALYZE, which a read's ROLLBACK would undo and a write's group
+        would wait for."""
+        return await self._read(lambda conn: fn(conn, *args, **kwargs), autocommit=True)
+
     async def _read(self, work: Callable[[sa.Connection], T], *, autocommit: bool) -> T:
         if self._sync_engine is not None:
             engine = self._sync_engine

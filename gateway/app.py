@@ -18,7 +18,7 @@ from gateway.artifacts import ArtifactStore
 from gateway.auth.keys import ApiKeyAuth
 from gateway.auth.ratelimit import RateLimiter
 from gateway.auth.tokens import PublicTokens, WaitpointTokens
-from gateway.background.reconciler import LostWorkers, Reconciler, Scheduler
+from gateway.background.reconciler import LostWorkers, Reconciler, Scheduler, Statistics
 from gateway.dashboard import dashboard_routes
 from gateway.errors import exception_handlers
 from gateway.logs import configure_logging
@@ -127,13 +127,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
             settings=settings,
         )
         lost_workers = LostWorkers(redis=redis, runs=services.runs, settings=settings)
+        statistics = Statistics(redis=redis, db=db)
         await reconciler.start()
         await scheduler.start()
         await lost_workers.start()
+        await statistics.start()
         heap.settle()
         try:
             yield
         finally:
+            await statistics.stop()
             await lost_workers.stop()
             await scheduler.stop()
             await reconciler.stop()

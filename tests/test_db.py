@@ -6,17 +6,20 @@ import asyncio
 import contextvars
 import datetime as dt
 import itertools
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy.ext.asyncio import create_async_engine
 from sqlmodel import SQLModel
 
-import db.models  # noqa: F401
+import db.models
 from db.engine import BEHIND_SHARE, POOL_SIZE, READ_CONNECTIONS, Database
 from db.ids import new_id
 from db.models import FINAL_STATUSES, RunStatus
+from db.statistics import analyze_grown
 from tests.conftest import Databases, _admin
 
 
@@ -431,5 +434,54 @@ def test_postgres_connections_lost_while_idle_cost_no_request(databases: Databas
             assert await db.write(one) == 1  # a write lost before its COMMIT too
         finally:
             await db.dispose()
+
+    asyncio.run(main())
+
+
+def test_postgres_tables_grown_past_their_statistics_are_analyzed_and_replanned(
+    databases: Databases,
+) -> None:
+    """A plan made while a table was empty reads it whole, and PostgreSQL
+    keeps it until the table's statistics change: ``analyze_grown`` analyzes
+    a table that has grown to twice the size they say, and the same prepared
+    statement then goes through the index. A table that did not grow again
+    is left alone."""
+    if databases.backend != "postgresql":
+        pytest.skip("PostgreSQL only: SQLite has no cached generic plans")
+    url = databases.new("statistics")
+    projects = db.models.Project.__table__  # type: ignore[attr-defined]
+
+    def add(count: int) -> Any:
+        now = dt.datetime.now(dt.UTC)
+        rows = [{"id": (i := new_id("proj")), "name": i, "created_at": now} for _ in range(count)]
+        return lambda conn: conn.execute(projects.insert(), rows)
+
+    async def main() -> None:
+        database = Database(url)
+        engine = create_async_engine(url)
+        try:
+            async with engine.connect() as session:
+                # Each statement its own transaction, as the pool's reads run.
+                watcher = await session.execution_options(isolation_level="AUTOCOMMIT")
+                await watcher.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+                await watcher.exec_driver_sql(
+                    "PREPARE by_id(varchar[]) AS SELECT id FROM projects WHERE id = ANY($1)"
+                )
+
+                async def plan() -> str:
+                    rows = await watcher.exec_driver_sql("EXPLAIN EXECUTE by_id(ARRAY['x'])")
+                    return " ".join(str(row[0]) for row in rows)
+
+                assert "Seq Scan" in await plan()  # planned while empty
+                await database.write(add(5000))
+                assert "Seq Scan" in await plan()  # and kept as the table grew
+                assert await database.maintain(analyze_grown, 8) == ["projects"]
+                assert "Index" in await plan()
+                assert await database.maintain(analyze_grown, 8) == []
+                await database.write(add(10000))
+                assert await database.maintain(analyze_grown, 8) == ["projects"]
+        finally:
+            await engine.dispose()
+            await database.dispose()
 
     asyncio.run(main())

@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 
 from db.engine import Database
 from db.models import Delivery, DeliveryStatus, Run, RunStatus
+from db.statistics import analyze_grown
 from db.types import UTCDateTime, utcnow
 from gateway.background.periodic import Periodic
 from gateway.metrics import RECONCILER_ACTIONS
@@ -44,7 +45,7 @@ from gateway.waitpoints import waitpoints as waitpoint_table
 from jobs.protocol import delivery_job_id, run_job_id
 from webhooks.dispatch import DeliveryDispatcher
 
-__all__ = ["LostWorkers", "Reconciler", "Scheduler"]
+__all__ = ["LostWorkers", "Reconciler", "Scheduler", "Statistics"]
 
 log = logging.getLogger("gateway.reconciler")
 
@@ -313,3 +314,28 @@ class Scheduler(Periodic):
         if done:
             RECONCILER_ACTIONS.labels(action="released_or_expired").inc(done)
         return done
+
+
+class Statistics(Periodic):
+    """PostgreSQL: analyzes each table that has grown to twice the size its
+    statistics say (``db.statistics.analyze_grown``), every
+    ``STATISTICS_INTERVAL``, so a young database under load stops reading
+    whole tables through plans made while they were empty."""
+
+    name = "statistics"
+
+    def __init__(self, *, redis: ArqRedis, db: Database) -> None:
+        super().__init__(redis, STATISTICS_INTERVAL)
+        self.db = db
+
+    async def run_once(self) -> list[str]:
+        if self.db.is_sqlite:
+            return []
+        analyzed = await self.db.maintain(analyze_grown)
+        if analyzed:
+            log.info("analyzed %s: grown to twice their statistics", ", ".join(analyzed))
+        return analyzed
+
+
+#: Seconds between two looks at the tables' sizes (one catalog read).
+STATISTICS_INTERVAL = 2.0
