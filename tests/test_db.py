@@ -16,7 +16,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlmodel import SQLModel
 
 import db.models
-from db.engine import BEHIND_SHARE, POOL_SIZE, READ_CONNECTIONS, Database
+from db.engine import POOL_SIZE, READ_CONNECTIONS, Database
+from db.groups import BEHIND_SHARE
 from db.ids import new_id
 from db.models import FINAL_STATUSES, RunStatus
 from db.statistics import analyze_grown
