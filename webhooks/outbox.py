@@ -353,9 +353,9 @@ class RunDeliveries:
 
     def write(self) -> None:
         """Insert the deliveries added so far."""
-        if self._rows:
-            execute_many(self.conn, _INSERT_DELIVERY, self._rows)
-            self._rows = []
+        rows = self.take()
+        if rows:
+            execute_many(self.conn, _INSERT_DELIVERY, rows)
 
     def take(self) -> list[dict[str, Any]]:
         """The rows of the deliveries added so far, for a statement of the

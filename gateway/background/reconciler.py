@@ -328,9 +328,11 @@ class Statistics(Periodic):
         super().__init__(redis, STATISTICS_INTERVAL)
         self.db = db
 
+    async def start(self) -> None:
+        if not self.db.is_sqlite:  # SQLite plans each statement anew
+            await super().start()
+
     async def run_once(self) -> list[str]:
-        if self.db.is_sqlite:
-            return []
         analyzed = await self.db.maintain(analyze_grown)
         if analyzed:
             log.info("analyzed %s: grown to twice their statistics", ", ".join(analyzed))

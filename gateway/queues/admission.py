@@ -156,12 +156,13 @@ def insert_admitted(conn: sa.Connection, rows: Sequence[MutableMapping[str, Any]
     hold one, and returns the IDs of the runs to start now."""
     if not rows:
         return set()
-    shapes: dict[frozenset[str], list[MutableMapping[str, Any]]] = {}
+    shapes: dict[frozenset[str], list[dict[str, Any]]] = {}
     for row in rows:
-        shapes.setdefault(frozenset(run_values(row)), []).append(row)
+        values = run_values(row)
+        shapes.setdefault(frozenset(values), []).append(values)
     held: set[str] = set()
     for columns, shaped in shapes.items():
-        params = {"rows": _recordset([run_values(row) for row in shaped])}
+        params = {"rows": _recordset(shaped)}
         held.update(
             run_id for run_id, is_held in conn.execute(_insert_admitted(columns), params) if is_held
         )

@@ -196,7 +196,7 @@ def create_runs(conn: sa.Connection, new: list[NewRun], batch_id: str | None = N
         key = row.get("idempotency_key")
         if item.debounce is None and not key and admitted_by_insert(conn, row):
             admitting.append(row)
-            out.append((run_view(row, [], {} if row["task"] == WORKFLOW_TASK else None), False))
+            out.append((_new_view(row), False))
             continue
         starts = row["status"] == RunStatus.QUEUED.value and admit(conn, row, rules)
         if item.debounce is not None:
@@ -220,11 +220,16 @@ def create_runs(conn: sa.Connection, new: list[NewRun], batch_id: str | None = N
                 continue
         if starts:
             effects.jobs.append(job_of(row))
-        out.append((run_view(row, [], {} if row["task"] == WORKFLOW_TASK else None), False))
+        out.append((_new_view(row), False))
     insert_runs(conn, plain)
     starting = insert_admitted(conn, admitting)
     effects.jobs += [job_of(row) for row in admitting if row["id"] in starting]
     return Created(out, effects)
+
+
+def _new_view(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The view of a run just created: no attempts yet (a workflow: no nodes)."""
+    return run_view(row, [], {} if row["task"] == WORKFLOW_TASK else None)
 
 
 def replay_row(original: Mapping[str, Any], now: dt.datetime) -> dict[str, Any]:

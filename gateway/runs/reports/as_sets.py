@@ -311,7 +311,6 @@ def apply_in_sets(
     taken: set[str] = set()
     for index, event in enumerate(events):
         run = found.get(event.run_id)
-        final = None
         if run is None or event.run_id in taken:
             rest.append(index)
         elif event.type == "heartbeat":
