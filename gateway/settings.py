@@ -115,6 +115,12 @@ class Settings(worker_settings.Settings):
     """``gateway dispatch``: attempts in flight to one receiver (an endpoint, or a
     callback URL) at most, so a slow one never takes every slot of
     ``WEBHOOK_CONCURRENCY``."""
+    webhook_dispatch_buffer_mb: float = Field(default=64.0, gt=0)
+    """``gateway dispatch``: megabytes of callback bodies held waiting for their
+    receiver's turn, at most. A receiver with more than a quarter of it (or of
+    the count held, ``20 * WEBHOOK_CONCURRENCY`` and at least 4,000) waiting
+    gets the rest given back to the database, due again a second later, so
+    one slow receiver's backlog never keeps the others' callbacks waiting."""
     webhook_rotation_grace: float = Field(default=24 * 3600.0, ge=0)
     """Seconds a rotated-out endpoint secret keeps signing beside the new one."""
     artifact_store: Literal["local", "database"] | None = None

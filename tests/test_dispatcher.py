@@ -70,6 +70,8 @@ def dispatched(
         logs,
         WEBHOOK_CONCURRENCY="4",
         WEBHOOK_RECEIVER_CONCURRENCY="1",
+        # A quarter of it (26 KB) waits for one receiver's turn, at most.
+        WEBHOOK_DISPATCH_BUFFER_MB="0.1",
     ) as stack:
         yield Dispatched(stack)
 
@@ -161,6 +163,42 @@ def _backlog(
     _trigger(app, count)
     receiver.wait_calls(path, 1)
     return app, path
+
+
+def test_a_receivers_backlog_is_bounded_by_the_bytes_of_its_bodies(
+    dispatched: Dispatched, receiver: Receiver
+) -> None:
+    """``WEBHOOK_DISPATCH_BUFFER_MB=0.1``: while a receiver's one slot is
+    taken, its callbacks (about 10 KB each) wait for it only while their
+    bodies fit in a quarter of the buffer (26 KB: two). The other five are
+    given back to the database (no lease), and every one still goes on its
+    first attempt."""
+    app = App(dispatched.stack)
+    path = f"/heavy-{secrets.token_hex(3)}"
+    receiver.script(path, Answer(delay=1.5))  # the first holds the slot
+    receiver.default(path, 200)
+    register(app, receiver, path, events=["run.completed"])
+    with app.client() as client:
+        for n in range(8):
+            payload = {"n": n, "padding": "x" * 5000}
+            answer = client.post("/api/v1/tasks/echo/trigger", json={"payload": payload})
+            assert answer.status_code == 202, answer.text
+    [first] = receiver.wait_calls(path, 1)
+    waiting = (int(0.1 * 1024 * 1024) // 4) // len(first.body)
+    assert waiting == 2, len(first.body)
+
+    def given_back() -> bool:
+        [(count,)] = dispatched.stack.query(
+            "SELECT count(*) FROM deliveries WHERE project_id = :p"
+            " AND status = 'pending' AND leased_at IS NULL",
+            p=app.project_id,
+        )
+        return bool(count == 8 - 1 - waiting)
+
+    wait_until(given_back, timeout=10, what="five callbacks given back")
+    rows = _all_delivered(dispatched.stack, app.project_id, 8)
+    assert {attempts for _, _, attempts in rows} == {1}, rows
+    assert len(receiver.calls_to(path)) == 8
 
 
 def _lease_and_mark(stack: Stack, project_id: str) -> tuple[str, bool, bool]:

@@ -102,10 +102,16 @@ class CallbackDispatcher:
         #: What is taken and not yet recorded, at most: the slots, and many
         #: more waiting their receiver's turn, so that one receiver's backlog
         #: never keeps the next receiver's callback in the list. A receiver
-        #: with more than a quarter of it waiting gets the rest given back,
-        #: due again a second later (``DEFER``).
-        self.limit = max(1000, 20 * settings.webhook_concurrency)
+        #: with more than a quarter of it waiting (by count, or by the bytes
+        #: of its bodies: ``WEBHOOK_DISPATCH_BUFFER_MB``) gets the rest given
+        #: back, due again a second later (``DEFER``). A quarter holds a burst
+        #: of one receiver's callbacks (a worker's slots ending together),
+        #: which a healthy receiver takes in well under that second.
+        self.limit = max(4000, 20 * settings.webhook_concurrency)
         self.wait_limit = self.limit // 4
+        self.wait_bytes = int(settings.webhook_dispatch_buffer_mb * 1024 * 1024) // 4
+        #: Bytes of bodies waiting, by receiver.
+        self._waiting_bytes: collections.Counter[str] = collections.Counter()
         self.allowed = parse_networks(settings.webhook_allowed_networks)
         #: A hand-over younger than this is sent without a claim: its lease
         #: (``WEBHOOK_TIMEOUT`` + ``RECONCILE_GRACE`` from its creation) still
@@ -231,9 +237,15 @@ class CallbackDispatcher:
         receiver = item.get("receiver") or item["url"]
         if self._in_flight[receiver] >= self.per_receiver:
             waiting = self._waiting.setdefault(receiver, collections.deque())
-            if len(waiting) >= self.wait_limit:
+            size = _size(item)
+            if len(waiting) >= self.wait_limit or (
+                waiting and self._waiting_bytes[receiver] + size > self.wait_bytes
+            ):
+                if not waiting:
+                    del self._waiting[receiver]
                 return False
             waiting.append(item)
+            self._waiting_bytes[receiver] += size
             self._held += 1
             return True
         self._held += 1
@@ -252,9 +264,12 @@ class CallbackDispatcher:
         self._in_flight[receiver] -= 1
         waiting = self._waiting.get(receiver)
         if waiting:
-            self._launch(receiver, waiting.popleft())
+            item = waiting.popleft()
+            self._waiting_bytes[receiver] -= _size(item)
+            self._launch(receiver, item)
             if not waiting:
                 del self._waiting[receiver]
+                del self._waiting_bytes[receiver]
         elif not self._in_flight[receiver]:
             del self._in_flight[receiver]
 
@@ -337,6 +352,7 @@ class CallbackDispatcher:
         # What waits its receiver's turn was taken and never sent: given back.
         unsent = [item["id"] for waiting in self._waiting.values() for item in waiting]
         self._waiting.clear()
+        self._waiting_bytes.clear()
         if unsent:
             try:
                 await self.db.write(release_leases, unsent)
@@ -374,6 +390,11 @@ class CallbackDispatcher:
                 log.warning("looking for due callbacks: %s", exc)
             except Exception:
                 log.exception("looking for due callbacks failed; trying again")
+
+
+def _size(item: dict[str, Any]) -> int:
+    """What a taken callback holds in memory, about: its body."""
+    return len(item.get("body") or "")
 
 
 async def _serve(settings: Settings, stop: asyncio.Event) -> None:
