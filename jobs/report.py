@@ -1,10 +1,10 @@
 """Reports from the worker to the gateway: signed HTTP events, batched, retried until heard.
 
 Events go out in batches: one signed request carries the events of every run
-that reported while the previous request was on its way (at most
-``MAX_IN_FLIGHT`` requests out at once). An event with nothing ahead of it
-leaves at once, so batching costs a lone run no time, and a busy worker sends
-one request where it would send dozens.
+that reported in the same turn of the event loop, or while the previous request
+was on its way (at most ``MAX_IN_FLIGHT`` requests out at once). An event with
+nothing ahead of it leaves at the end of its turn, so batching costs a lone run
+no time, and a busy worker sends one request where it would send dozens.
 
 A report is tried a few times at once (a gateway restart or a blip costs a
 second or two). If the gateway is still away, the report becomes an arq job of
@@ -143,6 +143,8 @@ class Reporter:
         self.session = session
         self._queue: collections.deque[_Pending] = collections.deque()
         self._in_flight = 0
+        #: A flush is due at the end of this turn of the loop.
+        self._flushing = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def send_once(self, event: dict[str, Any]) -> dict[str, Any]:
@@ -154,12 +156,20 @@ class Reporter:
         :raises JSONRefused: the event is not JSON the gateway takes
         :raises GatewayUnreachable: the gateway could not be reached or failed
         """
-        pending = _Pending(dumps(event), asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        pending = _Pending(dumps(event), loop.create_future())
+        if not self._flushing:
+            # After the callbacks ready now: the reports of the other runs that
+            # this turn of the loop woke (jobs claimed together, read in one
+            # round trip) join the same request, instead of waiting behind a
+            # request that carries the first one alone.
+            self._flushing = True
+            loop.call_soon(self._flush)
         self._queue.append(pending)
-        self._flush()
         return await pending.answer
 
     def _flush(self) -> None:
+        self._flushing = False
         while self._queue and self._in_flight < MAX_IN_FLIGHT:
             batch = [self._queue.popleft()]
             size = len(batch[0].encoded)
