@@ -33,6 +33,7 @@ from arq import ArqRedis
 from arq.constants import job_key_prefix, result_key_prefix
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
+from redis.exceptions import NoScriptError
 
 from jobs.contract import Job
 from jobs.protocol import nudge_channel, redis_database
@@ -114,38 +115,62 @@ async def enqueue_jobs(redis: ArqRedis, jobs: Sequence[QueuedJob]) -> list[bool]
     now_ms = timestamp_ms()
     database = redis_database(redis)
 
-    def call(job: QueuedJob, client: Any) -> Any:
+    def call(job: QueuedJob, client: Any, sha: str | None = None) -> Any:
         defer_ms = round(job.defer_seconds * 1000) if job.defer_seconds > 0 else 0
         encoded = serialize_job(
             job.function, job.args, job.kwargs, None, now_ms, serializer=redis.job_serializer
         )
         fair = job.fair_key is not None and not defer_ms
-        return script(
-            keys=[
-                job_key_prefix + job.job_id,
-                result_key_prefix + job.job_id,
-                job.queue_name,
-                f"{job.queue_name}:turn:{job.fair_key}",
-                f"{job.queue_name}:turn",
-            ],
-            args=[
-                defer_ms + redis.expires_extra_ms,
-                encoded,
-                now_ms + defer_ms - round(job.head_start * 1000),
-                job.job_id,
-                "" if defer_ms else nudge_channel(job.queue_name, database),
-                str(round(job.head_start * 1000)) if fair else "",
-                FAIR_EPOCH,
-            ],
-            client=client,
-        )
+        keys = [
+            job_key_prefix + job.job_id,
+            result_key_prefix + job.job_id,
+            job.queue_name,
+            f"{job.queue_name}:turn:{job.fair_key}",
+            f"{job.queue_name}:turn",
+        ]
+        args = [
+            defer_ms + redis.expires_extra_ms,
+            encoded,
+            now_ms + defer_ms - round(job.head_start * 1000),
+            job.job_id,
+            "" if defer_ms else nudge_channel(job.queue_name, database),
+            str(round(job.head_start * 1000)) if fair else "",
+            FAIR_EPOCH,
+        ]
+        if sha is not None:
+            return client.evalsha(sha, len(keys), *keys, *args)
+        return script(keys=keys, args=args, client=client)
 
     if len(jobs) == 1:
         return [bool(await call(jobs[0], redis))]
-    async with redis.pipeline(transaction=False) as pipe:
-        for job in jobs:
-            await call(job, pipe)  # queues the script on the pipeline
-        return [bool(created) for created in await pipe.execute()]
+    # EVALSHA straight on the pipeline: redis-py's scripts on a pipeline cost
+    # a SCRIPT EXISTS round trip before every send. A Redis that lost the
+    # script (restarted, flushed) answers NOSCRIPT to those calls, which ran
+    # nothing: the script is loaded and they go again.
+    results: list[Any] = [None] * len(jobs)
+    pending = list(range(len(jobs)))
+    loaded = False
+    while True:
+        async with redis.pipeline(transaction=False) as pipe:
+            for i in pending:
+                call(jobs[i], pipe, script.sha)
+            answers = await pipe.execute(raise_on_error=False)
+        missing = []
+        for i, answer in zip(pending, answers, strict=True):
+            if isinstance(answer, NoScriptError):
+                missing.append(i)
+            elif isinstance(answer, Exception):
+                raise answer
+            else:
+                results[i] = answer
+        if not missing:
+            break
+        if loaded:  # loaded, and lost again at once
+            raise NoScriptError("the enqueue script vanished from Redis as it was loaded")
+        await redis.script_load(_ENQUEUE)
+        loaded = True
+        pending = missing
+    return [bool(created) for created in results]
 
 
 async def enqueue_job(

@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import pytest
-from arq import create_pool
+from arq import ArqRedis, create_pool
 from arq.connections import RedisSettings
 from arq.constants import job_key_prefix
 from arq.jobs import Job, JobStatus
@@ -66,6 +66,50 @@ def test_many_jobs_go_in_one_pipeline_each_checked_alone(redis_server: EmbeddedR
                 assert info is not None and info.args == (n,)
             assert await Job("later", redis, _queue_name="q").status() == JobStatus.deferred
             assert await enqueue_jobs(redis, []) == []
+        finally:
+            await redis.flushdb()
+            await redis.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_pipeline_of_jobs_asks_nothing_first_and_survives_a_flushed_script(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """Many jobs are one send of EVALSHA calls: no SCRIPT EXISTS before it
+    (redis-py's scripts on a pipeline ask it every time). A Redis that lost
+    the script (SCRIPT FLUSH, a restart) gets it loaded once, and every job
+    still goes in once."""
+
+    async def calls(redis: ArqRedis) -> dict[str, int]:
+        stats = await redis.info("commandstats")
+        return {name: value["calls"] for name, value in stats.items()}
+
+    async def main() -> None:
+        redis = await create_pool(RedisSettings.from_dsn(redis_server.url + "/14"))
+        try:
+            await redis.flushdb()
+            await redis.script_flush()
+            await redis.config_resetstat()
+            first = [QueuedJob("run_task", (n,), f"f{n}", "q") for n in range(4)]
+            assert await enqueue_jobs(redis, first) == [True] * 4
+            counted = await calls(redis)
+            # SCRIPT LOAD alone (a Redis older than 7 counts SCRIPT's
+            # subcommands together).
+            assert counted.get("cmdstat_script|load", counted.get("cmdstat_script")) == 1, counted
+            assert "cmdstat_script|exists" not in counted, counted
+            assert counted["cmdstat_evalsha"] == 8, counted  # 4 refused, 4 again
+            await redis.config_resetstat()
+            again = [QueuedJob("run_task", (n,), f"g{n}", "q") for n in range(4)]
+            again.append(first[0])  # there already: refused
+            assert await enqueue_jobs(redis, again) == [True] * 4 + [False]
+            counted = await calls(redis)
+            assert not [name for name in counted if name.startswith("cmdstat_script")], counted
+            assert counted["cmdstat_evalsha"] == 5, counted
+            assert await redis.zcard("q") == 8
+            for n in range(4):
+                info = await Job(f"g{n}", redis, _queue_name="q").info()
+                assert info is not None and info.args == (n,)
         finally:
             await redis.flushdb()
             await redis.aclose()
