@@ -128,7 +128,7 @@ async def enqueue_jobs(redis: ArqRedis, jobs: Sequence[QueuedJob]) -> list[bool]
             f"{job.queue_name}:turn:{job.fair_key}",
             f"{job.queue_name}:turn",
         ]
-        args = [
+        args: list[Any] = [
             defer_ms + redis.expires_extra_ms,
             encoded,
             now_ms + defer_ms - round(job.head_start * 1000),
