@@ -281,6 +281,8 @@ class NudgedWorker(Worker):
         #: Jobs whose in-progress mark is still to be taken off (Redis failed).
         self._unfinished: set[str] = set()
         self._claim_script: AsyncScript | None = None
+        #: The last poll left due jobs unclaimed because every slot was taken.
+        self._backlog = False
 
     async def _connect(self, outage: RedisOutage) -> ArqRedis:
         """arq's pool, tried until Redis answers (arq itself gives up after
@@ -353,7 +355,14 @@ class NudgedWorker(Worker):
 
     async def _idle(self, nudged: asyncio.Event) -> None:
         """Until the next poll: a nudge, a job ending while all slots were
-        taken (one may be waiting for its slot), or ``poll_delay``."""
+        taken (one may be waiting for its slot), or ``poll_delay``; none if
+        slots came free while the last poll left due jobs behind."""
+        if self._backlog and self.job_counter < self.max_jobs:
+            # Jobs end together (claimed together, finished in one round
+            # trip): most of them ended while a poll took the few slots that
+            # one had freed. Their slots are free, due jobs wait, and no
+            # nudge will come for those: polled again at once.
+            return
         wake = asyncio.ensure_future(nudged.wait())
         waits: set[asyncio.Future[Any]] = {wake}
         if self.job_counter >= self.max_jobs:
@@ -373,6 +382,7 @@ class NudgedWorker(Worker):
         # queue (as arq's do) and a long one takes a few round trips.
         heartbeats: Heartbeats | None = self.ctx.get("heartbeats")
         self._started.clear()
+        self._backlog = False
         try:
             # Its own running jobs are in progress: not sent to be looked at
             # again (with a full worker, the first ``max_jobs`` of every poll).
@@ -396,6 +406,7 @@ class NudgedWorker(Worker):
                 for raw, score in zip(found[1::2], found[2::2], strict=True):
                     await self.sem.acquire()  # one is free: it does not wait
                     self._start_claimed(raw.decode(), int(float(score)), heartbeats)
+            self._backlog = bool(ids) and self.job_counter >= self.max_jobs
         finally:
             self._started.set()
 

@@ -278,3 +278,60 @@ def test_a_job_is_announced_on_its_own_databases_channel_only(redis_server: Embe
             await pool.aclose()
 
     asyncio.run(scenario())
+
+
+async def _ending_together(url: str) -> None:
+    """Jobs claimed together end together, and may end just after a poll
+    took the slots that the first of them freed. A worker that polls once a
+    minute, with due jobs still queued and no nudge to come for them, polls
+    again at once when it finds its slots free, not a minute later."""
+    tag = secrets.token_hex(4)
+    queue = f"test-together-{tag}"
+    total = 6
+    ended = asyncio.Event()
+    gate = asyncio.Event()
+    ran: list[str] = []
+
+    async def job(ctx: dict[str, Any], value: str) -> None:
+        await gate.wait()
+        ran.append(value)
+        if len(ran) == total:
+            ended.set()
+
+    class EndingAfterPolls(NudgedWorker):
+        async def heart_beat(self) -> None:  # the last step of every poll
+            await super().heart_beat()
+            running = [task for task in self.tasks.values() if not task.done()]
+            if running:
+                gate.set()  # every job running ends now, the poll over
+                await asyncio.wait(running)
+                gate.clear()
+
+    pool: ArqRedis = await create_pool(redis_settings(f"{url}/{DB}"))
+    # Queued before the worker starts: no nudge will come for any of them.
+    jobs = [QueuedJob("job", (f"{tag}-{n}",), f"{tag}-{n}", queue) for n in range(total)]
+    assert all(await enqueue_jobs(pool, jobs))
+    worker = EndingAfterPolls(
+        functions=[func(job, name="job", timeout=TIMEOUT)],
+        queue_name=queue,
+        redis_settings=redis_settings(f"{url}/{DB}"),
+        handle_signals=False,
+        poll_delay=60,
+        max_jobs=2,
+    )
+    task = asyncio.create_task(worker.main())
+    try:
+        await asyncio.wait_for(ended.wait(), 20)  # not one poll a minute
+        assert sorted(ran) == sorted(f"{tag}-{n}" for n in range(total))
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+        if worker._pool is not None:
+            await worker._pool.aclose()
+        await pool.delete(queue, *(f"arq:job:{tag}-{n}" for n in range(total)))
+        await pool.aclose()
+
+
+def test_slots_freed_behind_a_poll_are_filled_at_once(redis_server: EmbeddedRedis) -> None:
+    asyncio.run(_ending_together(redis_server.url))
