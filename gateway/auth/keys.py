@@ -7,6 +7,9 @@ right one here, as the key is random, not a password.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+
 import dataclasses
 import datetime as dt
 import hashlib
@@ -199,7 +202,9 @@ class ApiKeyAuth:
 
     Found keys are remembered for ``ttl`` seconds so the hot trigger path
     costs no database read (one per key per second at most); a revoked key
-    stops working within that time, in every process.
+    stops working within that time, in every process. Requests that miss
+    the same key together (its entry ran out under load: every client's
+    next request) share one read.
     """
 
     def __init__(
@@ -219,6 +224,8 @@ class ApiKeyAuth:
         self.ttl = ttl
         self.max_entries = max_entries
         self._cache: dict[str, tuple[float, Principal]] = {}
+        #: The reads under way, by key digest, for the requests that wait on them.
+        self._reading: dict[str, asyncio.Future[Principal]] = {}
 
     async def authenticate(self, request: Request) -> Principal:
         header = request.headers.get("authorization")
@@ -244,6 +251,23 @@ class ApiKeyAuth:
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
             return cached[1]
+        reading = self._reading.get(digest)
+        if reading is None:
+            # A task of its own: a request that goes away does not take the
+            # read from the others waiting on it.
+            reading = asyncio.get_running_loop().create_task(
+                self._read(digest, now), context=contextvars.Context()
+            )
+            self._reading[digest] = reading
+            reading.add_done_callback(lambda done: self._read_over(digest, done))
+        return await asyncio.shield(reading)
+
+    def _read_over(self, digest: str, done: asyncio.Future[Principal]) -> None:
+        del self._reading[digest]
+        if not done.cancelled():
+            done.exception()  # heard, even when every request waiting went away
+
+    async def _read(self, digest: str, now: float) -> Principal:
         row = await self.db.read(_find_key, digest)
         if row is None:
             raise Unauthorized("the API key is not valid", code="invalid_api_key")
