@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-
 import dataclasses
 import datetime as dt
 import hashlib
