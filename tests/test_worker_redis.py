@@ -33,6 +33,19 @@ DB = 0
 TIMEOUT = 600
 
 
+async def _stop(tasks: list[asyncio.Task[None]], workers: list[NudgedWorker]) -> None:
+    """Cancel the workers' main tasks, let the jobs still finishing end (they
+    use the pool: closed before, a connection one opens is left unclosed),
+    then close each worker's pool."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for w in workers:
+        await asyncio.gather(*w.tasks.values(), return_exceptions=True)
+        if w._pool is not None:
+            await w._pool.aclose()
+
+
 class Watched(NudgedWorker):
     """Our worker, with an event for each job it has tried."""
 
@@ -99,15 +112,7 @@ async def _scenario(url: str) -> None:
         tasks.append(asyncio.create_task(second.main()))
         await asyncio.wait_for(ran.wait(), 10)
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for w in (first, second):
-            # The job still finishing (its result written) uses the pool:
-            # done before it closes, or the connection it opens is left open.
-            await asyncio.gather(*w.tasks.values(), return_exceptions=True)
-            if w._pool is not None:
-                await w._pool.aclose()
+        await _stop(tasks, [first, second])
         await pool.execute_command("ACL", "DELUSER", user)
         await pool.delete(queue)
         await pool.aclose()
@@ -175,15 +180,7 @@ async def _race(url: str) -> None:
         # Each worker took some: the claim shares a poll's jobs, it does not hoard them.
         assert all(w.jobs_complete + len(w.tasks) > 0 for w in workers)
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for w in workers:
-            # Jobs still finishing use the pool: done before it closes, or a
-            # connection one opens as it closes is left unclosed.
-            await asyncio.gather(*w.tasks.values(), return_exceptions=True)
-            if w._pool is not None:
-                await w._pool.aclose()
+        await _stop(tasks, workers)
         await pool.delete(queue, f"arq:job:{tag}-later")
         await pool.aclose()
 
@@ -236,11 +233,7 @@ async def _ahead(url: str) -> None:
         await asyncio.wait_for(done.wait(), 20)  # not at the next poll, a minute on
         assert min(started.values()) - queued_at >= 1.0  # none before it was due
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
-        if worker._pool is not None:
-            await worker._pool.aclose()
+        await _stop([task], [worker])
         await pool.delete(queue, f"{queue}:turn", f"{queue}:turn:one-project")
         await pool.aclose()
 
@@ -324,11 +317,7 @@ async def _ending_together(url: str) -> None:
         await asyncio.wait_for(ended.wait(), 20)  # not one poll a minute
         assert sorted(ran) == sorted(f"{tag}-{n}" for n in range(total))
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
-        if worker._pool is not None:
-            await worker._pool.aclose()
+        await _stop([task], [worker])
         await pool.delete(queue, *(f"arq:job:{tag}-{n}" for n in range(total)))
         await pool.aclose()
 

@@ -238,11 +238,10 @@ class CallbackDispatcher:
         if self._in_flight[receiver] >= self.per_receiver:
             waiting = self._waiting.setdefault(receiver, collections.deque())
             size = _size(item)
+            # (A receiver's first waiting callback is held whatever its size.)
             if len(waiting) >= self.wait_limit or (
                 waiting and self._waiting_bytes[receiver] + size > self.wait_bytes
             ):
-                if not waiting:
-                    del self._waiting[receiver]
                 return False
             waiting.append(item)
             self._waiting_bytes[receiver] += size
