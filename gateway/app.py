@@ -6,7 +6,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from arq import create_pool
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -34,6 +33,7 @@ from gateway.settings import ConfigError, Settings
 from gateway.trigger_dev import trigger_dev_routes
 from gateway.workers import WorkerDirectory
 from jobs import heap, tracing
+from jobs.packing import open_pool
 from jobs.protocol import redis_settings
 from jobs.tasks.registry import load_tasks
 from webhooks.dispatch import DeliveryDispatcher
@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         db = Database(settings.database_url, pool_size=settings.database_pool_size)
         schema = await _check_schema(db)
-        redis = await create_pool(redis_settings(redis_url), default_queue_name=settings.queue_name)
+        redis = await open_pool(redis_settings(redis_url), default_queue_name=settings.queue_name)
         notifier = RunNotifier(redis)
         await notifier.start()
         registry = load_tasks(settings.task_modules)

@@ -23,7 +23,6 @@ from typing import Any
 import aiohttp
 import httpx
 from arq import ArqRedis, func
-from arq.connections import create_pool
 from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import Worker
@@ -35,6 +34,7 @@ from jobs.deliver import deliver_webhook
 from jobs.liveness.heartbeat import Heartbeats
 from jobs.liveness.presence import HealthPort, LoopTicker, presence_of
 from jobs.merged import merging
+from jobs.packing import open_pool
 from jobs.protocol import (
     REDIS_DOWN,
     RedisOutage,
@@ -294,7 +294,7 @@ class NudgedWorker(Worker):
                 # Its transactions of one loop turn in one round trip: arq's
                 # two a job, in the bursts that jobs start and end in.
                 pool = merging(
-                    await create_pool(
+                    await open_pool(
                         settings,
                         job_deserializer=self.job_deserializer,
                         job_serializer=self.job_serializer,

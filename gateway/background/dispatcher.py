@@ -39,7 +39,7 @@ from typing import Any
 import aiohttp
 import orjson
 import sqlalchemy as sa
-from arq import ArqRedis, create_pool
+from arq import ArqRedis
 from redis.exceptions import RedisError
 
 from db.engine import Database
@@ -49,6 +49,7 @@ from gateway.errors import APIError
 from gateway.settings import Settings
 from jobs import heap, tracing
 from jobs.deliver import send_attempt
+from jobs.packing import open_pool
 from jobs.protocol import REDIS_DOWN, RedisOutage, redis_settings
 from jobs.worker import new_event_loop
 from webhooks.dispatch import (
@@ -404,7 +405,7 @@ async def _serve(settings: Settings, stop: asyncio.Event) -> None:
     outage = RedisOutage("dispatcher")
     while True:
         try:
-            redis = await create_pool(redis_settings(redis_url))
+            redis = await open_pool(redis_settings(redis_url))
             break
         except REDIS_DOWN as exc:
             await outage.wait(exc)
