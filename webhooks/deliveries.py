@@ -312,6 +312,24 @@ _DELIVERED = sa.text(
     """
 ).bindparams(_NOW, sa.bindparam("delivered", DeliveryStatus.DELIVERED.value))
 
+#: PostgreSQL's: the attempts of a batch's deliveries, in one statement (an
+#: ``executemany`` is one execution in the server for each row).
+_INSERT_DELIVERED = sa.text(
+    """
+    INSERT INTO delivery_attempts (delivery_id, key, number, trigger, at, succeeded,
+        status_code, latency_ms, response_body, error, error_code)
+    SELECT v.delivery_id, v.key, v.number, v.trigger, :now, true,
+        v.status_code, v.latency_ms, v.response_body, v.error, v.error_code
+    FROM unnest(
+        CAST(:delivery_ids AS varchar[]), CAST(:keys AS varchar[]),
+        CAST(:numbers AS integer[]), CAST(:triggers AS varchar[]),
+        CAST(:status_codes AS integer[]), CAST(:latencies AS integer[]),
+        CAST(:bodies AS text[]), CAST(:errors AS text[]), CAST(:error_codes AS varchar[])
+    ) AS v(delivery_id, key, number, trigger, status_code, latency_ms,
+        response_body, error, error_code)
+    """
+).bindparams(_NOW)
+
 
 def record_attempts(
     conn: sa.Connection,
@@ -375,26 +393,43 @@ def _record_delivered(
     delivered: Sequence[tuple[int, DeliveryAttemptReport, Mapping[str, Any], int]],
     now: dt.datetime,
 ) -> None:
-    execute_many(
-        conn,
-        _INSERT_ATTEMPT,
-        [
+    if conn.dialect.name == "postgresql":
+        conn.execute(
+            _INSERT_DELIVERED,
             {
-                "delivery_id": row["id"],
-                "key": report.key,
-                "number": row["attempts"] + 1,
-                "trigger": report.trigger,
-                "at": now,
-                "succeeded": True,
-                "status_code": report.status_code,
-                "latency_ms": report.latency_ms,
-                "response_body": report.response_body,
-                "error": report.error,
-                "error_code": report.error_code,
-            }
-            for _, report, row, _ in delivered
-        ],
-    )
+                "now": now,
+                "delivery_ids": [row["id"] for _, _, row, _ in delivered],
+                "keys": [report.key for _, report, _, _ in delivered],
+                "numbers": [row["attempts"] + 1 for _, _, row, _ in delivered],
+                "triggers": [report.trigger for _, report, _, _ in delivered],
+                "status_codes": [report.status_code for _, report, _, _ in delivered],
+                "latencies": [report.latency_ms for _, report, _, _ in delivered],
+                "bodies": [report.response_body for _, report, _, _ in delivered],
+                "errors": [report.error for _, report, _, _ in delivered],
+                "error_codes": [report.error_code for _, report, _, _ in delivered],
+            },
+        )
+    else:
+        execute_many(
+            conn,
+            _INSERT_ATTEMPT,
+            [
+                {
+                    "delivery_id": row["id"],
+                    "key": report.key,
+                    "number": row["attempts"] + 1,
+                    "trigger": report.trigger,
+                    "at": now,
+                    "succeeded": True,
+                    "status_code": report.status_code,
+                    "latency_ms": report.latency_ms,
+                    "response_body": report.response_body,
+                    "error": report.error,
+                    "error_code": report.error_code,
+                }
+                for _, report, row, _ in delivered
+            ],
+        )
     endpoint_ids = sorted({row["endpoint_id"] for _, _, row, _ in delivered} - {None})
     if endpoint_ids:
         execute_many(
