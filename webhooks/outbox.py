@@ -14,6 +14,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSON, aggregate_order_by
 
@@ -183,7 +184,13 @@ def _delivery_row(
 
 
 def encode_body(payload: Mapping[str, Any]) -> str:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    """A callback's body: compact UTF-8 JSON. orjson's, about ten times
+    faster than ``json``'s (every callback is encoded on the report path);
+    ``json``'s for what orjson has no form for (an integer past 64 bits)."""
+    try:
+        return orjson.dumps(payload).decode()
+    except TypeError:
+        return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
 
 
 #: Built once: every final event of every run reads it (the hot path).
