@@ -53,20 +53,36 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
 MAX_JSON_DEPTH = 64
 
 
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+#: A JSON string, escapes and all (the loop unrolled: twice as fast as an
+#: alternation per character in ``re``).
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_PARENS = bytes.maketrans(b"[{]}", b"(())")
 
 
 def _depth_ok(body: bytes) -> bool:
-    """Brackets outside strings never nest past MAX_JSON_DEPTH."""
+    """Brackets outside strings never nest past MAX_JSON_DEPTH.
+
+    Exact for JSON; a body that is not JSON may pass, and its parse refuses
+    it. The worker's reports hold hundreds of objects, so the brackets are
+    read by C-speed passes, not a Python loop: the strings cut out (split at
+    their quotes when no escape can hide one), then each pass removes the
+    innermost pairs; a pair still there after MAX_JSON_DEPTH passes nests
+    deeper.
+    """
     if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
         return True  # the common case costs two C-speed counts
-    depth = 0
-    for byte in _STRING.sub(b"", body).translate(None, _NOT_BRACKETS):
-        depth += 1 if byte in (0x5B, 0x7B) else -1
-        if depth > MAX_JSON_DEPTH:
-            return False
-    return True
+    if b"\\" in body:
+        outside = _STRING.sub(b"", body)
+    else:  # every quote opens or closes a string
+        outside = b"".join(body.split(b'"')[::2])
+    nests = outside.translate(_PARENS, _NOT_BRACKETS)
+    for _ in range(MAX_JSON_DEPTH):
+        shallower = nests.replace(b"()", b"")
+        if len(shallower) == len(nests):
+            return True  # what is left pairs nothing: not JSON, its parse says so
+        nests = shallower
+    return b"()" not in nests
 
 
 def parse_json(body: bytes) -> Any:
