@@ -57,6 +57,11 @@ class _Merger:
 
     def __init__(self) -> None:
         self._waiting: list[_Waiting] = []
+        #: The sends under way. The loop holds its tasks weakly, and so does
+        #: the pool its connections in use: without this, a collection of
+        #: cycles while a send waits for its reply could take the send, its
+        #: connection and every transaction in it (docs/architecture.md).
+        self._sending: set[asyncio.Task[None]] = set()
         #: Round trips made, and transactions in them (for tests and profiles).
         self.sends = 0
         self.transactions = 0
@@ -78,6 +83,8 @@ class _Merger:
         group = [item for item in group if not item[3].cancelled()]
         if group:
             task = asyncio.ensure_future(self._send(group))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
             task.add_done_callback(_retrieve)
 
     async def _send(self, group: list[_Waiting]) -> None:

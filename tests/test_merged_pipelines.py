@@ -10,6 +10,7 @@ it is back.
 from __future__ import annotations
 
 import asyncio
+import gc
 import secrets
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from redis.exceptions import ResponseError, WatchError
 
 from gateway.cli.embedded_redis import EmbeddedRedis
 from jobs.merged import MergingRedis, merging
+from jobs.packing import open_pool
 from jobs.protocol import redis_settings
 
 
@@ -193,3 +195,33 @@ def test_a_redis_that_goes_away_fails_every_waiting_transaction(tmp_path: Path) 
         asyncio.run(scenario())
     finally:
         server.stop()
+
+
+def test_a_send_waiting_for_its_reply_outlives_a_collection(redis_server: EmbeddedRedis) -> None:
+    """The loop holds tasks weakly and the pool its connections in use: a send
+    whose reply is slow, on a connection the pool made fresh, is still there
+    after the cycle collector runs, and every transaction in it is answered."""
+
+    async def scenario() -> None:
+        merged = merging(await open_pool(redis_settings(redis_server.url + "/0")))
+        tag = secrets.token_hex(4)
+        try:
+
+            async def run(n: int) -> list[Any]:
+                async with merged.pipeline(transaction=True) as pipe:
+                    pipe.incr(f"merge-test:{tag}:gc:{n}")
+                    if n == 0:  # the reply to the whole send waits for it
+                        pipe.execute_command("DEBUG", "SLEEP", "0.3")
+                    return list(await pipe.execute())
+
+            runs = [asyncio.ensure_future(run(n)) for n in range(5)]
+            while not all(run.done() for run in runs):
+                gc.collect()
+                await asyncio.sleep(0.02)
+            assert [run.result()[0] for run in runs] == [1] * 5
+            assert merged._merger is not None and merged._merger.sends == 1
+        finally:
+            await merged.delete(*(f"merge-test:{tag}:gc:{n}" for n in range(5)))
+            await merged.aclose()
+
+    asyncio.run(scenario())
