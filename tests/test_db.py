@@ -486,3 +486,54 @@ def test_postgres_tables_grown_past_their_statistics_are_analyzed_and_replanned(
             await database.dispose()
 
     asyncio.run(main())
+
+
+def test_postgres_the_schedulers_probe_reads_no_runs_table_whole(databases: Databases) -> None:
+    """The reconciler's probe for runs to release or expire (``anything_due``)
+    goes through the partial indexes of runs with a time, even as the generic
+    plan of a prepared statement: it reads no runs table whole, however many
+    runs it holds, and still finds a run whose TTL ran out."""
+    if databases.backend != "postgresql":
+        pytest.skip("PostgreSQL only: SQLite has no cached generic plans")
+    from gateway.background.reconciler import anything_due
+
+    url = databases.new("due_probe")
+    now = dt.datetime.now(dt.UTC)
+
+    async def main() -> None:
+        engine = create_async_engine(url)
+        try:
+            async with engine.begin() as conn:
+                await conn.exec_driver_sql(
+                    "INSERT INTO projects (id, name, created_at) VALUES ('proj_due', 'due', now())"
+                )
+                await conn.exec_driver_sql(
+                    "INSERT INTO runs (id, project_id, task, status, attempt, tags, metadata,"
+                    " created_at, updated_at) SELECT 'run_due_' || g, 'proj_due', 'echo',"
+                    " CASE WHEN g % 10 = 0 THEN 'QUEUED' ELSE 'COMPLETED' END, 1, '[]', '{}',"
+                    " now(), now() FROM generate_series(1, 20000) g"
+                )
+                await conn.exec_driver_sql("ANALYZE runs")
+
+            async def probe() -> tuple[bool, int]:
+                async with engine.begin() as conn:
+                    await conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+                    due = await conn.run_sync(lambda sync: anything_due(sync, now))
+                    scans = await conn.scalar(
+                        sa.text(
+                            "SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relname = 'runs'"
+                        )
+                    )
+                    return due, scans
+
+            assert await probe() == (False, 0)
+            async with engine.begin() as conn:
+                await conn.exec_driver_sql(
+                    "UPDATE runs SET expire_at = now() - interval '1 minute'"
+                    " WHERE id = 'run_due_10'"
+                )
+            assert await probe() == (True, 0)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())
