@@ -24,6 +24,19 @@ from redis.exceptions import DataError
 __all__ = ["open_pool", "pack_command", "packing_in_c"]
 
 
+def _packed(args: tuple[Any, ...]) -> bytes:
+    first = args[0]
+    if isinstance(first, str):
+        args = (*first.encode().split(), *args[1:])
+    elif b" " in first:
+        args = (*first.split(), *args[1:])
+    try:
+        packed: bytes = hiredis.pack_command(args)
+        return packed
+    except TypeError as exc:
+        raise DataError(str(exc)) from None
+
+
 def pack_command(*args: Any) -> list[bytes]:
     """One command's bytes, as redis-py's ``pack_command`` makes them.
 
@@ -31,25 +44,17 @@ def pack_command(*args: Any) -> list[bytes]:
     redis-py does; an argument that is not ``str``, ``bytes``, ``int`` or
     ``float`` (``None``, ``bool``) is refused with redis-py's ``DataError``.
     """
-    first = args[0]
-    if isinstance(first, str):
-        args = (*first.encode().split(), *args[1:])
-    elif b" " in first:
-        args = (*first.split(), *args[1:])
-    try:
-        return [hiredis.pack_command(args)]
-    except TypeError as exc:
-        raise DataError(str(exc)) from None
+    return [_packed(args)]
 
 
 class _PackingInC:
     """Mixed into a connection class ahead of it: its commands packed by hiredis."""
 
     def pack_command(self, *args: Any) -> list[bytes]:
-        return pack_command(*args)
+        return [_packed(args)]
 
     def pack_commands(self, commands: Iterable[Iterable[Any]]) -> list[bytes]:
-        return [b"".join([pack_command(*command)[0] for command in commands])]
+        return [b"".join([_packed(tuple(command)) for command in commands])]
 
 
 _CLASSES: dict[type[AbstractConnection], type[AbstractConnection]] = {}

@@ -313,22 +313,29 @@ _DELIVERED = sa.text(
 ).bindparams(_NOW, sa.bindparam("delivered", DeliveryStatus.DELIVERED.value))
 
 #: PostgreSQL's: the attempts of a batch's deliveries, in one statement (an
-#: ``executemany`` is one execution in the server for each row).
+#: ``executemany`` is one execution in the server for each row); each
+#: column's values in one array, named as the column.
+_DELIVERED_ARRAYS = {
+    "delivery_id": "varchar",
+    "key": "varchar",
+    "number": "integer",
+    "trigger": "varchar",
+    "status_code": "integer",
+    "latency_ms": "integer",
+    "response_body": "text",
+    "error": "text",
+    "error_code": "varchar",
+}
 _INSERT_DELIVERED = sa.text(
     """
-    INSERT INTO delivery_attempts (delivery_id, key, number, trigger, at, succeeded,
-        status_code, latency_ms, response_body, error, error_code)
-    SELECT v.delivery_id, v.key, v.number, v.trigger, :now, true,
-        v.status_code, v.latency_ms, v.response_body, v.error, v.error_code
-    FROM unnest(
-        CAST(:delivery_ids AS varchar[]), CAST(:keys AS varchar[]),
-        CAST(:numbers AS integer[]), CAST(:triggers AS varchar[]),
-        CAST(:status_codes AS integer[]), CAST(:latencies AS integer[]),
-        CAST(:bodies AS text[]), CAST(:errors AS text[]), CAST(:error_codes AS varchar[])
-    ) AS v(delivery_id, key, number, trigger, status_code, latency_ms,
-        response_body, error, error_code)
-    """
-).bindparams(_NOW)
+    INSERT INTO delivery_attempts ({names}, at, succeeded)
+    SELECT {names}, :at, true
+    FROM unnest({arrays}) AS v({names})
+    """.format(
+        names=", ".join(_DELIVERED_ARRAYS),
+        arrays=", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in _DELIVERED_ARRAYS.items()),
+    )
+).bindparams(sa.bindparam("at", type_=UTCDateTime()))
 
 
 def record_attempts(
@@ -393,43 +400,27 @@ def _record_delivered(
     delivered: Sequence[tuple[int, DeliveryAttemptReport, Mapping[str, Any], int]],
     now: dt.datetime,
 ) -> None:
+    attempts = [
+        {
+            "delivery_id": row["id"],
+            "key": report.key,
+            "number": row["attempts"] + 1,
+            "trigger": report.trigger,
+            "at": now,
+            "succeeded": True,
+            "status_code": report.status_code,
+            "latency_ms": report.latency_ms,
+            "response_body": report.response_body,
+            "error": report.error,
+            "error_code": report.error_code,
+        }
+        for _, report, row, _ in delivered
+    ]
     if conn.dialect.name == "postgresql":
-        conn.execute(
-            _INSERT_DELIVERED,
-            {
-                "now": now,
-                "delivery_ids": [row["id"] for _, _, row, _ in delivered],
-                "keys": [report.key for _, report, _, _ in delivered],
-                "numbers": [row["attempts"] + 1 for _, _, row, _ in delivered],
-                "triggers": [report.trigger for _, report, _, _ in delivered],
-                "status_codes": [report.status_code for _, report, _, _ in delivered],
-                "latencies": [report.latency_ms for _, report, _, _ in delivered],
-                "bodies": [report.response_body for _, report, _, _ in delivered],
-                "errors": [report.error for _, report, _, _ in delivered],
-                "error_codes": [report.error_code for _, report, _, _ in delivered],
-            },
-        )
+        arrays = {name: [a[name] for a in attempts] for name in _DELIVERED_ARRAYS}
+        conn.execute(_INSERT_DELIVERED, {"at": now, **arrays})
     else:
-        execute_many(
-            conn,
-            _INSERT_ATTEMPT,
-            [
-                {
-                    "delivery_id": row["id"],
-                    "key": report.key,
-                    "number": row["attempts"] + 1,
-                    "trigger": report.trigger,
-                    "at": now,
-                    "succeeded": True,
-                    "status_code": report.status_code,
-                    "latency_ms": report.latency_ms,
-                    "response_body": report.response_body,
-                    "error": report.error,
-                    "error_code": report.error_code,
-                }
-                for _, report, row, _ in delivered
-            ],
-        )
+        execute_many(conn, _INSERT_ATTEMPT, attempts)
     endpoint_ids = sorted({row["endpoint_id"] for _, _, row, _ in delivered} - {None})
     if endpoint_ids:
         execute_many(
